@@ -1,0 +1,398 @@
+"""Every raydrat setting, typed and validated once.
+
+One pydantic model per component, ``extra="forbid"``, each field documented where it is
+declared. ``load_config(path, overrides)`` reads a YAML recipe, applies ``--set a.b=c``
+overrides and returns a validated :class:`RaydratConfig`; any problem raises
+:class:`ConfigError` whose message names the YAML path of the bad key and what to do.
+
+This module is the only place defaults live.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the key and the fix."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------------------
+
+
+class ModelConfig(Section):
+    vocab_size: int = Field(4096, ge=16)
+    """Vocabulary size. Also the size the BPE tokenizer is trained to; a tokenizer with
+    more tokens than this is refused."""
+    seq_len: int = Field(256, ge=8)
+    """Context length in tokens. The data pipeline packs ``seq_len + 1`` token blocks."""
+    d_model: int = Field(256, ge=8)
+    """Residual stream width."""
+    n_layer: int = Field(4, ge=1)
+    """Number of transformer layers (slots)."""
+    n_head: int = Field(4, ge=1)
+    """Number of query heads."""
+    n_kv_head: int | None = Field(None, ge=1)
+    """Number of key/value heads (grouped-query attention). ``None`` means ``n_head``
+    (plain multi-head attention); 1 is multi-query attention. Must divide ``n_head``."""
+    d_ff: int | None = Field(None, ge=1)
+    """Hidden width of the MLP. ``None``: 4 * d_model, or 8/3 * d_model rounded up to a
+    multiple of 64 for the gated activations (swiglu, geglu) to keep parameters equal."""
+    activation: Literal["gelu", "relu", "silu", "swiglu", "geglu"] = "gelu"
+    """MLP activation. ``swiglu``/``geglu`` are gated (three projections)."""
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    """Normalisation layer used before attention, before the MLP and before the head."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout probability on attention weights and residual branches."""
+    bias: bool = False
+    """Use bias terms in linear layers and LayerNorm."""
+    tie_embeddings: bool = True
+    """Share the token embedding matrix with the output head."""
+    rope_theta: float = Field(10000.0, gt=0)
+    """RoPE base frequency."""
+    init_std: float = Field(0.02, gt=0)
+    """Standard deviation of the GPT-2 style normal init (residual projections are scaled
+    by 1/sqrt(2 * n_layer))."""
+    attention_backend: Literal["auto", "flash", "efficient", "math"] = "auto"
+    """Kernel for ``F.scaled_dot_product_attention``. ``auto`` lets PyTorch choose."""
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "ModelConfig":
+        if self.d_model % self.n_head:
+            raise ValueError(
+                f"model.d_model ({self.d_model}) must be divisible by model.n_head "
+                f"({self.n_head}): change one of them"
+            )
+        if (self.d_model // self.n_head) % 2:
+            raise ValueError(
+                f"model.d_model / model.n_head = {self.d_model // self.n_head} must be even "
+                "for RoPE: change model.d_model or model.n_head"
+            )
+        kv = self.kv_heads
+        if self.n_head % kv:
+            raise ValueError(
+                f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({kv}): "
+                f"choose n_kv_head from {[d for d in range(1, self.n_head + 1) if self.n_head % d == 0]}"
+            )
+        return self
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def gated_mlp(self) -> bool:
+        return self.activation in ("swiglu", "geglu")
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.gated_mlp:
+            hidden = int(8 * self.d_model / 3)
+            return 64 * ((hidden + 63) // 64)
+        return 4 * self.d_model
+
+
+# --------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------
+
+
+class SourceConfig(Section):
+    path: str
+    """A file, a directory, a glob, or ``demo`` for the embedded corpus (built on first
+    use from the running interpreter's standard library)."""
+    format: Literal["parquet", "text"] = "parquet"
+    """``parquet``: one document per row of ``text_column``. ``text``: plain text files."""
+    text_column: str = "text"
+    """Column holding the document text (parquet only); other columns are ignored."""
+    weight: float = Field(1.0, gt=0)
+    """Relative sampling weight when several sources are mixed."""
+
+
+class DataConfig(Section):
+    sources: list[SourceConfig] = Field(
+        default_factory=lambda: [SourceConfig(path="demo")], min_length=1
+    )
+    """Where the documents come from."""
+    demo_dir: str = "data/demo"
+    """Where the embedded demo corpus and its tokenizer are written (relative paths are
+    resolved against the working directory)."""
+    tokenizer_path: str | None = None
+    """A ``tokenizers`` JSON file. ``None``: ``tokenizer.json`` beside the demo corpus,
+    trained on first use."""
+    val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
+    """Share of packed blocks held out for validation (chosen by a hash of the block
+    index and ``split_seed``, so the split is deterministic and disjoint)."""
+    split_seed: int = 0
+    """Seed of the train/val split hash."""
+    tokenize_batch_size: int = Field(64, ge=1)
+    """Documents per ``map_batches`` call when tokenizing."""
+    pack_rows: int = Field(256, ge=1)
+    """Documents per packing group: documents are concatenated (separated by the
+    end-of-document token) and cut into ``seq_len + 1`` blocks within each group; the last
+    partial block of a group is dropped and counted."""
+    shuffle_buffer: int = Field(0, ge=0)
+    """Local shuffle buffer (in blocks) when iterating the training shard; 0 disables."""
+
+
+# --------------------------------------------------------------------------------------
+# optimisation and training
+# --------------------------------------------------------------------------------------
+
+
+class OptimConfig(Section):
+    name: Literal["adamw"] = "adamw"
+    """Optimizer."""
+    lr: float = Field(3e-4, gt=0)
+    """Peak learning rate (after warmup)."""
+    min_lr: float = Field(3e-5, ge=0)
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = Field(10, ge=0)
+    """Linear warmup length in optimizer steps."""
+    weight_decay: float = Field(0.1, ge=0)
+    """Decoupled weight decay, applied to matrices only (not to norms, biases)."""
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0)
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    @model_validator(mode="after")
+    def _check_lr(self) -> "OptimConfig":
+        if self.min_lr > self.lr:
+            raise ValueError(
+                f"optim.min_lr ({self.min_lr}) exceeds optim.lr ({self.lr}): lower min_lr"
+            )
+        return self
+
+
+class TrainConfig(Section):
+    steps: int = Field(100, ge=1)
+    """Optimizer steps to train."""
+    batch_size: int = Field(8, ge=1)
+    """Sequences per micro-batch per worker."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches accumulated per optimizer step."""
+    eval_every: int = Field(50, ge=1)
+    """Evaluate on the validation set every this many optimizer steps (and at the end)."""
+    eval_batches: int = Field(8, ge=1)
+    """Validation micro-batches per evaluation (at most the whole val set)."""
+    log_every: int = Field(10, ge=1)
+    """Print and record training metrics every this many optimizer steps."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Save a checkpoint every this many steps; 0: only at evaluations."""
+    checkpoints_to_keep: int = Field(2, ge=1)
+    """Checkpoints kept on disk (best by validation loss)."""
+    checkpointing: Literal["none", "full"] = "none"
+    """Activation recomputation policy applied to every layer from outside the model."""
+    precision: Literal["fp32"] = "fp32"
+    """Numeric precision of the forward/backward pass."""
+    seed: int = 1337
+    """Seed for model init and data order."""
+    storage_path: str = "ray_results"
+    """Ray Train storage for checkpoints (relative paths resolve against the working
+    directory)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto``: CUDA when the worker has a GPU, else CPU."""
+
+
+class ScalingConfig(Section):
+    num_workers: int = Field(1, ge=1)
+    """Ray Train workers."""
+    use_gpu: Literal["auto"] | bool = "auto"
+    """``auto``: one GPU per worker when the Ray cluster has GPUs."""
+    cpus_per_worker: float = Field(1, gt=0)
+    """CPUs reserved for each training worker. Torch intra-op threads follow this value."""
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    """Record the run in MLflow."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI. ``None``: ``$MLFLOW_TRACKING_URI`` if set, else the embedded
+    SQLite store ``sqlite:///mlruns.db`` in the working directory."""
+    experiment: str = "raydrat"
+    """MLflow experiment name."""
+    run_name: str | None = None
+    """MLflow run name. ``None``: the config's ``name`` plus a timestamp."""
+
+
+class RaydratConfig(Section):
+    name: str = "raydrat"
+    """Name of the run (Ray Train run directory and default MLflow run name)."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _check_cross(self) -> "RaydratConfig":
+        if self.optim.warmup_steps >= self.train.steps and self.train.steps > 1:
+            raise ValueError(
+                f"optim.warmup_steps ({self.optim.warmup_steps}) must be below train.steps "
+                f"({self.train.steps}): lower optim.warmup_steps"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """Flattened ``{"section.key": value}`` view (MLflow params, Tune spaces)."""
+        return flatten(self.to_dict())
+
+
+# --------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``d["a"]["b"]["c"] = value`` for ``dotted == "a.b.c"``, creating mappings."""
+    parts = dotted.split(".")
+    if not all(parts):
+        raise ConfigError(f"override key {dotted!r} is not a dotted path like 'optim.lr'")
+    node = d
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(
+                f"override {dotted!r}: {'.'.join(parts[: i + 1])} is a value, not a section"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"optim.lr=1e-3"`` → ``("optim.lr", 0.001)``; the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return key.strip(), value
+
+
+def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that owns the field at ``loc`` (for 'allowed keys')."""
+    model: Any = RaydratConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        inner = getattr(ann, "__args__", None)
+        candidates = [ann, *(inner or ())]
+        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nxt is None:
+            return None
+        model = nxt
+    return model
+
+
+def format_validation_error(exc: ValidationError, origin: str) -> str:
+    lines = [f"invalid config ({origin}):"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        path = ".".join(str(p) for p in loc) or "<top level>"
+        if err["type"] == "extra_forbidden":
+            owner = _section_at(loc)
+            allowed = sorted(owner.model_fields) if owner else []
+            lines.append(f"  {path}: unknown key; allowed keys here: {', '.join(allowed)}")
+        elif err["type"] == "value_error":
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            lines.append(f"  {path or 'config'}: {msg}" if loc else f"  {msg}")
+        else:
+            lines.append(f"  {path}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """A recipe path, or the name of a shipped recipe (``debug`` / ``debug.yaml``)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    for candidate in (RECIPES_DIR / p.name, RECIPES_DIR / f"{p.name}.yaml"):
+        if candidate.exists():
+            return candidate
+    shipped = ", ".join(sorted(q.stem for q in RECIPES_DIR.glob("*.yaml")))
+    raise ConfigError(f"config file {str(path)!r} not found (shipped recipes: {shipped})")
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: a config must be a YAML mapping of sections (model:, data:, ...), "
+            f"got a {type(data).__name__}"
+        )
+    return data
+
+
+def config_from_dict(
+    data: dict[str, Any], overrides: list[str] | None = None, origin: str = "<dict>"
+) -> RaydratConfig:
+    data = copy.deepcopy(data)
+    for text in overrides or []:
+        key, value = parse_override(text)
+        set_dotted(data, key, value)
+    try:
+        return RaydratConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, origin)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RaydratConfig:
+    """Load a YAML recipe (a path or a shipped recipe name) and apply overrides."""
+    p = resolve_recipe(path)
+    return config_from_dict(read_yaml_mapping(p), overrides, origin=str(p))
