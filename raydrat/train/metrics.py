@@ -1,0 +1,99 @@
+"""Metric names (defined once), and the console progress line."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+TRAIN_LOSS = "train_loss"
+VAL_LOSS = "val_loss"
+LR = "lr"
+TOKENS_PER_S = "tokens_per_s"
+# Steady-state tokens/s over the whole run so far (first step excluded).
+TOKENS_PER_S_AVG = "tokens_per_s_avg"
+GRAD_NORM = "grad_norm"
+STEP = "step"
+TOKENS_SEEN = "tokens_seen"
+STEP_TIME_S = "step_time_s"
+
+# The attribute Ray Train ranks checkpoints by.
+CHECKPOINT_SCORE = VAL_LOSS
+CHECKPOINT_ORDER = "min"
+
+logger = logging.getLogger("raydrat")
+
+
+def setup_logging(level: int = logging.INFO) -> logging.Logger:
+    """Configure the one raydrat logger (idempotent)."""
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[raydrat] %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level)
+    return logger
+
+
+class Throughput:
+    """Tokens/s over the steps since the last ``rate()`` call, and ETA from the mean step
+    time since the first step (the first step, which includes warm-up, is excluded)."""
+
+    def __init__(self, total_steps: int, tokens_per_step: int):
+        self.total_steps = total_steps
+        self.tokens_per_step = tokens_per_step
+        self._window_start = time.perf_counter()
+        self._window_steps = 0
+        self._steady_start: float | None = None
+        self._steady_steps = 0
+
+    def step_done(self) -> None:
+        now = time.perf_counter()
+        self._window_steps += 1
+        if self._steady_start is None:
+            self._steady_start = now
+            self._window_start = now
+            self._window_steps = 0
+        else:
+            self._steady_steps += 1
+
+    def rate(self) -> float:
+        """Tokens/s since the previous call (resets the window)."""
+        now = time.perf_counter()
+        elapsed = now - self._window_start
+        rate = self._window_steps * self.tokens_per_step / elapsed if elapsed > 0 else 0.0
+        self._window_start, self._window_steps = now, 0
+        return rate
+
+    def steady_rate(self) -> float:
+        """Tokens/s over all steps after the first."""
+        if self._steady_start is None or self._steady_steps == 0:
+            return 0.0
+        return self._steady_steps * self.tokens_per_step / (time.perf_counter() - self._steady_start)
+
+    def eta_s(self, step: int) -> float:
+        if self._steady_start is None or self._steady_steps == 0:
+            return float("nan")
+        per_step = (time.perf_counter() - self._steady_start) / self._steady_steps
+        return per_step * (self.total_steps - step)
+
+
+def format_eta(seconds: float) -> str:
+    if seconds != seconds:  # nan
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def progress_line(step: int, total: int, metrics: dict, eta_s: float) -> str:
+    parts = [f"step {step}/{total}"]
+    if TRAIN_LOSS in metrics:
+        parts.append(f"loss {metrics[TRAIN_LOSS]:.4f}")
+    if VAL_LOSS in metrics:
+        parts.append(f"val {metrics[VAL_LOSS]:.4f}")
+    if LR in metrics:
+        parts.append(f"lr {metrics[LR]:.2e}")
+    if TOKENS_PER_S in metrics:
+        parts.append(f"{metrics[TOKENS_PER_S]:,.0f} tok/s")
+    parts.append(f"ETA {format_eta(eta_s)}")
+    return " | ".join(parts)

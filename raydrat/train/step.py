@@ -1,0 +1,72 @@
+"""One optimizer step and one evaluation: plain PyTorch, shared by the Ray Train loop and
+the bare-loop baseline of the overhead benchmark."""
+
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+
+
+def split_block(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``(B, seq_len + 1)`` block → inputs and next-token targets, each ``(B, seq_len)``."""
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Iterable[torch.Tensor],
+    grad_clip: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Forward/backward over the micro-batches (gradient accumulation), clip, step.
+
+    Returns the mean loss (a 0-d tensor, not synchronised to the host) and the global
+    gradient norm before clipping (``None`` when clipping is off)."""
+    micro_batches = list(micro_batches)
+    n = len(micro_batches)
+    total = torch.zeros((), device=micro_batches[0].device)
+    for tokens in micro_batches:
+        idx, targets = split_block(tokens)
+        _, loss = model(idx, targets)
+        (loss / n).backward()
+        total += loss.detach()
+    grad_norm = None
+    if grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / n, grad_norm
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Iterable[torch.Tensor], max_batches: int) -> float:
+    """Mean loss over at most ``max_batches`` validation batches, with every layer active."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    for i, tokens in enumerate(batches):
+        if i >= max_batches:
+            break
+        idx, targets = split_block(tokens)
+        _, loss = model(idx, targets)
+        losses.append(loss.float())
+    model.train(was_training)
+    if not losses:
+        raise RuntimeError("the validation set yielded no batch: lower train.batch_size")
+    return torch.stack(losses).mean().item()
+
+
+def cycle_batches(make_iter, on_epoch=None) -> Iterator[torch.Tensor]:
+    """Endless stream of batches from ``make_iter()``, restarted at each epoch."""
+    epoch = 0
+    while True:
+        empty = True
+        for batch in make_iter():
+            empty = False
+            yield batch
+        if empty:
+            raise RuntimeError("the training data yielded no batch: lower train.batch_size")
+        epoch += 1
+        if on_epoch is not None:
+            on_epoch(epoch)

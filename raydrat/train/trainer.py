@@ -1,0 +1,154 @@
+"""Driver side: build the ``TorchTrainer`` for a config and run it end to end.
+
+``build_trainer`` is the one function that turns a config into a ``TorchTrainer``; the
+CLI, the job entrypoints and the Tune trial function all call it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from raydrat import tracking
+from raydrat.config import RaydratConfig
+from raydrat.data import build_datasets
+from raydrat.runtime import cluster_gpus, ensure_ray
+from raydrat.train import metrics as M
+from raydrat.train.loop import train_loop_per_worker
+
+
+@dataclass
+class TrainingSummary:
+    """What a finished run tells its caller."""
+
+    run_name: str
+    final_val_loss: float | None
+    tokens_per_s: float | None
+    steps: int
+    wall_s: float
+    checkpoint_path: str | None
+    tracking_uri: str | None
+    mlflow_run_id: str | None
+    metrics: dict = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        out = [f"run {self.run_name}: {self.steps} steps in {self.wall_s:.1f}s"]
+        if self.final_val_loss is not None:
+            out.append(f"final validation loss: {self.final_val_loss:.4f}")
+        if self.tokens_per_s is not None:
+            out.append(f"training throughput: {self.tokens_per_s:,.0f} tokens/s")
+        if self.checkpoint_path:
+            out.append(f"checkpoint: {self.checkpoint_path}")
+        if self.tracking_uri and self.mlflow_run_id:
+            out.append(f"MLflow run {self.mlflow_run_id}; browse with:")
+            out.append(f"  {tracking.ui_command(self.tracking_uri)}")
+        return out
+
+
+def resolve_use_gpu(cfg: RaydratConfig) -> bool:
+    if cfg.scaling.use_gpu == "auto":
+        return cluster_gpus() > 0
+    return bool(cfg.scaling.use_gpu)
+
+
+def build_trainer(
+    cfg: RaydratConfig,
+    datasets: dict,
+    tracking_uri: str | None = None,
+    mlflow_run_id: str | None = None,
+    run_name: str | None = None,
+) -> TorchTrainer:
+    """The ``TorchTrainer`` for ``cfg`` over ``datasets`` (``train`` split across workers,
+    ``val`` given whole to each)."""
+    use_gpu = resolve_use_gpu(cfg)
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    storage = str(Path(cfg.train.storage_path).resolve())
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "context": {"tracking_uri": tracking_uri, "run_id": mlflow_run_id},
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        run_config=ray.train.RunConfig(
+            name=run_name or cfg.name,
+            storage_path=storage,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.train.checkpoints_to_keep,
+                checkpoint_score_attribute=M.CHECKPOINT_SCORE,
+                checkpoint_score_order=M.CHECKPOINT_ORDER,
+            ),
+        ),
+    )
+
+
+def _log_run_artifacts(uri: str, run_id: str, cfg: RaydratConfig, tokenizer_path: str) -> None:
+    tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
+    if tokenizer_path and Path(tokenizer_path).exists():
+        tracking.log_artifact(uri, run_id, tokenizer_path, "tokenizer")
+
+
+def _log_loss_curve(uri: str, run_id: str, title: str, out_dir: Path) -> None:
+    curves = {
+        "train": tracking.metric_history(uri, run_id, M.TRAIN_LOSS),
+        "val": tracking.metric_history(uri, run_id, M.VAL_LOSS),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png = tracking.plot_curves(curves, out_dir / "loss_curve.png", title)
+    tracking.log_artifact(uri, run_id, png, "plots")
+
+
+def run_training(cfg: RaydratConfig) -> TrainingSummary:
+    """Train ``cfg`` through Ray Train on the current (or a new local) Ray instance."""
+    log = M.setup_logging()
+    t0 = time.perf_counter()
+    ensure_ray()
+    bundle = build_datasets(cfg.data, cfg.model.seq_len, cfg.model.vocab_size)
+    run_name = cfg.tracking.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    uri = run_id = None
+    if cfg.tracking.enabled:
+        uri = tracking.resolve_tracking_uri(cfg.tracking)
+        run_id = tracking.start_run(uri, cfg.tracking.experiment, run_name, params=cfg.flat())
+        _log_run_artifacts(uri, run_id, cfg, bundle.tokenizer_path)
+        log.info(f"MLflow run {run_id} in {uri}")
+
+    trainer = build_trainer(cfg, {"train": bundle.train, "val": bundle.val}, uri, run_id, run_name)
+    status = "FAILED"
+    try:
+        result = trainer.fit()
+        status = "FINISHED"
+    finally:
+        if uri and run_id:
+            try:
+                if status == "FINISHED":
+                    _log_loss_curve(uri, run_id, run_name, Path(cfg.train.storage_path) / run_name)
+            finally:
+                tracking.end_run(uri, run_id, status)
+
+    final = dict(result.metrics or {})
+    summary = TrainingSummary(
+        run_name=run_name,
+        final_val_loss=final.get(M.VAL_LOSS),
+        tokens_per_s=final.get(M.TOKENS_PER_S_AVG),
+        steps=int(final.get(M.STEP, cfg.train.steps)),
+        wall_s=time.perf_counter() - t0,
+        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+        tracking_uri=uri,
+        mlflow_run_id=run_id,
+        metrics=final,
+    )
+    if uri and run_id and summary.tokens_per_s:
+        tracking.log_metrics(uri, run_id, {"final_tokens_per_s": summary.tokens_per_s}, summary.steps)
+    return summary

@@ -1,0 +1,58 @@
+"""Shared fixtures: one demo corpus per test session, Ray started and stopped around the
+tests that need it, and global torch state restored after every test."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def raydrat_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "raydrat.cli", *args]
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("RAY_ADDRESS", None)
+    return subprocess.run(raydrat_cmd(*args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_state():
+    dtype = torch.get_default_dtype()
+    threads = torch.get_num_threads()
+    yield
+    torch.set_default_dtype(dtype)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """The embedded demo corpus, built once per session (vocab of the debug recipe)."""
+    from raydrat.config import load_config
+    from raydrat.data.demo import build_demo_corpus
+
+    out = tmp_path_factory.mktemp("demo")
+    cfg = load_config("debug")
+    build_demo_corpus(out, cfg.model.vocab_size)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from raydrat.runtime import ensure_ray
+
+    started = not ray.is_initialized()
+    ensure_ray(num_cpus=2)
+    yield ray
+    if started:
+        ray.shutdown()

@@ -1,0 +1,101 @@
+"""End to end: `raydrat train debug` through Ray Train, then the MLflow store holds the run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import run_cli
+from raydrat.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def _overrides(demo_dir: Path, tmp: Path) -> list[str]:
+    return ["--set", f"data.demo_dir={demo_dir}", "--set", f"train.storage_path={tmp / 'ray_results'}"]
+
+
+def test_train_debug_through_ray_records_mlflow_run(demo_dir: Path, tmp_path: Path):
+    proc = run_cli(["train", "debug", *_overrides(demo_dir, tmp_path)], cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "final validation loss:" in out
+    assert "tokens/s" in out
+    assert "mlflow ui --backend-store-uri sqlite:///" in out
+    assert "step 10/20" in out  # progress visible on the console
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("raydrat")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.d_model"] == "64"
+    assert run.data.params["optim.lr"] == "0.003"
+    history = client.get_metric_history(run.info.run_id, "val_loss")
+    assert [m.step for m in history] == [10, 20]
+    train_loss = client.get_metric_history(run.info.run_id, "train_loss")
+    assert len(train_loss) == 4 and train_loss[-1].value < train_loss[0].value
+    for key in ("lr", "tokens_per_s", "grad_norm"):
+        assert client.get_metric_history(run.info.run_id, key), key
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "tokenizer", "plots"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/loss_curve.png"]
+    # a checkpoint was saved through ray.train.report
+    assert list((tmp_path / "ray_results").rglob("state.pt"))
+
+
+def _write_parquet(path: Path, table: pa.Table) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return path
+
+
+def _expect_one_line_error(capsys, argv: list[str], *needles: str) -> None:
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    last = err.splitlines()[-1]
+    assert last.startswith("raydrat: error:"), err
+    for needle in needles:
+        assert needle in err, err
+    assert "Traceback" not in err
+
+
+def test_bad_input_missing_corpus(capsys, ray_local, tmp_path: Path):
+    missing = tmp_path / "nowhere"
+    _expect_one_line_error(
+        capsys,
+        ["train", "debug", "--set", f"data.sources=[{{path: {missing}}}]", "--set", "tracking.enabled=false"],
+        str(missing),
+    )
+
+
+def test_bad_input_parquet_without_text_column(capsys, ray_local, tmp_path: Path):
+    f = _write_parquet(tmp_path / "c" / "a.parquet", pa.table({"body": ["hello world"] * 10}))
+    _expect_one_line_error(
+        capsys,
+        ["train", "debug", "--set", f"data.sources=[{{path: {f.parent}}}]", "--set", "tracking.enabled=false"],
+        "a.parquet", "text", "body",
+    )
+
+
+def test_bad_input_empty_corpus(capsys, ray_local, tmp_path: Path, demo_dir: Path):
+    f = _write_parquet(tmp_path / "e" / "empty.parquet", pa.table({"text": pa.array([], pa.string())}))
+    _expect_one_line_error(
+        capsys,
+        ["train", "debug", "--set", f"data.sources=[{{path: {f.parent}}}]", "--set", "tracking.enabled=false",
+         "--set", f"data.tokenizer_path={demo_dir / 'tokenizer.json'}"],
+        str(f.parent),
+    )
+
+
+def test_bad_input_config_not_a_mapping(capsys, tmp_path: Path):
+    p = tmp_path / "list.yaml"
+    p.write_text("- model\n- data\n")
+    _expect_one_line_error(capsys, ["train", str(p)], "list.yaml", "mapping")
