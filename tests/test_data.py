@@ -1,0 +1,357 @@
+"""raydrat.data: packing reconstructs the token stream, the split is deterministic and disjoint,
+the Ray pipeline equals the local one, bad inputs raise DataError, the demo corpus is
+reproducible. Most tests use a small synthetic corpus; Ray starts once for the module."""
+
+from __future__ import annotations
+
+import gzip
+import random
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from raydrat.config import DataConfig
+from raydrat.data import (
+    DataError,
+    build_datasets,
+    build_demo_corpus,
+    is_val_document,
+    iter_blocks_local,
+    load_tokenizer,
+    pack_tokens,
+    plan_units,
+    read_manifest,
+    resolve_sources,
+    special_ids,
+    tokenizer_hash,
+    train_tokenizer,
+)
+from raydrat.data import demo as demo_module
+
+SEQ_LEN = 16
+BLOCK_LEN = SEQ_LEN + 1
+VOCAB = 300
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi".split()
+
+
+def make_docs(n: int, seed: int = 0) -> list[str | None]:
+    """``n`` documents of 0 to 40 random words; every 25th is empty, one is null."""
+    rng = random.Random(seed)
+    docs: list[str | None] = [
+        "" if i % 25 == 7 else f"doc{i} " + " ".join(rng.choices(WORDS, k=rng.randint(1, 40)))
+        for i in range(n)
+    ]
+    docs[3] = None
+    return docs
+
+
+def write_parquet(
+    path: Path, docs: list, column: str = "text", row_group_size: int | None = None
+) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(
+        pa.table({column: pa.array(docs, pa.string())}), path, row_group_size=row_group_size
+    )
+    return path
+
+
+def blocks_of(ds: ray.data.Dataset) -> list[tuple[int, ...]]:
+    return sorted(tuple(row["tokens"].tolist()) for row in ds.take_all())
+
+
+def as_multiset(blocks) -> list[tuple[int, ...]]:
+    return sorted(tuple(b.tolist()) for b in blocks)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    progress, ctx.enable_progress_bars = ctx.enable_progress_bars, False
+    yield
+    ctx.enable_progress_bars = progress
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    """Three parquet files (one with several row groups) and a tokenizer trained on them."""
+    root = tmp_path_factory.mktemp("corpus")
+    docs = make_docs(300)
+    write_parquet(root / "a.parquet", docs[:100])
+    write_parquet(root / "sub" / "b.parquet", docs[100:250], row_group_size=40)
+    write_parquet(root / "c.parquet", docs[250:])
+    tok_path = root.parent / f"{root.name}-tokenizer.json"
+    train_tokenizer([d for d in docs if d], VOCAB, tok_path)
+    return {"dir": root, "docs": docs, "tokenizer": tok_path}
+
+
+def data_cfg(corpus: dict, path: str | Path | None = None, **kw) -> DataConfig:
+    settings = dict(
+        sources=[{"path": str(path or corpus["dir"])}],
+        tokenizer_path=str(corpus["tokenizer"]),
+        demo_dir=str(corpus["dir"].parent / "no-demo-here"),
+        val_fraction=0.1,
+        pack_rows=16,
+        tokenize_batch_size=8,
+    )
+    settings.update(kw)
+    return DataConfig(**settings)
+
+
+# --------------------------------------------------------------------------------------
+# packing and splitting (pure)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_len", [1, 5, 17, 1000])
+def test_packed_blocks_reconstruct_the_stream(block_len):
+    rng = random.Random(block_len)
+    docs = [[rng.randrange(2, 50) for _ in range(rng.randrange(0, 30))] for _ in range(20)]
+    blocks, leftover = pack_tokens(docs, eod_id=1, block_len=block_len)
+    stream = [t for d in docs for t in (*d, 1)]
+    assert all(len(b) == block_len for b in blocks)
+    assert [t for b in blocks for t in b] == stream[: len(stream) - leftover]
+    assert leftover == len(stream) % block_len
+    assert pack_tokens([], eod_id=1, block_len=block_len) == ([], 0)
+
+
+def test_split_rule_is_stable_and_near_val_fraction():
+    texts = [f"document number {i}" for i in range(4000)]
+    val = [i for i, t in enumerate(texts) if is_val_document(t, 0, 0.1)]
+    # Pinned: changing the rule silently moves documents between train and val.
+    assert len(val) == 404 and val[:5] == [2, 3, 12, 20, 32]
+    assert val != [i for i, t in enumerate(texts) if is_val_document(t, 1, 0.1)]  # seeded
+
+
+# --------------------------------------------------------------------------------------
+# the pipeline
+# --------------------------------------------------------------------------------------
+
+
+def reference_blocks(corpus: dict, cfg: DataConfig) -> dict[str, list[list[int]]]:
+    """The documented rule, written out plainly: per parquet row group (files sorted), skip
+    empty documents, split by text hash, pack each split in groups of pack_rows documents."""
+    tok = load_tokenizer(corpus["tokenizer"], VOCAB)
+    eod, _ = special_ids(tok)
+    out: dict[str, list[list[int]]] = {"train": [], "val": []}
+    for path in sorted(corpus["dir"].rglob("*.parquet")):
+        pf = pq.ParquetFile(path)
+        for rg in range(pf.num_row_groups):
+            texts = [t for t in pf.read_row_group(rg)["text"].to_pylist() if t]
+            for split in out:
+                docs = [
+                    t
+                    for t in texts
+                    if is_val_document(t, cfg.split_seed, cfg.val_fraction) == (split == "val")
+                ]
+                for i in range(0, len(docs), cfg.pack_rows):
+                    ids = [tok.encode(d).ids for d in docs[i : i + cfg.pack_rows]]
+                    out[split] += pack_tokens(ids, eod, BLOCK_LEN)[0]
+    return out
+
+
+def test_local_blocks_follow_the_documented_rule(corpus):
+    cfg = data_cfg(corpus)
+    expected = reference_blocks(corpus, cfg)
+    for split in ("train", "val"):
+        got = [b.tolist() for b in iter_blocks_local(cfg, SEQ_LEN, VOCAB, split)]
+        assert got == expected[split]
+        assert got == [b.tolist() for b in iter_blocks_local(cfg, SEQ_LEN, VOCAB, split)]
+    assert not {tuple(b) for b in expected["train"]} & {tuple(b) for b in expected["val"]}
+    n_train, n_val = len(expected["train"]), len(expected["val"])
+    assert n_val > 0 and 0.03 < n_val / (n_train + n_val) < 0.25
+
+
+def test_ray_pipeline_equals_local_and_is_deterministic(corpus):
+    cfg = data_cfg(corpus)
+    bundle = build_datasets(cfg, SEQ_LEN, VOCAB)
+    train, val = bundle.train.take_all(), bundle.val.take_all()
+    for rows in (train, val):
+        assert all(
+            r["tokens"].dtype == np.int32 and r["tokens"].shape == (BLOCK_LEN,) for r in rows
+        )
+        assert len({r["block_id"] for r in rows}) == len(rows)
+    assert as_multiset(r["tokens"] for r in train) == as_multiset(
+        iter_blocks_local(cfg, SEQ_LEN, VOCAB, "train")
+    )
+    assert as_multiset(r["tokens"] for r in val) == as_multiset(
+        iter_blocks_local(cfg, SEQ_LEN, VOCAB, "val")
+    )
+
+    docs = [d for d in corpus["docs"] if d]
+    stats = bundle.stats
+    assert (stats.docs, stats.empty_docs) == (len(docs), len(corpus["docs"]) - len(docs))
+    val_docs = [d for d in docs if is_val_document(d, 0, 0.1)]
+    assert stats.val_docs == len(val_docs) and stats.val_blocks == len(val)
+    tok = load_tokenizer(bundle.tokenizer_path, VOCAB)
+    assert stats.val_tokens == sum(len(tok.encode(d).ids) + 1 for d in val_docs)
+    # Every val token is either in a block or counted as dropped.
+    assert stats.val_tokens == stats.val_blocks * BLOCK_LEN + stats.val_dropped_tokens
+    assert bundle.tokenizer_sha256 == tokenizer_hash(corpus["tokenizer"])
+
+    again = build_datasets(cfg, SEQ_LEN, VOCAB)
+    assert blocks_of(again.train) == as_multiset(r["tokens"] for r in train)
+    assert blocks_of(again.val) == as_multiset(r["tokens"] for r in val)
+
+
+def test_text_files_and_gzip(corpus, tmp_path):
+    docs = [d for d in corpus["docs"] if d][:120]
+    for i, doc in enumerate(docs):
+        path = tmp_path / "txt" / f"{i:04d}.txt"
+        path.parent.mkdir(exist_ok=True)
+        if i % 3:
+            path.write_text(doc, encoding="utf-8")
+        else:
+            path.with_suffix(".txt.gz").write_bytes(gzip.compress(doc.encode("utf-8")))
+    (tmp_path / "txt" / "_SUCCESS").write_text("")
+    cfg = data_cfg(corpus, sources=[{"path": str(tmp_path / "txt"), "format": "text"}])
+    assert len(resolve_sources(cfg)) == len(docs)
+    bundle = build_datasets(cfg, SEQ_LEN, VOCAB)
+    assert bundle.stats.docs == len(docs)
+    assert blocks_of(bundle.train) == as_multiset(iter_blocks_local(cfg, SEQ_LEN, VOCAB, "train"))
+
+
+# --------------------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------------------
+
+
+def test_missing_corpus_path(corpus, tmp_path):
+    cfg = data_cfg(corpus, tmp_path / "nope")
+    with pytest.raises(
+        DataError, match=r"data.sources\[0\].path .*nope.* does not exist.*raydrat data demo"
+    ):
+        resolve_sources(cfg)
+    with pytest.raises(DataError, match="matches no parquet files"):
+        plan_units(data_cfg(corpus, tmp_path / "*.parquet"))
+
+
+def test_parquet_without_text_column(corpus, tmp_path):
+    path = write_parquet(tmp_path / "body.parquet", ["some text"], column="body")
+    with pytest.raises(DataError, match=re.escape(f"{path} has no column 'text' (columns: body)")):
+        build_datasets(data_cfg(corpus, path), SEQ_LEN, VOCAB)
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
+    with pytest.raises(DataError, match=r"column 'text' of .*ints.parquet is int64, not text"):
+        plan_units(data_cfg(corpus, tmp_path / "ints.parquet"))
+
+
+@pytest.mark.parametrize(
+    "docs, match",
+    [
+        (
+            ["", None, ""],
+            "produced no blocks of seq_len\\+1 = 17 tokens: all 3 documents are empty",
+        ),
+        ([], "produced no blocks of seq_len\\+1 = 17 tokens: it holds no documents"),
+        (
+            ["a b", "c"],
+            "produced no blocks of seq_len\\+1 = 17 tokens: its 2 documents are too short",
+        ),
+    ],
+    ids=["all-empty", "empty-file", "too-short"],
+)
+def test_empty_corpus(corpus, tmp_path, docs, match):
+    path = write_parquet(tmp_path / "empty.parquet", docs)
+    with pytest.raises(DataError, match=match):
+        build_datasets(data_cfg(corpus, path), SEQ_LEN, VOCAB)
+
+
+def test_corpus_too_small_for_val(corpus, tmp_path):
+    train_only = [d for d in corpus["docs"][:60] if d and not is_val_document(d, 0, 0.1)]
+    path = write_parquet(tmp_path / "small.parquet", train_only)
+    with pytest.raises(
+        DataError, match=r"too small to hold out a validation block with data.val_fraction = 0.1"
+    ):
+        build_datasets(data_cfg(corpus, path), SEQ_LEN, VOCAB)
+
+
+def test_non_utf8_text_file(corpus, tmp_path):
+    (tmp_path / "ok.txt").write_text(" ".join(WORDS * 20), encoding="utf-8")
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9 " * 50)
+    cfg = data_cfg(corpus, sources=[{"path": str(tmp_path / "*.txt"), "format": "text"}])
+    with pytest.raises(DataError, match=r"bad.txt is not UTF-8 text"):
+        build_datasets(cfg, SEQ_LEN, VOCAB)
+
+
+def test_tokenizer_errors(corpus, tmp_path):
+    n = load_tokenizer(corpus["tokenizer"], VOCAB).get_vocab_size()
+    with pytest.raises(
+        DataError, match=rf"has {n} tokens but model.vocab_size is 260: raise model.vocab_size"
+    ):
+        load_tokenizer(corpus["tokenizer"], 260)
+    with pytest.raises(
+        DataError,
+        match=r"missing.json not found: run `raydrat data demo` or set data.tokenizer_path",
+    ):
+        load_tokenizer(tmp_path / "missing.json", VOCAB)
+    with pytest.raises(DataError, match=r"model.vocab_size \(100\) is below the 258 tokens"):
+        train_tokenizer(["abc"], 100, tmp_path / "t.json")
+    cfg = data_cfg(corpus, tokenizer_path=str(corpus["tokenizer"]))
+    with pytest.raises(DataError, match="model.vocab_size is 260"):
+        build_datasets(cfg, SEQ_LEN, 260)
+
+
+# --------------------------------------------------------------------------------------
+# the demo corpus
+# --------------------------------------------------------------------------------------
+
+
+def test_demo_corpus_is_reproducible(tmp_path):
+    first = build_demo_corpus(tmp_path / "a", 512)
+    second = build_demo_corpus(tmp_path / "b", 512)
+    manifest = read_manifest(first)
+    assert manifest == read_manifest(second)
+    assert manifest["tokenizer_sha256"] == tokenizer_hash(second / "tokenizer.json")
+    assert load_tokenizer(first / "tokenizer.json", 512).get_vocab_size() == 512
+    assert 5e6 < manifest["n_bytes"] < 40e6 and manifest["n_docs"] > 100
+    shards = sorted(p.name for p in (first / "corpus").iterdir())
+    assert shards == [Path(f["path"]).name for f in manifest["files"]]
+    start = time.perf_counter()
+    assert build_demo_corpus(first, 512) == first
+    assert time.perf_counter() - start < 0.5
+
+
+@pytest.fixture
+def tiny_stdlib(monkeypatch):
+    """Replace the standard library by a few documents (fast demo builds)."""
+    docs = [(f"m{i}.py", f"def f{i}(x):\n    return x * {i}\n" * 20) for i in range(30)]
+    monkeypatch.setattr(demo_module, "stdlib_documents", lambda: (docs, 0))
+
+
+def crash(*args, **kwargs):
+    raise RuntimeError("crash")
+
+
+def test_demo_vocab_change_retrains_only_the_tokenizer(tiny_stdlib, tmp_path):
+    out = build_demo_corpus(tmp_path / "demo", 300)
+    shards = {p: p.stat().st_mtime_ns for p in (out / "corpus").iterdir()}
+    build_demo_corpus(out, 400)
+    assert {p: p.stat().st_mtime_ns for p in (out / "corpus").iterdir()} == shards
+    assert read_manifest(out)["vocab_size"] == 400
+    assert load_tokenizer(out / "tokenizer.json", 400).get_vocab_size() > 300
+
+
+def test_demo_crash_leaves_nothing_complete(tiny_stdlib, tmp_path, monkeypatch):
+    write_json = demo_module._write_json
+    monkeypatch.setattr(demo_module, "_write_json", crash)
+    with pytest.raises(RuntimeError):
+        build_demo_corpus(tmp_path / "demo", 300)
+    assert list(tmp_path.iterdir()) == []  # neither the demo dir nor the temporary one
+    monkeypatch.setattr(demo_module, "_write_json", write_json)
+    monkeypatch.setattr(demo_module, "train_tokenizer", crash)
+    with pytest.raises(RuntimeError):
+        build_demo_corpus(tmp_path / "demo", 300)
+    assert read_manifest(tmp_path / "demo")["vocab_size"] is None  # so the next call retrains
+    monkeypatch.setattr(demo_module, "train_tokenizer", train_tokenizer)
+    build_demo_corpus(tmp_path / "demo", 300)
+    assert read_manifest(tmp_path / "demo")["vocab_size"] == 300
