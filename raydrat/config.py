@@ -142,16 +142,17 @@ class DataConfig(Section):
     """A ``tokenizers`` JSON file. ``None``: ``tokenizer.json`` beside the demo corpus,
     trained on first use."""
     val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
-    """Share of packed blocks held out for validation (chosen by a hash of the block
-    index and ``split_seed``, so the split is deterministic and disjoint)."""
+    """Share of documents held out for validation: a document goes to val when a keyed
+    hash of its text (key ``split_seed``) falls below this fraction, so the split is
+    deterministic, disjoint, and independent of file order and cluster size."""
     split_seed: int = 0
     """Seed of the train/val split hash."""
     tokenize_batch_size: int = Field(64, ge=1)
     """Documents per ``map_batches`` call when tokenizing."""
     pack_rows: int = Field(256, ge=1)
-    """Documents per packing group: documents are concatenated (separated by the
-    end-of-document token) and cut into ``seq_len + 1`` blocks within each group; the last
-    partial block of a group is dropped and counted."""
+    """Documents per packing group (and plain-text files per unit of work): a group's
+    documents are concatenated (each followed by the end-of-document token) and cut into
+    ``seq_len + 1`` blocks; the group's last partial block is dropped and counted."""
     shuffle_buffer: int = Field(0, ge=0)
     """Local shuffle buffer (in blocks) when iterating the training shard; 0 disables."""
 
