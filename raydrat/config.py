@@ -153,8 +153,9 @@ class DataConfig(Section):
     """Documents per packing group (and plain-text files per unit of work): a group's
     documents are concatenated (each followed by the end-of-document token) and cut into
     ``seq_len + 1`` blocks; the group's last partial block is dropped and counted."""
-    shuffle_buffer: int = Field(0, ge=0)
-    """Local shuffle buffer (in blocks) when iterating the training shard; 0 disables."""
+    shuffle_buffer: int = Field(2048, ge=0)
+    """Local shuffle buffer (in blocks) when iterating the training shard; 0 disables.
+    Blocks arrive grouped by source file, so some shuffling keeps batches varied."""
 
 
 # --------------------------------------------------------------------------------------

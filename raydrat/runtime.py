@@ -17,6 +17,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         address = os.environ.get("RAY_ADDRESS") or "local"
         kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}
         if address == "local":
+            # A local instance is never preempted: skip Train's preemption watcher actor.
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
             # The dashboard stays on: Ray Train V2 queries actor state through it.
             kwargs.update(num_cpus=num_cpus)
         ray.init(address=address, **kwargs)
@@ -30,6 +32,7 @@ def quiet_ray_data() -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.execution_options.verbose_progress = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def cluster_gpus() -> float:

@@ -10,6 +10,8 @@ Nothing here runs at import time.
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -41,7 +43,8 @@ def ui_command(uri: str) -> str:
     """The exact command that browses this store."""
     if is_embedded(uri):
         db = uri.removeprefix("sqlite:///")
-        return f"mlflow ui --backend-store-uri sqlite:///{db} --port 5000"
+        exe = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
+        return f"{exe} ui --backend-store-uri sqlite:///{db} --port 5000"
     return f"open {uri} in a browser"
 
 

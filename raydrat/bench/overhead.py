@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from raydrat.bench.report import print_table, write_json
@@ -31,9 +32,9 @@ from raydrat.train.optim import build_optimizer, lr_at, set_lr
 from raydrat.train.step import evaluate, train_step
 
 
-def _batches(blocks: list[list[int]], batch_size: int) -> list[torch.Tensor]:
+def _batches(blocks: list, batch_size: int) -> list[torch.Tensor]:
     n = len(blocks) // batch_size
-    return [torch.tensor(blocks[i * batch_size : (i + 1) * batch_size], dtype=torch.long) for i in range(n)]
+    return [torch.from_numpy(np.stack(blocks[i * batch_size : (i + 1) * batch_size])).long() for i in range(n)]
 
 
 def bare_loop(cfg: RaydratConfig) -> dict:

@@ -16,6 +16,7 @@ import torch
 from raydrat import tracking
 from raydrat.config import RaydratConfig
 from raydrat.model import GPT, apply_recompute
+from raydrat.runtime import quiet_ray_data
 from raydrat.train import checkpoint as ckpt
 from raydrat.train import metrics as M
 from raydrat.train.optim import build_optimizer, lr_at, set_lr
@@ -70,6 +71,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world_size = world.get_world_rank(), world.get_world_size()
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     device = select_device(tc.device)
+    quiet_ray_data()
 
     model = build_model(cfg, device)
     if world_size > 1:
@@ -100,24 +102,29 @@ def train_loop_per_worker(loop_config: dict) -> None:
     thr = M.Throughput(tc.steps - start_step, tokens_per_step)
     sink = MetricsSink(rank == 0, ctx, tc.steps)
     model.train()
+    window_loss, window_steps = torch.zeros((), device=device), 0
 
     for step in range(start_step, tc.steps):
         lr = lr_at(step, cfg.optim, tc.steps)
         set_lr(optimizer, lr)
         loss, grad_norm = train_step(model, optimizer, (next(stream) for _ in range(tc.grad_accum)), cfg.optim.grad_clip)
         thr.step_done()
+        window_loss += loss.detach()
+        window_steps += 1
         done = step + 1
         last = done == tc.steps
         values: dict = {}
         if done % tc.log_every == 0 or last:
             values = {
-                M.TRAIN_LOSS: loss.item(),
+                M.TRAIN_LOSS: (window_loss / window_steps).item(),
                 M.LR: lr,
                 M.TOKENS_PER_S: thr.rate(),
                 M.TOKENS_SEEN: done * tokens_per_step,
             }
             if grad_norm is not None:
                 values[M.GRAD_NORM] = float(grad_norm)
+            window_loss.zero_()
+            window_steps = 0
         evaluate_now = done % tc.eval_every == 0 or last
         save_now = evaluate_now or (tc.checkpoint_every and done % tc.checkpoint_every == 0)
         if evaluate_now:

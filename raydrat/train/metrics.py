@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
+# Mean training loss over the optimizer steps since the previous log line.
 TRAIN_LOSS = "train_loss"
 VAL_LOSS = "val_loss"
 LR = "lr"

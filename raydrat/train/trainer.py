@@ -84,6 +84,7 @@ def build_trainer(
         run_config=ray.train.RunConfig(
             name=run_name or cfg.name,
             storage_path=storage,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.checkpoints_to_keep,
                 checkpoint_score_attribute=M.CHECKPOINT_SCORE,
