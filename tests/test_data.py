@@ -311,8 +311,8 @@ def test_demo_corpus_is_reproducible(tmp_path):
     second = build_demo_corpus(tmp_path / "b", 512)
     manifest = read_manifest(first)
     assert manifest == read_manifest(second)
-    assert manifest["tokenizer_sha256"] == tokenizer_hash(second / "tokenizer.json")
-    assert load_tokenizer(first / "tokenizer.json", 512).get_vocab_size() == 512
+    assert tokenizer_hash(first / "tokenizer-512.json") == tokenizer_hash(second / "tokenizer-512.json")
+    assert load_tokenizer(first / "tokenizer-512.json", 512).get_vocab_size() == 512
     assert 5e6 < manifest["n_bytes"] < 40e6 and manifest["n_docs"] > 100
     shards = sorted(p.name for p in (first / "corpus").iterdir())
     assert shards == [Path(f["path"]).name for f in manifest["files"]]
@@ -332,13 +332,16 @@ def crash(*args, **kwargs):
     raise RuntimeError("crash")
 
 
-def test_demo_vocab_change_retrains_only_the_tokenizer(tiny_stdlib, tmp_path):
+def test_demo_keeps_one_tokenizer_per_vocab_size(tiny_stdlib, tmp_path):
     out = build_demo_corpus(tmp_path / "demo", 300)
     shards = {p: p.stat().st_mtime_ns for p in (out / "corpus").iterdir()}
+    small = (out / "tokenizer-300.json").read_bytes()
     build_demo_corpus(out, 400)
     assert {p: p.stat().st_mtime_ns for p in (out / "corpus").iterdir()} == shards
-    assert read_manifest(out)["vocab_size"] == 400
-    assert load_tokenizer(out / "tokenizer.json", 400).get_vocab_size() > 300
+    assert (out / "tokenizer-300.json").read_bytes() == small  # not overwritten
+    assert load_tokenizer(out / "tokenizer-400.json", 400).get_vocab_size() > 300
+    assert load_tokenizer(out / "tokenizer-300.json", 300).get_vocab_size() <= 300
+    assert not list(out.glob(".*tmp*"))
 
 
 def test_demo_crash_leaves_nothing_complete(tiny_stdlib, tmp_path, monkeypatch):
@@ -351,7 +354,7 @@ def test_demo_crash_leaves_nothing_complete(tiny_stdlib, tmp_path, monkeypatch):
     monkeypatch.setattr(demo_module, "train_tokenizer", crash)
     with pytest.raises(RuntimeError):
         build_demo_corpus(tmp_path / "demo", 300)
-    assert read_manifest(tmp_path / "demo")["vocab_size"] is None  # so the next call retrains
+    assert not (tmp_path / "demo" / "tokenizer-300.json").exists()  # so the next call retrains
     monkeypatch.setattr(demo_module, "train_tokenizer", train_tokenizer)
     build_demo_corpus(tmp_path / "demo", 300)
-    assert read_manifest(tmp_path / "demo")["vocab_size"] == 300
+    assert (tmp_path / "demo" / "tokenizer-300.json").is_file()
