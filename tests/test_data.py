@@ -33,6 +33,7 @@ from raydrat.data import (
     train_tokenizer,
 )
 from raydrat.data import demo as demo_module
+from raydrat.data.pipeline import _read_unit, make_spec
 
 SEQ_LEN = 16
 BLOCK_LEN = SEQ_LEN + 1
@@ -232,7 +233,7 @@ def test_missing_corpus_path(corpus, tmp_path):
         DataError, match=r"data.sources\[0\].path .*nope.* does not exist.*raydrat data demo"
     ):
         resolve_sources(cfg)
-    with pytest.raises(DataError, match="matches no parquet files"):
+    with pytest.raises(DataError, match="matches no files"):
         plan_units(data_cfg(corpus, tmp_path / "*.parquet"))
 
 
@@ -275,12 +276,20 @@ def test_corpus_too_small_for_val(corpus, tmp_path):
         build_datasets(data_cfg(corpus, path), SEQ_LEN, VOCAB)
 
 
-def test_non_utf8_text_file(corpus, tmp_path):
+def test_invalid_utf8_is_replaced_and_counted(corpus, tmp_path):
     (tmp_path / "ok.txt").write_text(" ".join(WORDS * 20), encoding="utf-8")
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9 " * 50)
+    (tmp_path / "lines.txt").write_bytes(b"good line\nbad \xff line\n\nlast\n")
     cfg = data_cfg(corpus, sources=[{"path": str(tmp_path / "*.txt"), "format": "text"}])
-    with pytest.raises(DataError, match=r"bad.txt is not UTF-8 text"):
-        build_datasets(cfg, SEQ_LEN, VOCAB)
+    bundle = build_datasets(cfg, SEQ_LEN, VOCAB)
+    # bad.txt, and lines.txt as one document (file mode): both kept, replaced, counted
+    assert bundle.stats.invalid_utf8_docs == 2 and bundle.stats.docs == 3
+    assert bundle.metrics()["data_invalid_utf8_docs"] == 2.0
+    lines = data_cfg(corpus, sources=[{"path": str(tmp_path / "lines.txt"), "format": "text",
+                                       "text_mode": "line"}])
+    docs, counts = _read_unit(plan_units(lines)[0], make_spec(lines, SEQ_LEN, VOCAB)[0])
+    assert sorted(docs["train"] + docs["val"]) == sorted(["good line", "bad \ufffd line", "last"])
+    assert counts["invalid_utf8_docs"] == 1 and counts["empty_docs"] == 1
 
 
 def test_tokenizer_errors(corpus, tmp_path):

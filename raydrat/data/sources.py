@@ -79,7 +79,7 @@ def describe_os_error(where: str, exc: BaseException) -> DataError:
     """A DataError for a filesystem failure, with the likely fix."""
     msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     low = str(exc).lower()
-    if any(k in low for k in ("access denied", "accessdenied", "invalidaccesskeyid", "signaturedoesnotmatch", "credential", "forbidden", "403")):
+    if any(k in low for k in ("access denied", "accessdenied", "access_denied", "invalidaccesskeyid", "signaturedoesnotmatch", "credential", "forbidden", "403")):
         fix = ("check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws, "
                "AWS_PROFILE) and the bucket policy")
     elif any(k in low for k in ("nosuchbucket", "bucket does not exist", "not found", "404")):
