@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -487,14 +488,48 @@ def _pack_batch(batch: pa.Table, spec: PackSpec, split: Split) -> Iterator[dict[
 
 
 class PackActor:
-    """The pack UDF on an actor: the tokenizer is parsed once, when the actor starts."""
+    """The pack UDF on an actor: the tokenizer is parsed once, when the actor starts. Each
+    actor holds one CPU and encodes on one thread (``RAYON_NUM_THREADS=1`` unless set):
+    the pool, not the tokenizer's own thread pool, spreads work over the cores, so actors
+    do not oversubscribe them."""
 
-    def __init__(self, spec: PackSpec, split: Split):
-        self.spec, self.split = spec, split
+    def __init__(self, spec: PackSpec, split: Split, counter=None):
+        os.environ.setdefault("RAYON_NUM_THREADS", "1")  # before the Rust pool starts
+        self.spec, self.split, self.counter = spec, split, counter
         _tokenizer(spec.tokenizer_json)
 
     def __call__(self, batch: pa.Table) -> Iterator[dict[str, np.ndarray]]:
-        yield from _pack_batch(batch, self.spec, self.split)
+        for row in batch.to_pylist():
+            counts: dict = {}
+            unit = Unit.from_row(row)
+            for block_ids, blocks in _unit_blocks(unit, self.spec, self.split, counts):
+                yield {"tokens": blocks, "block_id": block_ids}
+            if self.counter is not None:
+                self.counter.add.remote(unit.unit_id, counts)
+
+
+@ray.remote(num_cpus=0)
+class DataCounter:
+    """Counts what the training stream actually read, unit by unit and pass by pass: an
+    epoch is complete once every unit has been read that many times. The driver turns this
+    into per-epoch metrics (:meth:`DatasetBundle.epoch_metrics`)."""
+
+    def __init__(self, n_units: int):
+        self.n_units = n_units
+        self.passes: dict[int, list[dict]] = {}
+
+    def add(self, unit_id: int, counts: dict) -> None:
+        self.passes.setdefault(unit_id, []).append(counts)
+
+    def epochs(self) -> list[dict[str, int]]:
+        if len(self.passes) < self.n_units:
+            done = 0
+        else:
+            done = min(len(v) for v in self.passes.values())
+        keys = ("docs", "empty_docs", "invalid_utf8_docs", "skipped_files", "split_docs",
+                "tokens", "blocks", "dropped_tokens")
+        return [{k: int(sum(p[e].get(k, 0) for p in self.passes.values())) for k in keys}
+                for e in range(done)]
 
 
 # --------------------------------------------------------------------------------------
@@ -516,6 +551,23 @@ class DatasetBundle:
     lineage: dict = field(default_factory=dict)
     """The run's data lineage (logged to MLflow as ``data/lineage.json``): the prepare
     manifest, or the sources with sizes, the tokenizer hash, the split rule and counts."""
+
+    counter: object = None
+    """The :class:`DataCounter` of the streaming train split (``None`` for prepared data)."""
+
+    def epoch_metrics(self) -> list[dict[str, float]]:
+        """Per completed epoch of the train stream: documents read, training documents,
+        tokens, blocks, packing-group tails, empty / invalid-UTF-8 documents and skipped
+        files (``data_epoch_*``; prepared data: the manifest's counts, every epoch alike)."""
+        if self.counter is not None:
+            epochs = ray.get(self.counter.epochs.remote())
+        elif self.lineage.get("kind") == "prepared":
+            c = self.lineage["manifest"]["counts"]
+            epochs = [{"docs": c["docs"], "split_docs": c["train_split_docs"],
+                       "tokens": c["train_tokens"], "blocks": c["train_blocks"]}]
+        else:
+            epochs = []
+        return [{f"data_epoch_{k}": float(v) for k, v in e.items()} for e in epochs]
 
     def metrics(self) -> dict[str, float]:
         """The data counts as run metrics (``data_*``): the manifest's exact counts for
@@ -623,8 +675,9 @@ def build_datasets(
         "split": split_rule(data_cfg),
         "checked_sample": asdict(stats),
     }
+    counter = DataCounter.remote(len(plan.units))
     return DatasetBundle(
-        train=pack_dataset(plan.units, spec, "train", pool_size(data_cfg, reserved_cpus)),
+        train=pack_dataset(plan.units, spec, "train", pool_size(data_cfg, reserved_cpus), counter),
         val=_map_units(ds_sample, _pack_batch, spec, split="val").materialize(),
         tokenizer_path=str(tok_path),
         tokenizer_sha256=lineage["tokenizer_sha256"],
@@ -632,6 +685,7 @@ def build_datasets(
         block_len=spec.block_len,
         stats=stats,
         lineage=lineage,
+        counter=counter,
     )
 
 
@@ -643,15 +697,16 @@ def pool_size(data_cfg: DataConfig, reserved_cpus: float = 0) -> int:
     return max(1, int(cpus - reserved_cpus))
 
 
-def pack_dataset(units: list[Unit], spec: PackSpec, split: Split, actors: int) -> ray.data.Dataset:
+def pack_dataset(units: list[Unit], spec: PackSpec, split: Split, actors: int,
+                 counter=None) -> ray.data.Dataset:
     """Lazy blocks of ``split`` over ``units`` on a pool of ``actors`` tokenizer actors
-    (0: plain tasks)."""
+    (0: plain tasks), reporting each unit's counts to ``counter`` (a DataCounter) if given."""
     ds = _units_dataset(units)
     if actors == 0:
         return _map_units(ds, _pack_batch, spec, split=split)
     return ds.map_batches(
         PackActor,
-        fn_constructor_kwargs={"spec": spec, "split": split},
+        fn_constructor_kwargs={"spec": spec, "split": split, "counter": counter},
         batch_size=1,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),

@@ -134,6 +134,9 @@ def run_training(cfg: RaydratConfig) -> TrainingSummary:
     try:
         result = trainer.fit()
         status = "FINISHED"
+        if uri and run_id:  # per-epoch data counts (documents, tokens, skips)
+            for epoch, values in enumerate(bundle.epoch_metrics(), start=1):
+                tracking.log_metrics(uri, run_id, values, epoch)
     finally:
         if uri and run_id:
             try:
