@@ -2,6 +2,9 @@
 
     raydrat train CONFIG [--set section.key=value ...]
     raydrat data demo [CONFIG] [--force]
+    raydrat data tokenizer CONFIG --out PATH
+    raydrat data prepare CONFIG --out PATH [--endpoint-url URL]
+    raydrat bench ingest [CONFIG] [--mb N ...] [--json PATH]
     raydrat bench overhead [CONFIG] [--json PATH]
 
 CONFIG is a YAML path or a shipped recipe name (debug, demo, gpt2-small). Known problems
@@ -75,6 +78,43 @@ def cmd_data_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_tokenizer(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from raydrat.data.prepare import train_tokenizer_on_sources
+
+    info = train_tokenizer_on_sources(cfg.data, cfg.model.vocab_size, args.out)
+    print(f"tokenizer {info['path']}: {info['vocab_size']} tokens trained on {info['docs']} "
+          f"documents ({info['text_bytes'] / 1e6:.1f} MB) in {info['seconds']}s; "
+          f"sha256 {info['sha256'][:16]}…")
+    print(f"use it with: --set data.tokenizer_path={info['path']}")
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from raydrat.data.prepare import prepare
+    from raydrat.runtime import ensure_ray
+
+    ensure_ray()
+    m = prepare(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, args.out, args.endpoint_url)
+    c = m["counts"]
+    print(f"prepared {args.out} in {m['seconds']}s: {c['docs']:,} documents "
+          f"({c['empty_docs']:,} empty skipped, {c['invalid_utf8_docs']:,} with invalid UTF-8 "
+          f"replaced, {c['skipped_files']} unreadable files skipped)")
+    print(f"  train: {c['train_blocks']:,} blocks, {c['train_tokens']:,} tokens; val: "
+          f"{c['val_stored_blocks']:,} blocks stored ({c['val_docs']:,} documents held out)")
+    print(f"  train from it with: --set data.prepared={args.out}")
+    return 0
+
+
+def cmd_bench_ingest(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from raydrat.bench.ingest import run_ingest
+
+    run_ingest(cfg, sizes_mb=args.mb, json_path=args.json, workdir=args.workdir)
+    return 0
+
+
 def cmd_bench_overhead(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from raydrat.bench.overhead import run_overhead
@@ -97,11 +137,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="rebuild even if present")
     p.set_defaults(func=cmd_data_demo)
 
+    p = data.add_parser("tokenizer", help="train a BPE tokenizer on a sample of data.sources")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="where to write the tokenizer JSON")
+    p.set_defaults(func=cmd_data_tokenizer)
+    p = data.add_parser("prepare", help="tokenize and pack data.sources into parquet shards + manifest")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="output directory or s3://bucket/prefix")
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for an s3:// --out")
+    p.set_defaults(func=cmd_data_prepare)
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     p = bench.add_parser("overhead", help="Ray Train loop vs a bare PyTorch loop")
     _add_config_args(p, required=False)
     p.add_argument("--json", help="write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_overhead)
+    p = bench.add_parser("ingest", help="Ray Data ingest vs a single-process tokenizer baseline")
+    _add_config_args(p, required=False)
+    p.add_argument("--mb", type=float, nargs="+", default=[50.0, 100.0],
+                   help="generated corpus sizes in MB of text (default: 50 100)")
+    p.add_argument("--workdir", default=None, help="where to generate the corpora (default: a temp dir)")
+    p.add_argument("--json", help="write the figures to this JSON file")
+    p.set_defaults(func=cmd_bench_ingest)
     return parser
 
 

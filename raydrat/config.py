@@ -120,14 +120,29 @@ class ModelConfig(Section):
 
 class SourceConfig(Section):
     path: str
-    """A file, a directory, a glob, or ``demo`` for the embedded corpus (built on first
-    use from the running interpreter's standard library)."""
+    """A file, a directory, a glob, an ``s3://bucket/prefix`` URI (a key, a prefix or a
+    glob), or ``demo`` for the embedded corpus (built on first use from the running
+    interpreter's standard library)."""
     format: Literal["parquet", "text"] = "parquet"
-    """``parquet``: one document per row of ``text_column``. ``text``: plain text files."""
+    """``parquet``: one document per row of ``text_column``. ``text``: plain text files
+    (``.gz`` decompressed), split into documents by ``text_mode``."""
     text_column: str = "text"
     """Column holding the document text (parquet only); other columns are ignored."""
-    weight: float = Field(1.0, gt=0)
-    """Relative sampling weight when several sources are mixed."""
+    text_mode: Literal["file", "line"] = "file"
+    """Plain text only: ``file``: one document per file; ``line``: one per line (empty
+    lines are counted as empty documents)."""
+    weight: float | None = Field(None, gt=0)
+    """Relative share of training tokens when several sources are mixed: a source's
+    training blocks are repeated or subsampled (deterministically, by block) so that its
+    share of the training stream is ``weight / sum(weights)`` (shares estimated from the
+    sources' sizes). ``None`` on every source: sources are concatenated in their natural
+    proportions. Give every source a weight or none."""
+    endpoint_url: str | None = None
+    """S3 only: endpoint of an S3-compatible store (MinIO, Ceph, GCS interop), e.g.
+    ``http://127.0.0.1:9000``. ``None``: AWS. Credentials come from the standard chain
+    (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``~/.aws``, instance roles)."""
+    region: str | None = None
+    """S3 only: the bucket's region (``None``: ``AWS_DEFAULT_REGION`` or ``us-east-1``)."""
 
 
 class DataConfig(Section):
@@ -139,7 +154,7 @@ class DataConfig(Section):
     """Where the embedded demo corpus and its tokenizer are written (relative paths are
     resolved against the working directory)."""
     tokenizer_path: str | None = None
-    """A ``tokenizers`` JSON file. ``None``: ``tokenizer.json`` beside the demo corpus,
+    """A ``tokenizers`` JSON file. ``None``: ``tokenizer-<vocab_size>.json`` beside the demo corpus,
     trained on first use."""
     val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
     """Share of documents held out for validation: a document goes to val when a keyed
@@ -156,6 +171,39 @@ class DataConfig(Section):
     shuffle_buffer: int = Field(2048, ge=0)
     """Local shuffle buffer (in blocks) when iterating the training shard; 0 disables.
     Blocks arrive grouped by source file, so some shuffling keeps batches varied."""
+    prefetch_batches: int = Field(2, ge=0)
+    """Batches each Train worker fetches ahead of the one it trains on."""
+    tokenize_actors: int = Field(0, ge=0)
+    """Size of the tokenizer actor pool (each actor loads the tokenizer once). 0: the
+    cluster's CPUs minus one per Train worker (at least 1)."""
+    on_corrupt: Literal["error", "skip"] = "error"
+    """A parquet or gzip file that cannot be read: ``error`` stops before training and
+    names it; ``skip`` leaves it out and counts it (``skipped_files`` in the metrics and the
+    manifest)."""
+    val_max_units: int = Field(32, ge=1)
+    """The val split is drawn from at most this many units of work (parquet row groups or
+    groups of text files), spread evenly over the corpus, so building it costs the same for
+    any corpus size. Val-rule documents of the other units are held out too (never
+    trained on)."""
+    prepared: str | None = None
+    """A directory written by ``raydrat data prepare`` (local or ``s3://``): train on its
+    blocks instead of reading ``sources``. Its manifest must match the tokenizer and
+    ``model.seq_len``."""
+    prepared_endpoint_url: str | None = None
+    """S3-compatible endpoint for ``prepared`` (see ``sources[].endpoint_url``)."""
+    tokenizer_sample_docs: int = Field(20000, ge=1)
+    """``raydrat data tokenizer``: documents sampled (evenly over the units) to train the BPE."""
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> "DataConfig":
+        weighted = [s.weight is not None for s in self.sources]
+        if any(weighted) and not all(weighted):
+            missing = [str(i) for i, w in enumerate(weighted) if not w]
+            raise ValueError(
+                f"data.sources[{', '.join(missing)}].weight is missing: give every source a "
+                "weight, or none (natural proportions)"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from raydrat.data import (
     train_tokenizer,
 )
 from raydrat.data import demo as demo_module
+from raydrat.data.pipeline import _read_unit, make_spec
 
 SEQ_LEN = 16
 BLOCK_LEN = SEQ_LEN + 1
@@ -232,7 +233,7 @@ def test_missing_corpus_path(corpus, tmp_path):
         DataError, match=r"data.sources\[0\].path .*nope.* does not exist.*raydrat data demo"
     ):
         resolve_sources(cfg)
-    with pytest.raises(DataError, match="matches no parquet files"):
+    with pytest.raises(DataError, match="matches no files"):
         plan_units(data_cfg(corpus, tmp_path / "*.parquet"))
 
 
@@ -275,12 +276,20 @@ def test_corpus_too_small_for_val(corpus, tmp_path):
         build_datasets(data_cfg(corpus, path), SEQ_LEN, VOCAB)
 
 
-def test_non_utf8_text_file(corpus, tmp_path):
+def test_invalid_utf8_is_replaced_and_counted(corpus, tmp_path):
     (tmp_path / "ok.txt").write_text(" ".join(WORDS * 20), encoding="utf-8")
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9 " * 50)
+    (tmp_path / "lines.txt").write_bytes(b"good line\nbad \xff line\n\nlast\n")
     cfg = data_cfg(corpus, sources=[{"path": str(tmp_path / "*.txt"), "format": "text"}])
-    with pytest.raises(DataError, match=r"bad.txt is not UTF-8 text"):
-        build_datasets(cfg, SEQ_LEN, VOCAB)
+    bundle = build_datasets(cfg, SEQ_LEN, VOCAB)
+    # bad.txt, and lines.txt as one document (file mode): both kept, replaced, counted
+    assert bundle.stats.invalid_utf8_docs == 2 and bundle.stats.docs == 3
+    assert bundle.metrics()["data_invalid_utf8_docs"] == 2.0
+    lines = data_cfg(corpus, sources=[{"path": str(tmp_path / "lines.txt"), "format": "text",
+                                       "text_mode": "line"}])
+    docs, counts = _read_unit(plan_units(lines)[0], make_spec(lines, SEQ_LEN, VOCAB)[0])
+    assert sorted(docs["train"] + docs["val"]) == sorted(["good line", "bad \ufffd line", "last"])
+    assert counts["invalid_utf8_docs"] == 1 and counts["empty_docs"] == 1
 
 
 def test_tokenizer_errors(corpus, tmp_path):
@@ -311,8 +320,8 @@ def test_demo_corpus_is_reproducible(tmp_path):
     second = build_demo_corpus(tmp_path / "b", 512)
     manifest = read_manifest(first)
     assert manifest == read_manifest(second)
-    assert manifest["tokenizer_sha256"] == tokenizer_hash(second / "tokenizer.json")
-    assert load_tokenizer(first / "tokenizer.json", 512).get_vocab_size() == 512
+    assert tokenizer_hash(first / "tokenizer-512.json") == tokenizer_hash(second / "tokenizer-512.json")
+    assert load_tokenizer(first / "tokenizer-512.json", 512).get_vocab_size() == 512
     assert 5e6 < manifest["n_bytes"] < 40e6 and manifest["n_docs"] > 100
     shards = sorted(p.name for p in (first / "corpus").iterdir())
     assert shards == [Path(f["path"]).name for f in manifest["files"]]
@@ -332,13 +341,16 @@ def crash(*args, **kwargs):
     raise RuntimeError("crash")
 
 
-def test_demo_vocab_change_retrains_only_the_tokenizer(tiny_stdlib, tmp_path):
+def test_demo_keeps_one_tokenizer_per_vocab_size(tiny_stdlib, tmp_path):
     out = build_demo_corpus(tmp_path / "demo", 300)
     shards = {p: p.stat().st_mtime_ns for p in (out / "corpus").iterdir()}
+    small = (out / "tokenizer-300.json").read_bytes()
     build_demo_corpus(out, 400)
     assert {p: p.stat().st_mtime_ns for p in (out / "corpus").iterdir()} == shards
-    assert read_manifest(out)["vocab_size"] == 400
-    assert load_tokenizer(out / "tokenizer.json", 400).get_vocab_size() > 300
+    assert (out / "tokenizer-300.json").read_bytes() == small  # not overwritten
+    assert load_tokenizer(out / "tokenizer-400.json", 400).get_vocab_size() > 300
+    assert load_tokenizer(out / "tokenizer-300.json", 300).get_vocab_size() <= 300
+    assert not list(out.glob(".*tmp*"))
 
 
 def test_demo_crash_leaves_nothing_complete(tiny_stdlib, tmp_path, monkeypatch):
@@ -351,7 +363,91 @@ def test_demo_crash_leaves_nothing_complete(tiny_stdlib, tmp_path, monkeypatch):
     monkeypatch.setattr(demo_module, "train_tokenizer", crash)
     with pytest.raises(RuntimeError):
         build_demo_corpus(tmp_path / "demo", 300)
-    assert read_manifest(tmp_path / "demo")["vocab_size"] is None  # so the next call retrains
+    assert not (tmp_path / "demo" / "tokenizer-300.json").exists()  # so the next call retrains
     monkeypatch.setattr(demo_module, "train_tokenizer", train_tokenizer)
     build_demo_corpus(tmp_path / "demo", 300)
-    assert read_manifest(tmp_path / "demo")["vocab_size"] == 300
+    assert (tmp_path / "demo" / "tokenizer-300.json").is_file()
+
+
+# --------------------------------------------------------------------------------------
+# mixing, corrupt files, prepare, the tokenizer command
+# --------------------------------------------------------------------------------------
+
+
+def test_weighted_mixing_gives_the_expected_proportions(corpus, tmp_path):
+    """Source A holds ~4x the text of B; weights 1:3 must give B ~75% of training tokens."""
+    rng = random.Random(7)
+    a = [" ".join(rng.choices(WORDS, k=30)) for _ in range(800)]
+    b = [" ".join(rng.choices(WORDS, k=30)) for _ in range(200)]
+    write_parquet(tmp_path / "a" / "a.parquet", a, row_group_size=100)
+    write_parquet(tmp_path / "b" / "b.parquet", b, row_group_size=50)
+    cfg = data_cfg(corpus, sources=[{"path": str(tmp_path / "a"), "weight": 1.0},
+                                    {"path": str(tmp_path / "b"), "weight": 3.0}])
+    plan = plan_units(cfg)
+    source_of = {u.unit_id: u.source for u in plan}
+    rates = {u.source: u.rate for u in plan}
+    assert rates[0] < 1 < rates[1]
+    rows = build_datasets(cfg, SEQ_LEN, VOCAB).train.take_all()
+    share_b = sum(source_of[r["block_id"] >> 32] for r in rows) / len(rows)
+    assert abs(share_b - 0.75) < 0.05, share_b
+    natural = data_cfg(corpus, sources=[{"path": str(tmp_path / "a")}, {"path": str(tmp_path / "b")}])
+    n_natural = sum(1 for _ in iter_blocks_local(natural, SEQ_LEN, VOCAB, "train"))
+    assert abs(len(rows) - n_natural) / n_natural < 0.1  # an epoch keeps about its size
+    with pytest.raises(Exception, match=r"data.sources\[1\].weight is missing"):
+        data_cfg(corpus, sources=[{"path": str(tmp_path / "a"), "weight": 1.0}, {"path": str(tmp_path / "b")}])
+
+
+def test_corrupt_parquet_is_named_or_skipped_and_counted(corpus, tmp_path):
+    write_parquet(tmp_path / "good.parquet", [d for d in corpus["docs"][:200] if d])
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 this is not parquet at all")
+    with pytest.raises(DataError, match=r"bad.parquet is not a readable parquet file.*data.on_corrupt = skip"):
+        build_datasets(data_cfg(corpus, tmp_path), SEQ_LEN, VOCAB)
+    bundle = build_datasets(data_cfg(corpus, tmp_path, on_corrupt="skip"), SEQ_LEN, VOCAB)
+    assert bundle.stats.skipped_files == 1
+    assert "bad.parquet" in bundle.lineage["skipped_files"][0]
+
+
+def test_prepare_conserves_tokens_and_publishes_last(corpus, tmp_path, monkeypatch):
+    from raydrat.data import prepare as prep
+
+    cfg = data_cfg(corpus)
+    out = tmp_path / "prepared"
+    manifest = prep.prepare(cfg, SEQ_LEN, VOCAB, str(out))
+    c = manifest["counts"]
+    tok = load_tokenizer(corpus["tokenizer"], VOCAB)
+    docs = [d for d in corpus["docs"] if d]
+    train_docs = [d for d in docs if not is_val_document(d, 0, 0.1)]
+    # every token of every training document (plus its end-of-document token) is either in
+    # a block or counted as a packing-group tail
+    assert c["train_tokens"] == sum(len(tok.encode(d).ids) + 1 for d in train_docs)
+    assert c["train_tokens"] == c["train_blocks"] * BLOCK_LEN + c["train_dropped_tokens"]
+    assert (c["docs"], c["empty_docs"]) == (len(docs), len(corpus["docs"]) - len(docs))
+    assert as_multiset(prep.iter_prepared_blocks(str(out), "train")) == as_multiset(
+        iter_blocks_local(cfg, SEQ_LEN, VOCAB, "train"))
+    assert manifest["files"][0]["sha256"] and manifest["seq_len"] == SEQ_LEN
+    # a prepare that fails before publishing leaves the old manifest (and its shards) intact
+    monkeypatch.setattr(prep, "_publish", crash)
+    with pytest.raises(RuntimeError):
+        prep.prepare(cfg, SEQ_LEN, VOCAB, str(out))
+    assert prep.read_manifest(str(out)) == manifest
+    assert (out / manifest["train_files"][0]).is_file()
+    with pytest.raises(DataError, match=r"manifest.json not found.*incomplete"):
+        prep.read_manifest(str(tmp_path / "never-prepared"))
+
+
+def test_tokenizer_command_trains_on_a_sample(corpus, tmp_path):
+    from conftest import run_cli
+
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(
+        f"model: {{vocab_size: {VOCAB}}}\ndata:\n  sources: [{{path: {corpus['dir']}}}]\n"
+        "  tokenizer_sample_docs: 50\n"
+    )
+    out = tmp_path / "tok.json"
+    res = run_cli(["data", "tokenizer", str(cfg_path), "--out", str(out)], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "trained on 50 documents" in res.stdout
+    assert 258 < load_tokenizer(out, VOCAB).get_vocab_size() <= VOCAB
+    res = run_cli(["data", "tokenizer", str(cfg_path), "--out", str(out),
+                   "--set", f"data.sources=[{{path: {tmp_path / 'nope'}}}]"], cwd=tmp_path)
+    assert res.returncode == 2 and "nope does not exist" in res.stderr

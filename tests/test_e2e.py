@@ -90,7 +90,7 @@ def test_bad_input_empty_corpus(capsys, ray_local, tmp_path: Path, demo_dir: Pat
     _expect_one_line_error(
         capsys,
         ["train", "debug", "--set", f"data.sources=[{{path: {f.parent}}}]", "--set", "tracking.enabled=false",
-         "--set", f"data.tokenizer_path={demo_dir / 'tokenizer.json'}"],
+         "--set", f"data.tokenizer_path={demo_dir / 'tokenizer-512.json'}"],
         str(f.parent),
     )
 

@@ -1,7 +1,7 @@
 """Data: sources, the byte-level BPE tokenizer, the Ray Data pipeline that packs documents into
 ``seq_len + 1`` token blocks split into train/val, and the embedded demo corpus."""
 
-from raydrat.data.demo import build_demo_corpus, ensure_demo_corpus, read_manifest
+from raydrat.data.demo import build_demo_corpus, ensure_demo_corpus, read_manifest, tokenizer_file
 from raydrat.data.errors import DataError
 from raydrat.data.pipeline import (
     DatasetBundle,
@@ -10,6 +10,7 @@ from raydrat.data.pipeline import (
     is_val_document,
     iter_blocks_local,
     pack_tokens,
+    plan_corpus,
     plan_units,
     resolve_sources,
     resolve_tokenizer_path,
@@ -36,6 +37,7 @@ __all__ = [
     "iter_blocks_local",
     "load_tokenizer",
     "pack_tokens",
+    "plan_corpus",
     "plan_units",
     "read_manifest",
     "resolve_sources",

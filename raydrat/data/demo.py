@@ -4,16 +4,17 @@ Layout of the demo directory (``data.demo_dir``)::
 
     corpus/part-00000.parquet ...  columns ``path`` (relative to the stdlib) and ``text``;
                                    one document per source file, in sorted path order
-    tokenizer.json                 byte-level BPE trained on the corpus
-    manifest.json                  what was built: python version, sizes, shard hashes, the
-                                   tokenizer's ``vocab_size`` and ``tokenizer_sha256``
+    tokenizer-<vocab>.json         byte-level BPE of that vocab size trained on the corpus
+                                   (one file per vocab size, written via temp file + rename)
+    manifest.json                  what was built: python version, sizes, shard hashes
 
 The corpus is built in a temporary directory that is renamed into place once complete (a
 directory without a manifest is incomplete and is rebuilt) and is never rewritten afterwards
 (unless ``force``), so runs reading it are safe from later builds. The tokenizer depends on
-``vocab_size``: asking for another size retrains it (a few seconds) and replaces
-``tokenizer.json``, so runs with different ``model.vocab_size`` should not share a demo
-directory at the same time (give each its own ``data.demo_dir``). Everything is
+``vocab_size``: each size has its own file, trained on first use (a few seconds) and
+never rewritten, so runs with different ``model.vocab_size`` can share a demo directory
+(two processes training the same size at once write identical files; the rename makes
+either one win whole). Everything is
 deterministic for a given Python installation (sorted files, fixed trainer settings). A
 directory built by another Python version is kept as it is (its manifest says which one);
 ``force=True`` rebuilds.
@@ -36,12 +37,17 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydrat.data.tokenizer import tokenizer_hash, train_tokenizer
+from raydrat.data.tokenizer import train_tokenizer
 
 log = logging.getLogger(__name__)
 
 CORPUS_DIR = "corpus"
-TOKENIZER_FILE = "tokenizer.json"
+
+
+def tokenizer_file(vocab_size: int) -> str:
+    """File name of the demo tokenizer of ``vocab_size`` tokens."""
+    return f"tokenizer-{vocab_size}.json"
+
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
 
@@ -112,8 +118,6 @@ def ensure_demo_corpus(out_dir: str | Path, force: bool = False) -> dict[str, An
             "n_bytes": sum(f["n_bytes"] for f in files),
             "n_skipped_non_utf8": skipped,
             "files": files,
-            "vocab_size": None,
-            "tokenizer_sha256": None,
         }
         _write_json(tmp / MANIFEST_FILE, manifest)
         manifest = _swap_in(tmp, out_dir)
@@ -130,13 +134,13 @@ def ensure_demo_corpus(out_dir: str | Path, force: bool = False) -> dict[str, An
 
 
 def build_demo_corpus(out_dir: str | Path, vocab_size: int, force: bool = False) -> Path:
-    """Make ``out_dir`` hold the demo corpus and ``tokenizer.json``, a tokenizer of
-    ``vocab_size`` trained on it; return ``out_dir``. Fast when both exist; ``force``
+    """Make ``out_dir`` hold the demo corpus and ``tokenizer-<vocab_size>.json``, a tokenizer
+    of ``vocab_size`` trained on it; return ``out_dir``. Fast when both exist; ``force``
     rebuilds everything."""
     out_dir = Path(out_dir).absolute()
     manifest = ensure_demo_corpus(out_dir, force=force)
-    tok_path = out_dir / TOKENIZER_FILE
-    if manifest["vocab_size"] == vocab_size and tok_path.is_file():
+    tok_path = out_dir / tokenizer_file(vocab_size)
+    if tok_path.is_file():
         return out_dir
     start = time.perf_counter()
     texts = [
@@ -144,12 +148,7 @@ def build_demo_corpus(out_dir: str | Path, vocab_size: int, force: bool = False)
         for f in manifest["files"]
         for text in pq.read_table(out_dir / f["path"], columns=["text"])["text"].to_pylist()
     ]
-    # Invalidate first: a crash while training leaves a manifest without a tokenizer.
-    manifest = {**manifest, "vocab_size": None, "tokenizer_sha256": None}
-    _write_json(out_dir / MANIFEST_FILE, manifest)
-    train_tokenizer(texts, vocab_size, tok_path)
-    manifest = {**manifest, "vocab_size": vocab_size, "tokenizer_sha256": tokenizer_hash(tok_path)}
-    _write_json(out_dir / MANIFEST_FILE, manifest)
+    train_tokenizer(texts, vocab_size, tok_path)  # temp file + rename: never half-written
     log.info("demo tokenizer: vocab %d trained in %.1fs", vocab_size, time.perf_counter() - start)
     return out_dir
 

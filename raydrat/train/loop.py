@@ -95,6 +95,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             device=device,
             drop_last=True,
             local_shuffle_buffer_size=local_shuffle or None,
+            prefetch_batches=cfg.data.prefetch_batches,
         )
 
     stream = cycle_batches(lambda: (b["tokens"] for b in torch_batches(train_shard, cfg.data.shuffle_buffer)))

@@ -6,6 +6,7 @@ CLI, the job entrypoints and the Tune trial function all call it.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,7 +116,8 @@ def run_training(cfg: RaydratConfig) -> TrainingSummary:
     log = M.setup_logging()
     t0 = time.perf_counter()
     ensure_ray()
-    bundle = build_datasets(cfg.data, cfg.model.seq_len, cfg.model.vocab_size)
+    bundle = build_datasets(cfg.data, cfg.model.seq_len, cfg.model.vocab_size,
+                            reserved_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
     run_name = cfg.tracking.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     uri = run_id = None
@@ -123,6 +125,9 @@ def run_training(cfg: RaydratConfig) -> TrainingSummary:
         uri = tracking.resolve_tracking_uri(cfg.tracking)
         run_id = tracking.start_run(uri, cfg.tracking.experiment, run_name, params=cfg.flat())
         _log_run_artifacts(uri, run_id, cfg, bundle.tokenizer_path)
+        if bundle.lineage:  # data lineage: the prepare manifest or the sources read
+            tracking.log_text(uri, run_id, json.dumps(bundle.lineage, indent=2, default=str), "data/lineage.json")
+            tracking.log_metrics(uri, run_id, bundle.metrics(), 0)
         log.info(f"MLflow run {run_id} in {uri}")
 
     trainer = build_trainer(cfg, {"train": bundle.train, "val": bundle.val}, uri, run_id, run_name)
@@ -130,6 +135,9 @@ def run_training(cfg: RaydratConfig) -> TrainingSummary:
     try:
         result = trainer.fit()
         status = "FINISHED"
+        if uri and run_id:  # per-epoch data counts (documents, tokens, skips)
+            for epoch, values in enumerate(bundle.epoch_metrics(), start=1):
+                tracking.log_metrics(uri, run_id, values, epoch)
     finally:
         if uri and run_id:
             try:

@@ -1,0 +1,265 @@
+"""``raydrat bench ingest``: can the data side keep up?
+
+On generated corpora (parquet, ``--mb`` MB of text each, default 50 and 100), measured in
+one run:
+
+(a) the Ray Data pipeline as training uses it: read → split → tokenize (actor pool) → pack,
+    consumed by an iterator on the driver (``iter_batches``);
+(a') the same pipeline on plain tasks instead of actors (to justify the actor pool);
+(b) a single-process baseline doing the same work with pyarrow and ``tokenizers``'
+    ``encode_batch`` (which itself runs on every core through its Rust thread pool):
+    read each row group, split by the same hash rule, encode, pack with numpy.
+
+Tokens are packed tokens (blocks × (seq_len + 1)). Peak resident memory is sampled every
+0.1 s from ``/proc``: the driver, and the sum over Ray's worker processes (``ray::*``).
+Training consumption is the config's model (default: the demo recipe) trained on random
+tokens in this process with the shared ``train_step``, steady tokens/s over a few steps.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from raydrat.bench.report import print_table, write_json
+from raydrat.config import RaydratConfig
+from raydrat.data.pipeline import (
+    _pack,
+    is_val_document,
+    make_spec,
+    pack_dataset,
+    plan_corpus,
+)
+from raydrat.data.prepare import train_tokenizer_on_sources
+from raydrat.data.tokenizer import tokenizer_from_str
+from raydrat.runtime import ensure_ray
+
+DOC_BYTES = 3000
+ROWS_PER_GROUP = 256
+GROUPS_PER_FILE = 16
+
+
+# --------------------------------------------------------------------------------------
+# corpus and memory sampling
+# --------------------------------------------------------------------------------------
+
+
+def generate_corpus(out: Path, mb: float, seed: int = 0) -> Path:
+    """``mb`` MB of English-like text (Zipf-distributed pseudo-words, punctuation,
+    newlines) as parquet files of ``GROUPS_PER_FILE`` row groups of ``ROWS_PER_GROUP``
+    documents, plus an ``id`` column the pipeline ignores."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
+    weights = 1.0 / np.arange(1, 27) ** 0.9
+    lexicon = ["".join(rng.choice(letters, size=rng.integers(1, 11), p=weights / weights.sum()))
+               for _ in range(20000)]
+    zipf = 1.0 / np.arange(1, len(lexicon) + 1) ** 1.1
+    zipf /= zipf.sum()
+    out.mkdir(parents=True, exist_ok=True)
+    target, written, doc_id, file_no = mb * 1e6, 0, 0, 0
+    rnd = random.Random(seed)
+    while written < target:
+        docs = []
+        for _ in range(ROWS_PER_GROUP * GROUPS_PER_FILE):
+            words = rng.choice(len(lexicon), size=rnd.randint(DOC_BYTES // 12, DOC_BYTES // 4), p=zipf)
+            parts = []
+            for i, w in enumerate(words):
+                parts.append(lexicon[w])
+                parts.append(". " if i % 13 == 12 else ("\n" if i % 97 == 96 else " "))
+            docs.append("".join(parts))
+            written += len(docs[-1])
+            if written >= target:
+                break
+        table = pa.table({"id": pa.array(range(doc_id, doc_id + len(docs)), pa.int64()),
+                          "text": pa.array(docs, pa.string())})
+        pq.write_table(table, out / f"part-{file_no:05d}.parquet", row_group_size=ROWS_PER_GROUP)
+        doc_id += len(docs)
+        file_no += 1
+    return out
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _ray_worker_pids() -> list[int]:
+    """This user's Ray worker processes (``ray::...`` command lines) descended from us."""
+    me, parents, cmd = os.getpid(), {}, {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parents[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    cmd[int(d)] = f.read(64)
+            except (OSError, ValueError, IndexError):
+                continue
+
+    def descends(pid: int) -> bool:
+        for _ in range(32):
+            pid = parents.get(pid, 0)
+            if pid == me:
+                return True
+            if pid <= 1:
+                return False
+        return False
+
+    return [p for p, c in cmd.items() if c.startswith(b"ray::") and descends(p)]
+
+
+class PeakRSS:
+    """Samples the driver's RSS and the sum of Ray workers' RSS; keeps the peaks."""
+
+    def __init__(self, interval: float = 0.1):
+        self.interval, self.driver, self.workers = interval, 0.0, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.driver = max(self.driver, _rss_mb(os.getpid()))
+            self.workers = max(self.workers, sum(_rss_mb(p) for p in _ray_worker_pids()))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# --------------------------------------------------------------------------------------
+# the three ways to ingest
+# --------------------------------------------------------------------------------------
+
+
+def ray_ingest(cfg: RaydratConfig, actors: int) -> dict:
+    spec, _ = make_spec(cfg.data, cfg.model.seq_len, cfg.model.vocab_size)
+    units = plan_corpus(cfg.data).units
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        tokens = 0
+        ds = pack_dataset(units, spec, "train", actors)
+        for batch in ds.iter_batches(batch_size=256, batch_format="numpy",
+                                     prefetch_batches=cfg.data.prefetch_batches):
+            tokens += batch["tokens"].size
+        wall = time.perf_counter() - t0
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "peak_rss_driver_mb": mem.driver, "peak_rss_workers_mb": mem.workers}
+
+
+def baseline_ingest(cfg: RaydratConfig) -> dict:
+    """Single process: pyarrow reads row groups, ``encode_batch`` tokenizes, numpy packs."""
+    spec, _ = make_spec(cfg.data, cfg.model.seq_len, cfg.model.vocab_size)
+    tok = tokenizer_from_str(spec.tokenizer_json)
+    files = sorted(Path(cfg.data.sources[0].path).glob("*.parquet"))
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        tokens = 0
+        for path in files:
+            pf = pq.ParquetFile(path)
+            for rg in range(pf.num_row_groups):
+                texts = pf.read_row_group(rg, columns=["text"]).column(0).to_pylist()
+                docs = [t for t in texts if t and not is_val_document(t, spec.split_seed, spec.val_fraction)]
+                for i in range(0, len(docs), spec.pack_rows):
+                    ids = [e.ids for e in tok.encode_batch_fast(docs[i : i + spec.pack_rows])]
+                    blocks, _ = _pack(ids, spec.eod_id, spec.block_len)
+                    tokens += blocks.size
+        wall = time.perf_counter() - t0
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
+            "peak_rss_driver_mb": mem.driver, "peak_rss_workers_mb": 0.0}
+
+
+def training_consumption(cfg: RaydratConfig, steps: int = 6) -> float:
+    """Steady tokens/s of the config's model training on random tokens (1 worker's threads)."""
+    from raydrat.train.loop import build_model
+    from raydrat.train.optim import build_optimizer
+    from raydrat.train.step import train_step
+
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    model = build_model(cfg, torch.device("cpu"))
+    opt = build_optimizer(model, cfg.optim)
+    tc = cfg.train
+    batch = torch.randint(0, cfg.model.vocab_size, (tc.batch_size, cfg.model.seq_len + 1))
+    train_step(model, opt, (batch for _ in range(tc.grad_accum)), cfg.optim.grad_clip)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        train_step(model, opt, (batch for _ in range(tc.grad_accum)), cfg.optim.grad_clip)
+    return steps * tc.batch_size * tc.grad_accum * cfg.model.seq_len / (time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------------------
+# the benchmark
+# --------------------------------------------------------------------------------------
+
+
+def run_ingest(cfg: RaydratConfig, sizes_mb: list[float], json_path: str | None = None,
+               workdir: str | None = None) -> dict:
+    ensure_ray()
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    train_tps = training_consumption(cfg)
+    results = []
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        root = Path(tmp)
+        tok_path = root / "tokenizer.json"
+        for mb in sizes_mb:
+            corpus = generate_corpus(root / f"corpus-{mb:g}mb", mb)
+            c = cfg.model_copy(deep=True)
+            c.data.sources = [type(c.data.sources[0])(path=str(corpus))]
+            c.data.tokenizer_path = str(tok_path)
+            if not tok_path.exists():
+                c.data.tokenizer_sample_docs = 4000
+                train_tokenizer_on_sources(c.data, c.model.vocab_size, str(tok_path))
+            base = baseline_ingest(c)
+            actors = ray_ingest(c, actors=c.data.tokenize_actors or cpus)
+            tasks = ray_ingest(c, actors=0)
+            results.append({
+                "corpus_mb": mb,
+                "ray_tokens_per_s": actors["tokens_per_s"],
+                "ray_tasks_tokens_per_s": tasks["tokens_per_s"],
+                "baseline_tokens_per_s": base["tokens_per_s"],
+                "ratio": actors["tokens_per_s"] / base["tokens_per_s"],
+                "tasks_ratio": tasks["tokens_per_s"] / base["tokens_per_s"],
+                "train_tokens_per_s": train_tps,
+                "ingest_over_train": actors["tokens_per_s"] / train_tps,
+                "tokens": actors["tokens"],
+                "tokens_match": actors["tokens"] == base["tokens"] == tasks["tokens"],
+                "peak_rss_mb": {"driver": actors["peak_rss_driver_mb"],
+                                "workers": actors["peak_rss_workers_mb"],
+                                "baseline": base["peak_rss_driver_mb"]},
+                "wall_s": {"ray": actors["wall_s"], "ray_tasks": tasks["wall_s"], "baseline": base["wall_s"]},
+            })
+    rows = [[f"{r['corpus_mb']:g}", f"{r['ray_tokens_per_s']:,.0f}", f"{r['ray_tasks_tokens_per_s']:,.0f}",
+             f"{r['baseline_tokens_per_s']:,.0f}", f"{r['ratio']:.2f}", f"{r['ingest_over_train']:.0f}x",
+             f"{r['peak_rss_mb']['driver']:.0f}", f"{r['peak_rss_mb']['workers']:.0f}",
+             f"{r['peak_rss_mb']['baseline']:.0f}", "yes" if r["tokens_match"] else "NO"] for r in results]
+    print_table(
+        f"ingest: {cfg.name} tokenizer (vocab {cfg.model.vocab_size}), seq_len {cfg.model.seq_len}, "
+        f"{cpus} CPUs, training consumption {train_tps:,.0f} tokens/s",
+        ["corpus MB", "(a) Ray actors tok/s", "(a') Ray tasks tok/s", "(b) baseline tok/s",
+         "(a)/(b)", "ingest/train", "peak RSS driver MB", "peak RSS workers MB",
+         "peak RSS baseline MB", "same tokens"],
+        rows,
+        footer="goals on 2 cores: (a)/(b) >= 0.8, ingest/train >= 10x, peak RSS flat in corpus size",
+    )
+    figures = {"config": cfg.name, "cpus": cpus, "train_tokens_per_s": train_tps, "sizes": results}
+    if json_path:
+        write_json(json_path, figures)
+    return figures
