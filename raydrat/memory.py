@@ -233,8 +233,9 @@ def branch_costs(cfg, batch_size: int | None = None, device: str | None = None) 
     mlp_w = (3 if mc.gated_mlp else 2) * C * F
     if mixed:
         mlp += mlp_w * e
-    attn_flops = 2 * BT * C * (H * D + 2 * KD) + 2 * BT * H * D * C + 4 * B * H * T * T * D
-    mlp_flops = 2 * BT * mlp_w
+    # what backward repeats: the forward up to the last kept output (not out/down_proj)
+    attn_flops = 2 * BT * C * (H * D + 2 * KD) + 4 * B * H * T * T * D
+    mlp_flops = 2 * BT * C * F * (2 if mc.gated_mlp else 1)
     out = []
     for i in range(mc.n_layer):
         out.append(BranchCost(i, "attn", BT * C * 4, attn, attn_flops))
@@ -350,3 +351,145 @@ def estimate_memory(cfg, device: str | None = None) -> MemoryEstimate:
         "attention_matrix": attention_keeps_matrix(mc, device),
     }
     return MemoryEstimate(total_bytes=sum(components.values()), components=components, detail=detail)
+
+
+# --------------------------------------------------------------------------------------
+# measured per-branch costs and recompute FLOPs
+# --------------------------------------------------------------------------------------
+
+
+class _TaggedRecorder(_StorageRecorder):
+    """A storage recorder that remembers which region (branch) created each storage, and
+    the running FLOP count (from an outer ``FlopCounterMode``) after each op."""
+
+    def __init__(self, exclude: set[int], counter=None):
+        super().__init__(exclude)
+        self.current: int | None = None
+        self.tags: dict[int, int | None] = {}
+        self.counter = counter
+        self.ops: list[tuple[int | None, int, list]] = []  # (tag, flops so far, output storage refs)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        refs = []
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                ptr = t.untyped_storage().data_ptr()
+                if ptr in self.storages:
+                    self.tags[ptr] = self.current
+                    refs.append(self.storages[ptr])
+        if self.counter is not None:
+            self.ops.append((self.current, self.counter.get_total_flops(), refs))
+        return out
+
+    def alive_ptrs(self) -> dict[int, int]:
+        gc.collect()
+        out = {}
+        for ptr, ref in self.storages.items():
+            s = ref()
+            if s is not None:
+                out[ptr] = s.nbytes()
+        return out
+
+
+def flop_counter():
+    """``FlopCounterMode`` that also counts PyTorch's CPU flash-attention kernels (same
+    formula as the CUDA flash kernel; FlopCounterMode leaves them out)."""
+    from torch.utils.flop_counter import FlopCounterMode, flop_registry
+
+    aten = torch.ops.aten
+
+    def same_as(op):
+        counted = flop_registry[op]  # already takes (args, out_val=...): mark it so
+
+        def count(*args, **kwargs):
+            return counted(*args, **kwargs)
+
+        count._get_raw = True
+        return count
+
+    mapping = {
+        aten._scaled_dot_product_flash_attention_for_cpu: same_as(aten._scaled_dot_product_flash_attention),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: same_as(
+            aten._scaled_dot_product_flash_attention_backward
+        ),
+    }
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def measure_branch_costs(
+    model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, context: Any = None
+) -> tuple[list[BranchCost], int]:
+    """Measured :class:`BranchCost` per branch and the bytes alive after forward with every
+    branch recomputed (the minimum), from one forward pass with every branch stored.
+
+    ``stored_bytes``: the storages a branch creates that are still alive after forward.
+    ``recompute_flops``: the FLOPs backward repeats when the branch is recomputed: its
+    forward ops up to the last one whose output is kept (non-reentrant checkpointing
+    stops recomputing there). Wrapper flags are restored."""
+    from raydrat.model.recompute import CheckpointWrapper, iter_branches
+
+    branches = list(iter_branches(model))
+    flags = [b.enabled if isinstance(b, CheckpointWrapper) else None for *_, b in branches]
+    exclude = {
+        t.untyped_storage().data_ptr()
+        for t in itertools.chain(model.parameters(), model.buffers(), (idx, targets))
+    }
+    counter = flop_counter()
+    recorder = _TaggedRecorder(exclude, counter)
+    start_flops = [0] * len(branches)
+    inputs = [0] * len(branches)
+    handles = []
+
+    def pre(i):
+        def hook(_module, args):
+            recorder.current = i
+            inputs[i] = args[0].numel() * args[0].element_size()
+            start_flops[i] = counter.get_total_flops()
+        return hook
+
+    def post(_module, _args, _out):
+        recorder.current = None
+
+    try:
+        for i, (*_, b) in enumerate(branches):
+            if isinstance(b, CheckpointWrapper):
+                b.enabled = False
+            handles += [b.register_forward_pre_hook(pre(i)), b.register_forward_hook(post)]
+        with counter, recorder, (context if context is not None else contextlib.nullcontext()):
+            logits, loss = model(idx, targets)
+        del logits
+        alive = recorder.alive_ptrs()
+        kept_ops = [(tag, n) for tag, n, refs in recorder.ops if tag is not None and any(r() is not None for r in refs)]
+        del loss
+    finally:
+        for h in handles:
+            h.remove()
+        for (*_, b), flag in zip(branches, flags):
+            if flag is not None:
+                b.enabled = flag
+    stored = [0] * len(branches)
+    outside = 0
+    for ptr, nbytes in alive.items():
+        tag = recorder.tags.get(ptr)
+        if tag is None:
+            outside += nbytes
+        else:
+            stored[tag] += nbytes
+    end_flops = list(start_flops)
+    for tag, flops_so_far in kept_ops:
+        end_flops[tag] = flops_so_far
+    costs = [
+        BranchCost(layer, kind, inputs[i], stored[i], end_flops[i] - start_flops[i])
+        for i, (layer, kind, _) in enumerate(branches)
+    ]
+    return costs, outside
+
+
+def backward_flops(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, **forward_kwargs: Any) -> int:
+    """FLOPs of one backward pass (device independent), recomputation included."""
+    _, loss = model(idx, targets, **forward_kwargs)
+    counter = flop_counter()
+    with counter:
+        loss.backward()
+    return counter.get_total_flops()

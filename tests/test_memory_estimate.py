@@ -23,6 +23,13 @@ GRID = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, two threads spin against each other
+    (the conftest fixture restores the count)."""
+    torch.set_num_threads(1)
+
+
 def measure(cfg) -> int:
     torch.manual_seed(0)
     model = GPT(cfg.model).train()

@@ -15,7 +15,9 @@ import torch
 
 from raydrat import tracking
 from raydrat.config import RaydratConfig
+from raydrat.efficiency import resolve_runtime
 from raydrat.model import GPT, apply_recompute
+from raydrat.policy import EfficiencyPolicy
 from raydrat.train import checkpoint as ckpt
 from raydrat.train import metrics as M
 from raydrat.train.optim import build_optimizer, lr_at, set_lr
@@ -41,8 +43,11 @@ def select_device(choice: str) -> torch.device:
 def build_model(cfg: RaydratConfig, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model)
-    apply_recompute(model, cfg.train.checkpointing)
-    return model.to(device)
+    apply_recompute(model, "none" if cfg.train.checkpointing == "none" else "full")  # gated/budget: EfficiencyPolicy sets the flags
+    model = model.to(device)
+    if cfg.train.compile != "off":
+        model.compile(mode=cfg.train.compile)  # in place: parameter names unchanged
+    return model
 
 
 class MetricsSink:
@@ -70,8 +75,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world_size = world.get_world_rank(), world.get_world_size()
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     device = select_device(tc.device)
+    runtime = resolve_runtime(cfg, device)  # refuses what this device cannot run
 
     model = build_model(cfg, device)
+    policy = EfficiencyPolicy(cfg, model, device, runtime.precision)  # slots, gates, budget, precision
     if world_size > 1:
         model = ray.train.torch.prepare_model(model, move_to_device=False)
     optimizer = build_optimizer(model, cfg.optim)
@@ -104,7 +111,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for step in range(start_step, tc.steps):
         lr = lr_at(step, cfg.optim, tc.steps)
         set_lr(optimizer, lr)
-        loss, grad_norm = train_step(model, optimizer, (next(stream) for _ in range(tc.grad_accum)), cfg.optim.grad_clip)
+        micro = [next(stream) for _ in range(tc.grad_accum)]
+        plan = policy.plan(step, micro[0])
+        loss, grad_norm = train_step(model, optimizer, micro, cfg.optim.grad_clip, hooks=plan)
+        efficiency_values = policy.record(step, loss)
         thr.step_done()
         done = step + 1
         last = done == tc.steps
@@ -118,6 +128,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             }
             if grad_norm is not None:
                 values[M.GRAD_NORM] = float(grad_norm)
+            values.update(efficiency_values)
         evaluate_now = done % tc.eval_every == 0 or last
         save_now = evaluate_now or (tc.checkpoint_every and done % tc.checkpoint_every == 0)
         if evaluate_now:
@@ -134,3 +145,5 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
             else:
                 ray.train.report(report, checkpoint=None)
+    if rank == 0 and ctx.tracking_uri and ctx.run_id:
+        policy.log_artifacts(ctx.tracking_uri, ctx.run_id)
