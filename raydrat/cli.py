@@ -4,6 +4,7 @@
     raydrat data demo [CONFIG] [--force]
     raydrat bench overhead [CONFIG] [--json PATH]
     raydrat estimate CONFIG [--set section.key=value ...]
+    raydrat bench combos [CONFIG] [--json PATH] [--only NAME ...]
 
 CONFIG is a YAML path or a shipped recipe name (debug, demo, gpt2-small). Known problems
 (bad config, bad data) end with one line naming the culprit and exit status 2.
@@ -84,6 +85,14 @@ def cmd_bench_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_combos(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from raydrat.bench.combos import run_combos
+
+    run_combos(cfg, json_path=args.json, only=args.only)
+    return 0
+
+
 def cmd_estimate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from raydrat.memory import estimate_memory
@@ -120,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, required=False)
     p.add_argument("--json", help="write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_overhead)
+    p = bench.add_parser("combos", help="efficiency techniques alone and combined, vs a baseline")
+    _add_config_args(p, required=False)
+    p.add_argument("--json", help="write one record per combination to this JSON file")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="run only these combinations (plus the baseline)")
+    p.set_defaults(func=cmd_bench_combos)
 
     p = sub.add_parser("estimate", help="predict peak training memory per worker, by component")
     _add_config_args(p)

@@ -118,7 +118,7 @@ class EfficiencyPolicy:
     # ---- costs ------------------------------------------------------------------------
 
     def needs_costs(self) -> bool:
-        return self.mode == "budget" or self.mode == "gated"
+        return self.mode in ("full", "gated", "budget")
 
     def measure(self, tokens: torch.Tensor) -> None:
         """Measure per-branch stored bytes and recompute FLOPs on a real micro-batch."""
