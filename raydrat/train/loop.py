@@ -15,8 +15,10 @@ import torch
 
 from raydrat import tracking
 from raydrat.config import RaydratConfig
+from raydrat.efficiency import resolve_runtime
 from raydrat.model import GPT, apply_recompute
 from raydrat.runtime import quiet_ray_data
+from raydrat.policy import EfficiencyPolicy
 from raydrat.train import checkpoint as ckpt
 from raydrat.train import metrics as M
 from raydrat.train.optim import build_optimizer, lr_at, set_lr
@@ -42,8 +44,11 @@ def select_device(choice: str) -> torch.device:
 def build_model(cfg: RaydratConfig, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model)
-    apply_recompute(model, cfg.train.checkpointing)
-    return model.to(device)
+    apply_recompute(model, "none" if cfg.train.checkpointing == "none" else "full")  # gated/budget: EfficiencyPolicy sets the flags
+    model = model.to(device)
+    if cfg.train.compile != "off":
+        model.compile(mode=cfg.train.compile)  # in place: parameter names unchanged
+    return model
 
 
 class MetricsSink:
@@ -72,8 +77,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     device = select_device(tc.device)
     quiet_ray_data()
+    runtime = resolve_runtime(cfg, device)  # refuses what this device cannot run
 
     model = build_model(cfg, device)
+    policy = EfficiencyPolicy(cfg, model, device, runtime.precision)  # slots, gates, budget, precision
     if world_size > 1:
         model = ray.train.torch.prepare_model(model, move_to_device=False)
     optimizer = build_optimizer(model, cfg.optim)
@@ -108,7 +115,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     for step in range(start_step, tc.steps):
         lr = lr_at(step, cfg.optim, tc.steps)
         set_lr(optimizer, lr)
-        loss, grad_norm = train_step(model, optimizer, (next(stream) for _ in range(tc.grad_accum)), cfg.optim.grad_clip)
+        micro = [next(stream) for _ in range(tc.grad_accum)]
+        plan = policy.plan(step, micro[0])
+        loss, grad_norm = train_step(model, optimizer, micro, cfg.optim.grad_clip, hooks=plan)
+        efficiency_values = policy.record(step, loss)
         thr.step_done()
         window_loss += loss.detach()
         window_steps += 1
@@ -126,6 +136,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 values[M.GRAD_NORM] = float(grad_norm)
             window_loss.zero_()
             window_steps = 0
+            values.update(efficiency_values)
         evaluate_now = done % tc.eval_every == 0 or last
         save_now = evaluate_now or (tc.checkpoint_every and done % tc.checkpoint_every == 0)
         if evaluate_now:
@@ -142,3 +153,5 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
             else:
                 ray.train.report(report, checkpoint=None)
+    if rank == 0 and ctx.tracking_uri and ctx.run_id:
+        policy.log_artifacts(ctx.tracking_uri, ctx.run_id)

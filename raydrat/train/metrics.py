@@ -17,6 +17,22 @@ STEP = "step"
 TOKENS_SEEN = "tokens_seen"
 STEP_TIME_S = "step_time_s"
 
+# Efficiency techniques (raydrat.policy).
+ACTIVE_SLOTS = "active_slots"
+STORED_FRACTION = "gates/stored_fraction"
+# Saved activation bytes of the step's plan, from the per-branch costs last measured.
+ACTIVATION_BYTES = "memory/activation_bytes"
+RECOMPUTE_FLOPS = "recompute_flops"
+RESOURCE_LOSS = "resource_loss"
+PRECISION_SWITCHES = "precision_switches"
+OVERFLOW_STEPS = "fp16_overflow_steps"
+GATE_HEATMAP_ARTIFACT = "plots/gate_heatmap.png"
+
+
+def gate_prob_name(layer: int, kind: str) -> str:
+    """Metric name of the store probability of one gate, e.g. ``gates/p/L0.attn``."""
+    return f"gates/p/L{layer}.{kind}"
+
 # The attribute Ray Train ranks checkpoints by.
 CHECKPOINT_SCORE = VAL_LOSS
 CHECKPOINT_ORDER = "min"

@@ -3,6 +3,7 @@ the bare-loop baseline of the overhead benchmark."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable, Iterator
 
 import torch
@@ -13,28 +14,58 @@ def split_block(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:, :-1], tokens[:, 1:]
 
 
+class PlainStep:
+    """The default step hooks: fp32, all layers, no resource loss. A
+    :class:`raydrat.policy.StepPlan` has the same methods (autocast, slots, resource
+    loss, GradScaler)."""
+
+    forward_kwargs: dict = {}
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def add_resource_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        pass
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.step()
+
+
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     micro_batches: Iterable[torch.Tensor],
     grad_clip: float,
+    hooks=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Forward/backward over the micro-batches (gradient accumulation), clip, step.
 
-    Returns the mean loss (a 0-d tensor, not synchronised to the host) and the global
+    ``hooks`` (a :class:`raydrat.policy.StepPlan`; default :class:`PlainStep`) supplies the
+    autocast context, the forward's ``active_slots``, the resource loss added to the task
+    loss, the (scaled) backward and the optimizer step.
+    Returns the mean task loss (a 0-d tensor, not synchronised to the host) and the global
     gradient norm before clipping (``None`` when clipping is off)."""
+    hooks = hooks if hooks is not None else PlainStep()
     micro_batches = list(micro_batches)
     n = len(micro_batches)
     total = torch.zeros((), device=micro_batches[0].device)
     for tokens in micro_batches:
         idx, targets = split_block(tokens)
-        _, loss = model(idx, targets)
-        (loss / n).backward()
-        total += loss.detach()
+        with hooks.autocast():
+            _, loss = model(idx, targets, **hooks.forward_kwargs)
+        hooks.backward(hooks.add_resource_loss(loss / n))
+        total += loss.detach().float()
+    hooks.unscale_(optimizer)
     grad_norm = None
     if grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+    hooks.optimizer_step(optimizer)
     optimizer.zero_grad(set_to_none=True)
     return total / n, grad_norm
 
