@@ -104,7 +104,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
           f"({c['empty_docs']:,} empty skipped, {c['invalid_utf8_docs']:,} with invalid UTF-8 "
           f"replaced, {c['skipped_files']} unreadable files skipped)")
     print(f"  train: {c['train_blocks']:,} blocks, {c['train_tokens']:,} tokens; val: "
-          f"{c['val_stored_blocks']:,} blocks stored ({c['val_docs']:,} documents held out)")
+          f"{c['val_stored_blocks']:,} blocks stored ({c['val_split_docs']:,} documents held out)")
     print(f"  train from it with: --set data.prepared={args.out}")
     return 0
 

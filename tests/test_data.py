@@ -451,3 +451,19 @@ def test_tokenizer_command_trains_on_a_sample(corpus, tmp_path):
     res = run_cli(["data", "tokenizer", str(cfg_path), "--out", str(out),
                    "--set", f"data.sources=[{{path: {tmp_path / 'nope'}}}]"], cwd=tmp_path)
     assert res.returncode == 2 and "nope does not exist" in res.stderr
+
+
+def test_prepare_command_prints_the_counts(corpus, tmp_path, capsys):
+    from raydrat.cli import main
+
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(
+        f"model: {{vocab_size: {VOCAB}, seq_len: {SEQ_LEN}}}\n"
+        f"data:\n  sources: [{{path: {corpus['dir']}}}]\n  tokenizer_path: {corpus['tokenizer']}\n"
+        "  val_fraction: 0.1\n  pack_rows: 16\n"
+    )
+    assert main(["data", "prepare", str(cfg_path), "--out", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    docs = [d for d in corpus["docs"] if d]
+    assert f"{len(docs):,} documents ({len(corpus['docs']) - len(docs)} empty skipped" in out
+    assert f"data.prepared={tmp_path / 'p'}" in out

@@ -23,9 +23,12 @@ batch boundaries or execution order, :func:`iter_blocks_local` reproduces them e
 without Ray. Rows are ``{"tokens": int32[seq_len + 1], "block_id": int64}`` with
 ``block_id = unit_id << 32 | index of the block within its unit and split``.
 
-:func:`build_datasets` runs one cheap scan (reads everything, tokenizes only the val
-documents) to check the corpus and count it, materializes the small val split in the object
-store (evaluation re-reads it) and leaves train lazy: it streams while training runs.
+:func:`build_datasets` checks the corpus cheaply before training: metadata for every file
+(listings, parquet footers), then a read of at most ``data.val_max_units`` units spread over
+the corpus, which also hold the (materialized, bounded) val split. Train stays lazy: it
+streams through a tokenizer actor pool while training runs, and a :class:`DataCounter`
+actor counts what each epoch read. Weighted mixing repeats or skips training blocks by a
+per-source rate (see :func:`_mixing_rates`).
 """
 
 from __future__ import annotations
@@ -180,7 +183,6 @@ def _parquet_row_groups(
         raise DataError(
             f"column {column!r} of {name} is {typ}, not text: set {key} to a string column"
         )
-    col = schema.names.index(column)
     out = []
     for rg in range(meta.num_row_groups):
         g = meta.row_group(rg)
@@ -188,7 +190,6 @@ def _parquet_row_groups(
             leaf = next((g.column(c) for c in range(g.num_columns) if g.column(c).path_in_schema.split(".")[0] == column), None)
             size = leaf.total_uncompressed_size if leaf is not None else g.total_byte_size
             out.append((rg, g.num_rows, size))
-    del col
     return out
 
 
