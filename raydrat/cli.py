@@ -60,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from raydrat.train.trainer import run_training
 
-    summary = run_training(cfg)
+    summary = run_training(cfg, resume=args.resume)
     for line in summary.lines():
         print(line)
     return 0
@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a config through Ray Train")
     _add_config_args(p)
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
+                   help="continue the newest interrupted run of this config (or the named run) "
+                        "from its latest checkpoint, in the same MLflow run")
     p.set_defaults(func=cmd_train)
 
     data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)

@@ -15,6 +15,13 @@ GRAD_NORM = "grad_norm"
 STEP = "step"
 TOKENS_SEEN = "tokens_seen"
 STEP_TIME_S = "step_time_s"
+# Communication (raydrat.train.sync), per optimizer step averaged over the logging window:
+# bytes this worker sent in collectives (ring all-reduce: 2(W-1)/W x payload), seconds from
+# launch to completion of its collectives, and that time over the step time.
+COMM_BYTES_PER_STEP = "comm_bytes_per_step"
+COMM_S_PER_STEP = "comm_s_per_step"
+COMM_FRACTION = "comm_fraction"
+COMM_BYTES_TOTAL = "comm_bytes_total"
 
 # The attribute Ray Train ranks checkpoints by.
 CHECKPOINT_SCORE = VAL_LOSS

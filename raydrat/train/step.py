@@ -3,7 +3,8 @@ the bare-loop baseline of the overhead benchmark."""
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+import contextlib
+from typing import Callable, ContextManager, Iterable, Iterator
 
 import torch
 
@@ -18,18 +19,21 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     micro_batches: Iterable[torch.Tensor],
     grad_clip: float,
+    no_sync: Callable[[], ContextManager] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Forward/backward over the micro-batches (gradient accumulation), clip, step.
 
     Returns the mean loss (a 0-d tensor, not synchronised to the host) and the global
-    gradient norm before clipping (``None`` when clipping is off)."""
+    gradient norm before clipping (``None`` when clipping is off). ``no_sync`` (the sync
+    strategy's) wraps every micro-batch but the last, so DDP all-reduces once per step."""
     micro_batches = list(micro_batches)
     n = len(micro_batches)
     total = torch.zeros((), device=micro_batches[0].device)
-    for tokens in micro_batches:
+    for i, tokens in enumerate(micro_batches):
         idx, targets = split_block(tokens)
-        _, loss = model(idx, targets)
-        (loss / n).backward()
+        with no_sync() if no_sync is not None and i < n - 1 else contextlib.nullcontext():
+            _, loss = model(idx, targets)
+            (loss / n).backward()
         total += loss.detach()
     grad_norm = None
     if grad_clip > 0:
