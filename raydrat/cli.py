@@ -83,6 +83,18 @@ def cmd_bench_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_sync(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from raydrat.bench.sync import run_sync_bench
+
+    try:
+        latencies = [float(x) for x in args.latency_ms.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--latency-ms {args.latency_ms!r}: give milliseconds like 0,20,50") from None
+    run_sync_bench(cfg, latencies, json_path=args.json, workers=args.workers)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raydrat", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, required=False)
     p.add_argument("--json", help="write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_overhead)
+    p = bench.add_parser("sync", help="ddp vs local-update sync on 2 CPU workers, same token budget")
+    _add_config_args(p, required=False)
+    p.add_argument("--latency-ms", default="0",
+                   help="comma-separated delays added before each collective (a slow link), e.g. 0,50")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
+    p.add_argument("--json", help="write one record per row to this JSON file")
+    p.set_defaults(func=cmd_bench_sync)
     return parser
 
 

@@ -178,7 +178,7 @@ class DDPStrategy(SyncStrategy):
     def _allreduce_hook(self) -> Callable:
         comm, latency, world = self.comm, self.cfg.latency_s, self.world_size
 
-        def hook(_state, bucket) -> torch.futures.Future:
+        def hook(_state, bucket):  # -> Future[Tensor] (no annotation: DDP checks it literally)
             buf = bucket.buffer()
             if latency:
                 time.sleep(latency)
