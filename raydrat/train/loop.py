@@ -33,7 +33,8 @@ class LoopContext:
     tracking_uri: str | None
     run_id: str | None
     fault_step: int | None = None
-    """Test hook: after this optimizer step, rank ``fault_rank`` kills its own process."""
+    """Test hook: after this optimizer step, rank ``fault_rank`` of a worker group that did
+    not start from a checkpoint kills its own process (SIGKILL)."""
     fault_rank: int = 0
 
 
@@ -112,6 +113,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     thr = M.Throughput(tc.steps - start_step, tokens_per_step)
     sink = MetricsSink(rank == 0, ctx, tc.steps)
     comm = CommMeter(strategy.comm)
+    if restored is not None:
+        sink.record(start_step, {M.RESUMED_FROM_STEP: start_step}, float("nan"))
     model.train()
 
     for step in range(start_step, tc.steps):
@@ -152,6 +155,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 state = ckpt.training_state(model, optimizer, done, cfg.to_dict(), {"sync": strategy.state_dict()})
             with ckpt.checkpoint_dir(state, rank, ckpt.rank_state(optimizer, position)) as d:
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
-        if ctx.fault_step == done and rank == ctx.fault_rank:
+        if ctx.fault_step == done and rank == ctx.fault_rank and restored is None:
             time.sleep(1.0)  # let the controller register the last report first
             os.kill(os.getpid(), signal.SIGKILL)

@@ -22,6 +22,8 @@ COMM_BYTES_PER_STEP = "comm_bytes_per_step"
 COMM_S_PER_STEP = "comm_s_per_step"
 COMM_FRACTION = "comm_fraction"
 COMM_BYTES_TOTAL = "comm_bytes_total"
+# Logged once when a worker group starts from a checkpoint (after a failure or --resume).
+RESUMED_FROM_STEP = "resumed_from_step"
 
 # The attribute Ray Train ranks checkpoints by.
 CHECKPOINT_SCORE = VAL_LOSS
