@@ -20,7 +20,8 @@ The training loop calls a strategy at four points::
   DDP's all-reduce overlaps the backward pass, so this is time *in* collectives, not time
   *lost* to them).
 
-``sync.latency_s`` sleeps that long before each collective (a slow link, for benchmarks).
+``sync.latency_s`` sleeps that long before each collective (a slow link, for benchmarks);
+the sleep is counted as time in the collective.
 With one worker no strategy communicates: every mode is plain training.
 """
 
@@ -100,9 +101,9 @@ def flat_allreduce_mean(tensors: list[torch.Tensor], comm: CommStats, latency_s:
         groups.setdefault((t.device, t.dtype), []).append(t)
     for group in groups.values():
         flat = torch.cat([t.detach().reshape(-1) for t in group])
-        if latency_s:
-            time.sleep(latency_s)
         with comm.timed(flat.numel() * flat.element_size()):
+            if latency_s:
+                time.sleep(latency_s)  # the simulated slow link counts as communication time
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         flat.div_(world)
         offset = 0
@@ -180,9 +181,9 @@ class DDPStrategy(SyncStrategy):
 
         def hook(_state, bucket):  # -> Future[Tensor] (no annotation: DDP checks it literally)
             buf = bucket.buffer()
-            if latency:
-                time.sleep(latency)
             start = time.perf_counter()
+            if latency:
+                time.sleep(latency)  # the simulated slow link counts as communication time
             nbytes = buf.numel() * buf.element_size()
             fut = dist.all_reduce(buf, async_op=True).get_future()
 
