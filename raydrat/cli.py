@@ -65,7 +65,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from raydrat.train.trainer import run_training
 
-    summary = run_training(cfg)
+    summary = run_training(cfg, resume=args.resume)
     for line in summary.lines():
         print(line)
     return 0
@@ -150,12 +150,27 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_sync(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from raydrat.bench.sync import run_sync_bench
+
+    try:
+        latencies = [float(x) for x in args.latency_ms.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--latency-ms {args.latency_ms!r}: give milliseconds like 0,20,50") from None
+    run_sync_bench(cfg, latencies, json_path=args.json, workers=args.workers)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raydrat", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a config through Ray Train")
     _add_config_args(p)
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
+                   help="continue the newest interrupted run of this config (or the named run) "
+                        "from its latest checkpoint, in the same MLflow run")
     p.set_defaults(func=cmd_train)
 
     data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
@@ -198,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="device the estimate is for (default: from the config, else this machine)")
     p.set_defaults(func=cmd_estimate)
+
+    p = bench.add_parser("sync", help="ddp vs local-update sync on 2 CPU workers, same token budget")
+    _add_config_args(p, required=False)
+    p.add_argument("--latency-ms", default="0",
+                   help="comma-separated delays added before each collective (a slow link), e.g. 0,50")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
+    p.add_argument("--json", help="write one record per row to this JSON file")
+    p.set_defaults(func=cmd_bench_sync)
     return parser
 
 

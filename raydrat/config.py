@@ -212,12 +212,14 @@ class DataConfig(Section):
 
 
 class OptimConfig(Section):
-    name: Literal["adamw", "adamw_fused", "adamw8bit", "paged_adamw8bit"] = "adamw"
+    name: Literal["adamw", "adamw_fused", "adamw8bit", "paged_adamw8bit", "sgd"] = "adamw"
     """Optimizer. ``adamw``: torch AdamW (foreach). ``adamw_fused``: torch AdamW with
     ``fused=True`` (one kernel per step). ``adamw8bit`` / ``paged_adamw8bit``:
     bitsandbytes 8-bit AdamW (block-wise quantised moments: about 2 bytes of state per
     parameter instead of 8; tensors under 4096 elements keep 32-bit states); the paged
-    variant pages its states to host memory under GPU pressure (plain 8-bit on CPU)."""
+    variant pages its states to host memory under GPU pressure (plain 8-bit on CPU).
+    ``sgd``: plain SGD (no momentum; ``weight_decay`` applied as L2), mainly for checking
+    that sync strategies are equivalent."""
     lr: float = Field(3e-4, gt=0)
     """Peak learning rate (after warmup)."""
     min_lr: float = Field(3e-5, ge=0)
@@ -287,6 +289,9 @@ class TrainConfig(Section):
     directory)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto``: CUDA when the worker has a GPU, else CPU."""
+    max_failures: int = Field(0, ge=-1)
+    """Ray Train ``FailureConfig(max_failures)``: how many times a failed worker group is
+    restarted from the latest checkpoint; -1 retries forever."""
 
 
 class GatesConfig(Section):
@@ -361,6 +366,59 @@ class ScalingConfig(Section):
     """``auto``: one GPU per worker when the Ray cluster has GPUs."""
     cpus_per_worker: float = Field(1, gt=0)
     """CPUs reserved for each training worker. Torch intra-op threads follow this value."""
+    wait_for_resources: bool = False
+    """Start even when the Ray cluster has fewer CPUs/GPUs than the workers need (an
+    autoscaling cluster will add nodes); otherwise such a run is refused up front."""
+
+
+class SyncConfig(Section):
+    """How the Ray Train workers synchronise (see docs/distributed.md)."""
+
+    mode: Literal["ddp", "local"] = "ddp"
+    """``ddp``: gradients all-reduced every optimizer step (PyTorch DDP). ``local``: each
+    worker takes ``sync_steps`` optimizer steps on its own shard, then parameters are
+    averaged across workers (local SGD; DiLoCo with ``outer_optimizer``)."""
+    sync_steps: int = Field(1, ge=1)
+    """``local`` only: optimizer steps between parameter averages."""
+    average_optimizer_state: bool = False
+    """``local`` only: also average the optimizer's floating-point state (e.g. AdamW
+    moments) at each sync; otherwise it stays local to each worker."""
+    outer_optimizer: Literal["none", "nesterov"] = "none"
+    """``local`` only: ``nesterov`` treats the averaged change since the last sync as a
+    pseudo-gradient for an outer SGD with Nesterov momentum (DiLoCo)."""
+    outer_lr: float = Field(0.7, gt=0)
+    """Learning rate of the outer optimizer."""
+    outer_momentum: float = Field(0.9, ge=0, lt=1)
+    """Nesterov momentum of the outer optimizer."""
+    bucket_cap_mb: float | None = Field(None, gt=0)
+    """``ddp`` only: DDP gradient bucket size in MB (``None``: PyTorch's default, 25)."""
+    find_unused_parameters: bool = False
+    """``ddp`` only: let DDP tolerate parameters without gradients in a step."""
+    latency_s: float = Field(0.0, ge=0)
+    """Extra delay before each collective, simulating a slow link (benchmarks)."""
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> "SyncConfig":
+        set_fields = self.model_fields_set
+        if self.mode == "local":
+            ddp_only = sorted(k for k in ("bucket_cap_mb", "find_unused_parameters") if k in set_fields
+                              and getattr(self, k) != type(self).model_fields[k].default)
+            if ddp_only:
+                raise ValueError(
+                    f"sync.{', sync.'.join(ddp_only)} only apply to sync.mode=ddp: remove them or "
+                    "set sync.mode=ddp"
+                )
+        else:
+            local_only = sorted(
+                k for k in ("sync_steps", "average_optimizer_state", "outer_optimizer")
+                if getattr(self, k) != type(self).model_fields[k].default
+            )
+            if local_only:
+                raise ValueError(
+                    f"sync.{', sync.'.join(local_only)} only apply to sync.mode=local: set "
+                    "sync.mode=local or remove them"
+                )
+        return self
 
 
 class TrackingConfig(Section):
@@ -383,6 +441,7 @@ class RaydratConfig(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    sync: SyncConfig = Field(default_factory=SyncConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     gates: GatesConfig = Field(default_factory=GatesConfig)
     recompute: RecomputeConfig = Field(default_factory=RecomputeConfig)

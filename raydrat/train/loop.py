@@ -8,6 +8,9 @@ checkpoint if Ray Train hands one → iterate this worker's shard → ``train_st
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from dataclasses import dataclass
 
 import ray.train
@@ -22,7 +25,8 @@ from raydrat.policy import EfficiencyPolicy
 from raydrat.train import checkpoint as ckpt
 from raydrat.train import metrics as M
 from raydrat.train.optim import build_optimizer, lr_at, set_lr
-from raydrat.train.step import cycle_batches, evaluate, train_step
+from raydrat.train.step import evaluate, train_step
+from raydrat.train.sync import CommMeter, build_strategy
 
 
 @dataclass
@@ -31,6 +35,10 @@ class LoopContext:
 
     tracking_uri: str | None
     run_id: str | None
+    fault_step: int | None = None
+    """Test hook: after this optimizer step, rank ``fault_rank`` of a worker group that did
+    not start from a checkpoint kills its own process (SIGKILL)."""
+    fault_rank: int = 0
 
 
 def select_device(choice: str) -> torch.device:
@@ -81,16 +89,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     model = build_model(cfg, device)
     policy = EfficiencyPolicy(cfg, model, device, runtime.precision)  # slots, gates, budget, precision
-    if world_size > 1:
-        model = ray.train.torch.prepare_model(model, move_to_device=False)
+    strategy = build_strategy(cfg.sync, world_size)
+    model = strategy.wrap(model)
     optimizer = build_optimizer(model, cfg.optim)
+    strategy.attach_optimizer(optimizer)
 
     start_step = 0
+    position = ckpt.DataPosition()
     restored = ray.train.get_checkpoint()
+    rank_state = None
     if restored is not None:
         with restored.as_directory() as d:
-            start_step = ckpt.restore(model, optimizer, ckpt.load_state(d))
-    torch.manual_seed(tc.seed + 1000 * rank + start_step)
+            rank_state = ckpt.load_rank_state(d, rank)
+            start_step = ckpt.restore(model, optimizer, ckpt.load_state(d), rank_state, strategy, position)
+    if rank_state is None:
+        torch.manual_seed(tc.seed + 1000 * rank + start_step)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -105,25 +118,35 @@ def train_loop_per_worker(loop_config: dict) -> None:
             prefetch_batches=cfg.data.prefetch_batches,
         )
 
-    stream = cycle_batches(lambda: (b["tokens"] for b in torch_batches(train_shard, cfg.data.shuffle_buffer)))
+    stream = ckpt.resumable_batches(lambda: (b["tokens"] for b in torch_batches(train_shard, cfg.data.shuffle_buffer)), position)
     tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.seq_len * world_size
     thr = M.Throughput(tc.steps - start_step, tokens_per_step)
     sink = MetricsSink(rank == 0, ctx, tc.steps)
+    comm = CommMeter(strategy.comm)
+    if restored is not None:
+        sink.record(start_step, {M.RESUMED_FROM_STEP: start_step}, float("nan"))
     model.train()
     window_loss, window_steps = torch.zeros((), device=device), 0
 
     for step in range(start_step, tc.steps):
         lr = lr_at(step, cfg.optim, tc.steps)
         set_lr(optimizer, lr)
+        t_step = time.perf_counter()
         micro = [next(stream) for _ in range(tc.grad_accum)]
         plan = policy.plan(step, micro[0])
-        loss, grad_norm = train_step(model, optimizer, micro, cfg.optim.grad_clip, hooks=plan)
+        loss, grad_norm = train_step(model, optimizer, micro, cfg.optim.grad_clip, hooks=plan, no_sync=strategy.no_sync)
         efficiency_values = policy.record(step, loss)
-        thr.step_done()
         window_loss += loss.detach()
         window_steps += 1
         done = step + 1
         last = done == tc.steps
+        evaluate_now = done % tc.eval_every == 0 or last
+        save_now = evaluate_now or (tc.checkpoint_every and done % tc.checkpoint_every == 0)
+        strategy.after_optimizer_step(done)
+        if save_now:  # replicas agree before they are evaluated or saved
+            strategy.synchronize()
+        comm.step_done(time.perf_counter() - t_step)
+        thr.step_done()
         values: dict = {}
         if done % tc.log_every == 0 or last:
             values = {
@@ -137,8 +160,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             window_loss.zero_()
             window_steps = 0
             values.update(efficiency_values)
-        evaluate_now = done % tc.eval_every == 0 or last
-        save_now = evaluate_now or (tc.checkpoint_every and done % tc.checkpoint_every == 0)
+            values.update(comm.window())
         if evaluate_now:
             values[M.VAL_LOSS] = evaluate(model, (b["tokens"] for b in torch_batches(val_shard)), tc.eval_batches)
         if values:
@@ -147,11 +169,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             report = {**values, M.STEP: done, M.TOKENS_PER_S_AVG: thr.steady_rate()}
             if M.VAL_LOSS not in report:
                 report[M.VAL_LOSS] = float("inf")
+            state = None
             if rank == 0:
-                state = ckpt.training_state(model, optimizer, done, cfg.to_dict())
-                with ckpt.checkpoint_dir(state) as d:
-                    ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
-            else:
-                ray.train.report(report, checkpoint=None)
+                state = ckpt.training_state(model, optimizer, done, cfg.to_dict(), {"sync": strategy.state_dict()})
+            with ckpt.checkpoint_dir(state, rank, ckpt.rank_state(optimizer, position)) as d:
+                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
+        if ctx.fault_step == done and rank == ctx.fault_rank and restored is None:
+            time.sleep(1.0)  # let the controller register the last report first
+            os.kill(os.getpid(), signal.SIGKILL)
     if rank == 0 and ctx.tracking_uri and ctx.run_id:
         policy.log_artifacts(ctx.tracking_uri, ctx.run_id)

@@ -16,6 +16,15 @@ GRAD_NORM = "grad_norm"
 STEP = "step"
 TOKENS_SEEN = "tokens_seen"
 STEP_TIME_S = "step_time_s"
+# Communication (raydrat.train.sync), per optimizer step averaged over the logging window:
+# bytes this worker sent in collectives (ring all-reduce: 2(W-1)/W x payload), seconds from
+# launch to completion of its collectives, and that time over the step time.
+COMM_BYTES_PER_STEP = "comm_bytes_per_step"
+COMM_S_PER_STEP = "comm_s_per_step"
+COMM_FRACTION = "comm_fraction"
+COMM_BYTES_TOTAL = "comm_bytes_total"
+# Logged once when a worker group starts from a checkpoint (after a failure or --resume).
+RESUMED_FROM_STEP = "resumed_from_step"
 
 # Efficiency techniques (raydrat.policy).
 ACTIVE_SLOTS = "active_slots"

@@ -40,6 +40,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
         with warnings.catch_warnings():  # "paged optimizers are not supported on CPU": documented
             warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
             return cls(groups, **kwargs)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr)
     raise ValueError(f"optim.name={cfg.name!r} is not supported")
 
 

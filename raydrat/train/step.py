@@ -4,7 +4,7 @@ the bare-loop baseline of the overhead benchmark."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator
+from typing import Callable, ContextManager, Iterable, Iterator
 
 import torch
 
@@ -43,23 +43,26 @@ def train_step(
     micro_batches: Iterable[torch.Tensor],
     grad_clip: float,
     hooks=None,
+    no_sync: Callable[[], ContextManager] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Forward/backward over the micro-batches (gradient accumulation), clip, step.
 
     ``hooks`` (a :class:`raydrat.policy.StepPlan`; default :class:`PlainStep`) supplies the
     autocast context, the forward's ``active_slots``, the resource loss added to the task
-    loss, the (scaled) backward and the optimizer step.
+    loss, the (scaled) backward and the optimizer step. ``no_sync`` (the sync strategy's)
+    wraps every micro-batch but the last, so DDP all-reduces once per step.
     Returns the mean task loss (a 0-d tensor, not synchronised to the host) and the global
     gradient norm before clipping (``None`` when clipping is off)."""
     hooks = hooks if hooks is not None else PlainStep()
     micro_batches = list(micro_batches)
     n = len(micro_batches)
     total = torch.zeros((), device=micro_batches[0].device)
-    for tokens in micro_batches:
+    for i, tokens in enumerate(micro_batches):
         idx, targets = split_block(tokens)
-        with hooks.autocast():
-            _, loss = model(idx, targets, **hooks.forward_kwargs)
-        hooks.backward(hooks.add_resource_loss(loss / n))
+        with no_sync() if no_sync is not None and i < n - 1 else contextlib.nullcontext():
+            with hooks.autocast():
+                _, loss = model(idx, targets, **hooks.forward_kwargs)
+            hooks.backward(hooks.add_resource_loss(loss / n))
         total += loss.detach().float()
     hooks.unscale_(optimizer)
     grad_norm = None

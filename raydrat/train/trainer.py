@@ -7,6 +7,7 @@ CLI, the job entrypoints and the Tune trial function all call it.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from raydrat.config import RaydratConfig
 from raydrat.data import build_datasets
 from raydrat.runtime import cluster_gpus, ensure_ray
 from raydrat.train import metrics as M
+from raydrat.train import resume as R
 from raydrat.train.loop import train_loop_per_worker
 
 
@@ -63,6 +65,7 @@ def build_trainer(
     tracking_uri: str | None = None,
     mlflow_run_id: str | None = None,
     run_name: str | None = None,
+    fault: dict | None = None,
 ) -> TorchTrainer:
     """The ``TorchTrainer`` for ``cfg`` over ``datasets`` (``train`` split across workers,
     ``val`` given whole to each)."""
@@ -75,7 +78,7 @@ def build_trainer(
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.to_dict(),
-            "context": {"tracking_uri": tracking_uri, "run_id": mlflow_run_id},
+            "context": {"tracking_uri": tracking_uri, "run_id": mlflow_run_id, **(fault or {})},
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources
@@ -91,6 +94,7 @@ def build_trainer(
                 checkpoint_score_attribute=M.CHECKPOINT_SCORE,
                 checkpoint_score_order=M.CHECKPOINT_ORDER,
             ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
         ),
     )
 
@@ -111,17 +115,35 @@ def _log_loss_curve(uri: str, run_id: str, title: str, out_dir: Path) -> None:
     tracking.log_artifact(uri, run_id, png, "plots")
 
 
-def run_training(cfg: RaydratConfig) -> TrainingSummary:
-    """Train ``cfg`` through Ray Train on the current (or a new local) Ray instance."""
+def _fault_from_env() -> dict:
+    """Test hook: ``RAYDRAT_FAULT_AT_STEP=K`` (and ``RAYDRAT_FAULT_RANK``) kills that
+    worker's process after optimizer step K."""
+    step = os.environ.get("RAYDRAT_FAULT_AT_STEP")
+    if not step:
+        return {}
+    return {"fault_step": int(step), "fault_rank": int(os.environ.get("RAYDRAT_FAULT_RANK", "0"))}
+
+
+def run_training(cfg: RaydratConfig, resume: bool | str = False) -> TrainingSummary:
+    """Train ``cfg`` through Ray Train on the current (or a new local) Ray instance.
+    ``resume``: continue the newest interrupted run of ``cfg.name`` (or the named run)
+    from its latest checkpoint, in the same Ray Train run and MLflow run."""
     log = M.setup_logging()
     t0 = time.perf_counter()
+    record = R.prepare_resume(cfg, resume) if resume else None
     ensure_ray()
+    R.check_cluster_fits(cfg, resolve_use_gpu(cfg), ray.cluster_resources())
     bundle = build_datasets(cfg.data, cfg.model.seq_len, cfg.model.vocab_size,
                             reserved_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
     run_name = cfg.tracking.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     uri = run_id = None
-    if cfg.tracking.enabled:
+    if record is not None:
+        run_name, uri, run_id = record["run_name"], record["tracking_uri"], record["mlflow_run_id"]
+        if uri and run_id:
+            tracking.client(uri).update_run(run_id, status="RUNNING")
+        log.info(f"resuming run {run_name} (MLflow run {run_id}) from {R.latest_checkpoint(R.storage_root(cfg) / run_name)}")
+    elif cfg.tracking.enabled:
         uri = tracking.resolve_tracking_uri(cfg.tracking)
         run_id = tracking.start_run(uri, cfg.tracking.experiment, run_name, params=cfg.flat())
         _log_run_artifacts(uri, run_id, cfg, bundle.tokenizer_path)
@@ -129,8 +151,10 @@ def run_training(cfg: RaydratConfig) -> TrainingSummary:
             tracking.log_text(uri, run_id, json.dumps(bundle.lineage, indent=2, default=str), "data/lineage.json")
             tracking.log_metrics(uri, run_id, bundle.metrics(), 0)
         log.info(f"MLflow run {run_id} in {uri}")
+    if record is None:
+        R.write_run_record(cfg, run_name, uri, run_id)
 
-    trainer = build_trainer(cfg, {"train": bundle.train, "val": bundle.val}, uri, run_id, run_name)
+    trainer = build_trainer(cfg, {"train": bundle.train, "val": bundle.val}, uri, run_id, run_name, _fault_from_env())
     status = "FAILED"
     try:
         result = trainer.fit()

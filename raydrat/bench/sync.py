@@ -1,0 +1,193 @@
+"""``raydrat bench sync``: DDP against local-update sync at the same token budget.
+
+Two Ray Train workers on CPU (gloo) run, one after another inside one worker group (one
+start-up for the whole table), every variant: ``ddp``; ``local`` with ``sync_steps`` in
+{1, 2, 4, 8}; ``local`` with the DiLoCo outer optimizer at 4. Each variant starts from the
+same initial weights and sees the same blocks in the same order (rank ``r`` takes every
+``W``-th block from ``r``; blocks tokenized beforehand with ``iter_blocks_local``, so data
+loading is not timed), for the same number of optimizer steps, through the same
+``train_step`` / sync strategy / ``evaluate`` code as ``raydrat train``.
+
+Per variant: bytes this worker sent per optimizer step (ring all-reduce count, see
+``raydrat.train.sync``), communication share of step time, tokens/s over both workers
+(steady state: the first step is excluded; the slower worker sets the pace), and the
+validation loss at the end. ``--latency-ms 0,20`` repeats the table with each collective
+delayed by that latency (a slow link) and reports where local sync overtakes DDP.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from raydrat.bench.report import print_table, write_json
+from raydrat.config import RaydratConfig
+from raydrat.data import iter_blocks_local
+from raydrat.train import metrics as M
+from raydrat.train.checkpoint import unwrap
+from raydrat.train.loop import build_model
+from raydrat.train.optim import build_optimizer, lr_at, set_lr
+from raydrat.train.step import evaluate, train_step
+from raydrat.train.sync import CommMeter, build_strategy, model_checksum
+
+ROWS_FILE = "rows.json"
+DEFAULT_VARIANTS = [
+    {"mode": "ddp", "sync_steps": 1},
+    *({"mode": "local", "sync_steps": k} for k in (1, 2, 4, 8)),
+    {"mode": "local", "sync_steps": 4, "outer_optimizer": "nesterov"},
+]
+
+
+def variant_label(v: dict) -> str:
+    if v["mode"] == "ddp":
+        return "ddp"
+    outer = "+nesterov" if v.get("outer_optimizer", "none") != "none" else ""
+    return f"local/{v['sync_steps']}{outer}"
+
+
+def _batches(blocks: list, batch_size: int) -> list[torch.Tensor]:
+    n = len(blocks) // batch_size
+    return [torch.tensor(blocks[i * batch_size : (i + 1) * batch_size], dtype=torch.long) for i in range(n)]
+
+
+def run_variant(cfg: RaydratConfig, variant: dict, train_batches: list, val_batches: list) -> dict:
+    """Train one variant in this worker (inside a Ray Train worker group) and return its
+    figures, identical on every rank (reduced across workers)."""
+    import ray.train
+    import torch.distributed as dist
+
+    sync = cfg.sync.model_copy(update={k: v for k, v in variant.items() if k != "latency_ms"})
+    sync.latency_s = variant.get("latency_ms", 0) / 1000.0
+    world = ray.train.get_context().get_world_size()
+    tc = cfg.train
+    model = build_model(cfg, torch.device("cpu"))
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    strategy = build_strategy(sync, world)
+    model = strategy.wrap(model)
+    optimizer = build_optimizer(model, cfg.optim)
+    strategy.attach_optimizer(optimizer)
+    meter = CommMeter(strategy.comm)
+    stream = itertools.cycle(train_batches)
+    dist.barrier()
+    steady_start = None
+    for step in range(tc.steps):
+        set_lr(optimizer, lr_at(step, cfg.optim, tc.steps))
+        t0 = time.perf_counter()
+        train_step(model, optimizer, (next(stream) for _ in range(tc.grad_accum)), cfg.optim.grad_clip, strategy.no_sync)
+        strategy.after_optimizer_step(step + 1)
+        if step + 1 == tc.steps:
+            strategy.synchronize()
+        if step == 0:
+            strategy.comm.take()  # the first step (warm-up) is not counted
+            steady_start = time.perf_counter()
+        else:
+            meter.step_done(time.perf_counter() - t0)
+    steady_s = torch.tensor([time.perf_counter() - steady_start], dtype=torch.float64)
+    dist.all_reduce(steady_s, op=dist.ReduceOp.MAX)
+    figures = meter.window()
+    val_loss = evaluate(model, val_batches, tc.eval_batches)
+    checksums = [None] * world
+    dist.all_gather_object(checksums, model_checksum(unwrap(model)))
+    tokens = (tc.steps - 1) * tc.batch_size * tc.grad_accum * cfg.model.seq_len * world
+    return {
+        "mode": variant["mode"],
+        "sync_steps": variant["sync_steps"],
+        "outer_optimizer": sync.outer_optimizer,
+        "latency_ms": variant.get("latency_ms", 0),
+        "label": variant_label(variant),
+        "bytes_per_step": strategy.comm.total_bytes / tc.steps,  # every step, the first too
+        "comm_s_per_step": figures[M.COMM_S_PER_STEP],
+        "comm_fraction": figures[M.COMM_FRACTION],
+        "tokens_per_s": tokens / float(steady_s),
+        "val_loss": val_loss,
+        "param_bytes": param_bytes,
+        "checksums": checksums,
+        "steps": tc.steps,
+        "workers": world,
+    }
+
+
+def _bench_worker(loop_config: dict) -> None:
+    import ray.train
+
+    cfg = RaydratConfig.model_validate(loop_config["config"])
+    rank = ray.train.get_context().get_world_rank()
+    world = ray.train.get_context().get_world_size()
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    train_batches = _batches(loop_config["train_blocks"][rank::world], cfg.train.batch_size)
+    val_batches = _batches(loop_config["val_blocks"], cfg.train.batch_size)
+    rows = [run_variant(cfg, v, train_batches, val_batches) for v in loop_config["variants"]]
+    # Train V2 returns the metrics of the latest checkpoint only: the rows travel in one.
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if rank == 0:
+            Path(d, ROWS_FILE).write_text(json.dumps(rows))
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report({"variants": len(rows)}, checkpoint=checkpoint)
+
+
+def run_sync_workers(cfg: RaydratConfig, variants: list[dict], workers: int = 2) -> list[dict]:
+    """Run ``variants`` in one worker group of ``workers`` Ray Train CPU workers."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raydrat.runtime import ensure_ray
+
+    ensure_ray()
+    tc = cfg.train
+    need = tc.steps * tc.grad_accum * tc.batch_size * workers
+    local = iter_blocks_local(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, "train")
+    train_blocks = [list(map(int, b)) for b in itertools.islice(local, need)]
+    val_local = iter_blocks_local(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, "val")
+    val_blocks = [list(map(int, b)) for b in itertools.islice(val_local, tc.eval_batches * tc.batch_size)]
+    if len(train_blocks) < tc.batch_size * workers or len(val_blocks) < tc.batch_size:
+        raise RuntimeError("corpus too small for the sync benchmark: lower train.batch_size")
+    trainer = TorchTrainer(
+        _bench_worker,
+        train_loop_config={"config": cfg.to_dict(), "variants": variants,
+                           "train_blocks": train_blocks, "val_blocks": val_blocks},
+        torch_config=ray.train.torch.TorchConfig(backend="gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers, use_gpu=False, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"bench-sync-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(Path(tc.storage_path).resolve()),
+        ),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        return json.loads(Path(d, ROWS_FILE).read_text())
+
+
+def run_sync_bench(cfg: RaydratConfig, latencies_ms: list[float] | None = None, json_path: str | None = None,
+                   workers: int = 2) -> list[dict]:
+    latencies_ms = latencies_ms or [0]
+    variants = [{**v, "latency_ms": lat} for lat in latencies_ms for v in DEFAULT_VARIANTS]
+    rows = run_sync_workers(cfg, variants, workers)
+    tc = cfg.train
+    for lat in latencies_ms:
+        sub = [r for r in rows if r["latency_ms"] == lat]
+        ddp = next(r for r in sub if r["mode"] == "ddp")
+        for r in sub:
+            r["bytes_vs_ddp"] = r["bytes_per_step"] / ddp["bytes_per_step"] if ddp["bytes_per_step"] else float("nan")
+            r["tokens_per_s_vs_ddp"] = r["tokens_per_s"] / ddp["tokens_per_s"]
+            r["val_loss_vs_ddp"] = r["val_loss"] / ddp["val_loss"] - 1.0
+        faster = [r["label"] for r in sub if r["mode"] == "local" and r["tokens_per_s"] > ddp["tokens_per_s"]]
+        print_table(
+            f"sync: {cfg.name}, {workers} CPU workers (gloo), {tc.steps} optimizer steps x "
+            f"{tc.batch_size * tc.grad_accum * cfg.model.seq_len * workers} tokens, latency {lat:g} ms per collective",
+            ["variant", "bytes/step", "vs ddp", "comm share", "tokens/s", "vs ddp", "val loss", "vs ddp"],
+            [[r["label"], f"{r['bytes_per_step']:,.0f}", f"{r['bytes_vs_ddp']:.3f}", f"{r['comm_fraction']:.1%}",
+              f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s_vs_ddp']:.2f}x", f"{r['val_loss']:.4f}",
+              f"{r['val_loss_vs_ddp']:+.1%}"] for r in sub],
+            footer=f"faster than ddp in tokens/s at {lat:g} ms: {', '.join(faster) or 'none'}",
+        )
+    if json_path:
+        write_json(json_path, [{k: v for k, v in r.items() if k != "checksums"} for r in rows])
+    return rows

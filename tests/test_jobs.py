@@ -1,0 +1,136 @@
+"""`ray job submit` against a head started for this test only (loopback, its own temp dir
+and ports); the debug recipe runs as a job and its finished run is found in MLflow. The
+head is stopped by ending the processes of that Ray session only (never `ray stop`, which
+would stop every Ray instance on the machine)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _job_server_available() -> bool:
+    """`ray job submit` needs Ray's dashboard (the job server), i.e. ``ray[default]``."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) for m in ("aiohttp_cors", "grpc", "opencensus", "prometheus_client"))
+
+
+requires_job_server = pytest.mark.skipif(
+    not _job_server_available(), reason="ray[default] (dashboard / job server packages) not installed"
+)
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _session_pids(marker: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmd:
+            pids.append(int(d.name))
+    return pids
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    temp_dir = tempfile.mkdtemp(prefix="rdj", dir="/tmp")  # short: Ray's socket paths are limited
+    gcs, dash, nm, om, agent, metrics, agent_grpc, min_w = _free_ports(8)
+    cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+           f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+           f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--dashboard-agent-listen-port={agent}",
+           f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+           f"--min-worker-port={min_w}", f"--max-worker-port={min_w + 100}",
+           "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=180)
+    try:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        pids = _session_pids(temp_dir)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 15
+        while time.time() < deadline and _session_pids(temp_dir):
+            time.sleep(0.5)
+        for pid in _session_pids(temp_dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@requires_job_server
+def test_job_submit_trains_debug_and_records_mlflow(ray_head, demo_dir, tmp_path):
+    db = tmp_path / "mlruns.db"
+    submit = [
+        RAY, "job", "submit", "--address", ray_head, "--working-dir", str(REPO),
+        "--runtime-env", str(REPO / "jobs" / "runtime_env.yaml"), "--no-wait", "--",
+        sys.executable, "jobs/train.py", "debug", "--set", f"data.demo_dir={demo_dir}",
+        "--set", f"train.storage_path={tmp_path / 'rr'}", "--set", "train.steps=6", "--set", "train.eval_every=3",
+        "--set", "optim.warmup_steps=2", "--set", f"tracking.tracking_uri=sqlite:///{db}",
+        "--set", "tracking.run_name=from-a-job",
+    ]
+    proc = subprocess.run(submit, capture_output=True, text=True, env=_env(), timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    job_id = next(w for w in (proc.stdout + proc.stderr).split() if w.startswith("raysubmit_")).strip("'\"")
+
+    status, deadline = "", time.time() + 400
+    while time.time() < deadline:
+        st = subprocess.run([RAY, "job", "status", "--address", ray_head, job_id],
+                            capture_output=True, text=True, env=_env(), timeout=60)
+        status = st.stdout + st.stderr
+        if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+            break
+        time.sleep(3)
+    logs = subprocess.run([RAY, "job", "logs", "--address", ray_head, job_id],
+                          capture_output=True, text=True, env=_env(), timeout=60).stdout
+    assert "SUCCEEDED" in status, status + logs[-4000:]
+    assert "final validation loss:" in logs
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    runs = client.search_runs([client.get_experiment_by_name("raydrat").experiment_id])
+    assert [r.info.run_name for r in runs] == ["from-a-job"]
+    assert runs[0].info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_loss")] == [3, 6]

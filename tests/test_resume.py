@@ -1,0 +1,118 @@
+"""Checkpoints and resume through Ray Train: an interrupted run resumed with --resume ends
+where an uninterrupted run ends; a worker killed mid-run (SIGKILL of its process) is
+replaced under max_failures=1 and training continues from the latest checkpoint. Plus the
+--resume and cluster-size errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raydrat.cli import main
+from raydrat.config import load_config
+
+pytestmark = pytest.mark.slow
+
+STEPS, EVAL = 10, 5
+
+
+def _cfg(demo_dir: Path, storage: Path, db: Path, *extra: str):
+    return load_config("debug", [
+        f"data.demo_dir={demo_dir}", f"train.storage_path={storage}", f"train.steps={STEPS}",
+        f"train.eval_every={EVAL}", "train.log_every=1", "optim.warmup_steps=2",
+        f"tracking.tracking_uri=sqlite:///{db}", "scaling.cpus_per_worker=0.5", *extra,
+    ])
+
+
+def _client(db: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{db}")
+
+
+def _history(db: Path, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in _client(db).get_metric_history(run_id, key)}
+
+
+@pytest.fixture(scope="module")
+def runs(ray_local, demo_dir: Path, tmp_path_factory):
+    """An interrupted run (worker killed after step 7, no retries) resumed with --resume,
+    and the same config uninterrupted."""
+    import os
+
+    from raydrat.train.trainer import run_training
+
+    tmp = tmp_path_factory.mktemp("resume")
+    db = tmp / "mlruns.db"
+    cfg = _cfg(demo_dir, tmp / "rr", db, "name=resumable")
+    os.environ["RAYDRAT_FAULT_AT_STEP"] = "7"
+    try:
+        with pytest.raises(Exception):
+            run_training(cfg)
+    finally:
+        del os.environ["RAYDRAT_FAULT_AT_STEP"]
+    resumed = run_training(cfg, resume=True)
+    plain = run_training(_cfg(demo_dir, tmp / "rr", db, "name=plain"))
+    return {"tmp": tmp, "db": db, "cfg": cfg, "resumed": resumed, "plain": plain}
+
+
+def test_resume_continues_same_run_and_curve(runs):
+    db, resumed, plain = runs["db"], runs["resumed"], runs["plain"]
+    assert resumed.steps == STEPS
+    run = _client(db).get_run(resumed.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    # one MLflow run holds both halves; the second started from the step-5 checkpoint
+    assert _history(db, resumed.mlflow_run_id, "resumed_from_step") == {EVAL: EVAL}
+    a = _history(db, resumed.mlflow_run_id, "train_loss")
+    b = _history(db, plain.mlflow_run_id, "train_loss")
+    assert sorted(a) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert a[step] == pytest.approx(b[step], rel=0.02), step
+    assert resumed.final_val_loss == pytest.approx(plain.final_val_loss, rel=0.02)
+    record = json.loads((runs["tmp"] / "rr" / resumed.run_name / "raydrat_run.json").read_text())
+    assert record["mlflow_run_id"] == resumed.mlflow_run_id
+
+
+def test_resume_errors_name_the_problem(runs, capsys, demo_dir):
+    tmp, db = runs["tmp"], runs["db"]
+    base = ["train", "debug", "--set", f"data.demo_dir={demo_dir}", "--set", f"train.storage_path={tmp / 'rr'}",
+            "--set", f"train.steps={STEPS}", "--set", f"train.eval_every={EVAL}", "--set", "optim.warmup_steps=2",
+            "--set", f"tracking.tracking_uri=sqlite:///{db}", "--set", "scaling.cpus_per_worker=0.5"]
+    before = sorted(p.name for p in (tmp / "rr").iterdir())
+
+    def expect(argv, *needles):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1].startswith("raydrat: error:"), err
+        for n in needles:
+            assert n in err, err
+
+    expect([*base, "--set", "name=resumable", "--set", "optim.lr=0.01", "--set", "train.seed=1", "--resume"],
+           "optim.lr: 0.003 -> 0.01", "train.seed: 1337 -> 1")
+    expect([*base, "--set", "name=never-ran", "--resume"], "no run of config name 'never-ran'")
+    from raydrat.train.resume import write_run_record
+
+    write_run_record(_cfg(demo_dir, tmp / "rr", db, "name=early"), "early-1", None, None)
+    expect([*base, "--set", "name=early", "--resume"], "no checkpoint", "early-1")
+    expect([*base, "--set", "scaling.num_workers=9"], "scaling.num_workers=9", "needs 4.5 CPUs",
+           "the Ray cluster has 2 CPUs and 0 GPUs")
+    # nothing was written by the refused commands (beyond the record made above)
+    assert sorted(p.name for p in (tmp / "rr").iterdir()) == sorted([*before, "early-1"])
+
+
+def test_killed_worker_is_replaced_and_run_completes(ray_local, demo_dir, tmp_path, monkeypatch):
+    from raydrat.train.trainer import run_training
+
+    db = tmp_path / "mlruns.db"
+    cfg = _cfg(demo_dir, tmp_path / "rr", db, "train.max_failures=1", "scaling.num_workers=2",
+               "sync.mode=local", "sync.sync_steps=2")
+    monkeypatch.setenv("RAYDRAT_FAULT_AT_STEP", "7")
+    monkeypatch.setenv("RAYDRAT_FAULT_RANK", "1")
+    summary = run_training(cfg)
+    assert summary.steps == STEPS
+    assert _history(db, summary.mlflow_run_id, "resumed_from_step") == {EVAL: EVAL}
+    assert sorted(_history(db, summary.mlflow_run_id, "val_loss")) == [EVAL, STEPS]
+    comm = _history(db, summary.mlflow_run_id, "comm_bytes_per_step")
+    assert comm and max(comm.values()) > 0  # local/2 logged every step: bytes on sync steps only
