@@ -3,6 +3,7 @@
     raydrat train CONFIG [--set section.key=value ...]
     raydrat data demo [CONFIG] [--force]
     raydrat bench overhead [CONFIG] [--json PATH]
+    raydrat tune SPACE [--resume] [--json PATH]
 
 CONFIG is a YAML path or a shipped recipe name (debug, demo, gpt2-small). Known problems
 (bad config, bad data) end with one line naming the culprit and exit status 2.
@@ -83,6 +84,18 @@ def cmd_bench_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from raydrat import tracking
+    from raydrat.tune.sweep import run_sweep
+
+    summary = run_sweep(args.space, resume=args.resume, json_path=args.json)
+    print(summary.report)
+    if summary.tracking_uri and summary.parent_run_id:
+        print(f"MLflow parent run {summary.parent_run_id}; browse with:")
+        print(f"  {tracking.ui_command(summary.tracking_uri)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raydrat", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, required=False)
     p.add_argument("--force", action="store_true", help="rebuild even if present")
     p.set_defaults(func=cmd_data_demo)
+
+    p = sub.add_parser("tune", help="run a Ray Tune sweep from a tune_spaces/*.yaml file")
+    p.add_argument("space", help="space YAML path or shipped space name (smoke, lambda_sweep, ...)")
+    p.add_argument("--resume", action="store_true", help="continue the latest unfinished sweep of this space")
+    p.add_argument("--json", help="write one record per trial to this JSON file")
+    p.set_defaults(func=cmd_tune)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     p = bench.add_parser("overhead", help="Ray Train loop vs a bare PyTorch loop")

@@ -18,6 +18,7 @@ from raydrat.config import RaydratConfig
 from raydrat.model import GPT, apply_recompute
 from raydrat.train import checkpoint as ckpt
 from raydrat.train import metrics as M
+from raydrat.train.oom import MicroBatchStep, PeakMemory
 from raydrat.train.optim import build_optimizer, lr_at, set_lr
 from raydrat.train.step import cycle_batches, evaluate, train_step
 
@@ -70,8 +71,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world_size = world.get_world_rank(), world.get_world_size()
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     device = select_device(tc.device)
+    peak_mem = PeakMemory(device)
 
     model = build_model(cfg, device)
+    peak_mem.watch(model)
     if world_size > 1:
         model = ray.train.torch.prepare_model(model, move_to_device=False)
     optimizer = build_optimizer(model, cfg.optim)
@@ -100,11 +103,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     thr = M.Throughput(tc.steps - start_step, tokens_per_step)
     sink = MetricsSink(rank == 0, ctx, tc.steps)
     model.train()
+    step_fn = MicroBatchStep(tc)
 
     for step in range(start_step, tc.steps):
         lr = lr_at(step, cfg.optim, tc.steps)
         set_lr(optimizer, lr)
-        loss, grad_norm = train_step(model, optimizer, (next(stream) for _ in range(tc.grad_accum)), cfg.optim.grad_clip)
+        loss, grad_norm = step_fn(model, optimizer, [next(stream) for _ in range(tc.grad_accum)], cfg.optim.grad_clip)
         thr.step_done()
         done = step + 1
         last = done == tc.steps
@@ -126,6 +130,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             sink.record(done, values, thr.eta_s(done - start_step))
         if save_now:
             report = {**values, M.STEP: done, M.TOKENS_PER_S_AVG: thr.steady_rate()}
+            report.update({M.PEAK_BYTES: peak_mem.peak() or 0, M.MICRO_BATCH: step_fn.micro_batch,
+                           M.TRAIN_TIME_S: step_fn.train_time_s})
             if M.VAL_LOSS not in report:
                 report[M.VAL_LOSS] = float("inf")
             if rank == 0:

@@ -15,6 +15,12 @@ GRAD_NORM = "grad_norm"
 STEP = "step"
 TOKENS_SEEN = "tokens_seen"
 STEP_TIME_S = "step_time_s"
+# Peak memory of the worker (CUDA: max allocated; CPU: resident-set growth), in bytes.
+PEAK_BYTES = "peak_bytes"
+# Micro-batch in use (train.auto_microbatch may have shrunk it).
+MICRO_BATCH = "micro_batch_size"
+# Seconds spent inside optimizer steps so far (overhead accounting).
+TRAIN_TIME_S = "train_time_s"
 
 # The attribute Ray Train ranks checkpoints by.
 CHECKPOINT_SCORE = VAL_LOSS

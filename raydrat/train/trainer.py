@@ -62,13 +62,18 @@ def build_trainer(
     tracking_uri: str | None = None,
     mlflow_run_id: str | None = None,
     run_name: str | None = None,
+    callbacks: list | None = None,
+    worker_resources: dict | None = None,
 ) -> TorchTrainer:
     """The ``TorchTrainer`` for ``cfg`` over ``datasets`` (``train`` split across workers,
-    ``val`` given whole to each)."""
+    ``val`` given whole to each). ``callbacks`` go to the ``RunConfig`` (a Tune trial passes
+    ``TuneReportCallback``); ``worker_resources`` overrides/extends each worker's request
+    (a Tune trial passes its GPU fraction or ``memory`` bytes)."""
     use_gpu = resolve_use_gpu(cfg)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
+    resources.update(worker_resources or {})
     storage = str(Path(cfg.train.storage_path).resolve())
     return TorchTrainer(
         train_loop_per_worker,
@@ -84,6 +89,7 @@ def build_trainer(
         run_config=ray.train.RunConfig(
             name=run_name or cfg.name,
             storage_path=storage,
+            callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.checkpoints_to_keep,
                 checkpoint_score_attribute=M.CHECKPOINT_SCORE,
@@ -109,6 +115,28 @@ def _log_loss_curve(uri: str, run_id: str, title: str, out_dir: Path) -> None:
     tracking.log_artifact(uri, run_id, png, "plots")
 
 
+def fit_in_run(
+    cfg: RaydratConfig,
+    bundle,
+    uri: str | None,
+    run_id: str | None,
+    run_name: str,
+    callbacks: list | None = None,
+    worker_resources: dict | None = None,
+) -> ray.train.Result:
+    """Build the ``TorchTrainer`` for ``cfg`` over ``bundle`` and fit it, recording into the
+    existing MLflow run ``run_id`` (the loss-curve plot is logged when it succeeds; ending the
+    run is the caller's). Shared by ``run_training`` and the Tune trial function."""
+    trainer = build_trainer(
+        cfg, {"train": bundle.train, "val": bundle.val}, uri, run_id, run_name,
+        callbacks=callbacks, worker_resources=worker_resources,
+    )
+    result = trainer.fit()
+    if uri and run_id:
+        _log_loss_curve(uri, run_id, run_name, Path(cfg.train.storage_path) / run_name)
+    return result
+
+
 def run_training(cfg: RaydratConfig) -> TrainingSummary:
     """Train ``cfg`` through Ray Train on the current (or a new local) Ray instance."""
     log = M.setup_logging()
@@ -124,18 +152,13 @@ def run_training(cfg: RaydratConfig) -> TrainingSummary:
         _log_run_artifacts(uri, run_id, cfg, bundle.tokenizer_path)
         log.info(f"MLflow run {run_id} in {uri}")
 
-    trainer = build_trainer(cfg, {"train": bundle.train, "val": bundle.val}, uri, run_id, run_name)
     status = "FAILED"
     try:
-        result = trainer.fit()
+        result = fit_in_run(cfg, bundle, uri, run_id, run_name)
         status = "FINISHED"
     finally:
         if uri and run_id:
-            try:
-                if status == "FINISHED":
-                    _log_loss_curve(uri, run_id, run_name, Path(cfg.train.storage_path) / run_name)
-            finally:
-                tracking.end_run(uri, run_id, status)
+            tracking.end_run(uri, run_id, status)
 
     final = dict(result.metrics or {})
     summary = TrainingSummary(
