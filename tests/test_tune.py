@@ -153,7 +153,7 @@ def test_sweep_budget_oom_mlflow_tree_and_pareto(demo_dir: Path, tmp_path: Path)
            for d in (64, 512)}
     budget_gb = (est[64] + est[512]) / 2 / 1024**3
     p = _space(tmp_path, name="sweeptest", space=space, overrides=overrides, max_concurrent=2,
-               memory_budget_gb=budget_gb, scheduler={"type": "asha", "grace_period": 6})
+               memory_budget_gb=budget_gb, scheduler={"type": "none"})
     proc = run_cli(["tune", str(p), "--json", "sweep.json"], cwd=tmp_path, env={FAULT_ENV: "4"})
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]

@@ -327,12 +327,18 @@ def _records(space, trials, estimates, feasible, grid, state) -> list[R.TrialRec
         elif status is None:
             status = "stopped_early"
         peak = df[M.PEAK_BYTES].max() if df is not None and M.PEAK_BYTES in df else None
+        start, end = final.get(TRIAL_START), final.get(TRIAL_END)
+        if start is None and df is not None and len(df) and "timestamp" in df and "time_total_s" in df:
+            # stopped or failed before its own final report: Tune's clock
+            start = float(df["timestamp"].iloc[0] - df["time_total_s"].iloc[0])
+            end = float(df["timestamp"].iloc[-1])
         by_name[payload["name"]] = R.TrialRecord(
             trial=payload["name"], params={}, status=status, estimated_bytes=payload["estimated_bytes"],
             val_loss=_last(df, M.VAL_LOSS), peak_bytes=int(peak) if peak and peak == peak else None,
             tokens_per_s=_last(df, M.TOKENS_PER_S_AVG), steps=_last(df, M.STEP),
             micro_batch_size=_last(df, M.MICRO_BATCH), train_time_s=_last(df, M.TRAIN_TIME_S),
-            wall_s=final.get(TRIAL_WALL_S), start_ts=final.get(TRIAL_START), end_ts=final.get(TRIAL_END),
+            wall_s=final.get(TRIAL_WALL_S) or (end - start if start and end else None),
+            start_ts=start, end_ts=end,
             error=error,
         )
     records = []
