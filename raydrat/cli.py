@@ -4,6 +4,7 @@
     raydrat data demo [CONFIG] [--force]
     raydrat bench overhead [CONFIG] [--json PATH]
     raydrat tune SPACE [--resume] [--json PATH]
+    raydrat estimate CONFIG [--set section.key=value ...]
 
 CONFIG is a YAML path or a shipped recipe name (debug, demo, gpt2-small). Known problems
 (bad config, bad data) end with one line naming the culprit and exit status 2.
@@ -96,6 +97,23 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from raydrat.memory import estimate_memory
+
+    est = estimate_memory(cfg, device=args.device)
+    d = est.detail
+    print(
+        f"estimated peak training memory per worker for {cfg.name}: {est.total_bytes / 2**20:.2f} MiB\n"
+        f"(device {d['device']}, precision {d['precision']}, batch {cfg.train.batch_size} x {cfg.model.seq_len} tokens, "
+        f"{d['active_layers']}/{cfg.model.n_layer} layers, {d['stored_branches']}/{d['branches']} branches stored, "
+        f"checkpointing {cfg.train.checkpointing}, optimizer {cfg.optim.name}, "
+        f"attention {'stores the T x T matrix' if d['attention_matrix'] else 'O(T) memory'})\n"
+    )
+    print(est.table())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raydrat", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, required=False)
     p.add_argument("--json", help="write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_overhead)
+
+    p = sub.add_parser("estimate", help="predict peak training memory per worker, by component")
+    _add_config_args(p)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="device the estimate is for (default: from the config, else this machine)")
+    p.set_defaults(func=cmd_estimate)
     return parser
 
 

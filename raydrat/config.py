@@ -163,8 +163,12 @@ class DataConfig(Section):
 
 
 class OptimConfig(Section):
-    name: Literal["adamw"] = "adamw"
-    """Optimizer."""
+    name: Literal["adamw", "adamw_fused", "adamw8bit", "paged_adamw8bit"] = "adamw"
+    """Optimizer. ``adamw``: torch AdamW (foreach). ``adamw_fused``: torch AdamW with
+    ``fused=True`` (one kernel per step). ``adamw8bit`` / ``paged_adamw8bit``:
+    bitsandbytes 8-bit AdamW (block-wise quantised moments: about 2 bytes of state per
+    parameter instead of 8; tensors under 4096 elements keep 32-bit states); the paged
+    variant pages its states to host memory under GPU pressure (plain 8-bit on CPU)."""
     lr: float = Field(3e-4, gt=0)
     """Peak learning rate (after warmup)."""
     min_lr: float = Field(3e-5, ge=0)
@@ -205,10 +209,28 @@ class TrainConfig(Section):
     """Save a checkpoint every this many steps; 0: only at evaluations."""
     checkpoints_to_keep: int = Field(2, ge=1)
     """Checkpoints kept on disk (best by validation loss)."""
-    checkpointing: Literal["none", "full"] = "none"
-    """Activation recomputation policy applied to every layer from outside the model."""
-    precision: Literal["fp32"] = "fp32"
-    """Numeric precision of the forward/backward pass."""
+    checkpointing: Literal["none", "full", "gated", "budget"] = "none"
+    """Activation recomputation policy, applied to the attention and MLP branches from
+    outside the model. ``none``: store everything. ``full``: recompute every branch.
+    ``gated``: learnable per-branch gates decide each step (section ``gates``).
+    ``budget``: the exact optimum (knapsack) that fits ``recompute.budget_mb`` of saved
+    activations with the least recomputed FLOPs. Recomputation is exact: the loss is
+    unchanged, memory is traded for step time."""
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
+    """Numeric precision of the forward/backward pass. Parameters, gradients and optimizer
+    states stay fp32; ``bf16``/``fp16`` run matmuls under ``torch.autocast``; ``fp16``
+    adds a ``GradScaler`` and needs a CUDA GPU. ``auto``: bf16 on a GPU that supports it,
+    else fp16 on a GPU, else fp32."""
+    precision_fallback: Literal["none", "bf16", "fp32"] = "none"
+    """Dynamic precision policy for fp16: after ``precision_fallback_after`` consecutive
+    overflow-skipped steps switch to this precision for ``precision_fallback_steps`` steps
+    (each switch is logged). ``none``: never switch."""
+    precision_fallback_after: int = Field(3, ge=1)
+    """Consecutive fp16 overflow steps (GradScaler skips) that trigger the fallback."""
+    precision_fallback_steps: int = Field(100, ge=1)
+    """Steps run in the fallback precision before fp16 is tried again."""
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    """``torch.compile`` mode for the model (``off``: eager)."""
     seed: int = 1337
     """Seed for model init and data order."""
     storage_path: str = "ray_results"
@@ -222,6 +244,71 @@ class TrainConfig(Section):
     in use is reported as ``micro_batch_size``."""
     min_micro_batch: int = Field(1, ge=1)
     """Smallest micro-batch ``train.auto_microbatch`` may shrink to before giving up."""
+
+
+class GatesConfig(Section):
+    """Learnable recomputation gates (``train.checkpointing: gated``): one gate per
+    attention branch and per MLP branch, applied from outside the model."""
+
+    temperature: float = Field(1.0, gt=0)
+    """Gate probability ``p = sigmoid(logit / temperature)``."""
+    init_logit: float = 0.0
+    """Initial logit of every gate (0: p = 0.5)."""
+    decision: Literal["threshold", "sample"] = "threshold"
+    """Hard store/recompute decision: ``threshold`` stores when ``p >= 0.5``; ``sample``
+    draws Bernoulli(p) each step. The gradient reaches p by the straight-through estimator."""
+    lam: float = Field(1e-2, ge=0)
+    """lambda: weight of the memory term ``sum(p_i * c_i)`` (c_i: normalised cost of
+    storing branch i). Must be >= 0."""
+    mu: float = Field(1e-2, ge=0)
+    """mu: weight of the recompute term ``sum((1 - p_i) * r_i)`` (r_i: normalised cost of
+    recomputing branch i). Must be >= 0."""
+    cost_model: Literal["uniform", "layer_weighted", "activation_size"] = "activation_size"
+    """Costs c_i, r_i: ``uniform`` (all 1), ``layer_weighted`` (grow with depth), or
+    ``activation_size`` (measured saved bytes and recompute FLOPs per branch)."""
+    memory_budget_mb: float | None = Field(None, gt=0)
+    """``memory_budget`` form: penalise (with lambda) only the expected saved activation
+    MB above this budget instead of all stored bytes. ``None``: plain form."""
+    lr: float = Field(0.05, gt=0)
+    """Learning rate of the gates' own Adam optimizer."""
+    refresh_every: int = Field(100, ge=1)
+    """Re-measure the activation_size costs every this many steps."""
+
+
+class RecomputeConfig(Section):
+    budget_mb: float | None = Field(None, gt=0)
+    """Activation-memory budget (MB of saved activations per micro-batch, including the
+    embedding and logits terms) for ``train.checkpointing: budget``. Required there."""
+
+
+class SlotsConfig(Section):
+    """Which transformer layers (slots) run each training step. Evaluation always runs all."""
+
+    mode: Literal["all", "layerdrop", "progressive", "adaptive", "fixed"] = "all"
+    """``all``; ``layerdrop``: each layer kept with probability ``keep``; ``progressive``:
+    keep probability decays from 1 toward ``floor`` over training, deeper layers dropped
+    more; ``adaptive``: more slots when the loss plateaus, fewer under memory pressure,
+    within [``min_slots``, ``max_slots``]; ``fixed``: the layers in ``fixed``."""
+    keep: float = Field(0.5, gt=0, le=1)
+    """Keep probability per layer (layerdrop). Must be in (0, 1]."""
+    floor: float = Field(0.5, gt=0, le=1)
+    """Final keep probability of the deepest layer (progressive). Must be in (0, 1]."""
+    decay: float = Field(5.0, gt=0)
+    """Progressive: global keep ``theta(t) = (1 - floor) * exp(-decay * t / steps) + floor``."""
+    fixed: list[int] | None = None
+    """Layer indices to run (fixed)."""
+    min_slots: int = Field(1, ge=1)
+    """Adaptive: fewest active layers."""
+    max_slots: int | None = Field(None, ge=1)
+    """Adaptive: most active layers (``None``: model.n_layer)."""
+    start_slots: int | None = Field(None, ge=1)
+    """Adaptive: active layers at the start (``None``: min_slots)."""
+    patience: int = Field(20, ge=1)
+    """Adaptive: steps without a relative loss improvement of ``plateau_tol`` that count as a plateau."""
+    plateau_tol: float = Field(0.01, ge=0)
+    """Adaptive: relative improvement of the smoothed loss below which it has plateaued."""
+    memory_limit_mb: float | None = Field(None, gt=0)
+    """Adaptive: drop a slot when measured activation MB exceed this (``None``: no limit)."""
 
 
 class ScalingConfig(Section):
@@ -254,6 +341,9 @@ class RaydratConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    gates: GatesConfig = Field(default_factory=GatesConfig)
+    recompute: RecomputeConfig = Field(default_factory=RecomputeConfig)
+    slots: SlotsConfig = Field(default_factory=SlotsConfig)
 
     @model_validator(mode="after")
     def _check_cross(self) -> "RaydratConfig":
@@ -267,6 +357,9 @@ class RaydratConfig(Section):
                 f"optim.warmup_steps ({self.optim.warmup_steps}) must be below train.steps "
                 f"({self.train.steps}): lower optim.warmup_steps"
             )
+        from raydrat.efficiency import check_static
+
+        check_static(self)
         return self
 
     def to_dict(self) -> dict[str, Any]:

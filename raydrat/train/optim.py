@@ -26,8 +26,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        return torch.optim.AdamW(groups, **kwargs)
+    if cfg.name == "adamw_fused":
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    if cfg.name in ("adamw8bit", "paged_adamw8bit"):
+        import warnings
+
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.AdamW8bit if cfg.name == "adamw8bit" else bnb.optim.PagedAdamW8bit
+        with warnings.catch_warnings():  # "paged optimizers are not supported on CPU": documented
+            warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+            return cls(groups, **kwargs)
     raise ValueError(f"optim.name={cfg.name!r} is not supported")
 
 

@@ -1,0 +1,84 @@
+"""The analytic memory estimate agrees with measurement on real tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raydrat.config import ConfigError, load_config
+from raydrat.memory import estimate_memory, optimizer_state_bytes, param_bytes, saved_activation_bytes
+from raydrat.model import GPT, apply_recompute
+from raydrat.train.optim import build_optimizer
+
+from conftest import run_cli
+
+GRID = [
+    [],
+    ["model.n_layer=3", "model.n_kv_head=4"],
+    ["model.activation=gelu", "model.norm=layernorm"],
+    ["train.checkpointing=full"],
+    ["model.attention_backend=math", "train.batch_size=3"],
+    ["model.dropout=0.1"],
+    ["model.seq_len=48", "model.d_model=96", "model.n_head=6", "model.n_kv_head=2"],
+]
+
+
+def measure(cfg) -> int:
+    torch.manual_seed(0)
+    model = GPT(cfg.model).train()
+    apply_recompute(model, "full" if cfg.train.checkpointing == "full" else "none")
+    B, T, V = cfg.train.batch_size, cfg.model.seq_len, cfg.model.vocab_size
+    idx, targets = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.train.precision == "bf16" else None
+    return saved_activation_bytes(model, idx, targets, context=ctx)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("overrides", GRID, ids=lambda o: ",".join(o) or "debug")
+def test_estimate_within_10_percent_of_measured_activations(overrides, precision):
+    cfg = load_config("debug", [*overrides, f"train.precision={precision}", "train.device=cpu"])
+    measured = measure(cfg)
+    estimated = estimate_memory(cfg).saved_bytes
+    assert abs(estimated - measured) <= 0.10 * measured, (estimated, measured)
+
+
+def test_estimate_tracks_slots_and_recompute():
+    base = estimate_memory(load_config("debug", ["model.n_layer=4", "train.device=cpu"]))
+    fixed = estimate_memory(load_config("debug", ["model.n_layer=4", "train.device=cpu", "slots.mode=fixed", "slots.fixed=[0,2]"]))
+    full = estimate_memory(load_config("debug", ["model.n_layer=4", "train.device=cpu", "train.checkpointing=full"]))
+    assert fixed.detail["active_layers"] == 2
+    assert fixed.components["activations"] < base.components["activations"]
+    assert full.components["activations"] < 0.5 * base.components["activations"]
+    assert full.components["params"] == base.components["params"] == fixed.components["params"]
+    assert set(base.components) >= {"params", "grads", "optimizer", "activations", "logits"}
+    assert base.total_bytes == sum(base.components.values())
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw_fused", "adamw8bit", "paged_adamw8bit"])
+def test_estimated_param_and_optimizer_bytes_match_real_tensors(name):
+    cfg = load_config("debug", [f"optim.name={name}", "train.device=cpu", "model.n_layer=1"])
+    model = GPT(cfg.model)
+    optimizer = build_optimizer(model, cfg.optim)
+    _, loss = model(*torch.randint(0, cfg.model.vocab_size, (2, 2, cfg.model.seq_len)))
+    loss.backward()
+    optimizer.step()
+    est = estimate_memory(cfg)
+    assert est.components["params"] == param_bytes(model)
+    assert est.components["optimizer"] == optimizer_state_bytes(optimizer)
+
+
+def test_cli_estimate_prints_breakdown(tmp_path):
+    res = run_cli(["estimate", "debug", "--set", "train.batch_size=4"], cwd=tmp_path, timeout=120)
+    assert res.returncode == 0, res.stderr
+    for part in ("params", "grads", "optimizer", "activations", "logits", "total"):
+        assert part in res.stdout
+    bad = run_cli(["estimate", "debug", "--set", "train.checkpointing=budget", "--set", "recompute.budget_mb=0.01"], cwd=tmp_path, timeout=120)
+    assert bad.returncode == 2
+    assert "recompute.budget_mb" in bad.stderr and "minimum achievable" in bad.stderr
+
+
+def test_budget_below_minimum_is_refused():
+    with pytest.raises(ConfigError, match="recompute.budget_mb"):
+        load_config("debug", ["train.checkpointing=budget", "recompute.budget_mb=0.5"])
+    with pytest.raises(ConfigError, match="needs recompute.budget_mb"):
+        load_config("debug", ["train.checkpointing=budget"])
