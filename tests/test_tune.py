@@ -200,3 +200,49 @@ def test_sweep_budget_oom_mlflow_tree_and_pareto(demo_dir: Path, tmp_path: Path)
     assert [m.step for m in client.get_metric_history(children["t000"].info.run_id, "val_loss")] == [3, 6]
     assert set(children["t003"].data.metrics) == {"estimated_bytes"}
     assert children["t003"].data.params["sweep.memory_budget_gb"] == str(budget_gb)
+
+
+@pytest.mark.slow
+def test_resume_after_interrupt_runs_only_the_remaining_trials(demo_dir: Path, tmp_path: Path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import raydrat_cmd
+
+    p = _space(tmp_path, name="resumetest", max_concurrent=1, scheduler={"type": "none"},
+               overrides={**SHORT, "data.demo_dir": str(demo_dir)},
+               space={"optim.lr": {"grid": [1e-3, 2e-3, 3e-3]}})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(raydrat_cmd("tune", str(p)), cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 400
+    done_marker = None
+    while time.time() < deadline and proc.poll() is None:
+        results = list((tmp_path / "ray_results" / "tune").glob("resumetest-*/t000/result.json"))
+        if results and '"completed"' in results[0].read_text():
+            done_marker = results[0]
+            break
+        time.sleep(1)
+    assert done_marker is not None, "the first trial never completed"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, out[-3000:]
+    assert "--resume" in out, out[-3000:]
+
+    resumed = run_cli(["tune", str(p), "--resume", "--json", "sweep.json"], cwd=tmp_path)
+    out2 = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, out2[-5000:]
+    records = json.loads((tmp_path / "sweep.json").read_text())["trials"]
+    assert [r["status"] for r in records] == ["completed"] * 3
+    # t000 was not run again: its Ray Train run and its MLflow metrics exist once
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    first = next(r for r in records if r["trial"] == "t000")
+    assert [m.step for m in client.get_metric_history(first["mlflow_run_id"], "val_loss")] == [3, 6]
+    sweep_dirs = list((tmp_path / "ray_results" / "tune").glob("resumetest-*"))
+    assert len(sweep_dirs) == 1
+    assert len(list((sweep_dirs[0] / "train").glob("resumetest-*-t000"))) == 1
