@@ -203,7 +203,7 @@ def run_sweep(space_path: str | Path, resume: bool = False, json_path: str | Pat
     t0 = time.time()
     grid = _fit(space, payloads, sweep_dir, concurrency, resume)
     sweep_wall = time.time() - t0
-    unfinished = len(grid) - grid.num_terminated - grid.num_errors
+    unfinished = _unfinished_trials(sweep_dir)
     if unfinished:
         raise SweepError(
             f"sweep {sweep_dir.name} interrupted with {unfinished} of {len(grid)} launched trials "
@@ -220,6 +220,17 @@ def run_sweep(space_path: str | Path, resume: bool = False, json_path: str | Pat
         write_json(json_path, {"sweep": sweep_dir.name, "overhead": summary.overhead,
                                "trials": [r.to_json() for r in records]})
     return summary
+
+
+def _unfinished_trials(sweep_dir: Path) -> int:
+    """Trials not TERMINATED/ERROR in Tune's last saved experiment state: after a SIGINT,
+    Tune saves the state with the running trials and returns normally."""
+    states = sorted(sweep_dir.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    if not states:
+        return 0
+    trial_data = json.loads(states[-1].read_text()).get("trial_data", [])
+    status = [json.loads(entry[0]).get("status") for entry in trial_data]
+    return sum(s not in ("TERMINATED", "ERROR") for s in status)
 
 
 def _trial_config(t: TrialSpec, sweep_dir: Path):
@@ -311,6 +322,10 @@ def _last(df, key):
     return col.iloc[-1].item() if len(col) else None
 
 
+def _int(v):
+    return None if v is None else int(v)
+
+
 def _records(space, trials, estimates, feasible, grid, state) -> list[R.TrialRecord]:
     from raydrat.train.oom import is_oom
 
@@ -335,8 +350,8 @@ def _records(space, trials, estimates, feasible, grid, state) -> list[R.TrialRec
         by_name[payload["name"]] = R.TrialRecord(
             trial=payload["name"], params={}, status=status, estimated_bytes=payload["estimated_bytes"],
             val_loss=_last(df, M.VAL_LOSS), peak_bytes=int(peak) if peak and peak == peak else None,
-            tokens_per_s=_last(df, M.TOKENS_PER_S_AVG), steps=_last(df, M.STEP),
-            micro_batch_size=_last(df, M.MICRO_BATCH), train_time_s=_last(df, M.TRAIN_TIME_S),
+            tokens_per_s=_last(df, M.TOKENS_PER_S_AVG), steps=_int(_last(df, M.STEP)),
+            micro_batch_size=_int(_last(df, M.MICRO_BATCH)), train_time_s=_last(df, M.TRAIN_TIME_S),
             wall_s=final.get(TRIAL_WALL_S) or (end - start if start and end else None),
             start_ts=start, end_ts=end,
             error=error,
