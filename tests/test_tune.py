@@ -112,6 +112,21 @@ def test_resources_check_errors_when_one_trial_cannot_fit_and_warns_on_concurren
         check_resources(big, expand(big), {"CPU": 2.0})
 
 
+def test_packing_requests_a_gpu_fraction_or_cpu_memory_sized_by_the_estimate(tmp_path):
+    from raydrat.memory import estimate_memory
+    from raydrat.tune.sweep import worker_resources
+
+    trials = expand(load_space(_space(tmp_path, space={"model.d_model": {"grid": [32, 512]}})))
+    small, large = (estimate_memory(t.config).total_bytes for t in trials)
+    gpu = 4 * large  # a GPU four times the large trial's estimate
+    frac_small = worker_resources(trials[0], small, True, gpu)["GPU"]
+    frac_large = worker_resources(trials[1], large, True, gpu)["GPU"]
+    assert frac_small < frac_large == 0.25  # several small trials share the GPU
+    assert frac_small >= small / gpu and frac_small <= small / gpu + 0.01
+    assert worker_resources(trials[1], large, True, large // 2) == {"GPU": 1.0}  # capped: alone
+    assert worker_resources(trials[0], small, False, None) == {"memory": small}
+
+
 # ------------------------------------------------------------------ auto micro-batch (no Ray)
 
 
