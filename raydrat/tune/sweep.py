@@ -203,7 +203,7 @@ def run_sweep(space_path: str | Path, resume: bool = False, json_path: str | Pat
     t0 = time.time()
     grid = _fit(space, payloads, sweep_dir, concurrency, resume)
     sweep_wall = time.time() - t0
-    unfinished = _unfinished_trials(sweep_dir)
+    unfinished = _unfinished_trials(sweep_dir, grid)
     if unfinished:
         raise SweepError(
             f"sweep {sweep_dir.name} interrupted with {unfinished} of {len(grid)} launched trials "
@@ -222,15 +222,19 @@ def run_sweep(space_path: str | Path, resume: bool = False, json_path: str | Pat
     return summary
 
 
-def _unfinished_trials(sweep_dir: Path) -> int:
-    """Trials not TERMINATED/ERROR in Tune's last saved experiment state: after a SIGINT,
-    Tune saves the state with the running trials and returns normally."""
+def _unfinished_trials(sweep_dir: Path, grid) -> int:
+    """Trials cut off by an interrupt. After a SIGINT Tune saves its state with the running
+    trials still RUNNING and returns normally (they read TERMINATED in memory), so: a trial is
+    unfinished when Tune's last saved state does not have it TERMINATED/ERROR and it neither
+    sent its own final status nor errored (the last snapshot can lag a normal finish)."""
     states = sorted(sweep_dir.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
     if not states:
         return 0
+    done = {Path(r.path).name for r in grid if r.error is not None or STATUS in (r.metrics or {})}
     trial_data = json.loads(states[-1].read_text()).get("trial_data", [])
-    status = [json.loads(entry[0]).get("status") for entry in trial_data]
-    return sum(s not in ("TERMINATED", "ERROR") for s in status)
+    meta = [json.loads(entry[0]) for entry in trial_data]
+    return sum(m.get("status") not in ("TERMINATED", "ERROR") and m.get("relative_logdir") not in done
+               for m in meta)
 
 
 def _trial_config(t: TrialSpec, sweep_dir: Path):
