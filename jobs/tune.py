@@ -1,10 +1,9 @@
-"""`ray job submit` entrypoint for a Tune sweep.
+"""`ray job submit` entrypoint for sweeps.
 
-    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
-        python jobs/tune.py tune_spaces/sync_steps.yaml --set tracking.tracking_uri=http://mlflow:5000
+    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \\
+        python jobs/tune.py tune_spaces/smoke.yaml [--resume] [--json sweep.json]
 
-Forwards its arguments to ``raydrat tune`` (the sweep subcommand). Inside a job RAY_ADDRESS
-is set, so the trials run on the cluster the job was submitted to.
+Inside a job, RAY_ADDRESS is set, so the sweep's trials run on the cluster it was submitted to.
 """
 
 import sys

@@ -6,6 +6,7 @@
     raydrat data prepare CONFIG --out PATH [--endpoint-url URL]
     raydrat bench ingest [CONFIG] [--mb N ...] [--json PATH]
     raydrat bench overhead [CONFIG] [--json PATH]
+    raydrat tune SPACE [--resume] [--json PATH]
     raydrat estimate CONFIG [--set section.key=value ...]
     raydrat bench combos [CONFIG] [--json PATH] [--only NAME ...]
 
@@ -133,6 +134,18 @@ def cmd_bench_combos(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from raydrat import tracking
+    from raydrat.tune.sweep import run_sweep
+
+    summary = run_sweep(args.space, resume=args.resume, json_path=args.json)
+    print(summary.report)
+    if summary.tracking_uri and summary.parent_run_id:
+        print(f"MLflow parent run {summary.parent_run_id}; browse with:")
+        print(f"  {tracking.ui_command(summary.tracking_uri)}")
+    return 0
+
+
 def cmd_estimate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from raydrat.memory import estimate_memory
@@ -188,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory or s3://bucket/prefix")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for an s3:// --out")
     p.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser("tune", help="run a Ray Tune sweep from a tune_spaces/*.yaml file")
+    p.add_argument("space", help="space YAML path or shipped space name (smoke, lambda_sweep, ...)")
+    p.add_argument("--resume", action="store_true", help="continue the latest unfinished sweep of this space")
+    p.add_argument("--json", help="write one record per trial to this JSON file")
+    p.set_defaults(func=cmd_tune)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     p = bench.add_parser("overhead", help="Ray Train loop vs a bare PyTorch loop")

@@ -292,6 +292,12 @@ class TrainConfig(Section):
     max_failures: int = Field(0, ge=-1)
     """Ray Train ``FailureConfig(max_failures)``: how many times a failed worker group is
     restarted from the latest checkpoint; -1 retries forever."""
+    auto_microbatch: bool = False
+    """On an out-of-memory error, retry the step with half the micro-batch and twice the
+    accumulation (same global batch), down to ``train.min_micro_batch``; the micro-batch
+    in use is reported as ``micro_batch_size``."""
+    min_micro_batch: int = Field(1, ge=1)
+    """Smallest micro-batch ``train.auto_microbatch`` may shrink to before giving up."""
 
 
 class GatesConfig(Section):
@@ -449,6 +455,11 @@ class RaydratConfig(Section):
 
     @model_validator(mode="after")
     def _check_cross(self) -> "RaydratConfig":
+        if self.train.min_micro_batch > self.train.batch_size:
+            raise ValueError(
+                f"train.min_micro_batch ({self.train.min_micro_batch}) exceeds train.batch_size "
+                f"({self.train.batch_size}): lower train.min_micro_batch"
+            )
         if self.optim.warmup_steps >= self.train.steps and self.train.steps > 1:
             raise ValueError(
                 f"optim.warmup_steps ({self.optim.warmup_steps}) must be below train.steps "
@@ -598,3 +609,58 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Raydrat
     """Load a YAML recipe (a path or a shipped recipe name) and apply overrides."""
     p = resolve_recipe(path)
     return config_from_dict(read_yaml_mapping(p), overrides, origin=str(p))
+
+
+# --------------------------------------------------------------------------------------
+# sweeps (tune_spaces/*.yaml)
+# --------------------------------------------------------------------------------------
+
+
+class SchedulerConfig(Section):
+    type: Literal["asha", "none"] = "asha"
+    """``asha``: asynchronous successive halving on the sweep metric; ``none``: every trial
+    runs to the end."""
+    grace_period: int = Field(1, ge=1)
+    """Optimizer steps a trial runs before ASHA may stop it (counted in reported steps)."""
+    reduction_factor: float = Field(2.0, gt=1)
+    """ASHA keeps the best 1/reduction_factor of trials at each rung."""
+
+
+class TrialResourcesConfig(Section):
+    trial_cpu: float = Field(0.1, gt=0)
+    """CPUs held by each trial's driver function (it only waits for its TorchTrainer; the
+    training workers reserve ``scaling.cpus_per_worker`` each on top)."""
+    gpu_memory_gb: float | None = Field(None, gt=0)
+    """Memory of one GPU, used to size a trial's GPU fraction. ``None``: read from the
+    local CUDA device when there is one."""
+    data_cpu_headroom: float = Field(1.0, ge=0)
+    """CPUs left free for Ray Data tasks when checking that ``max_concurrent`` trials fit."""
+
+
+class SweepConfig(Section):
+    name: str = "sweep"
+    """Name of the sweep (Tune experiment directory prefix, MLflow parent run name)."""
+    base: str = "debug"
+    """Base recipe: a YAML path (relative to the space file) or a shipped recipe name."""
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    """Fixed dotted settings applied to every trial, e.g. ``train.steps: 6``."""
+    space: dict[str, Any] = Field(default_factory=dict)
+    """Dotted config key → ``{choice: [...]}``, ``{grid: [...]}``, ``{uniform: [lo, hi]}``,
+    ``{loguniform: [lo, hi]}`` or ``{randint: [lo, hi]}`` (hi excluded); optionally with
+    ``when: {other.key: value-or-list}`` to apply it only to trials where that holds."""
+    metric: str = "val_loss"
+    """Metric the scheduler and the "best" trial use."""
+    mode: Literal["min", "max"] = "min"
+    num_samples: int = Field(1, ge=1)
+    """Random samples per grid point (Tune semantics: trials = num_samples x grid size)."""
+    seed: int = 0
+    """Seed of the random sampling (the same seed gives the same trials)."""
+    max_concurrent: int = Field(1, ge=1)
+    """Trials running at once, at most (also limited by resources and the budget)."""
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    memory_budget_gb: float | None = Field(None, gt=0)
+    """Peak memory one trial's worker may use (estimated before launch). Trials over it are
+    recorded as ``infeasible`` and never launched. ``None``: no budget."""
+    resources: TrialResourcesConfig = Field(default_factory=TrialResourcesConfig)
+    storage_path: str = "ray_results/tune"
+    """Where the Tune experiment (and its trials' Ray Train runs) are stored."""

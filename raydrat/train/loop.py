@@ -24,6 +24,7 @@ from raydrat.runtime import quiet_ray_data
 from raydrat.policy import EfficiencyPolicy
 from raydrat.train import checkpoint as ckpt
 from raydrat.train import metrics as M
+from raydrat.train.oom import MicroBatchStep, PeakMemory
 from raydrat.train.optim import build_optimizer, lr_at, set_lr
 from raydrat.train.step import evaluate, train_step
 from raydrat.train.sync import CommMeter, build_strategy
@@ -86,8 +87,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = select_device(tc.device)
     quiet_ray_data()
     runtime = resolve_runtime(cfg, device)  # refuses what this device cannot run
+    peak_mem = PeakMemory(device)
 
     model = build_model(cfg, device)
+    peak_mem.watch(model)
     policy = EfficiencyPolicy(cfg, model, device, runtime.precision)  # slots, gates, budget, precision
     strategy = build_strategy(cfg.sync, world_size)
     model = strategy.wrap(model)
@@ -127,6 +130,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         sink.record(start_step, {M.RESUMED_FROM_STEP: start_step}, float("nan"))
     model.train()
     window_loss, window_steps = torch.zeros((), device=device), 0
+    step_fn = MicroBatchStep(tc)  # train_step, retried with smaller micro-batches on OOM
 
     for step in range(start_step, tc.steps):
         lr = lr_at(step, cfg.optim, tc.steps)
@@ -134,7 +138,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         t_step = time.perf_counter()
         micro = [next(stream) for _ in range(tc.grad_accum)]
         plan = policy.plan(step, micro[0])
-        loss, grad_norm = train_step(model, optimizer, micro, cfg.optim.grad_clip, hooks=plan, no_sync=strategy.no_sync)
+        loss, grad_norm = step_fn(model, optimizer, micro, cfg.optim.grad_clip, hooks=plan, no_sync=strategy.no_sync)
         efficiency_values = policy.record(step, loss)
         window_loss += loss.detach()
         window_steps += 1
@@ -167,6 +171,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             sink.record(done, values, thr.eta_s(done - start_step))
         if save_now:
             report = {**values, M.STEP: done, M.TOKENS_PER_S_AVG: thr.steady_rate()}
+            report.update({M.PEAK_BYTES: peak_mem.peak() or 0, M.MICRO_BATCH: step_fn.micro_batch,
+                           M.TRAIN_TIME_S: step_fn.train_time_s})
             if M.VAL_LOSS not in report:
                 report[M.VAL_LOSS] = float("inf")
             state = None

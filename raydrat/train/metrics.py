@@ -41,6 +41,12 @@ GATE_HEATMAP_ARTIFACT = "plots/gate_heatmap.png"
 def gate_prob_name(layer: int, kind: str) -> str:
     """Metric name of the store probability of one gate, e.g. ``gates/p/L0.attn``."""
     return f"gates/p/L{layer}.{kind}"
+# Peak memory of the worker (CUDA: max allocated; CPU: resident-set growth), in bytes.
+PEAK_BYTES = "peak_bytes"
+# Micro-batch in use (train.auto_microbatch may have shrunk it).
+MICRO_BATCH = "micro_batch_size"
+# Seconds spent inside optimizer steps so far (overhead accounting).
+TRAIN_TIME_S = "train_time_s"
 
 # The attribute Ray Train ranks checkpoints by.
 CHECKPOINT_SCORE = VAL_LOSS

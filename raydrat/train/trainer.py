@@ -66,13 +66,18 @@ def build_trainer(
     mlflow_run_id: str | None = None,
     run_name: str | None = None,
     fault: dict | None = None,
+    callbacks: list | None = None,
+    worker_resources: dict | None = None,
 ) -> TorchTrainer:
     """The ``TorchTrainer`` for ``cfg`` over ``datasets`` (``train`` split across workers,
-    ``val`` given whole to each)."""
+    ``val`` given whole to each). ``callbacks`` go to the ``RunConfig`` (a Tune trial passes
+    ``TuneReportCallback``); ``worker_resources`` overrides/extends each worker's request
+    (a Tune trial passes its GPU fraction or ``memory`` bytes)."""
     use_gpu = resolve_use_gpu(cfg)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
+    resources.update(worker_resources or {})
     storage = str(Path(cfg.train.storage_path).resolve())
     return TorchTrainer(
         train_loop_per_worker,
@@ -89,6 +94,7 @@ def build_trainer(
             name=run_name or cfg.name,
             storage_path=storage,
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks,
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.train.checkpoints_to_keep,
                 checkpoint_score_attribute=M.CHECKPOINT_SCORE,
@@ -124,6 +130,28 @@ def _fault_from_env() -> dict:
     return {"fault_step": int(step), "fault_rank": int(os.environ.get("RAYDRAT_FAULT_RANK", "0"))}
 
 
+def fit_in_run(
+    cfg: RaydratConfig,
+    bundle,
+    uri: str | None,
+    run_id: str | None,
+    run_name: str,
+    callbacks: list | None = None,
+    worker_resources: dict | None = None,
+) -> ray.train.Result:
+    """Build the ``TorchTrainer`` for ``cfg`` over ``bundle`` and fit it, recording into the
+    existing MLflow run ``run_id`` (the loss-curve plot is logged when it succeeds; ending the
+    run is the caller's). Shared by ``run_training`` and the Tune trial function."""
+    trainer = build_trainer(
+        cfg, {"train": bundle.train, "val": bundle.val}, uri, run_id, run_name, _fault_from_env(),
+        callbacks=callbacks, worker_resources=worker_resources,
+    )
+    result = trainer.fit()
+    if uri and run_id:
+        _log_loss_curve(uri, run_id, run_name, Path(cfg.train.storage_path) / run_name)
+    return result
+
+
 def run_training(cfg: RaydratConfig, resume: bool | str = False) -> TrainingSummary:
     """Train ``cfg`` through Ray Train on the current (or a new local) Ray instance.
     ``resume``: continue the newest interrupted run of ``cfg.name`` (or the named run)
@@ -154,21 +182,16 @@ def run_training(cfg: RaydratConfig, resume: bool | str = False) -> TrainingSumm
     if record is None:
         R.write_run_record(cfg, run_name, uri, run_id)
 
-    trainer = build_trainer(cfg, {"train": bundle.train, "val": bundle.val}, uri, run_id, run_name, _fault_from_env())
     status = "FAILED"
     try:
-        result = trainer.fit()
+        result = fit_in_run(cfg, bundle, uri, run_id, run_name)
         status = "FINISHED"
         if uri and run_id:  # per-epoch data counts (documents, tokens, skips)
             for epoch, values in enumerate(bundle.epoch_metrics(), start=1):
                 tracking.log_metrics(uri, run_id, values, epoch)
     finally:
         if uri and run_id:
-            try:
-                if status == "FINISHED":
-                    _log_loss_curve(uri, run_id, run_name, Path(cfg.train.storage_path) / run_name)
-            finally:
-                tracking.end_run(uri, run_id, status)
+            tracking.end_run(uri, run_id, status)
 
     final = dict(result.metrics or {})
     summary = TrainingSummary(
