@@ -64,6 +64,9 @@ def _session_pids(marker: str) -> list[int]:
 def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env["PYTHONPATH"] = str(REPO)
+    # A private loopback head for this test only: no token authentication, so the job
+    # client needs no token file shared with other Ray instances on this machine.
+    env["RAY_AUTH_MODE"] = "disabled"
     return env
 
 
