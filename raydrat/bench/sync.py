@@ -78,7 +78,7 @@ def run_variant(cfg: RaydratConfig, variant: dict, train_batches: list, val_batc
     for step in range(tc.steps):
         set_lr(optimizer, lr_at(step, cfg.optim, tc.steps))
         t0 = time.perf_counter()
-        train_step(model, optimizer, (next(stream) for _ in range(tc.grad_accum)), cfg.optim.grad_clip, strategy.no_sync)
+        train_step(model, optimizer, (next(stream) for _ in range(tc.grad_accum)), cfg.optim.grad_clip, no_sync=strategy.no_sync)
         strategy.after_optimizer_step(step + 1)
         if step + 1 == tc.steps:
             strategy.synchronize()
