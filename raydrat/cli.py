@@ -35,24 +35,10 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 def _root_cause(exc: BaseException) -> BaseException:
     """Ray wraps worker exceptions; find a known one in the chain."""
-    seen = set()
-    stack = [exc]
+    from raydrat.runtime import walk_exceptions
+
     known = _known_errors()
-    while stack:
-        e = stack.pop()
-        if id(e) in seen or e is None:
-            continue
-        seen.add(id(e))
-        if isinstance(e, known):
-            return e
-        stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
-        for attr in ("worker_failures", "errors"):
-            errs = getattr(e, attr, None)
-            if isinstance(errs, dict):
-                stack.extend(errs.values())
-            elif isinstance(errs, (list, tuple)):
-                stack.extend(errs)
-    return exc
+    return next((e for e in walk_exceptions(exc) if isinstance(e, known)), exc)
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:

@@ -563,16 +563,22 @@ def format_validation_error(exc: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
-def resolve_recipe(path: str | Path) -> Path:
-    """A recipe path, or the name of a shipped recipe (``debug`` / ``debug.yaml``)."""
+def resolve_shipped_yaml(path: str | Path, folder: Path, kind: str, shipped_kind: str) -> Path:
+    """``path`` if it exists, else the shipped ``folder/NAME.yaml`` it names. The error
+    ("config file ... not found (shipped recipes: ...)") lists what is shipped."""
     p = Path(path)
     if p.exists():
         return p
-    for candidate in (RECIPES_DIR / p.name, RECIPES_DIR / f"{p.name}.yaml"):
+    for candidate in (folder / p.name, folder / f"{p.name}.yaml"):
         if candidate.exists():
             return candidate
-    shipped = ", ".join(sorted(q.stem for q in RECIPES_DIR.glob("*.yaml")))
-    raise ConfigError(f"config file {str(path)!r} not found (shipped recipes: {shipped})")
+    shipped = ", ".join(sorted(q.stem for q in folder.glob("*.yaml"))) or "none"
+    raise ConfigError(f"{kind} {str(path)!r} not found (shipped {shipped_kind}: {shipped})")
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """A recipe path, or the name of a shipped recipe (``debug`` / ``debug.yaml``)."""
+    return resolve_shipped_yaml(path, RECIPES_DIR, "config file", "recipes")
 
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import time
 import torch
 
 from raydrat.config import TrainConfig
+from raydrat.runtime import walk_exceptions
 from raydrat.train.step import train_step
 
 FAULT_ENV = "RAYDRAT_FAULT_OOM_MICRO_BATCH_ABOVE"
@@ -74,22 +75,11 @@ class PeakMemory:
 
 def is_oom(exc: BaseException) -> bool:
     """True when ``exc`` (or anything it wraps, Ray's wrappers included) is an OOM."""
-    seen: set[int] = set()
-    stack: list = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, torch.OutOfMemoryError) or "OutOfMemoryError" in type(e).__name__:
-            return True
-        stack.extend([e.__cause__, e.__context__, getattr(e, "cause", None)])
-        for attr in ("worker_failures", "errors"):
-            errs = getattr(e, attr, None)
-            if isinstance(errs, dict):
-                stack.extend(errs.values())
-            elif isinstance(errs, (list, tuple)):
-                stack.extend(errs)
+    if any(
+        isinstance(e, torch.OutOfMemoryError) or "OutOfMemoryError" in type(e).__name__
+        for e in walk_exceptions(exc)
+    ):
+        return True
     return "OutOfMemoryError" in str(exc) or "CUDA out of memory" in str(exc)
 
 

@@ -32,6 +32,7 @@ from raydrat.config import (
     config_from_dict,
     format_validation_error,
     read_yaml_mapping,
+    resolve_shipped_yaml,
     resolve_recipe,
     set_dotted,
 )
@@ -109,14 +110,7 @@ def _with(base: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
 
 def resolve_space(path: str | Path) -> Path:
     """A space file path, or the name of a shipped space (``smoke`` / ``smoke.yaml``)."""
-    p = Path(path)
-    if p.exists():
-        return p
-    for candidate in (SPACES_DIR / p.name, SPACES_DIR / f"{p.name}.yaml"):
-        if candidate.exists():
-            return candidate
-    shipped = ", ".join(sorted(q.stem for q in SPACES_DIR.glob("*.yaml"))) or "none"
-    raise ConfigError(f"space file {str(path)!r} not found (shipped spaces: {shipped})")
+    return resolve_shipped_yaml(path, SPACES_DIR, "space file", "spaces")
 
 
 def _parse_dist(key: str, spec: Any, where: str) -> Dist:
