@@ -43,6 +43,7 @@ __all__ = [
     "resolve_sources",
     "resolve_tokenizer_path",
     "special_ids",
+    "tokenizer_file",
     "tokenizer_hash",
     "train_tokenizer",
 ]

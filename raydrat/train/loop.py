@@ -26,7 +26,7 @@ from raydrat.train import checkpoint as ckpt
 from raydrat.train import metrics as M
 from raydrat.train.oom import MicroBatchStep, PeakMemory
 from raydrat.train.optim import build_optimizer, lr_at, set_lr
-from raydrat.train.step import evaluate, train_step
+from raydrat.train.step import evaluate
 from raydrat.train.sync import CommMeter, build_strategy
 
 

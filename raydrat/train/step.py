@@ -4,7 +4,7 @@ the bare-loop baseline of the overhead benchmark."""
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Iterable, Iterator
+from typing import Callable, ContextManager, Iterable
 
 import torch
 
@@ -89,18 +89,3 @@ def evaluate(model: torch.nn.Module, batches: Iterable[torch.Tensor], max_batche
     if not losses:
         raise RuntimeError("the validation set yielded no batch: lower train.batch_size")
     return torch.stack(losses).mean().item()
-
-
-def cycle_batches(make_iter, on_epoch=None) -> Iterator[torch.Tensor]:
-    """Endless stream of batches from ``make_iter()``, restarted at each epoch."""
-    epoch = 0
-    while True:
-        empty = True
-        for batch in make_iter():
-            empty = False
-            yield batch
-        if empty:
-            raise RuntimeError("the training data yielded no batch: lower train.batch_size")
-        epoch += 1
-        if on_epoch is not None:
-            on_epoch(epoch)

@@ -414,7 +414,7 @@ def overhead_figures(records: list[R.TrialRecord], sweep_wall: float) -> dict[st
 
 def _finish(space, records, state, uri, sweep_dir, sweep_wall, concurrency, warnings) -> SweepSummary:
     sweep = space.sweep
-    front = R.mark_pareto(records)
+    R.mark_pareto(records)  # sets each record's pareto flag
     budget = int(sweep.memory_budget_gb * GB) if sweep.memory_budget_gb else None
     tiers = R.best_per_tier(records, R.memory_tiers(budget, records))
     ranked = [r for r in records if r.ranked()]
