@@ -118,6 +118,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             device=device,
             drop_last=True,
             local_shuffle_buffer_size=local_shuffle or None,
+            # seeded, so a resumed run skips exactly the batches it had already trained on
+            local_shuffle_seed=(tc.seed + rank) if local_shuffle else None,
             prefetch_batches=cfg.data.prefetch_batches,
         )
 
