@@ -171,6 +171,13 @@ class DataConfig(Section):
     shuffle_buffer: int = Field(2048, ge=0)
     """Local shuffle buffer (in blocks) when iterating the training shard; 0 disables.
     Blocks arrive grouped by source file, so some shuffling keeps batches varied."""
+    preserve_order: bool = True
+    """Deliver the training blocks in the same order on every run (Ray Data's
+    ``preserve_order``), so that, with the seeded local shuffle, a run resumed with
+    ``--resume`` trains on exactly the batches an uninterrupted run would have. Turning it
+    off lets a slow tokenizer task be overtaken (slightly higher ingest throughput on a busy
+    cluster) at the price of run-to-run batch order. With several Train workers the blocks
+    are still dealt to workers as they ask, so only the single-worker order is exact."""
     prefetch_batches: int = Field(2, ge=0)
     """Batches each Train worker fetches ahead of the one it trains on."""
     tokenize_actors: int = Field(0, ge=0)

@@ -59,6 +59,15 @@ def resolve_use_gpu(cfg: RaydratConfig) -> bool:
     return bool(cfg.scaling.use_gpu)
 
 
+def _data_config(cfg: RaydratConfig) -> "ray.train.DataConfig":
+    """``train`` is split across the workers (``val`` is given whole to each), streamed in a
+    fixed order when ``data.preserve_order`` is set."""
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = cfg.data.preserve_order
+    options.verbose_progress = False
+    return ray.train.DataConfig(datasets_to_split=["train"], execution_options=options)
+
+
 def build_trainer(
     cfg: RaydratConfig,
     datasets: dict,
@@ -89,7 +98,7 @@ def build_trainer(
             num_workers=cfg.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=_data_config(cfg),
         run_config=ray.train.RunConfig(
             name=run_name or cfg.name,
             storage_path=storage,
