@@ -206,6 +206,14 @@ def test_sweep_budget_oom_mlflow_tree_and_pareto(demo_dir: Path, tmp_path: Path)
         r = records[t]
         assert math.isfinite(r["val_loss"]) and r["peak_bytes"] > 0 and r["tokens_per_s"] > 0
         assert r["estimated_bytes"] > 0 and r["micro_batch_size"] == 4 and r["steps"] == 6
+        phases = r["phase_s"]  # the trial's time split: set-up, loop, and within the loop
+        assert 0 < phases["time/data_setup_s"] and 0 < r["train_time_s"] < phases["time/loop_s"] < r["wall_s"]
+        assert phases["time/eval_s"] > 0 and phases["time/checkpoint_s"] > 0
+    overhead = json.loads((tmp_path / "sweep.json").read_text())["overhead"]
+    parts = overhead["outside_steps_breakdown"]
+    assert all(v >= 0 for v in parts.values()) and sum(parts.values()) == pytest.approx(1, abs=1e-3)
+    assert parts["train_steps"] == pytest.approx(1 - overhead["outside_steps_share_in_trials"], abs=1e-3)
+    assert "Trial time by part: data_setup" in out
 
     done = [r for r in records.values() if r["status"] == "completed"]
     for r in records.values():

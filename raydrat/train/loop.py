@@ -78,6 +78,7 @@ class MetricsSink:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    clock = M.PhaseClock()
     cfg = RaydratConfig.model_validate(loop_config["config"])
     ctx = LoopContext(**loop_config["context"])
     tc = cfg.train
@@ -138,7 +139,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         lr = lr_at(step, cfg.optim, tc.steps)
         set_lr(optimizer, lr)
         t_step = time.perf_counter()
-        micro = [next(stream) for _ in range(tc.grad_accum)]
+        with clock.timing(M.DATA_WAIT_S):
+            micro = [next(stream) for _ in range(tc.grad_accum)]
         plan = policy.plan(step, micro[0])
         loss, grad_norm = step_fn(model, optimizer, micro, cfg.optim.grad_clip, hooks=plan, no_sync=strategy.no_sync)
         efficiency_values = policy.record(step, loss)
@@ -168,20 +170,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
             values.update(efficiency_values)
             values.update(comm.window())
         if evaluate_now:
-            values[M.VAL_LOSS] = evaluate(model, (b["tokens"] for b in torch_batches(val_shard)), tc.eval_batches)
+            with clock.timing(M.EVAL_S):
+                values[M.VAL_LOSS] = evaluate(model, (b["tokens"] for b in torch_batches(val_shard)), tc.eval_batches)
         if values:
             sink.record(done, values, thr.eta_s(done - start_step))
         if save_now:
             report = {**values, M.STEP: done, M.TOKENS_PER_S_AVG: thr.steady_rate()}
             report.update({M.PEAK_BYTES: peak_mem.peak() or 0, M.MICRO_BATCH: step_fn.micro_batch,
-                           M.TRAIN_TIME_S: step_fn.train_time_s})
+                           M.TRAIN_TIME_S: step_fn.train_time_s, **clock.snapshot()})
             if M.VAL_LOSS not in report:
                 report[M.VAL_LOSS] = float("inf")
+            t_save = time.perf_counter()
             state = None
             if rank == 0:
                 state = ckpt.training_state(model, optimizer, done, cfg.to_dict(), {"sync": strategy.state_dict()})
             with ckpt.checkpoint_dir(state, rank, ckpt.rank_state(optimizer, position)) as d:
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
+            clock.add(M.CHECKPOINT_S, time.perf_counter() - t_save)
         if ctx.fault_step == done and rank == ctx.fault_rank and restored is None:
             time.sleep(1.0)  # let the controller register the last report first
             os.kill(os.getpid(), signal.SIGKILL)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 
 # Mean training loss over the optimizer steps since the previous log line.
 TRAIN_LOSS = "train_loss"
@@ -46,6 +47,13 @@ PEAK_BYTES = "peak_bytes"
 MICRO_BATCH = "micro_batch_size"
 # Seconds spent inside optimizer steps so far (overhead accounting).
 TRAIN_TIME_S = "train_time_s"
+# Where else a worker's loop spent its time, in seconds since the loop started (overhead
+# accounting; each is reported with every checkpoint, so the last one's own save is not in it).
+DATA_WAIT_S = "time/data_wait_s"
+EVAL_S = "time/eval_s"
+CHECKPOINT_S = "time/checkpoint_s"
+LOOP_S = "time/loop_s"
+PHASES = (DATA_WAIT_S, EVAL_S, CHECKPOINT_S)
 
 # The attribute Ray Train ranks checkpoints by.
 CHECKPOINT_SCORE = VAL_LOSS
@@ -63,6 +71,29 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
         logger.propagate = False
     logger.setLevel(level)
     return logger
+
+
+class PhaseClock:
+    """Seconds a worker's loop spends waiting for data, evaluating and saving checkpoints,
+    and its wall time since it started: with ``train_time_s`` they split the loop's time."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.totals = dict.fromkeys(PHASES, 0.0)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.totals[phase] += seconds
+
+    @contextmanager
+    def timing(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(phase, time.perf_counter() - t0)
+
+    def snapshot(self) -> dict[str, float]:
+        return {**self.totals, LOOP_S: time.perf_counter() - self.started}
 
 
 class Throughput:

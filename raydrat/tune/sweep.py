@@ -22,7 +22,7 @@ from raydrat.config import ConfigError
 from raydrat.train import metrics as M
 from raydrat.tune import report as R
 from raydrat.tune.space import Space, TrialSpec, expand, load_space
-from raydrat.tune.trial import ERROR, STATUS, TRIAL_END, TRIAL_START, TRIAL_WALL_S, trial_fn
+from raydrat.tune.trial import DATA_SETUP_S, ERROR, STATUS, TRIAL_END, TRIAL_START, TRIAL_WALL_S, trial_fn
 
 STATE_FILE = "raydrat_sweep.json"
 STATUSES = ("completed", "stopped_early", "infeasible", "oom", "failed")
@@ -356,6 +356,8 @@ def _records(space, trials, estimates, feasible, grid, state) -> list[R.TrialRec
             val_loss=_last(df, M.VAL_LOSS), peak_bytes=int(peak) if peak and peak == peak else None,
             tokens_per_s=_last(df, M.TOKENS_PER_S_AVG), steps=_int(_last(df, M.STEP)),
             micro_batch_size=_int(_last(df, M.MICRO_BATCH)), train_time_s=_last(df, M.TRAIN_TIME_S),
+            phase_s={k: v for k in (M.LOOP_S, *M.PHASES) if (v := _last(df, k)) is not None}
+            | ({DATA_SETUP_S: final[DATA_SETUP_S]} if final.get(DATA_SETUP_S) is not None else {}),
             wall_s=final.get(TRIAL_WALL_S) or (end - start if start and end else None),
             start_ts=start, end_ts=end,
             error=error,
@@ -409,7 +411,31 @@ def overhead_figures(records: list[R.TrialRecord], sweep_wall: float) -> dict[st
         "outside_steps_share_of_sweep": round(1 - train / (sweep_wall * (trial_wall / span)), 4) if span and sweep_wall else None,
         "concurrency_peak": peak_conc,
         "concurrency_mean": round(trial_wall / span, 2) if span else None,
+        "outside_steps_breakdown": _breakdown(ran, trial_wall),
     }
+
+
+def _breakdown(ran: list[R.TrialRecord], trial_wall: float) -> dict[str, float] | None:
+    """Shares of the trials' wall time by where it went: data set-up (corpus plan and val
+    split), Ray Train start-up and tear-down (everything outside the worker loop), and in the
+    loop: waiting for data, evaluation, checkpoint saves (with their ``ray.train.report``
+    barrier), the rest (logging, tracking, the efficiency policy), and the training steps.
+    None when a trial did not report its loop times."""
+    keys = (DATA_SETUP_S, M.LOOP_S, *M.PHASES)
+    if not ran or not trial_wall or any(k not in r.phase_s for r in ran for k in keys):
+        return None
+    total = {k: sum(r.phase_s[k] for r in ran) for k in keys}
+    train = sum(r.train_time_s for r in ran)
+    parts = {
+        "data_setup": total[DATA_SETUP_S],
+        "train_startup_teardown": trial_wall - total[DATA_SETUP_S] - total[M.LOOP_S],
+        "data_wait": total[M.DATA_WAIT_S],
+        "eval": total[M.EVAL_S],
+        "checkpoint": total[M.CHECKPOINT_S],
+        "other_in_loop": total[M.LOOP_S] - train - sum(total[k] for k in M.PHASES),
+        "train_steps": train,
+    }
+    return {k: round(v / trial_wall, 4) for k, v in parts.items()}
 
 
 def _finish(space, records, state, uri, sweep_dir, sweep_wall, concurrency, warnings) -> SweepSummary:
@@ -430,6 +456,9 @@ def _finish(space, records, state, uri, sweep_dir, sweep_wall, concurrency, warn
     text += (f"\nOverhead: {overhead['outside_steps_share_in_trials']} of trial time outside training steps; "
              f"concurrency peak {overhead['concurrency_peak']}, mean {overhead['concurrency_mean']} "
              f"(limit {concurrency}); sweep wall {overhead['sweep_wall_s']}s")
+    if overhead["outside_steps_breakdown"]:
+        text += "\nTrial time by part: " + ", ".join(
+            f"{k} {v:.1%}" for k, v in overhead["outside_steps_breakdown"].items())
     csv_path = R.write_pareto_csv(records, sweep_dir / "pareto.csv")
     png_path = R.plot_pareto(records, sweep_dir / "pareto.png", f"{sweep_dir.name}: Pareto front")
     (sweep_dir / "report.txt").write_text(text + "\n")
@@ -446,7 +475,9 @@ def _finish(space, records, state, uri, sweep_dir, sweep_wall, concurrency, warn
             tracking.log_metrics(uri, parent, {"best_val_loss": best.val_loss}, 0)
         for k, v in counts.items():
             c.set_tag(parent, f"raydrat.trials.{k}", str(v))
-        tracking.log_metrics(uri, parent, {k: v for k, v in overhead.items() if isinstance(v, (int, float))}, 0)
+        flat = {k: v for k, v in overhead.items() if isinstance(v, (int, float))}
+        flat.update({f"share/{k}": v for k, v in (overhead["outside_steps_breakdown"] or {}).items()})
+        tracking.log_metrics(uri, parent, flat, 0)
         tracking.end_run(uri, parent, "FINISHED")
     return SweepSummary(sweep_dir.name, sweep_dir, records, text, command, overhead, parent, uri, best, warnings)
 

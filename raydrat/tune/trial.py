@@ -15,6 +15,7 @@ STATUS = "status"
 TRIAL_WALL_S = "trial_wall_s"
 TRIAL_START = "trial_start_ts"
 TRIAL_END = "trial_end_ts"
+DATA_SETUP_S = "time/data_setup_s"  # planning the corpus and building the val split
 ERROR = "error"
 
 
@@ -37,9 +38,10 @@ def trial_fn(config: dict) -> None:
     quiet_ray_data()
     bundle = build_datasets(cfg.data, cfg.model.seq_len, cfg.model.vocab_size,
                             reserved_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+    data_setup_s = time.time() - t0
     if uri and run_id:
         tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
-    final: dict = {STATUS: "completed"}
+    final: dict = {STATUS: "completed", DATA_SETUP_S: data_setup_s}
     try:
         result = fit_in_run(
             cfg, bundle, uri, run_id, payload["run_name"],
