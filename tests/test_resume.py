@@ -116,3 +116,20 @@ def test_killed_worker_is_replaced_and_run_completes(ray_local, demo_dir, tmp_pa
     assert sorted(_history(db, summary.mlflow_run_id, "val_loss")) == [EVAL, STEPS]
     comm = _history(db, summary.mlflow_run_id, "comm_bytes_per_step")
     assert comm and max(comm.values()) > 0  # local/2 logged every step: bytes on sync steps only
+
+
+def test_resume_starts_from_the_newer_of_ray_trains_record_and_the_latest_directory(tmp_path):
+    """A run killed right after a save: Ray Train's record may end one checkpoint earlier
+    than storage (or hold none); --resume starts from the newest save either way."""
+    import ray.train
+
+    from raydrat.train.checkpoint import newest
+
+    old, new = (tmp_path / "checkpoint_2026-11-23_13-08-53.453148"), (tmp_path / "checkpoint_2026-11-23_13-09-54.818146")
+    for d in (old, new):
+        d.mkdir()
+    assert newest(None, None) is None
+    assert newest(None, str(new)).path == str(new)
+    assert newest(ray.train.Checkpoint(str(old)), str(new)).path == str(new)
+    assert newest(ray.train.Checkpoint(str(new)), str(old)).path == str(new)  # a retry after a later save
+    assert newest(ray.train.Checkpoint(str(old)), None).path == str(old)

@@ -256,7 +256,7 @@ def test_resume_after_interrupt_runs_only_the_remaining_trials(demo_dir: Path, t
 
     p = _space(tmp_path, name="resumetest", max_concurrent=1, scheduler={"type": "none"},
                overrides={**SHORT, "data.demo_dir": str(demo_dir)},
-               space={"optim.lr": {"grid": [1e-3, 2e-3, 3e-3]}})
+               space={"optim.lr": {"grid": [1e-3, 2e-3]}})
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(raydrat_cmd("tune", str(p)), cwd=tmp_path, env=env,
@@ -279,7 +279,7 @@ def test_resume_after_interrupt_runs_only_the_remaining_trials(demo_dir: Path, t
     out2 = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, out2[-5000:]
     records = json.loads((tmp_path / "sweep.json").read_text())["trials"]
-    assert [r["status"] for r in records] == ["completed"] * 3
+    assert [r["status"] for r in records] == ["completed"] * 2
     # t000 was not run again: its Ray Train run and its MLflow metrics exist once
     from mlflow.tracking import MlflowClient
 

@@ -22,6 +22,7 @@ import random
 import tempfile
 from dataclasses import asdict, dataclass
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -104,6 +105,19 @@ def checkpoint_dir(state: dict | None, rank: int | None = None, per_rank: dict |
         if per_rank is not None:
             torch.save(per_rank, os.path.join(tmp, RANK_FILE.format(rank=rank)))
         yield tmp
+
+
+def newest(restored: "ray.train.Checkpoint | None", on_storage: str | None) -> "ray.train.Checkpoint | None":
+    """The checkpoint to start from: Ray Train's restored one or the newest checkpoint
+    directory found on storage, whichever was saved later. Both live in the run's storage
+    directory, named ``checkpoint_<timestamp>``, so the later name is the later save."""
+    import ray.train
+
+    if not on_storage:
+        return restored
+    if restored is None or Path(restored.path).name < Path(on_storage).name:
+        return ray.train.Checkpoint(on_storage)
+    return restored
 
 
 def load_state(directory: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray.train
 import torch
@@ -23,6 +24,7 @@ from raydrat.model import GPT, apply_recompute
 from raydrat.runtime import quiet_ray_data
 from raydrat.policy import EfficiencyPolicy
 from raydrat.train import checkpoint as ckpt
+from raydrat.train import resume as R
 from raydrat.train import metrics as M
 from raydrat.train.oom import MicroBatchStep, PeakMemory
 from raydrat.train.optim import build_optimizer, lr_at, set_lr
@@ -40,6 +42,14 @@ class LoopContext:
     """Test hook: after this optimizer step, rank ``fault_rank`` of a worker group that did
     not start from a checkpoint kills its own process (SIGKILL)."""
     fault_rank: int = 0
+    run_dir: str | None = None
+    """The run's directory in Ray Train storage."""
+    checkpoints_since: float = 0.0
+    """Checkpoints in ``run_dir`` saved since this time are this run's to start from (0 with
+    ``--resume``: any). A worker group starts from the newest of them and of the checkpoint
+    Ray Train hands it: Ray Train records a save only once its controller has collected every
+    worker's report, so a worker killed right after saving can leave the newest save out of
+    Ray Train's record (then a retry, or ``--resume``, would start over or start too early)."""
 
 
 def select_device(choice: str) -> torch.device:
@@ -100,7 +110,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     start_step = 0
     position = ckpt.DataPosition()
-    restored = ray.train.get_checkpoint()
+    on_storage = R.latest_checkpoint(Path(ctx.run_dir), ctx.checkpoints_since) if ctx.run_dir else None
+    restored = ckpt.newest(ray.train.get_checkpoint(), on_storage and str(on_storage))
     rank_state = None
     if restored is not None:
         with restored.as_directory() as d:

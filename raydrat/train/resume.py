@@ -6,7 +6,9 @@ id, and the config. ``raydrat train CONFIG --resume [RUN]`` finds that record (t
 run, else the newest run of the same ``name``), checks that the config is compatible and
 that a checkpoint exists, and then starts a ``TorchTrainer`` with the same
 ``RunConfig(name, storage_path)``: Ray Train restores its checkpoint manager from storage
-and hands the workers the latest checkpoint, and metrics go on into the same MLflow run.
+and the workers start from the latest checkpoint (the newer of Ray Train's record and the
+latest checkpoint directory, which Ray Train may not have recorded when the run was killed
+right after a save), and metrics go on into the same MLflow run.
 Nothing is written before these checks pass.
 """
 
@@ -62,8 +64,10 @@ def read_run_record(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / RUN_FILE).read_text())
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    ckpts = sorted(p.parent for p in run_dir.glob("checkpoint_*/state.pt"))
+def latest_checkpoint(run_dir: Path, since: float = 0.0) -> Path | None:
+    """The run's newest checkpoint directory holding the model state (saved at or after the
+    wall-clock time ``since``), or None."""
+    ckpts = sorted(p.parent for p in run_dir.glob("checkpoint_*/state.pt") if p.stat().st_mtime >= since)
     return ckpts[-1] if ckpts else None
 
 

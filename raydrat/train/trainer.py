@@ -77,11 +77,15 @@ def build_trainer(
     fault: dict | None = None,
     callbacks: list | None = None,
     worker_resources: dict | None = None,
+    resume: bool = False,
 ) -> TorchTrainer:
     """The ``TorchTrainer`` for ``cfg`` over ``datasets`` (``train`` split across workers,
     ``val`` given whole to each). ``callbacks`` go to the ``RunConfig`` (a Tune trial passes
     ``TuneReportCallback``); ``worker_resources`` overrides/extends each worker's request
-    (a Tune trial passes its GPU fraction or ``memory`` bytes)."""
+    (a Tune trial passes its GPU fraction or ``memory`` bytes). The workers start
+    from the newest checkpoint of Ray Train's record and the run's storage directory (any
+    there with ``resume``, else those this fit saved): Ray Train may not have recorded a save
+    that finished just before a worker was killed."""
     use_gpu = resolve_use_gpu(cfg)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if use_gpu:
@@ -92,7 +96,9 @@ def build_trainer(
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.to_dict(),
-            "context": {"tracking_uri": tracking_uri, "run_id": mlflow_run_id, **(fault or {})},
+            "context": {"tracking_uri": tracking_uri, "run_id": mlflow_run_id, **(fault or {}),
+                        "run_dir": str(Path(storage) / (run_name or cfg.name)),
+                        "checkpoints_since": 0.0 if resume else time.time()},
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=use_gpu, resources_per_worker=resources
@@ -147,13 +153,14 @@ def fit_in_run(
     run_name: str,
     callbacks: list | None = None,
     worker_resources: dict | None = None,
+    resume: bool = False,
 ) -> ray.train.Result:
     """Build the ``TorchTrainer`` for ``cfg`` over ``bundle`` and fit it, recording into the
     existing MLflow run ``run_id`` (the loss-curve plot is logged when it succeeds; ending the
     run is the caller's). Shared by ``run_training`` and the Tune trial function."""
     trainer = build_trainer(
         cfg, {"train": bundle.train, "val": bundle.val}, uri, run_id, run_name, _fault_from_env(),
-        callbacks=callbacks, worker_resources=worker_resources,
+        callbacks=callbacks, worker_resources=worker_resources, resume=resume,
     )
     result = trainer.fit()
     if uri and run_id:
@@ -193,7 +200,7 @@ def run_training(cfg: RaydratConfig, resume: bool | str = False) -> TrainingSumm
 
     status = "FAILED"
     try:
-        result = fit_in_run(cfg, bundle, uri, run_id, run_name)
+        result = fit_in_run(cfg, bundle, uri, run_id, run_name, resume=record is not None)
         status = "FINISHED"
         if uri and run_id:  # per-epoch data counts (documents, tokens, skips)
             for epoch, values in enumerate(bundle.epoch_metrics(), start=1):
