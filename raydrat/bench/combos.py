@@ -23,12 +23,14 @@ from dataclasses import dataclass
 import torch
 
 from raydrat import tracking
+from raydrat.bench.layertime import LayerStackTimer
 from raydrat.bench.overhead import _batches
 from raydrat.bench.report import print_table, write_json
 from raydrat.config import RaydratConfig, config_from_dict
 from raydrat.data import iter_blocks_local
 from raydrat.efficiency import resolve_runtime
 from raydrat.memory import activation_plan_bounds, estimate_memory, flop_counter, grad_bytes, optimizer_state_bytes, param_bytes, saved_activation_bytes
+from raydrat.model.budget import solve_budget
 from raydrat.policy import EfficiencyPolicy
 from raydrat.train import metrics as M
 from raydrat.train.loop import build_model
@@ -49,7 +51,7 @@ def combinations(cfg: RaydratConfig) -> list[tuple[str, list[str]]]:
         ("adamw8bit+full", ["optim.name=adamw8bit", "train.checkpointing=full"]),
         ("gated_lam0.01", ["train.checkpointing=gated", "gates.lam=0.01", "gates.mu=0.01"]),
         ("gated_lam0.1", ["train.checkpointing=gated", "gates.lam=0.1", "gates.mu=0.01"]),
-        ("gated_at_budget", ["train.checkpointing=gated", "gates.lam=1.0", "gates.mu=0.05", f"gates.memory_budget_mb={budget}"]),
+        ("gated_at_budget", ["train.checkpointing=gated", f"gates.memory_budget_mb={budget}"]),
         ("budget", ["train.checkpointing=budget", f"recompute.budget_mb={budget}"]),
         ("layerdrop0.5", ["slots.mode=layerdrop", "slots.keep=0.5"]),
         ("progressive", ["slots.mode=progressive"]),
@@ -89,24 +91,38 @@ def run_one(cfg: RaydratConfig, data: Data) -> dict:
         torch.cuda.reset_peak_memory_stats()
     stream = itertools.cycle(data.train)
     thr = M.Throughput(tc.steps, tc.batch_size * tc.grad_accum * cfg.model.seq_len)
+    timer = LayerStackTimer(model) if tc.compile == "off" else None  # hooks break compiled graphs
     losses, flops, active = [], [], []
     t0 = time.perf_counter()
+    t_steady = t0
     for step in range(tc.steps):
         set_lr(optimizer, lr_at(step, cfg.optim, tc.steps))
         micro = [next(stream).to(device) for _ in range(tc.grad_accum)]
         plan = policy.plan(step, micro[0])
+        if timer is not None:
+            timer.enabled = step > 0  # steady state: the first step warms up, as for tokens/s
         loss, _ = train_step(model, optimizer, micro, cfg.optim.grad_clip, hooks=plan)
+        if timer is not None:
+            timer.enabled = False
         values = policy.record(step, loss)
         thr.step_done()
+        if step == 0:
+            t_steady = time.perf_counter()
         losses.append(loss)
         flops.append(values.get(M.RECOMPUTE_FLOPS, 0.0))
         active.append(values.get(M.ACTIVE_SLOTS, cfg.model.n_layer))
     wall = time.perf_counter() - t0
+    steady_steps = tc.steps - 1
+    steady_s = time.perf_counter() - t_steady
+    steady_tokens_per_s = thr.steady_rate()
+    if timer is not None:
+        timer.remove()
     val_loss = evaluate(model, [b.to(device) for b in data.val], tc.eval_batches)
     # memory, measured on real tensors: activations averaged over a few plans
     tokens = data.train[0].to(device)
     idx, targets = tokens[:, :-1], tokens[:, 1:]
     acts = []
+    last_plan = policy.last_plan
     for k in range(4):
         plan = policy.plan(tc.steps + k)
         acts.append(saved_activation_bytes(model, idx, targets, plan.autocast(), **plan.forward_kwargs))
@@ -118,7 +134,8 @@ def run_one(cfg: RaydratConfig, data: Data) -> dict:
     model.zero_grad(set_to_none=True)
     est = estimate_memory(cfg, device=device.type)
     rec = {
-        "tokens_per_s": thr.steady_rate(),
+        # steady steps only, timed before evaluation and the memory measurements below
+        "tokens_per_s": steady_tokens_per_s,
         "wall_s": wall,
         "param_bytes": param_bytes(model),
         "grad_bytes": grads,
@@ -132,9 +149,35 @@ def run_one(cfg: RaydratConfig, data: Data) -> dict:
         "val_loss": val_loss,
         "steps": tc.steps,
     }
+    rec["activation_bytes_max"] = max(acts)
+    tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.seq_len
+    layer_s = timer.total_s if timer is not None and steady_steps > 0 else float("nan")
+    rec["layer_s_per_step"] = layer_s / steady_steps if steady_steps > 0 else float("nan")
+    rec["outside_layers_s_per_step"] = (steady_s - layer_s) / steady_steps if steady_steps > 0 else float("nan")
+    rec["layer_tokens_per_s"] = steady_steps * tokens_per_step / layer_s if layer_s > 0 else float("nan")
+    rec.update(budget_record(cfg, policy, last_plan))
     if device.type == "cuda":
         rec["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
     return rec
+
+
+def budget_record(cfg: RaydratConfig, policy: EfficiencyPolicy, plan) -> dict:
+    """For a run with an activation budget (gated at a budget, or the budget optimum): the
+    budget, the last plan's bytes and recompute FLOPs (from the measured costs) and the
+    exact optimum at the same budget (``solve_budget`` over the same costs)."""
+    mode = cfg.train.checkpointing
+    budget_mb = cfg.gates.memory_budget_mb if mode == "gated" else cfg.recompute.budget_mb if mode == "budget" else None
+    if budget_mb is None or policy.costs is None or plan is None:
+        return {}
+    budget = int(budget_mb * 2**20)
+    best = solve_budget(policy.costs, budget - policy.outside_bytes)
+    return {
+        "budget_bytes": budget,
+        "plan_activation_bytes": policy.plan_bytes(plan),
+        "plan_recompute_flops": policy.plan_recompute_flops(plan),
+        "optimum_activation_bytes": policy.outside_bytes + best.stored_bytes,
+        "optimum_recompute_flops": best.recompute_flops,
+    }
 
 
 def layer_flops(cfg: RaydratConfig) -> tuple[float, float]:
@@ -196,7 +239,7 @@ def run_combos(cfg: RaydratConfig, json_path: str | None = None, only: list[str]
                 tracking.end_run(uri, child)
         base = records[0]
         for rec in records:
-            for key in ("tokens_per_s", "param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes", "estimated_bytes", "loss", "val_loss"):
+            for key in ("tokens_per_s", "layer_tokens_per_s", "param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes", "estimated_bytes", "loss", "val_loss"):
                 rec[f"{key}_ratio"] = rec[key] / base[key] if base[key] else float("nan")
             rec["estimate_error_activations"] = rec["estimated_activation_bytes"] / rec["activation_bytes"] - 1
         by_name = {r["name"]: r for r in records}
@@ -209,12 +252,31 @@ def run_combos(cfg: RaydratConfig, json_path: str | None = None, only: list[str]
     mib = 2**20
     print_table(
         f"combos: {cfg.name}, {cfg.train.steps} steps, batch {cfg.train.batch_size}x{cfg.model.seq_len}, ratios to baseline",
-        ["combination", "tok/s", "x", "params MiB", "grads MiB", "optim MiB", "x", "act MiB", "x", "est MiB", "est act err", "recompute GFLOP/step", "loss", "val"],
-        [[r["name"], f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s_ratio']:.2f}", f"{r['param_bytes'] / mib:.2f}",
+        ["combination", "tok/s", "x", "layer tok/s", "x", "params MiB", "grads MiB", "optim MiB", "x", "act MiB", "x", "est MiB", "est act err", "recompute GFLOP/step", "loss", "val"],
+        [[r["name"], f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s_ratio']:.2f}", f"{r['layer_tokens_per_s']:,.0f}",
+          f"{r['layer_tokens_per_s_ratio']:.2f}", f"{r['param_bytes'] / mib:.2f}",
           f"{r['grad_bytes'] / mib:.2f}", f"{r['optimizer_bytes'] / mib:.2f}", f"{r['optimizer_bytes_ratio']:.2f}",
           f"{r['activation_bytes'] / mib:.2f}", f"{r['activation_bytes_ratio']:.2f}", f"{r['estimated_bytes'] / mib:.1f}",
           f"{r['estimate_error_activations']:+.1%}", f"{r['recompute_flops_per_step'] / 1e9:.3f}", f"{r['loss']:.4f}", f"{r['val_loss']:.4f}"]
          for r in records],
+    )
+    budgeted = [r for r in records if "budget_bytes" in r]
+    if budgeted:
+        print_table(
+            "at a memory budget: the plan's saved activations and recompute FLOPs vs the exact optimum (solve_budget) at the same budget",
+            ["run", "budget MiB", "act MiB measured (max)", "plan MiB", "optimum MiB", "recompute GFLOP/step (mean)", "plan GFLOP", "optimum GFLOP", "plan / optimum"],
+            [[r["name"], f"{r['budget_bytes'] / mib:.2f}", f"{r['activation_bytes_max'] / mib:.2f}", f"{r['plan_activation_bytes'] / mib:.2f}",
+              f"{r['optimum_activation_bytes'] / mib:.2f}", f"{r['recompute_flops_per_step'] / 1e9:.3f}", f"{r['plan_recompute_flops'] / 1e9:.3f}",
+              f"{r['optimum_recompute_flops'] / 1e9:.3f}",
+              f"{r['plan_recompute_flops'] / r['optimum_recompute_flops']:.3f}" if r["optimum_recompute_flops"] else "-"]
+             for r in budgeted],
+        )
+    print_table(
+        "time in the transformer layer stack (forward + backward, recomputation included) vs the rest of the step, steady steps",
+        ["combination", "layer s/step", "other s/step", "layer share", "layer tok/s", "x base"],
+        [[r["name"], f"{r['layer_s_per_step']:.3f}", f"{r['outside_layers_s_per_step']:.3f}",
+          f"{r['layer_s_per_step'] / (r['layer_s_per_step'] + r['outside_layers_s_per_step']):.0%}",
+          f"{r['layer_tokens_per_s']:,.0f}", f"{r['layer_tokens_per_s_ratio']:.2f}"] for r in records],
     )
     if comparison:
         print_table("layer dropping vs a baseline whose LR fully decays in the same budget",
