@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -78,45 +79,82 @@ def load_data(cfg: RaydratConfig, steps: int) -> Data:
     return Data(train, val)
 
 
+@dataclass
+class Session:
+    """One combination's model, policy, optimizer, data stream and layer-stack timer."""
+
+    cfg: RaydratConfig
+    device: torch.device
+    model: torch.nn.Module
+    policy: EfficiencyPolicy
+    optimizer: torch.optim.Optimizer
+    stream: Iterator[torch.Tensor]
+    timer: LayerStackTimer | None
+    steady_s: float = 0.0
+    """Wall seconds of the steps after the first (timed by :meth:`step`)."""
+
+    @classmethod
+    def start(cls, cfg: RaydratConfig, data: Data) -> "Session":
+        tc = cfg.train
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+        device = torch.device("cuda" if torch.cuda.is_available() and tc.device != "cpu" else "cpu")
+        runtime = resolve_runtime(cfg, device)
+        model = build_model(cfg, device)
+        policy = EfficiencyPolicy(cfg, model, device, runtime.precision)
+        optimizer = build_optimizer(model, cfg.optim)
+        timer = LayerStackTimer(model) if tc.compile == "off" else None  # hooks break compiled graphs
+        return cls(cfg, device, model, policy, optimizer, itertools.cycle(data.train), timer)
+
+    def step(self, step: int) -> tuple[torch.Tensor, dict]:
+        """One training step (plan, train_step, record); the first is warm-up, untimed."""
+        tc = self.cfg.train
+        t0 = time.perf_counter()
+        set_lr(self.optimizer, lr_at(step, self.cfg.optim, tc.steps))
+        micro = [next(self.stream).to(self.device) for _ in range(tc.grad_accum)]
+        plan = self.policy.plan(step, micro[0])
+        if self.timer is not None:
+            self.timer.enabled = step > 0
+        loss, _ = train_step(self.model, self.optimizer, micro, self.cfg.optim.grad_clip, hooks=plan)
+        if self.timer is not None:
+            self.timer.enabled = False
+        values = self.policy.record(step, loss)
+        if step > 0:
+            self.steady_s += time.perf_counter() - t0
+        return loss, values
+
+    def throughput(self) -> dict:
+        """Steady tokens/s of the whole step and of the layer stack, seconds per step of each."""
+        tc = self.cfg.train
+        steady = tc.steps - 1
+        tokens = tc.batch_size * tc.grad_accum * self.cfg.model.seq_len * steady
+        layer_s = self.timer.total_s if self.timer is not None and steady > 0 else float("nan")
+        nan = float("nan")
+        return {
+            "tokens_per_s": tokens / self.steady_s if self.steady_s > 0 else nan,
+            "layer_tokens_per_s": tokens / layer_s if layer_s > 0 else nan,
+            "layer_s_per_step": layer_s / steady if steady > 0 else nan,
+            "outside_layers_s_per_step": (self.steady_s - layer_s) / steady if steady > 0 else nan,
+        }
+
+
 def run_one(cfg: RaydratConfig, data: Data) -> dict:
     """Train ``cfg`` for ``cfg.train.steps`` on ``data``; measure everything."""
     tc = cfg.train
-    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    device = torch.device("cuda" if torch.cuda.is_available() and tc.device != "cpu" else "cpu")
-    runtime = resolve_runtime(cfg, device)
-    model = build_model(cfg, device)
-    policy = EfficiencyPolicy(cfg, model, device, runtime.precision)
-    optimizer = build_optimizer(model, cfg.optim)
+    s = Session.start(cfg, data)
+    device, model, policy, optimizer = s.device, s.model, s.policy, s.optimizer
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    stream = itertools.cycle(data.train)
-    thr = M.Throughput(tc.steps, tc.batch_size * tc.grad_accum * cfg.model.seq_len)
-    timer = LayerStackTimer(model) if tc.compile == "off" else None  # hooks break compiled graphs
     losses, flops, active = [], [], []
     t0 = time.perf_counter()
-    t_steady = t0
     for step in range(tc.steps):
-        set_lr(optimizer, lr_at(step, cfg.optim, tc.steps))
-        micro = [next(stream).to(device) for _ in range(tc.grad_accum)]
-        plan = policy.plan(step, micro[0])
-        if timer is not None:
-            timer.enabled = step > 0  # steady state: the first step warms up, as for tokens/s
-        loss, _ = train_step(model, optimizer, micro, cfg.optim.grad_clip, hooks=plan)
-        if timer is not None:
-            timer.enabled = False
-        values = policy.record(step, loss)
-        thr.step_done()
-        if step == 0:
-            t_steady = time.perf_counter()
+        loss, values = s.step(step)
         losses.append(loss)
         flops.append(values.get(M.RECOMPUTE_FLOPS, 0.0))
         active.append(values.get(M.ACTIVE_SLOTS, cfg.model.n_layer))
     wall = time.perf_counter() - t0
-    steady_steps = tc.steps - 1
-    steady_s = time.perf_counter() - t_steady
-    steady_tokens_per_s = thr.steady_rate()
-    if timer is not None:
-        timer.remove()
+    speed = s.throughput()  # timed before evaluation and the memory measurements below
+    if s.timer is not None:
+        s.timer.remove()
     val_loss = evaluate(model, [b.to(device) for b in data.val], tc.eval_batches)
     # memory, measured on real tensors: activations averaged over a few plans
     tokens = data.train[0].to(device)
@@ -134,8 +172,7 @@ def run_one(cfg: RaydratConfig, data: Data) -> dict:
     model.zero_grad(set_to_none=True)
     est = estimate_memory(cfg, device=device.type)
     rec = {
-        # steady steps only, timed before evaluation and the memory measurements below
-        "tokens_per_s": steady_tokens_per_s,
+        **speed,
         "wall_s": wall,
         "param_bytes": param_bytes(model),
         "grad_bytes": grads,
@@ -150,11 +187,6 @@ def run_one(cfg: RaydratConfig, data: Data) -> dict:
         "steps": tc.steps,
     }
     rec["activation_bytes_max"] = max(acts)
-    tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.seq_len
-    layer_s = timer.total_s if timer is not None and steady_steps > 0 else float("nan")
-    rec["layer_s_per_step"] = layer_s / steady_steps if steady_steps > 0 else float("nan")
-    rec["outside_layers_s_per_step"] = (steady_s - layer_s) / steady_steps if steady_steps > 0 else float("nan")
-    rec["layer_tokens_per_s"] = steady_steps * tokens_per_step / layer_s if layer_s > 0 else float("nan")
     rec.update(budget_record(cfg, policy, last_plan))
     if device.type == "cuda":
         rec["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
@@ -178,6 +210,24 @@ def budget_record(cfg: RaydratConfig, policy: EfficiencyPolicy, plan) -> dict:
         "optimum_activation_bytes": policy.outside_bytes + best.stored_bytes,
         "optimum_recompute_flops": best.recompute_flops,
     }
+
+
+def interleaved_throughput(cfg: RaydratConfig, data: Data, name: str, overrides: list[str]) -> dict:
+    """The baseline and one combination trained step by step in turn (order alternating
+    every step), so both see the same machine load: whole-step and layer-stack tokens/s of
+    each, and their ratios. The side-by-side figure for a noisy, shared machine."""
+    base = Session.start(cfg, data)
+    other = Session.start(config_from_dict(cfg.to_dict(), overrides, origin=f"combination {name}"), data)
+    for step in range(cfg.train.steps):
+        for s in (base, other) if step % 2 == 0 else (other, base):
+            s.step(step)
+    b, o = base.throughput(), other.throughput()
+    for s in (base, other):
+        if s.timer is not None:
+            s.timer.remove()
+    return {"name": name, "baseline": b, name: o,
+            "tokens_per_s_ratio": o["tokens_per_s"] / b["tokens_per_s"],
+            "layer_tokens_per_s_ratio": o["layer_tokens_per_s"] / b["layer_tokens_per_s"]}
 
 
 def layer_flops(cfg: RaydratConfig) -> tuple[float, float]:
@@ -243,9 +293,11 @@ def run_combos(cfg: RaydratConfig, json_path: str | None = None, only: list[str]
                 rec[f"{key}_ratio"] = rec[key] / base[key] if base[key] else float("nan")
             rec["estimate_error_activations"] = rec["estimated_activation_bytes"] / rec["activation_bytes"] - 1
         by_name = {r["name"]: r for r in records}
-        comparison = []
+        comparison, interleaved = [], None
         if "layerdrop0.5" in by_name:
             comparison = layerdrop_comparison(cfg, data, by_name["layerdrop0.5"], base)
+            print("[combos] layerdrop0.5 and baseline interleaved step by step", flush=True)
+            interleaved = interleaved_throughput(cfg, data, "layerdrop0.5", by_name["layerdrop0.5"]["overrides"])
     finally:
         if uri and parent:
             tracking.end_run(uri, parent)
@@ -278,10 +330,20 @@ def run_combos(cfg: RaydratConfig, json_path: str | None = None, only: list[str]
           f"{r['layer_s_per_step'] / (r['layer_s_per_step'] + r['outside_layers_s_per_step']):.0%}",
           f"{r['layer_tokens_per_s']:,.0f}", f"{r['layer_tokens_per_s_ratio']:.2f}"] for r in records],
     )
+    if interleaved:
+        name = interleaved["name"]
+        print_table(
+            f"{name} vs baseline, trained in turn step by step (same load on both): tokens/s",
+            ["run", "whole step tok/s", "layer stack tok/s", "layer s/step", "other s/step"],
+            [[n, f"{interleaved[n]['tokens_per_s']:,.0f}", f"{interleaved[n]['layer_tokens_per_s']:,.0f}",
+              f"{interleaved[n]['layer_s_per_step']:.3f}", f"{interleaved[n]['outside_layers_s_per_step']:.3f}"]
+             for n in ("baseline", name)]
+            + [["ratio", f"{interleaved['tokens_per_s_ratio']:.2f}x", f"{interleaved['layer_tokens_per_s_ratio']:.2f}x", "", ""]],
+        )
     if comparison:
         print_table("layer dropping vs a baseline whose LR fully decays in the same budget",
                     ["run", "steps", "GFLOPs", "wall s", "val loss"],
                     [[c["name"], c["steps"], f"{c['flops'] / 1e9:.1f}", f"{c['wall_s']:.1f}", f"{c['val_loss']:.4f}"] for c in comparison])
     if json_path:
-        write_json(json_path, {"combinations": records, "layerdrop_comparison": comparison})
+        write_json(json_path, {"combinations": records, "layerdrop_comparison": comparison, "layerdrop_interleaved": interleaved})
     return records
