@@ -340,9 +340,10 @@ class GatesConfig(Section):
     """memory_budget form: step of the Lagrange multiplier's dual ascent, per gate update,
     per unit of relative excess ``expected bytes / budget - 1``."""
     warmup_steps: int = Field(300, ge=0)
-    """Gate-only updates run after each cost measurement (microseconds each: the resource
-    loss depends only on the gates and the measured costs), so the gates start near their
-    fixed point instead of spending the first training steps getting there. 0: none."""
+    """Gate-only updates run after each cost measurement (a few tiny tensor ops each, no
+    model pass: the resource loss depends only on the gates and the measured costs), so the
+    gates start near their fixed point instead of spending the first training steps getting
+    there. 0: none."""
     refresh_every: int = Field(100, ge=1)
     """Re-measure the activation_size costs every this many steps."""
 

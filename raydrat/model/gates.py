@@ -163,9 +163,10 @@ class RecomputeGates(nn.Module):
         depends on nothing but the gates and the costs, so this is the training signal the
         gates would get over ``steps`` training steps, without running the model."""
         for _ in range(steps):
-            _, store = self.decide()
+            # the straight-through indicator's gradient is p's, whatever the hard decision:
+            # p itself gives the same update without computing the decision
             optimizer.zero_grad(set_to_none=True)
-            self.resource_loss(store).backward()
+            self.resource_loss(self.probs()).backward()
             optimizer.step()
             self.update_multiplier()
         optimizer.zero_grad(set_to_none=True)
