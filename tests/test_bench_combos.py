@@ -64,3 +64,5 @@ def test_gated_at_budget_row_reports_the_optimum_and_the_layer_throughput():
     assert rec["plan_recompute_flops"] <= 1.05 * rec["optimum_recompute_flops"]
     assert rec["optimum_recompute_flops"] <= rec["recompute_flops_per_step"] <= 1.05 * rec["optimum_recompute_flops"]
     assert rec["layer_tokens_per_s"] > rec["tokens_per_s"] > 0
+    # the estimate's worst case for gates at a budget is the fullest plan that fits it
+    assert rec["activation_bytes_max"] <= rec["estimated_activation_bytes"] <= rec["budget_bytes"]
