@@ -328,10 +328,22 @@ class GatesConfig(Section):
     """Costs c_i, r_i: ``uniform`` (all 1), ``layer_weighted`` (grow with depth), or
     ``activation_size`` (measured saved bytes and recompute FLOPs per branch)."""
     memory_budget_mb: float | None = Field(None, gt=0)
-    """``memory_budget`` form: penalise (with lambda) only the expected saved activation
-    MB above this budget instead of all stored bytes. ``None``: plain form."""
+    """``memory_budget`` form: saved activation MB per micro-batch (embedding and logits
+    included, as ``recompute.budget_mb``) the gates must fit. The gates then minimise the
+    recompute cost under this budget: a Lagrange multiplier (started at ``lam``, moved by
+    ``dual_lr``) penalises expected bytes above it, and each step's hard plan stores
+    branches in order of p while they fit, so it never exceeds the budget. ``mu`` is not
+    used in this form. ``None``: plain form."""
     lr: float = Field(0.05, gt=0)
-    """Learning rate of the gates' own Adam optimizer."""
+    """Learning rate of the gates' own Adam optimizer (separate from ``optim.lr``)."""
+    dual_lr: float = Field(0.05, gt=0)
+    """memory_budget form: step of the Lagrange multiplier's dual ascent, per gate update,
+    per unit of relative excess ``expected bytes / budget - 1``."""
+    warmup_steps: int = Field(300, ge=0)
+    """Gate-only updates run after each cost measurement (a few tiny tensor ops each, no
+    model pass: the resource loss depends only on the gates and the measured costs), so the
+    gates start near their fixed point instead of spending the first training steps getting
+    there. 0: none."""
     refresh_every: int = Field(100, ge=1)
     """Re-measure the activation_size costs every this many steps."""
 

@@ -65,6 +65,16 @@ def check_static(cfg: "RaydratConfig") -> None:
             f"slots.start_slots ({sc.start_slots}) must lie in [slots.min_slots, slots.max_slots] "
             f"= [{sc.min_slots}, {max_slots}]"
         )
+    if tc.checkpointing == "gated" and cfg.gates.memory_budget_mb is not None:
+        from raydrat.memory import activation_plan_bounds
+
+        lo, _ = activation_plan_bounds(cfg)
+        if cfg.gates.memory_budget_mb * 2**20 < lo:
+            raise ValueError(
+                f"gates.memory_budget_mb={cfg.gates.memory_budget_mb:g} is below the minimum achievable "
+                f"{lo / 2**20:.3f} MB (every branch recomputed) for this model and batch: raise "
+                "gates.memory_budget_mb, or lower train.batch_size or model.seq_len"
+            )
     if tc.checkpointing == "budget":
         if cfg.recompute.budget_mb is None:
             raise ValueError("train.checkpointing=budget needs recompute.budget_mb (MB of saved activations)")

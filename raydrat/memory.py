@@ -8,6 +8,7 @@ tensors. All results are in bytes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import itertools
 import math
@@ -289,16 +290,22 @@ def _outside_layers_bytes(cfg, device: str, batch_size: int | None = None) -> tu
 
 def stored_plan(cfg, costs: list[BranchCost], layers: int) -> list[bool]:
     """Which branches store their activations under the configured policy (for the
-    estimate): ``none`` and ``gated`` (worst case, every gate may store) store all."""
+    estimate): ``none`` and ``gated`` (worst case, every gate may store) store all;
+    ``gated`` with ``gates.memory_budget_mb`` never plans past the budget, so its worst case
+    is the fullest set of branches that fits."""
     policy = cfg.train.checkpointing
     n = 2 * layers
     if policy == "full":
         return [False] * n
-    if policy == "budget" and cfg.recompute.budget_mb is not None:
+    budget_mb = cfg.recompute.budget_mb if policy == "budget" else cfg.gates.memory_budget_mb if policy == "gated" else None
+    if budget_mb is not None:
         from raydrat.model.budget import solve_budget
 
         base = sum(c.input_bytes for c in costs[:n]) + sum(_outside_layers_bytes(cfg, _default_device(cfg)))
-        return solve_budget(costs[:n], int(cfg.recompute.budget_mb * 2**20) - base).stored
+        chosen = costs[:n]
+        if policy == "gated":  # the fullest plan that fits: knapsack with value = bytes
+            chosen = [dataclasses.replace(c, recompute_flops=c.stored_bytes) for c in chosen]
+        return solve_budget(chosen, int(budget_mb * 2**20) - base).stored
     return [True] * n
 
 

@@ -20,6 +20,7 @@ A plain PyTorch loop (see docs/efficiency.md for a runnable version)::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,7 +58,7 @@ class StepPlan:
     def resource_loss(self) -> torch.Tensor | None:
         if self.store_ste is None:
             return None
-        return self.policy.gates.resource_loss(self.store_ste * self.policy.active_mask(self))
+        return self.policy.gates.resource_loss(self.store_ste, self.policy.active_mask(self))
 
     def add_resource_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """``loss`` plus the resource loss (added once per plan, whatever the micro-batches)."""
@@ -79,6 +80,7 @@ class StepPlan:
         if self.policy.gate_optimizer is not None:
             self.policy.gate_optimizer.step()
             self.policy.gate_optimizer.zero_grad(set_to_none=True)
+            self.policy.gates.update_multiplier(self.policy.active_mask(self))
 
 
 class EfficiencyPolicy:
@@ -129,7 +131,10 @@ class EfficiencyPolicy:
         self.model.train(was_training)
         self.model.zero_grad(set_to_none=True)
         if self.gates is not None:
-            self.gates.set_measured([c.stored_bytes for c in self.costs], [c.recompute_flops for c in self.costs])
+            self.gates.set_measured(
+                [c.stored_bytes for c in self.costs], [c.recompute_flops for c in self.costs], self.outside_bytes
+            )
+            self.gates.pretrain(self.gate_optimizer, self.cfg.gates.warmup_steps)
         if self.mode == "budget":
             budget = int(self.cfg.recompute.budget_mb * 2**20) - self.min_bytes()
             if budget < 0:
@@ -159,6 +164,7 @@ class EfficiencyPolicy:
                 self._measured_at = step
         active = self.slots.plan(step)
         store_ste = None
+        plan = StepPlan(active, [], self)
         if self.mode == "none":
             stored = [True] * len(self.branches)
         elif self.mode == "full":
@@ -168,12 +174,12 @@ class EfficiencyPolicy:
                 raise RuntimeError("checkpointing=budget: pass a micro-batch to the first plan() to measure costs")
             stored = list(self.budget_stored)
         else:
-            hard, store_ste = self.gates.decide()
+            hard, store_ste = self.gates.decide(self.active_mask(plan))
             stored = hard.tolist()
         for wrapper, s in zip(self.wrappers, stored):
             if isinstance(wrapper, CheckpointWrapper):
                 wrapper.enabled = not s
-        plan = StepPlan(active, stored, self, store_ste)
+        plan.stored, plan.store_ste = stored, store_ste
         self.last_plan = plan
         return plan
 
@@ -222,6 +228,8 @@ class EfficiencyPolicy:
                 values[M.gate_prob_name(layer, kind)] = pi
             if self.last_resource_loss is not None:
                 values[M.RESOURCE_LOSS] = self.last_resource_loss
+            if self.gates.budgeted:
+                values[M.GATE_MULTIPLIER] = float(self.gates.multiplier)
         message = self.precision.after_step(step)
         if message:
             values[M.PRECISION_SWITCHES] = float(len(self.precision.switches))
@@ -229,6 +237,38 @@ class EfficiencyPolicy:
         if self.precision.scaler is not None:
             values[M.OVERFLOW_STEPS] = float(self.precision.skipped_total)
         return values
+
+    # ---- checkpointing --------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything the policy learns or draws as it goes: gate logits, multiplier and
+        costs, the gates' optimizer state, the slot controller (counters, RNG), the
+        precision policy (GradScaler, fallback counters), the measured costs and when
+        they were measured. ``load_state_dict`` on a fresh policy for the same config
+        continues exactly where this one was (no re-measurement, no gate warm-up)."""
+        state: dict = {
+            "slots": self.slots.state_dict(),
+            "precision": self.precision.state_dict(),
+            "measured_at": self._measured_at,
+            "costs": None if self.costs is None else [dataclasses.asdict(c) for c in self.costs],
+            "outside_bytes": self.outside_bytes,
+            "budget_stored": self.budget_stored,
+        }
+        if self.gates is not None:
+            state["gates"] = self.gates.state_dict()
+            state["gate_optimizer"] = self.gate_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.slots.load_state_dict(state["slots"])
+        self.precision.load_state_dict(state["precision"])
+        self._measured_at = state["measured_at"]
+        self.costs = None if state["costs"] is None else [BranchCost(**c) for c in state["costs"]]
+        self.outside_bytes = state["outside_bytes"]
+        self.budget_stored = state["budget_stored"]
+        if self.gates is not None and "gates" in state:
+            self.gates.load_state_dict(state["gates"])
+            self.gate_optimizer.load_state_dict(state["gate_optimizer"])
 
     def log_artifacts(self, tracking_uri: str, run_id: str) -> None:
         """Log the gate heat-map (gated runs) to the MLflow run."""

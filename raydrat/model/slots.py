@@ -100,8 +100,11 @@ class SlotController:
             self._best = self._ema  # a new plateau is measured from here
 
     def state_dict(self) -> dict:
-        return {"k": self.k, "gen": self.gen.get_state(), "best": self._best, "ema": self._ema}
+        """The RNG (layerdrop/progressive draws) and the adaptive counters."""
+        return {"k": self.k, "gen": self.gen.get_state(), "best": self._best, "ema": self._ema,
+                "since_best": self._since_best, "changes": self.changes}
 
     def load_state_dict(self, state: dict) -> None:
         self.k, self._best, self._ema = state["k"], state["best"], state["ema"]
+        self._since_best, self.changes = state.get("since_best", 0), state.get("changes", 0)
         self.gen.set_state(state["gen"])

@@ -116,7 +116,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if restored is not None:
         with restored.as_directory() as d:
             rank_state = ckpt.load_rank_state(d, rank)
-            start_step = ckpt.restore(model, optimizer, ckpt.load_state(d), rank_state, strategy, position)
+            saved = ckpt.load_state(d)
+            start_step = ckpt.restore(model, optimizer, saved, rank_state, strategy, position)
+            policy_state = (rank_state or saved).get("policy")  # gates, slots, precision
+            if policy_state is not None:
+                policy.load_state_dict(policy_state)
     if rank_state is None:
         torch.manual_seed(tc.seed + 1000 * rank + start_step)
 
@@ -194,8 +198,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             t_save = time.perf_counter()
             state = None
             if rank == 0:
-                state = ckpt.training_state(model, optimizer, done, cfg.to_dict(), {"sync": strategy.state_dict()})
-            with ckpt.checkpoint_dir(state, rank, ckpt.rank_state(optimizer, position)) as d:
+                state = ckpt.training_state(model, optimizer, done, cfg.to_dict(),
+                                            {"sync": strategy.state_dict(), "policy": policy.state_dict()})
+            per_rank = {**ckpt.rank_state(optimizer, position), "policy": policy.state_dict()}
+            with ckpt.checkpoint_dir(state, rank, per_rank) as d:
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
             clock.add(M.CHECKPOINT_S, time.perf_counter() - t_save)
         if ctx.fault_step == done and rank == ctx.fault_rank and restored is None:

@@ -33,6 +33,8 @@ STORED_FRACTION = "gates/stored_fraction"
 ACTIVATION_BYTES = "memory/activation_bytes"
 RECOMPUTE_FLOPS = "recompute_flops"
 RESOURCE_LOSS = "resource_loss"
+# memory_budget form of the gates: the Lagrange multiplier of the budget constraint.
+GATE_MULTIPLIER = "gates/multiplier"
 PRECISION_SWITCHES = "precision_switches"
 OVERFLOW_STEPS = "fp16_overflow_steps"
 GATE_HEATMAP_ARTIFACT = "plots/gate_heatmap.png"

@@ -37,6 +37,25 @@ class PrecisionPolicy:
         self._fallback_until: int | None = None
         self.switches: list[tuple[int, str, str]] = []
 
+    def state_dict(self) -> dict:
+        """The current precision, fallback counters and switches, and the GradScaler's state."""
+        return {
+            "current": self.current,
+            "skipped_in_row": self.skipped_in_row,
+            "skipped_total": self.skipped_total,
+            "fallback_until": self._fallback_until,
+            "switches": list(self.switches),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.current = state["current"]
+        self.skipped_in_row, self.skipped_total = state["skipped_in_row"], state["skipped_total"]
+        self._fallback_until = state["fallback_until"]
+        self.switches = list(state["switches"])
+        if self.scaler is not None and state["scaler"]:  # empty before the scaler's first step
+            self.scaler.load_state_dict(state["scaler"])
+
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.current == "fp32":
             return contextlib.nullcontext()

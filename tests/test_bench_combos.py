@@ -1,0 +1,68 @@
+"""The combinations benchmark: every shipped combination builds; one run reports the
+layer-stack time and, at a budget, the gates' plan next to the exact optimum."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from raydrat.bench.combos import combinations, load_data, run_one
+from raydrat.bench.layertime import LayerStackTimer
+from raydrat.config import config_from_dict, load_config
+from raydrat.train.loop import build_model
+from raydrat.train.optim import build_optimizer
+from raydrat.train.step import train_step
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def small_cfg(*overrides):
+    return load_config("debug", ["train.device=cpu", "train.batch_size=4", "train.steps=3", "optim.warmup_steps=1", "tracking.enabled=false",
+                                 "scaling.cpus_per_worker=1", *overrides])
+
+
+def test_every_shipped_combination_builds():
+    cfg = small_cfg()
+    names = []
+    for name, overrides in combinations(cfg):
+        c = config_from_dict(cfg.to_dict(), overrides, origin=f"combination {name}")
+        names.append(name)
+        build_model(c.model_copy(update={"train": c.train.model_copy(update={"compile": "off"})}), torch.device("cpu"))
+    assert {"baseline", "gated_at_budget", "budget", "layerdrop0.5", "compile"} <= set(names)
+
+
+def test_layer_stack_timer_brackets_the_layers_only_when_enabled():
+    cfg = small_cfg("train.grad_accum=2")
+    model = build_model(cfg, torch.device("cpu"))
+    opt = build_optimizer(model, cfg.optim)
+    tokens = torch.randint(0, cfg.model.vocab_size, (4, cfg.model.seq_len + 1))
+    timer = LayerStackTimer(model)
+    train_step(model, opt, [tokens, tokens], 1.0)
+    assert timer.total_s == 0.0  # disabled: nothing recorded
+    timer.enabled = True
+    t0 = time.perf_counter()
+    train_step(model, opt, [tokens, tokens], 1.0)
+    step_s = time.perf_counter() - t0
+    assert timer.forward_s > 0 and timer.backward_s > 0
+    assert timer.total_s < step_s
+    timer.remove()
+    assert not model._forward_pre_hooks and not any(b._forward_hooks for b in model.layers.values())
+
+
+def test_gated_at_budget_row_reports_the_optimum_and_the_layer_throughput():
+    cfg = small_cfg()
+    budget_row = dict(combinations(cfg))["gated_at_budget"]
+    c = config_from_dict(cfg.to_dict(), budget_row)
+    rec = run_one(c, load_data(cfg, 3))
+    assert rec["activation_bytes_max"] <= rec["budget_bytes"]  # measured on real tensors
+    assert rec["plan_activation_bytes"] <= rec["budget_bytes"]
+    assert rec["plan_recompute_flops"] <= 1.05 * rec["optimum_recompute_flops"]
+    assert rec["optimum_recompute_flops"] <= rec["recompute_flops_per_step"] <= 1.05 * rec["optimum_recompute_flops"]
+    assert rec["layer_tokens_per_s"] > rec["tokens_per_s"] > 0
+    # the estimate's worst case for gates at a budget is the fullest plan that fits it
+    assert rec["activation_bytes_max"] <= rec["estimated_activation_bytes"] <= rec["budget_bytes"]
