@@ -69,6 +69,9 @@ def _env() -> dict:
     # A private loopback head for this test only: no token authentication, so the job
     # client needs no token file shared with other Ray instances on this machine.
     env["RAY_AUTH_MODE"] = "disabled"
+    # Inherited by the job's processes: a loopback head is never preempted, so Ray Train's
+    # preemption watcher (one more actor process to start on 2 cores) is not needed.
+    env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
     return env
 
 
