@@ -406,7 +406,8 @@ class SyncConfig(Section):
     bucket_cap_mb: float | None = Field(None, gt=0)
     """``ddp`` only: DDP gradient bucket size in MB (``None``: PyTorch's default, 25)."""
     find_unused_parameters: bool = False
-    """``ddp`` only: let DDP tolerate parameters without gradients in a step."""
+    """``ddp`` only: let DDP tolerate parameters without gradients in a step (always on
+    when ``slots.mode`` is not ``all``: skipped layers get no gradients)."""
     latency_s: float = Field(0.0, ge=0)
     """Extra delay before each collective, simulating a slow link (benchmarks)."""
 
