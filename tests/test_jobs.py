@@ -157,3 +157,32 @@ def _stop_job(address: str, job_id: str) -> None:
         JobSubmissionClient(address).stop_job(job_id)
     except Exception:  # the head is torn down by the fixture anyway
         pass
+
+
+def test_runtime_env_uploads_the_whole_package(tmp_path):
+    """Ray's own working-dir packaging (what `ray job submit --working-dir .` runs) with the
+    shipped jobs/runtime_env.yaml keeps every source file of the package and the entrypoints:
+    an unanchored exclude such as ``data/`` once dropped ``raydrat/data/`` from the upload."""
+    import zipfile
+
+    import yaml
+    from ray._private.runtime_env.packaging import _zip_files
+
+    excludes = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())["excludes"]
+    local_data = REPO / "data"  # a local output (`raydrat data demo`) the excludes must drop
+    created = not local_data.exists()
+    local_data.mkdir(exist_ok=True)
+    marker = local_data / "_upload_probe.txt"
+    marker.write_text("local data, not for upload")
+    try:
+        out = tmp_path / "pkg.zip"
+        _zip_files(str(REPO), excludes, str(out), include_gitignore=True)
+    finally:
+        marker.unlink()
+        if created:
+            local_data.rmdir()
+    names = set(zipfile.ZipFile(out).namelist())
+    sources = [p.relative_to(REPO).as_posix() for p in (REPO / "raydrat").rglob("*.py") if "__pycache__" not in p.parts]
+    missing = [s for s in sources + ["jobs/train.py", "raydrat/recipes/debug.yaml"] if s not in names]
+    assert sources and not missing, f"not uploaded: {missing[:10]}"
+    assert "data/_upload_probe.txt" not in names
