@@ -176,8 +176,10 @@ class DataConfig(Section):
     ``preserve_order``), so that, with the seeded local shuffle, a run resumed with
     ``--resume`` trains on exactly the batches an uninterrupted run would have. Turning it
     off lets a slow tokenizer task be overtaken (slightly higher ingest throughput on a busy
-    cluster) at the price of run-to-run batch order. With several Train workers the blocks
-    are still dealt to workers as they ask, so only the single-worker order is exact."""
+    cluster) at the price of run-to-run batch order. With several Train workers, Ray 2.60's
+    ``streaming_split`` then deals each block to the worker that has received the fewest rows
+    so far (not to whichever asks first), so each worker's stream is the same on every run
+    too (an implementation property of Ray, not an API promise: docs/distributed.md)."""
     prefetch_batches: int = Field(2, ge=0)
     """Batches each Train worker fetches ahead of the one it trains on."""
     tokenize_actors: int = Field(0, ge=0)
@@ -418,7 +420,8 @@ class SyncConfig(Section):
     bucket_cap_mb: float | None = Field(None, gt=0)
     """``ddp`` only: DDP gradient bucket size in MB (``None``: PyTorch's default, 25)."""
     find_unused_parameters: bool = False
-    """``ddp`` only: let DDP tolerate parameters without gradients in a step."""
+    """``ddp`` only: let DDP tolerate parameters without gradients in a step (always on
+    when ``slots.mode`` is not ``all``: skipped layers get no gradients)."""
     latency_s: float = Field(0.0, ge=0)
     """Extra delay before each collective, simulating a slow link (benchmarks)."""
 

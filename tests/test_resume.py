@@ -39,14 +39,15 @@ def _history(db: Path, run_id: str, key: str) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def runs(ray_local, demo_dir: Path, tmp_path_factory):
     """An interrupted run (worker killed after step 7, no retries) resumed with --resume,
-    and the same config uninterrupted."""
+    and the same config uninterrupted; two DDP workers, so each rank must replay its own
+    batches (streaming_split under data.preserve_order)."""
     import os
 
     from raydrat.train.trainer import run_training
 
     tmp = tmp_path_factory.mktemp("resume")
     db = tmp / "mlruns.db"
-    cfg = _cfg(demo_dir, tmp / "rr", db, "name=resumable")
+    cfg = _cfg(demo_dir, tmp / "rr", db, "name=resumable", "scaling.num_workers=2")
     os.environ["RAYDRAT_FAULT_AT_STEP"] = "7"
     try:
         with pytest.raises(Exception):
@@ -54,7 +55,7 @@ def runs(ray_local, demo_dir: Path, tmp_path_factory):
     finally:
         del os.environ["RAYDRAT_FAULT_AT_STEP"]
     resumed = run_training(cfg, resume=True)
-    plain = run_training(_cfg(demo_dir, tmp / "rr", db, "name=plain"))
+    plain = run_training(_cfg(demo_dir, tmp / "rr", db, "name=plain", "scaling.num_workers=2"))
     return {"tmp": tmp, "db": db, "cfg": cfg, "resumed": resumed, "plain": plain}
 
 
@@ -68,9 +69,11 @@ def test_resume_continues_same_run_and_curve(runs):
     a = _history(db, resumed.mlflow_run_id, "train_loss")
     b = _history(db, plain.mlflow_run_id, "train_loss")
     assert sorted(a) == list(range(1, STEPS + 1))
+    # the same batches on every rank after the restart: the curves agree to float noise
+    # (measured bitwise equal on CPU)
     for step in range(1, STEPS + 1):
-        assert a[step] == pytest.approx(b[step], rel=0.02), step
-    assert resumed.final_val_loss == pytest.approx(plain.final_val_loss, rel=0.02)
+        assert a[step] == pytest.approx(b[step], rel=1e-3), step
+    assert resumed.final_val_loss == pytest.approx(plain.final_val_loss, rel=1e-3)
     record = json.loads((runs["tmp"] / "rr" / resumed.run_name / "raydrat_run.json").read_text())
     assert record["mlflow_run_id"] == resumed.mlflow_run_id
 

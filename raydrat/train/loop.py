@@ -103,7 +103,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = build_model(cfg, device)
     peak_mem.watch(model)
     policy = EfficiencyPolicy(cfg, model, device, runtime.precision)  # slots, gates, budget, precision
-    strategy = build_strategy(cfg.sync, world_size)
+    strategy = build_strategy(cfg.sync, world_size, skips_layers=cfg.slots.mode != "all")
     model = strategy.wrap(model)
     optimizer = build_optimizer(model, cfg.optim)
     strategy.attach_optimizer(optimizer)

@@ -278,11 +278,15 @@ class LocalStrategy(SyncStrategy):
             self.outer.load_state_dict(state["outer"])
 
 
-def build_strategy(cfg: SyncConfig, world_size: int) -> SyncStrategy:
-    """The strategy for ``sync.mode``; with one worker, plain training."""
+def build_strategy(cfg: SyncConfig, world_size: int, skips_layers: bool = False) -> SyncStrategy:
+    """The strategy for ``sync.mode``; with one worker, plain training. ``skips_layers``:
+    some steps leave parameters without gradients (``slots.mode`` other than ``all``), so
+    DDP must look for unused parameters whatever ``sync.find_unused_parameters`` says."""
     if world_size <= 1:
         return SyncStrategy(cfg, world_size)
     if cfg.mode == "ddp":
+        if skips_layers and not cfg.find_unused_parameters:
+            cfg = cfg.model_copy(update={"find_unused_parameters": True})
         return DDPStrategy(cfg, world_size)
     return LocalStrategy(cfg, world_size)
 
