@@ -16,6 +16,10 @@ from raydrat.config import load_config
 pytestmark = pytest.mark.slow
 
 STEPS, EVAL = 10, 5
+# Two DDP workers with layer dropping: DDP must accept steps that leave skipped layers without
+# gradients, and a resumed run must replay each rank's batches and the slot controller's
+# draws (its RNG is in the checkpoint).
+LAYERDROP_DDP = ("scaling.num_workers=2", "sync.mode=ddp", "slots.mode=layerdrop", "slots.keep=0.5")
 
 
 def _cfg(demo_dir: Path, storage: Path, db: Path, *extra: str):
@@ -39,15 +43,15 @@ def _history(db: Path, run_id: str, key: str) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def runs(ray_local, demo_dir: Path, tmp_path_factory):
     """An interrupted run (worker killed after step 7, no retries) resumed with --resume,
-    and the same config uninterrupted; two DDP workers, so each rank must replay its own
-    batches (streaming_split under data.preserve_order)."""
+    and the same config uninterrupted; two DDP workers with layer dropping, so each rank must
+    replay its own batches (streaming_split under data.preserve_order) and slot plans."""
     import os
 
     from raydrat.train.trainer import run_training
 
     tmp = tmp_path_factory.mktemp("resume")
     db = tmp / "mlruns.db"
-    cfg = _cfg(demo_dir, tmp / "rr", db, "name=resumable", "scaling.num_workers=2")
+    cfg = _cfg(demo_dir, tmp / "rr", db, "name=resumable", *LAYERDROP_DDP)
     os.environ["RAYDRAT_FAULT_AT_STEP"] = "7"
     try:
         with pytest.raises(Exception):
@@ -55,7 +59,7 @@ def runs(ray_local, demo_dir: Path, tmp_path_factory):
     finally:
         del os.environ["RAYDRAT_FAULT_AT_STEP"]
     resumed = run_training(cfg, resume=True)
-    plain = run_training(_cfg(demo_dir, tmp / "rr", db, "name=plain", "scaling.num_workers=2"))
+    plain = run_training(_cfg(demo_dir, tmp / "rr", db, "name=plain", *LAYERDROP_DDP))
     return {"tmp": tmp, "db": db, "cfg": cfg, "resumed": resumed, "plain": plain}
 
 
@@ -66,6 +70,13 @@ def test_resume_continues_same_run_and_curve(runs):
     assert run.info.status == "FINISHED"
     # one MLflow run holds both halves; the second started from the step-5 checkpoint
     assert _history(db, resumed.mlflow_run_id, "resumed_from_step") == {EVAL: EVAL}
+    from raydrat.model.slots import SlotController
+
+    cfg = runs["cfg"]  # the plan really drops layers in steps before and after the restart
+    slots = SlotController(cfg.slots, cfg.model.n_layer, cfg.train.steps, seed=cfg.train.seed)
+    dropped = [step for step in range(STEPS) if len(slots.plan(step)) < cfg.model.n_layer]
+    assert min(dropped) < EVAL <= max(dropped), dropped
+    assert _history(db, resumed.mlflow_run_id, "active_slots") == _history(db, plain.mlflow_run_id, "active_slots")
     a = _history(db, resumed.mlflow_run_id, "train_loss")
     b = _history(db, plain.mlflow_run_id, "train_loss")
     assert sorted(a) == list(range(1, STEPS + 1))
