@@ -66,27 +66,24 @@ def check_static(cfg: "RaydratConfig") -> None:
             f"= [{sc.min_slots}, {max_slots}]"
         )
     if tc.checkpointing == "gated" and cfg.gates.memory_budget_mb is not None:
-        from raydrat.memory import activation_plan_bounds
-
-        lo, _ = activation_plan_bounds(cfg)
-        if cfg.gates.memory_budget_mb * 2**20 < lo:
-            raise ValueError(
-                f"gates.memory_budget_mb={cfg.gates.memory_budget_mb:g} is below the minimum achievable "
-                f"{lo / 2**20:.3f} MB (every branch recomputed) for this model and batch: raise "
-                "gates.memory_budget_mb, or lower train.batch_size or model.seq_len"
-            )
+        _check_budget_floor(cfg, "gates.memory_budget_mb", cfg.gates.memory_budget_mb)
     if tc.checkpointing == "budget":
         if cfg.recompute.budget_mb is None:
             raise ValueError("train.checkpointing=budget needs recompute.budget_mb (MB of saved activations)")
-        from raydrat.memory import activation_plan_bounds
+        _check_budget_floor(cfg, "recompute.budget_mb", cfg.recompute.budget_mb)
 
-        lo, hi = activation_plan_bounds(cfg)
-        if cfg.recompute.budget_mb * 2**20 < lo:
-            raise ValueError(
-                f"recompute.budget_mb={cfg.recompute.budget_mb:g} is below the minimum achievable "
-                f"{lo / 2**20:.3f} MB (every branch recomputed) for this model and batch: raise "
-                "recompute.budget_mb, or lower train.batch_size or model.seq_len"
-            )
+
+def _check_budget_floor(cfg: RaydratConfig, key: str, budget_mb: float) -> None:
+    """An activation budget below what recomputing every branch still saves is refused,
+    naming ``key`` and the minimum achievable."""
+    from raydrat.memory import activation_plan_bounds
+
+    lo, _ = activation_plan_bounds(cfg)
+    if budget_mb * 2**20 < lo:
+        raise ValueError(
+            f"{key}={budget_mb:g} is below the minimum achievable {lo / 2**20:.3f} MB (every branch "
+            f"recomputed) for this model and batch: raise {key}, or lower train.batch_size or model.seq_len"
+        )
 
 
 @dataclass(frozen=True)

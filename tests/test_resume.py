@@ -143,7 +143,7 @@ def test_resume_starts_from_the_newer_of_ray_trains_record_and_the_latest_direct
     for d in (old, new):
         d.mkdir()
     assert newest(None, None) is None
-    assert newest(None, str(new)).path == str(new)
-    assert newest(ray.train.Checkpoint(str(old)), str(new)).path == str(new)
-    assert newest(ray.train.Checkpoint(str(new)), str(old)).path == str(new)  # a retry after a later save
+    assert newest(None, new).path == str(new)
+    assert newest(ray.train.Checkpoint(str(old)), new).path == str(new)
+    assert newest(ray.train.Checkpoint(str(new)), old).path == str(new)  # a retry after a later save
     assert newest(ray.train.Checkpoint(str(old)), None).path == str(old)

@@ -107,16 +107,16 @@ def checkpoint_dir(state: dict | None, rank: int | None = None, per_rank: dict |
         yield tmp
 
 
-def newest(restored: "ray.train.Checkpoint | None", on_storage: str | None) -> "ray.train.Checkpoint | None":
+def newest(restored: "ray.train.Checkpoint | None", on_storage: Path | None) -> "ray.train.Checkpoint | None":
     """The checkpoint to start from: Ray Train's restored one or the newest checkpoint
     directory found on storage, whichever was saved later. Both live in the run's storage
     directory, named ``checkpoint_<timestamp>``, so the later name is the later save."""
     import ray.train
 
-    if not on_storage:
+    if on_storage is None:
         return restored
-    if restored is None or Path(restored.path).name < Path(on_storage).name:
-        return ray.train.Checkpoint(on_storage)
+    if restored is None or Path(restored.path).name < on_storage.name:
+        return ray.train.Checkpoint(str(on_storage))
     return restored
 
 

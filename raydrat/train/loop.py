@@ -111,7 +111,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     start_step = 0
     position = ckpt.DataPosition()
     on_storage = R.latest_checkpoint(Path(ctx.run_dir), ctx.checkpoints_since) if ctx.run_dir else None
-    restored = ckpt.newest(ray.train.get_checkpoint(), on_storage and str(on_storage))
+    restored = ckpt.newest(ray.train.get_checkpoint(), on_storage)
     rank_state = None
     if restored is not None:
         with restored.as_directory() as d:
@@ -195,15 +195,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
                            M.TRAIN_TIME_S: step_fn.train_time_s, **clock.snapshot()})
             if M.VAL_LOSS not in report:
                 report[M.VAL_LOSS] = float("inf")
-            t_save = time.perf_counter()
-            state = None
-            if rank == 0:
-                state = ckpt.training_state(model, optimizer, done, cfg.to_dict(),
-                                            {"sync": strategy.state_dict(), "policy": policy.state_dict()})
-            per_rank = {**ckpt.rank_state(optimizer, position), "policy": policy.state_dict()}
-            with ckpt.checkpoint_dir(state, rank, per_rank) as d:
-                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
-            clock.add(M.CHECKPOINT_S, time.perf_counter() - t_save)
+            with clock.timing(M.CHECKPOINT_S):
+                policy_state = policy.state_dict()  # gates, slots, precision: every rank's file, and state.pt
+                state = None
+                if rank == 0:
+                    state = ckpt.training_state(model, optimizer, done, cfg.to_dict(),
+                                                {"sync": strategy.state_dict(), "policy": policy_state})
+                per_rank = {**ckpt.rank_state(optimizer, position), "policy": policy_state}
+                with ckpt.checkpoint_dir(state, rank, per_rank) as d:
+                    ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
         if ctx.fault_step == done and rank == ctx.fault_rank and restored is None:
             time.sleep(1.0)  # let the controller register the last report first
             os.kill(os.getpid(), signal.SIGKILL)

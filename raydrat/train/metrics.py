@@ -83,16 +83,13 @@ class PhaseClock:
         self.started = time.perf_counter()
         self.totals = dict.fromkeys(PHASES, 0.0)
 
-    def add(self, phase: str, seconds: float) -> None:
-        self.totals[phase] += seconds
-
     @contextmanager
     def timing(self, phase: str):
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            self.add(phase, time.perf_counter() - t0)
+            self.totals[phase] += time.perf_counter() - t0
 
     def snapshot(self) -> dict[str, float]:
         return {**self.totals, LOOP_S: time.perf_counter() - self.started}
