@@ -12,6 +12,9 @@
 
 CONFIG is a YAML path or a shipped recipe name (debug, demo, gpt2-small). Known problems
 (bad config, bad data) end with one line naming the culprit and exit status 2.
+
+Each command imports what it needs when it runs (so ``raydrat --help`` stays fast): those
+are the only imports inside functions in raydrat.
 """
 
 from __future__ import annotations
@@ -21,23 +24,20 @@ import sys
 from typing import Callable, Sequence
 
 from raydrat.config import ConfigError, load_config
+from raydrat.data.errors import DataError
+from raydrat.core.exceptions import walk_exceptions
 
 
 class UserError(Exception):
     """An error whose message is the whole story (no traceback is shown)."""
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from raydrat.data.errors import DataError
-
-    return (ConfigError, DataError, UserError)
+KNOWN_ERRORS = (ConfigError, DataError, UserError)
 
 
 def _root_cause(exc: BaseException) -> BaseException:
     """Ray wraps worker exceptions; find a known one in the chain."""
-    from raydrat.runtime import walk_exceptions
-
-    known = _known_errors()
+    known = KNOWN_ERRORS
     return next((e for e in walk_exceptions(exc) if isinstance(e, known)), exc)
 
 
@@ -50,9 +50,9 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from raydrat.train.trainer import run_training
+    from raydrat.ray_train.trainer import run_training
 
-    summary = run_training(cfg, resume=args.resume)
+    summary = run_training(cfg, resume_run=args.resume)
     for line in summary.lines():
         print(line)
     return 0
@@ -82,7 +82,7 @@ def cmd_data_tokenizer(args: argparse.Namespace) -> int:
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from raydrat.data.prepare import prepare
-    from raydrat.runtime import ensure_ray
+    from raydrat.ray_session import ensure_ray
 
     ensure_ray()
     m = prepare(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, args.out, args.endpoint_url)
@@ -134,15 +134,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_estimate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from raydrat.memory import estimate_memory
+    from raydrat.core.runtime import resolve
 
-    est = estimate_memory(cfg, device=args.device)
+    est = resolve(cfg, gpus={"cpu": 0, "cuda": 1}.get(args.device)).estimate
     d = est.detail
     print(
         f"estimated peak training memory per worker for {cfg.name}: {est.total_bytes / 2**20:.2f} MiB\n"
         f"(device {d['device']}, precision {d['precision']}, batch {cfg.train.batch_size} x {cfg.model.seq_len} tokens, "
         f"{d['active_layers']}/{cfg.model.n_layer} layers, {d['stored_branches']}/{d['branches']} branches stored, "
-        f"checkpointing {cfg.train.checkpointing}, optimizer {cfg.optim.name}, "
+        f"recompute {cfg.recompute.mode}, optimizer {cfg.optim.name}, "
         f"attention {'stores the T x T matrix' if d['attention_matrix'] else 'O(T) memory'})\n"
     )
     print(est.table())
@@ -239,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:  # noqa: BLE001 - turn known errors into one line
         root = _root_cause(exc)
-        if isinstance(root, _known_errors()):
+        if isinstance(root, KNOWN_ERRORS):
             print(f"raydrat: error: {root}", file=sys.stderr)
             return 2
         raise

@@ -1,9 +1,14 @@
-"""MLflow tracking: the embedded default store, run creation, metrics and artifacts.
+"""MLflow tracking: the embedded default store, and the :class:`Run` handle.
 
 The default store is an SQLite file in the working directory (``sqlite:///mlruns.db``) with
 artifacts in ``mlartifacts/`` beside it; any other URI (an ``mlflow server``) comes from
 ``tracking.tracking_uri`` or ``$MLFLOW_TRACKING_URI``. The driver creates the run and logs
 params and artifacts; the training worker of rank 0 logs metrics into that run by id.
+
+Everything goes through a :class:`Run`: ``Run.start(...)`` creates one, ``Run.attach(uri,
+run_id)`` reopens one (a worker, a resumed run), and ``Run.off()`` is the run of an
+untracked job, whose every method does nothing, so callers never test whether tracking is
+on. A ``Run`` pickles as its ``(uri, run_id)``, so it can be handed to Ray workers.
 Nothing here runs at import time.
 """
 
@@ -14,9 +19,12 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
-from raydrat.config import TrackingConfig
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from raydrat.config.tracking import TrackingConfig
 
 DEFAULT_DB = "mlruns.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -48,9 +56,7 @@ def ui_command(uri: str) -> str:
     return f"open {uri} in a browser"
 
 
-def client(uri: str):
-    from mlflow.tracking import MlflowClient
-
+def client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
@@ -89,8 +95,6 @@ def start_run(
 
 
 def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
-    from mlflow.entities import Param
-
     items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
     c = client(uri)
     for i in range(0, len(items), 100):
@@ -103,8 +107,6 @@ def _param_value(value: Any) -> str:
 
 
 def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-    from mlflow.entities import Metric
-
     ts = int(time.time() * 1000)
     batch = [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None]
     if batch:
@@ -127,27 +129,63 @@ def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in client(uri).get_metric_history(run_id, key)]
 
 
-def plot_curves(
-    curves: Mapping[str, Iterable[tuple[int, float]]], out_path: str | Path, title: str
-) -> Path:
-    """A PNG of several ``(step, value)`` series on one axis."""
-    import matplotlib
+class Run:
+    """One MLflow run, or none (``Run.off()``: every method is a no-op)."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def __init__(self, uri: str | None = None, run_id: str | None = None):
+        self.uri, self.run_id = (uri, run_id) if uri and run_id else (None, None)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, points in curves.items():
-        pts = sorted(points)
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, marker="." if len(pts) < 30 else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    out = Path(out_path)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    @classmethod
+    def off(cls) -> "Run":
+        return cls()
+
+    @classmethod
+    def attach(cls, uri: str | None, run_id: str | None) -> "Run":
+        return cls(uri, run_id)
+
+    @classmethod
+    def start(cls, uri: str, experiment: str, run_name: str, params: Mapping[str, Any] | None = None,
+              tags: Mapping[str, str] | None = None, parent: "Run | None" = None) -> "Run":
+        parent_id = parent.run_id if parent is not None else None
+        return cls(uri, start_run(uri, experiment, run_name, params, tags, parent_id))
+
+    def __bool__(self) -> bool:
+        return self.run_id is not None
+
+    def __reduce__(self):
+        return (Run, (self.uri, self.run_id))
+
+    def __repr__(self) -> str:
+        return f"Run({self.run_id})" if self else "Run.off()"
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        if self:
+            log_params(self.uri, self.run_id, params)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if self:
+            log_metrics(self.uri, self.run_id, metrics, step)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self:
+            log_text(self.uri, self.run_id, text, artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        if self:
+            log_artifact(self.uri, self.run_id, path, artifact_path)
+
+    def set_tag(self, key: str, value: str) -> None:
+        if self:
+            client(self.uri).set_tag(self.run_id, key, value)
+
+    def set_status(self, status: str) -> None:
+        """``RUNNING`` again (a resumed run)."""
+        if self:
+            client(self.uri).update_run(self.run_id, status=status)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self:
+            end_run(self.uri, self.run_id, status)
+
+    def metric_history(self, key: str) -> list[tuple[int, float]]:
+        return metric_history(self.uri, self.run_id, key) if self else []

@@ -2,10 +2,10 @@
 against a baseline (fp32, no recomputation, AdamW, all layers) measured in the same run.
 
 Each combination trains the same model on the same pre-tokenized batches for the same
-steps in this process (``train_step`` with the combination's ``EfficiencyPolicy`` plan)
+steps in this process (the same ``fit`` as ``raydrat train``, with the combination's techniques)
 and reports: steady tokens/s, measured parameter / gradient / optimizer-state /
 activation bytes (real tensors; activations as storages alive after forward), the
-analytic estimate, the recomputed FLOPs per step, train loss over the last steps and the
+analytic estimate, the recomputed FLOPs per step, train loss over the last logging window and the
 validation loss, all also as ratios to the baseline. MLflow: one parent run, one child
 run per combination. On a GPU it also reports peak CUDA memory.
 
@@ -16,27 +16,22 @@ own budget (the comparison under which published layer-dropping gains have vanis
 
 from __future__ import annotations
 
-import itertools
 import time
-from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
 from raydrat import tracking
 from raydrat.bench.layertime import LayerStackTimer
-from raydrat.bench.overhead import _batches
+from raydrat.bench.local import LocalData, LocalRun, interleave
 from raydrat.bench.report import print_table, write_json
 from raydrat.config import RaydratConfig, config_from_dict
-from raydrat.data import iter_blocks_local
-from raydrat.efficiency import resolve_runtime
-from raydrat.memory import activation_plan_bounds, estimate_memory, flop_counter, grad_bytes, optimizer_state_bytes, param_bytes, saved_activation_bytes
-from raydrat.model.budget import solve_budget
-from raydrat.policy import EfficiencyPolicy
-from raydrat.train import metrics as M
-from raydrat.train.loop import build_model
-from raydrat.train.optim import build_optimizer, lr_at, set_lr
-from raydrat.train.step import evaluate, train_step
+from raydrat.core.memory.estimate import activation_plan_bounds
+from raydrat.core.memory.measure import flop_counter, grad_bytes, optimizer_state_bytes, param_bytes, saved_activation_bytes
+from raydrat.core.model.build import build_model
+from raydrat.core.step import evaluate
+from raydrat.core.techniques.knapsack import solve_budget
+from raydrat.core.techniques.recompute import MeasuredPlanner
+from raydrat.tracking import Run
 
 
 def combinations(cfg: RaydratConfig) -> list[tuple[str, list[str]]]:
@@ -44,7 +39,7 @@ def combinations(cfg: RaydratConfig) -> list[tuple[str, list[str]]]:
     (``_low``) at 35% of the way, where storing branches in their order (attention, MLP,
     attention, ...) is several percent worse than the optimum on the demo model: the gates
     have to learn which branches to store."""
-    lo, hi = activation_plan_bounds(cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": "cpu"})}))
+    lo, hi = activation_plan_bounds(cfg, "cpu", "fp32")
     budget = f"{(lo + 0.5 * (hi - lo)) / 2**20:.4f}"
     budget_low = f"{(lo + 0.35 * (hi - lo)) / 2**20:.4f}"
     return [
@@ -52,185 +47,150 @@ def combinations(cfg: RaydratConfig) -> list[tuple[str, list[str]]]:
         ("bf16", ["train.precision=bf16"]),
         ("adamw_fused", ["optim.name=adamw_fused"]),
         ("adamw8bit", ["optim.name=adamw8bit"]),
-        ("full_recompute", ["train.checkpointing=full"]),
-        ("adamw8bit+full", ["optim.name=adamw8bit", "train.checkpointing=full"]),
-        ("gated_lam0.01", ["train.checkpointing=gated", "gates.lam=0.01", "gates.mu=0.01"]),
-        ("gated_lam0.1", ["train.checkpointing=gated", "gates.lam=0.1", "gates.mu=0.01"]),
-        ("gated_at_budget", ["train.checkpointing=gated", f"gates.memory_budget_mb={budget}"]),
-        ("budget", ["train.checkpointing=budget", f"recompute.budget_mb={budget}"]),
-        ("gated_at_budget_low", ["train.checkpointing=gated", f"gates.memory_budget_mb={budget_low}"]),
-        ("budget_low", ["train.checkpointing=budget", f"recompute.budget_mb={budget_low}"]),
+        ("full_recompute", ["recompute.mode=full"]),
+        ("adamw8bit+full", ["optim.name=adamw8bit", "recompute.mode=full"]),
+        ("gated_lam0.01", ["recompute.mode=gated", "recompute.gates.memory_weight=0.01", "recompute.gates.recompute_weight=0.01"]),
+        ("gated_lam0.1", ["recompute.mode=gated", "recompute.gates.memory_weight=0.1", "recompute.gates.recompute_weight=0.01"]),
+        ("gated_at_budget", ["recompute.mode=gated", f"recompute.budget_mb={budget}"]),
+        ("budget", ["recompute.mode=budget", f"recompute.budget_mb={budget}"]),
+        ("gated_at_budget_low", ["recompute.mode=gated", f"recompute.budget_mb={budget_low}"]),
+        ("budget_low", ["recompute.mode=budget", f"recompute.budget_mb={budget_low}"]),
         ("layerdrop0.5", ["slots.mode=layerdrop", "slots.keep=0.5"]),
         ("progressive", ["slots.mode=progressive"]),
         ("compile", ["train.compile=default"]),
-        ("bf16+8bit+full+layerdrop", ["train.precision=bf16", "optim.name=adamw8bit", "train.checkpointing=full", "slots.mode=layerdrop", "slots.keep=0.5"]),
+        ("bf16+8bit+full+layerdrop", ["train.precision=bf16", "optim.name=adamw8bit", "recompute.mode=full", "slots.mode=layerdrop", "slots.keep=0.5"]),
     ]
 
 
-@dataclass
-class Data:
-    train: list[torch.Tensor]
-    val: list[torch.Tensor]
-
-
-def load_data(cfg: RaydratConfig, steps: int) -> Data:
-    tc = cfg.train
-    need = steps * tc.grad_accum * tc.batch_size
-    blocks = iter_blocks_local(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, "train")
-    train = _batches(list(itertools.islice(blocks, need)), tc.batch_size)
-    val_blocks = iter_blocks_local(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, "val")
-    val = _batches(list(itertools.islice(val_blocks, tc.eval_batches * tc.batch_size)), tc.batch_size)
-    if not train or not val:
-        raise RuntimeError("corpus too small for the benchmark: lower train.batch_size")
-    return Data(train, val)
-
-
-@dataclass
 class Session:
-    """One combination's model, policy, optimizer, data stream and layer-stack timer."""
+    """One combination trained through ``fit`` (:class:`LocalRun`), with the layer-stack
+    timer hooked on its model from outside and the per-step figures it reports."""
 
-    cfg: RaydratConfig
-    device: torch.device
-    model: torch.nn.Module
-    policy: EfficiencyPolicy
-    optimizer: torch.optim.Optimizer
-    stream: Iterator[torch.Tensor]
-    timer: LayerStackTimer | None
-    steady_s: float = 0.0
-    """Wall seconds of the steps after the first (timed by :meth:`step`)."""
+    def __init__(self, cfg: RaydratConfig, data: LocalData):
+        # evaluate only at the end: the steps are what is timed
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"eval_every": cfg.train.steps})})
+        self.cfg = cfg
+        self.run = LocalRun.start(cfg, data)
+        model = self.run.model
+        self.timer = LayerStackTimer(model) if cfg.train.compile == "off" else None  # hooks break compiled graphs
+        self.flops: list[float] = []
+        self.active: list[float] = []
 
-    @classmethod
-    def start(cls, cfg: RaydratConfig, data: Data) -> "Session":
-        tc = cfg.train
-        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-        device = torch.device("cuda" if torch.cuda.is_available() and tc.device != "cpu" else "cpu")
-        runtime = resolve_runtime(cfg, device)
-        model = build_model(cfg, device)
-        policy = EfficiencyPolicy(cfg, model, device, runtime.precision)
-        optimizer = build_optimizer(model, cfg.optim)
-        timer = LayerStackTimer(model) if tc.compile == "off" else None  # hooks break compiled graphs
-        return cls(cfg, device, model, policy, optimizer, itertools.cycle(data.train), timer)
-
-    def step(self, step: int) -> tuple[torch.Tensor, dict]:
-        """One training step (plan, train_step, record); the first is warm-up, untimed."""
-        tc = self.cfg.train
-        t0 = time.perf_counter()
-        set_lr(self.optimizer, lr_at(step, self.cfg.optim, tc.steps))
-        micro = [next(self.stream).to(self.device) for _ in range(tc.grad_accum)]
-        plan = self.policy.plan(step, micro[0])
+    def step(self) -> bool:
+        """One training step; the first is warm-up (the layer timer skips it)."""
         if self.timer is not None:
-            self.timer.enabled = step > 0
-        loss, _ = train_step(self.model, self.optimizer, micro, self.cfg.optim.grad_clip, hooks=plan)
+            self.timer.enabled = len(self.run.step_s) > 0
+        more = self.run.step()
         if self.timer is not None:
             self.timer.enabled = False
-        values = self.policy.record(step, loss)
-        if step > 0:
-            self.steady_s += time.perf_counter() - t0
-        return loss, values
+        if more:
+            t = self.run.techniques
+            planner = t.recompute
+            self.flops.append(float(planner.plan_recompute_flops() or 0) if isinstance(planner, MeasuredPlanner) else 0.0)
+            self.active.append(float(self.cfg.model.n_layer if t.slots.active is None else len(t.slots.active)))
+        return more
 
     def throughput(self) -> dict:
         """Steady tokens/s of the whole step and of the layer stack, seconds per step of each."""
-        tc = self.cfg.train
-        steady = tc.steps - 1
-        tokens = tc.batch_size * tc.grad_accum * self.cfg.model.seq_len * steady
+        steady = len(self.run.step_s) - 1
+        tokens = self.run.state.tokens_per_step * steady
+        steady_s = self.run.steady_s()
         layer_s = self.timer.total_s if self.timer is not None and steady > 0 else float("nan")
         nan = float("nan")
         return {
-            "tokens_per_s": tokens / self.steady_s if self.steady_s > 0 else nan,
+            "tokens_per_s": tokens / steady_s if steady_s > 0 else nan,
             "layer_tokens_per_s": tokens / layer_s if layer_s > 0 else nan,
             "layer_s_per_step": layer_s / steady if steady > 0 else nan,
-            "outside_layers_s_per_step": (self.steady_s - layer_s) / steady if steady > 0 else nan,
+            "outside_layers_s_per_step": (steady_s - layer_s) / steady if steady > 0 else nan,
         }
 
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.remove()
 
-def run_one(cfg: RaydratConfig, data: Data) -> dict:
+
+def run_one(cfg: RaydratConfig, data: LocalData) -> dict:
     """Train ``cfg`` for ``cfg.train.steps`` on ``data``; measure everything."""
     tc = cfg.train
-    s = Session.start(cfg, data)
-    device, model, policy, optimizer = s.device, s.model, s.policy, s.optimizer
+    s = Session(cfg, data)
+    device = s.run.runtime.device()
+    model, t = s.run.model, s.run.techniques
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    losses, flops, active = [], [], []
     t0 = time.perf_counter()
-    for step in range(tc.steps):
-        loss, values = s.step(step)
-        losses.append(loss)
-        flops.append(values.get(M.RECOMPUTE_FLOPS, 0.0))
-        active.append(values.get(M.ACTIVE_SLOTS, cfg.model.n_layer))
+    while s.step():
+        pass
     wall = time.perf_counter() - t0
-    speed = s.throughput()  # timed before evaluation and the memory measurements below
-    if s.timer is not None:
-        s.timer.remove()
-    val_loss = evaluate(model, [b.to(device) for b in data.val], tc.eval_batches)
+    speed = s.throughput()  # timed before the evaluation and memory measurements below
+    s.close()
+    report = s.run.state.last_report
+    val_loss = report["val_loss"]
+    last_plan_bytes = t.recompute.plan_bytes() if isinstance(t.recompute, MeasuredPlanner) else None
+    last_plan_flops = t.recompute.plan_recompute_flops() if isinstance(t.recompute, MeasuredPlanner) else None
     # memory, measured on real tensors: activations averaged over a few plans
     tokens = data.train[0].to(device)
     idx, targets = tokens[:, :-1], tokens[:, 1:]
     acts = []
-    last_plan = policy.last_plan
     for k in range(4):
-        plan = policy.plan(tc.steps + k)
-        acts.append(saved_activation_bytes(model, idx, targets, plan.autocast(), **plan.forward_kwargs))
+        t.recompute.plan(tc.steps + k, None, t.slots.plan(tc.steps + k))
+        acts.append(saved_activation_bytes(model, idx, targets, t.precision.autocast(), **t.slots.forward_kwargs()))
         model.zero_grad(set_to_none=True)
-    with policy.plan(tc.steps).autocast():
+    with t.precision.autocast():
         _, loss = model(idx, targets)
     loss.backward()
     grads = grad_bytes(model)
     model.zero_grad(set_to_none=True)
-    est = estimate_memory(cfg, device=device.type)
+    est = s.run.runtime.estimate
     rec = {
         **speed,
         "wall_s": wall,
         "param_bytes": param_bytes(model),
         "grad_bytes": grads,
-        "optimizer_bytes": optimizer_state_bytes(optimizer),
+        "optimizer_bytes": optimizer_state_bytes(s.run.state.optimizer),
         "activation_bytes": int(sum(acts) / len(acts)),
         "estimated_bytes": est.total_bytes,
         "estimated_activation_bytes": est.saved_bytes,
-        "recompute_flops_per_step": sum(flops) / len(flops),
-        "mean_active_layers": sum(active) / len(active),
-        "loss": float(torch.stack(losses[-5:]).mean()),
+        "recompute_flops_per_step": sum(s.flops) / len(s.flops),
+        "mean_active_layers": sum(s.active) / len(s.active),
+        "loss": report["train_loss"],
         "val_loss": val_loss,
         "steps": tc.steps,
     }
     rec["activation_bytes_max"] = max(acts)
-    rec.update(budget_record(cfg, policy, last_plan))
+    rec.update(budget_record(cfg, t.recompute, last_plan_bytes, last_plan_flops))
     if device.type == "cuda":
         rec["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
     return rec
 
 
-def budget_record(cfg: RaydratConfig, policy: EfficiencyPolicy, plan) -> dict:
+def budget_record(cfg: RaydratConfig, planner, plan_bytes: int | None, plan_flops: int | None) -> dict:
     """For a run with an activation budget (gated at a budget, or the budget optimum): the
     budget, the last plan's bytes and recompute FLOPs (from the measured costs) and the
     exact optimum at the same budget (``solve_budget`` over the same costs)."""
-    mode = cfg.train.checkpointing
-    budget_mb = cfg.gates.memory_budget_mb if mode == "gated" else cfg.recompute.budget_mb if mode == "budget" else None
-    if budget_mb is None or policy.costs is None or plan is None:
+    budget_mb = cfg.recompute.budget_mb
+    if budget_mb is None or not isinstance(planner, MeasuredPlanner) or planner.costs is None or plan_bytes is None:
         return {}
     budget = int(budget_mb * 2**20)
-    best = solve_budget(policy.costs, budget - policy.outside_bytes)
+    best = solve_budget(planner.costs, budget - planner.outside_bytes)
     return {
         "budget_bytes": budget,
-        "plan_activation_bytes": policy.plan_bytes(plan),
-        "plan_recompute_flops": policy.plan_recompute_flops(plan),
-        "optimum_activation_bytes": policy.outside_bytes + best.stored_bytes,
+        "plan_activation_bytes": plan_bytes,
+        "plan_recompute_flops": plan_flops,
+        "optimum_activation_bytes": planner.outside_bytes + best.stored_bytes,
         "optimum_recompute_flops": best.recompute_flops,
     }
 
 
-def interleaved_throughput(cfg: RaydratConfig, data: Data, name: str, overrides: list[str]) -> dict:
+def interleaved_throughput(cfg: RaydratConfig, data: LocalData, name: str, overrides: list[str]) -> dict:
     """The baseline and one combination trained step by step in turn (order alternating
     every step), so both see the same machine load: whole-step and layer-stack tokens/s of
     each, and their ratios. The side-by-side figure for a noisy, shared machine."""
-    base = Session.start(cfg, data)
-    other = Session.start(config_from_dict(cfg.to_dict(), overrides, origin=f"combination {name}"), data)
-    for step in range(cfg.train.steps):
-        for s in (base, other) if step % 2 == 0 else (other, base):
-            s.step(step)
+    base = Session(cfg, data)
+    other = Session(config_from_dict(cfg.to_dict(), overrides, origin=f"combination {name}"), data)
+    interleave([base, other])
     b, o = base.throughput(), other.throughput()
     for s in (base, other):
-        if s.timer is not None:
-            s.timer.remove()
+        s.close()
     return {"name": name, "baseline": b, name: o,
             "tokens_per_s_ratio": o["tokens_per_s"] / b["tokens_per_s"],
             "layer_tokens_per_s_ratio": o["layer_tokens_per_s"] / b["layer_tokens_per_s"]}
@@ -238,7 +198,7 @@ def interleaved_throughput(cfg: RaydratConfig, data: Data, name: str, overrides:
 
 def layer_flops(cfg: RaydratConfig) -> tuple[float, float]:
     """(FLOPs of one training step outside the layers, FLOPs per active layer)."""
-    model = build_model(cfg.model_copy(update={"train": cfg.train.model_copy(update={"compile": "off"})}), torch.device("cpu"))
+    model = build_model(cfg.model, seed=cfg.train.seed)
     tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.model.seq_len + 1))
 
     def step_flops(slots):
@@ -252,7 +212,7 @@ def layer_flops(cfg: RaydratConfig) -> tuple[float, float]:
     return outside, (step_flops(None) - outside) / cfg.model.n_layer
 
 
-def layerdrop_comparison(cfg: RaydratConfig, data: Data, ld: dict, base: dict) -> list[dict]:
+def layerdrop_comparison(cfg: RaydratConfig, data: LocalData, ld: dict, base: dict) -> list[dict]:
     """Val loss of layerdrop vs the baseline at equal FLOPs and equal wall-clock, each
     baseline's LR schedule decaying fully within its own (shorter) budget."""
     steps = cfg.train.steps
@@ -274,14 +234,13 @@ def layerdrop_comparison(cfg: RaydratConfig, data: Data, ld: dict, base: dict) -
 
 def run_combos(cfg: RaydratConfig, json_path: str | None = None, only: list[str] | None = None) -> list[dict]:
     cfg = cfg.model_copy(deep=True)
-    cfg.train.device = "cpu" if not torch.cuda.is_available() else cfg.train.device
     base_dict = cfg.to_dict()
     combos = [c for c in combinations(cfg) if not only or c[0] in only or c[0] == "baseline"]
-    data = load_data(cfg, cfg.train.steps)
-    uri = parent = None
+    data = LocalData.load(cfg)
+    parent = Run.off()
     if cfg.tracking.enabled:
-        uri = tracking.resolve_tracking_uri(cfg.tracking)
-        parent = tracking.start_run(uri, "raydrat-bench", f"combos-{time.strftime('%Y%m%d-%H%M%S')}", params=cfg.flat())
+        parent = Run.start(tracking.resolve_tracking_uri(cfg.tracking), "raydrat-bench",
+                           f"combos-{time.strftime('%Y%m%d-%H%M%S')}", params=cfg.flat())
     records = []
     try:
         for name, overrides in combos:
@@ -289,10 +248,10 @@ def run_combos(cfg: RaydratConfig, json_path: str | None = None, only: list[str]
             print(f"[combos] {name} ({', '.join(overrides) or 'baseline'})", flush=True)
             rec = {"name": name, "overrides": overrides, **run_one(c, data)}
             records.append(rec)
-            if uri:
-                child = tracking.start_run(uri, "raydrat-bench", name, params=c.flat(), parent_run_id=parent)
-                tracking.log_metrics(uri, child, {k: v for k, v in rec.items() if isinstance(v, (int, float))}, c.train.steps)
-                tracking.end_run(uri, child)
+            if parent:
+                child = Run.start(parent.uri, "raydrat-bench", name, params=c.flat(), parent=parent)
+                child.log_metrics({k: v for k, v in rec.items() if isinstance(v, (int, float))}, c.train.steps)
+                child.end()
         base = records[0]
         for rec in records:
             for key in ("tokens_per_s", "layer_tokens_per_s", "param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes", "estimated_bytes", "loss", "val_loss"):
@@ -305,8 +264,7 @@ def run_combos(cfg: RaydratConfig, json_path: str | None = None, only: list[str]
             print("[combos] layerdrop0.5 and baseline interleaved step by step", flush=True)
             interleaved = interleaved_throughput(cfg, data, "layerdrop0.5", by_name["layerdrop0.5"]["overrides"])
     finally:
-        if uri and parent:
-            tracking.end_run(uri, parent)
+        parent.end()
     mib = 2**20
     print_table(
         f"combos: {cfg.name}, {cfg.train.steps} steps, batch {cfg.train.batch_size}x{cfg.model.seq_len}, ratios to baseline",

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from raydrat.bench.local import LocalData, LocalRun
 from raydrat.bench.report import print_table, write_json
 from raydrat.config import RaydratConfig
 from raydrat.data.pipeline import (
@@ -41,7 +42,7 @@ from raydrat.data.pipeline import (
 )
 from raydrat.data.prepare import train_tokenizer_on_sources
 from raydrat.data.tokenizer import tokenizer_from_str
-from raydrat.runtime import ensure_ray
+from raydrat.ray_session import ensure_ray
 
 DOC_BYTES = 3000
 ROWS_PER_GROUP = 256
@@ -186,21 +187,12 @@ def baseline_ingest(cfg: RaydratConfig) -> dict:
 
 
 def training_consumption(cfg: RaydratConfig, steps: int = 6) -> float:
-    """Steady tokens/s of the config's model training on random tokens (1 worker's threads)."""
-    from raydrat.train.loop import build_model
-    from raydrat.train.optim import build_optimizer
-    from raydrat.train.step import train_step
-
-    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    model = build_model(cfg, torch.device("cpu"))
-    opt = build_optimizer(model, cfg.optim)
+    """Steady tokens/s of the config's model training through ``fit`` on random tokens
+    (1 worker's threads; the first step is warm-up)."""
     tc = cfg.train
+    c = cfg.model_copy(update={"train": tc.model_copy(update={"steps": steps + 1, "eval_every": steps + 1})})
     batch = torch.randint(0, cfg.model.vocab_size, (tc.batch_size, cfg.model.seq_len + 1))
-    train_step(model, opt, (batch for _ in range(tc.grad_accum)), cfg.optim.grad_clip)  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        train_step(model, opt, (batch for _ in range(tc.grad_accum)), cfg.optim.grad_clip)
-    return steps * tc.batch_size * tc.grad_accum * cfg.model.seq_len / (time.perf_counter() - t0)
+    return LocalRun.start(c, LocalData([batch], [batch])).run().steady_tokens_per_s()
 
 
 # --------------------------------------------------------------------------------------

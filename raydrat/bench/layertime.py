@@ -1,6 +1,6 @@
 """Time spent in the transformer layer stack, separately from the rest of a step.
 
-:class:`LayerStackTimer` hooks a :class:`~raydrat.model.transformer.GPT` from outside
+:class:`LayerStackTimer` hooks a :class:`~raydrat.core.model.transformer.GPT` from outside
 (forward hooks on its blocks, gradient hooks on the stack's input and the blocks' outputs)
 and accumulates, per training step:
 

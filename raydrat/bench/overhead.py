@@ -5,74 +5,41 @@ count, measured in one run:
 
 (a) ``raydrat train``'s loop on one Ray Train worker (Ray Data streaming the shard,
     ``ray.train.report`` with checkpoints, MLflow metrics from rank 0);
-(b) a bare loop in this process over blocks tokenized beforehand (data loading is not
-    timed), evaluating and ``torch.save``-ing a checkpoint at the same steps.
+(b) the same ``fit`` loop in this process over blocks tokenized beforehand (data loading
+    is not timed), evaluating and ``torch.save``-ing a checkpoint at the same steps.
 
-Both figures are steady-state tokens/s: from the end of the first optimizer step to the
-end of the last (so start-up and the first step's warm-up are excluded from both). Wall
+Both run :func:`raydrat.core.fit.fit`; the difference is only what Ray adds around it.
+Both figures are steady-state tokens/s, as ``fit`` reports them: from the end of the first
+optimizer step to the end of the last (so start-up and the first step's warm-up are excluded from both). Wall
 time including start-up is printed beside them.
 """
 
 from __future__ import annotations
 
-import itertools
 import tempfile
 import time
-from pathlib import Path
 
-import numpy as np
-import torch
-
+from raydrat.bench.local import LocalData, LocalRun
 from raydrat.bench.report import print_table, write_json
 from raydrat.config import RaydratConfig
-from raydrat.data import iter_blocks_local
-from raydrat.train import metrics as M
-from raydrat.train.loop import build_model
-from raydrat.train.optim import build_optimizer, lr_at, set_lr
-from raydrat.train.step import evaluate, train_step
-
-
-def _batches(blocks: list, batch_size: int) -> list[torch.Tensor]:
-    n = len(blocks) // batch_size
-    return [torch.from_numpy(np.stack(blocks[i * batch_size : (i + 1) * batch_size])).long() for i in range(n)]
+from raydrat.core import metrics as M
+from raydrat.core.callbacks import LocalCheckpoint
+from raydrat.ray_train.trainer import run_training
 
 
 def bare_loop(cfg: RaydratConfig) -> dict:
-    """The baseline: the same step and evaluation functions in one process."""
-    tc = cfg.train
-    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    need = tc.steps * tc.grad_accum * tc.batch_size
-    train_blocks = list(itertools.islice(iter_blocks_local(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, "train"), need))
-    val_blocks = list(itertools.islice(iter_blocks_local(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, "val"), tc.eval_batches * tc.batch_size))
-    train_batches = _batches(train_blocks, tc.batch_size)
-    val_batches = _batches(val_blocks, tc.batch_size)
-    if not train_batches or not val_batches:
-        raise RuntimeError("corpus too small for the benchmark: lower train.batch_size")
-
+    """The baseline: the same ``fit`` in this process, over blocks tokenized beforehand,
+    checkpointing with ``torch.save`` at the same steps."""
+    data = LocalData.load(cfg)
     t0 = time.perf_counter()
-    model = build_model(cfg, torch.device("cpu"))
-    optimizer = build_optimizer(model, cfg.optim)
-    stream = itertools.cycle(train_batches)
-    tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.seq_len
-    thr = M.Throughput(tc.steps, tokens_per_step)
-    val_loss = float("nan")
     with tempfile.TemporaryDirectory() as tmp:
-        for step in range(tc.steps):
-            set_lr(optimizer, lr_at(step, cfg.optim, tc.steps))
-            loss, _ = train_step(model, optimizer, (next(stream) for _ in range(tc.grad_accum)), cfg.optim.grad_clip)
-            thr.step_done()
-            done = step + 1
-            if done % tc.log_every == 0 or done == tc.steps:
-                loss.item()
-            if done % tc.eval_every == 0 or done == tc.steps:
-                val_loss = evaluate(model, val_batches, tc.eval_batches)
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, Path(tmp) / "state.pt")
-    return {"tokens_per_s": thr.steady_rate(), "wall_s": time.perf_counter() - t0, "val_loss": val_loss}
+        run = LocalRun.start(cfg, data, [LocalCheckpoint(tmp, cfg.to_dict())]).run()
+    report = run.state.last_report
+    return {"tokens_per_s": report[M.TOKENS_PER_S_AVG], "wall_s": time.perf_counter() - t0,
+            "val_loss": report[M.VAL_LOSS]}
 
 
 def ray_loop(cfg: RaydratConfig) -> dict:
-    from raydrat.train.trainer import run_training
-
     summary = run_training(cfg)
     return {"tokens_per_s": summary.tokens_per_s or 0.0, "wall_s": summary.wall_s, "val_loss": summary.final_val_loss}
 

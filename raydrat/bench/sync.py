@@ -3,13 +3,13 @@
 Two Ray Train workers on CPU (gloo) run, one after another inside one worker group (one
 start-up for the whole table), every variant: ``ddp``; ``local`` with ``sync_steps`` in
 {1, 2, 4, 8}; ``local`` with the DiLoCo outer optimizer at 4. Each variant starts from the
-same initial weights and sees the same blocks in the same order (rank ``r`` takes every
-``W``-th block from ``r``; blocks tokenized beforehand with ``iter_blocks_local``, so data
-loading is not timed), for the same number of optimizer steps, through the same
-``train_step`` / sync strategy / ``evaluate`` code as ``raydrat train``.
+same initial weights and sees the same batches in the same order (rank ``r`` takes every
+``W``-th batch from ``r``; blocks tokenized beforehand, so data loading is not timed), for
+the same number of optimizer steps, through the same ``fit`` loop (techniques, sync
+strategy, evaluation) as ``raydrat train``.
 
 Per variant: bytes this worker sent per optimizer step (ring all-reduce count, see
-``raydrat.train.sync``), communication share of step time, tokens/s over both workers
+``raydrat.core.techniques.sync``), communication share of step time, tokens/s over both workers
 (steady state: the first step is excluded; the slower worker sets the pace), and the
 validation loss at the end. ``--latency-ms 0,20`` repeats the table with each collective
 delayed by that latency (a slow link) and reports where local sync overtakes DDP.
@@ -17,23 +17,24 @@ delayed by that latency (a slow link) and reports where local sync overtakes DDP
 
 from __future__ import annotations
 
-import itertools
 import json
 import tempfile
 import time
 from pathlib import Path
 
+import ray.train
 import torch
+import torch.distributed as dist
+from ray.train.torch import TorchTrainer
 
+from raydrat.bench.local import LocalData, LocalRun
 from raydrat.bench.report import print_table, write_json
 from raydrat.config import RaydratConfig
-from raydrat.data import iter_blocks_local
-from raydrat.train import metrics as M
-from raydrat.train.checkpoint import unwrap
-from raydrat.train.loop import build_model
-from raydrat.train.optim import build_optimizer, lr_at, set_lr
-from raydrat.train.step import evaluate, train_step
-from raydrat.train.sync import CommMeter, build_strategy, model_checksum
+from raydrat.core import metrics as M
+from raydrat.core.fit import Callback, FitState
+from raydrat.core.state import unwrap
+from raydrat.core.techniques.sync import model_checksum
+from raydrat.ray_session import ensure_ray
 
 ROWS_FILE = "rows.json"
 DEFAULT_VARIANTS = [
@@ -50,50 +51,39 @@ def variant_label(v: dict) -> str:
     return f"local/{v['sync_steps']}{outer}"
 
 
-def _batches(blocks: list, batch_size: int) -> list[torch.Tensor]:
-    n = len(blocks) // batch_size
-    return [torch.tensor(blocks[i * batch_size : (i + 1) * batch_size], dtype=torch.long) for i in range(n)]
+class SteadyComm(Callback):
+    """Drops the first step's communication from the window (warm-up) and keeps the last
+    logged window (the whole run after the first step: ``log_every = steps``)."""
+
+    def __init__(self):
+        self.window: dict[str, float] = {}
+
+    def on_step_end(self, state: FitState) -> None:
+        if state.step == 1:
+            state.techniques.sync.meter.window()
+
+    def on_log(self, state: FitState, values: dict[str, float]) -> None:
+        self.window = values
 
 
-def run_variant(cfg: RaydratConfig, variant: dict, train_batches: list, val_batches: list) -> dict:
-    """Train one variant in this worker (inside a Ray Train worker group) and return its
-    figures, identical on every rank (reduced across workers)."""
-    import ray.train
-    import torch.distributed as dist
-
+def run_variant(cfg: RaydratConfig, variant: dict, data: LocalData, rank: int, world: int) -> dict:
+    """Train one variant through ``fit`` in this worker (inside a Ray Train worker group) and
+    return its figures, identical on every rank (reduced across workers)."""
     sync = cfg.sync.model_copy(update={k: v for k, v in variant.items() if k != "latency_ms"})
     sync.latency_s = variant.get("latency_ms", 0) / 1000.0
-    world = ray.train.get_context().get_world_size()
-    tc = cfg.train
-    model = build_model(cfg, torch.device("cpu"))
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    strategy = build_strategy(sync, world)
-    model = strategy.wrap(model)
-    optimizer = build_optimizer(model, cfg.optim)
-    strategy.attach_optimizer(optimizer)
-    meter = CommMeter(strategy.comm)
-    stream = itertools.cycle(train_batches)
+    tc = cfg.train.model_copy(update={"log_every": cfg.train.steps, "eval_every": cfg.train.steps})
+    c = cfg.model_copy(update={"sync": sync, "train": tc})
+    comm = SteadyComm()
+    run = LocalRun.start(c, data.shard(rank, world), [comm], rank=rank, world_size=world)
+    param_bytes = sum(p.numel() * p.element_size() for p in run.model.parameters())
     dist.barrier()
-    steady_start = None
-    for step in range(tc.steps):
-        set_lr(optimizer, lr_at(step, cfg.optim, tc.steps))
-        t0 = time.perf_counter()
-        train_step(model, optimizer, (next(stream) for _ in range(tc.grad_accum)), cfg.optim.grad_clip, no_sync=strategy.no_sync)
-        strategy.after_optimizer_step(step + 1)
-        if step + 1 == tc.steps:
-            strategy.synchronize()
-        if step == 0:
-            strategy.comm.take()  # the first step (warm-up) is not counted
-            steady_start = time.perf_counter()
-        else:
-            meter.step_done(time.perf_counter() - t0)
-    steady_s = torch.tensor([time.perf_counter() - steady_start], dtype=torch.float64)
-    dist.all_reduce(steady_s, op=dist.ReduceOp.MAX)
-    figures = meter.window()
-    val_loss = evaluate(model, val_batches, tc.eval_batches)
+    run.run()
+    steady_s = torch.tensor([run.steady_s()], dtype=torch.float64)
+    dist.all_reduce(steady_s, op=dist.ReduceOp.MAX)  # the slower worker sets the pace
     checksums = [None] * world
-    dist.all_gather_object(checksums, model_checksum(unwrap(model)))
-    tokens = (tc.steps - 1) * tc.batch_size * tc.grad_accum * cfg.model.seq_len * world
+    dist.all_gather_object(checksums, model_checksum(unwrap(run.model)))
+    strategy = run.techniques.sync
+    tokens = (tc.steps - 1) * run.state.tokens_per_step
     return {
         "mode": variant["mode"],
         "sync_steps": variant["sync_steps"],
@@ -101,10 +91,10 @@ def run_variant(cfg: RaydratConfig, variant: dict, train_batches: list, val_batc
         "latency_ms": variant.get("latency_ms", 0),
         "label": variant_label(variant),
         "bytes_per_step": strategy.comm.total_bytes / tc.steps,  # every step, the first too
-        "comm_s_per_step": figures[M.COMM_S_PER_STEP],
-        "comm_fraction": figures[M.COMM_FRACTION],
+        "comm_s_per_step": comm.window[M.COMM_S_PER_STEP],
+        "comm_fraction": comm.window[M.COMM_FRACTION],
         "tokens_per_s": tokens / float(steady_s),
-        "val_loss": val_loss,
+        "val_loss": run.state.last_report[M.VAL_LOSS],
         "param_bytes": param_bytes,
         "checksums": checksums,
         "steps": tc.steps,
@@ -113,15 +103,11 @@ def run_variant(cfg: RaydratConfig, variant: dict, train_batches: list, val_batc
 
 
 def _bench_worker(loop_config: dict) -> None:
-    import ray.train
-
     cfg = RaydratConfig.model_validate(loop_config["config"])
     rank = ray.train.get_context().get_world_rank()
     world = ray.train.get_context().get_world_size()
-    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    train_batches = _batches(loop_config["train_blocks"][rank::world], cfg.train.batch_size)
-    val_batches = _batches(loop_config["val_blocks"], cfg.train.batch_size)
-    rows = [run_variant(cfg, v, train_batches, val_batches) for v in loop_config["variants"]]
+    data: LocalData = loop_config["data"]
+    rows = [run_variant(cfg, v, data, rank, world) for v in loop_config["variants"]]
     # Train V2 returns the metrics of the latest checkpoint only: the rows travel in one.
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
@@ -133,24 +119,14 @@ def _bench_worker(loop_config: dict) -> None:
 
 def run_sync_workers(cfg: RaydratConfig, variants: list[dict], workers: int = 2) -> list[dict]:
     """Run ``variants`` in one worker group of ``workers`` Ray Train CPU workers."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from raydrat.runtime import ensure_ray
-
     ensure_ray()
     tc = cfg.train
-    need = tc.steps * tc.grad_accum * tc.batch_size * workers
-    local = iter_blocks_local(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, "train")
-    train_blocks = [list(map(int, b)) for b in itertools.islice(local, need)]
-    val_local = iter_blocks_local(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, "val")
-    val_blocks = [list(map(int, b)) for b in itertools.islice(val_local, tc.eval_batches * tc.batch_size)]
-    if len(train_blocks) < tc.batch_size * workers or len(val_blocks) < tc.batch_size:
+    data = LocalData.load(cfg, workers=workers)
+    if len(data.train) < workers:
         raise RuntimeError("corpus too small for the sync benchmark: lower train.batch_size")
     trainer = TorchTrainer(
         _bench_worker,
-        train_loop_config={"config": cfg.to_dict(), "variants": variants,
-                           "train_blocks": train_blocks, "val_blocks": val_blocks},
+        train_loop_config={"config": cfg.to_dict(), "variants": variants, "data": data},
         torch_config=ray.train.torch.TorchConfig(backend="gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=False, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}

@@ -24,6 +24,8 @@ class TrialRecord:
     status: str
     estimated_bytes: int | None
     val_loss: float | None = None
+    metric_value: float | None = None
+    """The trial's last value of the sweep's ``metric`` (what ``best`` ranks by)."""
     peak_bytes: int | None = None
     tokens_per_s: float | None = None
     steps: int | None = None

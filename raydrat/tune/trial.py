@@ -1,5 +1,5 @@
 """The Tune trial function: one trial is one call of the same training path as ``raydrat
-train`` (datasets → ``build_trainer`` → ``fit``, via :func:`raydrat.train.trainer.fit_in_run`),
+train`` (datasets → ``build_trainer`` → ``fit``, via :func:`raydrat.ray_train.trainer.fit_in_run`),
 with ``TuneReportCallback`` forwarding every ``ray.train.report`` to Tune (Train V2 pattern).
 
 An out-of-memory error inside training ends the trial with status ``oom`` (not an error), so
@@ -11,6 +11,17 @@ from __future__ import annotations
 import math
 import time
 
+import ray.tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from raydrat.config import RaydratConfig
+from raydrat.core import metrics as M
+from raydrat.core.microbatch import is_oom
+from raydrat.data import build_datasets
+from raydrat.ray_session import quiet_ray_data
+from raydrat.ray_train.trainer import fit_in_run
+from raydrat.tracking import Run
+
 STATUS = "status"
 TRIAL_WALL_S = "trial_wall_s"
 TRIAL_START = "trial_start_ts"
@@ -20,32 +31,21 @@ ERROR = "error"
 
 
 def trial_fn(config: dict) -> None:
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from raydrat import tracking
-    from raydrat.config import RaydratConfig
-    from raydrat.data import build_datasets
-    from raydrat.runtime import quiet_ray_data
-    from raydrat.train import metrics as M
-    from raydrat.train.oom import is_oom
-    from raydrat.train.trainer import fit_in_run
-
     t0 = time.time()
     payload = config["trial"]
     cfg = RaydratConfig.model_validate(payload["config"])
-    uri, run_id = payload["tracking_uri"], payload["run_id"]
+    run = Run.attach(payload["tracking_uri"], payload["run_id"])
     quiet_ray_data()
     bundle = build_datasets(cfg.data, cfg.model.seq_len, cfg.model.vocab_size,
                             reserved_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
     data_setup_s = time.time() - t0
-    if uri and run_id:
-        tracking.log_text(uri, run_id, cfg.to_yaml(), "config.yaml")
+    run.log_text(cfg.to_yaml(), "config.yaml")
     final: dict = {STATUS: "completed", DATA_SETUP_S: data_setup_s}
     try:
         result = fit_in_run(
-            cfg, bundle, uri, run_id, payload["run_name"],
+            cfg, payload["runtime"], bundle, run, payload["run_name"],
             callbacks=[TuneReportCallback()], worker_resources=payload["worker_resources"],
+            fit_callbacks=payload.get("fit_callbacks", ()),
         )
         final[M.VAL_LOSS] = (result.metrics or {}).get(M.VAL_LOSS, math.nan)
     except Exception as exc:  # noqa: BLE001 - OOM is a result, everything else fails the trial

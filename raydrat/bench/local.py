@@ -1,0 +1,140 @@
+"""A run of the one training loop (:func:`raydrat.core.fit.iter_fit`) in this process, on
+blocks tokenized beforehand: what the benchmarks compare against, and how they interleave
+several runs step by step under the same machine load."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from raydrat.config import RaydratConfig
+from raydrat.core import metrics as M
+from raydrat.core.fit import Callback, FitState, iter_fit
+from raydrat.core.model.build import build_model
+from raydrat.core.optim import build_optimizer
+from raydrat.core.runtime import Runtime, resolve
+from raydrat.core.state import resumable_batches
+from raydrat.core.techniques.bundle import Techniques, apply_techniques, build_techniques
+from raydrat.data import iter_blocks_local
+
+
+def batches_of(blocks: list, batch_size: int) -> list[torch.Tensor]:
+    """``(batch_size, seq_len + 1)`` long tensors from a list of blocks (a tail is dropped)."""
+    n = len(blocks) // batch_size
+    return [torch.from_numpy(np.stack(blocks[i * batch_size : (i + 1) * batch_size])).long() for i in range(n)]
+
+
+@dataclass
+class LocalData:
+    """Train and val batches, tokenized once and shared by every run of a benchmark."""
+
+    train: list[torch.Tensor]
+    val: list[torch.Tensor]
+
+    @classmethod
+    def load(cls, cfg: RaydratConfig, steps: int | None = None, workers: int = 1) -> "LocalData":
+        """Enough train blocks for ``steps`` optimizer steps of ``workers`` workers (they
+        cycle if the corpus has fewer), and ``train.eval_batches`` val batches."""
+        tc, mc = cfg.train, cfg.model
+        need = (steps or tc.steps) * tc.grad_accum * tc.batch_size * workers
+        train = list(itertools.islice(iter_blocks_local(cfg.data, mc.seq_len, mc.vocab_size, "train"), need))
+        val = list(itertools.islice(iter_blocks_local(cfg.data, mc.seq_len, mc.vocab_size, "val"),
+                                    tc.eval_batches * tc.batch_size))
+        data = cls(batches_of(train, tc.batch_size), batches_of(val, tc.batch_size))
+        if not data.train or not data.val:
+            raise RuntimeError("corpus too small for the benchmark: lower train.batch_size")
+        return data
+
+    def shard(self, rank: int, world: int) -> "LocalData":
+        """Rank ``rank``'s share of the train batches (every ``world``-th), the whole val."""
+        return LocalData(self.train[rank::world], self.val)
+
+
+@dataclass
+class LocalRun:
+    """``cfg`` built exactly as a Ray Train worker builds it (model, techniques in order,
+    optimizer), training on ``data`` through :func:`iter_fit`. :meth:`step` advances one
+    optimizer step and times it (evaluation and checkpoint callbacks excluded)."""
+
+    cfg: RaydratConfig
+    runtime: Runtime
+    state: FitState
+    data: LocalData
+    callbacks: Sequence[Callback] = ()
+    step_s: list[float] = field(default_factory=list)
+    """Wall seconds of each optimizer step (planning, the step, the techniques' updates)."""
+    _steps: Iterator[FitState] | None = None
+
+    @classmethod
+    def start(cls, cfg: RaydratConfig, data: LocalData, callbacks: Sequence[Callback] = (),
+              runtime: Runtime | None = None, rank: int = 0, world_size: int = 1) -> "LocalRun":
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+        runtime = runtime or resolve(cfg)
+        device = runtime.device()
+        model = build_model(cfg.model, seed=cfg.train.seed, device=device)
+        techniques = build_techniques(cfg, runtime.precision, device, world_size)
+        model = apply_techniques(model, techniques)
+        optimizer = build_optimizer(model, cfg.optim)
+        techniques.sync.attach_optimizer(optimizer)
+        state = FitState(model, optimizer, techniques, cfg.train, cfg.optim, cfg.model.seq_len, rank, world_size)
+        return cls(cfg, runtime, state, data, callbacks)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.state.model
+
+    @property
+    def techniques(self) -> Techniques:
+        return self.state.techniques
+
+    def _iterator(self) -> Iterator[FitState]:
+        device = self.runtime.device()
+        train = [b.to(device) for b in self.data.train]
+        val = [b.to(device) for b in self.data.val]
+        batches = resumable_batches(lambda: iter(train), self.state.position)
+        return iter_fit(self.state, batches, lambda: val, self.callbacks)
+
+    def step(self) -> bool:
+        """One optimizer step; False when the run is over."""
+        if self._steps is None:
+            self._steps = self._iterator()
+        clock = self.state.clock.totals
+        outside = clock[M.EVAL_S] + clock[M.CHECKPOINT_S]
+        t0 = time.perf_counter()
+        try:
+            next(self._steps)
+        except StopIteration:
+            return False
+        self.step_s.append(time.perf_counter() - t0 - (clock[M.EVAL_S] + clock[M.CHECKPOINT_S] - outside))
+        return True
+
+    def run(self) -> "LocalRun":
+        while self.step():
+            pass
+        return self
+
+    def steady_s(self) -> float:
+        """Seconds of every step after the first (the first warms up)."""
+        return sum(self.step_s[1:])
+
+    def steady_tokens_per_s(self) -> float:
+        steady = len(self.step_s) - 1
+        return steady * self.state.tokens_per_step / self.steady_s() if steady > 0 and self.steady_s() > 0 else 0.0
+
+
+def interleave(runs: Sequence[LocalRun]) -> None:
+    """Advance ``runs`` one step each in turn (the order reversed every round) until all are
+    done, so each sees the same machine load."""
+    live = list(runs)
+    forward = True
+    while live:
+        order = live if forward else live[::-1]
+        live = [r for r in order if r.step()]
+        if not forward:
+            live.reverse()
+        forward = not forward

@@ -1,0 +1,108 @@
+"""Where the documents come from and how they become blocks (section ``data:``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from raydrat.config.base import Section
+
+
+class SourceConfig(Section):
+    path: str
+    """A file, a directory, a glob, an ``s3://bucket/prefix`` URI (a key, a prefix or a
+    glob), or ``demo`` for the embedded corpus (built on first use from the running
+    interpreter's standard library)."""
+    format: Literal["parquet", "text"] = "parquet"
+    """``parquet``: one document per row of ``text_column``. ``text``: plain text files
+    (``.gz`` decompressed), split into documents by ``text_mode``."""
+    text_column: str = "text"
+    """Column holding the document text (parquet only); other columns are ignored."""
+    text_mode: Literal["file", "line"] = "file"
+    """Plain text only: ``file``: one document per file; ``line``: one per line (empty
+    lines are counted as empty documents)."""
+    weight: float | None = Field(None, gt=0)
+    """Relative share of training tokens when several sources are mixed: a source's
+    training blocks are repeated or subsampled (deterministically, by block) so that its
+    share of the training stream is ``weight / sum(weights)`` (shares estimated from the
+    sources' sizes). ``None`` on every source: sources are concatenated in their natural
+    proportions. Give every source a weight or none."""
+    endpoint_url: str | None = None
+    """S3 only: endpoint of an S3-compatible store (MinIO, Ceph, GCS interop), e.g.
+    ``http://127.0.0.1:9000``. ``None``: AWS. Credentials come from the standard chain
+    (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``~/.aws``, instance roles)."""
+    region: str | None = None
+    """S3 only: the bucket's region (``None``: ``AWS_DEFAULT_REGION`` or ``us-east-1``)."""
+
+
+class DataConfig(Section):
+    sources: list[SourceConfig] = Field(
+        default_factory=lambda: [SourceConfig(path="demo")], min_length=1
+    )
+    """Where the documents come from."""
+    demo_dir: str = "data/demo"
+    """Where the embedded demo corpus and its tokenizer are written (relative paths are
+    resolved against the working directory)."""
+    tokenizer_path: str | None = None
+    """A ``tokenizers`` JSON file. ``None``: ``tokenizer-<vocab_size>.json`` beside the demo corpus,
+    trained on first use."""
+    val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
+    """Share of documents held out for validation: a document goes to val when a keyed
+    hash of its text (key ``split_seed``) falls below this fraction, so the split is
+    deterministic, disjoint, and independent of file order and cluster size."""
+    split_seed: int = 0
+    """Seed of the train/val split hash."""
+    tokenize_batch_size: int = Field(64, ge=1)
+    """Documents per ``map_batches`` call when tokenizing."""
+    pack_rows: int = Field(256, ge=1)
+    """Documents per packing group (and plain-text files per unit of work): a group's
+    documents are concatenated (each followed by the end-of-document token) and cut into
+    ``seq_len + 1`` blocks; the group's last partial block is dropped and counted."""
+    shuffle_buffer: int = Field(2048, ge=0)
+    """Local shuffle buffer (in blocks) when iterating the training shard; 0 disables.
+    Blocks arrive grouped by source file, so some shuffling keeps batches varied."""
+    preserve_order: bool = True
+    """Deliver the training blocks in the same order on every run (Ray Data's
+    ``preserve_order``), so that, with the seeded local shuffle, a run resumed with
+    ``--resume`` trains on exactly the batches an uninterrupted run would have. Turning it
+    off lets a slow tokenizer task be overtaken (slightly higher ingest throughput on a busy
+    cluster) at the price of run-to-run batch order. With several Train workers, Ray 2.60's
+    ``streaming_split`` then deals each block to the worker that has received the fewest rows
+    so far (not to whichever asks first), so each worker's stream is the same on every run
+    too (an implementation property of Ray, not an API promise: docs/distributed.md)."""
+    prefetch_batches: int = Field(2, ge=0)
+    """Batches each Train worker fetches ahead of the one it trains on."""
+    tokenize_actors: int = Field(0, ge=0)
+    """Size of the tokenizer actor pool (each actor loads the tokenizer once). 0: the
+    cluster's CPUs minus one per Train worker (at least 1)."""
+    on_corrupt: Literal["error", "skip"] = "error"
+    """A parquet or gzip file that cannot be read: ``error`` stops before training and
+    names it; ``skip`` leaves it out and counts it (``skipped_files`` in the metrics and the
+    manifest)."""
+    val_max_units: int = Field(32, ge=1)
+    """The val split is drawn from at most this many units of work (parquet row groups or
+    groups of text files), spread evenly over the corpus, so building it costs the same for
+    any corpus size. Val-rule documents of the other units are held out too (never
+    trained on)."""
+    prepared: str | None = None
+    """A directory written by ``raydrat data prepare`` (local or ``s3://``): train on its
+    blocks instead of reading ``sources``. Its manifest must match the tokenizer and
+    ``model.seq_len``."""
+    prepared_endpoint_url: str | None = None
+    """S3-compatible endpoint for ``prepared`` (see ``sources[].endpoint_url``)."""
+    tokenizer_sample_docs: int = Field(20000, ge=1)
+    """``raydrat data tokenizer``: documents sampled (evenly over the units) to train the BPE."""
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> "DataConfig":
+        weighted = [s.weight is not None for s in self.sources]
+        if any(weighted) and not all(weighted):
+            missing = [str(i) for i, w in enumerate(weighted) if not w]
+            raise ValueError(
+                f"data.sources[{', '.join(missing)}].weight is missing: give every source a "
+                "weight, or none (natural proportions)"
+            )
+        return self
+
+

@@ -1,0 +1,82 @@
+"""The whole run's config: one section per component, and the checks that span sections
+(they need neither a model nor a machine; those live in :func:`raydrat.core.runtime.resolve`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from pydantic import Field, model_validator
+
+from raydrat.config.base import Section
+from raydrat.config.data import DataConfig
+from raydrat.config.dotted import flatten
+from raydrat.config.optim import OptimConfig
+from raydrat.config.recompute import RecomputeConfig
+from raydrat.config.scaling import ScalingConfig
+from raydrat.config.slots import SlotsConfig
+from raydrat.config.sync import SyncConfig
+from raydrat.config.tracking import TrackingConfig
+from raydrat.config.train import TrainConfig
+from raydrat.core.model.config import ModelConfig
+
+
+class RaydratConfig(Section):
+    name: str = "raydrat"
+    """Name of the run (Ray Train run directory and default MLflow run name)."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    sync: SyncConfig = Field(default_factory=SyncConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    recompute: RecomputeConfig = Field(default_factory=RecomputeConfig)
+    slots: SlotsConfig = Field(default_factory=SlotsConfig)
+
+    @model_validator(mode="after")
+    def _check_cross(self) -> "RaydratConfig":
+        if self.train.min_micro_batch > self.train.batch_size:
+            raise ValueError(
+                f"train.min_micro_batch ({self.train.min_micro_batch}) exceeds train.batch_size "
+                f"({self.train.batch_size}): lower train.min_micro_batch"
+            )
+        if self.optim.warmup_steps >= self.train.steps and self.train.steps > 1:
+            raise ValueError(
+                f"optim.warmup_steps ({self.optim.warmup_steps}) must be below train.steps "
+                f"({self.train.steps}): lower optim.warmup_steps"
+            )
+        _check_slots(self.slots, self.model.n_layer)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """Flattened ``{"section.key": value}`` view (MLflow params, Tune spaces)."""
+        return flatten(self.to_dict())
+
+
+def _check_slots(sc: SlotsConfig, n: int) -> None:
+    """The slot settings against the model's layer count."""
+    if sc.mode == "fixed":
+        if not sc.fixed:
+            raise ValueError("slots.mode=fixed needs slots.fixed, a list of layer indices")
+        bad = sorted({i for i in sc.fixed if not 0 <= i < n})
+        if bad:
+            raise ValueError(f"slots.fixed has {bad} outside 0..{n - 1} (model.n_layer={n})")
+        if len(set(sc.fixed)) != len(sc.fixed):
+            raise ValueError(f"slots.fixed {sc.fixed} repeats a layer: list each layer once")
+    max_slots = sc.max_slots or n
+    if max_slots > n:
+        raise ValueError(f"slots.max_slots ({max_slots}) exceeds model.n_layer ({n})")
+    if sc.min_slots > max_slots:
+        raise ValueError(f"slots.min_slots ({sc.min_slots}) exceeds slots.max_slots ({max_slots})")
+    if sc.start_slots is not None and not sc.min_slots <= sc.start_slots <= max_slots:
+        raise ValueError(
+            f"slots.start_slots ({sc.start_slots}) must lie in [slots.min_slots, slots.max_slots] "
+            f"= [{sc.min_slots}, {max_slots}]"
+        )

@@ -1,0 +1,1 @@
+"""Layer 2, the Ray-free core: the model, the techniques applied to it from outside, the one runtime resolution, memory, data blocks and the `fit` loop. Imports torch (and pyarrow/tokenizers for data), never ray or mlflow."""

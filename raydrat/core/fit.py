@@ -1,0 +1,188 @@
+"""The one training loop: ``fit(state, batches, val_batches, callbacks)``.
+
+Every way raydrat trains goes through it: the Ray Train worker
+(:mod:`raydrat.ray_train.worker`), the benchmarks, and any plain PyTorch script. It knows
+nothing of Ray or MLflow; what happens around the steps is a callback's job::
+
+    state = FitState(model, optimizer, techniques, cfg.train, cfg.optim, cfg.model.seq_len)
+    fit(state, batches, lambda: val_batches, [ConsoleLog()])
+
+Each step: set the learning rate → take ``grad_accum`` micro-batches → the slot schedule
+plans the layers, the recompute planner the stored activations → one optimizer step
+(:class:`~raydrat.core.microbatch.MicroBatchStep`: ``train_step``, retried with smaller
+micro-batches on OOM when allowed) → the gates' own update, the slots' feedback, the
+precision fallback → the sync strategy's averaging. Every ``train.log_every`` steps the
+window's metrics go to ``on_log``; every ``train.eval_every`` steps (and at the end) it
+evaluates; at evaluations and every ``train.checkpoint_every`` steps the replicas are
+synchronised and ``on_save`` gets the full report (the Ray adapter checkpoints there).
+
+:func:`iter_fit` is the same loop as a generator that yields after each step, so a
+benchmark can interleave several runs step by step under the same machine load.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from raydrat.config.optim import OptimConfig
+from raydrat.config.train import TrainConfig
+from raydrat.core import metrics as M
+from raydrat.core.memory.measure import PeakMemory
+from raydrat.core.microbatch import MicroBatchStep
+from raydrat.core.optim import lr_at, set_lr
+from raydrat.core.state import DataPosition
+from raydrat.core.step import evaluate
+from raydrat.core.techniques.bundle import Techniques
+
+log = logging.getLogger("raydrat")
+
+
+class Callback:
+    """Hooks around :func:`fit`'s steps. Every rank calls them (a callback that only rank 0
+    should act on checks ``state.rank``)."""
+
+    def on_fit_start(self, state: "FitState") -> None:
+        pass
+
+    def on_log(self, state: "FitState", values: dict[str, float]) -> None:
+        """Metrics of a logging step (and ``val_loss`` at evaluations)."""
+
+    def on_save(self, state: "FitState", report: dict[str, float]) -> None:
+        """A checkpoint step: the replicas agree; ``report`` holds every figure of the run so far."""
+
+    def on_step_end(self, state: "FitState") -> None:
+        pass
+
+    def on_fit_end(self, state: "FitState") -> None:
+        pass
+
+
+@dataclass
+class FitState:
+    """What the loop works on, and where it is. Callbacks read it."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    techniques: Techniques
+    train: TrainConfig
+    optim: OptimConfig
+    seq_len: int
+    rank: int = 0
+    world_size: int = 1
+    start_step: int = 0
+    """The step the loop starts from (a restored checkpoint's)."""
+    restored: bool = False
+    """Whether this worker group started from a checkpoint."""
+    position: DataPosition = field(default_factory=DataPosition)
+    """Where this worker is in its data (kept current by ``resumable_batches``)."""
+    step: int = 0
+    """Optimizer steps done."""
+    clock: M.PhaseClock = field(default_factory=M.PhaseClock)
+    throughput: M.Throughput | None = None
+    micro: MicroBatchStep | None = None
+    peak_memory: PeakMemory | None = None
+    last_report: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.train.batch_size * self.train.grad_accum * self.seq_len * self.world_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.techniques.precision.device
+
+
+def iter_fit(
+    state: FitState,
+    batches: Iterator[torch.Tensor],
+    val_batches: Callable[[], Iterable[torch.Tensor]],
+    callbacks: Sequence[Callback] = (),
+) -> Iterator[FitState]:
+    """:func:`fit`, yielding ``state`` after each optimizer step."""
+    tc, t, model, optimizer = state.train, state.techniques, state.model, state.optimizer
+    state.step = state.start_step
+    state.throughput = thr = M.Throughput(tc.steps - state.start_step, state.tokens_per_step)
+    state.micro = state.micro or MicroBatchStep(tc)
+    if state.peak_memory is None:
+        state.peak_memory = PeakMemory(state.device)
+        state.peak_memory.watch(model)
+    for cb in callbacks:
+        cb.on_fit_start(state)
+    model.train()
+    window_loss, window_steps = torch.zeros((), device=state.device), 0
+    for step in range(state.start_step, tc.steps):
+        lr = lr_at(step, state.optim, tc.steps)
+        set_lr(optimizer, lr)
+        t_step = time.perf_counter()
+        with state.clock.timing(M.DATA_WAIT_S):
+            micro = [next(batches) for _ in range(tc.grad_accum)]
+        t.recompute.plan(step, micro[0], t.slots.plan(step))
+        loss, grad_norm = state.micro(model, optimizer, micro, state.optim.grad_clip, t)
+        t.recompute.after_step()
+        t.slots.observe(loss, t.recompute.plan_bytes())
+        message = t.precision.after_step(step)
+        if message:
+            log.info(message)
+        window_loss += loss.detach()
+        window_steps += 1
+        done = state.step = step + 1
+        last = done == tc.steps
+        evaluate_now = done % tc.eval_every == 0 or last
+        save_now = evaluate_now or bool(tc.checkpoint_every and done % tc.checkpoint_every == 0)
+        t.sync.after_optimizer_step(done)
+        if save_now:  # replicas agree before they are evaluated or saved
+            t.sync.synchronize()
+        t.sync.step_done(time.perf_counter() - t_step)
+        thr.step_done()
+        values: dict[str, float] = {}
+        if done % tc.log_every == 0 or last:
+            values = {
+                M.TRAIN_LOSS: (window_loss / window_steps).item(),
+                M.LR: lr,
+                M.TOKENS_PER_S: thr.rate(),
+                M.TOKENS_SEEN: done * state.tokens_per_step,
+            }
+            if grad_norm is not None:
+                values[M.GRAD_NORM] = float(grad_norm)
+            window_loss.zero_()
+            window_steps = 0
+            values.update(t.metrics())
+        if evaluate_now:
+            with state.clock.timing(M.EVAL_S):
+                values[M.VAL_LOSS] = evaluate(model, val_batches(), tc.eval_batches)
+        if values:
+            for cb in callbacks:
+                cb.on_log(state, values)
+        if save_now:
+            report = {**values, M.STEP: done, M.TOKENS_PER_S_AVG: thr.steady_rate(),
+                      M.PEAK_BYTES: state.peak_memory.peak() or 0, M.MICRO_BATCH: state.micro.micro_batch,
+                      M.TRAIN_TIME_S: state.micro.train_time_s, **state.clock.snapshot()}
+            report.setdefault(M.VAL_LOSS, float("inf"))
+            state.last_report = report
+            with state.clock.timing(M.CHECKPOINT_S):
+                for cb in callbacks:
+                    cb.on_save(state, report)
+        for cb in callbacks:
+            cb.on_step_end(state)
+        yield state
+    for cb in callbacks:
+        cb.on_fit_end(state)
+
+
+def fit(
+    state: FitState,
+    batches: Iterator[torch.Tensor],
+    val_batches: Callable[[], Iterable[torch.Tensor]],
+    callbacks: Sequence[Callback] = (),
+) -> dict:
+    """Train from ``state.start_step`` to ``train.steps`` on ``batches`` (an endless iterator
+    of ``(B, seq_len + 1)`` token blocks, e.g. :func:`raydrat.core.state.resumable_batches`),
+    evaluating on ``val_batches()``. Returns the last checkpoint step's report."""
+    for _ in iter_fit(state, batches, val_batches, callbacks):
+        pass
+    return state.last_report

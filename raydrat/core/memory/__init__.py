@@ -1,0 +1,2 @@
+"""Memory: what a config will need (:mod:`.estimate`) and what training really holds
+(:mod:`.measure`)."""

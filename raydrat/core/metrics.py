@@ -1,0 +1,160 @@
+"""Metric names (defined once), and the console progress line."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+
+# Mean training loss over the optimizer steps since the previous log line.
+TRAIN_LOSS = "train_loss"
+VAL_LOSS = "val_loss"
+LR = "lr"
+TOKENS_PER_S = "tokens_per_s"
+# Steady-state tokens/s over the whole run so far (first step excluded).
+TOKENS_PER_S_AVG = "tokens_per_s_avg"
+GRAD_NORM = "grad_norm"
+STEP = "step"
+TOKENS_SEEN = "tokens_seen"
+# Communication (raydrat.core.techniques.sync), per optimizer step averaged over the logging window:
+# bytes this worker sent in collectives (ring all-reduce: 2(W-1)/W x payload), seconds from
+# launch to completion of its collectives, and that time over the step time.
+COMM_BYTES_PER_STEP = "comm_bytes_per_step"
+COMM_S_PER_STEP = "comm_s_per_step"
+COMM_FRACTION = "comm_fraction"
+COMM_BYTES_TOTAL = "comm_bytes_total"
+# Logged once when a worker group starts from a checkpoint (after a failure or --resume).
+RESUMED_FROM_STEP = "resumed_from_step"
+
+# Efficiency techniques (raydrat.core.techniques): reported only by the techniques a run uses.
+ACTIVE_SLOTS = "active_slots"
+STORED_FRACTION = "gates/stored_fraction"
+# Saved activation bytes of the step's plan, from the per-branch costs last measured.
+ACTIVATION_BYTES = "memory/activation_bytes"
+RECOMPUTE_FLOPS = "recompute_flops"
+RESOURCE_LOSS = "resource_loss"
+# memory_budget form of the gates: the Lagrange multiplier of the budget constraint.
+GATE_MULTIPLIER = "gates/multiplier"
+PRECISION_SWITCHES = "precision_switches"
+OVERFLOW_STEPS = "fp16_overflow_steps"
+GATE_HEATMAP_ARTIFACT = "plots/gate_heatmap.png"
+
+
+def gate_prob_name(layer: int, kind: str) -> str:
+    """Metric name of the store probability of one gate, e.g. ``gates/p/L0.attn``."""
+    return f"gates/p/L{layer}.{kind}"
+# Peak memory of the worker (CUDA: max allocated; CPU: resident-set growth), in bytes.
+PEAK_BYTES = "peak_bytes"
+# Micro-batch in use (train.auto_microbatch may have shrunk it).
+MICRO_BATCH = "micro_batch_size"
+# Seconds spent inside optimizer steps so far (overhead accounting).
+TRAIN_TIME_S = "train_time_s"
+# Where else a worker's loop spent its time, in seconds since the loop started (overhead
+# accounting; each is reported with every checkpoint, so the last one's own save is not in it).
+DATA_WAIT_S = "time/data_wait_s"
+EVAL_S = "time/eval_s"
+CHECKPOINT_S = "time/checkpoint_s"
+LOOP_S = "time/loop_s"
+PHASES = (DATA_WAIT_S, EVAL_S, CHECKPOINT_S)
+
+# The attribute Ray Train ranks checkpoints by.
+CHECKPOINT_SCORE = VAL_LOSS
+CHECKPOINT_ORDER = "min"
+
+logger = logging.getLogger("raydrat")
+
+
+def setup_logging(level: int = logging.INFO) -> logging.Logger:
+    """Configure the one raydrat logger (idempotent)."""
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[raydrat] %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level)
+    return logger
+
+
+class PhaseClock:
+    """Seconds a worker's loop spends waiting for data, evaluating and saving checkpoints,
+    and its wall time since it started: with ``train_time_s`` they split the loop's time."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.totals = dict.fromkeys(PHASES, 0.0)
+
+    @contextmanager
+    def timing(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.totals[phase] += time.perf_counter() - t0
+
+    def snapshot(self) -> dict[str, float]:
+        return {**self.totals, LOOP_S: time.perf_counter() - self.started}
+
+
+class Throughput:
+    """Tokens/s over the steps since the last ``rate()`` call, and ETA from the mean step
+    time since the first step (the first step, which includes warm-up, is excluded)."""
+
+    def __init__(self, total_steps: int, tokens_per_step: int):
+        self.total_steps = total_steps
+        self.tokens_per_step = tokens_per_step
+        self._window_start = time.perf_counter()
+        self._window_steps = 0
+        self._steady_start: float | None = None
+        self._steady_steps = 0
+
+    def step_done(self) -> None:
+        now = time.perf_counter()
+        self._window_steps += 1
+        if self._steady_start is None:
+            self._steady_start = now
+            self._window_start = now
+            self._window_steps = 0
+        else:
+            self._steady_steps += 1
+
+    def rate(self) -> float:
+        """Tokens/s since the previous call (resets the window)."""
+        now = time.perf_counter()
+        elapsed = now - self._window_start
+        rate = self._window_steps * self.tokens_per_step / elapsed if elapsed > 0 else 0.0
+        self._window_start, self._window_steps = now, 0
+        return rate
+
+    def steady_rate(self) -> float:
+        """Tokens/s over all steps after the first."""
+        if self._steady_start is None or self._steady_steps == 0:
+            return 0.0
+        return self._steady_steps * self.tokens_per_step / (time.perf_counter() - self._steady_start)
+
+    def eta_s(self, step: int) -> float:
+        if self._steady_start is None or self._steady_steps == 0:
+            return float("nan")
+        per_step = (time.perf_counter() - self._steady_start) / self._steady_steps
+        return per_step * (self.total_steps - step)
+
+
+def format_eta(seconds: float) -> str:
+    if seconds != seconds:  # nan
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def progress_line(step: int, total: int, metrics: dict, eta_s: float) -> str:
+    parts = [f"step {step}/{total}"]
+    if TRAIN_LOSS in metrics:
+        parts.append(f"loss {metrics[TRAIN_LOSS]:.4f}")
+    if VAL_LOSS in metrics:
+        parts.append(f"val {metrics[VAL_LOSS]:.4f}")
+    if LR in metrics:
+        parts.append(f"lr {metrics[LR]:.2e}")
+    if TOKENS_PER_S in metrics:
+        parts.append(f"{metrics[TOKENS_PER_S]:,.0f} tok/s")
+    parts.append(f"ETA {format_eta(eta_s)}")
+    return " | ".join(parts)

@@ -1,0 +1,18 @@
+"""``build_model``: a :class:`GPT` from its config, seeded, on a device."""
+
+from __future__ import annotations
+
+import torch
+
+from raydrat.core.model.config import ModelConfig
+from raydrat.core.model.transformer import GPT
+
+
+def build_model(cfg: ModelConfig, seed: int | None = None, device: torch.device | str | None = None) -> GPT:
+    """A freshly initialised :class:`GPT` (``torch.manual_seed(seed)`` first when given),
+    moved to ``device``. Techniques are applied afterwards, from outside
+    (:func:`raydrat.core.techniques.apply_techniques`)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = GPT(cfg)
+    return model.to(device) if device is not None else model

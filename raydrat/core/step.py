@@ -1,0 +1,79 @@
+"""One optimizer step and one evaluation, in plain PyTorch: what :func:`raydrat.core.fit.fit`
+calls, usable from any loop."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable
+
+import torch
+
+from raydrat.core.techniques.bundle import Techniques
+
+
+def split_block(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``(B, seq_len + 1)`` block → inputs and next-token targets, each ``(B, seq_len)``."""
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Iterable[torch.Tensor],
+    grad_clip: float,
+    techniques: Techniques | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Forward/backward over the micro-batches (gradient accumulation), clip, step.
+
+    ``techniques`` (default: fp32, every layer, one worker) supply the forward's active
+    slots (the slot schedule's plan), the autocast context, the (scaled) backward and the
+    optimizer step (precision), and ``no_sync`` for every micro-batch but the last (the
+    sync strategy: DDP all-reduces once per step). Recomputation is already set on the
+    model's wrappers by the planner. Returns the mean loss (a 0-d tensor, not synchronised
+    to the host) and the global gradient norm before clipping (``None`` when clipping is off).
+    """
+    micro_batches = list(micro_batches)
+    n = len(micro_batches)
+    forward_kwargs = techniques.slots.forward_kwargs() if techniques else {}
+    precision = techniques.precision if techniques else None
+    total = torch.zeros((), device=micro_batches[0].device)
+    for i, tokens in enumerate(micro_batches):
+        idx, targets = split_block(tokens)
+        quiet = techniques is not None and i < n - 1
+        with techniques.sync.no_sync() if quiet else contextlib.nullcontext():
+            with precision.autocast() if precision else contextlib.nullcontext():
+                _, loss = model(idx, targets, **forward_kwargs)
+            if precision:
+                precision.backward(loss / n)
+            else:
+                (loss / n).backward()
+        total += loss.detach().float()
+    if precision:
+        precision.unscale_(optimizer)
+    grad_norm = None
+    if grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if precision:
+        precision.optimizer_step(optimizer)
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / n, grad_norm
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Iterable[torch.Tensor], max_batches: int) -> float:
+    """Mean loss over at most ``max_batches`` validation batches, with every layer active."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    for i, tokens in enumerate(batches):
+        if i >= max_batches:
+            break
+        idx, targets = split_block(tokens)
+        _, loss = model(idx, targets)
+        losses.append(loss.float())
+    model.train(was_training)
+    if not losses:
+        raise RuntimeError("the validation set yielded no batch: lower train.batch_size")
+    return torch.stack(losses).mean().item()

@@ -1,0 +1,86 @@
+"""The techniques of one run, built from their config sections, and the one function that
+applies them to a model in order (like torchtitan's ``parallelize_*``)::
+
+    techniques = build_techniques(cfg, runtime, world_size)
+    model = apply_techniques(model, techniques)   # recompute, then compile, then sync
+
+:class:`Techniques` only holds them: the training step calls each one's own hooks
+(:func:`raydrat.core.step.train_step`), and :func:`raydrat.core.fit.fit` plans and records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from raydrat.config.run import RaydratConfig
+from raydrat.config.slots import SlotsConfig
+from raydrat.config.sync import SyncConfig
+from raydrat.core.techniques.base import Technique
+from raydrat.core.techniques.compile import Compile
+from raydrat.core.techniques.precision import Precision
+from raydrat.core.techniques.recompute import NoRecompute, RecomputePlanner, build_recompute
+from raydrat.core.techniques.slots import SlotSchedule
+from raydrat.core.techniques.sync import SyncStrategy, build_strategy
+
+
+@dataclass
+class Techniques:
+    """One object per technique; each is applied from outside and keeps its own state."""
+
+    recompute: RecomputePlanner
+    slots: SlotSchedule
+    precision: Precision
+    compile: Compile = field(default_factory=Compile)
+    sync: SyncStrategy = field(default_factory=lambda: SyncStrategy(SyncConfig(), 1))
+
+    @classmethod
+    def plain(cls, n_layer: int, device: torch.device | str = "cpu") -> "Techniques":
+        """fp32, every layer, nothing recomputed, one worker."""
+        device = torch.device(device)
+        return cls(NoRecompute(n_layer), SlotSchedule(SlotsConfig(), n_layer, 1), Precision("fp32", device))
+
+    def all(self) -> list[Technique]:
+        return [self.recompute, self.slots, self.precision, self.compile, self.sync]
+
+    def metrics(self) -> dict[str, float]:
+        """Every technique's figures for the step just taken."""
+        out: dict[str, float] = {}
+        for t in self.all():
+            out.update(t.metrics())
+        return out
+
+    def state_dict(self) -> dict:
+        return {t.name: t.state_dict() for t in self.all() if t.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for t in self.all():
+            if t.name in state:
+                t.load_state_dict(state[t.name])
+
+
+def build_techniques(cfg: RaydratConfig, precision: str, device: torch.device, world_size: int = 1) -> Techniques:
+    """Every technique ``cfg`` switches on, each from its own section. ``precision`` is the
+    resolved one (:attr:`raydrat.core.runtime.Runtime.precision`)."""
+    tc = cfg.train
+    prec = Precision(precision, device, tc.precision_fallback, tc.precision_fallback_after, tc.precision_fallback_steps)
+    return Techniques(
+        recompute=build_recompute(cfg.recompute, cfg.model.n_layer, device, prec.autocast),
+        slots=SlotSchedule(cfg.slots, cfg.model.n_layer, tc.steps, seed=tc.seed),
+        precision=prec,
+        compile=Compile(tc.compile),
+        sync=build_strategy(cfg.sync, world_size, skips_layers=cfg.slots.mode != "all"),
+    )
+
+
+def apply_techniques(model: nn.Module, techniques: Techniques) -> nn.Module:
+    """Attach the techniques in their one order: recompute, then compile, then sync (the
+    DDP wrapper, or local-update averaging). Returns the model to train."""
+    model = techniques.recompute.apply(model)
+    model = techniques.compile.apply(model)
+    return techniques.sync.apply(model)
+
+
+__all__ = ["Techniques", "apply_techniques", "build_techniques"]

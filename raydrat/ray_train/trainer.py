@@ -1,0 +1,223 @@
+"""Driver side: build the ``TorchTrainer`` for a config and run it end to end.
+
+``build_trainer`` is the one function that turns a config into a ``TorchTrainer``; the
+CLI, the job entrypoints and the Tune trial function all call it (through ``fit_in_run``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from raydrat import tracking
+from raydrat.config import RaydratConfig
+from raydrat.core import metrics as M
+from raydrat.core.fit import Callback
+from raydrat.core.runtime import Runtime, resolve
+from raydrat.plots import plot_curves
+from raydrat.data import build_datasets
+from raydrat.ray_session import cluster_gpus, ensure_ray
+from raydrat.ray_train import resume
+from raydrat.ray_train.fits import check_cluster_fits
+from raydrat.ray_train.worker import train_loop_per_worker
+from raydrat.tracking import Run
+
+
+@dataclass
+class TrainingSummary:
+    """What a finished run tells its caller."""
+
+    run_name: str
+    final_val_loss: float | None
+    tokens_per_s: float | None
+    steps: int
+    wall_s: float
+    checkpoint_path: str | None
+    run: Run
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def tracking_uri(self) -> str | None:
+        return self.run.uri
+
+    @property
+    def mlflow_run_id(self) -> str | None:
+        return self.run.run_id
+
+    def lines(self) -> list[str]:
+        out = [f"run {self.run_name}: {self.steps} steps in {self.wall_s:.1f}s"]
+        if self.final_val_loss is not None:
+            out.append(f"final validation loss: {self.final_val_loss:.4f}")
+        if self.tokens_per_s is not None:
+            out.append(f"training throughput: {self.tokens_per_s:,.0f} tokens/s")
+        if self.checkpoint_path:
+            out.append(f"checkpoint: {self.checkpoint_path}")
+        if self.run:
+            out.append(f"MLflow run {self.run.run_id}; browse with:")
+            out.append(f"  {tracking.ui_command(self.run.uri)}")
+        return out
+
+
+def _data_config(cfg: RaydratConfig) -> "ray.train.DataConfig":
+    """``train`` is split across the workers (``val`` is given whole to each), streamed in a
+    fixed order when ``data.preserve_order`` is set."""
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = cfg.data.preserve_order
+    options.verbose_progress = False
+    return ray.train.DataConfig(datasets_to_split=["train"], execution_options=options)
+
+
+def build_trainer(
+    cfg: RaydratConfig,
+    runtime: Runtime,
+    datasets: dict,
+    run: Run | None = None,
+    run_name: str | None = None,
+    callbacks: list | None = None,
+    worker_resources: dict | None = None,
+    resume: bool = False,
+    fit_callbacks: Sequence[Callback] = (),
+) -> TorchTrainer:
+    """The ``TorchTrainer`` for ``cfg`` over ``datasets`` (``train`` split across workers,
+    ``val`` given whole to each). ``callbacks`` go to the ``RunConfig`` (a Tune trial passes
+    ``TuneReportCallback``); ``worker_resources`` overrides/extends each worker's request
+    (a Tune trial passes its GPU fraction or ``memory`` bytes); ``fit_callbacks`` run inside
+    every worker's ``fit`` (a test's fault injection). The workers start from the newest
+    checkpoint of Ray Train's record and the run's storage directory (any there with
+    ``resume``, else those this fit saved): Ray Train may not have recorded a save that
+    finished just before a worker was killed."""
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if runtime.use_gpu:
+        resources["GPU"] = 1
+    resources.update(worker_resources or {})
+    storage = str(Path(cfg.train.storage_path).resolve())
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "runtime": runtime,
+            "run": run or Run.off(),
+            "run_dir": str(Path(storage) / (run_name or cfg.name)),
+            "checkpoints_since": 0.0 if resume else time.time(),
+            "callbacks": list(fit_callbacks),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=runtime.use_gpu, resources_per_worker=resources
+        ),
+        datasets=datasets,
+        dataset_config=_data_config(cfg),
+        run_config=ray.train.RunConfig(
+            name=run_name or cfg.name,
+            storage_path=storage,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.train.checkpoints_to_keep,
+                checkpoint_score_attribute=M.CHECKPOINT_SCORE,
+                checkpoint_score_order=M.CHECKPOINT_ORDER,
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+        ),
+    )
+
+
+def _log_run_artifacts(run: Run, cfg: RaydratConfig, tokenizer_path: str) -> None:
+    run.log_text(cfg.to_yaml(), "config.yaml")
+    if tokenizer_path and Path(tokenizer_path).exists():
+        run.log_artifact(tokenizer_path, "tokenizer")
+
+
+def _log_loss_curve(run: Run, title: str, out_dir: Path) -> None:
+    curves = {"train": run.metric_history(M.TRAIN_LOSS), "val": run.metric_history(M.VAL_LOSS)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run.log_artifact(plot_curves(curves, out_dir / "loss_curve.png", title), "plots")
+
+
+def fit_in_run(
+    cfg: RaydratConfig,
+    runtime: Runtime,
+    bundle,
+    run: Run,
+    run_name: str,
+    callbacks: list | None = None,
+    worker_resources: dict | None = None,
+    resume: bool = False,
+    fit_callbacks: Sequence[Callback] = (),
+) -> ray.train.Result:
+    """Build the ``TorchTrainer`` for ``cfg`` over ``bundle`` and fit it, recording into
+    ``run`` (the loss-curve plot is logged when it succeeds; ending the run is the
+    caller's). Shared by ``run_training`` and the Tune trial function."""
+    trainer = build_trainer(
+        cfg, runtime, {"train": bundle.train, "val": bundle.val}, run, run_name,
+        callbacks=callbacks, worker_resources=worker_resources, resume=resume, fit_callbacks=fit_callbacks,
+    )
+    result = trainer.fit()
+    if run:
+        _log_loss_curve(run, run_name, Path(cfg.train.storage_path) / run_name)
+    return result
+
+
+def run_training(cfg: RaydratConfig, resume_run: bool | str = False,
+                 fit_callbacks: Sequence[Callback] = ()) -> TrainingSummary:
+    """Train ``cfg`` through Ray Train on the current (or a new local) Ray instance.
+    ``resume_run``: continue the newest interrupted run of ``cfg.name`` (or the named run)
+    from its latest checkpoint, in the same Ray Train run and MLflow run."""
+    log = M.setup_logging()
+    t0 = time.perf_counter()
+    record = resume.prepare_resume(cfg, resume_run) if resume_run else None
+    ensure_ray()
+    runtime = resolve(cfg, gpus=cluster_gpus())
+    check_cluster_fits(cfg, runtime.use_gpu, ray.cluster_resources())
+    bundle = build_datasets(cfg.data, cfg.model.seq_len, cfg.model.vocab_size,
+                            reserved_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+    run_name = cfg.tracking.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    run = Run.off()
+    if record is not None:
+        run_name = record["run_name"]
+        run = Run.attach(record["tracking_uri"], record["mlflow_run_id"])
+        run.set_status("RUNNING")
+        log.info(f"resuming run {run_name} (MLflow run {run.run_id}) from "
+                 f"{resume.latest_checkpoint(resume.storage_root(cfg) / run_name)}")
+    elif cfg.tracking.enabled:
+        run = Run.start(tracking.resolve_tracking_uri(cfg.tracking), cfg.tracking.experiment, run_name,
+                        params=cfg.flat())
+        _log_run_artifacts(run, cfg, bundle.tokenizer_path)
+        if bundle.lineage:  # data lineage: the prepare manifest or the sources read
+            run.log_text(json.dumps(bundle.lineage, indent=2, default=str), "data/lineage.json")
+            run.log_metrics(bundle.metrics(), 0)
+        log.info(f"MLflow run {run.run_id} in {run.uri}")
+    if record is None:
+        resume.write_run_record(cfg, run_name, run.uri, run.run_id)
+
+    status = "FAILED"
+    try:
+        result = fit_in_run(cfg, runtime, bundle, run, run_name, resume=record is not None,
+                            fit_callbacks=fit_callbacks)
+        status = "FINISHED"
+        for epoch, values in enumerate(bundle.epoch_metrics(), start=1):  # per-epoch data counts
+            run.log_metrics(values, epoch)
+    finally:
+        run.end(status)
+
+    final = dict(result.metrics or {})
+    summary = TrainingSummary(
+        run_name=run_name,
+        final_val_loss=final.get(M.VAL_LOSS),
+        tokens_per_s=final.get(M.TOKENS_PER_S_AVG),
+        steps=int(final.get(M.STEP, cfg.train.steps)),
+        wall_s=time.perf_counter() - t0,
+        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+        run=run,
+        metrics=final,
+    )
+    if summary.tokens_per_s:
+        run.log_metrics({"final_tokens_per_s": summary.tokens_per_s}, summary.steps)
+    return summary
