@@ -28,7 +28,7 @@ class UserError(Exception):
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from raydrat.data.errors import DataError
+    from raydrat.core.data.errors import DataError
 
     return (ConfigError, DataError, UserError)
 
@@ -60,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_data_demo(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from raydrat.data.demo import build_demo_corpus
+    from raydrat.core.data.demo import build_demo_corpus
 
     out = build_demo_corpus(cfg.data.demo_dir, cfg.model.vocab_size, force=args.force)
     print(f"demo corpus ready in {out}")
@@ -69,7 +69,7 @@ def cmd_data_demo(args: argparse.Namespace) -> int:
 
 def cmd_data_tokenizer(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from raydrat.data.prepare import train_tokenizer_on_sources
+    from raydrat.core.data.sample import train_tokenizer_on_sources
 
     info = train_tokenizer_on_sources(cfg.data, cfg.model.vocab_size, args.out)
     print(f"tokenizer {info['path']}: {info['vocab_size']} tokens trained on {info['docs']} "
@@ -81,7 +81,7 @@ def cmd_data_tokenizer(args: argparse.Namespace) -> int:
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from raydrat.data.prepare import prepare
+    from raydrat.ray_data.prepare import prepare
     from raydrat.runtime import ensure_ray
 
     ensure_ray()

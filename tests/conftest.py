@@ -37,7 +37,7 @@ def _restore_torch_state():
 def demo_dir(tmp_path_factory) -> Path:
     """The embedded demo corpus, built once per session (vocab of the debug recipe)."""
     from raydrat.config import load_config
-    from raydrat.data.demo import build_demo_corpus
+    from raydrat.core.data.demo import build_demo_corpus
 
     out = tmp_path_factory.mktemp("demo")
     cfg = load_config("debug")

@@ -28,7 +28,7 @@ from raydrat.bench.layertime import LayerStackTimer
 from raydrat.bench.overhead import _batches
 from raydrat.bench.report import print_table, write_json
 from raydrat.config import RaydratConfig, config_from_dict
-from raydrat.data import iter_blocks_local
+from raydrat.core.data.blocks import iter_blocks_local
 from raydrat.efficiency import resolve_runtime
 from raydrat.memory import activation_plan_bounds, estimate_memory, flop_counter, grad_bytes, optimizer_state_bytes, param_bytes, saved_activation_bytes
 from raydrat.model.budget import solve_budget

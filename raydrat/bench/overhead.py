@@ -25,7 +25,7 @@ import torch
 
 from raydrat.bench.report import print_table, write_json
 from raydrat.config import RaydratConfig
-from raydrat.data import iter_blocks_local
+from raydrat.core.data.blocks import iter_blocks_local
 from raydrat.train import metrics as M
 from raydrat.train.loop import build_model
 from raydrat.train.optim import build_optimizer, lr_at, set_lr

@@ -18,7 +18,7 @@ from ray.train.torch import TorchTrainer
 
 from raydrat import tracking
 from raydrat.config import RaydratConfig
-from raydrat.data import build_datasets
+from raydrat.ray_data.datasets import build_datasets
 from raydrat.runtime import cluster_gpus, ensure_ray
 from raydrat.train import metrics as M
 from raydrat.train import resume as R

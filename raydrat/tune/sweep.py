@@ -248,7 +248,7 @@ def _trial_config(t: TrialSpec, sweep_dir: Path):
 def _prepare_demo_data(trials: list[TrialSpec]) -> None:
     """Build the demo corpus and tokenizer once in the driver, so concurrent trials never
     race to build them."""
-    from raydrat.data.demo import build_demo_corpus
+    from raydrat.core.data.demo import build_demo_corpus
 
     needed = {(str(Path(t.config.data.demo_dir).resolve()), t.config.model.vocab_size)
               for t in trials

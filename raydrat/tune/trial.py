@@ -25,7 +25,7 @@ def trial_fn(config: dict) -> None:
 
     from raydrat import tracking
     from raydrat.config import RaydratConfig
-    from raydrat.data import build_datasets
+    from raydrat.ray_data.datasets import build_datasets
     from raydrat.runtime import quiet_ray_data
     from raydrat.train import metrics as M
     from raydrat.train.oom import is_oom
