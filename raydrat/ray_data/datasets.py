@@ -29,7 +29,14 @@ from raydrat.core.data.spec import PackSpec, make_spec
 from raydrat.core.data.split import split_rule
 from raydrat.core.data.tokenizer import tokenizer_hash
 from raydrat.ray_data.bundle import DatasetBundle
-from raydrat.ray_data.stream import DataCounter, pack_dataset, pool_size, scan_sample, units_dataset, val_dataset
+from raydrat.ray_data.stream import (
+    DataCounter,
+    pack_dataset,
+    pool_size,
+    scan_sample,
+    units_dataset,
+    val_dataset,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +47,13 @@ def build_datasets(
     """Check the corpus cheaply and return the train (lazy, streaming) and val
     (materialized) datasets of ``seq_len + 1`` token blocks. ``reserved_cpus``: CPUs the
     Train workers will hold (the tokenizer pool sizes itself to the rest)."""
-    if data_cfg.prepared:
-        loc = location_for(data_cfg.prepared, data_cfg.prepared_endpoint_url)
-        root = fs_path(data_cfg.prepared)
-        manifest = read_manifest_at(loc, root)  # before the tokenizer: an incomplete output says so first
+    # A prepared directory's manifest is read first: an incomplete output says so before
+    # anything else is looked at.
+    prepared = _read_prepared(data_cfg) if data_cfg.prepared else None
     spec, tok_path = make_spec(data_cfg, seq_len, vocab_size)
     tokenizer_sha256 = tokenizer_hash(tok_path)
-    if data_cfg.prepared:
-        parts = _from_prepared(data_cfg, loc, root, manifest, spec, tokenizer_sha256, seq_len)
+    if prepared is not None:
+        parts = _from_prepared(data_cfg, *prepared, spec, tokenizer_sha256, seq_len)
     else:
         parts = _from_sources(data_cfg, spec, tokenizer_sha256, seq_len, reserved_cpus)
     return DatasetBundle(
@@ -98,6 +104,13 @@ def _from_sources(data_cfg: DataConfig, spec: PackSpec, tokenizer_sha256: str, s
         "lineage": lineage,
         "counter": counter,
     }
+
+
+def _read_prepared(data_cfg: DataConfig) -> tuple[Location, str, dict]:
+    """Where ``data.prepared`` is, and its manifest (DataError if it is incomplete)."""
+    loc = location_for(data_cfg.prepared, data_cfg.prepared_endpoint_url)
+    root = fs_path(data_cfg.prepared)
+    return loc, root, read_manifest_at(loc, root)
 
 
 def _from_prepared(data_cfg: DataConfig, loc: Location, root: str, manifest: dict, spec: PackSpec,

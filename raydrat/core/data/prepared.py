@@ -23,7 +23,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydrat.core.data.errors import DataError
-from raydrat.core.data.sources import Location, describe_os_error, filesystem, fs_path, location_for, uri
+from raydrat.core.data.sources import (
+    Location,
+    describe_os_error,
+    filesystem,
+    fs_path,
+    location_for,
+    uri,
+)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
