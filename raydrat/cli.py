@@ -24,7 +24,7 @@ import sys
 from typing import Callable, Sequence
 
 from raydrat.config import ConfigError, load_config
-from raydrat.data.errors import DataError
+from raydrat.core.data.errors import DataError
 from raydrat.core.exceptions import walk_exceptions
 
 
@@ -60,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_data_demo(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from raydrat.data.demo import build_demo_corpus
+    from raydrat.core.data.demo import build_demo_corpus
 
     out = build_demo_corpus(cfg.data.demo_dir, cfg.model.vocab_size, force=args.force)
     print(f"demo corpus ready in {out}")
@@ -69,7 +69,7 @@ def cmd_data_demo(args: argparse.Namespace) -> int:
 
 def cmd_data_tokenizer(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from raydrat.data.prepare import train_tokenizer_on_sources
+    from raydrat.core.data.sample import train_tokenizer_on_sources
 
     info = train_tokenizer_on_sources(cfg.data, cfg.model.vocab_size, args.out)
     print(f"tokenizer {info['path']}: {info['vocab_size']} tokens trained on {info['docs']} "
@@ -81,7 +81,7 @@ def cmd_data_tokenizer(args: argparse.Namespace) -> int:
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from raydrat.data.prepare import prepare
+    from raydrat.ray_data.prepare import prepare
     from raydrat.ray_session import ensure_ray
 
     ensure_ray()

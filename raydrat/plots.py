@@ -9,7 +9,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
     # matplotlib is heavy and only plotting needs it: imported here, with the Agg backend
     import matplotlib
 
@@ -23,7 +23,7 @@ def plot_curves(
     curves: Mapping[str, Iterable[tuple[int, float]]], out_path: str | Path, title: str
 ) -> Path:
     """A PNG of several ``(step, value)`` series on one axis."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, points in curves.items():
         pts = sorted(points)
@@ -45,7 +45,7 @@ def gate_heatmap(history: list[tuple[int, list[float]]], branches: list[tuple[in
     """PNG heat-map of gate probabilities (rows: branches, columns: recorded steps)."""
     if not history:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     steps = [s for s, _ in history]
     grid = np.array([p for _, p in history]).T
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(branches) + 1.5))

@@ -9,9 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import ray.cloudpickle
 import torch
 
+import faults
+
 REPO = Path(__file__).resolve().parents[1]
+
+
+# test callbacks travel to Ray workers by value (the workers cannot import the tests)
+ray.cloudpickle.register_pickle_by_value(faults)
 
 
 def raydrat_cmd(*args: str) -> list[str]:
@@ -37,7 +44,7 @@ def _restore_torch_state():
 def demo_dir(tmp_path_factory) -> Path:
     """The embedded demo corpus, built once per session (vocab of the debug recipe)."""
     from raydrat.config import load_config
-    from raydrat.data.demo import build_demo_corpus
+    from raydrat.core.data.demo import build_demo_corpus
 
     out = tmp_path_factory.mktemp("demo")
     cfg = load_config("debug")
@@ -49,7 +56,7 @@ def demo_dir(tmp_path_factory) -> Path:
 def ray_local():
     import ray
 
-    from raydrat.runtime import ensure_ray
+    from raydrat.ray_session import ensure_ray
 
     started = not ray.is_initialized()
     ensure_ray(num_cpus=2)

@@ -8,12 +8,14 @@ import time
 import pytest
 import torch
 
-from raydrat.bench.combos import combinations, load_data, run_one
+from raydrat.bench.combos import combinations, run_one
 from raydrat.bench.layertime import LayerStackTimer
+from raydrat.bench.local import LocalData
 from raydrat.config import config_from_dict, load_config
-from raydrat.train.loop import build_model
-from raydrat.train.optim import build_optimizer
-from raydrat.train.step import train_step
+from raydrat.core.model.build import build_model
+from raydrat.core.optim import build_optimizer
+from raydrat.core.runtime import resolve
+from raydrat.core.step import train_step
 
 
 @pytest.fixture(autouse=True)
@@ -32,13 +34,14 @@ def test_every_shipped_combination_builds():
     for name, overrides in combinations(cfg):
         c = config_from_dict(cfg.to_dict(), overrides, origin=f"combination {name}")
         names.append(name)
-        build_model(c.model_copy(update={"train": c.train.model_copy(update={"compile": "off"})}), torch.device("cpu"))
+        resolve(c, gpus=0)  # every combination runs on this machine
+        build_model(c.model)
     assert {"baseline", "gated_at_budget", "budget", "layerdrop0.5", "compile"} <= set(names)
 
 
 def test_layer_stack_timer_brackets_the_layers_only_when_enabled():
     cfg = small_cfg("train.grad_accum=2")
-    model = build_model(cfg, torch.device("cpu"))
+    model = build_model(cfg.model, seed=0)
     opt = build_optimizer(model, cfg.optim)
     tokens = torch.randint(0, cfg.model.vocab_size, (4, cfg.model.seq_len + 1))
     timer = LayerStackTimer(model)
@@ -58,7 +61,7 @@ def test_gated_at_budget_row_reports_the_optimum_and_the_layer_throughput():
     cfg = small_cfg()
     budget_row = dict(combinations(cfg))["gated_at_budget"]
     c = config_from_dict(cfg.to_dict(), budget_row)
-    rec = run_one(c, load_data(cfg, 3))
+    rec = run_one(c, LocalData.load(cfg, 3))
     assert rec["activation_bytes_max"] <= rec["budget_bytes"]  # measured on real tensors
     assert rec["plan_activation_bytes"] <= rec["budget_bytes"]
     assert rec["plan_recompute_flops"] <= 1.05 * rec["optimum_recompute_flops"]

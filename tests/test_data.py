@@ -1,4 +1,4 @@
-"""raydrat.data: packing reconstructs the token stream, the split is deterministic and disjoint,
+"""raydrat.core.data and raydrat.ray_data: packing reconstructs the token stream, the split is deterministic and disjoint,
 the Ray pipeline equals the local one, bad inputs raise DataError, the demo corpus is
 reproducible. Most tests use a small synthetic corpus; Ray starts once for the module."""
 
@@ -7,6 +7,8 @@ from __future__ import annotations
 import gzip
 import random
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,23 +19,19 @@ import pytest
 import ray
 
 from raydrat.config import DataConfig
-from raydrat.data import (
-    DataError,
-    build_datasets,
-    build_demo_corpus,
-    is_val_document,
-    iter_blocks_local,
-    load_tokenizer,
-    pack_tokens,
-    plan_units,
-    read_manifest,
-    resolve_sources,
-    special_ids,
-    tokenizer_hash,
-    train_tokenizer,
-)
-from raydrat.data import demo as demo_module
-from raydrat.data.pipeline import _read_unit, make_spec
+from raydrat.core.data import demo as demo_module
+from raydrat.core.data import prepared
+from raydrat.core.data.blocks import iter_blocks_local
+from raydrat.core.data.demo import build_demo_corpus, read_manifest
+from raydrat.core.data.errors import DataError
+from raydrat.core.data.pack import pack_tokens
+from raydrat.core.data.plan import plan_units, resolve_sources
+from raydrat.core.data.read import read_unit
+from raydrat.core.data.spec import make_spec
+from raydrat.core.data.split import is_val_document
+from raydrat.core.data.tokenizer import load_tokenizer, special_ids, tokenizer_hash, train_tokenizer
+from raydrat.ray_data import prepare as prep
+from raydrat.ray_data.datasets import build_datasets
 
 SEQ_LEN = 16
 BLOCK_LEN = SEQ_LEN + 1
@@ -107,6 +105,25 @@ def data_cfg(corpus: dict, path: str | Path | None = None, **kw) -> DataConfig:
     )
     settings.update(kw)
     return DataConfig(**settings)
+
+
+# --------------------------------------------------------------------------------------
+# layering
+# --------------------------------------------------------------------------------------
+
+
+def test_core_data_imports_without_ray_or_mlflow():
+    """The data blocks are layer 2: a fresh interpreter that imports every module of
+    raydrat.core.data has loaded neither ray nor mlflow (transitive imports included)."""
+    core = Path(__file__).resolve().parents[1] / "raydrat" / "core" / "data"
+    mods = sorted(p.stem for p in core.glob("*.py") if p.stem != "__init__")
+    assert {"blocks", "plan", "read", "split", "pack", "prepared"} <= set(mods)
+    code = "".join(f"import raydrat.core.data.{m}\n" for m in mods) + (
+        "import sys; print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow'}))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=core.parents[2], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
 
 
 # --------------------------------------------------------------------------------------
@@ -287,7 +304,7 @@ def test_invalid_utf8_is_replaced_and_counted(corpus, tmp_path):
     assert bundle.metrics()["data_invalid_utf8_docs"] == 2.0
     lines = data_cfg(corpus, sources=[{"path": str(tmp_path / "lines.txt"), "format": "text",
                                        "text_mode": "line"}])
-    docs, counts = _read_unit(plan_units(lines)[0], make_spec(lines, SEQ_LEN, VOCAB)[0])
+    docs, counts = read_unit(plan_units(lines)[0], make_spec(lines, SEQ_LEN, VOCAB)[0])
     assert sorted(docs["train"] + docs["val"]) == sorted(["good line", "bad \ufffd line", "last"])
     assert counts["invalid_utf8_docs"] == 1 and counts["empty_docs"] == 1
 
@@ -408,8 +425,6 @@ def test_corrupt_parquet_is_named_or_skipped_and_counted(corpus, tmp_path):
 
 
 def test_prepare_conserves_tokens_and_publishes_last(corpus, tmp_path, monkeypatch):
-    from raydrat.data import prepare as prep
-
     cfg = data_cfg(corpus)
     out = tmp_path / "prepared"
     manifest = prep.prepare(cfg, SEQ_LEN, VOCAB, str(out))
@@ -422,17 +437,17 @@ def test_prepare_conserves_tokens_and_publishes_last(corpus, tmp_path, monkeypat
     assert c["train_tokens"] == sum(len(tok.encode(d).ids) + 1 for d in train_docs)
     assert c["train_tokens"] == c["train_blocks"] * BLOCK_LEN + c["train_dropped_tokens"]
     assert (c["docs"], c["empty_docs"]) == (len(docs), len(corpus["docs"]) - len(docs))
-    assert as_multiset(prep.iter_prepared_blocks(str(out), "train")) == as_multiset(
+    assert as_multiset(prepared.iter_prepared_blocks(str(out), "train")) == as_multiset(
         iter_blocks_local(cfg, SEQ_LEN, VOCAB, "train"))
     assert manifest["files"][0]["sha256"] and manifest["seq_len"] == SEQ_LEN
     # a prepare that fails before publishing leaves the old manifest (and its shards) intact
-    monkeypatch.setattr(prep, "_publish", crash)
+    monkeypatch.setattr(prep, "publish_manifest", crash)
     with pytest.raises(RuntimeError):
         prep.prepare(cfg, SEQ_LEN, VOCAB, str(out))
-    assert prep.read_manifest(str(out)) == manifest
+    assert prepared.read_manifest(str(out)) == manifest
     assert (out / manifest["train_files"][0]).is_file()
     with pytest.raises(DataError, match=r"manifest.json not found.*incomplete"):
-        prep.read_manifest(str(tmp_path / "never-prepared"))
+        prepared.read_manifest(str(tmp_path / "never-prepared"))
 
 
 def test_tokenizer_command_trains_on_a_sample(corpus, tmp_path):

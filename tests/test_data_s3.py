@@ -1,4 +1,4 @@
-"""raydrat.data against a real S3 endpoint: moto's server on 127.0.0.1 (random free port),
+"""The data code (raydrat.core.data, raydrat.ray_data) against a real S3 endpoint: moto's server on 127.0.0.1 (random free port),
 reached through pyarrow's S3 filesystem with ``endpoint_url``. The token stream read from
 the bucket equals the same files read locally; ``prepare`` writes to the bucket and the
 debug recipe trains from it; bad buckets and credentials stop with a clear message."""
@@ -20,8 +20,12 @@ import pytest
 import ray
 
 from raydrat.config import DataConfig, load_config
-from raydrat.data import DataError, build_datasets, iter_blocks_local, train_tokenizer
-from raydrat.data.prepare import iter_prepared_blocks, prepare, read_manifest
+from raydrat.core.data.blocks import iter_blocks_local
+from raydrat.core.data.errors import DataError
+from raydrat.core.data.prepared import iter_prepared_blocks, read_manifest
+from raydrat.core.data.tokenizer import train_tokenizer
+from raydrat.ray_data.datasets import build_datasets
+from raydrat.ray_data.prepare import prepare
 
 from test_data import SEQ_LEN, VOCAB, as_multiset, make_docs, write_parquet
 
@@ -176,7 +180,7 @@ def test_prepare_to_s3_round_trip_and_train(s3, tmp_path):
         "optim.warmup_steps=1", "train.eval_batches=1", f"train.storage_path={tmp_path / 'runs'}",
         f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlruns.db'}",
     ])
-    from raydrat.train.trainer import run_training
+    from raydrat.ray_train.trainer import run_training
 
     summary = run_training(cfg)
     assert summary.steps == 3 and np.isfinite(summary.final_val_loss)

@@ -10,15 +10,15 @@ import torch
 from torch.testing import assert_close
 
 from raydrat.config import ConfigError, load_config
-from raydrat.efficiency import UnsupportedCombination, resolve_runtime
-from raydrat.memory import BranchCost, backward_flops, measure_branch_costs, optimizer_state_bytes, saved_activation_bytes
-from raydrat.model.budget import solve_budget
-from raydrat.model.slots import SlotController
-from raydrat.policy import EfficiencyPolicy
-from raydrat.train.loop import build_model
-from raydrat.train.optim import build_optimizer
-from raydrat.train.precision import PrecisionPolicy
-from raydrat.train.step import evaluate, train_step
+from raydrat.core.memory.measure import BranchCost, backward_flops, measure_branch_costs, optimizer_state_bytes, saved_activation_bytes
+from raydrat.core.model.build import build_model
+from raydrat.core.optim import build_optimizer
+from raydrat.core.runtime import UnsupportedCombination, resolve
+from raydrat.core.step import evaluate, train_step
+from raydrat.core.techniques.bundle import apply_techniques, build_techniques
+from raydrat.core.techniques.knapsack import solve_budget
+from raydrat.core.techniques.precision import Precision
+from raydrat.core.techniques.slots import SlotSchedule
 
 CPU = torch.device("cpu")
 
@@ -32,6 +32,21 @@ def _one_thread():
 
 def debug_cfg(*overrides):
     return load_config("debug", ["train.device=cpu", "model.n_layer=3", "train.batch_size=4", *overrides])
+
+
+def built(cfg, device=CPU):
+    """The model with the config's techniques applied, as a worker builds it."""
+    model = build_model(cfg.model, seed=cfg.train.seed, device=device)
+    techniques = build_techniques(cfg, resolve(cfg, gpus=int(device.type == "cuda")).precision, device)
+    return apply_techniques(model, techniques), techniques
+
+
+def drive(model, opt, t, step, tokens):
+    """One step as ``fit`` takes it: plan slots and recomputation, the step, the updates."""
+    t.before_step(step, tokens)
+    loss, _ = train_step(model, opt, [tokens], 1.0, t)
+    t.after_step(step, loss)
+    return loss
 
 
 def tokens_for(cfg, seed=0, B=None):
@@ -50,31 +65,31 @@ def loss_and_grads(model, tokens, **kw):
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["train.checkpointing=gated", "gates.decision=sample", "model.dropout=0.1", "model.attention_backend=math"],
-        ["train.checkpointing=budget", "recompute.budget_mb=2.5"],
+        ["recompute.mode=gated", "recompute.gates.decision=sample", "model.dropout=0.1", "model.attention_backend=math"],
+        ["recompute.mode=budget", "recompute.budget_mb=2.5"],
     ],
     ids=["gated", "budget"],
 )
 def test_gated_and_budget_match_none_and_save_predicted_bytes(overrides):
     base_cfg = debug_cfg(*overrides[2:]) if "gated" in overrides[0] else debug_cfg()
     cfg = debug_cfg(*overrides)
-    plain = build_model(base_cfg, CPU).train()
-    model = build_model(cfg, CPU).train()
+    plain, _ = built(base_cfg)
+    model, t = built(cfg)
+    plain.train(), model.train()
     model.load_state_dict(plain.state_dict())
-    policy = EfficiencyPolicy(cfg, model, CPU)
     tokens = tokens_for(cfg)
     torch.manual_seed(3)
-    plan = policy.plan(0, tokens)
-    assert 0 < sum(plan.stored) < len(plan.stored), plan.stored  # a real mix of store/recompute
+    stored = t.recompute.plan(0, tokens)
+    assert 0 < sum(stored) < len(stored), stored  # a real mix of store/recompute
     loss, grads = loss_and_grads(plain, tokens)
     loss_p, grads_p = loss_and_grads(model, tokens)
     assert_close(loss_p, loss)
     for name in grads:
         assert_close(grads_p[name], grads[name], msg=name)
     measured = saved_activation_bytes(model, tokens[:, :-1], tokens[:, 1:])
-    assert measured == policy.plan_bytes(plan)
+    assert measured == t.recompute.plan_bytes()
     assert measured < saved_activation_bytes(plain, tokens[:, :-1], tokens[:, 1:])
-    if cfg.train.checkpointing == "budget":
+    if cfg.recompute.mode == "budget":
         assert measured <= cfg.recompute.budget_mb * 2**20
 
 
@@ -108,26 +123,24 @@ def test_measured_recompute_flops_are_what_backward_repeats():
     cfg = debug_cfg()
     tokens = tokens_for(cfg)
     idx, targets = tokens[:, :-1], tokens[:, 1:]
-    model = build_model(cfg, CPU).train()
-    costs, _ = measure_branch_costs(model, idx, targets)
+    model, _ = built(cfg)
+    costs, _ = measure_branch_costs(model.train(), idx, targets)
     flops_none = backward_flops(model, idx, targets)
-    full = build_model(debug_cfg("train.checkpointing=full"), CPU).train()
+    full, _ = built(debug_cfg("recompute.mode=full"))
     flops_full = backward_flops(full, idx, targets)
     assert flops_full - flops_none == sum(c.recompute_flops for c in costs) > 0
 
 
 @pytest.mark.parametrize("lam,mu,direction", [(1.0, 0.0, -1), (0.0, 1.0, +1)])
 def test_gate_probabilities_move_the_way_lambda_and_mu_push(lam, mu, direction):
-    cfg = debug_cfg("train.checkpointing=gated", f"gates.lam={lam}", f"gates.mu={mu}", "train.steps=20")
-    model = build_model(cfg, CPU)
-    policy = EfficiencyPolicy(cfg, model, CPU)
+    cfg = debug_cfg("recompute.mode=gated", f"recompute.gates.memory_weight={lam}",
+                    f"recompute.gates.recompute_weight={mu}", "train.steps=20")
+    model, t = built(cfg)
     opt = build_optimizer(model, cfg.optim)
-    p0 = policy.gates.probs().detach().clone()
+    p0 = t.recompute.gates.probs().detach().clone()
     for step in range(5):
-        tokens = tokens_for(cfg, seed=step)
-        train_step(model, opt, [tokens], 1.0, hooks=policy.plan(step, tokens))
-        policy.record(step, 0.0)
-    p1 = policy.gates.probs().detach()
+        drive(model, opt, t, step, tokens_for(cfg, seed=step))
+    p1 = t.recompute.gates.probs().detach()
     assert torch.all(direction * (p1 - p0) > 0), (p0, p1)
 
 
@@ -138,88 +151,85 @@ def test_gates_at_a_budget_converge_to_the_budget_optimum():
     there while training."""
     probe = debug_cfg()
     tokens = tokens_for(probe)
-    costs, outside = measure_branch_costs(build_model(probe, CPU).train(), tokens[:, :-1], tokens[:, 1:])
+    costs, outside = measure_branch_costs(built(probe)[0].train(), tokens[:, :-1], tokens[:, 1:])
     attn, mlp = costs[0], costs[1]
     assert 3 * attn.stored_bytes < attn.stored_bytes + mlp.stored_bytes  # the instance is what the docstring says
     budget = outside + attn.stored_bytes + mlp.stored_bytes + 4096
     optimum = solve_budget(costs, budget - outside)
 
     def gated(*extra):
-        cfg = debug_cfg("train.checkpointing=gated", f"gates.memory_budget_mb={budget / 2**20!r}", *extra)
-        model = build_model(cfg, CPU)
-        return cfg, model, EfficiencyPolicy(cfg, model, CPU)
+        cfg = debug_cfg("recompute.mode=gated", f"recompute.budget_mb={budget / 2**20!r}", *extra)
+        return (cfg, *built(cfg))
 
-    _, _, untrained = gated("gates.warmup_steps=0")
-    naive = untrained.plan(0, tokens)  # every p = 0.5: fills in branch order
-    assert untrained.plan_recompute_flops(naive) > 1.05 * optimum.recompute_flops
+    _, _, untrained = gated("recompute.gates.warmup_steps=0")
+    untrained.recompute.plan(0, tokens)  # every p = 0.5: fills in branch order
+    assert untrained.recompute.plan_recompute_flops() > 1.05 * optimum.recompute_flops
 
-    cfg, model, policy = gated()
+    cfg, model, t = gated()
     opt = build_optimizer(model, cfg.optim)
     for step in range(3):
-        plan = policy.plan(step, tokens)
-        assert policy.plan_bytes(plan) <= budget
-        assert policy.plan_recompute_flops(plan) <= 1.05 * optimum.recompute_flops, (plan.stored, optimum.stored)
-        train_step(model, opt, [tokens], 1.0, hooks=plan)
-        policy.record(step, 0.0)
+        stored = t.recompute.plan(step, tokens)
+        assert t.recompute.plan_bytes() <= budget
+        assert t.recompute.plan_recompute_flops() <= 1.05 * optimum.recompute_flops, (stored, optimum.stored)
+        train_step(model, opt, [tokens], 1.0, t)
+        t.recompute.after_step()
     assert saved_activation_bytes(model, tokens[:, :-1], tokens[:, 1:]) <= budget  # measured on real tensors
-    assert policy.gates.multiplier > 0  # the constraint is active: the multiplier holds the gates at the budget
+    assert t.recompute.gates.multiplier > 0  # the constraint is active: the multiplier holds the gates at the budget
 
 
-def _policy_steps(policy, tokens, steps, losses):
-    """Drive ``policy`` as the loop does, without the model's forward: plan, resource loss,
-    gate step, record."""
-    dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+def _technique_steps(t, tokens, steps, losses):
+    """Drive the techniques as ``fit`` does, without the model's forward: plan slots and
+    recomputation, the gates' update, the slots' feedback."""
     out = []
     for step in steps:
-        plan = policy.plan(step, tokens)
-        plan.backward(plan.add_resource_loss(torch.zeros((), requires_grad=True)))
-        plan.optimizer_step(dummy)
-        policy.record(step, losses[step])
-        out.append((plan.active_slots, plan.stored, policy.gates.probs().tolist(), float(policy.gates.multiplier)))
+        t.before_step(step, tokens)
+        active, stored = t.slots.active, list(t.recompute.stored)
+        t.after_step(step, losses[step])
+        gates = t.recompute.gates
+        out.append((active, stored, gates.probs().tolist(), float(gates.multiplier)))
     return out
 
 
 @pytest.mark.parametrize("slots", [["slots.mode=layerdrop", "slots.keep=0.6"],
                                    ["slots.mode=adaptive", "slots.patience=2", "slots.plateau_tol=0.5"]],
                          ids=["layerdrop", "adaptive"])
-def test_policy_state_round_trips_through_a_checkpoint(tmp_path, slots):
-    """Gate logits, multiplier and costs, the gates' Adam state and the slot controller
-    (RNG, adaptive counters) survive torch.save/torch.load: a restored policy plans the
-    same steps as one that never stopped, without re-measuring or re-warming."""
-    cfg = debug_cfg("train.checkpointing=gated", "gates.memory_budget_mb=3.5", "gates.warmup_steps=20",
-                    "gates.refresh_every=4", *slots)
+def test_technique_state_round_trips_through_a_checkpoint(tmp_path, slots):
+    """Gate logits, multiplier and costs, the gates' Adam state and the slot schedule
+    (RNG, adaptive counters) survive torch.save/torch.load: restored techniques plan the
+    same steps as ones that never stopped, without re-measuring or re-warming."""
+    cfg = debug_cfg("recompute.mode=gated", "recompute.budget_mb=3.5", "recompute.gates.warmup_steps=20",
+                    "recompute.gates.refresh_every=4", *slots)
     tokens = tokens_for(cfg)
     losses = [3.0, 2.9, 2.9, 2.9, 2.9, 2.9, 2.9, 2.9]
-    ref = EfficiencyPolicy(cfg, build_model(cfg, CPU), CPU)
-    _policy_steps(ref, tokens, range(3), losses)
-    torch.save(ref.state_dict(), tmp_path / "policy.pt")
-    expected = _policy_steps(ref, tokens, range(3, 8), losses)
+    _, ref = built(cfg)
+    _technique_steps(ref, tokens, range(3), losses)
+    torch.save(ref.state_dict(), tmp_path / "techniques.pt")
+    expected = _technique_steps(ref, tokens, range(3, 8), losses)
 
-    resumed = EfficiencyPolicy(cfg, build_model(cfg, CPU), CPU)
-    resumed.load_state_dict(torch.load(tmp_path / "policy.pt", weights_only=False))
-    assert resumed.costs == ref.costs and resumed._measured_at == 0
-    got = _policy_steps(resumed, tokens, range(3, 8), losses)
+    _, resumed = built(cfg)
+    resumed.load_state_dict(torch.load(tmp_path / "techniques.pt", weights_only=False))
+    assert resumed.recompute.costs == ref.recompute.costs and resumed.recompute.measured_at == 0
+    got = _technique_steps(resumed, tokens, range(3, 8), losses)
     assert got == expected
     assert [a for a, *_ in got] != [None] * 5  # slots really were planned (not all layers)
     assert resumed.slots.state_dict()["changes"] == ref.slots.state_dict()["changes"]
-    for a, b in zip(resumed.gate_optimizer.state_dict()["state"].values(), ref.gate_optimizer.state_dict()["state"].values()):
+    for a, b in zip(resumed.recompute.optimizer.state_dict()["state"].values(),
+                    ref.recompute.optimizer.state_dict()["state"].values()):
         assert_close(a["exp_avg"], b["exp_avg"])
 
 
 def test_layer_dropping_keeps_names_and_eval_runs_every_layer():
     cfg = debug_cfg("slots.mode=layerdrop", "slots.keep=0.5")
-    model = build_model(cfg, CPU)
+    model, t = built(cfg)
     names = [n for n, _ in model.named_parameters()]
-    policy = EfficiencyPolicy(cfg, model, CPU)
     opt = build_optimizer(model, cfg.optim)
     calls = []
     for key, block in model.layers.items():
         block.register_forward_pre_hook(lambda *_, key=key: calls.append(key))
     seen = set()
     for step in range(8):
-        plan = policy.plan(step)
-        seen.add(tuple(plan.active_slots))
-        train_step(model, opt, [tokens_for(cfg, step)], 1.0, hooks=plan)
+        drive(model, opt, t, step, tokens_for(cfg, step))
+        seen.add(tuple(t.slots.active))
     assert len(seen) > 1 and any(len(s) < cfg.model.n_layer for s in seen)
     assert [n for n, _ in model.named_parameters()] == names
     calls.clear()
@@ -227,13 +237,13 @@ def test_layer_dropping_keeps_names_and_eval_runs_every_layer():
     assert sorted(calls) == [str(i) for i in range(cfg.model.n_layer)]
 
 
-def test_slot_controller_modes():
-    prog = SlotController(load_config("debug", ["slots.mode=progressive", "slots.floor=0.4"]).slots, 4, 100)
+def test_slot_schedule_modes():
+    prog = SlotSchedule(load_config("debug", ["slots.mode=progressive", "slots.floor=0.4"]).slots, 4, 100)
     early, late = prog.keep_probs(0), prog.keep_probs(100)
     assert early == pytest.approx([1.0] * 4)
     assert late == sorted(late, reverse=True) and late[-1] == pytest.approx(0.4, abs=0.01)
     cfg = load_config("debug", ["model.n_layer=2", "slots.mode=adaptive", "slots.patience=3", "slots.memory_limit_mb=1"]).slots
-    ada = SlotController(cfg, 2, 100)
+    ada = SlotSchedule(cfg, 2, 100)
     assert ada.plan(0) == [1]
     for _ in range(10):
         ada.observe(2.0, activation_bytes=0)  # flat loss: plateau
@@ -245,11 +255,10 @@ def test_slot_controller_modes():
 @pytest.mark.parametrize("name", ["adamw", "adamw_fused", "adamw8bit", "paged_adamw8bit"])
 def test_each_optimizer_trains_and_reports_its_state(name):
     cfg = debug_cfg(f"optim.name={name}", "optim.lr=3e-3")
-    model = build_model(cfg, CPU)
-    policy = EfficiencyPolicy(cfg, model, CPU)
+    model, t = built(cfg)
     opt = build_optimizer(model, cfg.optim)
     tokens = tokens_for(cfg)
-    losses = [float(train_step(model, opt, [tokens], 1.0, hooks=policy.plan(s))[0]) for s in range(12)]
+    losses = [float(drive(model, opt, t, s, tokens)) for s in range(12)]
     assert losses[-1] < losses[0] - 0.3, losses
     states = [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
     assert optimizer_state_bytes(opt) == sum(t.numel() * t.element_size() for t in states)
@@ -258,7 +267,7 @@ def test_each_optimizer_trains_and_reports_its_state(name):
 
 
 def test_fp16_overflow_falls_back_and_returns():
-    pol = PrecisionPolicy("fp16", CPU, fallback="bf16", fallback_after=2, fallback_steps=3)
+    pol = Precision("fp16", CPU, fallback="bf16", fallback_after=2, fallback_steps=3)
     w = torch.nn.Parameter(torch.ones(4))
     opt = torch.optim.SGD([w], lr=0.1)
     for step in range(2):
@@ -278,27 +287,48 @@ def test_fp16_overflow_falls_back_and_returns():
     [
         (["slots.keep=0"], r"slots\.keep"),
         (["slots.keep=1.5"], r"slots\.keep"),
-        (["gates.lam=-0.1"], r"gates\.lam"),
-        (["train.precision=fp16"], r"train\.precision=fp16 needs a CUDA GPU"),
-        (["model.attention_backend=efficient"], r"efficient has no CPU kernel"),
+        (["recompute.mode=gated", "recompute.gates.memory_weight=-0.1"], r"recompute\.gates\.memory_weight"),
         (["slots.mode=fixed"], r"slots\.fixed"),
         (["slots.mode=fixed", "slots.fixed=[0,5]"], r"slots\.fixed has \[5\]"),
-        (["train.checkpointing=budget", "recompute.budget_mb=0.2"], r"minimum achievable"),
-        (["train.checkpointing=gated", "gates.memory_budget_mb=0.2"], r"gates\.memory_budget_mb=0\.2 is below the minimum"),
+        (["recompute.budget_mb=2"], r"recompute\.budget_mb=2 has no effect with recompute\.mode=none"),
+        (["recompute.mode=budget"], r"recompute\.mode=budget needs recompute\.budget_mb"),
+        (["recompute.gates.lr=0.5"], r"recompute\.gates\.lr only apply to recompute\.mode=gated"),
+        (["train.checkpointing=full"], r"train\.checkpointing: renamed; use recompute\.mode"),
+        (["gates.lam=0.1"], r"gates\.lam: renamed; use recompute\.gates\.memory_weight"),
+        (["gates.memory_budget_mb=3"], r"gates\.memory_budget_mb: renamed; use recompute\.budget_mb"),
     ],
 )
-def test_bad_input_is_refused_before_training(overrides, match):
+def test_bad_config_is_refused_naming_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config("debug", ["train.device=cpu", *overrides])
 
 
-def test_runtime_refuses_what_the_device_cannot_run():
-    with pytest.raises(UnsupportedCombination, match="fp16 needs a CUDA GPU"):
-        resolve_runtime(load_config("debug", ["train.precision=fp16"]), CPU)
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["train.precision=fp16"], r"train\.precision=fp16 needs a CUDA GPU"),
+        (["model.attention_backend=efficient"], r"efficient has no CPU kernel"),
+        (["model.attention_backend=flash", "model.dropout=0.1"], r"flash has no CPU kernel with attention dropout"),
+        (["recompute.mode=budget", "recompute.budget_mb=0.2"], r"recompute\.budget_mb=0\.2 is below the minimum achievable"),
+        (["recompute.mode=gated", "recompute.budget_mb=0.2"], r"recompute\.budget_mb=0\.2 is below the minimum achievable"),
+        (["scaling.use_gpu=true"], r"scaling\.use_gpu=true but no GPU is available"),
+    ],
+)
+def test_runtime_refuses_what_this_machine_cannot_run(overrides, match):
+    """What needs the machine or the model is refused by the one runtime resolution (at the
+    entry point, before any work), not by config validation."""
+    cfg = load_config("debug", overrides)  # valid as a config
+    with pytest.raises(UnsupportedCombination, match=match):
+        resolve(cfg, gpus=0)
+
+
+def test_runtime_resolves_auto_choices_once():
+    rt = resolve(load_config("debug", ["train.precision=auto"]), gpus=0)
+    assert (rt.device_type, rt.precision) == ("cpu", "fp32")
+    assert rt.estimate.total_bytes > 0 and rt.estimate.detail["precision"] == "fp32"
+    assert resolve(load_config("debug"), gpus=2).device_type == "cuda"  # a cluster with GPUs: auto uses them
     with pytest.raises(UnsupportedCombination, match="attention_backend=flash cannot run on cpu"):
-        resolve_runtime(load_config("debug", ["model.attention_backend=flash", "model.dropout=0.1"]), CPU)
-    rt = resolve_runtime(load_config("debug", ["train.precision=auto"]), CPU)
-    assert rt.precision == "fp32"
+        rt.__class__("cpu", "fp32", "flash", rt.estimate).verify(CPU, dropout=0.1)
 
 
 @pytest.mark.gpu
@@ -306,9 +336,7 @@ def test_runtime_refuses_what_the_device_cannot_run():
 def test_fp16_and_flash_run_on_gpu():
     cfg = load_config("debug", ["train.precision=fp16", "model.attention_backend=flash", "train.device=cuda"])
     dev = torch.device("cuda")
-    rt = resolve_runtime(cfg, dev)
-    model = build_model(cfg, dev)
-    policy = EfficiencyPolicy(cfg, model, dev, rt.precision)
+    model, t = built(cfg, dev)
     opt = build_optimizer(model, cfg.optim)
-    loss, _ = train_step(model, opt, [tokens_for(cfg).to(dev)], 1.0, hooks=policy.plan(0))
+    loss = drive(model, opt, t, 0, tokens_for(cfg).to(dev))
     assert torch.isfinite(loss)

@@ -11,10 +11,9 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from raydrat.config import ConfigError, ModelConfig, config_from_dict
-from raydrat.memory import grad_bytes, optimizer_state_bytes, param_bytes, saved_activation_bytes
-from raydrat.model import GPT, apply_recompute
-from raydrat.model.recompute import CheckpointWrapper, iter_branches
-from raydrat.model.transformer import Attention, RMSNorm
+from raydrat.core.memory.measure import grad_bytes, optimizer_state_bytes, param_bytes, saved_activation_bytes
+from raydrat.core.model.transformer import GPT, Attention, RMSNorm
+from raydrat.core.techniques.wrapper import CheckpointWrapper, apply_recompute, iter_branches
 
 TINY = dict(vocab_size=64, seq_len=16, d_model=32, n_layer=2, n_head=4)
 

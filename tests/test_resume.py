@@ -10,8 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from faults import KillAt
 from raydrat.cli import main
 from raydrat.config import load_config
+from raydrat.core.techniques.slots import SlotSchedule
+from raydrat.ray_train.checkpoints import newest
+from raydrat.ray_train.resume import write_run_record
+from raydrat.ray_train.trainer import run_training
 
 pytestmark = pytest.mark.slow
 
@@ -45,20 +50,12 @@ def runs(ray_local, demo_dir: Path, tmp_path_factory):
     """An interrupted run (worker killed after step 7, no retries) resumed with --resume,
     and the same config uninterrupted; two DDP workers with layer dropping, so each rank must
     replay its own batches (streaming_split under data.preserve_order) and slot plans."""
-    import os
-
-    from raydrat.train.trainer import run_training
-
     tmp = tmp_path_factory.mktemp("resume")
     db = tmp / "mlruns.db"
     cfg = _cfg(demo_dir, tmp / "rr", db, "name=resumable", *LAYERDROP_DDP)
-    os.environ["RAYDRAT_FAULT_AT_STEP"] = "7"
-    try:
-        with pytest.raises(Exception):
-            run_training(cfg)
-    finally:
-        del os.environ["RAYDRAT_FAULT_AT_STEP"]
-    resumed = run_training(cfg, resume=True)
+    with pytest.raises(Exception):
+        run_training(cfg, fit_callbacks=[KillAt(7)])
+    resumed = run_training(cfg, resume_run=True)
     plain = run_training(_cfg(demo_dir, tmp / "rr", db, "name=plain", *LAYERDROP_DDP))
     return {"tmp": tmp, "db": db, "cfg": cfg, "resumed": resumed, "plain": plain}
 
@@ -70,10 +67,8 @@ def test_resume_continues_same_run_and_curve(runs):
     assert run.info.status == "FINISHED"
     # one MLflow run holds both halves; the second started from the step-5 checkpoint
     assert _history(db, resumed.mlflow_run_id, "resumed_from_step") == {EVAL: EVAL}
-    from raydrat.model.slots import SlotController
-
     cfg = runs["cfg"]  # the plan really drops layers in steps before and after the restart
-    slots = SlotController(cfg.slots, cfg.model.n_layer, cfg.train.steps, seed=cfg.train.seed)
+    slots = SlotSchedule(cfg.slots, cfg.model.n_layer, cfg.train.steps, seed=cfg.train.seed)
     dropped = [step for step in range(STEPS) if len(slots.plan(step)) < cfg.model.n_layer]
     assert min(dropped) < EVAL <= max(dropped), dropped
     assert _history(db, resumed.mlflow_run_id, "active_slots") == _history(db, plain.mlflow_run_id, "active_slots")
@@ -106,8 +101,6 @@ def test_resume_errors_name_the_problem(runs, capsys, demo_dir):
     expect([*base, "--set", "name=resumable", "--set", "optim.lr=0.01", "--set", "train.seed=1", "--resume"],
            "optim.lr: 0.003 -> 0.01", "train.seed: 1337 -> 1")
     expect([*base, "--set", "name=never-ran", "--resume"], "no run of config name 'never-ran'")
-    from raydrat.train.resume import write_run_record
-
     write_run_record(_cfg(demo_dir, tmp / "rr", db, "name=early"), "early-1", None, None)
     expect([*base, "--set", "name=early", "--resume"], "no checkpoint", "early-1")
     expect([*base, "--set", "scaling.num_workers=9"], "scaling.num_workers=9", "needs 4.5 CPUs",
@@ -116,15 +109,11 @@ def test_resume_errors_name_the_problem(runs, capsys, demo_dir):
     assert sorted(p.name for p in (tmp / "rr").iterdir()) == sorted([*before, "early-1"])
 
 
-def test_killed_worker_is_replaced_and_run_completes(ray_local, demo_dir, tmp_path, monkeypatch):
-    from raydrat.train.trainer import run_training
-
+def test_killed_worker_is_replaced_and_run_completes(ray_local, demo_dir, tmp_path):
     db = tmp_path / "mlruns.db"
     cfg = _cfg(demo_dir, tmp_path / "rr", db, "train.max_failures=1", "scaling.num_workers=2",
                "sync.mode=local", "sync.sync_steps=2")
-    monkeypatch.setenv("RAYDRAT_FAULT_AT_STEP", "7")
-    monkeypatch.setenv("RAYDRAT_FAULT_RANK", "1")
-    summary = run_training(cfg)
+    summary = run_training(cfg, fit_callbacks=[KillAt(7, rank=1)])
     assert summary.steps == STEPS
     assert _history(db, summary.mlflow_run_id, "resumed_from_step") == {EVAL: EVAL}
     assert sorted(_history(db, summary.mlflow_run_id, "val_loss")) == [EVAL, STEPS]
@@ -136,8 +125,6 @@ def test_resume_starts_from_the_newer_of_ray_trains_record_and_the_latest_direct
     """A run killed right after a save: Ray Train's record may end one checkpoint earlier
     than storage (or hold none); --resume starts from the newest save either way."""
     import ray.train
-
-    from raydrat.train.checkpoint import newest
 
     old, new = (tmp_path / "checkpoint_2026-11-23_13-08-53.453148"), (tmp_path / "checkpoint_2026-11-23_13-09-54.818146")
     for d in (old, new):

@@ -13,14 +13,22 @@ import torch
 import yaml
 
 from conftest import run_cli
+from faults import OOMAbove, oom_above
 from raydrat.cli import main
 from raydrat.config import ConfigError, load_config
-from raydrat.model import GPT
-from raydrat.train.oom import FAULT_ENV, MicroBatchStep
-from raydrat.train.optim import build_optimizer
-from raydrat.train.step import train_step
-from raydrat.tune.sweep import SweepError, check_resources
+from raydrat.core.microbatch import MicroBatchStep
+from raydrat.core.model.build import build_model
+from raydrat.core.optim import build_optimizer
+from raydrat.core.runtime import resolve
+from raydrat.core.step import train_step
+from raydrat.tune.admission import SweepError, check_resources, worker_resources
 from raydrat.tune.space import expand, load_space
+from raydrat.tune.sweep import run_sweep
+
+
+def estimated_bytes(cfg) -> int:
+    """A trial's estimate as the sweep's admission makes it on this CPU machine."""
+    return resolve(cfg, gpus=0).estimate.total_bytes
 
 SHORT = {
     "train.steps": 6, "train.eval_every": 3, "train.log_every": 3, "train.eval_batches": 1,
@@ -76,10 +84,8 @@ def test_bad_space_fails_before_any_trial_naming_the_culprit(tmp_path, capsys, s
 
 
 def test_budget_below_every_estimate_fails_naming_the_smallest(tmp_path, capsys):
-    from raydrat.memory import estimate_memory
-
     p = _space(tmp_path, memory_budget_gb=1e-4, space={"model.d_model": {"grid": [32, 64]}})
-    smallest = min(estimate_memory(t.config).total_bytes for t in expand(load_space(p)))
+    smallest = min(estimated_bytes(t.config) for t in expand(load_space(p)))
     assert smallest > 1e-4 * 1024**3
     assert main(["tune", str(p)]) == 2  # before Ray starts: no cluster is needed for this
     err = capsys.readouterr().err
@@ -94,11 +100,11 @@ def test_unknown_sweep_key_is_named(tmp_path):
 
 def test_conditional_entries_expand_only_where_their_condition_holds(tmp_path):
     p = _space(tmp_path, space={
-        "train.checkpointing": {"grid": ["none", "full"]},
-        "train.grad_accum": {"grid": [2, 4], "when": {"train.checkpointing": "full"}},
+        "recompute.mode": {"grid": ["none", "full"]},
+        "train.grad_accum": {"grid": [2, 4], "when": {"recompute.mode": "full"}},
     })
     trials = expand(load_space(p))
-    combos = sorted((t.params["train.checkpointing"], t.params.get("train.grad_accum")) for t in trials)
+    combos = sorted((t.params["recompute.mode"], t.params.get("train.grad_accum")) for t in trials)
     assert combos == [("full", 2), ("full", 4), ("none", None)]
     assert all(t.config.train.grad_accum == (t.params.get("train.grad_accum") or 1) for t in trials)
 
@@ -114,18 +120,15 @@ def test_resources_check_errors_when_one_trial_cannot_fit_and_warns_on_concurren
 
 
 def test_packing_requests_a_gpu_fraction_or_cpu_memory_sized_by_the_estimate(tmp_path):
-    from raydrat.memory import estimate_memory
-    from raydrat.tune.sweep import worker_resources
-
     trials = expand(load_space(_space(tmp_path, space={"model.d_model": {"grid": [32, 512]}})))
-    small, large = (estimate_memory(t.config).total_bytes for t in trials)
+    small, large = (estimated_bytes(t.config) for t in trials)
     gpu = 4 * large  # a GPU four times the large trial's estimate
-    frac_small = worker_resources(trials[0], small, True, gpu)["GPU"]
-    frac_large = worker_resources(trials[1], large, True, gpu)["GPU"]
+    frac_small = worker_resources(small, True, gpu)["GPU"]
+    frac_large = worker_resources(large, True, gpu)["GPU"]
     assert frac_small < frac_large == 0.25  # several small trials share the GPU
     assert frac_small >= small / gpu and frac_small <= small / gpu + 0.01
-    assert worker_resources(trials[1], large, True, large // 2) == {"GPU": 1.0}  # capped: alone
-    assert worker_resources(trials[0], small, False, None) == {"memory": small}
+    assert worker_resources(large, True, large // 2) == {"GPU": 1.0}  # capped: alone
+    assert worker_resources(small, False, None) == {"memory": small}
 
 
 # ------------------------------------------------------------------ auto micro-batch (no Ray)
@@ -133,18 +136,17 @@ def test_packing_requests_a_gpu_fraction_or_cpu_memory_sized_by_the_estimate(tmp
 
 def _model_and_opt():
     cfg = load_config("debug")
-    torch.manual_seed(0)
-    model = GPT(cfg.model)
+    model = build_model(cfg.model, seed=0)
     return cfg, model, build_optimizer(model, cfg.optim)
 
 
-def test_auto_microbatch_halves_on_oom_and_keeps_the_global_batch(monkeypatch):
+def test_auto_microbatch_halves_on_oom_and_keeps_the_global_batch():
     cfg, model, opt = _model_and_opt()
     _, ref_model, ref_opt = _model_and_opt()
     batches = [torch.randint(0, cfg.model.vocab_size, (8, cfg.model.seq_len + 1)) for _ in range(2)]
     ref_loss, _ = train_step(ref_model, ref_opt, batches, 1.0)
 
-    monkeypatch.setenv(FAULT_ENV, "2")  # any micro-batch above 2 sequences "runs out of memory"
+    oom_above(model, 2)  # any micro-batch above 2 sequences "runs out of memory"
     step = MicroBatchStep(cfg.train.model_copy(update={"auto_microbatch": True}))
     loss, _ = step(model, opt, batches, 1.0)
     assert step.micro_batch == 2 and step.retries == 2
@@ -153,10 +155,10 @@ def test_auto_microbatch_halves_on_oom_and_keeps_the_global_batch(monkeypatch):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-4)  # Adam amplifies float noise on ~0 grads
 
 
-def test_oom_propagates_without_auto_microbatch_or_below_the_floor(monkeypatch):
+def test_oom_propagates_without_auto_microbatch_or_below_the_floor():
     cfg, model, opt = _model_and_opt()
     batches = [torch.randint(0, cfg.model.vocab_size, (8, cfg.model.seq_len + 1))]
-    monkeypatch.setenv(FAULT_ENV, "2")
+    oom_above(model, 2)
     with pytest.raises(torch.OutOfMemoryError):
         MicroBatchStep(cfg.train)(model, opt, batches, 1.0)
     floor = MicroBatchStep(cfg.train.model_copy(update={"auto_microbatch": True, "min_micro_batch": 4}))
@@ -174,9 +176,7 @@ def _dominated(r, others):
 
 
 @pytest.mark.slow
-def test_sweep_budget_oom_mlflow_tree_and_pareto(demo_dir: Path, tmp_path: Path):
-    from raydrat.memory import estimate_memory
-
+def test_sweep_budget_oom_mlflow_tree_and_pareto(ray_local, demo_dir: Path, tmp_path: Path, monkeypatch):
     space = {
         "model.d_model": {"grid": [32, 48, 64, 512]},
         # only the d_model=48 trial uses micro-batches of 8: the injected fault makes it OOM
@@ -184,14 +184,14 @@ def test_sweep_budget_oom_mlflow_tree_and_pareto(demo_dir: Path, tmp_path: Path)
         "optim.lr": {"loguniform": [1e-3, 1e-2]},
     }
     overrides = {**SHORT, "train.batch_size": 4, "data.demo_dir": str(demo_dir)}
-    est = {d: estimate_memory(load_config("debug", [f"{k}={v}" for k, v in {**overrides, "model.d_model": d}.items()])).total_bytes
+    est = {d: estimated_bytes(load_config("debug", [f"{k}={v}" for k, v in {**overrides, "model.d_model": d}.items()]))
            for d in (64, 512)}
     budget_gb = (est[64] + est[512]) / 2 / 1024**3
     p = _space(tmp_path, name="sweeptest", space=space, overrides=overrides, max_concurrent=2,
                memory_budget_gb=budget_gb, scheduler={"type": "none"})
-    proc = run_cli(["tune", str(p), "--json", "sweep.json"], cwd=tmp_path, env={FAULT_ENV: "4"})
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-5000:]
+    monkeypatch.chdir(tmp_path)
+    summary = run_sweep(p, json_path="sweep.json", fit_callbacks=[OOMAbove(4)])
+    out = summary.report
     assert "Pareto front" in out and "Train the best config at full length:" in out
     assert "raydrat train " in out
 

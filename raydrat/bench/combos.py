@@ -28,7 +28,6 @@ from raydrat.config import RaydratConfig, config_from_dict
 from raydrat.core.memory.estimate import activation_plan_bounds
 from raydrat.core.memory.measure import flop_counter, grad_bytes, optimizer_state_bytes, param_bytes, saved_activation_bytes
 from raydrat.core.model.build import build_model
-from raydrat.core.step import evaluate
 from raydrat.core.techniques.knapsack import solve_budget
 from raydrat.core.techniques.recompute import MeasuredPlanner
 from raydrat.tracking import Run

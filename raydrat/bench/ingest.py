@@ -28,20 +28,19 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 import torch
 
 from raydrat.bench.local import LocalData, LocalRun
 from raydrat.bench.report import print_table, write_json
 from raydrat.config import RaydratConfig
-from raydrat.data.pipeline import (
-    _pack,
-    is_val_document,
-    make_spec,
-    pack_dataset,
-    plan_corpus,
-)
-from raydrat.data.prepare import train_tokenizer_on_sources
-from raydrat.data.tokenizer import tokenizer_from_str
+from raydrat.core.data.pack import pack_array
+from raydrat.core.data.plan import plan_corpus
+from raydrat.core.data.sample import train_tokenizer_on_sources
+from raydrat.core.data.spec import make_spec
+from raydrat.core.data.split import is_val_document
+from raydrat.core.data.tokenizer import tokenizer_from_str
+from raydrat.ray_data.stream import pack_dataset
 from raydrat.ray_session import ensure_ray
 
 DOC_BYTES = 3000
@@ -179,7 +178,7 @@ def baseline_ingest(cfg: RaydratConfig) -> dict:
                 docs = [t for t in texts if t and not is_val_document(t, spec.split_seed, spec.val_fraction)]
                 for i in range(0, len(docs), spec.pack_rows):
                     ids = [e.ids for e in tok.encode_batch_fast(docs[i : i + spec.pack_rows])]
-                    blocks, _ = _pack(ids, spec.eod_id, spec.block_len)
+                    blocks, _ = pack_array(ids, spec.eod_id, spec.block_len)
                     tokens += blocks.size
         wall = time.perf_counter() - t0
     return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
@@ -203,8 +202,6 @@ def training_consumption(cfg: RaydratConfig, steps: int = 6) -> float:
 def run_ingest(cfg: RaydratConfig, sizes_mb: list[float], json_path: str | None = None,
                workdir: str | None = None) -> dict:
     ensure_ray()
-    import ray
-
     cpus = int(ray.cluster_resources().get("CPU", 1))
     train_tps = training_consumption(cfg)
     results = []

@@ -20,7 +20,7 @@ from raydrat.core.optim import build_optimizer
 from raydrat.core.runtime import Runtime, resolve
 from raydrat.core.state import resumable_batches
 from raydrat.core.techniques.bundle import Techniques, apply_techniques, build_techniques
-from raydrat.data import iter_blocks_local
+from raydrat.core.data.blocks import iter_blocks_local
 
 
 def batches_of(blocks: list, batch_size: int) -> list[torch.Tensor]:

@@ -1,1 +1,3 @@
-"""Layer 2, the Ray-free core: the model, the techniques applied to it from outside, the one runtime resolution, memory, data blocks and the `fit` loop. Imports torch (and pyarrow/tokenizers for data), never ray or mlflow."""
+"""Layer 2, the Ray-free core: the model, the techniques, the training loop and the data
+blocks. Nothing under ``raydrat.core`` imports ``ray`` or ``mlflow``; this package's
+``__init__`` imports nothing, so importing one core module loads only what it needs."""

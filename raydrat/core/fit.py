@@ -7,11 +7,12 @@ nothing of Ray or MLflow; what happens around the steps is a callback's job::
     state = FitState(model, optimizer, techniques, cfg.train, cfg.optim, cfg.model.seq_len)
     fit(state, batches, lambda: val_batches, [ConsoleLog()])
 
-Each step: set the learning rate → take ``grad_accum`` micro-batches → the slot schedule
-plans the layers, the recompute planner the stored activations → one optimizer step
-(:class:`~raydrat.core.microbatch.MicroBatchStep`: ``train_step``, retried with smaller
-micro-batches on OOM when allowed) → the gates' own update, the slots' feedback, the
-precision fallback → the sync strategy's averaging. Every ``train.log_every`` steps the
+Each step: set the learning rate → take ``grad_accum`` micro-batches →
+``techniques.before_step`` (the slot schedule plans the layers, the recompute planner the
+stored activations) → one optimizer step (:class:`~raydrat.core.microbatch.MicroBatchStep`:
+``train_step``, retried with smaller micro-batches on OOM when allowed) →
+``techniques.after_step`` (the gates' own update, the slots' feedback, the precision
+fallback) → the sync strategy's averaging. Every ``train.log_every`` steps the
 window's metrics go to ``on_log``; every ``train.eval_every`` steps (and at the end) it
 evaluates; at evaluations and every ``train.checkpoint_every`` steps the replicas are
 synchronised and ``on_save`` gets the full report (the Ray adapter checkpoints there).
@@ -121,11 +122,9 @@ def iter_fit(
         t_step = time.perf_counter()
         with state.clock.timing(M.DATA_WAIT_S):
             micro = [next(batches) for _ in range(tc.grad_accum)]
-        t.recompute.plan(step, micro[0], t.slots.plan(step))
+        t.before_step(step, micro[0])
         loss, grad_norm = state.micro(model, optimizer, micro, state.optim.grad_clip, t)
-        t.recompute.after_step()
-        t.slots.observe(loss, t.recompute.plan_bytes())
-        message = t.precision.after_step(step)
+        message = t.after_step(step, loss)
         if message:
             log.info(message)
         window_loss += loss.detach()

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
-from raydrat.config import OptimConfig
+from raydrat.config.optim import OptimConfig
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -32,9 +33,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     if cfg.name == "adamw_fused":
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     if cfg.name in ("adamw8bit", "paged_adamw8bit"):
-        import warnings
-
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # optional heavy dependency: only the 8-bit optimizers need it
 
         cls = bnb.optim.AdamW8bit if cfg.name == "adamw8bit" else bnb.optim.PagedAdamW8bit
         with warnings.catch_warnings():  # "paged optimizers are not supported on CPU": documented

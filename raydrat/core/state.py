@@ -21,7 +21,6 @@ import random
 import tempfile
 from dataclasses import asdict, dataclass
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np

@@ -22,7 +22,7 @@ from raydrat.core import metrics as M
 from raydrat.core.fit import Callback
 from raydrat.core.runtime import Runtime, resolve
 from raydrat.plots import plot_curves
-from raydrat.data import build_datasets
+from raydrat.ray_data.datasets import build_datasets
 from raydrat.ray_session import cluster_gpus, ensure_ray
 from raydrat.ray_train import resume
 from raydrat.ray_train.fits import check_cluster_fits

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from raydrat.bench.report import format_table
+from raydrat.plots import pyplot
 
 GB = 1024**3
 
@@ -155,11 +156,7 @@ def write_pareto_csv(records: list[TrialRecord], path: Path) -> Path:
 
 
 def plot_pareto(records: list[TrialRecord], path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ranked = [r for r in records if r.ranked()]
     if ranked:

@@ -16,6 +16,7 @@ memory estimated up front, and the same file always gives the same trials.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import random
@@ -100,8 +101,6 @@ class Space:
 
 
 def _with(base: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
-    import copy
-
     data = copy.deepcopy(base)
     for k, v in dotted.items():
         set_dotted(data, k, v)

@@ -16,7 +16,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import ray
 from ray import tune
@@ -25,7 +25,8 @@ from ray.tune.schedulers import ASHAScheduler
 from raydrat import tracking
 from raydrat.bench.report import write_json
 from raydrat.core import metrics as M
-from raydrat.data.demo import build_demo_corpus
+from raydrat.core.fit import Callback
+from raydrat.core.data.demo import build_demo_corpus
 from raydrat.ray_session import ensure_ray, expected_gpus
 from raydrat.tracking import Run
 from raydrat.tune import admission as A
@@ -82,7 +83,10 @@ def _save_state(path: Path, state: dict) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def run_sweep(space_path: str | Path, resume: bool = False, json_path: str | Path | None = None) -> SweepSummary:
+def run_sweep(space_path: str | Path, resume: bool = False, json_path: str | Path | None = None,
+              fit_callbacks: Sequence[Callback] = ()) -> SweepSummary:
+    """Run (or with ``resume``, continue) the sweep of a space file. ``fit_callbacks`` run
+    inside every trial's ``fit`` (a test's fault injection)."""
     log = M.setup_logging()
     space = load_space(space_path)
     trials = expand(space)
@@ -121,6 +125,7 @@ def run_sweep(space_path: str | Path, resume: bool = False, json_path: str | Pat
             "estimated_bytes": estimates[t.index],
             "runtime": runtimes[t.index],
             "worker_resources": A.worker_resources(estimates[t.index], use_gpu, gpu_bytes),
+            "fit_callbacks": list(fit_callbacks),
         }
         for t, ok in zip(trials, feasible) if ok
     ]

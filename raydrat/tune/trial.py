@@ -17,7 +17,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from raydrat.config import RaydratConfig
 from raydrat.core import metrics as M
 from raydrat.core.microbatch import is_oom
-from raydrat.data import build_datasets
+from raydrat.ray_data.datasets import build_datasets
 from raydrat.ray_session import quiet_ray_data
 from raydrat.ray_train.trainer import fit_in_run
 from raydrat.tracking import Run

@@ -42,6 +42,18 @@ class Techniques:
         device = torch.device(device)
         return cls(NoRecompute(n_layer), SlotSchedule(SlotsConfig(), n_layer, 1), Precision("fp32", device))
 
+    def before_step(self, step: int, tokens: torch.Tensor | None = None) -> None:
+        """Plan ``step``: the layers that run, then which of their activations are stored
+        (``tokens``, a ``(B, T+1)`` micro-batch, lets the recompute planner measure costs)."""
+        self.recompute.plan(step, tokens, self.slots.plan(step))
+
+    def after_step(self, step: int, loss: torch.Tensor | float) -> str | None:
+        """After the optimizer step: the gates' own update, the slots' feedback (adaptive),
+        the precision fallback. Returns a message when the precision switched."""
+        self.recompute.after_step()
+        self.slots.observe(loss, self.recompute.plan_bytes())
+        return self.precision.after_step(step)
+
     def all(self) -> list[Technique]:
         return [self.recompute, self.slots, self.precision, self.compile, self.sync]
 

@@ -1,4 +1,4 @@
-"""The one error type of :mod:`raydrat.data`."""
+"""The one error type of :mod:`raydrat.core.data` and :mod:`raydrat.ray_data`."""
 
 from __future__ import annotations
 

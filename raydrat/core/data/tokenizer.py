@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from raydrat.data.errors import DataError
+from raydrat.core.data.errors import DataError
 
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -91,7 +91,7 @@ def special_ids(tok: Tokenizer, origin: str = "the tokenizer") -> tuple[int, int
     if missing:
         raise DataError(
             f"{origin} lacks the special token(s) {', '.join(missing)}: train it with "
-            "raydrat.data.train_tokenizer or add them"
+            "raydrat.core.data.tokenizer.train_tokenizer or add them"
         )
     return ids[0], ids[1]
 

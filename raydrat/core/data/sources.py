@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from raydrat.data.errors import DataError
+from raydrat.core.data.errors import DataError
 
 S3_SCHEME = "s3://"
 WILDCARDS = "*?["
@@ -187,7 +187,7 @@ def file_fingerprint(loc: Location, info: pafs.FileInfo) -> dict:
 def _s3_etag(loc: Location, path: str) -> str | None:
     """pyarrow does not expose ETags; ask boto3 (same endpoint, same credential chain)."""
     try:
-        import boto3
+        import boto3  # inside: botocore is slow to import and only S3 fingerprints need it
 
         bucket, key = path.split("/", 1)
         client = boto3.client("s3", endpoint_url=loc.endpoint_url, region_name=loc.region or None)

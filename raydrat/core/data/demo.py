@@ -37,7 +37,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydrat.data.tokenizer import train_tokenizer
+from raydrat.core.data.tokenizer import train_tokenizer
 
 log = logging.getLogger(__name__)
 

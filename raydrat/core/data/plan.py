@@ -1,0 +1,189 @@
+"""Plan (driver, metadata only): sources resolve to files, files to *units* of work: one
+parquet row group, or ``data.pack_rows`` plain-text files (one document per file, ``.gz``
+decompressed), or one text file in ``line`` mode. Parquet schemas are checked here, so a
+missing text column fails before any work starts. A unit's index in the plan is its
+``unit_id``; weighted mixing gives each source a rate (see :func:`mixing_rates`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from raydrat.config.data import DataConfig, SourceConfig
+from raydrat.core.data.demo import CORPUS_DIR, ensure_demo_corpus
+from raydrat.core.data.errors import DataError
+from raydrat.core.data.sources import (
+    CorruptFile,
+    Location,
+    describe_os_error,
+    filesystem,
+    list_files,
+    location_for,
+    text_size,
+    uri,
+)
+
+DEMO_SOURCE = "demo"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One task's worth of documents: a parquet row group, a few text files (``file``
+    mode), or one text file (``line`` mode)."""
+
+    unit_id: int
+    source: int
+    format: Literal["parquet", "text"]
+    files: tuple[str, ...]
+    row_group: int  # parquet only; -1 for text
+    text_column: str
+    text_mode: str
+    loc: Location
+    rate: float = 1.0
+    """Training blocks of this unit are emitted ``rate`` times on average (weighted mixing)."""
+
+    def to_row(self) -> dict:
+        return {**asdict(self), "files": list(self.files), "loc": asdict(self.loc)}
+
+    @classmethod
+    def from_row(cls, row: dict) -> Unit:
+        return cls(**{**row, "files": tuple(row["files"]), "loc": Location(**row["loc"])})
+
+
+@dataclass
+class Plan:
+    """What the driver learns from metadata alone."""
+
+    units: list[Unit]
+    files: list[tuple[Location, pafs.FileInfo]]
+    source_bytes: list[int]
+    """Estimated text bytes per source (parquet: uncompressed column size)."""
+    skipped_files: list[str]
+    """Unreadable files left out (``data.on_corrupt = skip``), with the reason."""
+    rows: int
+    """Rows (parquet) or files (text) in the plan; 0 means the corpus holds nothing."""
+
+
+def resolve_sources(cfg: DataConfig) -> list[str]:
+    """Every input file (as a path or ``s3://`` URI), source by source, each source's files
+    sorted. ``path: demo`` builds the demo corpus first if it is missing."""
+    return [uri(loc, info.path) for loc, info in plan_corpus(cfg).files]
+
+
+def _resolve_demo(src: SourceConfig, cfg: DataConfig) -> SourceConfig:
+    if src.path != DEMO_SOURCE:
+        return src
+    demo_dir = Path(cfg.demo_dir).absolute()
+    ensure_demo_corpus(demo_dir)
+    return src.model_copy(update={"path": str(demo_dir / CORPUS_DIR), "format": "parquet"})
+
+
+def _parquet_row_groups(
+    loc: Location, path: str, column: str, index: int
+) -> list[tuple[int, int, int]]:
+    """``(row group, rows, text bytes)`` of the non-empty row groups of ``path`` after
+    checking that ``column`` holds strings. An unreadable file raises CorruptFile."""
+    name = uri(loc, path)
+    try:
+        pf = pq.ParquetFile(filesystem(loc).open_input_file(path))
+        schema = pf.schema_arrow
+        meta = pf.metadata
+    except OSError as exc:
+        if "parquet" in str(exc).lower() or "magic" in str(exc).lower():
+            raise CorruptFile(f"{name} is not a readable parquet file ({exc})") from None
+        raise describe_os_error(name, exc) from None
+    except Exception as exc:  # pyarrow raises several types for unreadable files
+        raise CorruptFile(f"{name} is not a readable parquet file ({exc})") from None
+    key = f"data.sources[{index}].text_column"
+    if column not in schema.names:
+        raise DataError(
+            f"{name} has no column {column!r} (columns: {', '.join(schema.names)}): set {key}"
+        )
+    typ = schema.field(column).type
+    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
+        raise DataError(
+            f"column {column!r} of {name} is {typ}, not text: set {key} to a string column"
+        )
+    out = []
+    for rg in range(meta.num_row_groups):
+        g = meta.row_group(rg)
+        if g.num_rows > 0:
+            leaf = next((g.column(c) for c in range(g.num_columns) if g.column(c).path_in_schema.split(".")[0] == column), None)
+            size = leaf.total_uncompressed_size if leaf is not None else g.total_byte_size
+            out.append((rg, g.num_rows, size))
+    return out
+
+
+def plan_corpus(cfg: DataConfig) -> Plan:
+    """The units of work of every source, in a fixed order (their index is ``unit_id``),
+    from metadata only (listings, parquet footers, gzip trailers)."""
+    raw: list[tuple[int, dict]] = []
+    files: list[tuple[Location, pafs.FileInfo]] = []
+    sizes = [0] * len(cfg.sources)
+    skipped: list[str] = []
+    rows = 0
+    for i, src in enumerate(cfg.sources):
+        src = _resolve_demo(src, cfg)
+        where = f"data.sources[{i}].path = {src.path!r}"
+        loc = location_for(src.path, src.endpoint_url, src.region)
+        infos = list_files(src.path, loc, ".parquet" if src.format == "parquet" else None, where)
+        files += [(loc, info) for info in infos]
+        common = dict(source=i, format=src.format, text_column=src.text_column,
+                      text_mode=src.text_mode, loc=loc)
+        if src.format == "parquet":
+            for info in infos:
+                try:
+                    groups = _parquet_row_groups(loc, info.path, src.text_column, i)
+                except CorruptFile as exc:
+                    if cfg.on_corrupt == "error":
+                        raise DataError(f"{exc}: fix or remove it, or set data.on_corrupt = skip") from None
+                    skipped.append(str(exc))
+                    continue
+                for rg, n, size in groups:
+                    raw.append((i, dict(common, files=(info.path,), row_group=rg)))
+                    rows += n
+                    sizes[i] += size
+        else:
+            sizes[i] += sum(text_size(loc, info) for info in infos)
+            rows += sum(1 for info in infos if info.size > 0)
+            step = 1 if src.text_mode == "line" else cfg.pack_rows
+            for start in range(0, len(infos), step):
+                chunk = tuple(info.path for info in infos[start : start + step])
+                raw.append((i, dict(common, files=chunk, row_group=-1)))
+    rates = mixing_rates(cfg, sizes)
+    units = [Unit(unit_id=n, rate=rates[i], **kw) for n, (i, kw) in enumerate(raw)]
+    return Plan(units, files, sizes, skipped, rows)
+
+
+def mixing_rates(cfg: DataConfig, sizes: list[int]) -> list[float]:
+    """Per source, how many times each training block is emitted on average so that the
+    sources' shares of the stream follow their weights (the epoch keeps about the natural
+    total size: over-weighted sources repeat blocks, under-weighted ones skip some)."""
+    weights = [s.weight for s in cfg.sources]
+    if weights[0] is None or len(weights) == 1:
+        return [1.0] * len(weights)
+    total_w, total_b = sum(weights), sum(sizes)
+    for i, size in enumerate(sizes):
+        if size == 0:
+            raise DataError(
+                f"data.sources[{i}] = {cfg.sources[i].path!r} has weight {weights[i]} but holds "
+                "no text: remove it or give it some documents"
+            )
+    return [(w / total_w) / (b / total_b) for w, b in zip(weights, sizes, strict=True)]
+
+
+def plan_units(cfg: DataConfig) -> list[Unit]:
+    """The units of work of every source (see :func:`plan_corpus`)."""
+    return plan_corpus(cfg).units
+
+
+def sample_units(units: list[Unit], n: int) -> list[Unit]:
+    """At most ``n`` units spread evenly over ``units`` (all of them when there are few)."""
+    if len(units) <= n:
+        return list(units)
+    return [units[(i * len(units)) // n] for i in range(n)]

@@ -1,0 +1,132 @@
+""":func:`build_datasets`: a run's :class:`~raydrat.ray_data.bundle.DatasetBundle`, from
+``data.sources`` (streamed) or from a ``data.prepared`` directory.
+
+From sources, the corpus is checked cheaply before training: metadata for every file
+(listings, parquet footers), then a read of at most ``data.val_max_units`` units spread over
+the corpus, which also hold the (materialized, bounded) val split. Train stays lazy: it
+streams through a tokenizer actor pool while training runs, and a
+:class:`~raydrat.ray_data.stream.DataCounter` actor counts what each epoch read. Weighted
+mixing repeats or skips training blocks by a per-source rate
+(:func:`raydrat.core.data.plan.mixing_rates`).
+
+From a prepared directory, the manifest is read first and checked against the run's
+tokenizer and ``model.seq_len``; train and val read its shards."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+
+import ray
+
+from raydrat.config import DataConfig
+from raydrat.core.data.check import check_stats
+from raydrat.core.data.errors import DataError
+from raydrat.core.data.plan import plan_corpus, sample_units
+from raydrat.core.data.prepared import check_manifest, read_manifest_at, table_blocks
+from raydrat.core.data.sources import Location, filesystem, fs_path, location_for, uri
+from raydrat.core.data.spec import PackSpec, make_spec
+from raydrat.core.data.split import split_rule
+from raydrat.core.data.tokenizer import tokenizer_hash
+from raydrat.ray_data.bundle import DatasetBundle
+from raydrat.ray_data.stream import (
+    DataCounter,
+    pack_dataset,
+    pool_size,
+    scan_sample,
+    units_dataset,
+    val_dataset,
+)
+
+log = logging.getLogger(__name__)
+
+
+def build_datasets(
+    data_cfg: DataConfig, seq_len: int, vocab_size: int, reserved_cpus: float = 0
+) -> DatasetBundle:
+    """Check the corpus cheaply and return the train (lazy, streaming) and val
+    (materialized) datasets of ``seq_len + 1`` token blocks. ``reserved_cpus``: CPUs the
+    Train workers will hold (the tokenizer pool sizes itself to the rest)."""
+    # A prepared directory's manifest is read first: an incomplete output says so before
+    # anything else is looked at.
+    prepared = _read_prepared(data_cfg) if data_cfg.prepared else None
+    spec, tok_path = make_spec(data_cfg, seq_len, vocab_size)
+    tokenizer_sha256 = tokenizer_hash(tok_path)
+    if prepared is not None:
+        parts = _from_prepared(data_cfg, *prepared, spec, tokenizer_sha256, seq_len)
+    else:
+        parts = _from_sources(data_cfg, spec, tokenizer_sha256, seq_len, reserved_cpus)
+    return DatasetBundle(
+        tokenizer_path=str(tok_path),
+        tokenizer_sha256=tokenizer_sha256,
+        eod_id=spec.eod_id,
+        block_len=spec.block_len,
+        **parts,
+    )
+
+
+def _from_sources(data_cfg: DataConfig, spec: PackSpec, tokenizer_sha256: str, seq_len: int,
+                  reserved_cpus: float) -> dict:
+    """train, val, stats, lineage and counter of the streamed sources."""
+    plan = plan_corpus(data_cfg)
+    corpus = ", ".join(src.path for src in data_cfg.sources)
+    if not plan.units or plan.rows == 0:
+        raise DataError(
+            f"corpus {corpus} produced no blocks of seq_len+1 = {spec.block_len} tokens: "
+            "it holds no documents; point data.sources at some text"
+        )
+    sample = units_dataset(sample_units(plan.units, data_cfg.val_max_units))
+    stats = scan_sample(sample, spec, len(plan.units), len(plan.skipped_files))
+    check_stats(stats, spec, corpus, data_cfg.val_fraction)
+    log.info(
+        "data: %d units (%d checked): %d documents (%d empty, %d with invalid UTF-8), %.1f MB; "
+        "val: %d documents, %d blocks; %d files skipped",
+        stats.units, stats.sampled_units, stats.docs, stats.empty_docs, stats.invalid_utf8_docs,
+        stats.text_bytes / 1e6, stats.val_docs, stats.val_blocks, stats.skipped_files,
+    )
+    lineage = {
+        "kind": "sources",
+        "sources": [s.model_dump(mode="json") for s in data_cfg.sources],
+        "source_text_bytes": plan.source_bytes,
+        "mixing_rates": sorted({(u.source, u.rate) for u in plan.units}),
+        "files": [{"path": uri(loc, i.path), "size": i.size} for loc, i in plan.files],
+        "skipped_files": plan.skipped_files,
+        "tokenizer_sha256": tokenizer_sha256,
+        "seq_len": seq_len,
+        "split": split_rule(data_cfg),
+        "checked_sample": asdict(stats),
+    }
+    counter = DataCounter.remote(len(plan.units))
+    return {
+        "train": pack_dataset(plan.units, spec, "train", pool_size(data_cfg, reserved_cpus), counter),
+        "val": val_dataset(sample, spec),
+        "stats": stats,
+        "lineage": lineage,
+        "counter": counter,
+    }
+
+
+def _read_prepared(data_cfg: DataConfig) -> tuple[Location, str, dict]:
+    """Where ``data.prepared`` is, and its manifest (DataError if it is incomplete)."""
+    loc = location_for(data_cfg.prepared, data_cfg.prepared_endpoint_url)
+    root = fs_path(data_cfg.prepared)
+    return loc, root, read_manifest_at(loc, root)
+
+
+def _from_prepared(data_cfg: DataConfig, loc: Location, root: str, manifest: dict, spec: PackSpec,
+                   tokenizer_sha256: str, seq_len: int) -> dict:
+    """train, val and lineage of a prepared directory whose manifest is ``manifest``."""
+    check_manifest(manifest, f"data.prepared = {data_cfg.prepared!r}", tokenizer_sha256, seq_len)
+    fs = filesystem(loc)
+
+    def dataset(files: list[str]) -> ray.data.Dataset:
+        paths = [f"{root}/{f}" for f in files]
+        ds = ray.data.read_parquet(paths, filesystem=fs)
+        return ds.map_batches(table_blocks, batch_format="pyarrow", fn_kwargs={"block_len": spec.block_len})
+
+    return {
+        "train": dataset(manifest["train_files"]),
+        "val": dataset(manifest["val_files"]).materialize(),
+        "stats": None,
+        "lineage": {"kind": "prepared", "prepared": data_cfg.prepared, "manifest": manifest},
+    }

@@ -1,0 +1,49 @@
+"""Faults injected from outside production code, as ``fit`` callbacks a test registers
+(they travel to Ray workers by value: ``conftest`` registers this module with cloudpickle)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import torch
+
+from raydrat.core.fit import Callback, FitState
+from raydrat.core.state import unwrap
+
+
+def oom_above(model: torch.nn.Module, limit: int):
+    """Make every forward of ``model`` whose micro-batch holds more than ``limit``
+    sequences raise ``torch.OutOfMemoryError``, as a smaller device would. Returns the hook
+    handle (``.remove()`` undoes it)."""
+
+    def hook(_module, args):
+        if args[0].shape[0] > limit:
+            raise torch.OutOfMemoryError(f"injected out-of-memory: micro-batch {args[0].shape[0]} > {limit} (test)")
+
+    return unwrap(model).register_forward_pre_hook(hook)
+
+
+class OOMAbove(Callback):
+    """:func:`oom_above` on the worker's model for the whole fit."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+
+    def on_fit_start(self, state: FitState) -> None:
+        oom_above(state.model, self.limit)
+
+
+class KillAt(Callback):
+    """After optimizer step ``step``, rank ``rank`` of a worker group that did not start from
+    a checkpoint kills its own process (SIGKILL), once the controller had a moment to
+    register the step's report."""
+
+    def __init__(self, step: int, rank: int = 0):
+        self.step, self.rank = step, rank
+
+    def on_step_end(self, state: FitState) -> None:
+        if state.step == self.step and state.rank == self.rank and not state.restored:
+            time.sleep(1.0)
+            os.kill(os.getpid(), signal.SIGKILL)
