@@ -289,3 +289,18 @@ def test_resume_after_interrupt_runs_only_the_remaining_trials(demo_dir: Path, t
     sweep_dirs = list((tmp_path / "ray_results" / "tune").glob("resumetest-*"))
     assert len(sweep_dirs) == 1
     assert len(list((sweep_dirs[0] / "train").glob("resumetest-*-t000"))) == 1
+
+
+def test_best_trial_follows_the_sweep_metric_and_mode():
+    """``best`` ranks by ``sweep.metric`` in ``sweep.mode``, not by val_loss."""
+    from raydrat.tune.report import TrialRecord
+    from raydrat.tune.results import best_trial
+
+    def rec(name, val_loss, metric, status="completed"):
+        return TrialRecord(name, {}, status, estimated_bytes=1, val_loss=val_loss, metric_value=metric, peak_bytes=1)
+
+    records = [rec("t000", 3.0, 900.0), rec("t001", 2.0, 100.0), rec("t002", 4.0, 500.0),
+               rec("t003", 1.0, 5000.0, status="oom")]
+    assert best_trial(records, "max").trial == "t000"  # e.g. metric: tokens_per_s, mode: max
+    assert best_trial(records, "min").trial == "t001"
+    assert best_trial([rec("t000", 3.0, None)], "min") is None  # a trial that never reported the metric

@@ -23,7 +23,7 @@ from raydrat.core.fit import Callback
 from raydrat.core.runtime import Runtime, resolve
 from raydrat.plots import plot_curves
 from raydrat.ray_data.datasets import build_datasets
-from raydrat.ray_session import cluster_gpus, ensure_ray
+from raydrat.ray_session import ensure_ray, expected_gpus
 from raydrat.ray_train import resume
 from raydrat.ray_train.fits import check_cluster_fits
 from raydrat.ray_train.worker import train_loop_per_worker
@@ -172,8 +172,8 @@ def run_training(cfg: RaydratConfig, resume_run: bool | str = False,
     log = M.setup_logging()
     t0 = time.perf_counter()
     record = resume.prepare_resume(cfg, resume_run) if resume_run else None
+    runtime = resolve(cfg, gpus=expected_gpus())  # before Ray starts, when no cluster is named
     ensure_ray()
-    runtime = resolve(cfg, gpus=cluster_gpus())
     check_cluster_fits(cfg, runtime.use_gpu, ray.cluster_resources())
     bundle = build_datasets(cfg.data, cfg.model.seq_len, cfg.model.vocab_size,
                             reserved_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
