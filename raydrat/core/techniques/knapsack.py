@@ -1,4 +1,4 @@
-"""``checkpointing: budget``: the exact choice of branches to store under a memory budget.
+"""``recompute.mode: budget``: the exact choice of branches to store under a memory budget.
 
 Each branch ``i`` costs ``w_i`` bytes when stored (its internals; its input is alive either
 way) and saves ``v_i`` FLOPs of recomputation. Store the set S with ``sum w_i <= budget``
