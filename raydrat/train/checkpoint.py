@@ -7,7 +7,8 @@ A checkpoint is one directory (Ray Train merges what every rank reports into it)
   GradScaler's state under its own key);
 * ``rank{r}.pt`` (every rank): that rank's optimizer state (local-update modes keep one
   per worker), its RNG states (torch, CUDA, numpy, python) and its data position (epoch
-  and micro-batches consumed in that epoch). On resume the first ``batches`` micro-batches
+  and micro-batches consumed in that epoch); the loop adds the IP of the node the rank ran
+  on (``node_ip``). On resume the first ``batches`` micro-batches
   of that epoch are read again and discarded, so training continues with the next unseen
   batch (given the same data order, which Ray Data keeps for a single worker and no local
   shuffle).

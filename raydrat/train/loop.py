@@ -201,7 +201,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if rank == 0:
                     state = ckpt.training_state(model, optimizer, done, cfg.to_dict(),
                                                 {"sync": strategy.state_dict(), "policy": policy_state})
-                per_rank = {**ckpt.rank_state(optimizer, position), "policy": policy_state}
+                per_rank = {**ckpt.rank_state(optimizer, position), "policy": policy_state,
+                            "node_ip": ray.util.get_node_ip_address()}  # where this rank ran
                 with ckpt.checkpoint_dir(state, rank, per_rank) as d:
                     ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
         if ctx.fault_step == done and rank == ctx.fault_rank and restored is None:
