@@ -110,7 +110,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     start_step = 0
     position = ckpt.DataPosition()
-    on_storage = R.latest_checkpoint(Path(ctx.run_dir), ctx.checkpoints_since) if ctx.run_dir else None
+    on_storage = R.latest_checkpoint(Path(ctx.run_dir), ctx.checkpoints_since, world_size) if ctx.run_dir else None
     restored = ckpt.newest(ray.train.get_checkpoint(), on_storage)
     rank_state = None
     if restored is not None:
