@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,7 +29,8 @@ import torch
 
 from conftest import REPO, raydrat_cmd
 from raydrat.bench.link import NODE_RESOURCE, TwoNodeLink, parse_rates, unavailable_reason
-from raydrat.config import ConfigError
+from raydrat.config import ConfigError, load_config
+from raydrat.train.resume import check_cluster_fits, latest_checkpoint
 
 STEPS, EVERY, RATE_MBIT = 24, 6, 100
 
@@ -56,15 +60,59 @@ def test_link_rate_limits_a_tcp_stream_and_tc_refusals_are_config_errors(namespa
         link.set_rate(100)  # changed in place, between runs
         assert [link.applied_rate_mbit(ns) for ns in names] == [100.0, 100.0]
         fast = link.measure_mbit(1.5)
-        # TCP reaches 90-97% of a tbf rate (headers, slow start); a veth alone carries Gbit/s
-        assert 0.8 * 20 < slow <= 20 * 1.02, slow
-        assert 0.8 * 100 < fast <= 100 * 1.02, fast
+        # never above the rate; TCP reaches 90-97% of a tbf rate on an idle machine (headers,
+        # slow start), less when the loaded CPUs starve the two ends; a veth alone carries Gbit/s
+        assert 0.5 * 20 < slow <= 20 * 1.02, slow
+        assert 0.5 * 100 < fast <= 100 * 1.02, fast
+        assert fast > 3 * slow, (slow, fast)
         for rate, needle in [(5e-7, "tc refuses this rate"), (1e14, "tc refuses this rate"),
                              (1e-5, "tc applies 8e-06 Mbit/s instead")]:
             with pytest.raises(ConfigError, match=needle):
                 link.set_rate(rate)
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not names & {line.split()[0] for line in listed.splitlines() if line.strip()}
+
+
+def test_without_namespace_capabilities_the_harness_says_why_in_one_line():
+    """A real refusal: root without CAP_SYS_ADMIN/CAP_NET_ADMIN (setpriv empties the
+    capability bounding set) cannot create the namespaces; callers fall back to one node."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to drop capabilities")
+    code = ("from raydrat.bench.link import LinkUnavailable, TwoNodeLink, unavailable_reason\n"
+            "print(unavailable_reason())\n"
+            "try:\n    TwoNodeLink(rate_mbit=10).start()\nexcept LinkUnavailable as e:\n    print(e)\n")
+    r = subprocess.run(["setpriv", "--bounding-set=-all", sys.executable, "-c", code], capture_output=True,
+                       text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    reason, raised = r.stdout.strip().splitlines()
+    assert reason == raised and reason.startswith("two-node link unavailable: cannot create a network namespace (")
+
+
+def test_worker_resources_are_checked_against_the_cluster():
+    cfg = load_config("debug", ["scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
+                                f"scaling.worker_resources={{{NODE_RESOURCE}: 1}}"])
+    assert cfg.scaling.worker_resources == {NODE_RESOURCE: 1.0}
+    check_cluster_fits(cfg, False, {"CPU": 4, NODE_RESOURCE: 2})
+    with pytest.raises(ConfigError, match=rf"scaling.worker_resources.{NODE_RESOURCE}=1 x scaling.num_workers=2 "
+                                          r"needs 2 but the Ray cluster's nodes advertise 1"):
+        check_cluster_fits(cfg, False, {"CPU": 4, NODE_RESOURCE: 1})
+    for bad, needle in [("{CPU: 1}", "scaling.worker_resources.CPU: set scaling.cpus_per_worker"),
+                        ("{x: 0}", "scaling.worker_resources.x=0.0: give a positive amount")]:
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            load_config("debug", [f"scaling.worker_resources={bad}"])
+
+
+def test_latest_checkpoint_skips_a_save_missing_a_ranks_file(tmp_path):
+    """A worker killed during a save can leave a directory with rank 0's files only: a
+    worker group of that size starts from the newest save every rank finished."""
+    older, newer = tmp_path / "checkpoint_2026-12-01_08-00-00.000001", tmp_path / "checkpoint_2026-12-01_08-00-09.000001"
+    for d, files in ((older, ("state.pt", "rank0.pt", "rank1.pt")), (newer, ("state.pt", "rank0.pt"))):
+        d.mkdir()
+        for f in files:
+            (d / f).write_bytes(b"x")
+    assert latest_checkpoint(tmp_path) == newer  # --resume only needs some checkpoint
+    assert latest_checkpoint(tmp_path, world_size=2) == older
+    assert latest_checkpoint(tmp_path, world_size=1) == newer
 
 
 # -- the two-node run ------------------------------------------------------------------
@@ -138,11 +186,11 @@ def test_two_nodes_train_recover_from_a_killed_remote_worker_and_resume(namespac
         assert len(on_a) == 1 and len(on_b) == 1, (on_a, on_b)
         os.kill(on_b[0], signal.SIGKILL)
         # within max_failures=1: Ray Train starts a new worker group, again one worker per node
-        replacement = _wait("a replacement worker on node b",
-                            lambda: [p for p in link.worker_pids("b") if p != on_b[0]], driver, log)
+        replacement = _wait("a replacement worker on each node",
+                            lambda: [p for p in link.worker_pids("b") if p != on_b[0]]
+                            if [p for p in link.worker_pids("a") if p != on_a[0]] else None, driver, log)
         recovered_from = ckpts.newest_step()  # the old group is gone: nothing newer can appear
         assert recovered_from >= first
-        assert len(link.worker_pids("a")) == 1
         # once the new group has saved, kill again: beyond max_failures, the run stops
         saved_again = _wait("a checkpoint saved after the recovery",
                             lambda: max((s for s in ckpts.complete() if s > recovered_from), default=None),

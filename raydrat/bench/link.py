@@ -56,6 +56,7 @@ IFNAME = "raydrat0"
 """The veth interface's name, the same in both namespaces (so one ``GLOO_SOCKET_IFNAME``)."""
 GCS_PORT = 6379
 NS_PREFIX = "raydrat-link-"
+TEMP_PREFIX = "rdl-"
 NODES = ("a", "b")
 _instances = itertools.count()
 
@@ -171,7 +172,8 @@ def _delete_namespace(ns: str) -> None:
 
 
 def remove_stale_namespaces() -> list[str]:
-    """Delete namespaces (and their processes) left by a harness whose process is gone."""
+    """Delete namespaces (and their processes) and temp dirs left by a harness whose
+    process is gone (killed before ``close()``); return what was removed."""
     r = _sh(["ip", "netns", "list"], check=False)
     removed = []
     for line in r.stdout.splitlines():
@@ -180,6 +182,11 @@ def remove_stale_namespaces() -> list[str]:
         if m and not _alive(int(m.group(1))):
             _delete_namespace(name)
             removed.append(name)
+    for d in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*"):
+        m = re.fullmatch(rf"{re.escape(TEMP_PREFIX)}(\d+)-\w+", d.name)
+        if m and d.is_dir() and (d / "auth_token").exists() and not _alive(int(m.group(1))):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(str(d))
     return removed
 
 
@@ -270,13 +277,15 @@ class TwoNodeLink:
 
     def _prepare_env(self) -> None:
         # short path: Ray's unix socket paths under it must stay below 108 characters
-        self.temp_dir = Path(tempfile.mkdtemp(prefix=f"rdl-{os.getpid()}-"))
+        self.temp_dir = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-"))
         token = self.temp_dir / "auth_token"
         token.write_text(secrets.token_hex(32))
         token.chmod(0o600)
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
         env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-                    "GLOO_SOCKET_IFNAME": IFNAME, "RAY_USAGE_STATS_ENABLED": "0", **self._extra_env})
+                    "GLOO_SOCKET_IFNAME": IFNAME, "RAY_USAGE_STATS_ENABLED": "0",
+                    # two nodes on one machine are never preempted: no watcher actor
+                    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", **self._extra_env})
         self._env = env
 
     def _start_ray(self) -> None:
@@ -295,7 +304,7 @@ class TwoNodeLink:
             r = subprocess.run(self.command(cmd, node), stdout=out, stderr=subprocess.STDOUT,
                                env=self._env, timeout=180)
         if r.returncode != 0:
-            tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-5:])
+            tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
             raise LinkError(f"ray start on node {node} ({self.namespace[node]}) failed (exit {r.returncode}): {tail}")
 
     def _wait_for_cluster(self, timeout_s: float = 60) -> None:
