@@ -146,7 +146,7 @@ def tbf_args(rate_mbit: float) -> list[str]:
     return ["rate", f"{rate_bit}bit", "burst", str(burst), "limit", str(limit)]
 
 
-def _kill_namespace_processes(ns: str, grace_s: float = 5.0) -> None:
+def _kill_namespace_processes(ns: str, grace_s: float = 2.0) -> None:
     """SIGTERM every process in namespace ``ns``, SIGKILL what is left after ``grace_s``."""
     def pids() -> list[int]:
         r = _sh(["ip", "netns", "pids", ns], check=False)
