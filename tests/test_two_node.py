@@ -26,9 +26,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, raydrat_cmd
-from raydrat.bench.link import NODE_RESOURCE, TwoNodeLink, parse_rates, unavailable_reason
+
+from raydrat.bench.link import (
+    NODE_RESOURCE,
+    TwoNodeLink,
+    parse_rates,
+    unavailable_reason,
+)
 from raydrat.config import ConfigError, load_config
 from raydrat.train.resume import check_cluster_fits, latest_checkpoint
 
@@ -223,9 +228,9 @@ def test_two_nodes_train_recover_from_a_killed_remote_worker_and_resume(namespac
     # every checkpoint in the shared storage holds one rank file written on each node, the
     # remote rank's data position moves on with every save (through both restarts), and
     # (one micro-batch per step, no epoch wrap in 24 steps) equals the step
-    for step, c in final.items():
+    for c in final.values():
         nodes = [r["node_ip"] for r in c["ranks"]]
         assert sorted(nodes) == sorted([ip_a, ip_b]), nodes
     remote = [c["ranks"][[r["node_ip"] for r in c["ranks"]].index(ip_b)]["data"] for _, c in sorted(final.items())]
     assert [(d["epoch"], d["batches"]) for d in remote] == [(0, s) for s in sorted(final)], remote
-    print(f"two-node test: {wall_s:.0f}s, load average {open('/proc/loadavg').read().split()[:3]}")
+    print(f"two-node test: {wall_s:.0f}s, load average {Path('/proc/loadavg').read_text().split()[:3]}")

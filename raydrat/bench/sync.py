@@ -186,17 +186,17 @@ def print_sync_tables(cfg: RaydratConfig, rows: list[dict], workers: int) -> Non
     """One table per (link rate, latency), each variant against that table's DDP row
     (the ``*_vs_ddp`` fields are added to the rows)."""
     tc = cfg.train
-    for link, lat in dict.fromkeys((r["link_mbit"], r["latency_ms"]) for r in rows):
-        sub = [r for r in rows if r["latency_ms"] == lat and r["link_mbit"] == link]
+    for mbit, lat in dict.fromkeys((r["link_mbit"], r["latency_ms"]) for r in rows):
+        sub = [r for r in rows if r["latency_ms"] == lat and r["link_mbit"] == mbit]
         ddp = next(r for r in sub if r["mode"] == "ddp")
         for r in sub:
             r["bytes_vs_ddp"] = r["bytes_per_step"] / ddp["bytes_per_step"] if ddp["bytes_per_step"] else float("nan")
             r["tokens_per_s_vs_ddp"] = r["tokens_per_s"] / ddp["tokens_per_s"]
             r["val_loss_vs_ddp"] = r["val_loss"] / ddp["val_loss"] - 1.0
         faster = [r["label"] for r in sub if r["mode"] == "local" and r["tokens_per_s"] > ddp["tokens_per_s"]]
-        where = f"latency {lat:g} ms per collective" + ("" if link is None else f", link {link:g} Mbit/s")
+        where = f"latency {lat:g} ms per collective" + ("" if mbit is None else f", link {mbit:g} Mbit/s")
         print_table(
-            f"sync: {cfg.name}, {workers} CPU workers (gloo){' on two nodes' if link is not None else ''}, "
+            f"sync: {cfg.name}, {workers} CPU workers (gloo){' on two nodes' if mbit is not None else ''}, "
             f"{tc.steps} optimizer steps x {tc.batch_size * tc.grad_accum * cfg.model.seq_len * workers} tokens, {where}",
             ["variant", "bytes/step", "vs ddp", "comm share", "tokens/s", "vs ddp", "val loss", "vs ddp"],
             [[r["label"], f"{r['bytes_per_step']:,.0f}", f"{r['bytes_vs_ddp']:.3f}", f"{r['comm_fraction']:.1%}",
