@@ -9,6 +9,7 @@
     raydrat tune SPACE [--resume] [--json PATH]
     raydrat estimate CONFIG [--set section.key=value ...]
     raydrat bench combos [CONFIG] [--json PATH] [--only NAME ...]
+    raydrat bench sync [CONFIG] [--latency-ms MS,...] [--link MBIT,...] [--json PATH]
 
 CONFIG is a YAML path or a shipped recipe name (debug, demo, gpt2-small). Known problems
 (bad config, bad data) end with one line naming the culprit and exit status 2.
@@ -151,12 +152,17 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 def cmd_bench_sync(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from raydrat.bench.sync import run_sync_bench
+    from raydrat.bench.link import parse_rates
+    from raydrat.bench.sync import run_sync_bench, run_sync_bench_over_link
 
     try:
         latencies = [float(x) for x in args.latency_ms.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"--latency-ms {args.latency_ms!r}: give milliseconds like 0,20,50") from None
+    if args.link:
+        run_sync_bench_over_link(cfg, args.config, args.overrides, parse_rates(args.link), latencies,
+                                 json_path=args.json, workers=args.workers)
+        return 0
     run_sync_bench(cfg, latencies, json_path=args.json, workers=args.workers)
     return 0
 
@@ -224,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-ms", default="0",
                    help="comma-separated delays added before each collective (a slow link), e.g. 0,50")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
+    p.add_argument("--link", default=None, metavar="RATE[,RATE...]",
+                   help="run on two Ray nodes in network namespaces joined by a link limited to each rate "
+                        "(Mbit/s) in turn, e.g. 1000,100,20 (needs root; else the one-node benchmark)")
     p.add_argument("--json", help="write one record per row to this JSON file")
     p.set_defaults(func=cmd_bench_sync)
     return parser

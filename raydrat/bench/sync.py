@@ -13,11 +13,15 @@ Per variant: bytes this worker sent per optimizer step (ring all-reduce count, s
 (steady state: the first step is excluded; the slower worker sets the pace), and the
 validation loss at the end. ``--latency-ms 0,20`` repeats the table with each collective
 delayed by that latency (a slow link) and reports where local sync overtakes DDP.
+``--link 1000,100,20`` runs the table on two Ray nodes joined by a real link limited to
+each rate in Mbit/s (``raydrat.bench.link``; rows gain ``link_mbit``).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,9 +31,10 @@ import torch
 import torch.distributed as dist
 from ray.train.torch import TorchTrainer
 
+from raydrat.bench import link
 from raydrat.bench.local import LocalData, LocalRun
 from raydrat.bench.report import print_table, write_json
-from raydrat.config import RaydratConfig
+from raydrat.config import ConfigError, RaydratConfig
 from raydrat.core import metrics as M
 from raydrat.core.fit import Callback, FitState
 from raydrat.core.state import unwrap
@@ -129,7 +134,8 @@ def run_sync_workers(cfg: RaydratConfig, variants: list[dict], workers: int = 2)
         train_loop_config={"config": cfg.to_dict(), "variants": variants, "data": data},
         torch_config=ray.train.torch.TorchConfig(backend="gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=workers, use_gpu=False, resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}
+            num_workers=workers, use_gpu=False,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.worker_resources},
         ),
         run_config=ray.train.RunConfig(
             name=f"bench-sync-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -145,25 +151,78 @@ def run_sync_bench(cfg: RaydratConfig, latencies_ms: list[float] | None = None, 
                    workers: int = 2) -> list[dict]:
     latencies_ms = latencies_ms or [0]
     variants = [{**v, "latency_ms": lat} for lat in latencies_ms for v in DEFAULT_VARIANTS]
-    rows = run_sync_workers(cfg, variants, workers)
+    rows = [{**r, "link_mbit": None} for r in run_sync_workers(cfg, variants, workers)]
+    print_sync_tables(cfg, rows, workers)
+    if json_path:
+        write_json(json_path, [{k: v for k, v in r.items() if k != "checksums"} for r in rows])
+    return rows
+
+
+def print_sync_tables(cfg: RaydratConfig, rows: list[dict], workers: int) -> None:
+    """One table per (link rate, latency), each variant against that table's DDP row
+    (the ``*_vs_ddp`` fields are added to the rows)."""
     tc = cfg.train
-    for lat in latencies_ms:
-        sub = [r for r in rows if r["latency_ms"] == lat]
+    for mbit, lat in dict.fromkeys((r["link_mbit"], r["latency_ms"]) for r in rows):
+        sub = [r for r in rows if r["latency_ms"] == lat and r["link_mbit"] == mbit]
         ddp = next(r for r in sub if r["mode"] == "ddp")
         for r in sub:
             r["bytes_vs_ddp"] = r["bytes_per_step"] / ddp["bytes_per_step"] if ddp["bytes_per_step"] else float("nan")
             r["tokens_per_s_vs_ddp"] = r["tokens_per_s"] / ddp["tokens_per_s"]
             r["val_loss_vs_ddp"] = r["val_loss"] / ddp["val_loss"] - 1.0
         faster = [r["label"] for r in sub if r["mode"] == "local" and r["tokens_per_s"] > ddp["tokens_per_s"]]
+        where = f"latency {lat:g} ms per collective" + ("" if mbit is None else f", link {mbit:g} Mbit/s")
         print_table(
-            f"sync: {cfg.name}, {workers} CPU workers (gloo), {tc.steps} optimizer steps x "
-            f"{tc.batch_size * tc.grad_accum * cfg.model.seq_len * workers} tokens, latency {lat:g} ms per collective",
+            f"sync: {cfg.name}, {workers} CPU workers (gloo){' on two nodes' if mbit is not None else ''}, "
+            f"{tc.steps} optimizer steps x {tc.batch_size * tc.grad_accum * cfg.model.seq_len * workers} tokens, {where}",
             ["variant", "bytes/step", "vs ddp", "comm share", "tokens/s", "vs ddp", "val loss", "vs ddp"],
             [[r["label"], f"{r['bytes_per_step']:,.0f}", f"{r['bytes_vs_ddp']:.3f}", f"{r['comm_fraction']:.1%}",
               f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s_vs_ddp']:.2f}x", f"{r['val_loss']:.4f}",
               f"{r['val_loss_vs_ddp']:+.1%}"] for r in sub],
-            footer=f"faster than ddp in tokens/s at {lat:g} ms: {', '.join(faster) or 'none'}",
+            footer=f"faster than ddp in tokens/s at {where}: {', '.join(faster) or 'none'}",
         )
+
+
+# -- over a real link: two Ray nodes in network namespaces (raydrat.bench.link) --------
+
+
+def run_sync_bench_over_link(cfg: RaydratConfig, config: str, overrides: list[str], rates_mbit: list[float],
+                             latencies_ms: list[float] | None = None, json_path: str | None = None,
+                             workers: int = 2) -> list[dict]:
+    """``raydrat bench sync --link RATE[,RATE...]``: the same variants with one worker on
+    each of two Ray nodes joined by a ``tc``-limited veth pair, once per rate (Mbit/s;
+    rows gain ``link_mbit``). Per rate, this benchmark's own command runs as the driver
+    inside the head node's namespace (where it can reach the head), with
+    ``scaling.worker_resources`` placing one worker per node. Without root or network
+    namespaces it says so in one line and runs the one-node benchmark."""
+    reason = link.unavailable_reason()
+    if reason:
+        print(f"raydrat: {reason}: running the one-node benchmark instead", file=sys.stderr)
+        return run_sync_bench(cfg, latencies_ms, json_path, workers)
+    if workers != 2:
+        raise ConfigError(f"--link with --workers {workers}: the link joins two nodes, one worker each: use --workers 2")
+    rates = [link.check_rate(r) for r in rates_mbit]
+    lat = ",".join(f"{x:g}" for x in (latencies_ms or [0]))
+    rows: list[dict] = []
+    with link.TwoNodeLink(rate_mbit=rates[0], cpus_per_node=max(2.0, cfg.scaling.cpus_per_worker)) as net, \
+            tempfile.TemporaryDirectory(prefix="raydrat-sync-link-") as tmp:
+        for rate in rates:  # every rate tc refuses is refused now, not after the first runs
+            net.set_rate(rate)
+        for rate in rates:
+            net.set_rate(rate)
+            out = Path(tmp) / f"rows-{rate:g}.json"
+            sets = [*overrides, f"scaling.worker_resources={{{link.NODE_RESOURCE}: 1}}"]
+            cmd = [sys.executable, "-m", "raydrat.cli", "bench", "sync", config, *(a for o in sets for a in ("--set", o)),
+                   "--latency-ms", lat, "--workers", "2", "--json", str(out)]
+            print(f"link {rate:g} Mbit/s: running the benchmark on two nodes ...", flush=True)
+            r = net.run(cmd, capture_output=True, text=True, cwd=os.getcwd())
+            if r.returncode != 0:
+                raise RuntimeError(f"bench sync over the {rate:g} Mbit/s link failed (exit {r.returncode}):\n"
+                                   + (r.stderr or r.stdout)[-3000:])
+            rows += [{**row, "link_mbit": rate} for row in json.loads(out.read_text())]
+    print_sync_tables(cfg, rows, workers)
+    for label in dict.fromkeys(r["label"] for r in rows if r["mode"] != "ddp"):
+        won = [f"{r['link_mbit']:g}" for r in rows if r["label"] == label and r["tokens_per_s_vs_ddp"] > 1]
+        print(f"{label}: faster than ddp at {', '.join(won) + ' Mbit/s' if won else 'no link rate tried'}")
     if json_path:
-        write_json(json_path, [{k: v for k, v in r.items() if k != "checksums"} for r in rows])
+        write_json(json_path, rows)
     return rows

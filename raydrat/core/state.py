@@ -7,7 +7,8 @@ A checkpoint is one directory (under Ray Train, Ray merges what every rank repor
   policy's GradScaler) and whatever the caller passes as ``extra``;
 * ``rank{r}.pt`` (every rank): that rank's optimizer state (local-update modes keep one
   per worker), its RNG states (torch, CUDA, numpy, python) and its data position (epoch
-  and micro-batches consumed in that epoch) and its techniques' state. On resume the first
+  and micro-batches consumed in that epoch), its techniques' state, and what the caller
+  adds (the Ray adapter: ``node_ip``, the node the rank ran on). On resume the first
   ``batches`` micro-batches of that epoch are read again and discarded, so training
   continues with the next unseen batch (given the same data order: ``data.preserve_order``).
 
@@ -101,23 +102,25 @@ def training_state(model, optimizer, step: int, config: dict, techniques: dict |
 
 
 def save_checkpoint(directory: str | os.PathLike, model, optimizer, step: int, config: dict,
-                    techniques, position: DataPosition, rank: int = 0) -> None:
+                    techniques, position: DataPosition, rank: int = 0, rank_extra: dict | None = None) -> None:
     """Write this rank's part of a checkpoint into ``directory``: ``state.pt`` on rank 0,
-    ``rank{r}.pt`` on every rank (``techniques``: a :class:`~raydrat.core.techniques.Techniques`)."""
+    ``rank{r}.pt`` on every rank (``techniques``: a :class:`~raydrat.core.techniques.bundle.Techniques`;
+    ``rank_extra``: more entries for this rank's file)."""
     os.makedirs(directory, exist_ok=True)
     tech = techniques.state_dict()
     if rank == 0:
         torch.save(training_state(model, optimizer, step, config, tech), os.path.join(directory, STATE_FILE))
-    torch.save(rank_state(optimizer, position, tech), os.path.join(directory, RANK_FILE.format(rank=rank)))
+    torch.save({**rank_state(optimizer, position, tech), **(rank_extra or {})},
+               os.path.join(directory, RANK_FILE.format(rank=rank)))
 
 
 @contextmanager
-def temporary_checkpoint(model, optimizer, step: int, config: dict, techniques, position: DataPosition,
-                         rank: int = 0) -> Iterator[str]:
-    """:func:`save_checkpoint` into a temporary directory, removed on exit (for a caller
-    that hands the directory on, like ``ray.train.report``)."""
+def temporary_checkpoint(*args, **kwargs) -> Iterator[str]:
+    """:func:`save_checkpoint` (same arguments, without the directory) into a temporary
+    directory, removed on exit: for a caller that hands the directory on, like
+    ``ray.train.report``."""
     with tempfile.TemporaryDirectory(prefix="raydrat-ckpt-") as tmp:
-        save_checkpoint(tmp, model, optimizer, step, config, techniques, position, rank)
+        save_checkpoint(tmp, *args, **kwargs)
         yield tmp
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import ray.train
+import ray.util
 
 from raydrat.core import state as S
 from raydrat.core.fit import Callback, FitState
@@ -20,8 +21,9 @@ class RayReport(Callback):
         self.config = config
 
     def on_save(self, state: FitState, report: dict[str, float]) -> None:
+        where = {"node_ip": ray.util.get_node_ip_address()}  # the node this rank ran on
         with S.temporary_checkpoint(state.model, state.optimizer, state.step, self.config, state.techniques,
-                                    state.position, state.rank) as d:
+                                    state.position, state.rank, rank_extra=where) as d:
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -42,7 +44,7 @@ def restore_latest(state: FitState, run_dir: str | None, since: float) -> bool |
     controller has collected every worker's report, so a worker killed right after saving
     can leave the newest save out of its record). Returns ``None`` when there was none,
     else whether this rank's own state was in it."""
-    on_storage = latest_checkpoint(Path(run_dir), since) if run_dir else None
+    on_storage = latest_checkpoint(Path(run_dir), since, state.world_size) if run_dir else None
     restored = newest(ray.train.get_checkpoint(), on_storage)
     if restored is None:
         return None

@@ -26,3 +26,10 @@ def check_cluster_fits(cfg: RaydratConfig, use_gpu: bool, resources: dict[str, f
             f"{need_cpu:g} CPUs but {has}: lower scaling.num_workers or scaling.cpus_per_worker, or set "
             "scaling.wait_for_resources=true on an autoscaling cluster"
         )
+    for key, amount in cfg.scaling.worker_resources.items():
+        if n * amount > resources.get(key, 0.0):
+            raise ConfigError(
+                f"scaling.worker_resources.{key}={amount:g} x scaling.num_workers={n} needs {n * amount:g} "
+                f"but the Ray cluster's nodes advertise {resources.get(key, 0.0):g}: start the nodes with "
+                f"ray start --resources '{{\"{key}\": ...}}', or lower the amount"
+            )

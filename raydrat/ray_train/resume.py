@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from raydrat.config import ConfigError, RaydratConfig, flatten
+from raydrat.core.state import RANK_FILE
 
 RUN_FILE = "raydrat_run.json"
 
@@ -33,6 +34,7 @@ RESUMABLE_CHANGES = (
     "data.demo_dir",
     "scaling.cpus_per_worker",
     "scaling.wait_for_resources",
+    "scaling.worker_resources",
     "sync.latency_s",
 )
 
@@ -64,10 +66,13 @@ def read_run_record(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / RUN_FILE).read_text())
 
 
-def latest_checkpoint(run_dir: Path, since: float = 0.0) -> Path | None:
+def latest_checkpoint(run_dir: Path, since: float = 0.0, world_size: int | None = None) -> Path | None:
     """The run's newest checkpoint directory holding the model state (saved at or after the
-    wall-clock time ``since``), or None."""
+    wall-clock time ``since``) and, given ``world_size``, every rank's file (a worker killed
+    during a save can leave a directory without its own), or None."""
     ckpts = sorted(p.parent for p in run_dir.glob("checkpoint_*/state.pt") if p.stat().st_mtime >= since)
+    if world_size is not None:
+        ckpts = [d for d in ckpts if all((d / RANK_FILE.format(rank=r)).exists() for r in range(world_size))]
     return ckpts[-1] if ckpts else None
 
 

@@ -96,6 +96,7 @@ def build_trainer(
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if runtime.use_gpu:
         resources["GPU"] = 1
+    resources.update(cfg.scaling.worker_resources)
     resources.update(worker_resources or {})
     storage = str(Path(cfg.train.storage_path).resolve())
     return TorchTrainer(
