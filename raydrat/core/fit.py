@@ -161,7 +161,8 @@ def iter_fit(
             report = {**values, M.STEP: done, M.TOKENS_PER_S_AVG: thr.steady_rate(),
                       M.PEAK_BYTES: state.peak_memory.peak() or 0, M.MICRO_BATCH: state.micro.micro_batch,
                       M.TRAIN_TIME_S: state.micro.train_time_s, **state.clock.snapshot()}
-            report.setdefault(M.VAL_LOSS, float("inf"))
+            report[M.CHECKPOINT_SCORE] = report.get(M.VAL_LOSS, M.UNSCORED)
+            report.setdefault(M.VAL_LOSS, float("inf"))  # every report has the sweep metric
             state.last_report = report
             with state.clock.timing(M.CHECKPOINT_S):
                 for cb in callbacks:

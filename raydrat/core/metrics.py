@@ -57,9 +57,13 @@ CHECKPOINT_S = "time/checkpoint_s"
 LOOP_S = "time/loop_s"
 PHASES = (DATA_WAIT_S, EVAL_S, CHECKPOINT_S)
 
-# The attribute Ray Train ranks checkpoints by.
-CHECKPOINT_SCORE = VAL_LOSS
+# The attribute Ray Train ranks checkpoints by: the save's val_loss, or UNSCORED for a save
+# without evaluation (``train.checkpoint_every``). It must be finite: Ray Train writes an inf
+# score as null in its checkpoint snapshot, and a resumed controller then fails ranking saves.
+# (Ray keeps the newest checkpoint whatever its score.)
+CHECKPOINT_SCORE = "checkpoint_score"
 CHECKPOINT_ORDER = "min"
+UNSCORED = 1e30
 
 logger = logging.getLogger("raydrat")
 
