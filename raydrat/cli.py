@@ -20,10 +20,12 @@ are the only imports inside functions in raydrat.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from typing import Callable, Sequence
 
 from raydrat.config import ConfigError, load_config
+from raydrat.interrupt import Interrupted, as_interrupted
 from raydrat.core.data.errors import DataError
 from raydrat.core.exceptions import walk_exceptions
 
@@ -229,14 +231,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted_message(args: argparse.Namespace, stopped: Interrupted) -> str:
+    """What a stopped command says: for ``train``, how to resume the run (or that it
+    stopped before its first complete checkpoint and has nothing to resume)."""
+    if args.command != "train" or not stopped.run_name:
+        return f"raydrat: interrupted by {stopped.signame}"
+    again = " ".join(["raydrat", "train", shlex.quote(args.config),
+                      *(f"--set {shlex.quote(o)}" for o in args.overrides)])
+    if not stopped.resumable:
+        return (f"raydrat: interrupted by {stopped.signame} before run {stopped.run_name} saved a complete "
+                f"checkpoint: nothing to resume; start it again with: {again}")
+    return (f"raydrat: interrupted by {stopped.signame}: run {stopped.run_name} stopped (MLflow run KILLED), "
+            f"its complete checkpoints kept; resume it with:\n  {again} --resume {shlex.quote(stopped.run_name)}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except KeyboardInterrupt:
-        print("raydrat: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM during `raydrat train` (raydrat.interrupt)
+        stopped = as_interrupted(exc)
+        print(_interrupted_message(args, stopped), file=sys.stderr)
+        return stopped.exit_code
+
     except Exception as exc:  # noqa: BLE001 - turn known errors into one line
         root = _root_cause(exc)
         if isinstance(root, KNOWN_ERRORS):
