@@ -3,7 +3,9 @@
     raydrat train CONFIG [--set section.key=value ...]
     raydrat data demo [CONFIG] [--force]
     raydrat data tokenizer CONFIG --out PATH
-    raydrat data prepare CONFIG --out PATH [--endpoint-url URL]
+    raydrat data prepare CONFIG --out PATH [--endpoint-url URL] [--keep N]
+    raydrat data gc OUT [--keep N] [--dry-run]
+
     raydrat bench ingest [CONFIG] [--mb N ...] [--json PATH]
     raydrat bench overhead [CONFIG] [--json PATH]
     raydrat tune SPACE [--resume] [--json PATH]
@@ -38,9 +40,19 @@ KNOWN_ERRORS = (ConfigError, DataError, UserError)
 
 
 def _root_cause(exc: BaseException) -> BaseException:
-    """Ray wraps worker exceptions; find a known one in the chain."""
-    known = KNOWN_ERRORS
-    return next((e for e in walk_exceptions(exc) if isinstance(e, known)), exc)
+    """Ray wraps worker exceptions; find a known one in the chain (raydrat's own instance
+    first: Ray's copy of it is of a class derived from both, whose text is a traceback)."""
+    known = [e for e in walk_exceptions(exc) if isinstance(e, KNOWN_ERRORS)]
+    return next((e for e in known if type(e).__module__.startswith("raydrat")), known[0] if known else exc)
+
+
+
+def error_message(exc: BaseException) -> str:
+    """What ``raydrat: error:`` says for a known error: its message (a DataError's first
+    line: Ray may append its own text to an exception that crossed a task)."""
+    root = _root_cause(exc)
+    text = str(root)
+    return text.strip().splitlines()[0] if isinstance(root, DataError) and text.strip() else text
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -87,7 +99,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     from raydrat.ray_session import ensure_ray
 
     ensure_ray()
-    m = prepare(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, args.out, args.endpoint_url)
+    m = prepare(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, args.out, args.endpoint_url, keep=args.keep)
     c = m["counts"]
     print(f"prepared {args.out} in {m['seconds']}s: {c['docs']:,} documents "
           f"({c['empty_docs']:,} empty skipped, {c['invalid_utf8_docs']:,} with invalid UTF-8 "
@@ -95,6 +107,19 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     print(f"  train: {c['train_blocks']:,} blocks, {c['train_tokens']:,} tokens; val: "
           f"{c['val_stored_blocks']:,} blocks stored ({c['val_split_docs']:,} documents held out)")
     print(f"  train from it with: --set data.prepared={args.out}")
+    return 0
+
+
+def cmd_data_gc(args: argparse.Namespace) -> int:
+    from raydrat.core.data.prepared import collect_garbage
+    from raydrat.core.data.sources import fs_path, location_for
+
+    done = collect_garbage(location_for(args.out, args.endpoint_url), fs_path(args.out), args.keep, args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{args.out}: {verb} {len(done['removed'])} generation(s)"
+          + (f": {', '.join(done['removed'])}" if done["removed"] else ""))
+    for line in done["kept"]:
+        print(f"  kept {line}")
     return 0
 
 
@@ -188,7 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", required=True, help="output directory or s3://bucket/prefix")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for an s3:// --out")
+    p.add_argument("--keep", type=int, default=2, metavar="N",
+                   help="published generations to keep (default 2); older ones go once no running reader holds them")
     p.set_defaults(func=cmd_data_prepare)
+    p = data.add_parser("gc", help="remove prepared generations no reader can be using, and crashed prepares' shards")
+    p.add_argument("out", help="a `data prepare` output directory or s3://bucket/prefix")
+    p.add_argument("--keep", type=int, default=2, metavar="N", help="published generations to keep (default 2)")
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for an s3:// OUT")
+    p.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    p.set_defaults(func=cmd_data_gc)
 
     p = sub.add_parser("tune", help="run a Ray Tune sweep from a tune_spaces/*.yaml file")
     p.add_argument("space", help="space YAML path or shipped space name (smoke, lambda_sweep, ...)")
@@ -258,8 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - turn known errors into one line
         root = _root_cause(exc)
         if isinstance(root, KNOWN_ERRORS):
-            print(f"raydrat: error: {root}", file=sys.stderr)
+            print(f"raydrat: error: {error_message(exc)}", file=sys.stderr)
             return 2
+
         raise
 
 

@@ -4,6 +4,8 @@ from. The files themselves, their manifests and the completeness check are
 
 from __future__ import annotations
 
+import math
+import sys
 from pathlib import Path
 
 import ray.train
@@ -16,12 +18,18 @@ from raydrat.ray_train.resume import choose_checkpoint, describe_choice
 
 class RayReport(Callback):
     """At every save step, every rank writes its part of the checkpoint (its manifest last)
-    and reports it with the metrics (``ray.train.report`` is a barrier all ranks reach)."""
+    and reports it with the metrics (``ray.train.report`` is a barrier all ranks reach). A
+    save between evaluations has no validation loss: it is reported as the largest finite
+    float (the worst score), not ``inf``, which Ray Train's run snapshot stores as JSON and
+    reads back as ``None`` (its checkpoint manager then fails on resume)."""
 
     def __init__(self, config: dict):
         self.config = config
 
     def on_save(self, state: FitState, report: dict[str, float]) -> None:
+        score = report.get(M.CHECKPOINT_SCORE)
+        if score is not None and not math.isfinite(score):
+            report = {**report, M.CHECKPOINT_SCORE: sys.float_info.max if score > 0 else -sys.float_info.max}
         with S.temporary_checkpoint(state.model, state.optimizer, state.step, self.config, state.techniques,
                                     state.position, state.rank, state.world_size) as d:
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
