@@ -126,7 +126,20 @@ def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    client(uri).set_terminated(run_id, status=status)
+    if not uri_password(uri):
+        client(uri).set_terminated(run_id, status=status)
+        return
+    # MLflow prints the run's URL, password included, when a run on a server ends: not that one
+    key, saved = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", os.environ.get("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")
+    os.environ[key] = "true"
+    try:
+        client(uri).set_terminated(run_id, status=status)
+    finally:
+        if saved is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved
+
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

@@ -151,7 +151,7 @@ def test_s3_wrong_credentials(s3):
     proc, endpoint = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
     try:
         cfg = cfg_for(s3, "s3", sources=[{"path": f"s3://{BUCKET}/data/pq", "endpoint_url": endpoint}])
-        with pytest.raises(DataError, match=r"data.sources\[0\].path = 's3://corpus/data/pq'.*check the credentials"):
+        with pytest.raises(DataError, match=r"data.sources\[0\].path = 's3://corpus/data/pq'.*access was refused to the credentials used, access key id testing from AWS_ACCESS_KEY_ID"):
             build_datasets(cfg, SEQ_LEN, VOCAB)
     finally:
         proc.terminate()
@@ -224,8 +224,8 @@ def test_s3_access_denied_is_a_credentials_error_never_a_corrupt_file(s3, monkey
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
         for on_corrupt in ("error", "skip"):
             cfg = cfg_for(s3, "s3", on_corrupt=on_corrupt,
-                          sources=[{"path": f"s3://{BUCKET}/data/pq", "endpoint_url": endpoint}])
-            with pytest.raises(DataError) as info:
+                          sources=[{"path": f"s3://{BUCKET}/data/pq/*.parquet", "endpoint_url": endpoint}])
+            with pytest.raises(DataError) as info:  # the listing is allowed, reading the footer is not
                 build_datasets(cfg, SEQ_LEN, VOCAB)
             msg = str(info.value)
             assert "s3://corpus/data/pq/a.parquet" in msg and "ACCESS_DENIED" in msg, msg

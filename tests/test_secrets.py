@@ -68,7 +68,11 @@ def mlflow_server(tmp_path_factory):
             time.sleep(0.5)
     yield {"root": root, "uri": f"http://raydrat:{SECRET}@127.0.0.1:{port}"}
     os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +153,21 @@ def test_no_secret_in_the_store_artifacts_ray_results_session_logs_or_console(
     assert list(tmp_path.rglob("params.json")) and list(tmp_path.rglob("experiment_state-*.json"))
     assert list(tmp_path.rglob("state.pt")) and list(tmp_path.rglob("raydrat_run.json"))
     assert "raydrat:***@127.0.0.1" in console_text
+
+
+def test_the_run_record_keeps_no_password_and_resume_asks_for_it(tmp_path):
+    import json
+
+    from raydrat.config import ConfigError, load_config
+    from raydrat.ray_train import resume
+
+    uri = "http://ann:hunter2hunter2@127.0.0.1:5000"
+    cfg = load_config("debug", [f"train.storage_path={tmp_path}", f"tracking.tracking_uri={uri}"])
+    path = resume.write_run_record(cfg, "r", uri, "abc")
+    text = path.read_text()
+    assert "hunter2hunter2" not in text and "http://ann:***@127.0.0.1:5000" in text
+    record = json.loads(text)
+    assert resume.tracking_uri_for(record, uri) == uri  # the same server and user: the given URI
+    assert resume.config_differences(record["config"], cfg) == []  # a masked value is no difference
+    with pytest.raises(ConfigError, match=r"tracked at http://ann:\*\*\*@127.0.0.1:5000.*with its password"):
+        resume.tracking_uri_for(record, "sqlite:///mlruns.db")

@@ -20,7 +20,7 @@ from raydrat.ray_train.resume import checkpoint_dirs
 
 pytestmark = pytest.mark.slow
 
-STEPS = 120
+STEPS = 40
 RUN = "sig"
 
 

@@ -121,7 +121,8 @@ def _from_prepared(data_cfg: DataConfig, loc: Location, root: str, manifest: dic
     """train, val and lineage of a prepared directory whose manifest is ``manifest``."""
     check_manifest(manifest, f"data.prepared = {data_cfg.prepared!r}", tokenizer_sha256, seq_len)
     # while this process runs, no prepare into the same directory removes the shards it reads
-    lease = Lease.acquire(loc, root, manifest["shards"], holder=f"reader on {socket.gethostname()}")
+    lease = Lease.acquire(loc, root, manifest["shards"], holder=f"reader on {socket.gethostname()}",
+                          required=False)
     fs = filesystem(loc)
 
     def dataset(files: list[str]) -> ray.data.Dataset:

@@ -60,6 +60,8 @@ from raydrat.core.data.sources import (
 from raydrat.core.data.spec import PackSpec, make_spec
 from raydrat.core.data.split import split_rule
 from raydrat.core.data.tokenizer import tokenizer_hash
+from raydrat.core.exceptions import walk_exceptions
+
 from raydrat.ray_data.stream import pool_size, scan_sample, units_dataset
 
 log = logging.getLogger(__name__)
@@ -174,8 +176,9 @@ def _write_generation(data_cfg: DataConfig, spec: PackSpec, tok_path: Path, plan
     )
     try:
         rows = sorted(ds.take_all(), key=lambda r: r["unit_id"])
-    except OSError as exc:
-        raise describe_os_error(f"writing {out}", exc) from None
+    except OSError as exc:  # Ray's copy of a worker's error: describe the worker's own
+        cause = next((e for e in walk_exceptions(exc) if not type(e).__module__.startswith("ray")), exc)
+        raise describe_os_error(f"writing {out}", cause, out_loc) from None
     errors = [r["error"] for r in rows if r["error"]]
     if errors:
         raise DataError(errors[0])

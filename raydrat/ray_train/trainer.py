@@ -172,6 +172,8 @@ def run_training(cfg: RaydratConfig, resume_run: bool | str = False,
     from its latest checkpoint, in the same Ray Train run and MLflow run."""
     t0 = time.perf_counter()
     record = resume.prepare_resume(cfg, resume_run) if resume_run else None
+    if record is not None:  # the recorded URI has no password: the one to use, checked before any work
+        record["tracking_uri"] = resume.tracking_uri_for(record, tracking.resolve_tracking_uri(cfg.tracking))
     run_name = record["run_name"] if record is not None else resume.new_run_name(cfg)  # never reused
     runtime = resolve(cfg, gpus=expected_gpus())  # before Ray starts, when no cluster is named
     ensure_ray()
@@ -205,8 +207,7 @@ def _train(cfg: RaydratConfig, runtime: Runtime, record: dict | None, run_name: 
 
     run = Run.off()
     if record is not None:
-        uri = resume.tracking_uri_for(record, tracking.resolve_tracking_uri(cfg.tracking))
-        run = Run.attach(uri, record["mlflow_run_id"])
+        run = Run.attach(record["tracking_uri"], record["mlflow_run_id"])
         run.set_status("RUNNING")
         log.info(f"resuming run {run_name} (MLflow run {run.run_id}) from {record['checkpoint']}")
     elif cfg.tracking.enabled:
@@ -233,8 +234,8 @@ def _train(cfg: RaydratConfig, runtime: Runtime, record: dict | None, run_name: 
     finally:
         run.end(status)
 
-
     final = dict(result.metrics or {})
+
     summary = TrainingSummary(
         run_name=run_name,
         final_val_loss=final.get(M.VAL_LOSS),

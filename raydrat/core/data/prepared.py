@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 import socket
 import threading
@@ -48,6 +49,8 @@ from raydrat.core.data.sources import (
     location_for,
     uri,
 )
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 SHARDS_PREFIX = "shards-"
@@ -195,9 +198,22 @@ class Lease:
                 pass
 
     @classmethod
-    def acquire(cls, loc: Location, root: str, generation: str, holder: str = "") -> "Lease":
+    def acquire(cls, loc: Location, root: str, generation: str, holder: str = "",
+                required: bool = True) -> "Lease":
+        """Take a lease (its renewal thread starts). ``required=False`` (a reader): when the
+        lease cannot be written (read-only credentials), warn and go on without one."""
         lease = cls(loc, root, generation, holder)
-        lease._write()
+        try:
+            lease._write()
+        except OSError as exc:
+            if required:
+                raise describe_os_error(f"writing the lease {uri(loc, lease.path)}", exc, loc) from None
+            log.warning("could not write a reader lease under %s (%s): a later `raydrat data prepare` "
+                        "into it may remove generation %s while this run reads it (keep it with --keep)",
+                        uri(loc, f"{root}/{LEASES}"), str(exc).splitlines()[0] if str(exc) else exc, generation)
+            lease._stop.set()
+            return lease
+
         lease._thread = threading.Thread(target=lease._renew, name="raydrat-lease", daemon=True)
         lease._thread.start()
         atexit.register(lease.release)
