@@ -151,7 +151,8 @@ def test_s3_wrong_credentials(s3):
     proc, endpoint = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
     try:
         cfg = cfg_for(s3, "s3", sources=[{"path": f"s3://{BUCKET}/data/pq", "endpoint_url": endpoint}])
-        with pytest.raises(DataError, match=r"data.sources\[0\].path = 's3://corpus/data/pq'.*access was refused to the credentials used, access key id testing from AWS_ACCESS_KEY_ID"):
+        with pytest.raises(DataError, match=r"data.sources\[0\].path = 's3://corpus/data/pq'.*access was refused to "
+                                            r"the credentials used, access key id testing from AWS_ACCESS_KEY_ID"):
             build_datasets(cfg, SEQ_LEN, VOCAB)
     finally:
         proc.terminate()

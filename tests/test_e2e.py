@@ -120,6 +120,7 @@ def test_corrupt_page_found_mid_training_is_one_line(capsys, ray_local, tmp_path
     corrupt_data_page(f, 2)
     rc = main(
         ["train", "debug", "--set", f"data.sources=[{{path: {f.parent}}}]", "--set", "data.val_max_units=1",
+         "--set", "data.val_fraction=0.25",
          "--set", f"data.tokenizer_path={demo_dir / 'tokenizer-512.json'}", "--set", "tracking.enabled=false",
          "--set", f"train.storage_path={tmp_path / 'ray_results'}", "--set", "train.steps=40"])
     err = capsys.readouterr().err.strip()

@@ -58,7 +58,7 @@ def test_sigint_and_sigterm_stop_cleanly_and_the_run_resumes(demo_dir: Path, tmp
             "--set", "train.log_every=2", "--set", f"tracking.tracking_uri=sqlite:///{db}",
             "--set", f"tracking.run_name={RUN}"]
     run_dir = storage / RUN
-    resumed_from = []
+    resumed_from, newest = [], None
     for i, (sig, code) in enumerate(((signal.SIGINT, 130), (signal.SIGTERM, 143))):
         log = tmp_path / f"run{i}.log"
         proc = _start(args + (["--resume", RUN] if i else []), tmp_path, log)

@@ -204,7 +204,8 @@ def verify_checkpoint(directory: str | os.PathLike, checksums: bool = True) -> s
                 return f"{name} (rank {rank}) is missing"
             size = os.path.getsize(path)
             if size != want["size"]:
-                return f"{name} (rank {rank}) is {size} bytes, its manifest says {want['size']} (truncated or rewritten)"
+                return (f"{name} (rank {rank}) is {size} bytes, its manifest says {want['size']} "
+                        "(truncated or rewritten)")
             if checksums and file_sha256(path) != want["sha256"]:
                 return f"{name} (rank {rank}) does not match its manifest's sha256 (corrupted)"
     return None

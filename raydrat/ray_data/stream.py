@@ -119,7 +119,8 @@ def pack_dataset(units: list[Unit], spec: PackSpec, split: Split, actors: int,
     )
 
 
-def scan_sample(sample: ray.data.Dataset, spec: PackSpec, n_units: int, plan_skipped: int) -> tuple[DataStats, list[dict]]:
+def scan_sample(sample: ray.data.Dataset, spec: PackSpec, n_units: int,
+                plan_skipped: int) -> tuple[DataStats, list[dict]]:
     """The up-front check's counts over ``sample`` (unit rows), one task per unit, and the
     units' scan rows (weighted mixing measures its sources on them)."""
     rows = map_units(sample, _scan_batch, spec).take_all()
