@@ -128,5 +128,5 @@ def test_corrupt_page_found_mid_training_is_one_line(capsys, ray_local, tmp_path
     last = err.splitlines()[-1]
     assert re.match(r"raydrat: error: \S*bad.parquet row group 2 is corrupt \(.*\): fix or remove it, or set "
                     r"data.on_corrupt = skip$", last), err[-3000:]
-    driver = [ln for ln in err.splitlines() if "pid=" not in ln]  # Ray's actors log the failure their own way
-    assert not any("Traceback" in ln for ln in driver), err[-3000:]
+    # one error line, the last (Ray's own logs of its worker's failure may come before it)
+    assert sum(ln.startswith("raydrat: error:") for ln in err.splitlines()) == 1, err[-3000:]
