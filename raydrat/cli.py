@@ -3,7 +3,9 @@
     raydrat train CONFIG [--set section.key=value ...]
     raydrat data demo [CONFIG] [--force]
     raydrat data tokenizer CONFIG --out PATH
-    raydrat data prepare CONFIG --out PATH [--endpoint-url URL]
+    raydrat data prepare CONFIG --out PATH [--endpoint-url URL] [--keep N]
+    raydrat data gc OUT [--keep N] [--dry-run]
+
     raydrat bench ingest [CONFIG] [--mb N ...] [--json PATH]
     raydrat bench overhead [CONFIG] [--json PATH]
     raydrat tune SPACE [--resume] [--json PATH]
@@ -21,10 +23,12 @@ are the only imports inside functions in raydrat.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from typing import Callable, Sequence
 
 from raydrat.config import ConfigError, load_config
+from raydrat.interrupt import Interrupted, as_interrupted
 from raydrat.core.data.errors import DataError
 from raydrat.core.exceptions import walk_exceptions
 
@@ -37,9 +41,19 @@ KNOWN_ERRORS = (ConfigError, DataError, UserError)
 
 
 def _root_cause(exc: BaseException) -> BaseException:
-    """Ray wraps worker exceptions; find a known one in the chain."""
-    known = KNOWN_ERRORS
-    return next((e for e in walk_exceptions(exc) if isinstance(e, known)), exc)
+    """Ray wraps worker exceptions; find a known one in the chain (raydrat's own instance
+    first: Ray's copy of it is of a class derived from both, whose text is a traceback)."""
+    known = [e for e in walk_exceptions(exc) if isinstance(e, KNOWN_ERRORS)]
+    return next((e for e in known if type(e).__module__.startswith("raydrat")), known[0] if known else exc)
+
+
+
+def error_message(exc: BaseException) -> str:
+    """What ``raydrat: error:`` says for a known error: its message (a DataError's first
+    line: Ray may append its own text to an exception that crossed a task)."""
+    root = _root_cause(exc)
+    text = str(root)
+    return text.strip().splitlines()[0] if isinstance(root, DataError) and text.strip() else text
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -86,7 +100,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     from raydrat.ray_session import ensure_ray
 
     ensure_ray()
-    m = prepare(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, args.out, args.endpoint_url)
+    m = prepare(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, args.out, args.endpoint_url, keep=args.keep)
     c = m["counts"]
     print(f"prepared {args.out} in {m['seconds']}s: {c['docs']:,} documents "
           f"({c['empty_docs']:,} empty skipped, {c['invalid_utf8_docs']:,} with invalid UTF-8 "
@@ -94,6 +108,19 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     print(f"  train: {c['train_blocks']:,} blocks, {c['train_tokens']:,} tokens; val: "
           f"{c['val_stored_blocks']:,} blocks stored ({c['val_split_docs']:,} documents held out)")
     print(f"  train from it with: --set data.prepared={args.out}")
+    return 0
+
+
+def cmd_data_gc(args: argparse.Namespace) -> int:
+    from raydrat.core.data.prepared import collect_garbage
+    from raydrat.core.data.sources import fs_path, location_for
+
+    done = collect_garbage(location_for(args.out, args.endpoint_url), fs_path(args.out), args.keep, args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{args.out}: {verb} {len(done['removed'])} generation(s)"
+          + (f": {', '.join(done['removed'])}" if done["removed"] else ""))
+    for line in done["kept"]:
+        print(f"  kept {line}")
     return 0
 
 
@@ -192,7 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", required=True, help="output directory or s3://bucket/prefix")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for an s3:// --out")
+    p.add_argument("--keep", type=int, default=2, metavar="N",
+                   help="published generations to keep (default 2); older ones go once no running reader holds them")
     p.set_defaults(func=cmd_data_prepare)
+    p = data.add_parser("gc", help="remove prepared generations no reader can be using, and crashed prepares' shards")
+    p.add_argument("out", help="a `data prepare` output directory or s3://bucket/prefix")
+    p.add_argument("--keep", type=int, default=2, metavar="N", help="published generations to keep (default 2)")
+    p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for an s3:// OUT")
+    p.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    p.set_defaults(func=cmd_data_gc)
 
     p = sub.add_parser("tune", help="run a Ray Tune sweep from a tune_spaces/*.yaml file")
     p.add_argument("space", help="space YAML path or shipped space name (smoke, lambda_sweep, ...)")
@@ -238,19 +273,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupted_message(args: argparse.Namespace, stopped: Interrupted) -> str:
+    """What a stopped command says: for ``train``, how to resume the run (or that it
+    stopped before its first complete checkpoint and has nothing to resume)."""
+    if args.command != "train" or not stopped.run_name:
+        return f"raydrat: interrupted by {stopped.signame}"
+    again = " ".join(["raydrat", "train", shlex.quote(args.config),
+                      *(f"--set {shlex.quote(o)}" for o in args.overrides)])
+    if not stopped.resumable:
+        return (f"raydrat: interrupted by {stopped.signame} before run {stopped.run_name} saved a complete "
+                f"checkpoint: nothing to resume; start it again with: {again}")
+    return (f"raydrat: interrupted by {stopped.signame}: run {stopped.run_name} stopped (MLflow run KILLED), "
+            f"its complete checkpoints kept; resume it with:\n  {again} --resume {shlex.quote(stopped.run_name)}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except KeyboardInterrupt:
-        print("raydrat: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM during `raydrat train` (raydrat.interrupt)
+        stopped = as_interrupted(exc)
+        print(_interrupted_message(args, stopped), file=sys.stderr)
+        return stopped.exit_code
+
     except Exception as exc:  # noqa: BLE001 - turn known errors into one line
         root = _root_cause(exc)
         if isinstance(root, KNOWN_ERRORS):
-            print(f"raydrat: error: {root}", file=sys.stderr)
+            print(f"raydrat: error: {error_message(exc)}", file=sys.stderr)
             return 2
+
         raise
 
 

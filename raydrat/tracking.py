@@ -25,6 +25,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from raydrat.config.tracking import TrackingConfig
+from raydrat.redact import redact, redact_uri, register, uri_password
 
 DEFAULT_DB = "mlruns.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -33,11 +34,14 @@ MAX_PARAM_LEN = 6000
 
 def resolve_tracking_uri(cfg: TrackingConfig, workdir: str | Path | None = None) -> str:
     """The tracking URI to use: config, then ``$MLFLOW_TRACKING_URI``, then the embedded
-    SQLite file (made absolute so Ray workers with another cwd write to the same store)."""
+    SQLite file (made absolute so Ray workers with another cwd write to the same store).
+    A password in the URI is registered as a secret (:mod:`raydrat.redact`)."""
     if cfg.tracking_uri:
+        register(uri_password(cfg.tracking_uri))
         return cfg.tracking_uri
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
+        register(uri_password(env))
         return env
     base = Path(workdir or os.getcwd()).resolve()
     return f"sqlite:///{base / DEFAULT_DB}"
@@ -48,12 +52,12 @@ def is_embedded(uri: str) -> bool:
 
 
 def ui_command(uri: str) -> str:
-    """The exact command that browses this store."""
+    """The exact command that browses this store (never with its password)."""
     if is_embedded(uri):
         db = uri.removeprefix("sqlite:///")
         exe = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
         return f"{exe} ui --backend-store-uri sqlite:///{db} --port 5000"
-    return f"open {uri} in a browser"
+    return f"open {redact_uri(uri)} in a browser"
 
 
 def client(uri: str) -> MlflowClient:
@@ -103,7 +107,7 @@ def log_params(uri: str, run_id: str, params: Mapping[str, Any]) -> None:
 
 def _param_value(value: Any) -> str:
     text = "None" if value is None else str(value)
-    return text[:MAX_PARAM_LEN]
+    return redact(text)[:MAX_PARAM_LEN]
 
 
 def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
@@ -118,11 +122,24 @@ def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: str | N
 
 
 def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
-    client(uri).log_text(run_id, text, artifact_file)
+    client(uri).log_text(run_id, redact(text), artifact_file)
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    client(uri).set_terminated(run_id, status=status)
+    if not uri_password(uri):
+        client(uri).set_terminated(run_id, status=status)
+        return
+    # MLflow prints the run's URL, password included, when a run on a server ends: not that one
+    key, saved = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", os.environ.get("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")
+    os.environ[key] = "true"
+    try:
+        client(uri).set_terminated(run_id, status=status)
+    finally:
+        if saved is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved
+
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -176,7 +193,8 @@ class Run:
 
     def set_tag(self, key: str, value: str) -> None:
         if self:
-            client(self.uri).set_tag(self.run_id, key, value)
+            client(self.uri).set_tag(self.run_id, key, redact(str(value)))
+
 
     def set_status(self, status: str) -> None:
         """``RUNNING`` again (a resumed run)."""

@@ -47,3 +47,17 @@ class KillAt(Callback):
         if state.step == self.step and state.rank == self.rank and not state.restored:
             time.sleep(1.0)
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def corrupt_data_page(path, row_group: int) -> None:
+    """Overwrite the middle of ``row_group``'s first column chunk of a parquet file with
+    garbage, leaving the footer (and so the metadata every reader plans from) valid, as a
+    bad disk sector or a torn copy would. Write the file uncompressed, without dictionary
+    pages and with page checksums for the damage to land in a data page's values."""
+    import pyarrow.parquet as pq  # inside: this module travels to Ray workers by value
+
+    col = pq.ParquetFile(path).metadata.row_group(row_group).column(0)
+    start = col.data_page_offset + col.total_compressed_size // 2
+    with open(path, "r+b") as f:
+        f.seek(start)
+        f.write(b"\xff" * 16)

@@ -5,8 +5,10 @@ reproducible. Most tests use a small synthetic corpus; Ray starts once for the m
 from __future__ import annotations
 
 import gzip
+import json
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -482,3 +484,152 @@ def test_prepare_command_prints_the_counts(corpus, tmp_path, capsys):
     docs = [d for d in corpus["docs"] if d]
     assert f"{len(docs):,} documents ({len(corpus['docs']) - len(docs)} empty skipped" in out
     assert f"data.prepared={tmp_path / 'p'}" in out
+
+
+# --------------------------------------------------------------------------------------
+# reader failures are one line; formats inferred; NUL counted; mixing met in tokens
+# --------------------------------------------------------------------------------------
+
+
+def write_checked_parquet(path: Path, docs: list, row_group_size: int) -> Path:
+    """Uncompressed, no dictionary, page checksums: damage to a data page is detectable."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"text": pa.array(docs, pa.string())}), path, row_group_size=row_group_size,
+                   compression="none", use_dictionary=False, write_page_checksum=True)
+    return path
+
+
+def test_corrupt_data_page_is_named_with_its_row_group_and_honours_on_corrupt(corpus, tmp_path):
+    from faults import corrupt_data_page
+    from raydrat.cli import error_message
+
+    docs = [d for d in corpus["docs"] if d]
+    bad = write_checked_parquet(tmp_path / "c" / "bad.parquet", docs[:180], row_group_size=60)
+    corrupt_data_page(bad, 2)  # the footer stays valid: the plan sees three good row groups
+    # val_max_units=1: the check reads unit 0 only, the damage is found while streaming
+    cfg = data_cfg(corpus, bad.parent, val_max_units=1)
+    want = r"bad.parquet row group 2 is corrupt \(.*CRC.*\): fix or remove it, or set data.on_corrupt = skip"
+    with pytest.raises(DataError, match=want):
+        list(iter_blocks_local(cfg, SEQ_LEN, VOCAB, "train"))
+    bundle = build_datasets(cfg, SEQ_LEN, VOCAB)
+    with pytest.raises(Exception) as info:  # on Ray: what the CLI prints is the same one line
+        bundle.train.take_all()
+    assert re.fullmatch(f".*{want}", error_message(info.value)), error_message(info.value)[:3000]
+
+    skip = data_cfg(corpus, bad.parent, val_max_units=1, on_corrupt="skip")
+    rows = build_datasets(skip, SEQ_LEN, VOCAB).train.take_all()
+    local = list(iter_blocks_local(skip, SEQ_LEN, VOCAB, "train"))
+    assert as_multiset(r["tokens"] for r in rows) == as_multiset(local) and local
+    good = write_checked_parquet(tmp_path / "g" / "good.parquet", docs[:120], row_group_size=60)
+    assert as_multiset(local) == as_multiset(iter_blocks_local(data_cfg(corpus, good.parent, val_max_units=1),
+                                                               SEQ_LEN, VOCAB, "train"))
+
+    out = tmp_path / "prepared"  # prepare: one line, and nothing half-written
+    with pytest.raises(DataError, match=r"row group 2 is corrupt"):
+        prep.prepare(cfg, SEQ_LEN, VOCAB, str(out))
+    assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_text_sources_without_a_format_are_read_as_text(corpus, tmp_path):
+    docs = [d for d in corpus["docs"][:60] if d]
+    d = tmp_path / "txt"
+    d.mkdir()
+    for i, doc in enumerate(docs):
+        if i % 2:
+            (d / f"{i:03d}.txt.gz").write_bytes(gzip.compress(doc.encode()))
+        else:
+            (d / f"{i:03d}.txt").write_text(doc)
+    explicit = data_cfg(corpus, sources=[{"path": str(d), "format": "text"}])
+    want = as_multiset(iter_blocks_local(explicit, SEQ_LEN, VOCAB, "train"))
+    for path in (d, d / "*.txt*"):
+        inferred = data_cfg(corpus, sources=[{"path": str(path)}])
+        assert as_multiset(iter_blocks_local(inferred, SEQ_LEN, VOCAB, "train")) == want
+    one = data_cfg(corpus, sources=[{"path": str(d / "001.txt.gz")}])
+    assert plan_units(one)[0].format == "text"
+    assert plan_units(data_cfg(corpus))[0].format == "parquet"  # a directory of parquet files
+    forced = data_cfg(corpus, sources=[{"path": str(d / "000.txt"), "format": "parquet"}])
+    with pytest.raises(DataError, match=r"000.txt is not a readable parquet file .*set data.sources\[0\].format: text"):
+        plan_units(forced)
+
+
+def test_nul_bytes_are_replaced_and_counted_like_invalid_utf8(corpus, tmp_path):
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "nul.txt").write_bytes(b"binary\x00junk " * 20)
+    (tmp_path / "t" / "ok.txt").write_text("plain words " * 20)
+    cfg = data_cfg(corpus, sources=[{"path": str(tmp_path / "t")}])
+    docs, counts = read_unit(plan_units(cfg)[0], make_spec(cfg, SEQ_LEN, VOCAB)[0])
+    assert counts["invalid_utf8_docs"] == 1 and counts["docs"] == 2
+    assert not any("\x00" in t for t in docs["train"] + docs["val"])
+    assert any("binary\ufffdjunk" in t for t in docs["train"] + docs["val"])
+    write_parquet(tmp_path / "p" / "nul.parquet", ["a\x00b " * 30, "clean text " * 30, None])
+    pcfg = data_cfg(corpus, sources=[{"path": str(tmp_path / "p")}])
+    docs, counts = read_unit(plan_units(pcfg)[0], make_spec(pcfg, SEQ_LEN, VOCAB)[0])
+    assert counts["invalid_utf8_docs"] == 1 and counts["docs"] == 2 and counts["empty_docs"] == 1
+
+
+def test_weighted_mixing_is_met_in_tokens_whatever_the_parquet_encoding(corpus, tmp_path):
+    """Source A repeats 30 documents 25 times (its dictionary-encoded column stores each
+    once), source B holds 750 distinct ones of the same length; weights 1:1 must give each
+    about half of the training tokens, on Ray and locally."""
+    from raydrat.core.data.blocks import plan_local, unit_blocks
+    from raydrat.core.data.plan import plan_corpus
+
+    rng = random.Random(11)
+    distinct = [" ".join(rng.choices(WORDS, k=30)) for _ in range(30)]
+    write_parquet(tmp_path / "a" / "a.parquet", distinct * 25, row_group_size=150)  # pyarrow's default: dictionary
+    write_parquet(tmp_path / "b" / "b.parquet", [" ".join(rng.choices(WORDS, k=30)) for _ in range(750)],
+                  row_group_size=150)
+    cfg = data_cfg(corpus, sources=[{"path": str(tmp_path / "a"), "weight": 1.0},
+                                    {"path": str(tmp_path / "b"), "weight": 1.0}])
+    footers = plan_corpus(cfg).source_bytes
+    assert footers[1] > 4 * footers[0]  # the metadata says A is a small fraction of B: the old trap
+    spec = make_spec(cfg, SEQ_LEN, VOCAB)[0]
+    plan = plan_local(cfg, spec)
+    tokens = [0, 0]
+    for unit in plan.units:
+        for _, blocks in unit_blocks(unit, spec, "train"):
+            tokens[unit.source] += blocks.size
+    assert abs(tokens[0] / sum(tokens) - 0.5) < 0.05, tokens
+    source_of = {u.unit_id: u.source for u in plan.units}
+    rows = build_datasets(cfg, SEQ_LEN, VOCAB).train.take_all()
+    share_a = sum(1 for r in rows if source_of[r["block_id"] >> 32] == 0) / len(rows)
+    assert abs(share_a - 0.5) < 0.05, share_a
+
+
+def test_prepare_keeps_generations_a_reader_holds_and_cleans_crashed_prefixes(corpus, tmp_path):
+    """A run that opened a prepared directory reads it to the end while later prepares
+    publish new generations; old ones go once no reader holds them; what a killed prepare
+    left is removed by the next one."""
+    from raydrat.cli import main
+    from raydrat.core.data.prepared import Lease
+    from raydrat.core.data.sources import location_for
+
+    cfg = data_cfg(corpus)
+    out = tmp_path / "prepared"
+    first = prep.prepare(cfg, SEQ_LEN, VOCAB, str(out), keep=1)
+    reader = build_datasets(cfg.model_copy(update={"prepared": str(out)}), SEQ_LEN, VOCAB)  # holds a lease
+    second = prep.prepare(cfg, SEQ_LEN, VOCAB, str(out), keep=1)
+    third = prep.prepare(cfg, SEQ_LEN, VOCAB, str(out), keep=1)
+    # the reader's generation survived two prepares with keep=1; the unread middle one did not
+    assert as_multiset(r["tokens"] for r in reader.train.take_all()) == as_multiset(
+        prepared.iter_prepared_blocks(str(out), "train"))
+    assert (out / first["shards"]).is_dir() and not (out / second["shards"]).exists()
+    assert prepared.read_manifest(str(out))["published"] == [third["shards"]]
+
+    # a prepare killed mid-way: its shards and its lease (its process is gone) stay behind
+    crashed = out / "shards-20260101-000000-deadbeef"
+    shutil.copytree(out / third["shards"], crashed)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lease = Lease(location_for(str(out)), str(out), crashed.name, "a killed prepare")
+    lease._write()
+    record = json.loads(Path(lease.path).read_text())
+    Path(lease.path).write_text(json.dumps({**record, "pid": int(dead.stdout)}))
+
+    reader.release()
+    fourth = prep.prepare(cfg, SEQ_LEN, VOCAB, str(out), keep=2)  # cleans up before and after it writes
+    left = sorted(p.name for p in out.glob("shards-*"))
+    assert left == sorted([third["shards"], fourth["shards"]]), left
+    assert not (out / "leases").exists()  # every lease released, the dead one removed
+    # `raydrat data gc` keeps only what is asked for
+    assert main(["data", "gc", str(out), "--keep", "1"]) == 0
+    assert sorted(p.name for p in out.glob("shards-*")) == [fourth["shards"]]

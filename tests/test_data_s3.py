@@ -151,7 +151,8 @@ def test_s3_wrong_credentials(s3):
     proc, endpoint = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
     try:
         cfg = cfg_for(s3, "s3", sources=[{"path": f"s3://{BUCKET}/data/pq", "endpoint_url": endpoint}])
-        with pytest.raises(DataError, match=r"data.sources\[0\].path = 's3://corpus/data/pq'.*check the credentials"):
+        with pytest.raises(DataError, match=r"data.sources\[0\].path = 's3://corpus/data/pq'.*access was refused to "
+                                            r"the credentials used, access key id testing from AWS_ACCESS_KEY_ID"):
             build_datasets(cfg, SEQ_LEN, VOCAB)
     finally:
         proc.terminate()
@@ -203,3 +204,51 @@ def test_prepare_to_s3_round_trip_and_train(s3, tmp_path):
     incomplete = cfg.data.model_copy(update={"prepared": f"s3://{BUCKET}/prepared/none"})
     with pytest.raises(DataError, match=r"manifest.json not found.*incomplete"):
         build_datasets(incomplete, SEQ_LEN, VOCAB)
+
+
+def test_s3_access_denied_is_a_credentials_error_never_a_corrupt_file(s3, monkeypatch):
+    """A moto server that enforces IAM: the user may list the bucket but not read objects.
+    Whatever data.on_corrupt says, the run stops with a credentials error that names the
+    access key used, never its secret, and never calls the file corrupt."""
+    # the first 5 requests are unauthenticated (the set-up below), IAM is enforced after them
+    proc, endpoint = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "5"})
+    try:
+        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        client.create_bucket(Bucket=BUCKET)
+        client.upload_file(str(s3["local"] / "pq" / "a.parquet"), BUCKET, "data/pq/a.parquet")
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1")
+        iam.create_user(UserName="lister")
+        iam.put_user_policy(UserName="lister", PolicyName="list-only", PolicyDocument=json.dumps({
+            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="lister")["AccessKey"]
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        for on_corrupt in ("error", "skip"):
+            cfg = cfg_for(s3, "s3", on_corrupt=on_corrupt,
+                          sources=[{"path": f"s3://{BUCKET}/data/pq/*.parquet", "endpoint_url": endpoint}])
+            with pytest.raises(DataError) as info:  # the listing is allowed, reading the footer is not
+                build_datasets(cfg, SEQ_LEN, VOCAB)
+            msg = str(info.value)
+            assert "s3://corpus/data/pq/a.parquet" in msg and "ACCESS_DENIED" in msg, msg
+            shown = f"{key['AccessKeyId'][:4]}…{key['AccessKeyId'][-4:]}"
+            assert f"access key id {shown} from AWS_ACCESS_KEY_ID" in msg, msg
+            assert "not a corrupt file" in msg and "not a readable parquet" not in msg, msg
+            assert key["SecretAccessKey"] not in msg
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_prepare_checks_its_output_location_before_any_work(s3, tmp_path):
+    """--out in a bucket that does not exist fails first: the sources (which do not exist
+    either) are never looked at, nothing is written."""
+    cfg = cfg_for(s3, "local", sources=[{"path": str(tmp_path / "no-corpus")}])
+    with pytest.raises(DataError, match=r"--out s3://no-such-bucket/prepared: bucket 'no-such-bucket' does not exist"):
+        prepare(cfg, SEQ_LEN, VOCAB, "s3://no-such-bucket/prepared", s3["endpoint"])
+    names = {b["Name"] for b in s3["client"].list_buckets()["Buckets"]}
+    assert names == {BUCKET}
+    # the same order locally: an --out that cannot be created is named before the sources
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(DataError, match=r"--out .*a-file/prepared: cannot write"):
+        prepare(cfg, SEQ_LEN, VOCAB, str(blocker / "prepared"))

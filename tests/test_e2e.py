@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -99,3 +100,33 @@ def test_bad_input_config_not_a_mapping(capsys, tmp_path: Path):
     p = tmp_path / "list.yaml"
     p.write_text("- model\n- data\n")
     _expect_one_line_error(capsys, ["train", str(p)], "list.yaml", "mapping")
+
+
+def test_corrupt_page_found_mid_training_is_one_line(capsys, ray_local, tmp_path: Path, demo_dir: Path):
+    """A parquet row group whose data page is damaged (valid footer) and that the up-front
+    check does not read (data.val_max_units=1): found while training, it ends the run with
+    one line naming the file and the row group, not a Ray traceback."""
+    import random
+
+    from faults import corrupt_data_page
+
+    rng = random.Random(5)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    docs = [" ".join(rng.choices(words, k=60)) for _ in range(120)]
+    f = tmp_path / "c" / "bad.parquet"
+    f.parent.mkdir()
+    pq.write_table(pa.table({"text": docs}), f, row_group_size=40, compression="none", use_dictionary=False,
+                   write_page_checksum=True)
+    corrupt_data_page(f, 2)
+    rc = main(
+        ["train", "debug", "--set", f"data.sources=[{{path: {f.parent}}}]", "--set", "data.val_max_units=1",
+         "--set", "data.val_fraction=0.25",
+         "--set", f"data.tokenizer_path={demo_dir / 'tokenizer-512.json'}", "--set", "tracking.enabled=false",
+         "--set", f"train.storage_path={tmp_path / 'ray_results'}", "--set", "train.steps=40"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err[-3000:]
+    last = err.splitlines()[-1]
+    assert re.match(r"raydrat: error: \S*bad.parquet row group 2 is corrupt \(.*\): fix or remove it, or set "
+                    r"data.on_corrupt = skip$", last), err[-3000:]
+    # one error line, the last (Ray's own logs of its worker's failure may come before it)
+    assert sum(ln.startswith("raydrat: error:") for ln in err.splitlines()) == 1, err[-3000:]

@@ -14,8 +14,7 @@ from faults import KillAt
 from raydrat.cli import main
 from raydrat.config import load_config
 from raydrat.core.techniques.slots import SlotSchedule
-from raydrat.ray_train.checkpoints import newest
-from raydrat.ray_train.resume import write_run_record
+from raydrat.ray_train.resume import choose_checkpoint, write_run_record
 from raydrat.ray_train.trainer import run_training
 
 pytestmark = pytest.mark.slow
@@ -105,9 +104,16 @@ def test_resume_errors_name_the_problem(runs, capsys, demo_dir):
            "optim.lr: 0.003 -> 0.01", "train.seed: 1337 -> 1")
     expect([*base, "--set", "name=never-ran", "--resume"], "no run of config name 'never-ran'")
     write_run_record(_cfg(demo_dir, tmp / "rr", db, "name=early"), "early-1", None, None)
-    expect([*base, "--set", "name=early", "--resume"], "no checkpoint", "early-1")
-    expect([*base, "--set", "scaling.num_workers=9"], "scaling.num_workers=9", "needs 4.5 CPUs",
+    expect([*base, "--set", "name=early", "--resume"], "no complete checkpoint", "early-1")
+    expect([*base, "--set", "scaling.num_workers=9"], "scaling.num_workers=9", "needs 5.5 CPUs",
            "the Ray cluster has 2 CPUs and 0 GPUs")
+    # every CPU for the workers leaves none for the data stream: refused, not left hanging
+    expect([*base, "--set", "scaling.num_workers=2", "--set", "scaling.cpus_per_worker=1"],
+           "plus 1 for the training data stream", "needs 3 CPUs but the Ray cluster has 2 CPUs",
+           "set scaling.cpus_per_worker=0.5")
+    # a used run name is never continued by a new run
+    expect([*base, "--set", "name=resumable", "--set", f"tracking.run_name={runs['resumed'].run_name}"],
+           f"run name {runs['resumed'].run_name!r} is already used", f"--resume {runs['resumed'].run_name}")
     # nothing was written by the refused commands (beyond the record made above)
     assert sorted(p.name for p in (tmp / "rr").iterdir()) == sorted([*before, "early-1"])
 
@@ -126,14 +132,16 @@ def test_killed_worker_is_replaced_and_run_completes(ray_local, demo_dir, tmp_pa
 
 def test_resume_starts_from_the_newer_of_ray_trains_record_and_the_latest_directory(tmp_path):
     """A run killed right after a save: Ray Train's record may end one checkpoint earlier
-    than storage (or hold none); --resume starts from the newest save either way."""
-    import ray.train
+    than storage (or hold none); a retry after a later save may get Ray Train's newer one
+    only; --resume starts from the newest complete save either way."""
+    from test_checkpoints import _save
 
     old, new = (tmp_path / "checkpoint_2026-11-23_13-08-53.453148"), (tmp_path / "checkpoint_2026-11-23_13-09-54.818146")
-    for d in (old, new):
-        d.mkdir()
-    assert newest(None, None) is None
-    assert newest(None, new).path == str(new)
-    assert newest(ray.train.Checkpoint(str(old)), new).path == str(new)
-    assert newest(ray.train.Checkpoint(str(new)), old).path == str(new)  # a retry after a later save
-    assert newest(ray.train.Checkpoint(str(old)), None).path == str(old)
+    assert choose_checkpoint(tmp_path) == (None, [])
+    _save(old, 5)
+    assert choose_checkpoint(tmp_path, also=(str(old),))[0] == old  # Ray's record only
+    _save(new, 10)
+    assert choose_checkpoint(tmp_path, also=(str(old),))[0] == new  # storage is newer than Ray's record
+    late = tmp_path.parent / "elsewhere" / "checkpoint_2026-11-23_13-10-55.000000"
+    _save(late, 15)
+    assert choose_checkpoint(tmp_path, also=(str(late),))[0] == late  # Ray's record is newer

@@ -35,8 +35,8 @@ from raydrat.bench.link import (
     unavailable_reason,
 )
 from raydrat.config import ConfigError, load_config
+from raydrat.core.state import verify_checkpoint
 from raydrat.ray_train.fits import check_cluster_fits
-from raydrat.ray_train.resume import latest_checkpoint
 
 STEPS, EVERY, RATE_MBIT = 24, 6, 100
 
@@ -108,19 +108,6 @@ def test_worker_resources_are_checked_against_the_cluster():
             load_config("debug", [f"scaling.worker_resources={bad}"])
 
 
-def test_latest_checkpoint_skips_a_save_missing_a_ranks_file(tmp_path):
-    """A worker killed during a save can leave a directory with rank 0's files only: a
-    worker group of that size starts from the newest save every rank finished."""
-    older, newer = tmp_path / "checkpoint_2026-12-01_08-00-00.000001", tmp_path / "checkpoint_2026-12-01_08-00-09.000001"
-    for d, files in ((older, ("state.pt", "rank0.pt", "rank1.pt")), (newer, ("state.pt", "rank0.pt"))):
-        d.mkdir()
-        for f in files:
-            (d / f).write_bytes(b"x")
-    assert latest_checkpoint(tmp_path) == newer  # --resume only needs some checkpoint
-    assert latest_checkpoint(tmp_path, world_size=2) == older
-    assert latest_checkpoint(tmp_path, world_size=1) == newer
-
-
 # -- the two-node run ------------------------------------------------------------------
 
 
@@ -148,7 +135,7 @@ class Checkpoints:
     def complete(self) -> dict[int, dict]:
         out = {}
         for d in sorted(self.store.glob("*/checkpoint_*")):
-            if d not in self.loaded and all((d / f).exists() for f in ("state.pt", "rank0.pt", "rank1.pt")):
+            if d not in self.loaded and verify_checkpoint(d) is None:
                 try:
                     self.loaded[d] = {"step": torch.load(d / "state.pt", weights_only=False)["step"],
                                       "ranks": [torch.load(d / f"rank{r}.pt", weights_only=False) for r in (0, 1)]}

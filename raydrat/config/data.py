@@ -14,9 +14,12 @@ class SourceConfig(Section):
     """A file, a directory, a glob, an ``s3://bucket/prefix`` URI (a key, a prefix or a
     glob), or ``demo`` for the embedded corpus (built on first use from the running
     interpreter's standard library)."""
-    format: Literal["parquet", "text"] = "parquet"
+    format: Literal["parquet", "text"] | None = None
     """``parquet``: one document per row of ``text_column``. ``text``: plain text files
-    (``.gz`` decompressed), split into documents by ``text_mode``."""
+    (``.gz`` decompressed), split into documents by ``text_mode``. ``None``: from the file
+    names: a ``.parquet`` file is parquet, any other file is text; a directory, prefix or glob
+    is parquet when it holds ``.parquet`` files, else text."""
+
     text_column: str = "text"
     """Column holding the document text (parquet only); other columns are ignored."""
     text_mode: Literal["file", "line"] = "file"

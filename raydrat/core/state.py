@@ -13,12 +13,23 @@ A checkpoint is one directory (under Ray Train, Ray merges what every rank repor
   continues with the next unseen batch (given the same data order: ``data.preserve_order``).
 
 The scheduler has no state of its own: the learning rate is a function of the step.
+
+A checkpoint counts only when it is complete. Each rank writes its files first and then,
+last, ``manifest-rank{r}.json``: the world size, the step, and every file it wrote with its
+size and sha256. :func:`verify_checkpoint` accepts a directory only when every rank's
+manifest is there and every listed file has its size and checksum, and says why otherwise
+(a save cut off by a kill or a signal, a truncated or missing file);
+:func:`newest_complete` picks the newest complete one of several and says why the newer
+ones were skipped.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
+import re
 import tempfile
 from dataclasses import asdict, dataclass
 from contextlib import contextmanager
@@ -29,6 +40,9 @@ import torch
 
 STATE_FILE = "state.pt"
 RANK_FILE = "rank{rank}.pt"
+MANIFEST_FILE = "manifest-rank{rank}.json"
+MANIFEST_FORMAT = 1
+_MANIFEST_RE = re.compile(r"manifest-rank(\d+)\.json$")
 
 
 @dataclass
@@ -102,16 +116,20 @@ def training_state(model, optimizer, step: int, config: dict, techniques: dict |
 
 
 def save_checkpoint(directory: str | os.PathLike, model, optimizer, step: int, config: dict,
-                    techniques, position: DataPosition, rank: int = 0, rank_extra: dict | None = None) -> None:
+                    techniques, position: DataPosition, rank: int = 0, world_size: int = 1,
+                    rank_extra: dict | None = None) -> None:
     """Write this rank's part of a checkpoint into ``directory``: ``state.pt`` on rank 0,
     ``rank{r}.pt`` on every rank (``techniques``: a :class:`~raydrat.core.techniques.bundle.Techniques`;
-    ``rank_extra``: more entries for this rank's file)."""
+    ``rank_extra``: more entries for this rank's file), then, last, this rank's manifest
+    (:func:`write_manifest`)."""
     os.makedirs(directory, exist_ok=True)
     tech = techniques.state_dict()
+    files = [RANK_FILE.format(rank=rank)]
     if rank == 0:
         torch.save(training_state(model, optimizer, step, config, tech), os.path.join(directory, STATE_FILE))
-    torch.save({**rank_state(optimizer, position, tech), **(rank_extra or {})},
-               os.path.join(directory, RANK_FILE.format(rank=rank)))
+        files.insert(0, STATE_FILE)
+    torch.save({**rank_state(optimizer, position, tech), **(rank_extra or {})}, os.path.join(directory, files[-1]))
+    write_manifest(directory, rank, world_size, step, files)
 
 
 @contextmanager
@@ -122,6 +140,100 @@ def temporary_checkpoint(*args, **kwargs) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="raydrat-ckpt-") as tmp:
         save_checkpoint(tmp, *args, **kwargs)
         yield tmp
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: str | os.PathLike, rank: int, world_size: int, step: int,
+                   files: list[str]) -> str:
+    """This rank's ``manifest-rank{r}.json``, written last and atomically (temporary file,
+    then rename): the files just written, each with its size and sha256."""
+    entries = {}
+    for name in files:
+        path = os.path.join(directory, name)
+        entries[name] = {"size": os.path.getsize(path), "sha256": file_sha256(path)}
+    manifest = {"format": MANIFEST_FORMAT, "rank": rank, "world_size": world_size, "step": step,
+                "files": entries}
+    final = os.path.join(directory, MANIFEST_FILE.format(rank=rank))
+    tmp = f"{final}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(tmp, final)
+    return final
+
+
+def verify_checkpoint(directory: str | os.PathLike, checksums: bool = True) -> str | None:
+    """``None`` when the checkpoint in ``directory`` is complete, else why it is not: no
+    manifest, a rank's manifest missing, a listed file missing, of the wrong size or (with
+    ``checksums``) of the wrong sha256."""
+    directory = str(directory)
+    try:
+        names = os.listdir(directory)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    manifests = {}
+    for name in names:
+        m = _MANIFEST_RE.match(name)
+        if m:
+            try:
+                with open(os.path.join(directory, name)) as f:
+                    manifests[int(m.group(1))] = json.load(f)
+            except (OSError, ValueError) as exc:
+                return f"{name} is unreadable ({exc})"
+    if not manifests:
+        return ("no manifest: the save was cut off before it finished (or the checkpoint "
+                "predates checkpoint manifests)")
+    world = {m.get("world_size") for m in manifests.values()}
+    steps = {m.get("step") for m in manifests.values()}
+    if len(world) != 1 or len(steps) != 1:
+        return f"the ranks' manifests disagree (world sizes {sorted(world)}, steps {sorted(steps)})"
+    (world_size,) = world
+    missing = [r for r in range(int(world_size)) if r not in manifests]
+    if missing:
+        return (f"the manifest of rank(s) {', '.join(map(str, missing))} of {world_size} is missing "
+                "(that rank's save did not finish)")
+    if STATE_FILE not in manifests[0].get("files", {}):
+        return f"rank 0's manifest does not list {STATE_FILE}"
+    for rank in sorted(manifests):
+        for name, want in manifests[rank]["files"].items():
+            path = os.path.join(directory, name)
+            if not os.path.exists(path):
+                return f"{name} (rank {rank}) is missing"
+            size = os.path.getsize(path)
+            if size != want["size"]:
+                return (f"{name} (rank {rank}) is {size} bytes, its manifest says {want['size']} "
+                        "(truncated or rewritten)")
+            if checksums and file_sha256(path) != want["sha256"]:
+                return f"{name} (rank {rank}) does not match its manifest's sha256 (corrupted)"
+    return None
+
+
+def checkpoint_step(directory: str | os.PathLike) -> int | None:
+    """The step of a complete-looking checkpoint, from rank 0's manifest (``None``: none)."""
+    try:
+        with open(os.path.join(directory, MANIFEST_FILE.format(rank=0))) as f:
+            return int(json.load(f)["step"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def newest_complete(directories, checksums: bool = True) -> tuple[str | None, list[tuple[str, str]]]:
+    """Of ``directories`` (checkpoint directories whose names sort by save time), the
+    newest complete one, and ``(directory, reason)`` for each newer one skipped."""
+    skipped: list[tuple[str, str]] = []
+    for d in sorted({str(d) for d in directories}, key=lambda p: os.path.basename(p), reverse=True):
+        reason = verify_checkpoint(d, checksums)
+        if reason is None:
+            return d, skipped
+        skipped.append((d, reason))
+    return None, skipped
+
 
 
 def load_state(directory: str) -> dict[str, Any]:

@@ -28,6 +28,15 @@ class DatasetBundle:
     counter: object = None
     """The :class:`~raydrat.ray_data.stream.DataCounter` of the streaming train split
     (``None`` for prepared data)."""
+    lease: object = None
+    """Prepared data: the :class:`~raydrat.core.data.prepared.Lease` on the generation read
+    (held until :meth:`release` or the process exits)."""
+
+    def release(self) -> None:
+        """Let a later prepare remove the prepared generation this bundle reads."""
+        if self.lease is not None:
+            self.lease.release()
+
 
     def epoch_metrics(self) -> list[dict[str, float]]:
         """Per completed epoch of the train stream: documents read, training documents,

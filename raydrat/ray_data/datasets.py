@@ -15,6 +15,7 @@ tokenizer and ``model.seq_len``; train and val read its shards."""
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import asdict
 
 import ray
@@ -22,8 +23,9 @@ import ray
 from raydrat.config import DataConfig
 from raydrat.core.data.check import check_stats
 from raydrat.core.data.errors import DataError
+from raydrat.core.data.mixing import with_measured_rates
 from raydrat.core.data.plan import plan_corpus, sample_units
-from raydrat.core.data.prepared import check_manifest, read_manifest_at, table_blocks
+from raydrat.core.data.prepared import Lease, check_manifest, read_manifest_at, table_blocks
 from raydrat.core.data.sources import Location, filesystem, fs_path, location_for, uri
 from raydrat.core.data.spec import PackSpec, make_spec
 from raydrat.core.data.split import split_rule
@@ -76,8 +78,9 @@ def _from_sources(data_cfg: DataConfig, spec: PackSpec, tokenizer_sha256: str, s
             "it holds no documents; point data.sources at some text"
         )
     sample = units_dataset(sample_units(plan.units, data_cfg.val_max_units))
-    stats = scan_sample(sample, spec, len(plan.units), len(plan.skipped_files))
+    stats, scans = scan_sample(sample, spec, len(plan.units), len(plan.skipped_files))
     check_stats(stats, spec, corpus, data_cfg.val_fraction)
+    plan = with_measured_rates(data_cfg, plan, scans)  # weights met in tokens, not in footer sizes
     log.info(
         "data: %d units (%d checked): %d documents (%d empty, %d with invalid UTF-8), %.1f MB; "
         "val: %d documents, %d blocks; %d files skipped",
@@ -117,6 +120,9 @@ def _from_prepared(data_cfg: DataConfig, loc: Location, root: str, manifest: dic
                    tokenizer_sha256: str, seq_len: int) -> dict:
     """train, val and lineage of a prepared directory whose manifest is ``manifest``."""
     check_manifest(manifest, f"data.prepared = {data_cfg.prepared!r}", tokenizer_sha256, seq_len)
+    # while this process runs, no prepare into the same directory removes the shards it reads
+    lease = Lease.acquire(loc, root, manifest["shards"], holder=f"reader on {socket.gethostname()}",
+                          required=False)
     fs = filesystem(loc)
 
     def dataset(files: list[str]) -> ray.data.Dataset:
@@ -129,4 +135,6 @@ def _from_prepared(data_cfg: DataConfig, loc: Location, root: str, manifest: dic
         "val": dataset(manifest["val_files"]).materialize(),
         "stats": None,
         "lineage": {"kind": "prepared", "prepared": data_cfg.prepared, "manifest": manifest},
+        "lease": lease,
     }
+

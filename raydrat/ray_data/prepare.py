@@ -2,10 +2,14 @@
 unit as parquet shards on a Ray Data actor pool, then publishes the manifest (format and
 layout: :mod:`raydrat.core.data.prepared`).
 
-Every prepare run writes to a fresh ``shards-<run>`` prefix and publishes ``manifest.json``
-only after every shard is written and every count is in. A crash leaves an unreferenced
-prefix that no reader trusts; a re-run replaces the manifest and then removes the prefix it
-no longer references.
+The output location is checked first (the bucket exists, a probe object can be written), so
+a wrong ``--out`` fails before any work. Every prepare run writes to a fresh ``shards-<run>``
+prefix (a *generation*, held by a lease while it is written) and publishes
+``manifest.json`` only after every shard is written and every count is in. A prepare that
+fails removes its own prefix; one that was killed leaves a prefix that no reader trusts and
+the next prepare removes. Older generations are removed only when no reader can be using
+them: the newest ``keep`` published ones and any a running reader holds a lease on stay
+(:func:`raydrat.core.data.prepared.collect_garbage`, also ``raydrat data gc``).
 
 Shards hold the very blocks :func:`raydrat.ray_data.datasets.build_datasets` would stream
 (mixing rates applied), so a run over prepared data sees the same tokens. The val split is
@@ -16,6 +20,7 @@ counts every held-out document.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -28,18 +33,24 @@ import ray
 from raydrat.config import DataConfig
 from raydrat.core.data.blocks import unit_blocks
 from raydrat.core.data.errors import DataError
+from raydrat.core.data.mixing import with_measured_rates
+
 from raydrat.core.data.plan import Unit, plan_corpus, sample_units
 from raydrat.core.data.prepared import (
     COUNT_KEYS,
+    DEFAULT_KEEP,
     MANIFEST_FORMAT,
     SPLIT_KEYS,
+    Lease,
     block_table,
+    collect_garbage,
     publish_manifest,
     read_manifest_at,
     shard_path,
 )
 from raydrat.core.data.sources import (
     Location,
+    check_writable,
     describe_os_error,
     file_fingerprint,
     filesystem,
@@ -49,7 +60,9 @@ from raydrat.core.data.sources import (
 from raydrat.core.data.spec import PackSpec, make_spec
 from raydrat.core.data.split import split_rule
 from raydrat.core.data.tokenizer import tokenizer_hash
-from raydrat.ray_data.stream import pool_size, units_dataset
+from raydrat.core.exceptions import walk_exceptions
+
+from raydrat.ray_data.stream import pool_size, scan_sample, units_dataset
 
 log = logging.getLogger(__name__)
 
@@ -103,22 +116,55 @@ class ShardWriter:
 
 
 def prepare(data_cfg: DataConfig, seq_len: int, vocab_size: int, out: str,
-            endpoint_url: str | None = None) -> dict:
-    """Tokenize and pack the configured sources into ``out``; return the manifest."""
+            endpoint_url: str | None = None, keep: int = DEFAULT_KEEP) -> dict:
+    """Tokenize and pack the configured sources into ``out``; return the manifest. ``keep``:
+    published generations kept (beyond those a running reader holds)."""
     t0 = time.perf_counter()
+    out_loc = location_for(out, endpoint_url)
+    root = fs_path(out)
+    check_writable(out_loc, root, f"--out {out}")  # before any work
     spec, tok_path = make_spec(data_cfg, seq_len, vocab_size)
     plan = plan_corpus(data_cfg)
     corpus = ", ".join(s.path for s in data_cfg.sources)
     if plan.rows == 0:
         raise DataError(f"corpus {corpus} holds no documents: point data.sources at some text")
-    out_loc = location_for(out, endpoint_url)
-    root = fs_path(out)
+    if any(s.weight for s in data_cfg.sources):  # weights met in tokens: measured on the sample
+        sample = units_dataset(sample_units(plan.units, data_cfg.val_max_units))
+        plan = with_measured_rates(data_cfg, plan, scan_sample(sample, spec, len(plan.units), 0)[1])
     fs = filesystem(out_loc)
     try:
         old = read_manifest_at(out_loc, root)
     except DataError:
         old = None
+    cleaned = collect_garbage(out_loc, root, keep)["removed"]  # what crashed prepares left
+    if cleaned:
+        log.info("removed %d unreferenced shard prefix(es) of %s: %s", len(cleaned), out, ", ".join(cleaned))
     run = f"shards-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    prefix = f"{root}/{run}"
+    lease = Lease.acquire(out_loc, root, run, holder=f"raydrat data prepare on {socket.gethostname()}")
+    try:
+        manifest = _write_generation(data_cfg, spec, tok_path, plan, corpus, out, out_loc, root, run, old,
+                                     seq_len, vocab_size, keep, t0)
+    except BaseException:  # nothing half-written: the prefix of a failed prepare goes
+        try:
+            fs.delete_dir(prefix)
+        except OSError:
+            pass
+        raise
+    finally:
+        lease.release()
+    removed = collect_garbage(out_loc, root, keep)["removed"]
+    if removed:
+        log.info("removed %d old generation(s) of %s no reader holds: %s", len(removed), out, ", ".join(removed))
+    return manifest
+
+
+def _write_generation(data_cfg: DataConfig, spec: PackSpec, tok_path: Path, plan, corpus: str, out: str,
+                      out_loc: Location, root: str, run: str, old: dict | None, seq_len: int,
+                      vocab_size: int, keep: int, t0: float) -> dict:
+    """Write generation ``run`` of ``out`` and publish its manifest (the shards, then the
+    counts, then the manifest, last)."""
+    fs = filesystem(out_loc)
     prefix = f"{root}/{run}"
     val_units = {u.unit_id for u in sample_units(plan.units, data_cfg.val_max_units)}
     ds = units_dataset(plan.units).map_batches(
@@ -130,8 +176,9 @@ def prepare(data_cfg: DataConfig, seq_len: int, vocab_size: int, out: str,
     )
     try:
         rows = sorted(ds.take_all(), key=lambda r: r["unit_id"])
-    except OSError as exc:
-        raise describe_os_error(f"writing {out}", exc) from None
+    except OSError as exc:  # Ray's copy of a worker's error: describe the worker's own
+        cause = next((e for e in walk_exceptions(exc) if not type(e).__module__.startswith("ray")), exc)
+        raise describe_os_error(f"writing {out}", cause, out_loc) from None
     errors = [r["error"] for r in rows if r["error"]]
     if errors:
         raise DataError(errors[0])
@@ -186,10 +233,8 @@ def prepare(data_cfg: DataConfig, seq_len: int, vocab_size: int, out: str,
         "replaced": {"invalid_utf8_docs": counts["invalid_utf8_docs"]},
         "seconds": round(time.perf_counter() - t0, 1),
     }
+    previous = (old or {}).get("published") or ([old["shards"]] if old and old.get("shards") else [])
+    manifest["published"] = [run, *(g for g in previous if g != run)][: max(keep, 1)]
     publish_manifest(out_loc, root, manifest)
-    if old and old.get("shards") and old["shards"] != run:
-        try:
-            fs.delete_dir(f"{root}/{old['shards']}")
-        except OSError:
-            log.warning("could not remove the old shards %s/%s", out, old["shards"])
     return manifest
+

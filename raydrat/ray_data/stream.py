@@ -88,8 +88,12 @@ def pool_size(data_cfg: DataConfig, reserved_cpus: float = 0) -> int:
 
 
 def units_dataset(units: list[Unit]) -> ray.data.Dataset:
-    """The unit rows, one Ray Data block per unit."""
+    """The unit rows, one Ray Data block per unit. A DataError raised while reading a unit
+    reaches the caller as itself (Ray Data would wrap it in a ``UserCodeException`` that
+    holds only its text), so it ends as one ``raydrat: error:`` line wherever it is found."""
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     return ray.data.from_items([u.to_row() for u in units], override_num_blocks=max(1, len(units)))
+
 
 
 def map_units(ds: ray.data.Dataset, fn, spec: PackSpec, **kwargs) -> ray.data.Dataset:
@@ -115,10 +119,13 @@ def pack_dataset(units: list[Unit], spec: PackSpec, split: Split, actors: int,
     )
 
 
-def scan_sample(sample: ray.data.Dataset, spec: PackSpec, n_units: int, plan_skipped: int) -> DataStats:
-    """The up-front check's counts over ``sample`` (unit rows), one task per unit."""
+def scan_sample(sample: ray.data.Dataset, spec: PackSpec, n_units: int,
+                plan_skipped: int) -> tuple[DataStats, list[dict]]:
+    """The up-front check's counts over ``sample`` (unit rows), one task per unit, and the
+    units' scan rows (weighted mixing measures its sources on them)."""
     rows = map_units(sample, _scan_batch, spec).take_all()
-    return combine_scans(rows, n_units, plan_skipped)
+    return combine_scans(rows, n_units, plan_skipped), rows
+
 
 
 def val_dataset(sample: ray.data.Dataset, spec: PackSpec) -> ray.data.Dataset:

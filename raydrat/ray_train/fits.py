@@ -1,18 +1,34 @@
 """Whether a run fits the Ray cluster, checked before anything starts (instead of waiting
-forever for resources)."""
+forever for resources).
+
+The Train workers are not all a run holds while it trains: the training data streams
+through Ray Data at the same time, and its first actor or task needs a CPU of its own
+(:data:`DATA_CPUS`). A run whose workers take every CPU would start and then wait forever
+for that CPU (Ray warns that the dataset "may hang forever"), so it is refused here with what
+the cluster has and the setting that makes it fit."""
 
 from __future__ import annotations
 
+import math
+
 from raydrat.config import ConfigError, RaydratConfig
+
+DATA_CPUS = 1.0
+"""CPUs the training data stream holds while the workers train: one tokenizer actor (the
+pool's minimum, :func:`raydrat.ray_data.stream.pack_dataset`) or one read task of
+``data.prepared`` shards; Ray Data gives each 1 CPU. The pool grows into the CPUs left over
+(:func:`raydrat.ray_data.stream.pool_size`)."""
 
 
 def check_cluster_fits(cfg: RaydratConfig, use_gpu: bool, resources: dict[str, float]) -> None:
-    """Refuse a run that needs more CPUs/GPUs than the Ray cluster has (instead of waiting
-    forever for resources), unless ``scaling.wait_for_resources`` (autoscaling clusters)."""
+    """Refuse a run that needs more CPUs/GPUs than the Ray cluster has, the data stream's
+    CPU counted (instead of waiting forever for resources), unless
+    ``scaling.wait_for_resources`` (autoscaling clusters)."""
     if cfg.scaling.wait_for_resources:
         return
-    n = cfg.scaling.num_workers
-    need_cpu = n * cfg.scaling.cpus_per_worker
+    n, per = cfg.scaling.num_workers, cfg.scaling.cpus_per_worker
+    workers_cpu = n * per
+    need_cpu = workers_cpu + DATA_CPUS
     have_cpu, have_gpu = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
     has = f"the Ray cluster has {have_cpu:g} CPUs and {have_gpu:g} GPUs"
     if use_gpu and n > have_gpu:
@@ -21,9 +37,14 @@ def check_cluster_fits(cfg: RaydratConfig, use_gpu: bool, resources: dict[str, f
             "set scaling.use_gpu=false, or scaling.wait_for_resources=true on an autoscaling cluster"
         )
     if need_cpu > have_cpu:
+        fits = math.floor((have_cpu - DATA_CPUS) / n * 100) / 100  # the largest cpus_per_worker that fits
+        fix = (f"set scaling.cpus_per_worker={fits:g} (or lower)" if fits > 0
+               else f"give Ray at least {need_cpu:g} CPUs (ray start --num-cpus={math.ceil(need_cpu)})")
         raise ConfigError(
-            f"scaling.num_workers={n} x scaling.cpus_per_worker={cfg.scaling.cpus_per_worker:g} needs "
-            f"{need_cpu:g} CPUs but {has}: lower scaling.num_workers or scaling.cpus_per_worker, or set "
+            f"scaling.num_workers={n} x scaling.cpus_per_worker={per:g} = {workers_cpu:g} CPUs for the "
+            f"Train workers, plus {DATA_CPUS:g} for the training data stream (a tokenizer actor, or a "
+            f"read task of data.prepared), needs {need_cpu:g} CPUs but {has}; the run would wait "
+            f"forever for the data's CPU: {fix}, lower scaling.num_workers, or set "
             "scaling.wait_for_resources=true on an autoscaling cluster"
         )
     for key, amount in cfg.scaling.worker_resources.items():

@@ -10,19 +10,33 @@ and the workers start from the latest checkpoint (the newer of Ray Train's recor
 latest checkpoint directory, which Ray Train may not have recorded when the run was killed
 right after a save), and metrics go on into the same MLflow run.
 Nothing is written before these checks pass.
+
+A run name is used once: a new run whose name already has a directory there is refused
+(resume it, or pick another name), and default names carry a random suffix. A checkpoint
+counts only when complete (:func:`raydrat.core.state.verify_checkpoint`): resume takes the
+newest complete one and says why newer ones were skipped. The record holds no secret: the
+tracking URI's password is masked (``user:***@host``) and must be given again on resume
+(``tracking.tracking_uri`` or ``$MLFLOW_TRACKING_URI``).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import secrets
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from raydrat.config import ConfigError, RaydratConfig, flatten
-from raydrat.core.state import RANK_FILE
+from raydrat.core.state import checkpoint_step, newest_complete, verify_checkpoint
+from raydrat.redact import MASK, redact_obj, redact_uri
 
 RUN_FILE = "raydrat_run.json"
+CHECKPOINT_GLOB = "checkpoint_*"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+"""Ray Train's record of the checkpoints it registered (it refuses to restore if one is gone)."""
 
 # Settings that may differ between an interrupted run and its resumption: they change how
 # the run is hosted, logged or retried, not what it computes.
@@ -34,7 +48,6 @@ RESUMABLE_CHANGES = (
     "data.demo_dir",
     "scaling.cpus_per_worker",
     "scaling.wait_for_resources",
-    "scaling.worker_resources",
     "sync.latency_s",
 )
 
@@ -47,15 +60,32 @@ def storage_root(cfg: RaydratConfig) -> Path:
     return Path(cfg.train.storage_path).resolve()
 
 
+def new_run_name(cfg: RaydratConfig) -> str:
+    """The name of a new run: ``tracking.run_name``, else the config's name, the time and a
+    random suffix (two runs started in the same second never share one). A name whose run
+    directory under ``train.storage_path`` holds checkpoints (or Ray Train's record of
+    them) is refused: a new run never starts from another run's checkpoints. (A run that
+    stopped before its first checkpoint left nothing to continue: its name may be reused.)"""
+    name = cfg.tracking.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    d = storage_root(cfg) / name
+    if checkpoint_dirs(d) or (d / RAY_SNAPSHOT).exists():
+        raise ResumeError(
+            f"run name {name!r} is already used by the run in {d}: continue that run with "
+            f"`--resume {name}`, or pick another name (--set tracking.run_name=NEW_NAME, or leave "
+            "tracking.run_name unset for a fresh default name)"
+        )
+    return name
+
+
 def write_run_record(cfg: RaydratConfig, run_name: str, tracking_uri: str | None, run_id: str | None) -> Path:
     d = storage_root(cfg) / run_name
     d.mkdir(parents=True, exist_ok=True)
     record = {
         "run_name": run_name,
-        "tracking_uri": tracking_uri,
+        "tracking_uri": redact_uri(tracking_uri),
         "mlflow_run_id": run_id,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "config": cfg.to_dict(),
+        "config": redact_obj(cfg.to_dict()),
     }
     path = d / RUN_FILE
     path.write_text(json.dumps(record, indent=2) + "\n")
@@ -66,14 +96,60 @@ def read_run_record(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / RUN_FILE).read_text())
 
 
-def latest_checkpoint(run_dir: Path, since: float = 0.0, world_size: int | None = None) -> Path | None:
-    """The run's newest checkpoint directory holding the model state (saved at or after the
-    wall-clock time ``since``) and, given ``world_size``, every rank's file (a worker killed
-    during a save can leave a directory without its own), or None."""
-    ckpts = sorted(p.parent for p in run_dir.glob("checkpoint_*/state.pt") if p.stat().st_mtime >= since)
-    if world_size is not None:
-        ckpts = [d for d in ckpts if all((d / RANK_FILE.format(rank=r)).exists() for r in range(world_size))]
-    return ckpts[-1] if ckpts else None
+def checkpoint_dirs(run_dir: Path | None, since: float = 0.0) -> list[Path]:
+    """The run's checkpoint directories written at or after the wall-clock time ``since``."""
+    if run_dir is None or not run_dir.is_dir():
+        return []
+    return sorted(p for p in run_dir.glob(CHECKPOINT_GLOB) if p.is_dir() and p.stat().st_mtime >= since)
+
+
+def choose_checkpoint(run_dir: Path | None, since: float = 0.0,
+                      also: tuple = ()) -> tuple[Path | None, list[tuple[str, str]]]:
+    """The newest complete checkpoint among the run's (since ``since``) and ``also`` (e.g.
+    Ray Train's restored one), and ``(directory, reason)`` for each newer one skipped."""
+    chosen, skipped = newest_complete([*checkpoint_dirs(run_dir, since), *also])
+    return (Path(chosen) if chosen else None), skipped
+
+
+def latest_checkpoint(run_dir: Path, since: float = 0.0) -> Path | None:
+    """The run's newest complete checkpoint directory (saved at or after ``since``), or None."""
+    return choose_checkpoint(run_dir, since)[0]
+
+
+def describe_choice(chosen: Path | str | None, skipped: list[tuple[str, str]]) -> str:
+    """``checkpoint_X (step N)``, plus why each newer checkpoint was skipped."""
+    text = f"{Path(chosen).name} (step {checkpoint_step(chosen)})" if chosen else "no complete checkpoint"
+    if skipped:
+        text += "; skipped " + "; ".join(f"{Path(d).name}: {why}" for d, why in skipped)
+    return text
+
+
+def prune_incomplete(run_dir: Path) -> list[str]:
+    """Remove the run's incomplete checkpoint directories (saves cut off by an interrupt),
+    never one Ray Train registered (its snapshot names it) and never the newest complete
+    one. Returns the names removed. Call it only once the workers are stopped."""
+    snapshot = run_dir / RAY_SNAPSHOT
+    registered = set(re.findall(r"checkpoint_[0-9][0-9_.\-]*", snapshot.read_text())) if snapshot.exists() else set()
+    removed = []
+    for d in checkpoint_dirs(run_dir):
+        if d.name not in registered and verify_checkpoint(d) is not None:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d.name)
+    return removed
+
+
+def tracking_uri_for(record: dict[str, Any], current_uri: str | None) -> str | None:
+    """The URI to reopen the run's MLflow run with: the recorded one, or (when its password
+    was masked) ``current_uri`` if it names the same server and user."""
+    recorded = record.get("tracking_uri")
+    if not recorded or MASK not in recorded:
+        return recorded
+    if current_uri and redact_uri(current_uri) == recorded:
+        return current_uri
+    raise ResumeError(
+        f"--resume {record['run_name']}: the run is tracked at {recorded}, whose password is not "
+        "recorded: set tracking.tracking_uri or MLFLOW_TRACKING_URI to that URI with its password"
+    )
 
 
 def find_run(cfg: RaydratConfig, which: str | bool) -> Path:
@@ -98,7 +174,7 @@ def find_run(cfg: RaydratConfig, which: str | bool) -> Path:
 
 def config_differences(saved: dict[str, Any], cfg: RaydratConfig) -> list[str]:
     """``key: saved -> now`` for every setting that differs and matters."""
-    old, new = flatten(saved), cfg.flat()
+    old, new = flatten(saved), flatten(redact_obj(cfg.to_dict()))
     out = []
     for key in sorted(set(old) | set(new)):
         if key.startswith(RESUMABLE_CHANGES):
@@ -119,10 +195,14 @@ def prepare_resume(cfg: RaydratConfig, which: str | bool) -> dict[str, Any]:
             f"{len(diffs)} setting(s): {'; '.join(diffs)}. Use the run's config (saved in "
             f"{run_dir / RUN_FILE}) or start a new run without --resume"
         )
-    if latest_checkpoint(run_dir) is None:
+    chosen, skipped = choose_checkpoint(run_dir)
+    if chosen is None:
+        why = f" ({describe_choice(None, skipped).split('; ', 1)[1]})" if skipped else ""
         raise ResumeError(
-            f"--resume {record['run_name']}: no checkpoint in {run_dir} (the run stopped before "
-            "its first checkpoint): start it again without --resume, or set "
-            "train.checkpoint_every to save earlier"
+            f"--resume {record['run_name']}: no complete checkpoint in {run_dir}{why} (the run "
+            "stopped before its first checkpoint was complete): start it again without --resume, "
+            "or set train.checkpoint_every to save earlier"
         )
+    record["checkpoint"] = describe_choice(chosen, skipped)
     return record
+

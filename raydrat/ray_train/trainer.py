@@ -16,12 +16,13 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from raydrat import tracking
+from raydrat import interrupt, tracking
 from raydrat.config import RaydratConfig
 from raydrat.core import metrics as M
 from raydrat.core.fit import Callback
 from raydrat.core.runtime import Runtime, resolve
 from raydrat.plots import plot_curves
+from raydrat.redact import redact_obj, redact_uri
 from raydrat.ray_data.datasets import build_datasets
 from raydrat.ray_session import ensure_ray, expected_gpus
 from raydrat.ray_train import resume
@@ -102,7 +103,7 @@ def build_trainer(
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "config": cfg.to_dict(),
+            "config": redact_obj(cfg.to_dict()),  # it goes into checkpoints: no secret
             "runtime": runtime,
             "run": run or Run.off(),
             "run_dir": str(Path(storage) / (run_name or cfg.name)),
@@ -170,23 +171,46 @@ def run_training(cfg: RaydratConfig, resume_run: bool | str = False,
     """Train ``cfg`` through Ray Train on the current (or a new local) Ray instance.
     ``resume_run``: continue the newest interrupted run of ``cfg.name`` (or the named run)
     from its latest checkpoint, in the same Ray Train run and MLflow run."""
-    log = M.setup_logging()
     t0 = time.perf_counter()
     record = resume.prepare_resume(cfg, resume_run) if resume_run else None
+    if record is not None:  # the recorded URI has no password: the one to use, checked before any work
+        record["tracking_uri"] = resume.tracking_uri_for(record, tracking.resolve_tracking_uri(cfg.tracking))
+    run_name = record["run_name"] if record is not None else resume.new_run_name(cfg)  # never reused
     runtime = resolve(cfg, gpus=expected_gpus())  # before Ray starts, when no cluster is named
     ensure_ray()
+    with interrupt.trapped():  # after Ray's own handlers: SIGINT/SIGTERM stop the run cleanly
+        try:
+            return _train(cfg, runtime, record, run_name, fit_callbacks, t0)
+        except KeyboardInterrupt as exc:
+            raise _interrupted(cfg, run_name, exc) from None
+
+
+def _interrupted(cfg: RaydratConfig, run_name: str, exc: KeyboardInterrupt) -> interrupt.Interrupted:
+    """Stop Ray (the workers with it), leave only complete checkpoints, and say whether the
+    run can be resumed (the MLflow run was already ended as KILLED)."""
+    stopped = interrupt.as_interrupted(exc)
+    ray.shutdown()
+    run_dir = resume.storage_root(cfg) / run_name
+    removed = resume.prune_incomplete(run_dir)
+    if removed:
+        M.setup_logging().info(f"removed incomplete checkpoint(s) cut off by {stopped.signame}: {', '.join(removed)}")
+    stopped.run_name = run_name
+    stopped.resumable = resume.latest_checkpoint(run_dir) is not None
+    return stopped
+
+
+def _train(cfg: RaydratConfig, runtime: Runtime, record: dict | None, run_name: str,
+           fit_callbacks: Sequence[Callback], t0: float) -> TrainingSummary:
+    log = M.setup_logging()
     check_cluster_fits(cfg, runtime.use_gpu, ray.cluster_resources())
     bundle = build_datasets(cfg.data, cfg.model.seq_len, cfg.model.vocab_size,
                             reserved_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
-    run_name = cfg.tracking.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     run = Run.off()
     if record is not None:
-        run_name = record["run_name"]
         run = Run.attach(record["tracking_uri"], record["mlflow_run_id"])
         run.set_status("RUNNING")
-        log.info(f"resuming run {run_name} (MLflow run {run.run_id}) from "
-                 f"{resume.latest_checkpoint(resume.storage_root(cfg) / run_name)}")
+        log.info(f"resuming run {run_name} (MLflow run {run.run_id}) from {record['checkpoint']}")
     elif cfg.tracking.enabled:
         run = Run.start(tracking.resolve_tracking_uri(cfg.tracking), cfg.tracking.experiment, run_name,
                         params=cfg.flat())
@@ -194,21 +218,25 @@ def run_training(cfg: RaydratConfig, resume_run: bool | str = False,
         if bundle.lineage:  # data lineage: the prepare manifest or the sources read
             run.log_text(json.dumps(bundle.lineage, indent=2, default=str), "data/lineage.json")
             run.log_metrics(bundle.metrics(), 0)
-        log.info(f"MLflow run {run.run_id} in {run.uri}")
+        log.info(f"MLflow run {run.run_id} in {redact_uri(run.uri)}")
     if record is None:
         resume.write_run_record(cfg, run_name, run.uri, run.run_id)
 
     status = "FAILED"
     try:
-        result = fit_in_run(cfg, runtime, bundle, run, run_name, resume=record is not None,
-                            fit_callbacks=fit_callbacks)
+        result = interrupt.call_interruptibly(fit_in_run, cfg, runtime, bundle, run, run_name,
+                                              resume=record is not None, fit_callbacks=fit_callbacks)
         status = "FINISHED"
         for epoch, values in enumerate(bundle.epoch_metrics(), start=1):  # per-epoch data counts
             run.log_metrics(values, epoch)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
     finally:
         run.end(status)
 
     final = dict(result.metrics or {})
+
     summary = TrainingSummary(
         run_name=run_name,
         final_val_loss=final.get(M.VAL_LOSS),

@@ -33,6 +33,8 @@ from raydrat.tune import admission as A
 from raydrat.tune import report as R
 from raydrat.tune.mlflow_runs import close_child_runs, log_sweep_report, start_sweep_runs
 from raydrat.tune.results import best_trial, full_length_command, overhead_figures, trial_records
+from raydrat.redact import redact_obj, redact_uri
+from raydrat.tune.env import keep_credentials_out_of_runtime_envs
 from raydrat.tune.space import Space, TrialSpec, expand, load_space
 from raydrat.tune.trial import STATUS, trial_fn
 
@@ -116,11 +118,11 @@ def run_sweep(space_path: str | Path, resume: bool = False, json_path: str | Pat
     log.info(f"sweep {sweep_dir.name}: {len(trials)} trials, {n_feasible} feasible, "
              f"{len(trials) - n_feasible} over the budget; up to {concurrency} at once")
 
-    payloads = [
+    payloads = [  # Tune writes these (params.json, result.json, experiment state): no secret in them
         {
             "index": t.index, "name": t.name,
-            "config": _trial_config(t, sweep_dir).to_dict(),
-            "tracking_uri": uri, "run_id": state["child_runs"].get(t.name),
+            "config": redact_obj(_trial_config(t, sweep_dir).to_dict()),
+            "tracking_uri": redact_uri(uri), "run_id": state["child_runs"].get(t.name),
             "run_name": f"{sweep_dir.name}-{t.name}",
             "estimated_bytes": estimates[t.index],
             "runtime": runtimes[t.index],
@@ -131,7 +133,7 @@ def run_sweep(space_path: str | Path, resume: bool = False, json_path: str | Pat
     ]
     _prepare_demo_data([t for t, ok in zip(trials, feasible) if ok])
     t0 = time.time()
-    grid = _fit(space, payloads, sweep_dir, concurrency, resume)
+    grid = _fit(space, payloads, sweep_dir, concurrency, resume, uri)
     sweep_wall = time.time() - t0
     unfinished = _unfinished_trials(sweep_dir, grid)
     if unfinished:
@@ -183,9 +185,15 @@ def _prepare_demo_data(trials: list[TrialSpec]) -> None:
         build_demo_corpus(demo_dir, vocab)
 
 
-def _fit(space: Space, payloads: list[dict], sweep_dir: Path, concurrency: int, resume: bool):
+def _fit(space: Space, payloads: list[dict], sweep_dir: Path, concurrency: int, resume: bool,
+         tracking_uri: str | None = None):
     sweep = space.sweep
-    trainable = tune.with_resources(trial_fn, {"CPU": sweep.resources.trial_cpu})
+    keep_credentials_out_of_runtime_envs()
+    # the tracking URI (it may hold a password) reaches the trials through the object store,
+    # never through their configs, which Tune writes to disk
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, tracking_uri=tracking_uri),
+                                    {"CPU": sweep.resources.trial_cpu})
+
     if resume:
         tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)

@@ -30,11 +30,14 @@ DATA_SETUP_S = "time/data_setup_s"  # planning the corpus and building the val s
 ERROR = "error"
 
 
-def trial_fn(config: dict) -> None:
+def trial_fn(config: dict, tracking_uri: str | None = None) -> None:
+    """One trial. ``tracking_uri`` comes through ``tune.with_parameters`` (the payload's
+    copy has its password masked)."""
     t0 = time.time()
     payload = config["trial"]
     cfg = RaydratConfig.model_validate(payload["config"])
-    run = Run.attach(payload["tracking_uri"], payload["run_id"])
+    run = Run.attach(tracking_uri or payload["tracking_uri"], payload["run_id"])
+
     quiet_ray_data()
     bundle = build_datasets(cfg.data, cfg.model.seq_len, cfg.model.vocab_size,
                             reserved_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)

@@ -14,8 +14,10 @@ from collections.abc import Iterator
 import numpy as np
 
 from raydrat.config.data import DataConfig
-from raydrat.core.data.pack import pack_groups
-from raydrat.core.data.plan import Unit, plan_corpus, sample_units
+from raydrat.core.data.errors import DataError
+from raydrat.core.data.mixing import with_measured_rates
+from raydrat.core.data.pack import has_block, pack_groups
+from raydrat.core.data.plan import Plan, Unit, plan_corpus, sample_units
 from raydrat.core.data.read import read_unit
 from raydrat.core.data.spec import PackSpec, make_spec
 from raydrat.core.data.split import Split
@@ -43,6 +45,11 @@ def unit_blocks(
     blocks are repeated or skipped by the unit's mixing rate. ``counts`` (if given) receives
     the unit's counts plus ``tokens``, ``blocks`` and ``dropped_tokens`` of ``split``."""
     docs, unit_counts = read_unit(unit, spec)
+    yield from _blocks(unit, spec, split, docs, unit_counts, counts)
+
+
+def _blocks(unit: Unit, spec: PackSpec, split: Split, docs: dict, unit_counts: dict,
+            counts: dict | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     first = tokens = dropped = emitted = 0
     for blocks, leftover in pack_groups(docs[split], spec):
         tokens += len(blocks) * spec.block_len + leftover
@@ -61,15 +68,58 @@ def unit_blocks(
                       blocks=emitted, dropped_tokens=dropped)
 
 
+SCAN_COUNTS = ("docs", "empty_docs", "invalid_utf8_docs", "skipped_files", "text_bytes",
+               "val_docs", "val_tokens", "val_blocks", "val_dropped_tokens")
+
+
+def scan_unit(unit: Unit, spec: PackSpec) -> dict[str, int | str]:
+    """One unit's counts (the up-front check, and the sample weighted mixing measures its
+    sources on: ``val_text_bytes`` with ``val_tokens`` give tokens per byte), or its
+    DataError's message under ``error`` (exceptions lose their type on the way out of a Ray
+    task; this keeps the message)."""
+    try:
+        docs, unit_counts = read_unit(unit, spec)
+        counts: dict = {}
+        for _ in _blocks(unit, spec, "val", docs, unit_counts, counts):
+            pass
+    except DataError as exc:
+        return {**{k: 0 for k in SCAN_COUNTS}, "unit_id": unit.unit_id, "source": unit.source,
+                "error": str(exc), "val_text_bytes": 0, "train_has_block": False}
+    return {
+        "unit_id": unit.unit_id,
+        "source": unit.source,
+        "error": "",
+        **{k: counts[k] for k in ("docs", "empty_docs", "invalid_utf8_docs", "skipped_files", "text_bytes")},
+        "val_docs": counts["split_docs"],
+        "val_tokens": counts["tokens"],
+        "val_blocks": counts["blocks"],
+        "val_dropped_tokens": counts["dropped_tokens"],
+        "val_text_bytes": sum(len(d.encode("utf-8")) for d in docs["val"]),
+        "train_has_block": has_block(docs["train"], spec),
+    }
+
+
+def plan_local(data_cfg: DataConfig, spec: PackSpec) -> Plan:
+    """The plan with weighted mixing's rates measured on the sampled units, as
+    :func:`raydrat.ray_data.datasets.build_datasets` measures them on Ray (unweighted
+    sources: the plan as it is, nothing read)."""
+    plan = plan_corpus(data_cfg)
+    if not any(s.weight for s in data_cfg.sources):
+        return plan
+    scans = [scan_unit(u, spec) for u in sample_units(plan.units, data_cfg.val_max_units)]
+    return with_measured_rates(data_cfg, plan, scans)
+
+
 def iter_blocks_local(
     data_cfg: DataConfig, seq_len: int, vocab_size: int, split: Split
 ) -> Iterator[np.ndarray]:
     """The blocks of ``split`` (``int32[seq_len + 1]`` each), computed in this process without
     Ray: the same blocks as :func:`raydrat.ray_data.datasets.build_datasets`, in unit order."""
     spec, _ = make_spec(data_cfg, seq_len, vocab_size)
-    units = plan_corpus(data_cfg).units
+    units = plan_local(data_cfg, spec).units
     if split == "val":
         units = sample_units(units, data_cfg.val_max_units)
     for unit in units:
         for _, blocks in unit_blocks(unit, spec, split):
             yield from blocks
+

@@ -7,11 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from raydrat.core.data.blocks import unit_blocks
+from raydrat.core.data.blocks import SCAN_COUNTS, scan_unit  # noqa: F401 - scan_unit is re-exported
 from raydrat.core.data.errors import DataError
-from raydrat.core.data.pack import has_block
-from raydrat.core.data.plan import Unit
-from raydrat.core.data.read import read_unit
 from raydrat.core.data.spec import PackSpec
 
 
@@ -48,33 +45,6 @@ class DataStats:
     @property
     def train_docs(self) -> int:
         return self.docs - self.val_docs
-
-
-SCAN_COUNTS = ("docs", "empty_docs", "invalid_utf8_docs", "skipped_files", "text_bytes",
-               "val_docs", "val_tokens", "val_blocks", "val_dropped_tokens")
-
-
-def scan_unit(unit: Unit, spec: PackSpec) -> dict[str, int | str]:
-    """One unit's counts, or its DataError's message under ``error`` (exceptions lose
-    their type on the way out of a Ray task; this keeps the message)."""
-    try:
-        counts: dict = {}
-        for _ in unit_blocks(unit, spec, "val", counts):
-            pass
-        docs, _ = read_unit(unit, spec)
-    except DataError as exc:
-        return {**{k: 0 for k in SCAN_COUNTS}, "unit_id": unit.unit_id, "error": str(exc),
-                "train_has_block": False}
-    return {
-        "unit_id": unit.unit_id,
-        "error": "",
-        **{k: counts[k] for k in ("docs", "empty_docs", "invalid_utf8_docs", "skipped_files", "text_bytes")},
-        "val_docs": counts["split_docs"],
-        "val_tokens": counts["tokens"],
-        "val_blocks": counts["blocks"],
-        "val_dropped_tokens": counts["dropped_tokens"],
-        "train_has_block": has_block(docs["train"], spec),
-    }
 
 
 def combine_scans(rows: list[dict], n_units: int, plan_skipped: int) -> DataStats:

@@ -2,11 +2,13 @@
 parquet row group, or ``data.pack_rows`` plain-text files (one document per file, ``.gz``
 decompressed), or one text file in ``line`` mode. Parquet schemas are checked here, so a
 missing text column fails before any work starts. A unit's index in the plan is its
-``unit_id``; weighted mixing gives each source a rate (see :func:`mixing_rates`)."""
+``unit_id``; weighted mixing gives each source a rate (see :func:`rates_for_sizes`; the
+rates are set from measured sizes by :mod:`raydrat.core.data.mixing`)."""
+
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -21,6 +23,8 @@ from raydrat.core.data.sources import (
     CorruptFile,
     Location,
     describe_os_error,
+    is_credential_error,
+
     filesystem,
     list_files,
     location_for,
@@ -67,6 +71,10 @@ class Plan:
     """Unreadable files left out (``data.on_corrupt = skip``), with the reason."""
     rows: int
     """Rows (parquet) or files (text) in the plan; 0 means the corpus holds nothing."""
+    source_rows: list[int] = field(default_factory=list)
+    """Rows (parquet, from the footers) or files (text) per source."""
+    source_formats: list[str] = field(default_factory=list)
+    """Each source's format (given, or inferred from the file names)."""
 
 
 def resolve_sources(cfg: DataConfig) -> list[str]:
@@ -87,18 +95,21 @@ def _parquet_row_groups(
     loc: Location, path: str, column: str, index: int
 ) -> list[tuple[int, int, int]]:
     """``(row group, rows, text bytes)`` of the non-empty row groups of ``path`` after
-    checking that ``column`` holds strings. An unreadable file raises CorruptFile."""
+    checking that ``column`` holds strings. An unreadable file raises CorruptFile; a refused
+    permission or credential, or a missing file, is a plain DataError (never skipped as
+    corrupt)."""
     name = uri(loc, path)
+    hint = "" if path.endswith(".parquet") else (
+        f"; if it is a text file, set data.sources[{index}].format: text")
     try:
         pf = pq.ParquetFile(filesystem(loc).open_input_file(path))
         schema = pf.schema_arrow
         meta = pf.metadata
-    except OSError as exc:
-        if "parquet" in str(exc).lower() or "magic" in str(exc).lower():
-            raise CorruptFile(f"{name} is not a readable parquet file ({exc})") from None
-        raise describe_os_error(name, exc) from None
     except Exception as exc:  # pyarrow raises several types for unreadable files
-        raise CorruptFile(f"{name} is not a readable parquet file ({exc})") from None
+        if isinstance(exc, OSError) and (is_credential_error(exc) or isinstance(exc, FileNotFoundError)
+                                         or "parquet" not in str(exc).lower() and "magic" not in str(exc).lower()):
+            raise describe_os_error(name, exc, loc) from None
+        raise CorruptFile(f"{name} is not a readable parquet file ({exc}){hint}") from None
     key = f"data.sources[{index}].text_column"
     if column not in schema.names:
         raise DataError(
@@ -127,15 +138,19 @@ def plan_corpus(cfg: DataConfig) -> Plan:
     sizes = [0] * len(cfg.sources)
     skipped: list[str] = []
     rows = 0
+    source_rows = [0] * len(cfg.sources)
+    formats: list[str] = []
     for i, src in enumerate(cfg.sources):
         src = _resolve_demo(src, cfg)
         where = f"data.sources[{i}].path = {src.path!r}"
         loc = location_for(src.path, src.endpoint_url, src.region)
-        infos = list_files(src.path, loc, ".parquet" if src.format == "parquet" else None, where)
+        fmt = src.format or _infer_format(src.path, loc, where)
+        formats.append(fmt)
+        infos = list_files(src.path, loc, ".parquet" if fmt == "parquet" else None, where)
         files += [(loc, info) for info in infos]
-        common = dict(source=i, format=src.format, text_column=src.text_column,
+        common = dict(source=i, format=fmt, text_column=src.text_column,
                       text_mode=src.text_mode, loc=loc)
-        if src.format == "parquet":
+        if fmt == "parquet":
             for info in infos:
                 try:
                     groups = _parquet_row_groups(loc, info.path, src.text_column, i)
@@ -147,23 +162,36 @@ def plan_corpus(cfg: DataConfig) -> Plan:
                 for rg, n, size in groups:
                     raw.append((i, dict(common, files=(info.path,), row_group=rg)))
                     rows += n
+                    source_rows[i] += n
                     sizes[i] += size
         else:
             sizes[i] += sum(text_size(loc, info) for info in infos)
             rows += sum(1 for info in infos if info.size > 0)
+            source_rows[i] += sum(1 for info in infos if info.size > 0)
             step = 1 if src.text_mode == "line" else cfg.pack_rows
             for start in range(0, len(infos), step):
                 chunk = tuple(info.path for info in infos[start : start + step])
                 raw.append((i, dict(common, files=chunk, row_group=-1)))
-    rates = mixing_rates(cfg, sizes)
+    rates = rates_for_sizes(cfg, sizes)
     units = [Unit(unit_id=n, rate=rates[i], **kw) for n, (i, kw) in enumerate(raw)]
-    return Plan(units, files, sizes, skipped, rows)
+    return Plan(units, files, sizes, skipped, rows, source_rows, formats)
 
 
-def mixing_rates(cfg: DataConfig, sizes: list[int]) -> list[float]:
+def _infer_format(path: str, loc: Location, where: str) -> str:
+    """``data.sources[].format`` left out: ``parquet`` for a ``.parquet`` file, or a directory,
+    prefix or glob holding ``.parquet`` files; ``text`` otherwise."""
+    if path.rstrip("/").endswith(".parquet"):
+        return "parquet"
+    infos = list_files(path, loc, None, where)
+    return "parquet" if any(i.path.endswith(".parquet") for i in infos) else "text"
+
+
+def rates_for_sizes(cfg: DataConfig, sizes: list[float]) -> list[float]:
     """Per source, how many times each training block is emitted on average so that the
-    sources' shares of the stream follow their weights (the epoch keeps about the natural
-    total size: over-weighted sources repeat blocks, under-weighted ones skip some)."""
+    sources' shares of the stream follow their weights, given each source's size (the plan's
+    metadata estimate, or the tokens :mod:`raydrat.core.data.mixing` measured). The epoch
+    keeps about the natural total size: over-weighted sources repeat blocks, under-weighted
+    ones skip some."""
     weights = [s.weight for s in cfg.sources]
     if weights[0] is None or len(weights) == 1:
         return [1.0] * len(weights)

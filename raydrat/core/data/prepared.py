@@ -10,16 +10,34 @@ Shards hold rows ``tokens: fixed_size_list<int32>[seq_len + 1]`` and ``block_id:
 (:func:`block_table`, :func:`table_blocks`). The manifest is published by
 :func:`publish_manifest` (temp file + rename locally; a single PUT on S3, which is atomic);
 :func:`check_manifest` refuses one that does not match the run. Writing the shards is
-``raydrat data prepare`` (:mod:`raydrat.ray_data.prepare`)."""
+``raydrat data prepare`` (:mod:`raydrat.ray_data.prepare`).
+
+Generations. Each prepare writes a new ``shards-<run>`` *generation* and the manifest lists
+the published ones (``published``, newest first). A generation stays on storage while it is
+current, among the newest ``keep`` published, or held by a live *lease*: a reader (a
+training run's driver, a Tune trial) writes ``OUT/leases/<generation>.<id>.json`` when it
+opens the manifest, renews it every :data:`LEASE_RENEW_S` and removes it when it exits; a
+prepare holds one on the generation it is writing. A lease is live while its process runs
+(same host) or, from another host, for :data:`LEASE_TTL_S` after its last renewal.
+:func:`collect_garbage` (every prepare, before and after it writes; ``raydrat data gc``)
+removes every other ``shards-*`` prefix: old generations nobody reads, and what a crashed
+prepare left."""
 
 from __future__ import annotations
 
+import atexit
 import json
+import logging
 import os
+import socket
+import threading
+import time
+import uuid
 from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raydrat.core.data.errors import DataError
@@ -32,7 +50,17 @@ from raydrat.core.data.sources import (
     uri,
 )
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
+SHARDS_PREFIX = "shards-"
+LEASES = "leases"
+LEASE_RENEW_S = 60.0
+LEASE_TTL_S = 600.0
+"""A lease from another host not renewed for this long is dead (its reader crashed)."""
+DEFAULT_KEEP = 2
+"""Published generations a prepare keeps (the current one and the one before), leases aside."""
+
 MANIFEST_FORMAT = 1
 COUNT_KEYS = ("docs", "empty_docs", "invalid_utf8_docs", "skipped_files", "text_bytes")
 """Counts of a unit's documents, the same for both splits."""
@@ -124,3 +152,166 @@ def iter_prepared_blocks(prepared: str, split: str, endpoint_url: str | None = N
     for f in manifest[f"{split}_files"]:
         table = pq.read_table(f"{root}/{f}", filesystem=filesystem(loc))
         yield from table_blocks(table, manifest["block_len"])["tokens"]
+
+
+# --------------------------------------------------------------------------------------
+# generations: leases and garbage collection
+# --------------------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+class Lease:
+    """A reader's (or a writer's) claim on one generation of a prepared directory: a small
+    file under ``OUT/leases/``, renewed by a daemon thread, removed by :meth:`release` or at
+    interpreter exit. See the module docstring."""
+
+    def __init__(self, loc: Location, root: str, generation: str, holder: str = ""):
+        self.loc, self.root, self.generation = loc, root, generation
+        self.path = f"{root}/{LEASES}/{generation}.{uuid.uuid4().hex[:12]}.json"
+        self.holder = holder
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _write(self) -> None:
+        record = {"generation": self.generation, "host": socket.gethostname(), "pid": os.getpid(),
+                  "holder": self.holder, "renewed": time.time()}
+        fs = filesystem(self.loc)
+        if self.loc.kind == "local":
+            fs.create_dir(f"{self.root}/{LEASES}", recursive=True)
+        with fs.open_output_stream(self.path) as f:
+            f.write(json.dumps(record).encode())
+
+    def _renew(self) -> None:
+        while not self._stop.wait(LEASE_RENEW_S):
+            try:
+                self._write()
+            except OSError:  # storage briefly unreachable: the next renewal tries again
+                pass
+
+    @classmethod
+    def acquire(cls, loc: Location, root: str, generation: str, holder: str = "",
+                required: bool = True) -> "Lease":
+        """Take a lease (its renewal thread starts). ``required=False`` (a reader): when the
+        lease cannot be written (read-only credentials), warn and go on without one."""
+        lease = cls(loc, root, generation, holder)
+        try:
+            lease._write()
+        except OSError as exc:
+            if required:
+                raise describe_os_error(f"writing the lease {uri(loc, lease.path)}", exc, loc) from None
+            log.warning("could not write a reader lease under %s (%s): a later `raydrat data prepare` "
+                        "into it may remove generation %s while this run reads it (keep it with --keep)",
+                        uri(loc, f"{root}/{LEASES}"), str(exc).splitlines()[0] if str(exc) else exc, generation)
+            lease._stop.set()
+            return lease
+
+        lease._thread = threading.Thread(target=lease._renew, name="raydrat-lease", daemon=True)
+        lease._thread.start()
+        atexit.register(lease.release)
+        return lease
+
+    def release(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        atexit.unregister(self.release)
+        try:
+            filesystem(self.loc).delete_file(self.path)
+        except OSError:
+            pass
+        if self.loc.kind == "local":  # no empty leases/ directory left behind
+            try:
+                os.rmdir(f"{self.root}/{LEASES}")
+            except OSError:
+                pass
+
+    def __reduce__(self):  # a lease belongs to the process that took it; copies hold nothing
+        return (_no_lease, ())
+
+
+def _no_lease():
+    return None
+
+
+def _lease_live(record: dict, now: float) -> bool:
+    if record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int):
+        return _pid_alive(record["pid"])
+    return now - float(record.get("renewed", 0)) < LEASE_TTL_S
+
+
+def leases(loc: Location, root: str, now: float | None = None) -> dict[str, list[dict]]:
+    """Live leases by generation (each record with its ``path``); dead ones are removed."""
+    fs, now = filesystem(loc), time.time() if now is None else now
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(f"{root}/{LEASES}", allow_not_found=True))
+    except OSError:
+        return {}
+    out: dict[str, list[dict]] = {}
+    for info in infos:
+        if info.type != pafs.FileType.File or not info.path.endswith(".json"):
+            continue
+        try:
+            with fs.open_input_stream(info.path, compression=None) as f:
+                record = json.loads(f.read())
+        except (OSError, ValueError):
+            continue
+        if _lease_live(record, now):
+            out.setdefault(record["generation"], []).append({**record, "path": info.path})
+        else:
+            try:
+                fs.delete_file(info.path)
+            except OSError:
+                pass
+    return out
+
+
+def generations(loc: Location, root: str) -> list[str]:
+    """Every ``shards-*`` prefix under ``root``, sorted (oldest first: names start with the time)."""
+    try:
+        infos = filesystem(loc).get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError as exc:
+        raise describe_os_error(uri(loc, root), exc) from None
+    return sorted(i.base_name for i in infos
+                  if i.type == pafs.FileType.Directory and i.base_name.startswith(SHARDS_PREFIX))
+
+
+def collect_garbage(loc: Location, root: str, keep: int = DEFAULT_KEEP, dry_run: bool = False) -> dict[str, list[str]]:
+    """Remove the generations under ``root`` that no reader can be using: all but the
+    current one, the newest ``keep`` published ones and those with a live lease (an
+    unpublished prefix without a live lease is what a crashed prepare left). Returns
+    ``{"removed": [...], "kept": ["name (why)", ...]}``."""
+    try:
+        manifest = read_manifest_at(loc, root)
+    except DataError:
+        manifest = {}
+    published = list(manifest.get("published") or ([manifest["shards"]] if manifest.get("shards") else []))
+    current = manifest.get("shards")
+    held = leases(loc, root)
+    fs = filesystem(loc)
+    removed, kept = [], []
+    for gen in generations(loc, root):
+        if gen == current:
+            kept.append(f"{gen} (current)")
+        elif gen in published[: max(keep, 1)]:
+            kept.append(f"{gen} (one of the newest {keep} published)")
+        elif gen in held:
+            who = ", ".join(f"{r.get('holder') or 'pid'} {r['pid']} on {r['host']}" for r in held[gen])
+            kept.append(f"{gen} (leased by {who})")
+        else:
+            if not dry_run:
+                try:
+                    fs.delete_dir(f"{root}/{gen}")
+                except OSError as exc:
+                    kept.append(f"{gen} (could not be removed: {exc})")
+                    continue
+            removed.append(gen)
+    return {"removed": removed, "kept": kept}

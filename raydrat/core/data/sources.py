@@ -6,8 +6,8 @@ Every path goes through a pyarrow filesystem: :class:`pyarrow.fs.LocalFileSystem
 S3-compatible stores). A :class:`Location` is the picklable description a Ray task turns
 back into a filesystem (:func:`filesystem`, cached per process).
 
-Text files are decoded as UTF-8 with invalid bytes replaced (U+FFFD); each replaced
-document is counted. ``.gz`` files are decompressed.
+Text files are decoded as UTF-8 with invalid bytes and NUL bytes replaced (U+FFFD); each
+replaced document is counted. ``.gz`` files are decompressed.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import fnmatch
 import glob
 import gzip
 import hashlib
+import uuid
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,6 +26,7 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 from raydrat.core.data.errors import DataError
+from raydrat.redact import describe_aws_credentials, redact
 
 S3_SCHEME = "s3://"
 WILDCARDS = "*?["
@@ -75,13 +77,29 @@ def uri(loc: Location, path: str) -> str:
     return f"{S3_SCHEME}{path}" if loc.kind == "s3" else path
 
 
-def describe_os_error(where: str, exc: BaseException) -> DataError:
-    """A DataError for a filesystem failure, with the likely fix."""
-    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+CREDENTIAL_SIGNS = ("access denied", "accessdenied", "access_denied", "invalidaccesskeyid", "invalid_access_key_id",
+                    "signaturedoesnotmatch", "signature_does_not_match", "credential", "forbidden", "403",
+                    "expiredtoken", "expired_token", "invalidtoken", "permission denied")
+
+
+def is_credential_error(exc: BaseException) -> bool:
+    """Whether a filesystem error is a permission or credential refusal (never corruption)."""
+    return isinstance(exc, PermissionError) or any(k in str(exc).lower() for k in CREDENTIAL_SIGNS)
+
+
+def describe_os_error(where: str, exc: BaseException, loc: Location | None = None) -> DataError:
+    """A DataError for a filesystem failure, with the likely fix. A refused permission or
+    credential names the credentials that were used (never their secret) and is never
+    taken for a corrupt file."""
+    msg = redact(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
     low = str(exc).lower()
-    if any(k in low for k in ("access denied", "accessdenied", "access_denied", "invalidaccesskeyid", "signaturedoesnotmatch", "credential", "forbidden", "403")):
-        fix = ("check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws, "
-               "AWS_PROFILE) and the bucket policy")
+    if is_credential_error(exc) and (loc is None or loc.kind == "s3") and not isinstance(exc, PermissionError):
+        fix = (f"access was refused to the credentials used, {describe_aws_credentials()}: give them "
+               "read access (IAM policy, bucket policy) or use other credentials (AWS_ACCESS_KEY_ID/"
+               "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws); this is not a corrupt file, "
+               "data.on_corrupt does not apply")
+    elif is_credential_error(exc):
+        fix = "permission denied: check the file's permissions (data.on_corrupt does not apply)"
     elif any(k in low for k in ("nosuchbucket", "bucket does not exist", "not found", "404")):
         fix = "check the bucket name and data.sources[].path"
     elif any(k in low for k in ("connect", "resolve", "curl", "timeout")):
@@ -91,7 +109,34 @@ def describe_os_error(where: str, exc: BaseException) -> DataError:
     return DataError(f"{where}: {msg}: {fix}")
 
 
+def check_writable(loc: Location, root: str, where: str) -> None:
+    """Before any work: the output location exists (the bucket, or a local directory that
+    can be made) and takes a write (a probe object, written and removed)."""
+    fs = filesystem(loc)
+    name = uri(loc, root)
+    try:
+        if loc.kind == "s3":
+            bucket = root.split("/", 1)[0]
+            if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                raise DataError(
+                    f"{where}: bucket {bucket!r} does not exist (or the credentials used, "
+                    f"{describe_aws_credentials()}, cannot see it): create it, or fix --out "
+                    "(and --endpoint-url for an S3-compatible store)"
+                )
+        else:
+            fs.create_dir(root, recursive=True)
+        probe = f"{root}/.raydrat-write-check-{uuid.uuid4().hex[:8]}"
+        with fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        fs.delete_file(probe)
+    except DataError:
+        raise
+    except OSError as exc:
+        raise describe_os_error(f"{where}: cannot write to {name}", exc, loc) from None
+
+
 def _hidden(rel: str) -> bool:
+
     """Dot files and ``_``-files (``_SUCCESS``, ``.crc``) written beside data by Spark & co."""
     return any(part.startswith((".", "_")) for part in rel.split("/") if part)
 
@@ -151,11 +196,15 @@ class CorruptFile(DataError):
 
 
 def decode(raw: bytes) -> tuple[str, bool]:
-    """``(text, replaced)``: UTF-8 with invalid bytes replaced by U+FFFD."""
+    """``(text, replaced)``: UTF-8 with invalid bytes, and NUL bytes (valid UTF-8, but no
+    text holds them: a binary file, or a broken export), replaced by U+FFFD."""
     try:
-        return raw.decode("utf-8"), False
+        text, replaced = raw.decode("utf-8"), False
     except UnicodeDecodeError:
-        return raw.decode("utf-8", errors="replace"), True
+        text, replaced = raw.decode("utf-8", errors="replace"), True
+    if "\x00" in text:
+        text, replaced = text.replace("\x00", "\ufffd"), True
+    return text, replaced
 
 
 def text_size(loc: Location, info: pafs.FileInfo) -> int:

@@ -1,0 +1,104 @@
+"""Ctrl-C (SIGINT) and SIGTERM during ``raydrat train``: stop cleanly, say how to resume.
+
+Ray installs its own handlers: ``ray.init`` makes SIGTERM ``sys.exit`` (which escapes Ray's
+C++ wait loops as a crash, exit 134), and Ray Train's ``fit`` makes SIGINT abort the run
+and exit 1 with its own message. :func:`call_interruptibly` runs the blocking call in a
+helper thread (Ray Train installs no handler off the main thread, as under Tune) while the
+main thread waits with raydrat's handlers installed: a signal raises :class:`Interrupted`
+in the main thread, where the caller ends the MLflow run as KILLED, stops Ray, leaves only
+complete checkpoints, and the CLI prints the resume command and exits ``128 + signal``
+(130 for SIGINT, 143 for SIGTERM). Only the standard library is used here.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any, Iterator, TypeVar
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+T = TypeVar("T")
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by ``signum``. A ``KeyboardInterrupt`` (so no ``except
+    Exception`` swallows it); ``run_name`` and ``resumable`` are set by the trainer."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.run_name: str | None = None
+        self.resumable = False
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    @property
+    def signame(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+_received: list[int] = []
+
+
+def received() -> int | None:
+    """The first signal received inside :func:`trapped` (``None``: none)."""
+    return _received[0] if _received else None
+
+
+def as_interrupted(exc: BaseException) -> Interrupted:
+    """``exc`` (an :class:`Interrupted`, or a plain ``KeyboardInterrupt`` that Ray raised in
+    its place) as an :class:`Interrupted` carrying the signal that was received."""
+    if isinstance(exc, Interrupted):
+        return exc
+    return Interrupted(received() or signal.SIGINT)
+
+
+@contextmanager
+def trapped() -> Iterator[None]:
+    """SIGINT and SIGTERM raise :class:`Interrupted` in the main thread while inside (the
+    previous handlers come back on exit). Off the main thread it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        first = not _received
+        _received.append(signum)
+        if first:  # a second signal while stopping does not interrupt the clean-up
+            raise Interrupted(signum)
+
+    _received.clear()
+    previous = {s: signal.signal(s, handler) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def call_interruptibly(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` in a helper thread while the main thread waits, so that a
+    signal reaches raydrat's handler (see :func:`trapped`) whatever ``fn`` installs. The
+    result or exception of ``fn`` is the caller's; an interrupt raises :class:`Interrupted`
+    at once (the helper thread is a daemon and dies with the process or with Ray)."""
+    if threading.current_thread() is not threading.main_thread():
+        return fn(*args, **kwargs)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="raydrat-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]

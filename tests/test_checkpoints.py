@@ -1,0 +1,137 @@
+"""Checkpoints count only when complete, run names are never silently reused, and a run
+that would wait forever for the data stream's CPU is refused. Pure files and functions, no
+Ray: the process-level checks (signals, resume, retries) are in test_signals.py and
+test_resume.py."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from raydrat.config import ConfigError, load_config
+from raydrat.core.model.build import build_model
+from raydrat.core.model.config import ModelConfig
+from raydrat.core.state import DataPosition, load_state, save_checkpoint, verify_checkpoint
+from raydrat.core.techniques.bundle import Techniques
+from raydrat.ray_train import resume
+from raydrat.ray_train.fits import check_cluster_fits
+
+TINY = ModelConfig(vocab_size=64, seq_len=8, d_model=16, n_layer=2, n_head=2, n_kv_head=1)
+
+
+def _save(directory: Path, step: int, world_size: int = 2) -> Path:
+    """Every rank's part of a real checkpoint of a tiny model, as Ray Train merges them."""
+    for rank in range(world_size):
+        model = build_model(TINY, seed=rank)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        save_checkpoint(directory, model, opt, step, {"name": "t"}, Techniques.plain(TINY.n_layer),
+                        DataPosition(0, step * 3 + rank), rank, world_size)
+    return directory
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    """A run with checkpoints at steps 2, 4, 6 and 8 (names sort by save time, as Ray's do)."""
+    d = tmp_path / "run"
+    for i, step in enumerate((2, 4, 6, 8)):
+        _save(d / f"checkpoint_2026-01-01_00-00-0{i}.000000", step)
+    return d
+
+
+def test_a_checkpoint_is_complete_only_with_every_rank_manifest_and_matching_files(run_dir):
+    newest = sorted(run_dir.iterdir())[-1]
+    assert verify_checkpoint(newest) is None
+    manifest = json.loads((newest / "manifest-rank1.json").read_text())
+    assert manifest["world_size"] == 2 and set(manifest["files"]) == {"rank1.pt"}
+    assert set(json.loads((newest / "manifest-rank0.json").read_text())["files"]) == {"state.pt", "rank0.pt"}
+
+    # the faults a kill or a disk leaves: each is named
+    broken = run_dir / "broken"
+    cases = {
+        "truncated": (lambda d: (d / "state.pt").write_bytes((d / "state.pt").read_bytes()[:100]),
+                      r"state.pt \(rank 0\) is 100 bytes, its manifest says \d+ \(truncated"),
+        "rank file": (lambda d: (d / "rank1.pt").unlink(), r"rank1.pt \(rank 1\) is missing"),
+        "rank save": (lambda d: [(d / f).unlink() for f in ("rank1.pt", "manifest-rank1.json")],
+                      r"manifest of rank\(s\) 1 of 2 is missing"),
+        "no manifest": (lambda d: [p.unlink() for p in d.glob("manifest-*")], r"no manifest"),
+        "flipped": (lambda d: _flip_byte(d / "rank0.pt"), r"rank0.pt \(rank 0\) does not match its manifest's sha256"),
+    }
+    for name, (fault, reason) in cases.items():
+        shutil.rmtree(broken, ignore_errors=True)
+        shutil.copytree(newest, broken)
+        fault(broken)
+        why = verify_checkpoint(broken)
+        assert why is not None, name
+        assert re.search(reason, why), (name, why)
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_resume_takes_the_newest_complete_checkpoint_and_says_why(run_dir):
+    dirs = sorted(run_dir.iterdir())
+    (dirs[3] / "state.pt").write_bytes((dirs[3] / "state.pt").read_bytes()[:1000])  # truncated newest
+    (dirs[2] / "rank1.pt").unlink()                                                  # a rank's file gone
+    chosen, skipped = resume.choose_checkpoint(run_dir)
+    assert chosen == dirs[1] and load_state(str(chosen))["step"] == 4
+    assert [Path(d).name for d, _ in skipped] == [dirs[3].name, dirs[2].name]
+    text = resume.describe_choice(chosen, skipped)
+    assert text.startswith(f"{dirs[1].name} (step 4); skipped {dirs[3].name}: state.pt"), text
+    assert "rank1.pt (rank 1) is missing" in text
+    assert resume.latest_checkpoint(run_dir) == dirs[1]  # the API the driver and workers use
+
+
+def test_resume_refuses_when_no_checkpoint_is_complete(tmp_path, run_dir):
+    cfg = load_config("debug", [f"train.storage_path={run_dir.parent}"])
+    resume.write_run_record(cfg, "run", None, None)
+    for m in run_dir.glob("checkpoint_*/manifest-*.json"):  # saves from before manifests, or all cut off
+        m.unlink()
+    with pytest.raises(ConfigError, match=r"no complete checkpoint in .*run \(skipped checkpoint_.*no manifest"):
+        resume.prepare_resume(cfg, "run")
+
+
+def test_an_interrupt_leaves_only_complete_checkpoints(run_dir):
+    dirs = sorted(run_dir.iterdir())
+    (dirs[3] / "state.pt").write_bytes(b"torn")          # cut off mid-save, unknown to Ray
+    (dirs[0] / "manifest-rank1.json").unlink()           # incomplete but registered by Ray Train
+    (run_dir / resume.RAY_SNAPSHOT).write_text(json.dumps({"checkpoint_results": [
+        {"checkpoint_dir_name": dirs[0].name}, {"checkpoint_dir_name": dirs[2].name}]}))
+    assert resume.prune_incomplete(run_dir) == [dirs[3].name]
+    assert resume.checkpoint_dirs(run_dir) == dirs[:3]  # Ray's record never loses a directory
+
+
+def test_a_used_run_name_is_refused_and_default_names_never_collide(tmp_path):
+    cfg = load_config("debug", [f"train.storage_path={tmp_path}", "tracking.run_name=mine"])
+    assert resume.new_run_name(cfg) == "mine"  # unused
+    resume.write_run_record(cfg, "mine", None, None)
+    assert resume.new_run_name(cfg) == "mine"  # stopped before any checkpoint: nothing to inherit
+    _save(tmp_path / "mine" / "checkpoint_2026-01-01_00-00-00.000000", 2)
+    with pytest.raises(ConfigError, match=r"run name 'mine' is already used .*--resume mine.*tracking.run_name"):
+        resume.new_run_name(cfg)
+    default = load_config("debug", [f"train.storage_path={tmp_path}"])
+    names = {resume.new_run_name(default) for _ in range(50)}  # same second, same config
+    assert len(names) == 50 and all(n.startswith("debug-") for n in names)
+
+
+def test_the_fit_check_counts_the_data_streams_cpu():
+    def cfg(*sets):
+        return load_config("debug", list(sets))
+
+    two = cfg("scaling.num_workers=2")
+    with pytest.raises(ConfigError, match=(
+            r"2 CPUs for the Train workers, plus 1 for the training data stream .* needs 3 CPUs but the Ray "
+            r"cluster has 2 CPUs and 0 GPUs.*set scaling.cpus_per_worker=0.5")):
+        check_cluster_fits(two, False, {"CPU": 2.0})
+    check_cluster_fits(cfg("scaling.num_workers=2", "scaling.cpus_per_worker=0.5"), False, {"CPU": 2.0})
+    check_cluster_fits(cfg(), False, {"CPU": 2.0})  # the debug recipe on 2 CPUs
+    with pytest.raises(ConfigError, match=r"give Ray at least 2 CPUs"):
+        check_cluster_fits(cfg(), False, {"CPU": 1.0})
+    check_cluster_fits(cfg("scaling.num_workers=2", "scaling.wait_for_resources=true"), False, {"CPU": 2.0})
