@@ -45,6 +45,8 @@ def gate_prob_name(layer: int, kind: str) -> str:
     return f"gates/p/L{layer}.{kind}"
 # Peak memory of the worker (CUDA: max allocated; CPU: resident-set growth), in bytes.
 PEAK_BYTES = "peak_bytes"
+# The predicted peak per worker (the resolved Runtime's estimate), logged once per run.
+ESTIMATED_BYTES = "estimated_bytes"
 # Micro-batch in use (train.auto_microbatch may have shrunk it).
 MICRO_BATCH = "micro_batch_size"
 # Seconds spent inside optimizer steps so far (overhead accounting).

@@ -134,6 +134,15 @@ def _log_run_artifacts(run: Run, cfg: RaydratConfig, tokenizer_path: str) -> Non
         run.log_artifact(tokenizer_path, "tokenizer")
 
 
+def log_data(run: Run, bundle) -> None:
+    """The run's data: the lineage (the prepare manifest, or the sources read) as
+    ``data/lineage.json`` and as MLflow dataset inputs, whose profile holds the data counts."""
+    if bundle.lineage:
+        run.log_text(json.dumps(bundle.lineage, indent=2, default=str), "data/lineage.json")
+        profile = {k.removeprefix("data_"): v for k, v in bundle.metrics().items()}
+        run.log_inputs(tracking.data_inputs(bundle.lineage, profile))
+
+
 def _log_loss_curve(run: Run, title: str, out_dir: Path) -> None:
     curves = {"train": run.metric_history(M.TRAIN_LOSS), "val": run.metric_history(M.VAL_LOSS)}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -188,11 +197,10 @@ def run_training(cfg: RaydratConfig, resume_run: bool | str = False,
                  f"{resume.latest_checkpoint(resume.storage_root(cfg) / run_name)}")
     elif cfg.tracking.enabled:
         run = Run.start(tracking.resolve_tracking_uri(cfg.tracking), cfg.tracking.experiment, run_name,
-                        params=cfg.flat())
+                        params=tracking.run_params(cfg, runtime))
         _log_run_artifacts(run, cfg, bundle.tokenizer_path)
-        if bundle.lineage:  # data lineage: the prepare manifest or the sources read
-            run.log_text(json.dumps(bundle.lineage, indent=2, default=str), "data/lineage.json")
-            run.log_metrics(bundle.metrics(), 0)
+        log_data(run, bundle)
+        run.log_metrics({M.ESTIMATED_BYTES: runtime.estimate.total_bytes}, 0)
         log.info(f"MLflow run {run.run_id} in {run.uri}")
     if record is None:
         resume.write_run_record(cfg, run_name, run.uri, run.run_id)
@@ -202,8 +210,9 @@ def run_training(cfg: RaydratConfig, resume_run: bool | str = False,
         result = fit_in_run(cfg, runtime, bundle, run, run_name, resume=record is not None,
                             fit_callbacks=fit_callbacks)
         status = "FINISHED"
-        for epoch, values in enumerate(bundle.epoch_metrics(), start=1):  # per-epoch data counts
-            run.log_metrics(values, epoch)
+        epochs = bundle.epoch_metrics()  # per-epoch data counts: an artifact, not constant charts
+        if epochs:
+            run.log_text(json.dumps(epochs, indent=2), "data/epochs.json")
     finally:
         run.end(status)
 
@@ -218,6 +227,4 @@ def run_training(cfg: RaydratConfig, resume_run: bool | str = False,
         run=run,
         metrics=final,
     )
-    if summary.tokens_per_s:
-        run.log_metrics({"final_tokens_per_s": summary.tokens_per_s}, summary.steps)
     return summary
