@@ -180,6 +180,7 @@ def run_sweep(space_path: str | Path, resume: bool = False, json_path: str | Pat
     gpus = expected_gpus()
     base = space.config_for({}, f"{space.path} (base + overrides)")
     drawn = expand(space) if sweep.search in ("random", "grid") else None
+    inner = build_searcher(space, drawn)  # a missing searcher package is refused first
     if drawn is not None:  # every trial known: all admitted now, before Ray starts
         verdicts = A.screen_drawn(space, drawn, gpus)
         A.check_budget(space, verdicts)
@@ -188,7 +189,6 @@ def run_sweep(space_path: str | Path, resume: bool = False, json_path: str | Pat
         verdicts = []
         A.check_budget(space, A.corners(space, gpus), what="corner of the space")
         total, launch_specs = sweep.num_samples, [TrialSpec(0, {}, base)]
-    inner = build_searcher(space, drawn)  # a missing searcher package is refused here
     ensure_ray(log_to_driver=verbose)
     concurrency, warnings = A.check_resources(space, launch_specs, ray.cluster_resources())
     for w in warnings:
