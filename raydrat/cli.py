@@ -127,8 +127,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     summary = run_sweep(args.space, resume=args.resume, json_path=args.json, verbose=args.verbose)
     print(summary.report)
     if summary.tracking_uri and summary.parent_run_id:
+        parent = tracking.Run.attach(summary.tracking_uri, summary.parent_run_id)
         print(f"MLflow parent run {summary.parent_run_id}; browse with:")
         print(f"  {tracking.ui_command(summary.tracking_uri)}")
+        print(f"  then open {tracking.ui_url(summary.tracking_uri, parent.experiment_id(), summary.name)}")
     return 0
 
 

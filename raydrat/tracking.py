@@ -46,6 +46,7 @@ from mlflow.tracking import MlflowClient
 
 from raydrat.config.run import RaydratConfig
 from raydrat.config.tracking import TrackingConfig
+from raydrat.core import metrics as M
 
 DEFAULT_DB = "mlruns.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -94,6 +95,50 @@ def client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
+VIEW_TAG = "mlflow.sharedViewState."
+VIEW_KEY = "raydrat"
+TABLE_METRICS = (M.VAL_LOSS, M.TRAIN_LOSS, M.PEAK_BYTES, M.ESTIMATED_BYTES, M.TOKENS_PER_S_AVG)
+
+
+def _line_chart(key: str, section: str) -> dict:
+    return {"uuid": f"raydrat-{key}", "type": "LINE", "runsCountToCompare": 10, "metricSectionId": section,
+            "deleted": False, "isGenerated": False, "metricKey": key, "selectedMetricKeys": [key],
+            "lineSmoothness": 0, "xAxisScaleType": "linear", "scaleType": "linear", "range": {},
+            "xAxisKey": "step", "selectedXAxisMetricKey": "", "yAxisKey": "metric", "yAxisExpressions": [],
+            "ignoreOutliers": False, "useGlobalXaxisKey": True, "useGlobalLineSmoothing": True}
+
+
+def view_state(search_filter: str | None = None) -> dict[str, Any]:
+    """A view of the experiment's runs that leads with the loss, in the form the MLflow UI
+    (3.x) shares views in (an experiment tag ``mlflow.sharedViewState.<key>``, opened with
+    ``?viewStateShareKey=<key>``): the loss charts first in their own section (the rest
+    follow in MLflow's own order), the table's columns val/train loss, measured and
+    estimated peak, tokens/s and raydrat's status; with ``search_filter``, only those runs,
+    ranked by val loss (which lists a sweep's trials rather than folding them under it)."""
+    columns = [f"metrics.`{k}`" for k in TABLE_METRICS] + ["tags.`raydrat.status`", "attributes.`Source`"]
+    state: dict[str, Any] = {
+        "selectedColumns": columns, "columnOrder": columns, "isAccordionReordered": True,
+        "compareRunSections": [{"uuid": "raydrat-loss", "name": "Loss", "display": True, "isReordered": True,
+                                "deleted": False, "isGenerated": False}],
+        "compareRunCharts": [_line_chart(k, "raydrat-loss") for k in (M.VAL_LOSS, M.TRAIN_LOSS)],
+    }
+    if search_filter:
+        state.update(searchFilter=search_filter, orderByKey=f"metrics.`{M.VAL_LOSS}`", orderByAsc=True)
+    return state
+
+
+def share_view(uri: str, experiment_id: str, key: str, search_filter: str | None = None) -> None:
+    client(uri).set_experiment_tag(experiment_id, VIEW_TAG + key, json.dumps(view_state(search_filter)))
+
+
+def ui_url(uri: str, experiment_id: str, key: str = VIEW_KEY) -> str:
+    """The page that opens the experiment in the UI's model-training view (MLflow 3 opens
+    its GenAI view otherwise), on the shared view ``key``, its charts first."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return (f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={key}&compareRunsMode=CHART")
+
+
 def get_or_create_experiment(uri: str, name: str) -> str:
     """Experiment id for ``name``, tagged as model training. A new experiment of the
     embedded store keeps its artifacts in ``mlartifacts/`` beside the database, recorded
@@ -109,6 +154,8 @@ def get_or_create_experiment(uri: str, name: str) -> str:
         exp = c.get_experiment(exp_id)
     if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
         c.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+    if VIEW_TAG + VIEW_KEY not in exp.tags:
+        share_view(uri, exp.experiment_id, VIEW_KEY)
     return exp.experiment_id
 
 
@@ -147,15 +194,21 @@ def _user() -> str:
         return os.environ.get("USER", "unknown")
 
 
+COMMAND_TAG = "raydrat.command"
+
+
 def run_tags() -> dict[str, str]:
     """Source, git commit and user tags, as MLflow's own fluent API would set them: the
-    command that started this process, the commit raydrat runs from, the user."""
-    argv = list(sys.argv)
-    prog = "raydrat" if argv and argv[0].endswith(("raydrat", "raydrat/cli.py")) else Path(argv[0] or "python").name
+    entry point that started this process (``raydrat train debug``: the UI shows a source's
+    last path part, so paths are shortened to their names; the whole command line is
+    ``raydrat.command``), the commit raydrat runs from, the user."""
+    argv = list(sys.argv) or ["python"]
+    prog = "raydrat" if argv[0].endswith(("raydrat", "raydrat/cli.py")) else Path(argv[0]).name
+    words = [Path(a).stem if "/" in a or a.endswith(".yaml") else a for a in argv[1:] if not a.startswith("-")][:2]
     # under `ray job submit` the driver has Ray's job config in its environment
-    tags = {"mlflow.source.name": shlex.join([prog, *argv[1:]])[:500],
+    tags = {"mlflow.source.name": " ".join([prog, *words]),
             "mlflow.source.type": "JOB" if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") else "LOCAL",
-            "mlflow.user": _user()}
+            "mlflow.user": _user(), COMMAND_TAG: shlex.join([prog, *argv[1:]])[:5000]}
     git = _git_commit()
     if git:
         tags["mlflow.source.git.commit"] = git[0]
@@ -355,3 +408,6 @@ class Run:
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         return metric_history(self.uri, self.run_id, key) if self else []
+
+    def experiment_id(self) -> str | None:
+        return client(self.uri).get_run(self.run_id).info.experiment_id if self else None

@@ -62,6 +62,7 @@ class TrainingSummary:
         if self.run:
             out.append(f"MLflow run {self.run.run_id}; browse with:")
             out.append(f"  {tracking.ui_command(self.run.uri)}")
+            out.append(f"  then open {tracking.ui_url(self.run.uri, self.run.experiment_id())}")
         return out
 
 

@@ -50,6 +50,8 @@ def start_parent(space: Space, uri: str | None, sweep_name: str, experiment: str
         **{f"sweep.space.{k}": v for k, v in sweep.space.items()},
     }, tags={SWEEP_TAG: sweep_name})
     parent.log_artifact(space.path, "space")
+    # the sweep's own view in the UI: its trials ranked by val loss, the loss charts first
+    tracking.share_view(uri, parent.experiment_id(), sweep_name, f"tags.`{SWEEP_TAG}` = '{sweep_name}'")
     return parent
 
 
@@ -159,7 +161,8 @@ def log_sweep_report(parent: Run, artifacts: list[Path], best: R.TrialRecord | N
     if best:
         parent.log_params({"best.trial": best.trial, **{f"best.{k}": v for k, v in best.params.items()}})
         parent.log_text(best.trial + "\n" + (command or "") + "\n", "best_config.txt")
-        parent.log_metrics({f"best_{metric}": best.metric_value}, 0)
+        parent.log_metrics({f"sweep/best_{metric}": best.metric_value}, 0)
     parent.set_tags({f"raydrat.trials.{k}": str(v) for k, v in counts.items()})
-    parent.log_metrics(figures, 0)
+    # the sweep's own figures in their own section of the charts, apart from the trials' curves
+    parent.log_metrics({f"sweep/{k}": v for k, v in figures.items()}, 0)
     parent.end("FINISHED")

@@ -44,7 +44,7 @@ class TrialRecord:
     micro_batch_size: int | None = None
     train_time_s: float | None = None
     phase_s: dict[str, float] = field(default_factory=dict)
-    """Where the rest of the trial's time went (``time/...`` metrics: data set-up, the
+    """Where the rest of the trial's time went (``system/...`` metrics: data set-up, the
     worker loop's wall time, its data waits, evaluation and checkpoint saves)."""
     wall_s: float | None = None
     start_ts: float | None = None

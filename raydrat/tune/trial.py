@@ -29,7 +29,7 @@ STATUS = "status"
 TRIAL_WALL_S = "trial_wall_s"
 TRIAL_START = "trial_start_ts"
 TRIAL_END = "trial_end_ts"
-DATA_SETUP_S = "time/data_setup_s"  # planning the corpus and building the val split
+DATA_SETUP_S = "system/data_setup_s"  # planning the corpus and building the val split
 ERROR = "error"
 RUN_ID = "mlflow_run_id"
 
