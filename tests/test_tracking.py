@@ -4,6 +4,7 @@ valid when the store is copied; read back through the MLflow client."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
 import subprocess
@@ -66,6 +67,11 @@ def test_a_copied_store_reads_and_writes_its_own_artifacts(store: Path, tmp_path
     assert {a.path for a in client.list_artifacts(run.run_id, "notes")} == files
     exp = client.get_experiment_by_name("raydrat")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(exp.tags["mlflow.sharedViewState.raydrat"])  # the UI view raydrat links to
+    assert view["selectedColumns"][:2] == ["metrics.`val_loss`", "metrics.`train_loss`"]
+    assert tracking.ui_url(copy_uri, exp.experiment_id).endswith(
+        f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey=raydrat"
+        "&compareRunsMode=CHART")
 
 
 def test_every_run_carries_source_git_and_user_tags(store: Path):

@@ -146,6 +146,20 @@ def test_a_proposal_keeps_only_the_entries_whose_condition_holds(tmp_path):
         "recompute.mode": "gated", "recompute.gates.memory_weight": 0.01}
 
 
+def test_hyperopt_proposals_are_screened_too(tmp_path):
+    space = load_space(_space(tmp_path, search="hyperopt", num_samples=6, seed=1, memory_budget_gb=0.05,
+                              space={"model.d_model": {"grid": [32, 512]}, "optim.lr": {"uniform": [1e-3, 1e-2]}}))
+    launched, refused = [], []
+    s = AdmittingSearcher(build_searcher(space, None), 6, lambda i, prop: screen(space, i, space.params_from(prop), 0),
+                          lambda v: {"trial": v}, refused.append, "val_loss", "min")
+    while (out := s.suggest(f"x{len(launched)}")) != Searcher.FINISHED:
+        launched.append(out["trial"])
+        s.on_trial_complete(f"x{len(launched) - 1}", {"val_loss": 1.0, "status": "completed"})
+    assert len(launched) + len(refused) == 6 and [v.index for v in launched + refused] != []
+    assert {v.params["model.d_model"] for v in launched} <= {32} and {v.params["model.d_model"] for v in refused} <= {512}
+    assert all(isinstance(v.params["model.d_model"], int) and 1e-3 <= v.params["optim.lr"] <= 1e-2 for v in launched)
+
+
 class _Unlearned(Searcher):
     """A peer: the same searcher, told nothing of the refused proposals (reported as errors,
     which Optuna leaves out of its model)."""
@@ -390,6 +404,12 @@ def test_optuna_sweep_statuses_figures_and_mlflow_runs_agree(ray_local, demo_dir
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} == {
         "report/trials.csv", "report/pareto.png", "report/report.txt"}
 
+    # the sweep's own view in the UI (a shared view: its trials ranked by val loss, loss charts first)
+    view = json.loads(exp.tags[f"mlflow.sharedViewState.{sweep_dir.name}"])
+    assert view["searchFilter"] == f"tags.`raydrat.sweep` = '{sweep_dir.name}'"
+    assert [c["metricKey"] for c in view["compareRunCharts"]] == ["val_loss", "train_loss"]
+    assert {r.info.run_id for r in client.search_runs([exp.experiment_id], view["searchFilter"])} == {
+        r.info.run_id for r in runs}
     # the MLflow view: training experiment, source/git/user tags on every run, used sections as
     # params, data lineage as dataset inputs, measured peak on every run that trained
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"

@@ -15,7 +15,7 @@ from ray.tune.experiment import Trial
 
 from raydrat.core import metrics as M
 from raydrat.tune import report as R
-from raydrat.tune.mlflow_runs import end_trial_run, find_trial_run
+from raydrat.tune.mlflow_runs import end_trial_run, find_trial_run, last_logged_step
 from raydrat.tune.trial import ERROR, STATUS, root_cause
 
 
@@ -68,7 +68,9 @@ class TrialEvents(Callback):
         run = find_trial_run(self.uri, self.parent_run_id, p["name"])
         if run and run.status() == "RUNNING":
             end_trial_run(run, "stopped_early")
-        self.log.info(f"{p['name']} stopped by the scheduler after reporting step {step}/{p['steps']}")
+        logged = last_logged_step(run) if run else None
+        trained = f"; it had logged step {logged}/{p['steps']}" if logged is not None and logged != step else ""
+        self.log.info(f"{p['name']} stopped by the scheduler at its step {step}/{p['steps']} report{trained}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info) -> None:
         p = trial.config["trial"]

@@ -119,6 +119,12 @@ def find_trial_run(uri: str | None, parent_run_id: str | None, trial: str) -> Ru
     return Run.attach(uri, runs[0].info.run_id) if runs else Run.off()
 
 
+def last_logged_step(run: Run) -> int | None:
+    """The last step a run logged a loss at (what its trial trained, as far as it reported)."""
+    steps = [h[-1][0] for key in (M.TRAIN_LOSS, M.VAL_LOSS) if (h := run.metric_history(key))]
+    return max(steps) if steps else None
+
+
 def interrupt_running_children(uri: str | None, parent_run_id: str | None) -> None:
     """On resume: the runs of trials an interrupt cut off end ``KILLED`` (the trials start
     again, each in a new run)."""

@@ -233,14 +233,14 @@ def plot_pareto(records: list[TrialRecord], path: Path, title: str, budget: int 
             ax.scatter([r.estimated_bytes / MIB for r in group], [top] * len(group), marker=marker, s=70,
                        facecolors="none", edgecolors=color, lw=1.5, label=f"{status} (estimate; no val loss)", zorder=3)
     for r in trained:
-        ax.annotate(r.trial, (r.peak_bytes / MIB, r.val_loss), fontsize=7, xytext=(5, 4), textcoords="offset points")
+        ax.annotate(r.trial, (r.peak_bytes / MIB, r.val_loss), fontsize=7, xytext=(8, 6), textcoords="offset points")
     for r in untrained:
         ax.annotate(r.trial, (r.estimated_bytes / MIB, top), fontsize=7, xytext=(5, 4), textcoords="offset points")
     if budget:
         ax.axvline(budget / MIB, color="black", ls="--", lw=1, label=f"memory budget {fmt_bytes(budget)}")
     if untrained:
         ax.axhline(top, color="0.85", lw=6, zorder=1)
-    ax.set_xlabel("peak memory per worker (MiB): measured, or the estimate for trials that did not train")
+    ax.set_xlabel("peak memory per worker (MB): measured, or the estimate for trials that did not train")
     ax.set_ylabel("val loss (last reported)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
