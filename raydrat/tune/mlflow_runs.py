@@ -145,7 +145,7 @@ def finalize_trial_runs(uri: str | None, records: list[R.TrialRecord]) -> None:
     if not uri:
         return
     for r in records:
-        if not r.mlflow_run_id or r.status in ("infeasible", "refused"):
+        if not r.mlflow_run_id or not r.launched:
             continue
         run = Run.attach(uri, r.mlflow_run_id)
         tags = {STATUS_TAG: r.status}
