@@ -23,19 +23,30 @@ REPORT_FIGURES = (M.PEAK_BYTES, M.TOKENS_PER_S_AVG, M.TRAIN_TIME_S, M.LOOP_S, *M
 
 
 class RunMetrics(Callback):
+    """Rank 0's metrics into ``run``, while the run is open: a sweep's driver closes the run
+    of a trial its scheduler stopped, and the trial's workers, killed a moment later, log
+    nothing after that (the trial's figures are what it logged while it lived)."""
+
     def __init__(self, run: Run):
         self.run = run
 
+    def _open(self, state: FitState) -> bool:
+        if state.rank != 0 or not self.run:
+            return False
+        if self.run.status() != "RUNNING":
+            self.run = Run.off()
+        return bool(self.run)
+
     def on_fit_start(self, state: FitState) -> None:
-        if state.rank == 0 and state.restored:
+        if state.restored and self._open(state):
             self.run.log_metrics({M.RESUMED_FROM_STEP: state.start_step}, state.start_step)
 
     def on_log(self, state: FitState, values: dict[str, float]) -> None:
-        if state.rank == 0:
+        if self._open(state):
             self.run.log_metrics(values, state.step)
 
     def on_save(self, state: FitState, report: dict[str, float]) -> None:
-        if state.rank != 0:
+        if not self._open(state):
             return
         keys = [*REPORT_FIGURES, *([M.MICRO_BATCH] if state.train.auto_microbatch else [])]
         figures = {k: report[k] for k in keys if k in report}

@@ -17,6 +17,7 @@ root cause), and for proposals never launched ``infeasible`` (estimate over the 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 from raydrat import tracking
@@ -52,6 +53,25 @@ def logged_values(uri: str, run_id: str) -> tuple[dict[str, float], int | None, 
     times = {"start": run.info.start_time / 1000 if run.info.start_time else None,
              "end": run.info.end_time / 1000 if run.info.end_time else None}
     return dict(run.data.metrics), (max(steps) if steps else None), times
+
+
+def settle(uri: str | None, run_ids: list[str], quiet_s: float = 2.0, limit_s: float = 30.0) -> None:
+    """Wait until the runs of stopped trials log nothing more: Tune has returned, but a
+    stopped trial's worker may still be finishing a log it began before its run closed."""
+    if not uri or not run_ids:
+        return
+    c = tracking.client(uri)
+
+    def marks():
+        return [tuple(len(c.get_metric_history(r, k)) for k in (M.TRAIN_LOSS, M.PEAK_BYTES)) for r in run_ids]
+
+    deadline, last = time.time() + limit_s, marks()
+    while time.time() < deadline:
+        time.sleep(quiet_s)
+        now = marks()
+        if now == last:
+            return
+        last = now
 
 
 def tune_values(df) -> tuple[dict[str, float], int | None]:
@@ -109,6 +129,9 @@ def refused_record(rec: dict) -> R.TrialRecord:
 def trial_records(space: Space, grid, refused: list[dict], uri: str | None,
                   parent_run_id: str | None) -> list[R.TrialRecord]:
     """One record per proposed trial, launched or not, in the order they were proposed."""
+    stopped = [(r.metrics or {}).get(RUN_ID) or find_trial_run(uri, parent_run_id, r.config["trial"]["name"]).run_id
+               for r in grid if STATUS not in (r.metrics or {}) and r.error is None]
+    settle(uri, [r for r in stopped if r])
     records = [launched_record(space, r, uri, parent_run_id) for r in grid]
     records += [refused_record(r) for r in refused]
     return sorted(records, key=lambda r: r.trial)
