@@ -37,6 +37,11 @@ REFUSED_STATUS = "KILLED"
 """A refused trial's run status: it was stopped before it started (and has no end time)."""
 
 
+def child_run_name(trial: str, sweep_name: str) -> str:
+    """A trial's MLflow run name: its id first (the UI's run-name column is narrow)."""
+    return f"{trial}-{sweep_name}"
+
+
 def start_parent(space: Space, uri: str | None, sweep_name: str, experiment: str) -> Run:
     """The sweep's parent run: its settings as params and the space file as an artifact."""
     if not uri:
@@ -69,7 +74,7 @@ def start_trial_run(p: dict, cfg: RaydratConfig, started_s: float) -> Run:
     if not p["tracking_uri"] or not p["parent_run_id"]:
         return Run.off()
     run = Run.start(
-        p["tracking_uri"], cfg.tracking.experiment, p["run_name"],
+        p["tracking_uri"], cfg.tracking.experiment, child_run_name(p["name"], p["sweep"]),
         params=_trial_params(cfg, p["runtime"], p["name"], p["params"], p["budget_gb"]),
         tags={**p["source_tags"], SWEEP_TAG: p["sweep"], TRIAL_TAG: p["name"]},
         parent=Run.attach(p["tracking_uri"], p["parent_run_id"]), start_time_s=started_s,
@@ -94,7 +99,7 @@ def record_refused(uri: str | None, experiment: str, parent_run_id: str | None, 
         return None
     cfg = verdict.spec.config if verdict.spec is not None else None
     budget_gb = verdict.budget / R.GB if verdict.budget is not None else None
-    run = Run.start(uri, experiment, f"{sweep_name}-{verdict.name}",
+    run = Run.start(uri, experiment, child_run_name(verdict.name, sweep_name),
                     params=_trial_params(cfg, verdict.runtime, verdict.name, verdict.params, budget_gb),
                     tags={**source_tags, SWEEP_TAG: sweep_name, TRIAL_TAG: verdict.name,
                           STATUS_TAG: verdict.refused, REFUSED_TAG: verdict.reason or ""},
