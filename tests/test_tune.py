@@ -1,5 +1,7 @@
-"""Sweeps: space validation before anything runs, auto micro-batch on OOM, and one real sweep
-of the debug recipe through Ray Tune (budget → infeasible, OOM → oom, MLflow tree, Pareto)."""
+"""Sweeps: space validation before anything runs (the sweep's own keys, searcher packages,
+budgets), admission of each proposal and what a searcher learns from it, auto micro-batch on
+OOM, and one real Optuna sweep of the debug recipe through Ray Tune (budget → infeasible,
+OOM → oom, statuses, figures and child runs against checkpoints, Tune and the MLflow store)."""
 
 from __future__ import annotations
 
