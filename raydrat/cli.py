@@ -8,7 +8,7 @@
 
     raydrat bench ingest [CONFIG] [--mb N ...] [--json PATH]
     raydrat bench overhead [CONFIG] [--json PATH]
-    raydrat tune SPACE [--resume] [--json PATH]
+    raydrat tune SPACE [--resume] [--json PATH] [--verbose]
     raydrat estimate CONFIG [--set section.key=value ...]
     raydrat bench combos [CONFIG] [--json PATH] [--only NAME ...]
     raydrat bench sync [CONFIG] [--latency-ms MS,...] [--link MBIT,...] [--json PATH]
@@ -152,11 +152,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from raydrat import tracking
     from raydrat.tune.sweep import run_sweep
 
-    summary = run_sweep(args.space, resume=args.resume, json_path=args.json)
+    summary = run_sweep(args.space, resume=args.resume, json_path=args.json, verbose=args.verbose)
     print(summary.report)
     if summary.tracking_uri and summary.parent_run_id:
+        parent = tracking.Run.attach(summary.tracking_uri, summary.parent_run_id)
         print(f"MLflow parent run {summary.parent_run_id}; browse with:")
         print(f"  {tracking.ui_command(summary.tracking_uri)}")
+        print(f"  then open {tracking.ui_url(summary.tracking_uri, parent.experiment_id(), summary.name)}")
     return 0
 
 
@@ -233,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("space", help="space YAML path or shipped space name (smoke, lambda_sweep, ...)")
     p.add_argument("--resume", action="store_true", help="continue the latest unfinished sweep of this space")
     p.add_argument("--json", help="write one record per trial to this JSON file")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray Tune's status tables and the workers' output (default: one line per trial event)")
     p.set_defaults(func=cmd_tune)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)

@@ -11,13 +11,15 @@ import ray.data
 import torch
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
+def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     """Start or join Ray once. With ``RAY_ADDRESS`` set (as inside ``ray job submit``, or
     ``RAY_ADDRESS=auto`` to join a cluster started with ``ray start``) join that cluster;
-    otherwise always start a fresh local instance, never silently attach to another."""
+    otherwise always start a fresh local instance, never silently attach to another.
+    ``log_to_driver=False``: the workers' output stays in Ray's logs (a sweep's console
+    has one line per trial event instead)."""
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or "local"
-        kwargs = {"logging_level": logging.WARNING, "log_to_driver": True}
+        kwargs = {"logging_level": logging.WARNING, "log_to_driver": log_to_driver}
         if address == "local":
             # A local instance is never preempted: skip Train's preemption watcher actor.
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")

@@ -26,6 +26,7 @@ from raydrat.core.data.prepared import iter_prepared_blocks, read_manifest
 from raydrat.core.data.tokenizer import train_tokenizer
 from raydrat.ray_data.datasets import build_datasets
 from raydrat.ray_data.prepare import prepare
+from raydrat.tracking import artifact_repo
 
 from test_data import SEQ_LEN, VOCAB, as_multiset, make_docs, write_parquet
 
@@ -188,10 +189,12 @@ def test_prepare_to_s3_round_trip_and_train(s3, tmp_path):
     import mlflow
 
     client = mlflow.MlflowClient(summary.tracking_uri)
-    lineage = json.loads(Path(client.download_artifacts(summary.mlflow_run_id, "data/lineage.json", str(tmp_path))).read_text())
+    lineage = json.loads(Path(artifact_repo(summary.tracking_uri, summary.mlflow_run_id).download_artifacts(
+        "data/lineage.json", str(tmp_path))).read_text())
     assert lineage["manifest"]["tokenizer_sha256"] == manifest["tokenizer_sha256"]
     run = client.get_run(summary.mlflow_run_id)
-    assert run.data.metrics["data_train_blocks"] == c["train_blocks"]
+    train_input = next(i for i in run.inputs.dataset_inputs if i.tags[0].value == "training")
+    assert json.loads(train_input.dataset.profile)["train_blocks"] == c["train_blocks"]
 
     # a manifest that does not match the config is refused before training
     with pytest.raises(DataError, match=r"seq_len 16 but model.seq_len is 32: set model.seq_len = 16"):

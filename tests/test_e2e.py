@@ -19,7 +19,7 @@ def _overrides(demo_dir: Path, tmp: Path) -> list[str]:
     return ["--set", f"data.demo_dir={demo_dir}", "--set", f"train.storage_path={tmp / 'ray_results'}"]
 
 
-def test_train_debug_through_ray_records_mlflow_run(demo_dir: Path, tmp_path: Path):
+def test_train_debug_through_ray_records_mlflow_run(demo_dir: Path, tmp_path: Path, monkeypatch):
     proc = run_cli(["train", "debug", *_overrides(demo_dir, tmp_path)], cwd=tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
@@ -44,6 +44,15 @@ def test_train_debug_through_ray_records_mlflow_run(demo_dir: Path, tmp_path: Pa
     assert len(train_loss) == 4 and train_loss[-1].value < train_loss[0].value
     for key in ("lr", "tokens_per_s", "grad_norm"):
         assert client.get_metric_history(run.info.run_id, key), key
+    # the MLflow view: measured and estimated peak, the data as dataset inputs (its counts in
+    # their profile, not as constant metrics), source tags, no params of unused sections
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "peak_bytes")] == [10, 20]
+    assert run.data.metrics["peak_bytes"] > 0 and run.data.metrics["estimated_bytes"] > 0
+    assert not [k for k in run.data.metrics if k.startswith("data_")]
+    assert {i.tags[0].value for i in run.inputs.dataset_inputs} == {"training", "validation"}
+    assert run.data.tags["mlflow.source.name"].startswith("raydrat train debug")
+    assert not [k for k in run.data.params if k.startswith(("sync.", "recompute.gates.", "tracking."))]
+    monkeypatch.chdir(tmp_path)  # artifact locations are relative to the store (as `mlflow ui` runs there)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "tokenizer", "plots"} <= artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/loss_curve.png"]

@@ -1,29 +1,39 @@
-"""Sweeps: space validation before anything runs, auto micro-batch on OOM, and one real sweep
-of the debug recipe through Ray Tune (budget → infeasible, OOM → oom, MLflow tree, Pareto)."""
+"""Sweeps: space validation before anything runs (the sweep's own keys, searcher packages,
+budgets), admission of each proposal and what a searcher learns from it, auto micro-batch on
+OOM, and one real Optuna sweep of the debug recipe through Ray Tune (budget → infeasible,
+OOM → oom, statuses, figures and child runs against checkpoints, Tune and the MLflow store)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 import yaml
+from mlflow.tracking import MlflowClient
+from ray.tune.search import Searcher
 
 from conftest import run_cli
 from faults import OOMAbove, oom_above
 from raydrat.cli import main
-from raydrat.config import ConfigError, load_config
+from raydrat.config import ConfigError, SweepConfig, load_config
 from raydrat.core.microbatch import MicroBatchStep
 from raydrat.core.model.build import build_model
 from raydrat.core.optim import build_optimizer
 from raydrat.core.runtime import resolve
+from raydrat.core.state import load_state
 from raydrat.core.step import train_step
-from raydrat.tune.admission import SweepError, check_resources, worker_resources
+from raydrat.tracking import artifact_repo
+from raydrat.tune.admission import SweepError, check_resources, screen, worker_resources
+from raydrat.tune.search import AdmittingSearcher, build_searcher, missing_packages
 from raydrat.tune.space import expand, load_space
 from raydrat.tune.sweep import run_sweep
+from raydrat.tune.trial import trial_fn
 
 
 def estimated_bytes(cfg) -> int:
@@ -93,9 +103,110 @@ def test_budget_below_every_estimate_fails_naming_the_smallest(tmp_path, capsys)
     assert f"{smallest / 1024**3:.4f} GB" in err
 
 
-def test_unknown_sweep_key_is_named(tmp_path):
-    with pytest.raises(ConfigError, match="max_concurent: unknown key"):
+def test_unknown_sweep_key_lists_the_sweeps_own_keys_and_a_nested_sections(tmp_path, capsys):
+    with pytest.raises(ConfigError) as top:
         load_space(_space(tmp_path, max_concurent=2))
+    allowed = top.value.args[0].split("max_concurent: unknown key; allowed keys here: ")[1].split(", ")
+    assert allowed == sorted(SweepConfig.model_fields)  # the sweep's keys, not the training config's sections
+    assert "max_concurrent" in allowed and "model" not in allowed
+    with pytest.raises(ConfigError, match="scheduler.grace: unknown key; allowed keys here: grace_period, "
+                                          "reduction_factor, type"):
+        load_space(_space(tmp_path, scheduler={"type": "asha", "grace": 2}))
+    assert main(["tune", str(_space(tmp_path, resources={"trial_cpus": 1}))]) == 2
+    assert "resources.trial_cpus: unknown key; allowed keys here: data_cpu_headroom, gpu_memory_gb, trial_cpu" \
+        in capsys.readouterr().err
+
+
+def test_a_searcher_whose_package_is_missing_is_named_before_ray_starts(tmp_path, capsys):
+    missing = missing_packages("bohb")
+    if not missing:
+        pytest.skip("hpbandster and ConfigSpace are installed here")
+    assert main(["tune", str(_space(tmp_path, search="bohb"))]) == 2
+    err = capsys.readouterr().err
+    assert f"search: bohb needs the package(s) {', '.join(missing)}" in err and f"pip install {' '.join(missing)}" in err
+    assert not ray.is_initialized()
+
+
+def test_a_searcher_space_with_no_corner_under_the_budget_is_refused_before_ray_starts(tmp_path, capsys):
+    p = _space(tmp_path, search="optuna", memory_budget_gb=1e-4,
+               space={"model.d_model": {"choice": [32, 64]}, "optim.lr": {"loguniform": [1e-3, 1e-2]}})
+    smallest = estimated_bytes(load_config("debug", [f"{k}={v}" for k, v in {**SHORT, "model.d_model": 32}.items()]))
+    assert main(["tune", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert "is below every corner of the space's estimate" in err and f"{smallest / 1024**3:.4f} GB" in err
+    assert "model.d_model=32" in err and not ray.is_initialized()
+
+
+def test_a_proposal_keeps_only_the_entries_whose_condition_holds(tmp_path):
+    space = load_space(_space(tmp_path, search="optuna", space={
+        "recompute.mode": {"choice": ["none", "gated"]},
+        "recompute.gates.memory_weight": {"loguniform": [1e-3, 1e-1], "when": {"recompute.mode": "gated"}},
+    }))
+    proposal = {"recompute.mode": "none", "recompute.gates.memory_weight": 0.01}
+    assert space.params_from(proposal) == {"recompute.mode": "none"}
+    assert space.params_from({**proposal, "recompute.mode": "gated"}) == {
+        "recompute.mode": "gated", "recompute.gates.memory_weight": 0.01}
+
+
+def test_hyperopt_proposals_are_screened_too(tmp_path):
+    space = load_space(_space(tmp_path, search="hyperopt", num_samples=6, seed=1, memory_budget_gb=0.05,
+                              space={"model.d_model": {"grid": [32, 512]}, "optim.lr": {"uniform": [1e-3, 1e-2]}}))
+    launched, refused = [], []
+    s = AdmittingSearcher(build_searcher(space, None), 6, lambda i, prop: screen(space, i, space.params_from(prop), 0),
+                          lambda v: {"trial": v}, refused.append, "val_loss", "min")
+    while (out := s.suggest(f"x{len(launched)}")) != Searcher.FINISHED:
+        launched.append(out["trial"])
+        s.on_trial_complete(f"x{len(launched) - 1}", {"val_loss": 1.0, "status": "completed"})
+    assert len(launched) + len(refused) == 6 and [v.index for v in launched + refused] != []
+    assert {v.params["model.d_model"] for v in launched} <= {32} and {v.params["model.d_model"] for v in refused} <= {512}
+    assert all(isinstance(v.params["model.d_model"], int) and 1e-3 <= v.params["optim.lr"] <= 1e-2 for v in launched)
+
+
+class _Unlearned(Searcher):
+    """A peer: the same searcher, told nothing of the refused proposals (reported as errors,
+    which Optuna leaves out of its model)."""
+
+    def __init__(self, inner):
+        super().__init__(metric=inner.metric, mode=inner.mode)
+        self.inner = inner
+
+    def suggest(self, trial_id):
+        return self.inner.suggest(trial_id)
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        refused = bool(result) and result.get("val_loss") == math.inf
+        self.inner.on_trial_complete(trial_id, None if refused else result, error=refused or error)
+
+
+def test_the_searcher_learns_that_infeasible_proposals_are_bad_and_none_is_launched(tmp_path):
+    """OptunaSearch under admission, with a synthetic score for what it launches: told the
+    worst value for each infeasible proposal it stops proposing them; the same searcher,
+    not told, goes on proposing them as often as at first."""
+    est = {d: estimated_bytes(load_config("debug", [f"{k}={v}" for k, v in {**SHORT, "model.d_model": d}.items()]))
+           for d in (32, 512)}
+    space = load_space(_space(tmp_path, search="optuna", num_samples=24, seed=0,
+                              memory_budget_gb=(est[32] + est[512]) / 2 / 1024**3,
+                              space={"model.d_model": {"choice": [32, 512]}, "optim.lr": {"loguniform": [1e-3, 1e-2]}}))
+
+    def search(inner):
+        launched, refused = [], []
+        s = AdmittingSearcher(inner, space.sweep.num_samples,
+                              lambda i, proposal: screen(space, i, space.params_from(proposal), 0),
+                              lambda v: {"trial": v}, refused.append, "val_loss", "min")
+        while (out := s.suggest(f"x{len(launched)}")) != Searcher.FINISHED:
+            v = out["trial"]
+            launched.append(v)
+            s.on_trial_complete(f"x{len(launched) - 1}", {"val_loss": abs(math.log(v.params["optim.lr"] / 3e-3))})
+        return launched, refused
+
+    launched, refused = search(build_searcher(space, None))
+    assert all(v.estimate <= v.budget for v in launched) and all(v.params["model.d_model"] == 32 for v in launched)
+    assert refused and all(v.refused == "infeasible" and v.estimate > v.budget for v in refused)
+    assert len(launched) + len(refused) == 24
+    _, peer_refused = search(_Unlearned(build_searcher(space, None)))
+    late = sum(v.index >= 12 for v in refused)
+    peer_late = sum(v.index >= 12 for v in peer_refused)
+    assert late < peer_late / 2, (late, peer_late)
 
 
 def test_conditional_entries_expand_only_where_their_condition_holds(tmp_path):
@@ -175,74 +286,169 @@ def _dominated(r, others):
     return any(all(a <= b for a, b in zip(key(o), key(r))) and key(o) != key(r) for o in others)
 
 
+def _step_of(checkpoint: Path) -> int:
+    return int(load_state(str(checkpoint))["step"])
+
+
 @pytest.mark.slow
-def test_sweep_budget_oom_mlflow_tree_and_pareto(ray_local, demo_dir: Path, tmp_path: Path, monkeypatch):
+def test_optuna_sweep_statuses_figures_and_mlflow_runs_agree(ray_local, demo_dir: Path, tmp_path: Path, monkeypatch,
+                                                             capfd):
+    """One real sweep (OptunaSearch, ASHA, 2 at once) over a space with an infeasible region
+    (d_model 512) and a trial that runs out of memory (d_model 48, micro-batches of 8 under
+    an injected fault), checked against Ray Train's checkpoints, Tune's own results and the
+    MLflow store read back through the MLflow client."""
     space = {
-        "model.d_model": {"grid": [32, 48, 64, 512]},
-        # only the d_model=48 trial uses micro-batches of 8: the injected fault makes it OOM
+        "model.d_model": {"choice": [32, 48, 512]},
         "train.batch_size": {"choice": [8], "when": {"model.d_model": 48}},
         "optim.lr": {"loguniform": [1e-3, 1e-2]},
     }
     overrides = {**SHORT, "train.batch_size": 4, "data.demo_dir": str(demo_dir)}
     est = {d: estimated_bytes(load_config("debug", [f"{k}={v}" for k, v in {**overrides, "model.d_model": d}.items()]))
-           for d in (64, 512)}
-    budget_gb = (est[64] + est[512]) / 2 / 1024**3
-    p = _space(tmp_path, name="sweeptest", space=space, overrides=overrides, max_concurrent=2,
-               memory_budget_gb=budget_gb, scheduler={"type": "none"})
+           for d in (48, 512)}
+    est[48] = estimated_bytes(load_config("debug", [f"{k}={v}" for k, v in
+                                                    {**overrides, "model.d_model": 48, "train.batch_size": 8}.items()]))
+    budget = (est[48] + est[512]) // 2
+    # seed 11: OptunaSearch proposes d_model 512, 48, 32, 32 (its first proposals are its random start)
+    p = _space(tmp_path, name="sweeptest", search="optuna", seed=11, num_samples=4, space=space,
+               overrides=overrides, max_concurrent=2, memory_budget_gb=budget / 1024**3,
+               scheduler={"type": "asha", "grace_period": 3, "reduction_factor": 2})
     monkeypatch.chdir(tmp_path)
     summary = run_sweep(p, json_path="sweep.json", fit_callbacks=[OOMAbove(4)])
     out = summary.report
-    assert "Pareto front" in out and "Train the best config at full length:" in out
-    assert "raydrat train " in out
+    console = capfd.readouterr()
+    sweep_dir = summary.path
+    doc = json.loads((tmp_path / "sweep.json").read_text())
+    records = {r["trial"]: r for r in doc["trials"]}
+    assert sorted(records) == ["t000", "t001", "t002", "t003"]
+    by_d = {}
+    for r in records.values():
+        by_d.setdefault(r["params"]["model.d_model"], []).append(r)
+    assert set(by_d) == {32, 48, 512}, {t: r["params"] for t, r in records.items()}
 
-    records = {r["trial"]: r for r in json.loads((tmp_path / "sweep.json").read_text())["trials"]}
-    assert [records[t]["status"] for t in ("t000", "t001", "t002", "t003")] == ["completed", "oom", "completed", "infeasible"]
-    infeasible = records["t003"]
-    assert infeasible["estimated_bytes"] > budget_gb * 1024**3 and infeasible["peak_bytes"] is None
-    sweep_dir = next((tmp_path / "ray_results" / "tune").glob("sweeptest-*"))
-    assert not list((sweep_dir / "train").glob("*-t003")), "an infeasible trial was launched"
-    assert "OutOfMemoryError" in records["t001"]["error"]
-    for t in ("t000", "t002"):
-        r = records[t]
-        assert math.isfinite(r["val_loss"]) and r["peak_bytes"] > 0 and r["tokens_per_s"] > 0
-        assert r["estimated_bytes"] > 0 and r["micro_batch_size"] == 4 and r["steps"] == 6
-        phases = r["phase_s"]  # the trial's time split: set-up, loop, and within the loop
-        assert 0 < phases["time/data_setup_s"] and 0 < r["train_time_s"] < phases["time/loop_s"] < r["wall_s"]
-        assert phases["time/eval_s"] > 0 and phases["time/checkpoint_s"] > 0
-    overhead = json.loads((tmp_path / "sweep.json").read_text())["overhead"]
-    parts = overhead["outside_steps_breakdown"]
-    assert all(v >= 0 for v in parts.values()) and sum(parts.values()) == pytest.approx(1, abs=1e-3)
-    assert parts["train_steps"] == pytest.approx(1 - overhead["outside_steps_share_in_trials"], abs=1e-3)
-    assert "Trial time by part: data_setup" in out
+    # statuses follow what happened
+    assert {r["status"] for r in by_d[512]} == {"infeasible"}
+    assert {r["status"] for r in by_d[48]} == {"oom"} and all("OutOfMemoryError" in r["error"] for r in by_d[48])
+    trained = by_d[32]
+    assert {r["status"] for r in trained} <= {"completed", "stopped_early"}
+    for r in trained:  # the status is the steps trained; Ray Train's checkpoints say how far each got
+        assert (r["status"] == "completed") == (r["steps"] == 6) and r["steps"] in (3, 6)
+        run_dir = sweep_dir / "train" / f"{sweep_dir.name}-{r['trial']}"
+        saved = [_step_of(c.parent) for c in run_dir.glob("checkpoint_*/state.pt")]
+        assert max(saved) <= r["steps"] and (r["status"] != "completed" or max(saved) == 6), (r, saved)
+    # infeasible: never launched (no Tune trial, no Ray Train run), recorded with estimate and budget
+    grid_names = {Path(t).name for t in (sweep_dir.glob("t0*"))}
+    for r in by_d[512]:
+        assert r["estimated_bytes"] > budget == r["budget_bytes"] and r["peak_bytes"] is None and not r["launched"]
+        assert r["trial"] not in grid_names and not list((sweep_dir / "train").glob(f"*-{r['trial']}"))
+    # Tune's trial names and directories are raydrat's trial ids
+    tune_state = json.loads(sorted(sweep_dir.glob("experiment_state-*.json"))[-1].read_text())
+    tune_names = {json.loads(e[0])["relative_logdir"] for e in tune_state["trial_data"]}
+    assert tune_names == {r["trial"] for r in records.values() if r["launched"]} == grid_names
 
+    # one source of truth: the report's figures are each child run's last metrics
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("raydrat")
+    runs = client.search_runs([exp.experiment_id])
+    parent = client.get_run(summary.parent_run_id)
+    children = {r.data.tags["raydrat.trial"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert sorted(children) == sorted(records) and len(runs) == 5
+    sweep_s = (parent.info.end_time - parent.info.start_time) / 1000
+    for t, r in records.items():
+        child, m = children[t], children[t].data.metrics
+        assert child.data.tags["raydrat.status"] == r["status"]
+        assert m["estimated_bytes"] == r["estimated_bytes"]
+        if not r["launched"]:
+            assert child.info.status == "KILLED" and child.info.end_time is None  # recorded, no duration
+            assert set(m) == {"estimated_bytes"} and "memory_budget_gb" in child.data.tags["raydrat.refused_because"]
+            continue
+        duration = (child.info.end_time - child.info.start_time) / 1000
+        assert 0 < duration < sweep_s
+        assert abs(duration - r["wall_s"]) < 2, (t, duration, r["wall_s"])
+        assert child.info.status == ("FAILED" if r["status"] == "oom" else "FINISHED")
+        if r["status"] == "oom":
+            assert "OutOfMemoryError" in child.data.tags["raydrat.error"]
+            continue
+        assert r["val_loss"] == m["val_loss"] and r["tokens_per_s"] == m["tokens_per_s_avg"]
+        assert r["peak_bytes"] == m["peak_bytes"] > 0 and r["metric_value"] == m["val_loss"]
+        assert r["steps"] == client.get_metric_history(child.info.run_id, "val_loss")[-1].step
+    # Tune's own clock: each launched trial's time in Tune is close to its child run's duration
+    for result in summary_grid(sweep_dir):
+        r = records[Path(result.path).name]
+        child = children[r["trial"]]
+        duration = (child.info.end_time - child.info.start_time) / 1000
+        tune_s = result.metrics_dataframe["time_total_s"].iloc[-1]
+        assert abs(duration - tune_s) < max(10, 0.15 * duration), (r["trial"], duration, tune_s)
+        if "step" in result.metrics_dataframe:  # Tune's view of the steps may lag, not lead
+            assert result.metrics_dataframe["step"].dropna().max() <= r["steps"], r
+
+    # memory: estimate and measured peak per trial, the largest error, flags over the budget
+    measured = [r for r in records.values() if r["estimate_error"] is not None]
+    worst = max(measured, key=lambda r: abs(r["estimate_error"]))
+    assert doc["memory"]["max_estimate_error_trial"] == worst["trial"]
+    assert worst["estimate_error"] == pytest.approx(worst["peak_bytes"] / worst["estimated_bytes"] - 1)
+    assert sorted(doc["memory"]["over_budget_trials"]) == sorted(
+        t for t, r in records.items() if r["launched"] and r["peak_bytes"] and r["peak_bytes"] > budget)
+    assert "Largest estimate error: " + worst["trial"] in out
+
+    # report, Pareto front (completed trials, measured peak), CSV and plot in the parent run
     done = [r for r in records.values() if r["status"] == "completed"]
     for r in records.values():
         assert r["pareto"] == (r["status"] == "completed" and not _dominated(r, done)), r["trial"]
-    with open(sweep_dir / "pareto.csv") as f:
+    with open(sweep_dir / "trials.csv") as f:
         rows = list(csv.DictReader(f))
-    assert sorted(row["trial"] for row in rows) == sorted(r["trial"] for r in records.values() if r["pareto"])
-    assert rows and (sweep_dir / "pareto.png").stat().st_size > 0
+    assert [row["trial"] for row in rows] == sorted(records)
+    assert {row["trial"] for row in rows if row["pareto"] == "True"} == {t for t, r in records.items() if r["pareto"]}
+    assert parent.data.params["sweep.search"] == "optuna"
+    assert parent.data.params["sweep.memory_budget_gb"] == str(budget / 1024**3)
+    assert parent.data.tags["raydrat.trials.infeasible"] == str(len(by_d[512]))
+    if done:
+        assert parent.data.params["best.trial"] in {r["trial"] for r in done} and "Train the best config" in out
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} == {
+        "report/trials.csv", "report/pareto.png", "report/report.txt"}
 
-    from mlflow.tracking import MlflowClient
+    # the sweep's own view in the UI (a shared view: its trials ranked by val loss, loss charts first)
+    view = json.loads(exp.tags[f"mlflow.sharedViewState.{sweep_dir.name}"])
+    assert view["searchFilter"] == f"tags.`raydrat.sweep` = '{sweep_dir.name}'"
+    assert [c["metricKey"] for c in view["compareRunCharts"]] == ["val_loss", "train_loss"]
+    assert {r.info.run_id for r in client.search_runs([exp.experiment_id], view["searchFilter"])} == {
+        r.info.run_id for r in runs}
+    # the MLflow view: training experiment, source/git/user tags on every run, used sections as
+    # params, data lineage as dataset inputs, measured peak on every run that trained
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    for run in runs:
+        assert {"mlflow.source.name", "mlflow.source.git.commit", "mlflow.user"} <= set(run.data.tags), run.info.run_name
+    for t, child in children.items():
+        keys = set(child.data.params)
+        assert "model.d_model" in keys and "runtime.device" in keys and "sweep.param.optim.lr" in keys
+        assert not any(k.startswith(("sync.", "recompute.gates.", "tracking.", "slots.keep")) for k in keys), t
+        if records[t]["launched"]:
+            contexts = {i.tags[0].value for i in child.inputs.dataset_inputs}
+            assert contexts == {"training", "validation"}
+    # artifact locations are relative to the store: a copy of it reads its own artifacts
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(tmp_path / "mlruns.db", copy / "mlruns.db")
+    shutil.copytree(tmp_path / "mlartifacts", copy / "mlartifacts")
+    shutil.rmtree(tmp_path / "mlartifacts")
+    copy_uri = f"sqlite:///{copy / 'mlruns.db'}"
+    assert {a.path for a in artifact_repo(copy_uri, parent.info.run_id).list_artifacts("report")} == {
+        "report/trials.csv", "report/pareto.png", "report/report.txt"}
+    monkeypatch.chdir(copy)  # where `mlflow ui` runs (raydrat prints `cd STORE && mlflow ui ...`)
+    one = children[by_d[32][0]["trial"]].info.run_id
+    assert "config.yaml" in {a.path for a in MlflowClient(copy_uri).list_artifacts(one)}
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("raydrat").experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 1
-    parent = parents[0]
-    children = {r.data.tags["raydrat.trial"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert sorted(children) == ["t000", "t001", "t002", "t003"]
-    assert {t: r.data.tags["raydrat.status"] for t, r in children.items()} == {
-        "t000": "completed", "t001": "oom", "t002": "completed", "t003": "infeasible"}
-    assert parent.data.params["sweep.memory_budget_gb"] == str(budget_gb)
-    assert parent.data.params["best.trial"] in ("t000", "t002")
-    assert parent.data.tags["raydrat.trials.infeasible"] == "1"
-    report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
-    assert {"report/pareto.csv", "report/pareto.png"} <= report
-    # per-step metrics in the completed children; the infeasible one only has its estimate
-    assert [m.step for m in client.get_metric_history(children["t000"].info.run_id, "val_loss")] == [3, 6]
-    assert set(children["t003"].data.metrics) == {"estimated_bytes"}
-    assert children["t003"].data.params["sweep.memory_budget_gb"] == str(budget_gb)
+    # the console: one line per trial event, no Tune tables
+    text = console.out + console.err
+    for r in records.values():
+        assert (f"{r['trial']} started: " in text) == r["launched"]
+    assert f"{by_d[512][0]['trial']} infeasible, not launched: estimated peak" in text
+    assert f"{by_d[48][0]['trial']} oom in " in text
+    assert "Trial status:" not in text and "Configuration for experiment" not in text
+
+
+def summary_grid(sweep_dir: Path):
+    """Tune's own results of the sweep (read back from its experiment directory)."""
+    return list(ray.tune.Tuner.restore(str(sweep_dir), trainable=trial_fn).get_results())
 
 
 @pytest.mark.slow

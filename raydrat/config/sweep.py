@@ -41,15 +41,27 @@ class SweepConfig(Section):
     """Dotted config key → ``{choice: [...]}``, ``{grid: [...]}``, ``{uniform: [lo, hi]}``,
     ``{loguniform: [lo, hi]}`` or ``{randint: [lo, hi]}`` (hi excluded); optionally with
     ``when: {other.key: value-or-list}`` to apply it only to trials where that holds."""
+    search: Literal["random", "grid", "optuna", "hyperopt", "bohb"] = "random"
+    """How trials are chosen. ``random``: ``num_samples`` draws per point of the ``grid``
+    entries (Tune's semantics), drawn up front with ``seed``. ``grid``: every combination
+    of the finite entries (``choice`` and ``grid``), continuous ones drawn ``num_samples``
+    times per point. ``optuna`` | ``hyperopt`` | ``bohb``: Ray Tune's ``OptunaSearch`` |
+    ``HyperOptSearch`` | ``TuneBOHB`` propose ``num_samples`` trials in all, each learning
+    from the results so far (``grid`` entries become categorical; ``bohb`` needs the
+    ``hpbandster`` and ``ConfigSpace`` packages). Every suggestion is admitted against
+    ``memory_budget_gb`` before it is launched."""
     metric: str = "val_loss"
-    """Metric the scheduler and the "best" trial use."""
+    """Metric the scheduler, the searcher and the "best" trial use."""
     mode: Literal["min", "max"] = "min"
     num_samples: int = Field(1, ge=1)
-    """Random samples per grid point (Tune semantics: trials = num_samples x grid size)."""
+    """``random`` and ``grid``: draws per grid point (trials = num_samples x grid size).
+    A searcher: suggestions in all, those refused as infeasible included."""
     seed: int = 0
-    """Seed of the random sampling (the same seed gives the same trials)."""
+    """Seed of the random draws and of the searcher (the same seed gives the same trials
+    for ``random`` and ``grid``)."""
     max_concurrent: int = Field(1, ge=1)
-    """Trials running at once, at most (also limited by resources and the budget)."""
+    """Trials running at once, at most (Tune's ``max_concurrent_trials``; also limited by
+    the CPUs the cluster has)."""
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     memory_budget_gb: float | None = Field(None, gt=0)
     """Peak memory one trial's worker may use (estimated before launch). Trials over it are

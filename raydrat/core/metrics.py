@@ -45,16 +45,19 @@ def gate_prob_name(layer: int, kind: str) -> str:
     return f"gates/p/L{layer}.{kind}"
 # Peak memory of the worker (CUDA: max allocated; CPU: resident-set growth), in bytes.
 PEAK_BYTES = "peak_bytes"
+# The predicted peak per worker (the resolved Runtime's estimate), logged once per run.
+ESTIMATED_BYTES = "estimated_bytes"
 # Micro-batch in use (train.auto_microbatch may have shrunk it).
 MICRO_BATCH = "micro_batch_size"
-# Seconds spent inside optimizer steps so far (overhead accounting).
-TRAIN_TIME_S = "train_time_s"
-# Where else a worker's loop spent its time, in seconds since the loop started (overhead
-# accounting; each is reported with every checkpoint, so the last one's own save is not in it).
-DATA_WAIT_S = "time/data_wait_s"
-EVAL_S = "time/eval_s"
-CHECKPOINT_S = "time/checkpoint_s"
-LOOP_S = "time/loop_s"
+# Overhead accounting, under MLflow's "system/" prefix (the run page's System metrics, not
+# among the training curves). Seconds spent inside optimizer steps so far:
+TRAIN_TIME_S = "system/train_time_s"
+# Where else a worker's loop spent its time, in seconds since the loop started (each is
+# reported with every checkpoint, so the last one's own save is not in it).
+DATA_WAIT_S = "system/data_wait_s"
+EVAL_S = "system/eval_s"
+CHECKPOINT_S = "system/checkpoint_s"
+LOOP_S = "system/loop_s"
 PHASES = (DATA_WAIT_S, EVAL_S, CHECKPOINT_S)
 
 # The attribute Ray Train ranks checkpoints by: the save's val_loss, or UNSCORED for a save

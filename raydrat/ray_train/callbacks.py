@@ -1,6 +1,11 @@
 """The worker's MLflow callback: rank 0 records the run's metrics (and, for gated runs, the
 gates' heat-map) through a :class:`~raydrat.tracking.Run`, which does nothing when tracking
-is off."""
+is off.
+
+At every logging step it records that step's figures; at every checkpoint, the report's own
+figures too (measured peak memory, steady tokens/s, where the time went, and the micro-batch
+when ``train.auto_microbatch`` may change it), the same values ``ray.train.report`` sends:
+so a run's last metrics are its last report, and a sweep's report reads them from here."""
 
 from __future__ import annotations
 
@@ -13,18 +18,41 @@ from raydrat.core.techniques.recompute import GatedRecompute
 from raydrat.plots import gate_heatmap
 from raydrat.tracking import Run
 
+REPORT_FIGURES = (M.PEAK_BYTES, M.TOKENS_PER_S_AVG, M.TRAIN_TIME_S, M.LOOP_S, *M.PHASES)
+"""What a checkpoint's report adds to the logging step's metrics."""
+
 
 class RunMetrics(Callback):
+    """Rank 0's metrics into ``run``, while the run is open: a sweep's driver closes the run
+    of a trial its scheduler stopped, and the trial's workers, killed a moment later, log
+    nothing after that (the trial's figures are what it logged while it lived)."""
+
     def __init__(self, run: Run):
         self.run = run
 
+    def _open(self, state: FitState) -> bool:
+        if state.rank != 0 or not self.run:
+            return False
+        if self.run.status() != "RUNNING":
+            self.run = Run.off()
+        return bool(self.run)
+
     def on_fit_start(self, state: FitState) -> None:
-        if state.rank == 0 and state.restored:
+        if state.restored and self._open(state):
             self.run.log_metrics({M.RESUMED_FROM_STEP: state.start_step}, state.start_step)
 
     def on_log(self, state: FitState, values: dict[str, float]) -> None:
-        if state.rank == 0:
+        if self._open(state):
             self.run.log_metrics(values, state.step)
+
+    def on_save(self, state: FitState, report: dict[str, float]) -> None:
+        if not self._open(state):
+            return
+        keys = [*REPORT_FIGURES, *([M.MICRO_BATCH] if state.train.auto_microbatch else [])]
+        figures = {k: report[k] for k in keys if k in report}
+        if not figures.get(M.PEAK_BYTES):  # nothing measured (no allocator on this device)
+            figures.pop(M.PEAK_BYTES, None)
+        self.run.log_metrics(figures, state.step)
 
     def on_fit_end(self, state: FitState) -> None:
         planner = state.techniques.recompute

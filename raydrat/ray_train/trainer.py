@@ -63,6 +63,7 @@ class TrainingSummary:
         if self.run:
             out.append(f"MLflow run {self.run.run_id}; browse with:")
             out.append(f"  {tracking.ui_command(self.run.uri)}")
+            out.append(f"  then open {tracking.ui_url(self.run.uri, self.run.experiment_id())}")
         return out
 
 
@@ -134,6 +135,15 @@ def _log_run_artifacts(run: Run, cfg: RaydratConfig, tokenizer_path: str) -> Non
     run.log_text(cfg.to_yaml(), "config.yaml")
     if tokenizer_path and Path(tokenizer_path).exists():
         run.log_artifact(tokenizer_path, "tokenizer")
+
+
+def log_data(run: Run, bundle) -> None:
+    """The run's data: the lineage (the prepare manifest, or the sources read) as
+    ``data/lineage.json`` and as MLflow dataset inputs, whose profile holds the data counts."""
+    if bundle.lineage:
+        run.log_text(json.dumps(bundle.lineage, indent=2, default=str), "data/lineage.json")
+        profile = {k.removeprefix("data_"): v for k, v in bundle.metrics().items()}
+        run.log_inputs(tracking.data_inputs(bundle.lineage, profile))
 
 
 def _log_loss_curve(run: Run, title: str, out_dir: Path) -> None:
@@ -213,11 +223,10 @@ def _train(cfg: RaydratConfig, runtime: Runtime, record: dict | None, run_name: 
         log.info(f"resuming run {run_name} (MLflow run {run.run_id}) from {record['checkpoint']}")
     elif cfg.tracking.enabled:
         run = Run.start(tracking.resolve_tracking_uri(cfg.tracking), cfg.tracking.experiment, run_name,
-                        params=cfg.flat())
+                        params=tracking.run_params(cfg, runtime))
         _log_run_artifacts(run, cfg, bundle.tokenizer_path)
-        if bundle.lineage:  # data lineage: the prepare manifest or the sources read
-            run.log_text(json.dumps(bundle.lineage, indent=2, default=str), "data/lineage.json")
-            run.log_metrics(bundle.metrics(), 0)
+        log_data(run, bundle)
+        run.log_metrics({M.ESTIMATED_BYTES: runtime.estimate.total_bytes}, 0)
         log.info(f"MLflow run {run.run_id} in {redact_uri(run.uri)}")
     if record is None:
         resume.write_run_record(cfg, run_name, run.uri, run.run_id)
@@ -227,8 +236,9 @@ def _train(cfg: RaydratConfig, runtime: Runtime, record: dict | None, run_name: 
         result = interrupt.call_interruptibly(fit_in_run, cfg, runtime, bundle, run, run_name,
                                               resume=record is not None, fit_callbacks=fit_callbacks)
         status = "FINISHED"
-        for epoch, values in enumerate(bundle.epoch_metrics(), start=1):  # per-epoch data counts
-            run.log_metrics(values, epoch)
+        epochs = bundle.epoch_metrics()  # per-epoch data counts: an artifact, not constant charts
+        if epochs:
+            run.log_text(json.dumps(epochs, indent=2), "data/epochs.json")
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -247,6 +257,4 @@ def _train(cfg: RaydratConfig, runtime: Runtime, record: dict | None, run_name: 
         run=run,
         metrics=final,
     )
-    if summary.tokens_per_s:
-        run.log_metrics({"final_tokens_per_s": summary.tokens_per_s}, summary.steps)
     return summary

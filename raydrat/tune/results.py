@@ -1,17 +1,32 @@
-"""After a sweep: one record per trial from Tune's results, the command that trains the
-chosen config at full length, and where the trials' time went."""
+"""After a sweep: one record per trial, the command that trains the chosen config at full
+length, and where the trials' time went.
+
+One source of truth per trial: its own reports. The training worker logs every report to
+the trial's MLflow child run as it makes it (:class:`raydrat.ray_train.callbacks.RunMetrics`),
+so a launched trial's figures are its child run's last metrics, and its steps are the last
+step it logged. Tune's view can lag behind: a trial the scheduler stops goes on training
+until its process is killed, and Tune drops what it reports meanwhile. Without tracking,
+the figures are the last results Tune received.
+
+Statuses: ``completed`` (trained every step), ``stopped_early`` (stopped by the scheduler
+before its last step; ``steps`` is the step it stopped at), ``oom``, ``failed`` (with the
+root cause), and for proposals never launched ``infeasible`` (estimate over the budget) or
+``failed`` with the reason.
+"""
 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
+from raydrat import tracking
 from raydrat.core import metrics as M
 from raydrat.core.microbatch import is_oom
 from raydrat.tune import report as R
-from raydrat.tune.admission import GB
-from raydrat.tune.space import Space, TrialSpec
-from raydrat.tune.trial import DATA_SETUP_S, ERROR, STATUS, TRIAL_END, TRIAL_START, TRIAL_WALL_S
+from raydrat.tune.mlflow_runs import find_trial_run
+from raydrat.tune.space import Space
+from raydrat.tune.trial import DATA_SETUP_S, ERROR, RUN_ID, STATUS, TRIAL_END, TRIAL_START, TRIAL_WALL_S, root_cause
 
 SHORT_RUN_KEYS = ("train.steps", "train.eval_every", "train.log_every", "optim.warmup_steps")
 """Settings that make a sweep trial short; the "train at full length" command drops them."""
@@ -29,54 +44,102 @@ def _int(v):
     return None if v is None else int(v)
 
 
-def trial_records(space: Space, trials: list[TrialSpec], estimates: list[int], feasible: list[bool], grid,
-                  child_runs: dict[str, str]) -> list[R.TrialRecord]:
-    """One record per trial, launched or not, from Tune's results (``grid``)."""
-    by_name = {}
-    for result in grid:
-        payload = result.config["trial"]
-        df = result.metrics_dataframe
-        final = result.metrics or {}
-        status = final.get(STATUS)
-        error = final.get(ERROR)
-        if result.error is not None:
-            status = "oom" if is_oom(result.error) else "failed"
-            error = str(result.error).strip().splitlines()[-1][:500] if str(result.error).strip() else type(result.error).__name__
-        elif status is None:
-            status = "stopped_early"
-        peak = df[M.PEAK_BYTES].max() if df is not None and M.PEAK_BYTES in df else None
-        start, end = final.get(TRIAL_START), final.get(TRIAL_END)
-        if start is None and df is not None and len(df) and "timestamp" in df and "time_total_s" in df:
-            # stopped or failed before its own final report: Tune's clock
-            start = float(df["timestamp"].iloc[0] - df["time_total_s"].iloc[0])
-            end = float(df["timestamp"].iloc[-1])
-        by_name[payload["name"]] = R.TrialRecord(
-            trial=payload["name"], params={}, status=status, estimated_bytes=payload["estimated_bytes"],
-            val_loss=_last(df, M.VAL_LOSS), metric_value=_last(df, space.sweep.metric), peak_bytes=int(peak) if peak and peak == peak else None,
-            tokens_per_s=_last(df, M.TOKENS_PER_S_AVG), steps=_int(_last(df, M.STEP)),
-            micro_batch_size=_int(_last(df, M.MICRO_BATCH)), train_time_s=_last(df, M.TRAIN_TIME_S),
-            phase_s={k: v for k in (M.LOOP_S, *M.PHASES) if (v := _last(df, k)) is not None}
-            | ({DATA_SETUP_S: final[DATA_SETUP_S]} if final.get(DATA_SETUP_S) is not None else {}),
-            wall_s=final.get(TRIAL_WALL_S) or (end - start if start and end else None),
-            start_ts=start, end_ts=end,
-            error=error,
-        )
-    records = []
-    for t, est, ok in zip(trials, estimates, feasible):
-        rec = by_name.get(t.name) or R.TrialRecord(
-            trial=t.name, params={}, status="infeasible" if not ok else "failed", estimated_bytes=est,
-            error=None if not ok else "trial did not run")
-        rec.params = t.params
-        rec.mlflow_run_id = child_runs.get(t.name)
-        if not ok:
-            rec.extra["memory_budget_bytes"] = int(space.sweep.memory_budget_gb * GB)
-        records.append(rec)
-    return records
+def logged_values(uri: str, run_id: str) -> tuple[dict[str, float], int | None, dict[str, float]]:
+    """A child run's last metrics, the last step it logged a loss at, and its start and end
+    (seconds since the epoch)."""
+    c = tracking.client(uri)
+    run = c.get_run(run_id)
+    steps = [h[-1].step for key in (M.TRAIN_LOSS, M.VAL_LOSS) if (h := c.get_metric_history(run_id, key))]
+    times = {"start": run.info.start_time / 1000 if run.info.start_time else None,
+             "end": run.info.end_time / 1000 if run.info.end_time else None}
+    return dict(run.data.metrics), (max(steps) if steps else None), times
+
+
+def settle(uri: str | None, run_ids: list[str], quiet_s: float = 2.0, limit_s: float = 30.0) -> None:
+    """Wait until the runs of stopped trials log nothing more: Tune has returned, but a
+    stopped trial's worker may still be finishing a log it began before its run closed."""
+    if not uri or not run_ids:
+        return
+    c = tracking.client(uri)
+
+    def marks():
+        return [tuple(len(c.get_metric_history(r, k)) for k in (M.TRAIN_LOSS, M.PEAK_BYTES)) for r in run_ids]
+
+    deadline, last = time.time() + limit_s, marks()
+    while time.time() < deadline:
+        time.sleep(quiet_s)
+        now = marks()
+        if now == last:
+            return
+        last = now
+
+
+def tune_values(df) -> tuple[dict[str, float], int | None]:
+    """The last value Tune received of each key (no tracking)."""
+    keys = [c for c in (df.columns if df is not None else []) if isinstance(c, str)]
+    values = {k: v for k in keys if isinstance(v := _last(df, k), (int, float)) and not isinstance(v, bool)}
+    return values, _int(values.get(M.STEP))
+
+
+def launched_record(space: Space, result, uri: str | None, parent_run_id: str | None) -> R.TrialRecord:
+    """The record of a trial Tune ran, from its child run (or Tune's results)."""
+    p = result.config["trial"]
+    final = result.metrics or {}
+    df = result.metrics_dataframe
+    run_id = final.get(RUN_ID) or find_trial_run(uri, parent_run_id, p["name"]).run_id
+    times: dict[str, Any] = {}
+    if uri and run_id:
+        values, steps, times = logged_values(uri, run_id)
+    else:
+        values, steps = tune_values(df)
+    status, error = final.get(STATUS), final.get(ERROR)
+    if status is None and result.error is not None:
+        status = "oom" if is_oom(result.error) else "failed"
+        error = root_cause(result.error)
+    elif status is None:  # stopped by the scheduler: did it get to its last step first?
+        status = "completed" if steps == p["steps"] else "stopped_early"
+    start = final.get(TRIAL_START) or times.get("start")
+    end = final.get(TRIAL_END) or times.get("end")
+    if start is None and df is not None and len(df) and "timestamp" in df and "time_total_s" in df:
+        start = float(df["timestamp"].iloc[0] - df["time_total_s"].iloc[0])  # Tune's clock
+        end = float(df["timestamp"].iloc[-1])
+    data_setup = final.get(DATA_SETUP_S, values.get(DATA_SETUP_S))
+    peak = values.get(M.PEAK_BYTES)
+    return R.TrialRecord(
+        trial=p["name"], params=p["params"], status=status, estimated_bytes=p["estimated_bytes"],
+        budget_bytes=p["budget_bytes"], val_loss=values.get(M.VAL_LOSS),
+        metric_value=values.get(space.sweep.metric), peak_bytes=int(peak) if peak else None,
+        tokens_per_s=values.get(M.TOKENS_PER_S_AVG), steps=steps, train_steps=p["steps"],
+        micro_batch_size=_int(values.get(M.MICRO_BATCH, p["config"]["train"]["batch_size"])),
+        train_time_s=values.get(M.TRAIN_TIME_S),
+        phase_s={k: v for k in (M.LOOP_S, *M.PHASES) if (v := values.get(k)) is not None}
+        | ({DATA_SETUP_S: data_setup} if data_setup is not None else {}),
+        wall_s=final.get(TRIAL_WALL_S) or (end - start if start and end else None),
+        start_ts=start, end_ts=end, mlflow_run_id=run_id, error=error,
+    )
+
+
+def refused_record(rec: dict) -> R.TrialRecord:
+    """The record of a proposal admission refused (kept in the sweep's state file)."""
+    return R.TrialRecord(trial=rec["name"], params=rec["params"], status=rec["status"],
+                         estimated_bytes=rec["estimate"], budget_bytes=rec["budget"], error=rec["reason"],
+                         mlflow_run_id=rec.get("mlflow_run_id"), launched=False)
+
+
+def trial_records(space: Space, grid, refused: list[dict], uri: str | None,
+                  parent_run_id: str | None) -> list[R.TrialRecord]:
+    """One record per proposed trial, launched or not, in the order they were proposed."""
+    stopped = [(r.metrics or {}).get(RUN_ID) or find_trial_run(uri, parent_run_id, r.config["trial"]["name"]).run_id
+               for r in grid if STATUS not in (r.metrics or {}) and r.error is None]
+    settle(uri, [r for r in stopped if r])
+    records = [launched_record(space, r, uri, parent_run_id) for r in grid]
+    records += [refused_record(r) for r in refused]
+    return sorted(records, key=lambda r: r.trial)
 
 
 def best_trial(records: list[R.TrialRecord], mode: str) -> R.TrialRecord | None:
-    """The ranked trial with the best value of the sweep's metric (``mode``: min or max)."""
-    scored = [r for r in records if r.ranked() and r.metric_value is not None and math.isfinite(r.metric_value)]
+    """The completed trial with the best value of the sweep's metric (``mode``: min or max)."""
+    scored = [r for r in records if r.finished() and r.metric_value is not None and math.isfinite(r.metric_value)]
     if not scored:
         return None
     return (min if mode == "min" else max)(scored, key=lambda r: r.metric_value)
@@ -119,6 +182,18 @@ def overhead_figures(records: list[R.TrialRecord], sweep_wall: float) -> dict[st
         "concurrency_peak": peak_conc,
         "concurrency_mean": round(trial_wall / span, 2) if span else None,
         "outside_steps_breakdown": _breakdown(ran, trial_wall),
+    }
+
+
+def memory_figures(records: list[R.TrialRecord]) -> dict[str, Any]:
+    """The estimate against the measured peak: the largest error (signed, relative to the
+    estimate) and the trials whose measured peak exceeded the budget they were admitted under."""
+    measured = [r for r in records if r.estimate_error is not None]
+    worst = max(measured, key=lambda r: abs(r.estimate_error), default=None)
+    return {
+        "max_estimate_error": round(worst.estimate_error, 4) if worst else None,
+        "max_estimate_error_trial": worst.trial if worst else None,
+        "over_budget_trials": [r.trial for r in records if r.over_budget],
     }
 
 

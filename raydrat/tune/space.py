@@ -7,11 +7,14 @@ config key to one distribution::
     optim.lr: {loguniform: [1.0e-4, 1.0e-2]}
     model.activation: {choice: [gelu, swiglu]}
     train.batch_size: {grid: [4, 8]}
-    gates.lambda: {uniform: [0.0, 1.0], when: {train.checkpointing: gated}}
+    recompute.gates.memory_weight: {uniform: [0.0, 1.0], when: {recompute.mode: gated}}
 
-Trials follow Tune's semantics (``num_samples`` random samples per grid point) but are drawn
-here, with ``seed``, before anything launches: every trial's config is validated and its
-memory estimated up front, and the same file always gives the same trials.
+With ``search: random`` (or ``grid``) the trials follow Tune's semantics (``num_samples``
+random samples per grid point) but are drawn here, with ``seed``, before anything launches:
+every trial's config is validated and its memory estimated up front, and the same file
+always gives the same trials. A searcher (``optuna``, ...) proposes one value per entry at a
+time instead; :meth:`Space.params_from` turns a proposal into the trial's params (entries
+whose ``when`` does not hold are dropped).
 """
 
 from __future__ import annotations
@@ -99,6 +102,27 @@ class Space:
     def base_flat(self) -> dict[str, Any]:
         return self.config_for({}, f"{self.path} (base + overrides)").flat()
 
+    def is_grid(self, d: Dist) -> bool:
+        """Whether ``d`` is crossed exhaustively (``grid``; ``choice`` too with ``search: grid``)."""
+        return d.kind == "grid" or (d.kind == "choice" and self.sweep.search == "grid")
+
+    def params_from(self, values: dict[str, Any]) -> dict[str, Any]:
+        """A searcher's proposal (a value for every entry) as the trial's params: the
+        unconditional entries, then each conditional one, in file order, where its ``when``
+        holds against the base and the values kept so far."""
+        values = {k: _native(v) for k, v in values.items()}
+        params = {d.key: values[d.key] for d in self.dists if not d.when}
+        flat = {**self.base_flat(), **params}
+        for d in self.dists:
+            if d.when and d.applies(flat):
+                params[d.key] = flat[d.key] = values[d.key]
+        return params
+
+
+def _native(v: Any) -> Any:
+    """A plain Python value (searchers may hand back numpy scalars)."""
+    return v.item() if hasattr(v, "item") and not isinstance(v, (list, dict, str)) else v
+
 
 def _with(base: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
     data = copy.deepcopy(base)
@@ -153,9 +177,8 @@ def load_space(path: str | Path) -> Space:
     raw = read_yaml_mapping(p)
     try:
         sweep = SweepConfig.model_validate(raw)
-    except ValidationError as exc:
-        msg = format_validation_error(exc, str(p)).replace("allowed keys here", "allowed sweep keys")
-        raise ConfigError(msg) from None
+    except ValidationError as exc:  # the sweep's own keys (and a nested section's) are listed
+        raise ConfigError(format_validation_error(exc, str(p), root=SweepConfig)) from None
     base_path = p.parent / sweep.base if (p.parent / sweep.base).exists() else resolve_recipe(sweep.base)
     base = read_yaml_mapping(base_path)
     if not sweep.space:
@@ -186,11 +209,12 @@ def _validate_entries(space: Space) -> None:
 
 
 def expand(space: Space) -> list[TrialSpec]:
-    """The sweep's trials: ``num_samples`` random draws per point of the grid product.
-    Conditional entries are resolved against the trial's other values."""
+    """The trials of ``search: random | grid``: ``num_samples`` random draws per point of
+    the grid product (:meth:`Space.is_grid`). Conditional entries are resolved against the
+    trial's other values."""
     sweep = space.sweep
     rng = random.Random(sweep.seed)
-    grids = [d for d in space.dists if d.kind == "grid" and not d.when]
+    grids = [d for d in space.dists if space.is_grid(d) and not d.when]
     base_flat = space.base_flat()
     trials: list[TrialSpec] = []
     points = itertools.product(*(d.args for d in grids)) if grids else [()]
@@ -198,14 +222,15 @@ def expand(space: Space) -> list[TrialSpec]:
         for _ in range(sweep.num_samples):
             params: dict[str, Any] = dict(zip((d.key for d in grids), point))
             for d in space.dists:
-                if d.kind != "grid" and not d.when:
+                if not space.is_grid(d) and not d.when:
                     params[d.key] = d.sample(rng)
             # conditional grids expand within the points where their condition holds
-            cond_grids = [d for d in space.dists if d.when and d.kind == "grid" and d.applies({**base_flat, **params})]
+            cond_grids = [d for d in space.dists
+                          if d.when and space.is_grid(d) and d.applies({**base_flat, **params})]
             for cpoint in itertools.product(*(d.args for d in cond_grids)):
                 full = {**params, **dict(zip((d.key for d in cond_grids), cpoint))}
                 for d in space.dists:  # conditional samples see every other value
-                    if d.when and d.kind != "grid" and d.applies({**base_flat, **full}):
+                    if d.when and not space.is_grid(d) and d.applies({**base_flat, **full}):
                         full[d.key] = d.sample(rng)
                 index = len(trials)
                 cfg = space.config_for(full, f"{space.path}: trial {index} {full}")

@@ -2,8 +2,10 @@
 train`` (datasets → ``build_trainer`` → ``fit``, via :func:`raydrat.ray_train.trainer.fit_in_run`),
 with ``TuneReportCallback`` forwarding every ``ray.train.report`` to Tune (Train V2 pattern).
 
-An out-of-memory error inside training ends the trial with status ``oom`` (not an error), so
-the sweep goes on; any other exception fails the trial (status ``failed``).
+The trial opens its MLflow child run when it starts and closes it when it ends, before its
+last report (a scheduler may stop the trial at any report). An out-of-memory error inside
+training ends the trial with status ``oom`` (a result: the sweep goes on); any other
+exception closes the run ``FAILED`` with its root cause and fails the trial.
 """
 
 from __future__ import annotations
@@ -16,53 +18,72 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from raydrat.config import RaydratConfig
 from raydrat.core import metrics as M
+from raydrat.core.exceptions import walk_exceptions
 from raydrat.core.microbatch import is_oom
 from raydrat.ray_data.datasets import build_datasets
 from raydrat.ray_session import quiet_ray_data
-from raydrat.ray_train.trainer import fit_in_run
-from raydrat.tracking import Run
+from raydrat.ray_train.trainer import fit_in_run, log_data
+from raydrat.tune.mlflow_runs import end_trial_run, start_trial_run
 
 STATUS = "status"
 TRIAL_WALL_S = "trial_wall_s"
 TRIAL_START = "trial_start_ts"
 TRIAL_END = "trial_end_ts"
-DATA_SETUP_S = "time/data_setup_s"  # planning the corpus and building the val split
+DATA_SETUP_S = "system/data_setup_s"  # planning the corpus and building the val split
 ERROR = "error"
+RUN_ID = "mlflow_run_id"
 
 
 def trial_fn(config: dict, tracking_uri: str | None = None) -> None:
     """One trial. ``tracking_uri`` comes through ``tune.with_parameters`` (the payload's
     copy has its password masked)."""
     t0 = time.time()
-    payload = config["trial"]
+    payload = {**config["trial"], "tracking_uri": tracking_uri or config["trial"]["tracking_uri"]}
     cfg = RaydratConfig.model_validate(payload["config"])
-    run = Run.attach(tracking_uri or payload["tracking_uri"], payload["run_id"])
-
-    quiet_ray_data()
-    bundle = build_datasets(cfg.data, cfg.model.seq_len, cfg.model.vocab_size,
-                            reserved_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
-    data_setup_s = time.time() - t0
-    run.log_text(cfg.to_yaml(), "config.yaml")
-    final: dict = {STATUS: "completed", DATA_SETUP_S: data_setup_s}
+    run = start_trial_run(payload, cfg, t0)
+    final: dict = {}
+    status, error = "completed", None
     try:
+        quiet_ray_data()
+        bundle = build_datasets(cfg.data, cfg.model.seq_len, cfg.model.vocab_size,
+                                reserved_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+        final[DATA_SETUP_S] = time.time() - t0
+        run.log_metrics({DATA_SETUP_S: final[DATA_SETUP_S]}, 0)
+        log_data(run, bundle)
         result = fit_in_run(
             cfg, payload["runtime"], bundle, run, payload["run_name"],
             callbacks=[TuneReportCallback()], worker_resources=payload["worker_resources"],
             fit_callbacks=payload.get("fit_callbacks", ()),
         )
-        final[M.VAL_LOSS] = (result.metrics or {}).get(M.VAL_LOSS, math.nan)
+        final.update(result.metrics or {})
     except Exception as exc:  # noqa: BLE001 - OOM is a result, everything else fails the trial
         if not is_oom(exc):
+            end_trial_run(run, "failed", root_cause(exc))
             raise
-        final.update({STATUS: "oom", M.VAL_LOSS: math.nan, ERROR: _last_line(exc)})
+        status, error = "oom", oom_line(exc)
     end = time.time()
-    final.update({TRIAL_WALL_S: end - t0, TRIAL_START: t0, TRIAL_END: end})
+    end_trial_run(run, status, error, end)
+    # the last report: no `step` (the scheduler ranked the trial at its reported steps)
+    final.pop(M.STEP, None)
+    final.setdefault(payload["metric"], math.nan)
+    final.update({STATUS: status, ERROR: error, RUN_ID: run.run_id, TRIAL_WALL_S: end - t0,
+                  TRIAL_START: t0, TRIAL_END: end})
     ray.tune.report(final)
 
 
-def _last_line(exc: BaseException) -> str:
+def oom_line(exc: BaseException) -> str:
     lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
     for ln in reversed(lines):
         if "OutOfMemoryError" in ln or "out of memory" in ln:
             return ln.strip()[:500]
     return (lines[-1] if lines else type(exc).__name__)[:500]
+
+
+def root_cause(exc: BaseException) -> str:
+    """The innermost error Ray's wrappers carry, as ``Type: first line``."""
+    leaves = [e for e in walk_exceptions(exc)
+              if e.__cause__ is None and e.__context__ is None and getattr(e, "cause", None) is None
+              and not getattr(e, "worker_failures", None) and not getattr(e, "errors", None)]
+    root = next((e for e in leaves if not type(e).__module__.startswith("ray")), leaves[-1] if leaves else exc)
+    text = next((ln.strip() for ln in str(root).splitlines() if ln.strip()), "")
+    return f"{type(root).__name__}: {text}"[:500] if text else type(root).__name__
