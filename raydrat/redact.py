@@ -40,6 +40,7 @@ password is masked whatever its length."""
 
 _USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]*):(?P<password>[^/\s@]*)@")
 _registered: set[str] = set()
+_uris: dict[str, str] = {}
 
 
 def uri_password(uri: str | None) -> str | None:
@@ -59,6 +60,21 @@ def redact_uri(uri: str | None) -> str | None:
 def register(*values: str | None) -> None:
     """Treat ``values`` as secrets from now on, in this process (e.g. a config's password)."""
     _registered.update(v for v in values if v and len(v) >= MIN_SECRET_LEN)
+
+
+def remember_uri(uri: str | None) -> None:
+    """Register ``uri``'s password as a secret and remember the URI, so that an object that
+    holds only its redacted form (one Tune pickles to disk: a searcher, a callback) can get
+    the real one back in this process (:func:`reveal_uri`)."""
+    password = uri_password(uri)
+    if password:
+        register(password)
+        _uris[redact_uri(uri)] = uri
+
+
+def reveal_uri(uri: str | None) -> str | None:
+    """The URI :func:`remember_uri` remembered for the redacted ``uri`` (else ``uri`` itself)."""
+    return _uris.get(uri, uri) if uri else uri
 
 
 def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:

@@ -46,7 +46,7 @@ from mlflow.tracking import MlflowClient
 
 from raydrat.config.run import RaydratConfig
 from raydrat.config.tracking import TrackingConfig
-from raydrat.redact import redact, redact_uri, register, uri_password
+from raydrat.redact import redact, redact_uri, remember_uri, uri_password
 from raydrat.core import metrics as M
 
 DEFAULT_DB = "mlruns.db"
@@ -64,11 +64,11 @@ def resolve_tracking_uri(cfg: TrackingConfig, workdir: str | Path | None = None)
     SQLite file (made absolute so Ray workers with another cwd write to the same store).
     A password in the URI is registered as a secret (:mod:`raydrat.redact`)."""
     if cfg.tracking_uri:
-        register(uri_password(cfg.tracking_uri))
+        remember_uri(cfg.tracking_uri)
         return cfg.tracking_uri
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
-        register(uri_password(env))
+        remember_uri(env)
         return env
     base = Path(workdir or os.getcwd()).resolve()
     return f"sqlite:///{base / DEFAULT_DB}"
@@ -137,8 +137,13 @@ def share_view(uri: str, experiment_id: str, key: str, search_filter: str | None
 
 def ui_url(uri: str, experiment_id: str, key: str = VIEW_KEY) -> str:
     """The page that opens the experiment in the UI's model-training view (MLflow 3 opens
-    its GenAI view otherwise), on the shared view ``key``, its charts first."""
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    its GenAI view otherwise), on the shared view ``key``, its charts first. Never with
+    credentials: the browser asks for them."""
+    if uri.startswith(("http://", "https://")):
+        parts = urlparse(uri.rstrip("/"))
+        base = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    else:
+        base = "http://127.0.0.1:5000"
     return (f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
             f"&viewStateShareKey={key}&compareRunsMode=CHART")
 
@@ -170,7 +175,7 @@ def artifact_repo(uri: str, run_id: str):
     location = client(uri).get_run(run_id).info.artifact_uri
     if is_embedded(uri) and not urlparse(location).scheme and not os.path.isabs(location):
         location = str(store_dir(uri) / location)
-    return get_artifact_repository(location)
+    return get_artifact_repository(location, tracking_uri=uri)
 
 
 # ----------------------------------------------------------------------------- what a run shows

@@ -139,7 +139,8 @@ def test_no_secret_in_the_store_artifacts_ray_results_session_logs_or_console(
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
     trained = [r for r in runs if "val_loss" in r.data.metrics]
     assert len(trained) == 2
-    assert {r.data.params.get("tracking.tracking_uri") for r in trained} >= {R.redact_uri(uri)}
+    # the URI is a param only where it is recorded at all, and then masked
+    assert {r.data.params.get("tracking.tracking_uri") for r in trained} <= {None, R.redact_uri(uri)}
 
     needles = [SECRET.encode(), AWS_SECRET.encode()]
     places = {"the MLflow server's store and artifacts": mlflow_server["root"],

@@ -16,6 +16,7 @@ from ray.tune.experiment import Trial
 from raydrat.core import metrics as M
 from raydrat.tune import report as R
 from raydrat.tune.mlflow_runs import end_trial_run, find_trial_run, last_logged_step
+from raydrat.redact import reveal_uri
 from raydrat.tune.trial import ERROR, STATUS, root_cause
 
 
@@ -65,7 +66,7 @@ class TrialEvents(Callback):
             self.log.info(f"{p['name']} {last[STATUS]} in {last.get('trial_wall_s', 0):.0f}s{tail}")
             return
         step = self.last_step.get(p["name"])
-        run = find_trial_run(self.uri, self.parent_run_id, p["name"])
+        run = find_trial_run(reveal_uri(self.uri), self.parent_run_id, p["name"])
         if run and run.status() == "RUNNING":
             end_trial_run(run, "stopped_early")
         logged = last_logged_step(run) if run else None
@@ -76,7 +77,7 @@ class TrialEvents(Callback):
         p = trial.config["trial"]
         error = trial.get_pickled_error() or trial.get_error()
         cause = root_cause(error) if error is not None else "the trial's process ended"
-        run = find_trial_run(self.uri, self.parent_run_id, p["name"])
+        run = find_trial_run(reveal_uri(self.uri), self.parent_run_id, p["name"])
         if run and run.status() == "RUNNING":
             end_trial_run(run, "failed", cause)
         self.log.info(f"{p['name']} failed: {cause}")

@@ -45,7 +45,7 @@ from raydrat.tune.mlflow_runs import (
 )
 from raydrat.tune.results import best_trial, full_length_command, memory_figures, overhead_figures, trial_records
 from raydrat.tune.search import AdmittingSearcher, build_searcher
-from raydrat.redact import redact_obj, redact_uri
+from raydrat.redact import redact_obj, redact_uri, reveal_uri
 from raydrat.tune.env import keep_credentials_out_of_runtime_envs
 from raydrat.tune.space import Space, TrialSpec, expand, load_space
 from raydrat.tune.trial import STATUS, trial_fn
@@ -125,6 +125,7 @@ class Launcher:
     space: Space
     sweep_dir: Path
     uri: str | None
+    """The tracking URI, redacted (Tune pickles the searcher that holds this); reveal_uri gives the real one."""
     parent_run_id: str | None
     source_tags: dict[str, str]
     gpu_bytes: int | None
@@ -137,7 +138,7 @@ class Launcher:
             # the real tracking URI reaches the trial through tune.with_parameters (see _fit)
             "index": v.index, "name": v.name, "params": v.params, "config": redact_obj(cfg.to_dict()),
             "steps": cfg.train.steps, "sweep": self.sweep_dir.name, "run_name": f"{self.sweep_dir.name}-{v.name}",
-            "tracking_uri": redact_uri(self.uri), "parent_run_id": self.parent_run_id, "source_tags": self.source_tags,
+            "tracking_uri": self.uri, "parent_run_id": self.parent_run_id, "source_tags": self.source_tags,
             "estimated_bytes": v.estimate, "budget_bytes": v.budget, "budget_gb": self.space.sweep.memory_budget_gb,
             "metric": self.space.sweep.metric, "runtime": v.runtime,
             "worker_resources": A.worker_resources(v.estimate, v.runtime.use_gpu, self.gpu_bytes),
@@ -146,7 +147,7 @@ class Launcher:
 
     def refuse(self, v: A.Verdict) -> None:
         experiment = (v.spec.config if v.spec else self.space.config_for({}, str(self.space.path))).tracking.experiment
-        run_id = record_refused(self.uri, experiment, self.parent_run_id, self.sweep_dir.name, v, self.source_tags)
+        run_id = record_refused(reveal_uri(self.uri), experiment, self.parent_run_id, self.sweep_dir.name, v, self.source_tags)
         state = _load_state(self.sweep_dir)
         state.setdefault("refused", []).append({
             "name": v.name, "params": v.params, "status": v.refused, "reason": v.reason,
@@ -214,7 +215,9 @@ def run_sweep(space_path: str | Path, resume: bool = False, json_path: str | Pat
                  "source_tags": tracking.run_tags(), "refused": []}
         _save_state(sweep_dir, state)
     parent_id = state.get("parent_run_id")
-    launcher = Launcher(space, sweep_dir, uri, parent_id, state["source_tags"], gpu_bytes, list(fit_callbacks))
+    # what Tune pickles (the searcher, its callbacks) holds the URI redacted; reveal_uri gives
+    # the real one back in this process
+    launcher = Launcher(space, sweep_dir, redact_uri(uri), parent_id, state["source_tags"], gpu_bytes, list(fit_callbacks))
     searcher = AdmittingSearcher(inner, total, Screen(space, gpus, {v.index: v for v in verdicts}),
                                  launcher.launch, launcher.refuse, metric=sweep.metric, mode=sweep.mode)
     budget = f"memory budget {sweep.memory_budget_gb:g} GB" if sweep.memory_budget_gb else "no memory budget"
@@ -222,7 +225,7 @@ def run_sweep(space_path: str | Path, resume: bool = False, json_path: str | Pat
     _prepare_demo_data(launch_specs)
     t0 = time.time()
     grid = _fit(space, searcher, sweep_dir, concurrency, resume, verbose,
-                TrialEvents(log, sweep.metric, uri, parent_id), max_steps(space, launch_specs), uri)
+                TrialEvents(log, sweep.metric, redact_uri(uri), parent_id), max_steps(space, launch_specs), uri)
     sweep_wall = time.time() - t0
     unfinished = _unfinished_trials(sweep_dir, grid)
     if unfinished:
