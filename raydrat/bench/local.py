@@ -51,6 +51,16 @@ class LocalData:
             raise RuntimeError("corpus too small for the benchmark: lower train.batch_size")
         return data
 
+    @classmethod
+    def random(cls, cfg: RaydratConfig, steps: int, seed: int = 0) -> "LocalData":
+        """Uniformly random token blocks for ``steps`` optimizer steps (one val batch): what a
+        memory measurement needs (the allocator's figures do not depend on the tokens)."""
+        tc, mc = cfg.train, cfg.model
+        gen = torch.Generator().manual_seed(seed)
+        blocks = lambda n: [torch.randint(0, mc.vocab_size, (tc.batch_size, mc.seq_len + 1), generator=gen)  # noqa: E731
+                            for _ in range(n)]
+        return cls(blocks(steps * tc.grad_accum), blocks(1))
+
     def shard(self, rank: int, world: int) -> "LocalData":
         """Rank ``rank``'s share of the train batches (every ``world``-th), the whole val."""
         return LocalData(self.train[rank::world], self.val)
@@ -126,7 +136,7 @@ class LocalRun:
         except StopIteration:
             return False
         self.step_s.append(time.perf_counter() - t0 - (clock[M.EVAL_S] + clock[M.CHECKPOINT_S] - outside))
-        self.profiled.append(profiled or self.peak.profiling)
+        self.profiled.append(profiled or self.peak.profiling or self.state.step - 1 in self.peak.profiled_steps)
         return True
 
     def run(self) -> "LocalRun":

@@ -131,7 +131,7 @@ def iter_fit(
                 loss, grad_norm = state.micro(model, optimizer, micro, state.optim.grad_clip, t)
             with peak.region("after", step):
                 message = t.after_step(step, loss)
-            profiled = profiled or peak.profiling
+            profiled = profiled or peak.profiling or step in peak.profiled_steps
             if message:
                 log.info(message)
             window_loss += loss.detach()

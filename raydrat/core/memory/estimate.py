@@ -27,7 +27,8 @@ from raydrat.core.model.transformer import GPT
 from raydrat.core.techniques.knapsack import solve_budget
 
 COMPONENTS = ("params", "optimizer", "grads", "activations", "transient")
-"""The estimate's components: what is alive at the predicted peak of a training step."""
+"""The estimate's components: what is alive at the predicted peak of a training step
+(``params``: the fp32 parameters and the model's buffers)."""
 MIN_8BIT_NUMEL = 4096
 """bitsandbytes keeps 32-bit states for tensors with fewer elements than this."""
 BNB_BLOCK = 256
@@ -209,13 +210,14 @@ def activation_plan_bounds(cfg: RaydratConfig, device: str, precision: str) -> t
 
 def _param_layout(mc: ModelConfig) -> tuple[list[int], int, int, int]:
     """(every parameter's element count; fp32 bytes of one attention branch's and one MLP
-    branch's parameters; largest parameter's element count)."""
+    branch's parameters; bytes of the model's buffers)."""
     meta = _meta_model(mc)
     shapes = [p.numel() for p in meta.parameters()]
+    buffers = sum(4 * b.numel() for b in meta.buffers())  # RoPE's cos/sin tables (fp32)
     block = meta.layers["0"]
     attn = 4 * sum(p.numel() for p in block.attn_branch.parameters())
     mlp = 4 * sum(p.numel() for p in block.mlp_branch.parameters())
-    return shapes, attn, mlp, max(shapes)
+    return shapes, attn, mlp, buffers
 
 
 def _trained_shapes(cfg: RaydratConfig, shapes: list[int]) -> list[int]:
@@ -307,7 +309,7 @@ def estimate_memory(cfg: RaydratConfig, device: str = "cpu", precision: str = "f
     mixed = e != 4
     B, T, C, V = cfg.train.batch_size, mc.seq_len, mc.d_model, mc.vocab_size
     BT = B * T
-    shapes, attn_params, mlp_params, _ = _param_layout(mc)
+    shapes, attn_params, mlp_params, buffers = _param_layout(mc)
     params = 4 * sum(shapes)
     optimizer = _optimizer_state_bytes_for(_trained_shapes(cfg, shapes), cfg.optim.name)
 
@@ -369,8 +371,16 @@ def estimate_memory(cfg: RaydratConfig, device: str = "cpu", precision: str = "f
     phases["optimizer"] = grads_all + opt_tmp
     at["optimizer"] = {"grads": grads_all, "activations": 0, "transient": opt_tmp}
 
+    if cfg.recompute.mode != "none":
+        # the planner measures its costs with a forward of every layer, every branch stored
+        # (first step; gated: every gates.refresh_every steps): outside the training step
+        all_costs = branch_costs(cfg, device, precision)
+        every = sum(c.input_bytes + c.stored_bytes for c in all_costs) + outside + log_softmax
+        planning = params + buffers + optimizer + every + logits
+    else:
+        planning = None
     peak_phase = max(phases, key=phases.get)
-    components = {"params": params, "optimizer": optimizer, **at[peak_phase]}
+    components = {"params": params + buffers, "optimizer": optimizer, **at[peak_phase]}
     transient_parts = {
         "forward": {"logits": fwd[1]} if fwd is end else {"recompute": fwd[1]},
         "loss_backward": {"loss_grads": loss_grads},
@@ -385,10 +395,12 @@ def estimate_memory(cfg: RaydratConfig, device: str = "cpu", precision: str = "f
         "stored_branches": sum(stored),
         "branches": len(stored),
         "attention_matrix": attention_keeps_matrix(mc, device),
-        "phases": {k: params + optimizer + v for k, v in phases.items()},
-        "peak_phase": peak_phase if peak_phase != "layers_backward" else f"layers_backward ({branch})",
+        "phases": {k: params + buffers + optimizer + v for k, v in phases.items()},
+        "peak_phase": peak_phase.replace("_", " ") + (f" ({branch})" if peak_phase == "layers_backward" else ""),
         "transient": transient_parts,
         "grad_accumulation": accumulating,
+        "grads_bytes": grads_all,
         "logits_bytes": BT * V * e,
+        "planning_peak_bytes": planning,
     }
     return MemoryEstimate(total_bytes=sum(components.values()), components=components, detail=detail)

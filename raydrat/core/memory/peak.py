@@ -241,11 +241,15 @@ class PeakMemory:
         """Net bytes the run's regions have allocated so far (known up to the last read)."""
         self.steps: dict[int, StepMemory] = {}
         """Every measured step: every step on CUDA, the sampled ones on CPU."""
+        self.region_bytes: dict[str, int] = {}
+        """Net bytes of the ``build`` and ``restore`` regions (e.g. the parameters)."""
         self.plan_peaks: dict[int, int] = {}
         """Peak of the ``plan`` region (the planners' ``before_step``: a recompute planner
         measures its costs there with a forward that stores everything) of profiled steps, CPU."""
         self._spans: list[tuple[str, int | None]] = []  # regions opened in the current session, in order
         self._steps_seen = 0
+        self.profiled_steps: set[int] = set()
+        """Steps whose ``train`` region ran while the shared profiler was on (any run's)."""
         self._holding = False
         self._plans: dict[int, StepPlan | None] = {}
         self.in_use = None if self.cuda else _malloc_in_use_fn()
@@ -284,7 +288,10 @@ class PeakMemory:
         if self.cuda:
             before = torch.cuda.memory_allocated(self.device)
             yield
-            self.persistent += torch.cuda.memory_allocated(self.device) - before
+            grown = torch.cuda.memory_allocated(self.device) - before
+            self.persistent += grown
+            if step is None:
+                self.region_bytes[kind] = self.region_bytes.get(kind, 0) + grown
             return
         if not SESSION.running or not self._holding:
             yield
@@ -315,12 +322,15 @@ class PeakMemory:
         sample = self.sampled(step)
         if sample and not self._holding:
             self._holding = SESSION.acquire(self)
+        profiled = SESSION.running
         if self._holding:
             self._spans.append(("train", step))
             with record_function(self._name("train", step)):
                 yield
         else:
             yield
+        if profiled or SESSION.running:
+            self.profiled_steps.add(step)
         self._steps_seen += 1
         if self._holding and self._steps_seen >= self.first_steps and (step + 1) not in self.at_steps:
             self._holding = False
@@ -361,6 +371,8 @@ class PeakMemory:
                                               phases, self._plans.get(step))
             elif kind == "plan":
                 self.plan_peaks[step] = self.persistent + tl.peak(a, b) - start
+            elif step is None:
+                self.region_bytes[kind] = self.region_bytes.get(kind, 0) + end - start
             self.persistent += end - start
 
     # --- results ------------------------------------------------------------------------
@@ -374,7 +386,12 @@ class PeakMemory:
             return None
         return max(s.peak for s in self.steps.values())
 
-    def worst_step(self) -> StepMemory | None:
-        """The measured step with the highest peak."""
+    def worst_step(self, steady: bool = True) -> StepMemory | None:
+        """The measured step with the highest peak; ``steady``: not the loop's first step
+        when a later one was measured (the optimizer states do not exist yet during the
+        first step's forward and backward: it is not the step an estimate predicts)."""
         self.peak()
-        return max(self.steps.values(), key=lambda s: s.peak, default=None)
+        steps = sorted(self.steps)
+        if steady and len(steps) > 1:
+            steps = steps[1:]
+        return max((self.steps[k] for k in steps), key=lambda s: s.peak, default=None)
