@@ -32,7 +32,8 @@ COMPONENTS = ("params", "optimizer", "grads", "activations", "transient")
 MIN_8BIT_NUMEL = 4096
 """bitsandbytes keeps 32-bit states for tensors with fewer elements than this."""
 BNB_BLOCK = 256
-"""bitsandbytes block size: one fp32 absmax per state per block; two 256-entry fp32 maps."""
+"""bitsandbytes block size: one fp32 absmax per state per block; two 256-entry fp32 maps
+shared by all tensors."""
 
 
 @dataclass
@@ -83,11 +84,13 @@ def _optimizer_state_bytes_for(shapes: list[int], name: str) -> int:
     if name in ("adamw", "adamw_fused"):
         return sum(2 * 4 * n + 4 for n in shapes)  # exp_avg, exp_avg_sq (fp32), step (fp32 scalar)
     total = 0
-    for n in shapes:  # bitsandbytes 8-bit: uint8 moments + block absmax + two quantisation maps
+    for n in shapes:  # bitsandbytes 8-bit: uint8 moments + block absmax
         if n < MIN_8BIT_NUMEL:
             total += 2 * 4 * n
         else:
-            total += 2 * n + 2 * 4 * math.ceil(n / BNB_BLOCK) + 2 * 4 * 256
+            total += 2 * n + 2 * 4 * math.ceil(n / BNB_BLOCK)
+    if any(n >= MIN_8BIT_NUMEL for n in shapes):
+        total += 2 * 4 * 256  # the two 256-entry fp32 quantisation maps, shared by every tensor
     return total
 
 

@@ -245,7 +245,8 @@ class PeakMemory:
         """Net bytes of the ``build`` and ``restore`` regions (e.g. the parameters)."""
         self.plan_peaks: dict[int, int] = {}
         """Peak of the ``plan`` region (the planners' ``before_step``: a recompute planner
-        measures its costs there with a forward that stores everything) of profiled steps, CPU."""
+        measures its costs there with a forward that stores everything): CUDA every step,
+        CPU the profiled ones."""
         self._spans: list[tuple[str, int | None]] = []  # regions opened in the current session, in order
         self._steps_seen = 0
         self.profiled_steps: set[int] = set()
@@ -287,7 +288,11 @@ class PeakMemory:
         """A region whose net allocations persist (``build``, ``restore``, ``plan``, ``after``)."""
         if self.cuda:
             before = torch.cuda.memory_allocated(self.device)
+            if kind == "plan":
+                torch.cuda.reset_peak_memory_stats(self.device)
             yield
+            if kind == "plan":
+                self.plan_peaks[step] = self.persistent + torch.cuda.max_memory_allocated(self.device) - before
             grown = torch.cuda.memory_allocated(self.device) - before
             self.persistent += grown
             if step is None:
