@@ -118,7 +118,8 @@ class Measurement:
             "active_layers": None if plan is None or plan.active is None else len(plan.active),
             "stored_branches": None if plan is None or plan.stored is None else sum(plan.stored),
             "branches": None if plan is None or plan.stored is None else len(plan.stored),
-            "planning_peak_bytes": max(self.peak.plan_peaks.values(), default=None),
+            "planning_peak_bytes": (max(self.peak.plan_peaks.values(), default=None)
+                                    if self.cfg.recompute.mode != "none" else None),
             "estimated_planning_peak_bytes": self.worst_case.detail.get("planning_peak_bytes"),
             "measured_components": self.measured,
             "estimated_components": self.estimated,
@@ -241,6 +242,7 @@ def configurations(overrides: list[str] | None = None) -> list[tuple[str, str, l
         ("demo", "demo", []),
         ("6L d384 s512", "demo", six),
         ("6L d384 s512 full", "demo", [*six, "recompute.mode=full"]),
+        ("6L d384 s512 full, vocab 512", "demo", [*six, "recompute.mode=full", "model.vocab_size=512"]),
         ("demo full", "demo", ["recompute.mode=full"]),
         ("demo budget 50%", "demo", ["recompute.mode=budget", budget]),
         ("demo gated", "demo", ["recompute.mode=gated"]),

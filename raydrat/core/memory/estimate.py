@@ -13,6 +13,7 @@ Every function takes the device type (``cpu`` | ``cuda``) and the resolved preci
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -211,27 +212,56 @@ def activation_plan_bounds(cfg: RaydratConfig, device: str, precision: str) -> t
 
 
 
-def _param_layout(mc: ModelConfig) -> tuple[list[int], int, int, int]:
-    """(every parameter's element count; fp32 bytes of one attention branch's and one MLP
-    branch's parameters; bytes of the model's buffers)."""
-    meta = _meta_model(mc)
-    shapes = [p.numel() for p in meta.parameters()]
-    buffers = sum(4 * b.numel() for b in meta.buffers())  # RoPE's cos/sin tables (fp32)
+@dataclass(frozen=True)
+class _Layout:
+    """What the estimate needs of the model's tensors (from one meta-device build)."""
+
+    shapes: tuple[int, ...]
+    """Element count of every parameter (a tied weight once)."""
+    layer_shapes: tuple[tuple[int, ...], ...]
+    """Element counts of each layer's parameters."""
+    attn_bytes: int
+    """fp32 bytes of one attention branch's parameters (its norm included)."""
+    mlp_bytes: int
+    buffer_bytes: int
+    """The model's buffers (RoPE's cos/sin tables, fp32)."""
+    groups: tuple[int, int]
+    """fp32 bytes of the two optimizer groups: matrices (decayed), vectors (not)."""
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_of(model_json: str) -> _Layout:
+    meta = _meta_model(ModelConfig.model_validate_json(model_json))
+    params = list(meta.parameters())  # a tied weight once
     block = meta.layers["0"]
-    attn = 4 * sum(p.numel() for p in block.attn_branch.parameters())
-    mlp = 4 * sum(p.numel() for p in block.mlp_branch.parameters())
-    return shapes, attn, mlp, buffers
+    mats = sum(4 * p.numel() for p in params if p.dim() >= 2)
+    return _Layout(
+        shapes=tuple(p.numel() for p in params),
+        layer_shapes=tuple(tuple(p.numel() for p in b.parameters()) for b in meta.layers.values()),
+        attn_bytes=4 * sum(p.numel() for p in block.attn_branch.parameters()),
+        mlp_bytes=4 * sum(p.numel() for p in block.mlp_branch.parameters()),
+        buffer_bytes=sum(4 * b.numel() for b in meta.buffers()),
+        groups=(mats, 4 * sum(p.numel() for p in params) - mats),
+    )
 
 
-def _trained_shapes(cfg: RaydratConfig, shapes: list[int]) -> list[int]:
+def _layout(mc: ModelConfig) -> _Layout:
+    """The model's tensor layout, built once per model config (a meta-device GPT)."""
+    return _layout_of(mc.model_dump_json())
+
+
+def _trained_shapes(cfg: RaydratConfig, layout: _Layout) -> list[int]:
     """The parameters that ever get a gradient, hence optimizer state (states are created
     at a parameter's first gradient): with ``slots.mode: fixed`` the layers not listed never run."""
-    sc, mc = cfg.slots, cfg.model
+    sc = cfg.slots
     if sc.mode != "fixed" or not sc.fixed:
-        return shapes
-    meta = _meta_model(mc)
-    skip = {id(p) for i, block in meta.layers.items() if int(i) not in set(sc.fixed) for p in block.parameters()}
-    return [p.numel() for p in meta.parameters() if id(p) not in skip]
+        return list(layout.shapes)
+    shapes = list(layout.shapes)
+    for i, layer in enumerate(layout.layer_shapes):
+        if i not in set(sc.fixed):
+            for n in layer:
+                shapes.remove(n)
+    return shapes
 
 
 def _optimizer_step_bytes(shapes: list[int], name: str, device: str, groups: tuple[int, int]) -> int:
@@ -253,21 +283,6 @@ def _optimizer_step_bytes(shapes: list[int], name: str, device: str, groups: tup
     if name == "adamw":
         return 2 * largest if device == "cpu" else max(groups)
     return largest if device == "cpu" else max(groups)  # sgd
-
-
-def _group_bytes(mc: ModelConfig) -> tuple[int, int]:
-    """fp32 bytes of the two optimizer groups: matrices (decayed), vectors (not)."""
-    meta = _meta_model(mc)
-    seen, mats, vecs = set(), 0, 0
-    for p in meta.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        if p.dim() >= 2:
-            mats += 4 * p.numel()
-        else:
-            vecs += 4 * p.numel()
-    return mats, vecs
 
 
 def _branch_backward_bytes(mc: ModelConfig, kind: str, BT: int, e: int) -> int:
@@ -312,9 +327,10 @@ def estimate_memory(cfg: RaydratConfig, device: str = "cpu", precision: str = "f
     mixed = e != 4
     B, T, C, V = cfg.train.batch_size, mc.seq_len, mc.d_model, mc.vocab_size
     BT = B * T
-    shapes, attn_params, mlp_params, buffers = _param_layout(mc)
+    layout = _layout(mc)
+    shapes, attn_params, mlp_params, buffers = list(layout.shapes), layout.attn_bytes, layout.mlp_bytes, layout.buffer_bytes
     params = 4 * sum(shapes)
-    optimizer = _optimizer_state_bytes_for(_trained_shapes(cfg, shapes), cfg.optim.name)
+    optimizer = _optimizer_state_bytes_for(_trained_shapes(cfg, layout), cfg.optim.name)
 
     plan = plan or StepPlan()
     layers = len(plan.active) if plan.active is not None else active_layers(cfg)
@@ -370,7 +386,7 @@ def estimate_memory(cfg: RaydratConfig, device: str = "cpu", precision: str = "f
         branch = f"layer {costs[i].layer} {costs[i].kind}{'' if stored[i] else ' (recomputed)'}"
     else:
         branch = None
-    opt_tmp = _optimizer_step_bytes(shapes, cfg.optim.name, device, _group_bytes(mc))
+    opt_tmp = _optimizer_step_bytes(shapes, cfg.optim.name, device, layout.groups)
     phases["optimizer"] = grads_all + opt_tmp
     at["optimizer"] = {"grads": grads_all, "activations": 0, "transient": opt_tmp}
 

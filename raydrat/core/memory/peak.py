@@ -16,7 +16,8 @@ Where the figures come from (never from raydrat's own tensor counting, never RSS
   every step, at no cost.
 * **CPU**: PyTorch keeps no statistics for its CPU allocator, but its profiler reports
   every allocation and free of it, with the size, when ``profile_memory=True``
-  (:class:`AllocatorTrace`). The profiler costs a fifth of a step or so, so only a few
+  (:class:`AllocatorTrace`: ``torch.autograd.profiler.profile(use_kineto=True)``, what
+  ``torch.profiler.profile`` wraps). The profiler costs a fifth of a step or so, so only a few
   steps are *sampled*: the first ``first_steps`` the loop runs (the profiler runs from
   the construction of :class:`PeakMemory`, so the build is measured too) and any listed in
   ``at_steps``. A process runs one profiler at a time, so every :class:`PeakMemory` of the
@@ -52,8 +53,8 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 
 import torch
+from torch.autograd import profiler as autograd_profiler
 from torch.autograd.profiler import record_function
-from torch.profiler import ProfilerActivity, profile
 
 FORWARD, BACKWARD, OPTIMIZER, ZERO_GRAD = "raydrat/forward", "raydrat/backward", "raydrat/optimizer", "raydrat/zero_grad"
 """The phase markers :func:`raydrat.core.step.train_step` opens (``record_function`` names)."""
@@ -70,8 +71,8 @@ class Timeline:
     regions: dict[str, list[tuple[int, int]]]
 
     @classmethod
-    def from_profile(cls, prof: profile, device_type: str) -> "Timeline":
-        events = prof.profiler.kineto_results.events()
+    def from_profile(cls, prof: autograd_profiler.profile, device_type: str) -> "Timeline":
+        events = prof.kineto_results.events()
         want = torch.device(device_type).type
         memory = sorted(
             (e.start_ns(), e.nbytes()) for e in events
@@ -109,7 +110,7 @@ class AllocatorTrace:
     the session reads them from its :class:`Timeline`."""
 
     def __init__(self):
-        self.prof: profile | None = None
+        self.prof: autograd_profiler.profile | None = None
         self.holders: set[int] = set()
         self.readers: weakref.WeakValueDictionary[int, PeakMemory] = weakref.WeakValueDictionary()
 
@@ -121,8 +122,10 @@ class AllocatorTrace:
         # Kineto prints "profiler_start/stop" lines on every session unless told
         # otherwise; it reads this when the profiler first starts (a user's setting wins)
         os.environ.setdefault("KINETO_LOG_LEVEL", "6")
-        self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-        self.prof.start()
+        # the autograd profiler that torch.profiler.profile wraps: the wrapper's start
+        # imports torch._inductor (seconds) to read one setting this session never uses
+        self.prof = autograd_profiler.profile(use_cpu=True, profile_memory=True, use_kineto=True)
+        self.prof.__enter__()
 
     def acquire(self, reader: "PeakMemory") -> bool:
         """Hold the session for ``reader`` (starting it); False when another profiler runs
@@ -154,7 +157,7 @@ class AllocatorTrace:
         prof, self.prof = self.prof, None
         if prof is None:
             return
-        prof.stop()
+        prof.__exit__(None, None, None)
         readers = list(self.readers.values())
         for uid in [uid for uid in self.readers if uid not in self.holders]:
             del self.readers[uid]
