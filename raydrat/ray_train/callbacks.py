@@ -26,6 +26,11 @@ class RunMetrics(Callback):
         if state.rank == 0:
             self.run.log_metrics(values, state.step)
 
+    def on_save(self, state: FitState, report: dict[str, float]) -> None:
+        """The worker's peak memory so far (allocator; and the malloc heap, apart)."""
+        if state.rank == 0:
+            self.run.log_metrics({k: report[k] for k in (M.PEAK_BYTES, M.HEAP_PEAK_BYTES) if report.get(k)}, state.step)
+
     def on_fit_end(self, state: FitState) -> None:
         planner = state.techniques.recompute
         if state.rank != 0 or not self.run or not isinstance(planner, GatedRecompute):

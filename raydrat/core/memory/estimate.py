@@ -376,16 +376,16 @@ def estimate_memory(cfg: RaydratConfig, device: str = "cpu", precision: str = "f
         recompute = 0 if s else c.stored_bytes
         total = grads + remaining + recompute + work
         if best is None or total > best[0]:
-            best = (total, i, grads, remaining, recompute + work)
+            best = (total, i, grads, remaining, recompute, work)
         remaining -= kept[i]
         grads = g0 or grads + branch_params[i]
     if best is not None:
-        total, i, g, rem, trans = best
+        total, i, g, rem, recomputed, work = best
         phases["layers_backward"] = total
-        at["layers_backward"] = {"grads": g, "activations": rem, "transient": trans}
+        at["layers_backward"] = {"grads": g, "activations": rem, "transient": recomputed + work}
         branch = f"layer {costs[i].layer} {costs[i].kind}{'' if stored[i] else ' (recomputed)'}"
     else:
-        branch = None
+        branch, recomputed, work = None, 0, 0
     opt_tmp = _optimizer_step_bytes(shapes, cfg.optim.name, device, layout.groups)
     phases["optimizer"] = grads_all + opt_tmp
     at["optimizer"] = {"grads": grads_all, "activations": 0, "transient": opt_tmp}
@@ -403,7 +403,7 @@ def estimate_memory(cfg: RaydratConfig, device: str = "cpu", precision: str = "f
     transient_parts = {
         "forward": {"logits": fwd[1]} if fwd is end else {"recompute": fwd[1]},
         "loss_backward": {"loss_grads": loss_grads},
-        "layers_backward": {"backward_working_set": at.get("layers_backward", {}).get("transient", 0)},
+        "layers_backward": {"recompute_working_set": recomputed, "backward_working_set": work},
         "optimizer": {"optimizer_step": opt_tmp},
     }[peak_phase]
     detail = {
