@@ -9,7 +9,8 @@
     raydrat bench ingest [CONFIG] [--mb N ...] [--json PATH]
     raydrat bench overhead [CONFIG] [--json PATH]
     raydrat tune SPACE [--resume] [--json PATH] [--verbose]
-    raydrat estimate CONFIG [--set section.key=value ...]
+    raydrat estimate CONFIG [--set section.key=value ...] [--measure]
+    raydrat bench memory [--json PATH] [--only NAME ...]
     raydrat bench combos [CONFIG] [--json PATH] [--only NAME ...]
     raydrat bench sync [CONFIG] [--latency-ms MS,...] [--link MBIT,...] [--json PATH]
 
@@ -166,16 +167,40 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from raydrat.core.runtime import resolve
 
+    if args.measure:  # refuse before printing anything when this machine cannot run it
+        from raydrat.bench.memory import measurable
+
+        measurable(cfg, args.device)
     est = resolve(cfg, gpus={"cpu": 0, "cuda": 1}.get(args.device)).estimate
     d = est.detail
     print(
         f"estimated peak training memory per worker for {cfg.name}: {est.total_bytes / 2**20:.2f} MiB\n"
-        f"(device {d['device']}, precision {d['precision']}, batch {cfg.train.batch_size} x {cfg.model.seq_len} tokens, "
+        f"(device {d['device']}, precision {d['precision']}, batch {cfg.train.batch_size} x {cfg.model.seq_len} tokens"
+        f"{f' x {cfg.train.grad_accum} micro-batches' if cfg.train.grad_accum > 1 else ''}, "
         f"{d['active_layers']}/{cfg.model.n_layer} layers, {d['stored_branches']}/{d['branches']} branches stored, "
         f"recompute {cfg.recompute.mode}, optimizer {cfg.optim.name}, "
         f"attention {'stores the T x T matrix' if d['attention_matrix'] else 'O(T) memory'})\n"
+        f"the peak is in the {d['peak_phase']}; what is alive there:\n"
     )
     print(est.table())
+    transient = ", ".join(f"{k.replace('_', ' ')} {v / 2**20:.2f} MiB" for k, v in d["transient"].items())
+    print(f"\ntransient at the peak: {transient}")
+    print("peak of each phase (MiB): " + ", ".join(f"{k.replace('_', ' ')} {v / 2**20:.2f}" for k, v in d["phases"].items()))
+    if d.get("planning_peak_bytes"):
+        print(f"outside the training step: the recompute planner measures its costs with a forward that stores "
+              f"every branch (first step; gated: every recompute.gates.refresh_every steps): "
+              f"{d['planning_peak_bytes'] / 2**20:.2f} MiB")
+    if args.measure:
+        from raydrat.bench.memory import measure, print_measurement
+
+        print_measurement(measure(cfg, device=args.device))
+    return 0
+
+
+def cmd_bench_memory(args: argparse.Namespace) -> int:
+    from raydrat.bench.memory import run_memory_bench
+
+    run_memory_bench(json_path=args.json, overrides=args.overrides, only=args.only)
     return 0
 
 
@@ -262,7 +287,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="device the estimate is for (default: from the config, else this machine)")
+    p.add_argument("--measure", action="store_true",
+                   help="also train a few steps on this machine's device and print measured against predicted")
     p.set_defaults(func=cmd_estimate)
+
+    p = bench.add_parser("memory", help="estimated vs allocator-measured peak memory on shipped configurations")
+    p.add_argument("--json", help="write one record per configuration to this JSON file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value in every configuration, e.g. --set train.device=cpu (repeatable)")
+    p.add_argument("--only", nargs="+", metavar="NAME", help="measure only these configurations")
+    p.set_defaults(func=cmd_bench_memory)
 
     p = bench.add_parser("sync", help="ddp vs local-update sync on 2 CPU workers, same token budget")
     _add_config_args(p, required=False)

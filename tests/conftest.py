@@ -3,6 +3,7 @@ tests that need it, and global torch state restored after every test."""
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -38,6 +39,18 @@ def _restore_torch_state():
     yield
     torch.set_default_dtype(dtype)
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _no_allocator_profiler_left_running():
+    """Every run's PeakMemory lets the process's one profiler session go when it is done
+    (or garbage-collected): a test that leaks it would slow every later test."""
+    yield
+    from raydrat.core.memory.peak import SESSION
+
+    if SESSION.running:
+        gc.collect()
+    assert not SESSION.running, "the allocator profiler session is still running after the test"
 
 
 @pytest.fixture(scope="session")

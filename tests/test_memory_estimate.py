@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from raydrat.bench.memory import measurable
 from raydrat.config import ConfigError, load_config
 from raydrat.core.memory.measure import optimizer_state_bytes, param_bytes, saved_activation_bytes
 from raydrat.core.model.transformer import GPT
@@ -61,11 +62,12 @@ def test_estimate_tracks_slots_and_recompute():
     fixed = estimate_memory(load_config("debug", ["model.n_layer=4", "train.device=cpu", "slots.mode=fixed", "slots.fixed=[0,2]"]))
     full = estimate_memory(load_config("debug", ["model.n_layer=4", "train.device=cpu", "recompute.mode=full"]))
     assert fixed.detail["active_layers"] == 2
-    assert fixed.components["activations"] < base.components["activations"]
-    assert full.components["activations"] < 0.5 * base.components["activations"]
+    assert fixed.saved_bytes < base.saved_bytes
+    assert full.saved_bytes < 0.5 * base.saved_bytes
+    assert fixed.total_bytes < base.total_bytes and full.total_bytes < base.total_bytes
     assert full.components["params"] == base.components["params"] == fixed.components["params"]
-    assert set(base.components) >= {"params", "grads", "optimizer", "activations", "logits"}
-    assert base.total_bytes == sum(base.components.values())
+    assert list(base.components) == ["params", "optimizer", "grads", "activations", "transient"]
+    assert base.total_bytes == sum(base.components.values()) == max(base.phases.values())
 
 
 @pytest.mark.parametrize("name", ["adamw", "adamw_fused", "adamw8bit", "paged_adamw8bit"])
@@ -77,18 +79,33 @@ def test_estimated_param_and_optimizer_bytes_match_real_tensors(name):
     loss.backward()
     optimizer.step()
     est = estimate_memory(cfg)
-    assert est.components["params"] == param_bytes(model)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert est.components["params"] == param_bytes(model) + buffers
     assert est.components["optimizer"] == optimizer_state_bytes(optimizer)
 
 
 def test_cli_estimate_prints_breakdown(tmp_path):
-    res = run_cli(["estimate", "debug", "--set", "train.batch_size=4"], cwd=tmp_path, timeout=120)
+    res = run_cli(["estimate", "debug", "--set", "train.batch_size=4", "--measure"], cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr
-    for part in ("params", "grads", "optimizer", "activations", "logits", "total"):
+    for part in ("params", "grads", "optimizer", "activations", "transient", "total", "loss backward",
+                 "measured MiB", "peak of the step"):
         assert part in res.stdout
+    measured_peak = next(line for line in res.stdout.splitlines() if line.startswith("| peak of the step"))
+    est, meas = (float(x) for x in measured_peak.split("|")[2:4])
+    assert abs(est - meas) <= 0.10 * meas, measured_peak
     bad = run_cli(["estimate", "debug", "--set", "recompute.mode=budget", "--set", "recompute.budget_mb=0.01"], cwd=tmp_path, timeout=120)
     assert bad.returncode == 2
     assert "recompute.budget_mb" in bad.stderr and "minimum achievable" in bad.stderr
+
+
+def test_cli_measure_refuses_what_this_machine_cannot_run(tmp_path):
+    too_big = run_cli(["estimate", "gpt2-small", "--set", "train.batch_size=4096", "--measure"], cwd=tmp_path, timeout=120)
+    assert too_big.returncode == 2 and too_big.stdout == ""
+    (line,) = too_big.stderr.strip().splitlines()
+    assert line.startswith("raydrat: error: --measure") and "free memory" in line and "train.batch_size" in line
+    if not torch.cuda.is_available():  # the same refusal, in process (the CLI prints its message as one line)
+        with pytest.raises(ConfigError, match=r"--measure runs the config on this machine, which has no CUDA GPU.*drop --device cuda"):
+            measurable(load_config("debug"), "cuda")
 
 
 def test_budget_below_minimum_is_refused():

@@ -1,13 +1,18 @@
 """``raydrat bench combos``: every efficiency technique alone and in useful combinations,
 against a baseline (fp32, no recomputation, AdamW, all layers) measured in the same run.
 
-Each combination trains the same model on the same pre-tokenized batches for the same
-steps in this process (the same ``fit`` as ``raydrat train``, with the combination's techniques)
-and reports: steady tokens/s, measured parameter / gradient / optimizer-state /
-activation bytes (real tensors; activations as storages alive after forward), the
-analytic estimate, the recomputed FLOPs per step, train loss over the last logging window and the
-validation loss, all also as ratios to the baseline. MLflow: one parent run, one child
-run per combination. On a GPU it also reports peak CUDA memory.
+Every combination trains the same model on the same pre-tokenized batches for the same
+steps in this process (the same ``fit`` as ``raydrat train``, with the combination's
+techniques), **all of them interleaved**: one step of each in turn, the order reversed every
+round (:func:`raydrat.bench.local.interleave`), so every tokens/s ratio is taken under the
+same machine load. Each reports: steady tokens/s (the first step and the steps the
+allocator profiler sampled left out), measured parameter / gradient / optimizer-state /
+activation bytes (real tensors; activations as storages alive after forward), the peak
+bytes PyTorch's allocator held in its worst sampled step (``peak_bytes``) against the
+estimate for that step's plan (its active layers and stored branches: the worst step, not
+an average) and the config's worst case, the recomputed FLOPs per step, train loss over the
+last logging window and the validation loss, all also as ratios to the baseline. MLflow: one
+parent run, one child run per combination.
 
 The layer-dropping comparison trains layerdrop for N steps and the baseline at equal
 FLOPs and at equal wall-clock, each with a learning rate that fully decays within its
@@ -17,6 +22,7 @@ own budget (the comparison under which published layer-dropping gains have vanis
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -25,7 +31,8 @@ from raydrat.bench.layertime import LayerStackTimer
 from raydrat.bench.local import LocalData, LocalRun, interleave
 from raydrat.bench.report import print_table, write_json
 from raydrat.config import RaydratConfig, config_from_dict
-from raydrat.core.memory.estimate import activation_plan_bounds
+from raydrat.core.fit import Callback
+from raydrat.core.memory.estimate import activation_plan_bounds, estimate_memory
 from raydrat.core.memory.measure import flop_counter, grad_bytes, optimizer_state_bytes, param_bytes, saved_activation_bytes
 from raydrat.core.model.build import build_model
 from raydrat.core.techniques.knapsack import solve_budget
@@ -65,20 +72,25 @@ class Session:
     """One combination trained through ``fit`` (:class:`LocalRun`), with the layer-stack
     timer hooked on its model from outside and the per-step figures it reports."""
 
-    def __init__(self, cfg: RaydratConfig, data: LocalData):
+    def __init__(self, cfg: RaydratConfig, data: LocalData, name: str = "", callbacks: Sequence[Callback] = ()):
         # evaluate only at the end: the steps are what is timed
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"eval_every": cfg.train.steps})})
         self.cfg = cfg
-        self.run = LocalRun.start(cfg, data)
+        self.name = name
+        # the allocator peak: the first two steps and the last (the gates have learned by
+        # then), when a step is left between them to time
+        last = (cfg.train.steps - 1,) if cfg.train.steps >= 4 else ()
+        self.run = LocalRun.start(cfg, data, callbacks, sample_at=last)
         model = self.run.model
         self.timer = LayerStackTimer(model) if cfg.train.compile == "off" else None  # hooks break compiled graphs
         self.flops: list[float] = []
         self.active: list[float] = []
 
     def step(self) -> bool:
-        """One training step; the first is warm-up (the layer timer skips it)."""
+        """One training step; the layer timer skips the first (warm-up) and any step under
+        the allocator profiler (slower), as the whole-step figures do."""
         if self.timer is not None:
-            self.timer.enabled = len(self.run.step_s) > 0
+            self.timer.enabled = len(self.run.step_s) > 0 and not self.run.peak.profiling
         more = self.run.step()
         if self.timer is not None:
             self.timer.enabled = False
@@ -91,7 +103,7 @@ class Session:
 
     def throughput(self) -> dict:
         """Steady tokens/s of the whole step and of the layer stack, seconds per step of each."""
-        steady = len(self.run.step_s) - 1
+        steady = len(self.run.timed_steps())
         tokens = self.run.state.tokens_per_step * steady
         steady_s = self.run.steady_s()
         layer_s = self.timer.total_s if self.timer is not None and steady > 0 else float("nan")
@@ -101,6 +113,7 @@ class Session:
             "layer_tokens_per_s": tokens / layer_s if layer_s > 0 else nan,
             "layer_s_per_step": layer_s / steady if steady > 0 else nan,
             "outside_layers_s_per_step": (steady_s - layer_s) / steady if steady > 0 else nan,
+            "timed_steps": steady,
         }
 
     def close(self) -> None:
@@ -109,25 +122,38 @@ class Session:
 
 
 def run_one(cfg: RaydratConfig, data: LocalData) -> dict:
-    """Train ``cfg`` for ``cfg.train.steps`` on ``data``; measure everything."""
-    tc = cfg.train
-    s = Session(cfg, data)
+    """Train ``cfg`` for ``cfg.train.steps`` on ``data`` alone; measure everything."""
+    return run_interleaved([cfg], data)[0]
+
+
+def run_interleaved(cfgs: list[RaydratConfig], data: LocalData, names: list[str] | None = None,
+                    callbacks: Sequence[Callback] = ()) -> list[dict]:
+    """Train every config for its ``train.steps`` on ``data``, one step of each in turn;
+    then measure each (not timed). ``callbacks``: given to every run's ``fit``."""
+    sessions = [Session(c, data, n, callbacks) for c, n in zip(cfgs, names or [c.name for c in cfgs])]
+    interleave(sessions)  # duck-typed: a Session steps like a LocalRun
+    records = []
+    for s in sessions:
+        speed = s.throughput()  # timed before the evaluation and memory measurements below
+        s.close()
+        records.append({**speed, **measure_session(s)})
+    return records
+
+
+def measure_session(s: Session) -> dict:
+    """After training: the run's figures, its allocator peak against the estimate, and
+    memory measured on real tensors (activations averaged over a few plans)."""
+    cfg, tc = s.cfg, s.cfg.train
     device = s.run.runtime.device()
     model, t = s.run.model, s.run.techniques
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    while s.step():
-        pass
-    wall = time.perf_counter() - t0
-    speed = s.throughput()  # timed before the evaluation and memory measurements below
-    s.close()
     report = s.run.state.last_report
     val_loss = report["val_loss"]
     last_plan_bytes = t.recompute.plan_bytes() if isinstance(t.recompute, MeasuredPlanner) else None
     last_plan_flops = t.recompute.plan_recompute_flops() if isinstance(t.recompute, MeasuredPlanner) else None
-    # memory, measured on real tensors: activations averaged over a few plans
-    tokens = data.train[0].to(device)
+    worst = s.run.peak.worst_step()
+    est = s.run.runtime.estimate
+    step_est = estimate_memory(cfg, s.run.runtime.device_type, s.run.runtime.precision, worst.plan) if worst else est
+    tokens = s.run.data.train[0].to(device)
     idx, targets = tokens[:, :-1], tokens[:, 1:]
     acts = []
     for k in range(4):
@@ -139,26 +165,30 @@ def run_one(cfg: RaydratConfig, data: LocalData) -> dict:
     loss.backward()
     grads = grad_bytes(model)
     model.zero_grad(set_to_none=True)
-    est = s.run.runtime.estimate
+    plan = worst.plan if worst else None
     rec = {
-        **speed,
-        "wall_s": wall,
+        "wall_s": sum(s.run.step_s),
         "param_bytes": param_bytes(model),
         "grad_bytes": grads,
         "optimizer_bytes": optimizer_state_bytes(s.run.state.optimizer),
         "activation_bytes": int(sum(acts) / len(acts)),
-        "estimated_bytes": est.total_bytes,
+        "peak_bytes": worst.peak if worst else None,
+        "peak_step": worst.step if worst else None,
+        "peak_step_layers": None if plan is None or plan.active is None else len(plan.active),
+        "peak_step_stored": None if plan is None or plan.stored is None else sum(plan.stored),
+        "estimated_bytes": step_est.total_bytes,
+        "estimated_worst_case_bytes": est.total_bytes,
         "estimated_activation_bytes": est.saved_bytes,
+        "planning_peak_bytes": max(s.run.peak.plan_peaks.values(), default=None),
         "recompute_flops_per_step": sum(s.flops) / len(s.flops),
         "mean_active_layers": sum(s.active) / len(s.active),
         "loss": report["train_loss"],
         "val_loss": val_loss,
         "steps": tc.steps,
     }
+    rec["estimate_error_peak"] = rec["estimated_bytes"] / rec["peak_bytes"] - 1 if rec["peak_bytes"] else float("nan")
     rec["activation_bytes_max"] = max(acts)
     rec.update(budget_record(cfg, t.recompute, last_plan_bytes, last_plan_flops))
-    if device.type == "cuda":
-        rec["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
     return rec
 
 
@@ -178,21 +208,6 @@ def budget_record(cfg: RaydratConfig, planner, plan_bytes: int | None, plan_flop
         "optimum_activation_bytes": planner.outside_bytes + best.stored_bytes,
         "optimum_recompute_flops": best.recompute_flops,
     }
-
-
-def interleaved_throughput(cfg: RaydratConfig, data: LocalData, name: str, overrides: list[str]) -> dict:
-    """The baseline and one combination trained step by step in turn (order alternating
-    every step), so both see the same machine load: whole-step and layer-stack tokens/s of
-    each, and their ratios. The side-by-side figure for a noisy, shared machine."""
-    base = Session(cfg, data)
-    other = Session(config_from_dict(cfg.to_dict(), overrides, origin=f"combination {name}"), data)
-    interleave([base, other])
-    b, o = base.throughput(), other.throughput()
-    for s in (base, other):
-        s.close()
-    return {"name": name, "baseline": b, name: o,
-            "tokens_per_s_ratio": o["tokens_per_s"] / b["tokens_per_s"],
-            "layer_tokens_per_s_ratio": o["layer_tokens_per_s"] / b["layer_tokens_per_s"]}
 
 
 def layer_flops(cfg: RaydratConfig) -> tuple[float, float]:
@@ -240,40 +255,44 @@ def run_combos(cfg: RaydratConfig, json_path: str | None = None, only: list[str]
     if cfg.tracking.enabled:
         parent = Run.start(tracking.resolve_tracking_uri(cfg.tracking), "raydrat-bench",
                            f"combos-{time.strftime('%Y%m%d-%H%M%S')}", params=cfg.flat())
-    records = []
+    configs = [config_from_dict(base_dict, overrides, origin=f"combination {name}") for name, overrides in combos]
+    print(f"[combos] {len(configs)} combinations, {cfg.train.steps} steps each, trained in turn step by step: "
+          + ", ".join(name for name, _ in combos), flush=True)
+    comparison = []
     try:
-        for name, overrides in combos:
-            c = config_from_dict(base_dict, overrides, origin=f"combination {name}")
-            print(f"[combos] {name} ({', '.join(overrides) or 'baseline'})", flush=True)
-            rec = {"name": name, "overrides": overrides, **run_one(c, data)}
-            records.append(rec)
-            if parent:
-                child = Run.start(parent.uri, "raydrat-bench", name, params=c.flat(), parent=parent)
-                child.log_metrics({k: v for k, v in rec.items() if isinstance(v, (int, float))}, c.train.steps)
+        records = [{"name": name, "overrides": overrides, **rec}
+                   for (name, overrides), rec in zip(combos, run_interleaved(configs, data, [n for n, _ in combos]))]
+        if parent:
+            for rec, c in zip(records, configs):
+                child = Run.start(parent.uri, "raydrat-bench", rec["name"], params=c.flat(), parent=parent)
+                child.log_metrics({k: v for k, v in rec.items() if isinstance(v, (int, float)) and v is not None},
+                                  c.train.steps)
                 child.end()
         base = records[0]
         for rec in records:
             for key in ("tokens_per_s", "layer_tokens_per_s", "param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes", "estimated_bytes", "loss", "val_loss"):
                 rec[f"{key}_ratio"] = rec[key] / base[key] if base[key] else float("nan")
-            rec["estimate_error_activations"] = rec["estimated_activation_bytes"] / rec["activation_bytes"] - 1
         by_name = {r["name"]: r for r in records}
-        comparison, interleaved = [], None
         if "layerdrop0.5" in by_name:
             comparison = layerdrop_comparison(cfg, data, by_name["layerdrop0.5"], base)
-            print("[combos] layerdrop0.5 and baseline interleaved step by step", flush=True)
-            interleaved = interleaved_throughput(cfg, data, "layerdrop0.5", by_name["layerdrop0.5"]["overrides"])
     finally:
         parent.end()
     mib = 2**20
     print_table(
         f"combos: {cfg.name}, {cfg.train.steps} steps, batch {cfg.train.batch_size}x{cfg.model.seq_len}, ratios to baseline",
-        ["combination", "tok/s", "x", "layer tok/s", "x", "params MiB", "grads MiB", "optim MiB", "x", "act MiB", "x", "est MiB", "est act err", "recompute GFLOP/step", "loss", "val"],
+        ["combination", "tok/s", "x", "layer tok/s", "x", "params MiB", "grads MiB", "optim MiB", "x", "act MiB", "x",
+         "peak MiB (worst step)", "est MiB (that step)", "est err", "worst-case est MiB", "recompute GFLOP/step", "loss", "val"],
         [[r["name"], f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s_ratio']:.2f}", f"{r['layer_tokens_per_s']:,.0f}",
           f"{r['layer_tokens_per_s_ratio']:.2f}", f"{r['param_bytes'] / mib:.2f}",
           f"{r['grad_bytes'] / mib:.2f}", f"{r['optimizer_bytes'] / mib:.2f}", f"{r['optimizer_bytes_ratio']:.2f}",
-          f"{r['activation_bytes'] / mib:.2f}", f"{r['activation_bytes_ratio']:.2f}", f"{r['estimated_bytes'] / mib:.1f}",
-          f"{r['estimate_error_activations']:+.1%}", f"{r['recompute_flops_per_step'] / 1e9:.3f}", f"{r['loss']:.4f}", f"{r['val_loss']:.4f}"]
+          f"{r['activation_bytes'] / mib:.2f}", f"{r['activation_bytes_ratio']:.2f}",
+          "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / mib:.1f}", f"{r['estimated_bytes'] / mib:.1f}",
+          f"{r['estimate_error_peak']:+.1%}", f"{r['estimated_worst_case_bytes'] / mib:.1f}",
+          f"{r['recompute_flops_per_step'] / 1e9:.3f}", f"{r['loss']:.4f}", f"{r['val_loss']:.4f}"]
          for r in records],
+        footer=f"all combinations trained in turn, one step each (order reversed every round); tokens/s over the "
+               f"{records[0]['timed_steps']} timed steps (first step and allocator-profiled steps left out); "
+               f"peak: PyTorch's allocator in the worst sampled step; load average {_loadavg()}",
     )
     budgeted = [r for r in records if "budget_bytes" in r]
     if budgeted:
@@ -293,20 +312,18 @@ def run_combos(cfg: RaydratConfig, json_path: str | None = None, only: list[str]
           f"{r['layer_s_per_step'] / (r['layer_s_per_step'] + r['outside_layers_s_per_step']):.0%}",
           f"{r['layer_tokens_per_s']:,.0f}", f"{r['layer_tokens_per_s_ratio']:.2f}"] for r in records],
     )
-    if interleaved:
-        name = interleaved["name"]
-        print_table(
-            f"{name} vs baseline, trained in turn step by step (same load on both): tokens/s",
-            ["run", "whole step tok/s", "layer stack tok/s", "layer s/step", "other s/step"],
-            [[n, f"{interleaved[n]['tokens_per_s']:,.0f}", f"{interleaved[n]['layer_tokens_per_s']:,.0f}",
-              f"{interleaved[n]['layer_s_per_step']:.3f}", f"{interleaved[n]['outside_layers_s_per_step']:.3f}"]
-             for n in ("baseline", name)]
-            + [["ratio", f"{interleaved['tokens_per_s_ratio']:.2f}x", f"{interleaved['layer_tokens_per_s_ratio']:.2f}x", "", ""]],
-        )
     if comparison:
         print_table("layer dropping vs a baseline whose LR fully decays in the same budget",
                     ["run", "steps", "GFLOPs", "wall s", "val loss"],
                     [[c["name"], c["steps"], f"{c['flops'] / 1e9:.1f}", f"{c['wall_s']:.1f}", f"{c['val_loss']:.4f}"] for c in comparison])
     if json_path:
-        write_json(json_path, {"combinations": records, "layerdrop_comparison": comparison, "layerdrop_interleaved": interleaved})
+        write_json(json_path, {"combinations": records, "layerdrop_comparison": comparison, "loadavg": _loadavg()})
     return records
+
+
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"

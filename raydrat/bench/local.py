@@ -15,6 +15,7 @@ import torch
 from raydrat.config import RaydratConfig
 from raydrat.core import metrics as M
 from raydrat.core.fit import Callback, FitState, iter_fit
+from raydrat.core.memory.peak import PeakMemory
 from raydrat.core.model.build import build_model
 from raydrat.core.optim import build_optimizer
 from raydrat.core.runtime import Runtime, resolve
@@ -50,6 +51,16 @@ class LocalData:
             raise RuntimeError("corpus too small for the benchmark: lower train.batch_size")
         return data
 
+    @classmethod
+    def random(cls, cfg: RaydratConfig, steps: int, seed: int = 0) -> "LocalData":
+        """Uniformly random token blocks for ``steps`` optimizer steps (one val batch): what a
+        memory measurement needs (the allocator's figures do not depend on the tokens)."""
+        tc, mc = cfg.train, cfg.model
+        gen = torch.Generator().manual_seed(seed)
+        blocks = lambda n: [torch.randint(0, mc.vocab_size, (tc.batch_size, mc.seq_len + 1), generator=gen)  # noqa: E731
+                            for _ in range(n)]
+        return cls(blocks(steps * tc.grad_accum), blocks(1))
+
     def shard(self, rank: int, world: int) -> "LocalData":
         """Rank ``rank``'s share of the train batches (every ``world``-th), the whole val."""
         return LocalData(self.train[rank::world], self.val)
@@ -68,21 +79,34 @@ class LocalRun:
     callbacks: Sequence[Callback] = ()
     step_s: list[float] = field(default_factory=list)
     """Wall seconds of each optimizer step (planning, the step, the techniques' updates)."""
+    profiled: list[bool] = field(default_factory=list)
+    """Whether each step ran while the allocator profiler was on."""
     _steps: Iterator[FitState] | None = None
 
     @classmethod
     def start(cls, cfg: RaydratConfig, data: LocalData, callbacks: Sequence[Callback] = (),
-              runtime: Runtime | None = None, rank: int = 0, world_size: int = 1) -> "LocalRun":
+              runtime: Runtime | None = None, rank: int = 0, world_size: int = 1,
+              sample_steps: int = 2, sample_at: Sequence[int] = ()) -> "LocalRun":
+        """``sample_steps`` / ``sample_at``: the steps whose allocator peak is measured on
+        CPU (:class:`~raydrat.core.memory.peak.PeakMemory`'s ``first_steps`` / ``at_steps``)."""
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
         runtime = runtime or resolve(cfg)
         device = runtime.device()
-        model = build_model(cfg.model, seed=cfg.train.seed, device=device)
-        techniques = build_techniques(cfg, runtime.precision, device, world_size)
-        model = apply_techniques(model, techniques)
-        optimizer = build_optimizer(model, cfg.optim)
-        techniques.sync.attach_optimizer(optimizer)
-        state = FitState(model, optimizer, techniques, cfg.train, cfg.optim, cfg.model.seq_len, rank, world_size)
+        peak = PeakMemory(device, sample_steps, sample_at)  # before the model: its bytes count
+        with peak.region("build"):
+            model = build_model(cfg.model, seed=cfg.train.seed, device=device)
+            peak.watch(model)
+            techniques = build_techniques(cfg, runtime.precision, device, world_size)
+            model = apply_techniques(model, techniques)
+            optimizer = build_optimizer(model, cfg.optim)
+            techniques.sync.attach_optimizer(optimizer)
+        state = FitState(model, optimizer, techniques, cfg.train, cfg.optim, cfg.model.seq_len, rank, world_size,
+                         peak_memory=peak)
         return cls(cfg, runtime, state, data, callbacks)
+
+    @property
+    def peak(self) -> PeakMemory:
+        return self.state.peak_memory
 
     @property
     def model(self) -> torch.nn.Module:
@@ -105,12 +129,14 @@ class LocalRun:
             self._steps = self._iterator()
         clock = self.state.clock.totals
         outside = clock[M.EVAL_S] + clock[M.CHECKPOINT_S]
+        profiled = self.peak.profiling
         t0 = time.perf_counter()
         try:
             next(self._steps)
         except StopIteration:
             return False
         self.step_s.append(time.perf_counter() - t0 - (clock[M.EVAL_S] + clock[M.CHECKPOINT_S] - outside))
+        self.profiled.append(profiled or self.peak.profiling or self.state.step - 1 in self.peak.profiled_steps)
         return True
 
     def run(self) -> "LocalRun":
@@ -118,12 +144,17 @@ class LocalRun:
             pass
         return self
 
+    def timed_steps(self) -> list[int]:
+        """Indices of the steps that count for throughput: not the first (it warms up), not
+        one that ran while the allocator profiler was on (it is slower)."""
+        return [i for i in range(1, len(self.step_s)) if not self.profiled[i]]
+
     def steady_s(self) -> float:
-        """Seconds of every step after the first (the first warms up)."""
-        return sum(self.step_s[1:])
+        """Seconds of the timed steps (:meth:`timed_steps`)."""
+        return sum(self.step_s[i] for i in self.timed_steps())
 
     def steady_tokens_per_s(self) -> float:
-        steady = len(self.step_s) - 1
+        steady = len(self.timed_steps())
         return steady * self.state.tokens_per_step / self.steady_s() if steady > 0 and self.steady_s() > 0 else 0.0
 
 

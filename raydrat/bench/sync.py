@@ -88,7 +88,7 @@ def run_variant(cfg: RaydratConfig, variant: dict, data: LocalData, rank: int, w
     checksums = [None] * world
     dist.all_gather_object(checksums, model_checksum(unwrap(run.model)))
     strategy = run.techniques.sync
-    tokens = (tc.steps - 1) * run.state.tokens_per_step
+    tokens = len(run.timed_steps()) * run.state.tokens_per_step  # the steps steady_s times
     return {
         "mode": variant["mode"],
         "sync_steps": variant["sync_steps"],

@@ -33,7 +33,7 @@ import torch
 from raydrat.config.optim import OptimConfig
 from raydrat.config.train import TrainConfig
 from raydrat.core import metrics as M
-from raydrat.core.memory.measure import PeakMemory
+from raydrat.core.memory.peak import PeakMemory
 from raydrat.core.microbatch import MicroBatchStep
 from raydrat.core.optim import lr_at, set_lr
 from raydrat.core.state import DataPosition
@@ -109,67 +109,78 @@ def iter_fit(
     state.step = state.start_step
     state.throughput = thr = M.Throughput(tc.steps - state.start_step, state.tokens_per_step)
     state.micro = state.micro or MicroBatchStep(tc)
-    if state.peak_memory is None:
+    if state.peak_memory is None:  # counts from here: build it before the model to count the model too
         state.peak_memory = PeakMemory(state.device)
         state.peak_memory.watch(model)
-    for cb in callbacks:
-        cb.on_fit_start(state)
-    model.train()
-    window_loss, window_steps = torch.zeros((), device=state.device), 0
-    for step in range(state.start_step, tc.steps):
-        lr = lr_at(step, state.optim, tc.steps)
-        set_lr(optimizer, lr)
-        t_step = time.perf_counter()
-        with state.clock.timing(M.DATA_WAIT_S):
-            micro = [next(batches) for _ in range(tc.grad_accum)]
-        t.before_step(step, micro[0])
-        loss, grad_norm = state.micro(model, optimizer, micro, state.optim.grad_clip, t)
-        message = t.after_step(step, loss)
-        if message:
-            log.info(message)
-        window_loss += loss.detach()
-        window_steps += 1
-        done = state.step = step + 1
-        last = done == tc.steps
-        evaluate_now = done % tc.eval_every == 0 or last
-        save_now = evaluate_now or bool(tc.checkpoint_every and done % tc.checkpoint_every == 0)
-        t.sync.after_optimizer_step(done)
-        if save_now:  # replicas agree before they are evaluated or saved
-            t.sync.synchronize()
-        t.sync.step_done(time.perf_counter() - t_step)
-        thr.step_done()
-        values: dict[str, float] = {}
-        if done % tc.log_every == 0 or last:
-            values = {
-                M.TRAIN_LOSS: (window_loss / window_steps).item(),
-                M.LR: lr,
-                M.TOKENS_PER_S: thr.rate(),
-                M.TOKENS_SEEN: done * state.tokens_per_step,
-            }
-            if grad_norm is not None:
-                values[M.GRAD_NORM] = float(grad_norm)
-            window_loss.zero_()
-            window_steps = 0
-            values.update(t.metrics())
-        if evaluate_now:
-            with state.clock.timing(M.EVAL_S):
-                values[M.VAL_LOSS] = evaluate(model, val_batches(), tc.eval_batches)
-        if values:
-            for cb in callbacks:
-                cb.on_log(state, values)
-        if save_now:
-            report = {**values, M.STEP: done, M.TOKENS_PER_S_AVG: thr.steady_rate(),
-                      M.PEAK_BYTES: state.peak_memory.peak() or 0, M.MICRO_BATCH: state.micro.micro_batch,
-                      M.TRAIN_TIME_S: state.micro.train_time_s, **state.clock.snapshot()}
-            report[M.CHECKPOINT_SCORE] = report.get(M.VAL_LOSS, M.UNSCORED)
-            report.setdefault(M.VAL_LOSS, float("inf"))  # every report has the sweep metric
-            state.last_report = report
-            with state.clock.timing(M.CHECKPOINT_S):
-                for cb in callbacks:
-                    cb.on_save(state, report)
+    peak = state.peak_memory
+    try:
         for cb in callbacks:
-            cb.on_step_end(state)
-        yield state
+            cb.on_fit_start(state)
+        model.train()
+        window_loss, window_steps = torch.zeros((), device=state.device), 0
+        for step in range(state.start_step, tc.steps):
+            lr = lr_at(step, state.optim, tc.steps)
+            set_lr(optimizer, lr)
+            t_step = time.perf_counter()
+            with state.clock.timing(M.DATA_WAIT_S):
+                micro = [next(batches) for _ in range(tc.grad_accum)]
+            profiled = peak.profiling
+            with peak.region("plan", step):
+                t.before_step(step, micro[0])
+            with peak.step(step, t.step_plan()):
+                loss, grad_norm = state.micro(model, optimizer, micro, state.optim.grad_clip, t)
+            with peak.region("after", step):
+                message = t.after_step(step, loss)
+            profiled = profiled or peak.profiling or step in peak.profiled_steps
+            if message:
+                log.info(message)
+            window_loss += loss.detach()
+            window_steps += 1
+            done = state.step = step + 1
+            last = done == tc.steps
+            evaluate_now = done % tc.eval_every == 0 or last
+            save_now = evaluate_now or bool(tc.checkpoint_every and done % tc.checkpoint_every == 0)
+            t.sync.after_optimizer_step(done)
+            if save_now:  # replicas agree before they are evaluated or saved
+                t.sync.synchronize()
+            t.sync.step_done(time.perf_counter() - t_step)
+            thr.step_done(timed=not profiled)  # a step under the allocator profiler is slower: left out
+            values: dict[str, float] = {}
+            if done % tc.log_every == 0 or last:
+                values = {
+                    M.TRAIN_LOSS: (window_loss / window_steps).item(),
+                    M.LR: lr,
+                    M.TOKENS_PER_S: thr.rate(),
+                    M.TOKENS_SEEN: done * state.tokens_per_step,
+                }
+                if grad_norm is not None:
+                    values[M.GRAD_NORM] = float(grad_norm)
+                window_loss.zero_()
+                window_steps = 0
+                values.update(t.metrics())
+            if evaluate_now:
+                with state.clock.timing(M.EVAL_S):
+                    values[M.VAL_LOSS] = evaluate(model, val_batches(), tc.eval_batches)
+            if values:
+                for cb in callbacks:
+                    cb.on_log(state, values)
+            if save_now:
+                report = {**values, M.STEP: done, M.TOKENS_PER_S_AVG: thr.steady_rate(),
+                          M.PEAK_BYTES: peak.peak() or 0, M.MICRO_BATCH: state.micro.micro_batch,
+                          M.TRAIN_TIME_S: state.micro.train_time_s, **state.clock.snapshot()}
+                if peak.heap_peak() is not None:
+                    report[M.HEAP_PEAK_BYTES] = peak.heap_peak()
+                report[M.CHECKPOINT_SCORE] = report.get(M.VAL_LOSS, M.UNSCORED)
+                report.setdefault(M.VAL_LOSS, float("inf"))  # every report has the sweep metric
+                state.last_report = report
+                with state.clock.timing(M.CHECKPOINT_S):
+                    for cb in callbacks:
+                        cb.on_save(state, report)
+            for cb in callbacks:
+                cb.on_step_end(state)
+            yield state
+    finally:  # the allocator profiler stops even if a step fails or the loop is abandoned
+        peak.finish()
     for cb in callbacks:
         cb.on_fit_end(state)
 

@@ -43,10 +43,16 @@ GATE_HEATMAP_ARTIFACT = "plots/gate_heatmap.png"
 def gate_prob_name(layer: int, kind: str) -> str:
     """Metric name of the store probability of one gate, e.g. ``gates/p/L0.attn``."""
     return f"gates/p/L{layer}.{kind}"
-# Peak memory of the worker (CUDA: max allocated; CPU: resident-set growth), in bytes.
+# Peak bytes PyTorch's allocator holds for the worker's training steps (forward, backward,
+# optimizer step, accumulation), parameters and optimizer states included: CUDA
+# max_memory_allocated over every step; CPU the profiler's allocator events on a few
+# sampled steps (raydrat.core.memory.peak).
 PEAK_BYTES = "peak_bytes"
 # The predicted peak per worker (the resolved Runtime's estimate), logged once per run.
 ESTIMATED_BYTES = "estimated_bytes"
+# Growth of the whole process's malloc heap (glibc mallinfo2; CPU only): Python objects,
+# Ray's buffers and every library's mallocs included. Not the model's memory alone.
+HEAP_PEAK_BYTES = "heap_peak_bytes"
 # Micro-batch in use (train.auto_microbatch may have shrunk it).
 MICRO_BATCH = "micro_batch_size"
 # Overhead accounting, under MLflow's "system/" prefix (the run page's System metrics, not
@@ -111,37 +117,46 @@ class Throughput:
         self.tokens_per_step = tokens_per_step
         self._window_start = time.perf_counter()
         self._window_steps = 0
+        self._window_skipped = 0.0
         self._steady_start: float | None = None
         self._steady_steps = 0
+        self._skipped = 0.0
+        self._last = self._window_start
 
-    def step_done(self) -> None:
+    def step_done(self, timed: bool = True) -> None:
+        """A step ended; ``timed=False``: leave its time and tokens out (a step that ran
+        under a profiler)."""
         now = time.perf_counter()
-        self._window_steps += 1
+        took, self._last = now - self._last, now
         if self._steady_start is None:
             self._steady_start = now
             self._window_start = now
             self._window_steps = 0
-        else:
+        elif timed:
+            self._window_steps += 1
             self._steady_steps += 1
+        else:
+            self._skipped += took
+            self._window_skipped += took
 
     def rate(self) -> float:
         """Tokens/s since the previous call (resets the window)."""
         now = time.perf_counter()
-        elapsed = now - self._window_start
+        elapsed = now - self._window_start - self._window_skipped
         rate = self._window_steps * self.tokens_per_step / elapsed if elapsed > 0 else 0.0
-        self._window_start, self._window_steps = now, 0
+        self._window_start, self._window_steps, self._window_skipped = now, 0, 0.0
         return rate
 
     def steady_rate(self) -> float:
-        """Tokens/s over all steps after the first."""
+        """Tokens/s over all timed steps after the first."""
         if self._steady_start is None or self._steady_steps == 0:
             return 0.0
-        return self._steady_steps * self.tokens_per_step / (time.perf_counter() - self._steady_start)
+        return self._steady_steps * self.tokens_per_step / (time.perf_counter() - self._steady_start - self._skipped)
 
     def eta_s(self, step: int) -> float:
         if self._steady_start is None or self._steady_steps == 0:
             return float("nan")
-        per_step = (time.perf_counter() - self._steady_start) / self._steady_steps
+        per_step = (time.perf_counter() - self._steady_start - self._skipped) / self._steady_steps
         return per_step * (self.total_steps - step)
 
 

@@ -7,7 +7,9 @@ import contextlib
 from typing import Iterable
 
 import torch
+from torch.autograd.profiler import record_function
 
+from raydrat.core.memory.peak import BACKWARD, FORWARD, OPTIMIZER, ZERO_GRAD
 from raydrat.core.techniques.bundle import Techniques
 
 
@@ -29,7 +31,9 @@ def train_step(
     slots (the slot schedule's plan), the autocast context, the (scaled) backward and the
     optimizer step (precision), and ``no_sync`` for every micro-batch but the last (the
     sync strategy: DDP all-reduces once per step). Recomputation is already set on the
-    model's wrappers by the planner. Returns the mean loss (a 0-d tensor, not synchronised
+    model's wrappers by the planner. The phases run in ``record_function`` regions
+    (:data:`raydrat.core.memory.peak.PHASES`) that :class:`~raydrat.core.memory.peak.PeakMemory`
+    reads on a profiled step. Returns the mean loss (a 0-d tensor, not synchronised
     to the host) and the global gradient norm before clipping (``None`` when clipping is off).
     """
     micro_batches = list(micro_batches)
@@ -41,23 +45,26 @@ def train_step(
         idx, targets = split_block(tokens)
         quiet = techniques is not None and i < n - 1
         with techniques.sync.no_sync() if quiet else contextlib.nullcontext():
-            with precision.autocast() if precision else contextlib.nullcontext():
-                _, loss = model(idx, targets, **forward_kwargs)
-            if precision:
-                precision.backward(loss / n)
-            else:
-                (loss / n).backward()
+            with record_function(FORWARD), precision.autocast() if precision else contextlib.nullcontext():
+                loss = model(idx, targets, **forward_kwargs)[1]  # the logits are not kept: backward needs none of them
+            with record_function(BACKWARD):
+                if precision:
+                    precision.backward(loss / n)
+                else:
+                    (loss / n).backward()
         total += loss.detach().float()
-    if precision:
-        precision.unscale_(optimizer)
-    grad_norm = None
-    if grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if precision:
-        precision.optimizer_step(optimizer)
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    with record_function(OPTIMIZER):
+        if precision:
+            precision.unscale_(optimizer)
+        grad_norm = None
+        if grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if precision:
+            precision.optimizer_step(optimizer)
+        else:
+            optimizer.step()
+    with record_function(ZERO_GRAD):
+        optimizer.zero_grad(set_to_none=True)
     return total / n, grad_norm
 
 

@@ -3,7 +3,7 @@ gates' heat-map) through a :class:`~raydrat.tracking.Run`, which does nothing wh
 is off.
 
 At every logging step it records that step's figures; at every checkpoint, the report's own
-figures too (measured peak memory, steady tokens/s, where the time went, and the micro-batch
+figures too (the allocator's peak memory, the malloc heap's apart, steady tokens/s, where the time went, and the micro-batch
 when ``train.auto_microbatch`` may change it), the same values ``ray.train.report`` sends:
 so a run's last metrics are its last report, and a sweep's report reads them from here."""
 
@@ -18,7 +18,7 @@ from raydrat.core.techniques.recompute import GatedRecompute
 from raydrat.plots import gate_heatmap
 from raydrat.tracking import Run
 
-REPORT_FIGURES = (M.PEAK_BYTES, M.TOKENS_PER_S_AVG, M.TRAIN_TIME_S, M.LOOP_S, *M.PHASES)
+REPORT_FIGURES = (M.PEAK_BYTES, M.HEAP_PEAK_BYTES, M.TOKENS_PER_S_AVG, M.TRAIN_TIME_S, M.LOOP_S, *M.PHASES)
 """What a checkpoint's report adds to the logging step's metrics."""
 
 

@@ -43,6 +43,8 @@ class TrainingSummary:
     checkpoint_path: str | None
     run: Run
     metrics: dict = field(default_factory=dict)
+    estimated_bytes: int | None = None
+    """The runtime's memory estimate per worker (the peak it predicts)."""
 
     @property
     def tracking_uri(self) -> str | None:
@@ -58,6 +60,10 @@ class TrainingSummary:
             out.append(f"final validation loss: {self.final_val_loss:.4f}")
         if self.tokens_per_s is not None:
             out.append(f"training throughput: {self.tokens_per_s:,.0f} tokens/s")
+        peak = self.metrics.get(M.PEAK_BYTES)
+        if peak:
+            est = f" (estimated {self.estimated_bytes / 2**20:,.1f} MiB)" if self.estimated_bytes else ""
+            out.append(f"peak memory per worker (PyTorch's allocator, training steps): {peak / 2**20:,.1f} MiB{est}")
         if self.checkpoint_path:
             out.append(f"checkpoint: {self.checkpoint_path}")
         if self.run:
@@ -256,5 +262,6 @@ def _train(cfg: RaydratConfig, runtime: Runtime, record: dict | None, run_name: 
         checkpoint_path=result.checkpoint.path if result.checkpoint else None,
         run=run,
         metrics=final,
+        estimated_bytes=runtime.estimate.total_bytes,
     )
     return summary

@@ -16,7 +16,7 @@ import ray.train.torch
 from raydrat.config.run import RaydratConfig
 from raydrat.core.callbacks import ConsoleLog
 from raydrat.core.fit import FitState, fit
-from raydrat.core.memory.measure import PeakMemory
+from raydrat.core.memory.peak import PeakMemory
 from raydrat.core.model.build import build_model
 from raydrat.core.optim import build_optimizer
 from raydrat.core.runtime import Runtime
@@ -47,17 +47,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = worker_device(runtime)
     quiet_ray_data()
     runtime.verify(device, cfg.model.dropout)  # refuses what this device cannot run
-    peak = PeakMemory(device)
+    peak = PeakMemory(device)  # before the model: the allocator's bytes for it count
 
-    model = build_model(cfg.model, seed=tc.seed, device=device)
-    peak.watch(model)
-    techniques = build_techniques(cfg, runtime.precision, device, world_size)
-    model = apply_techniques(model, techniques)  # recompute, compile, sync
-    optimizer = build_optimizer(model, cfg.optim)
-    techniques.sync.attach_optimizer(optimizer)
+    with peak.region("build"):
+        model = build_model(cfg.model, seed=tc.seed, device=device)
+        peak.watch(model)
+        techniques = build_techniques(cfg, runtime.precision, device, world_size)
+        model = apply_techniques(model, techniques)  # recompute, compile, sync
+        optimizer = build_optimizer(model, cfg.optim)
+        techniques.sync.attach_optimizer(optimizer)
     state = FitState(model, optimizer, techniques, tc, cfg.optim, cfg.model.seq_len, rank, world_size,
                      peak_memory=peak)
-    own_state = restore_latest(state, loop_config["run_dir"], loop_config["checkpoints_since"])
+    with peak.region("restore"):  # a restored optimizer state is allocated here
+        own_state = restore_latest(state, loop_config["run_dir"], loop_config["checkpoints_since"])
     if not own_state:
         torch.manual_seed(tc.seed + 1000 * rank + state.start_step)
 

@@ -13,6 +13,7 @@ Every function takes the device type (``cpu`` | ``cuda``) and the resolved preci
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,20 +22,33 @@ import torch
 
 from raydrat.config.run import RaydratConfig
 from raydrat.core.memory.measure import BranchCost
+from raydrat.core.memory.peak import StepPlan
 from raydrat.core.model.config import ModelConfig
 from raydrat.core.model.transformer import GPT
 from raydrat.core.techniques.knapsack import solve_budget
 
-COMPONENTS = ("params", "grads", "optimizer", "activations", "logits")
+COMPONENTS = ("params", "optimizer", "grads", "activations", "transient")
+"""The estimate's components: what is alive at the predicted peak of a training step
+(``params``: the fp32 parameters and the model's buffers)."""
 MIN_8BIT_NUMEL = 4096
 """bitsandbytes keeps 32-bit states for tensors with fewer elements than this."""
 BNB_BLOCK = 256
-"""bitsandbytes block size: one fp32 absmax per state per block; two 256-entry fp32 maps."""
+"""bitsandbytes block size: one fp32 absmax per state per block; two 256-entry fp32 maps
+shared by all tensors."""
 
 
 @dataclass
 class MemoryEstimate:
-    """Predicted peak training memory of one worker, by component (bytes)."""
+    """Predicted peak training memory of one worker (bytes): what PyTorch's allocator holds
+    at the highest point of a steady training step, by component (:data:`COMPONENTS`:
+    parameters, optimizer states, the gradients alive at that moment, the saved
+    activations alive then, and the step's transient bytes there: the loss's
+    temporaries, the backward or recompute working set, or the optimizer step's).
+
+    ``detail["phases"]``: the predicted peak of each phase (``forward``, ``loss_backward``,
+    ``layers_backward``, ``optimizer``), each a total; ``detail["peak_phase"]`` names the
+    highest (with the branch, for the layer stack); ``detail["transient"]`` splits the
+    transient bytes at the peak."""
 
     total_bytes: int
     components: dict[str, int]
@@ -45,6 +59,10 @@ class MemoryEstimate:
         """Activation bytes alive after forward, as ``saved_activation_bytes`` measures
         them (layer activations plus the loss's saved log-softmax)."""
         return int(self.detail["saved_bytes"])
+
+    @property
+    def phases(self) -> dict[str, int]:
+        return dict(self.detail["phases"])
 
     def table(self) -> str:
         rows = [(k, v) for k, v in self.components.items()] + [("total", self.total_bytes)]
@@ -62,14 +80,18 @@ def _meta_model(mcfg: ModelConfig) -> GPT:
 
 
 def _optimizer_state_bytes_for(shapes: list[int], name: str) -> int:
+    if name == "sgd":
+        return 0  # no momentum: no state
     if name in ("adamw", "adamw_fused"):
         return sum(2 * 4 * n + 4 for n in shapes)  # exp_avg, exp_avg_sq (fp32), step (fp32 scalar)
     total = 0
-    for n in shapes:  # bitsandbytes 8-bit: uint8 moments + block absmax + two quantisation maps
+    for n in shapes:  # bitsandbytes 8-bit: uint8 moments + block absmax
         if n < MIN_8BIT_NUMEL:
             total += 2 * 4 * n
         else:
-            total += 2 * n + 2 * 4 * math.ceil(n / BNB_BLOCK) + 2 * 4 * 256
+            total += 2 * n + 2 * 4 * math.ceil(n / BNB_BLOCK)
+    if any(n >= MIN_8BIT_NUMEL for n in shapes):
+        total += 2 * 4 * 256  # the two 256-entry fp32 quantisation maps, shared by every tensor
     return total
 
 
@@ -188,46 +210,216 @@ def activation_plan_bounds(cfg: RaydratConfig, device: str, precision: str) -> t
     return base, base + sum(c.stored_bytes for c in costs)
 
 
-def estimate_memory(cfg: RaydratConfig, device: str = "cpu", precision: str = "fp32") -> MemoryEstimate:
-    """Predicted peak training memory per worker for ``cfg`` (a :class:`RaydratConfig`).
 
-    The total is the sum of the components, an upper bound of the peak at the start of
-    backward: fp32 parameters, fp32 gradients (all allocated by the end of backward),
-    optimizer states, activations kept for backward (per-op accounting of this model, for
-    the precision, recomputation policy, slots, batch, sequence length and attention
-    kernel), and the logits (held logits, the loss's saved log-softmax and the two
-    (B, T, V) gradients of the loss's backward), which dominate small models.
-    ``device`` (``cpu`` | ``cuda``) and ``precision`` (resolved: never ``auto``) are the
-    run's, from :func:`raydrat.core.runtime.resolve`.
+
+@dataclass(frozen=True)
+class _Layout:
+    """What the estimate needs of the model's tensors (from one meta-device build)."""
+
+    shapes: tuple[int, ...]
+    """Element count of every parameter (a tied weight once)."""
+    layer_shapes: tuple[tuple[int, ...], ...]
+    """Element counts of each layer's parameters."""
+    attn_bytes: int
+    """fp32 bytes of one attention branch's parameters (its norm included)."""
+    mlp_bytes: int
+    buffer_bytes: int
+    """The model's buffers (RoPE's cos/sin tables, fp32)."""
+    groups: tuple[int, int]
+    """fp32 bytes of the two optimizer groups: matrices (decayed), vectors (not)."""
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_of(model_json: str) -> _Layout:
+    meta = _meta_model(ModelConfig.model_validate_json(model_json))
+    params = list(meta.parameters())  # a tied weight once
+    block = meta.layers["0"]
+    mats = sum(4 * p.numel() for p in params if p.dim() >= 2)
+    return _Layout(
+        shapes=tuple(p.numel() for p in params),
+        layer_shapes=tuple(tuple(p.numel() for p in b.parameters()) for b in meta.layers.values()),
+        attn_bytes=4 * sum(p.numel() for p in block.attn_branch.parameters()),
+        mlp_bytes=4 * sum(p.numel() for p in block.mlp_branch.parameters()),
+        buffer_bytes=sum(4 * b.numel() for b in meta.buffers()),
+        groups=(mats, 4 * sum(p.numel() for p in params) - mats),
+    )
+
+
+def _layout(mc: ModelConfig) -> _Layout:
+    """The model's tensor layout, built once per model config (a meta-device GPT)."""
+    return _layout_of(mc.model_dump_json())
+
+
+def _trained_shapes(cfg: RaydratConfig, layout: _Layout) -> list[int]:
+    """The parameters that ever get a gradient, hence optimizer state (states are created
+    at a parameter's first gradient): with ``slots.mode: fixed`` the layers not listed never run."""
+    sc = cfg.slots
+    if sc.mode != "fixed" or not sc.fixed:
+        return list(layout.shapes)
+    shapes = list(layout.shapes)
+    for i, layer in enumerate(layout.layer_shapes):
+        if i not in set(sc.fixed):
+            for n in layer:
+                shapes.remove(n)
+    return shapes
+
+
+def _optimizer_step_bytes(shapes: list[int], name: str, device: str, groups: tuple[int, int]) -> int:
+    """Temporaries of one optimizer step (bytes, beyond the gradients and states).
+
+    CPU: torch's AdamW runs tensor by tensor (``foreach`` is for CUDA tensors): ``sqrt``
+    and the division of the second moment, two tensors of the largest parameter;
+    ``fused`` none. bitsandbytes' CPU 8-bit step dequantises both moments and works in
+    fp32: five fp32 tensors of the largest parameter (measured). CUDA: the foreach step
+    keeps ``sqrt(exp_avg_sq)`` for the larger of the two parameter groups (weight decay /
+    none); fused and bitsandbytes kernels work in place. SGD with weight decay: one tensor
+    (CPU) or the larger group (CUDA) for ``grad + wd * param``."""
+    largest = 4 * max(shapes)
+    if name == "adamw_fused":
+        return 0
+    if name in ("adamw8bit", "paged_adamw8bit"):
+        big = [n for n in shapes if n >= MIN_8BIT_NUMEL]
+        return 5 * 4 * max(big) if device == "cpu" and big else (2 * largest if device == "cpu" else 0)
+    if name == "adamw":
+        return 2 * largest if device == "cpu" else max(groups)
+    return largest if device == "cpu" else max(groups)  # sgd
+
+
+def _branch_backward_bytes(mc: ModelConfig, kind: str, BT: int, e: int) -> int:
+    """The working set of one branch's backward above what it keeps (measured on the
+    allocator): the weight gradient of its output projection (fp32; under autocast also
+    its compute-dtype original) and the activation gradients alive at once: for attention
+    the gradient of SDPA's output and of q, k, v at every query head; for the MLP the
+    gradient of its hidden state and, gated, of both factors."""
+    C, F, HD = mc.d_model, mc.ff_dim, mc.n_head * mc.head_dim
+    w = 4 if e == 4 else 4 + e
+    if kind == "attn":
+        return HD * C * w + 4 * BT * HD * e
+    return C * F * w + (2 if mc.gated_mlp else 1) * BT * F * e
+
+
+def estimate_memory(cfg: RaydratConfig, device: str = "cpu", precision: str = "fp32",
+                    plan: StepPlan | None = None) -> MemoryEstimate:
+    """Predicted peak bytes PyTorch's allocator holds in a steady training step of ``cfg``
+    (a :class:`RaydratConfig`), per worker: the highest point over the phases of the step
+    as :func:`raydrat.core.step.train_step` runs them, each micro-batch of the accumulation.
+
+    * persistent: fp32 parameters and the optimizer states (all optimizers; 8-bit included);
+    * forward: the saved activations (per-op accounting of this model, for the precision,
+      recompute plan, active layers, batch, sequence length and attention kernel; a
+      recomputed branch runs its forward without keeping it), then the logits with, under
+      autocast, their fp32 copy while the log-softmax is taken (the logits are not kept);
+    * loss backward: every saved activation plus the two fp32 (B, T, V) gradients of the
+      cross-entropy;
+    * layers backward, branch by branch from the last: the gradients allocated so far, the
+      residual-stream gradient, the activations still saved, the branch's recomputed
+      activations (a recomputed branch) and its backward working set;
+    * optimizer: every gradient and the step's temporaries.
+
+    With ``train.grad_accum > 1`` every micro-batch after the first runs with all
+    gradients allocated. ``device`` (``cpu`` | ``cuda``) and ``precision`` (resolved: never
+    ``auto``) are the run's, from :func:`raydrat.core.runtime.resolve`. ``plan``: the
+    step's active layers and stored branches (default: the worst case the config allows:
+    every layer a random schedule may keep; every gate storing unless a budget caps it).
     """
     mc = cfg.model
     e = _compute_bytes(precision)
-    meta = _meta_model(mc)
-    shapes = [p.numel() for p in meta.parameters()]
+    mixed = e != 4
+    B, T, C, V = cfg.train.batch_size, mc.seq_len, mc.d_model, mc.vocab_size
+    BT = B * T
+    layout = _layout(mc)
+    shapes, attn_params, mlp_params, buffers = list(layout.shapes), layout.attn_bytes, layout.mlp_bytes, layout.buffer_bytes
     params = 4 * sum(shapes)
-    layers = active_layers(cfg)
+    optimizer = _optimizer_state_bytes_for(_trained_shapes(cfg, layout), cfg.optim.name)
+
+    plan = plan or StepPlan()
+    layers = len(plan.active) if plan.active is not None else active_layers(cfg)
     costs = branch_costs(cfg, device, precision)[: 2 * layers]
-    stored = stored_plan(cfg, costs, layers, precision)
+    stored = list(plan.stored) if plan.stored is not None else stored_plan(cfg, costs, layers, precision)
+    if len(stored) != len(costs):
+        raise ValueError(f"plan.stored has {len(stored)} entries for {len(costs)} branches of {layers} layers")
     outside, log_softmax = _outside_layers_bytes(cfg, precision)
-    layer_bytes = sum(c.input_bytes + (c.stored_bytes if s else 0) for c, s in zip(costs, stored))
-    B, T, V = cfg.train.batch_size, mc.seq_len, mc.vocab_size
-    logits = log_softmax + B * T * V * e + 2 * B * T * V * 4
-    components = {
-        "params": params,
-        "grads": params,
-        "optimizer": _optimizer_state_bytes_for(shapes, cfg.optim.name),
-        "activations": layer_bytes + outside,
-        "logits": logits,
-    }
+    kept = [c.input_bytes + (c.stored_bytes if s else 0) for c, s in zip(costs, stored)]
+    saved = sum(kept) + outside + log_softmax  # after forward
+    branch_params = [attn_params if c.kind == "attn" else mlp_params for c in costs]
+    grads_all = params - (mc.n_layer - layers) * (attn_params + mlp_params)  # inactive layers get none
+    head_grads = grads_all - sum(branch_params)  # embedding (tied head), final norm, untied head
+    accumulating = cfg.train.grad_accum > 1  # the later micro-batches run with every gradient
+    g0 = grads_all if accumulating else 0
+    residual = BT * C * 4  # the residual stream's gradient, alive through the layer stack
+    logits = BT * V * e + (BT * V * 4 if mixed else 0)  # the logits (+ fp32 copy) during the loss
+    loss_grads = 2 * BT * V * 4  # cross-entropy backward: nll and log-softmax gradients
+
+    phases: dict[str, int] = {}
+    at: dict[str, dict[str, int]] = {}  # per phase: grads, activations, transient at its peak
+
+    # forward: a recomputed branch holds its activations only while it runs
+    prefix, fwd_best = 0, (0, 0)
+    for c, s, k in zip(costs, stored, kept):
+        if not s and prefix + c.input_bytes + c.stored_bytes > sum(fwd_best):
+            fwd_best = (prefix + c.input_bytes, c.stored_bytes)
+        prefix += k
+    end = (saved, logits)
+    fwd = max(fwd_best, end, key=sum)
+    phases["forward"] = g0 + sum(fwd)
+    at["forward"] = {"grads": g0, "activations": fwd[0], "transient": fwd[1]}
+    phases["loss_backward"] = g0 + saved + loss_grads
+    at["loss_backward"] = {"grads": g0, "activations": saved, "transient": loss_grads}
+
+    # the layer stack's backward, last branch first
+    remaining = sum(kept)
+    grads = g0 or head_grads
+    best = None
+    for i in reversed(range(len(costs))):
+        c, s = costs[i], stored[i]
+        work = _branch_backward_bytes(mc, c.kind, BT, e) + residual
+        recompute = 0 if s else c.stored_bytes
+        total = grads + remaining + recompute + work
+        if best is None or total > best[0]:
+            best = (total, i, grads, remaining, recompute, work)
+        remaining -= kept[i]
+        grads = g0 or grads + branch_params[i]
+    if best is not None:
+        total, i, g, rem, recomputed, work = best
+        phases["layers_backward"] = total
+        at["layers_backward"] = {"grads": g, "activations": rem, "transient": recomputed + work}
+        branch = f"layer {costs[i].layer} {costs[i].kind}{'' if stored[i] else ' (recomputed)'}"
+    else:
+        branch, recomputed, work = None, 0, 0
+    opt_tmp = _optimizer_step_bytes(shapes, cfg.optim.name, device, layout.groups)
+    phases["optimizer"] = grads_all + opt_tmp
+    at["optimizer"] = {"grads": grads_all, "activations": 0, "transient": opt_tmp}
+
+    if cfg.recompute.mode != "none":
+        # the planner measures its costs with a forward of every layer, every branch stored
+        # (first step; gated: every gates.refresh_every steps): outside the training step
+        all_costs = branch_costs(cfg, device, precision)
+        every = sum(c.input_bytes + c.stored_bytes for c in all_costs) + outside + log_softmax
+        planning = params + buffers + optimizer + every + logits
+    else:
+        planning = None
+    peak_phase = max(phases, key=phases.get)
+    components = {"params": params + buffers, "optimizer": optimizer, **at[peak_phase]}
+    transient_parts = {
+        "forward": {"logits": fwd[1]} if fwd is end else {"recompute": fwd[1]},
+        "loss_backward": {"loss_grads": loss_grads},
+        "layers_backward": {"recompute_working_set": recomputed, "backward_working_set": work},
+        "optimizer": {"optimizer_step": opt_tmp},
+    }[peak_phase]
     detail = {
-        "saved_bytes": layer_bytes + outside + log_softmax,
+        "saved_bytes": saved,
         "device": device,
         "precision": precision,
         "active_layers": layers,
         "stored_branches": sum(stored),
         "branches": len(stored),
         "attention_matrix": attention_keeps_matrix(mc, device),
+        "phases": {k: params + buffers + optimizer + v for k, v in phases.items()},
+        "peak_phase": peak_phase.replace("_", " ") + (f" ({branch})" if peak_phase == "layers_backward" else ""),
+        "transient": transient_parts,
+        "grad_accumulation": accumulating,
+        "grads_bytes": grads_all,
+        "logits_bytes": BT * V * e,
+        "planning_peak_bytes": planning,
     }
     return MemoryEstimate(total_bytes=sum(components.values()), components=components, detail=detail)
-
-

@@ -117,10 +117,14 @@ def grad_bytes(model: nn.Module) -> int:
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the optimizer's state tensors (e.g. AdamW's moments and step counters)."""
-    return _tensor_bytes(
-        v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)
-    )
+    """Bytes of the optimizer's state tensors (e.g. AdamW's moments and step counters), a
+    storage shared by several states (bitsandbytes' quantisation maps) counted once."""
+    storages = {}
+    for state in optimizer.state.values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor):
+                storages[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+    return sum(storages.values())
 
 
 

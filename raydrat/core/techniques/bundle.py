@@ -18,6 +18,7 @@ from torch import nn
 from raydrat.config.run import RaydratConfig
 from raydrat.config.slots import SlotsConfig
 from raydrat.config.sync import SyncConfig
+from raydrat.core.memory.peak import StepPlan
 from raydrat.core.techniques.base import Technique
 from raydrat.core.techniques.compile import Compile
 from raydrat.core.techniques.precision import Precision
@@ -53,6 +54,13 @@ class Techniques:
         self.recompute.after_step()
         self.slots.observe(loss, self.recompute.plan_bytes())
         return self.precision.after_step(step)
+
+    def step_plan(self) -> StepPlan:
+        """The planned step: its active layers and, per branch of those, whether it stores."""
+        active = tuple(range(self.recompute.n_layer)) if self.slots.active is None else tuple(self.slots.active)
+        keep = set(active)
+        stored = tuple(bool(s) for (layer, _), s in zip(self.recompute.branches, self.recompute.stored) if layer in keep)
+        return StepPlan(active, stored)
 
     def all(self) -> list[Technique]:
         return [self.recompute, self.slots, self.precision, self.compile, self.sync]
