@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from contextlib import contextmanager
 
@@ -77,10 +78,23 @@ UNSCORED = 1e30
 logger = logging.getLogger("raydrat")
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted, not to the stream that
+    was current when logging was set up (a console redirected later still gets the lines)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> logging.Logger:
     """Configure the one raydrat logger (idempotent)."""
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = ConsoleHandler()
         handler.setFormatter(logging.Formatter("[raydrat] %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
