@@ -27,3 +27,14 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) data ray_results mlruns.db mlartifacts
+
+# The GPU check (issue: prove it on a GPU). Here: `make gpu-carry` prepares .gpu-carry (pydantic
+# wheels for Python 3.12, bitsandbytes trimmed to its CUDA 13 library). On the GPU machine, with
+# .gpu-carry carried: `make gpu-check OUT_DIR=...` installs them privately and runs `bench gpu`.
+OUT_DIR ?= gpu-out
+.PHONY: gpu-carry gpu-check
+gpu-carry:
+	PYTHON=$(BIN)/python scripts/gpu-carry .gpu-carry
+
+gpu-check:
+	scripts/gpu-check $(OUT_DIR) $(BENCH_ARGS)

@@ -13,6 +13,7 @@
     raydrat bench memory [--json PATH] [--only NAME ...]
     raydrat bench combos [CONFIG] [--json PATH] [--only NAME ...]
     raydrat bench sync [CONFIG] [--latency-ms MS,...] [--link MBIT,...] [--json PATH]
+    raydrat bench gpu [--dry-run] [--quick] [--tiny] [--out DIR] [--json PATH]
 
 CONFIG is a YAML path or a shipped recipe name (debug, demo, gpt2-small). Known problems
 (bad config, bad data) end with one line naming the culprit and exit status 2.
@@ -308,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(Mbit/s) in turn, e.g. 1000,100,20 (needs root; else the one-node benchmark)")
     p.add_argument("--json", help="write one record per row to this JSON file")
     p.set_defaults(func=cmd_bench_sync)
+
+    # listed here; its arguments are raydrat.bench.gpu's own parser (main dispatches to it)
+    bench.add_parser("gpu", help="the CUDA figures in one command (see `raydrat bench gpu --help`)")
     return parser
 
 
@@ -326,6 +330,11 @@ def _interrupted_message(args: argparse.Namespace, stopped: Interrupted) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["bench", "gpu"]:  # its own parser, in a module that runs without Ray (the GPU machine)
+        from raydrat.bench.gpu import main as bench_gpu
+
+        return bench_gpu(argv[2:], prog="raydrat bench gpu")
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
