@@ -12,9 +12,11 @@ Whatever the mode, Ray's ANSI colour codes are left out when stdout or stderr is
 terminal (``RAY_COLOR_PREFIX=0``, unless the user set it).
 
 Ray prints worker output from a handler on its log dispatcher (``ray_print_logs``,
-registered by ``ray.init``); :func:`install` swaps it for a filtering one after Ray starts
-(:func:`raydrat.ray_session.ensure_ray` calls it). That dispatcher is a Ray internal: if it is
-missing, the console is left as Ray makes it.
+registered by ``ray.init``) and prints the raylet's error events through
+``print_to_stdstream``; :func:`install` swaps both for filtering ones after Ray starts
+(:func:`raydrat.ray_session.ensure_ray` calls it). Both are Ray internals: if they are
+missing, the console is left as Ray makes it (``tests/test_cli.py`` checks them on a real
+instance).
 """
 
 from __future__ import annotations
@@ -35,10 +37,23 @@ _quiet = False
 
 
 def keep_line(data: dict, line: str) -> bool:
-    """Whether a quiet console prints ``line`` of a worker's output batch ``data``."""
+    """Whether a quiet console prints ``line`` of a worker's output batch ``data``: raydrat's
+    own lines, the autoscaler's warnings and errors, and the raylet's error events (a worker
+    killed, out of memory) except a task retry Ray makes by itself."""
     if data.get("pid") == "autoscaler":
         return "Error" in line or "Warning" in line
+    if data.get("pid") == "raylet":
+        return "will be retried" not in line
     return RAYDRAT_MARK in line
+
+
+def kept_lines(data: dict) -> list[str]:
+    """The lines of ``data`` a quiet console prints, each event on one line (a raylet event's
+    first line: the rest is in Ray's logs)."""
+    lines = [ln for ln in data.get("lines", []) if keep_line(data, ln)]
+    if data.get("pid") == "raylet":
+        lines = [ln.strip().splitlines()[0] for ln in lines if ln.strip()]
+    return lines
 
 
 def plain_when_piped() -> None:
@@ -78,15 +93,18 @@ def install() -> bool:
     printer = getattr(ray_worker, "print_to_stdstream", None)
     if dispatcher is None or printer is None or not any(n == RAY_HANDLER for n, _ in dispatcher.handlers):
         return False
+    printer = getattr(printer, "__wrapped__", printer)  # installed before: wrap Ray's own again
+    kept = functools.wraps(printer)(functools.partial(_print_kept, printer))
     ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
     dispatcher.remove_handler(RAY_HANDLER)
-    dispatcher.add_handler(RAY_HANDLER, functools.partial(_print_kept, printer, ignore_prefix))
+    dispatcher.add_handler(RAY_HANDLER, functools.partial(kept, ignore_prefix=ignore_prefix))
+    ray_worker.print_to_stdstream = kept  # the raylet's error events are printed through it
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.ERROR)
     return True
 
 
-def _print_kept(printer, ignore_prefix: bool, data: dict) -> None:
-    lines = [ln for ln in data.get("lines", []) if keep_line(data, ln)]
+def _print_kept(printer, data: dict, ignore_prefix: bool) -> None:
+    lines = kept_lines(data)
     if lines:
         printer({**data, "lines": lines}, ignore_prefix=ignore_prefix)
