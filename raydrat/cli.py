@@ -9,7 +9,7 @@
 
     raydrat bench ingest [CONFIG] [--mb N ...] [--json PATH]
     raydrat bench overhead [CONFIG] [--json PATH]
-    raydrat tune SPACE [--resume] [--json PATH] [--verbose]
+    raydrat tune SPACE [--resume] [--json PATH] [--verbose] [--dry-run]
     raydrat estimate CONFIG [--set section.key=value ...] [--measure]
     raydrat bench memory [--json PATH] [--only NAME ...]
     raydrat bench combos [CONFIG] [--json PATH] [--only NAME ...]
@@ -166,6 +166,11 @@ def cmd_bench_combos(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        from raydrat.dry_run import describe_sweep
+
+        print("\n".join(describe_sweep(args.space)))
+        return 0
     from raydrat import tracking
     from raydrat.tune.sweep import run_sweep
 
@@ -285,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write one record per trial to this JSON file")
     p.add_argument("--verbose", action="store_true",
                    help="show Ray Tune's status tables and the workers' output (default: one line per trial event)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="load the space, draw the trials and screen them against the memory budget; run nothing")
     p.set_defaults(func=cmd_tune)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)

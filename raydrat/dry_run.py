@@ -1,5 +1,6 @@
 """``raydrat train CONFIG --dry-run``: everything a run decides before it trains, printed,
-nothing trained. The config is validated (by loading it), the runtime resolved (device,
+nothing trained (``raydrat tune SPACE --dry-run``: the sweep's trials and what admission
+decides for each). The config is validated (by loading it), the runtime resolved (device,
 precision, attention kernel: the same :func:`raydrat.core.runtime.resolve` the run calls),
 the memory estimated, and the data planned from metadata alone (listings, parquet footers,
 a prepared manifest), so a bad source fails here with the error the run would give.
@@ -21,6 +22,9 @@ from raydrat.core.data.tokenizer import load_tokenizer
 from raydrat.core.runtime import resolve
 from raydrat.ray_session import expected_gpus
 from raydrat.redact import redact_uri
+from raydrat.tune import admission as A
+from raydrat.tune import report as R
+from raydrat.tune.space import expand, load_space
 
 
 def describe(cfg: RaydratConfig) -> list[str]:
@@ -81,3 +85,28 @@ def _tokenizer_line(cfg: RaydratConfig) -> str:
             return f"tokenizer: {path} absent: the run trains it on the demo corpus first"
     tok = load_tokenizer(path, cfg.model.vocab_size)
     return f"tokenizer: {path} ({tok.get_vocab_size()} tokens)"
+
+
+def describe_sweep(space_path: str | Path) -> list[str]:
+    """A sweep's dry run: the space loaded (a shipped name or a path), every trial drawn up
+    front (random, grid) with its estimate and admission verdict, or for a model-based
+    search the corners of the space checked against the budget. No Ray, no MLflow."""
+    space = load_space(space_path)
+    sweep = space.sweep
+    gpus = expected_gpus()
+    budget = f"memory budget {sweep.memory_budget_gb:g} GB" if sweep.memory_budget_gb else "no memory budget"
+    lines = [f"dry run of sweep {sweep.name} ({space.path}): base {space.base_path.stem}, search {sweep.search}, "
+             f"{sweep.num_samples} sample(s), {budget}; nothing trained"]
+    if sweep.search not in ("random", "grid"):
+        verdicts = A.corners(space, gpus)
+        A.check_budget(space, verdicts, what="corner of the space")
+        lines.append(f"{len(verdicts)} corner(s) of the space admitted; the searcher proposes the trials")
+        return lines
+    verdicts = A.screen_drawn(space, expand(space), gpus)
+    A.check_budget(space, verdicts)
+    for v in verdicts:
+        verdict = f"refused ({v.refused}: {v.reason})" if v.refused else "admitted"
+        lines.append(f"  {v.name} {R.params_text(v.params)}: estimated {R.fmt_bytes(v.estimate)}, {verdict}")
+    admitted = sum(1 for v in verdicts if v.refused is None)
+    lines.append(f"{len(verdicts)} trial(s): {admitted} admitted, {len(verdicts) - admitted} refused")
+    return lines

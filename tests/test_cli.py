@@ -104,6 +104,30 @@ def test_dry_run_refuses_what_the_machine_cannot_run(capsys):
     assert "train.precision=fp16" in _error_line(capsys)
 
 
+def test_tune_dry_run_screens_every_trial(capsys):
+    from raydrat.core.runtime import resolve
+    from raydrat.tune.report import fmt_bytes
+    from raydrat.tune.space import expand, load_space
+
+    assert main(["tune", "smoke", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    space = load_space("smoke")
+    budget = space.sweep.memory_budget_gb * 2**30
+    trials = expand(space)
+    for t in trials:  # each trial's estimate, recomputed from its own config
+        est = resolve(t.config, gpus=0).estimate.total_bytes
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith(t.name))
+        assert f"estimated {fmt_bytes(est)}" in line
+        assert ("admitted" in line) == (est <= budget), line
+    refused = sum(resolve(t.config, gpus=0).estimate.total_bytes > budget for t in trials)
+    assert refused >= 1 and f"{len(trials)} trial(s): {len(trials) - refused} admitted, {refused} refused" in out
+
+
+def test_tune_dry_run_of_a_missing_space_is_one_line(capsys):
+    assert main(["tune", "no-such-space", "--dry-run"]) == 2
+    assert "smoke" in _error_line(capsys)  # the shipped spaces are listed
+
+
 @pytest.mark.parametrize("data, line, kept", [
     ({"pid": 7}, "[raydrat] step 5/20 | loss 6.1", True),
     ({"pid": 7}, "Reporting training result 1: TrainingReport(checkpoint=None, metrics={})", False),
