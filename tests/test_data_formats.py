@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +120,7 @@ def test_bad_inputs_are_one_error_line(demo_dir, tmp_path, corpora, capsys):
         (tmp_path / "dd", "hf", "is a saved DatasetDict (splits: train, test): point data.sources[0].path at one split"),
         (corpora["hf"], "hf", "has no column 'body' (columns: text, id): set data.sources[0].text_column"),
         (corpora["parquet"].parent, "hf", "holds no state.json"),
-        (tmp_path / "num.jsonl", "jsonl", "field 'text' is int64, not text"),
+        (tmp_path / "num.jsonl", "jsonl", "field 'text' is int64, not text: set data.sources[0].text_column"),
     ]
     for path, fmt, message in cases:
         column = "body" if "body" in message else "text"
@@ -129,7 +130,7 @@ def test_bad_inputs_are_one_error_line(demo_dir, tmp_path, corpora, capsys):
             ["train", "debug", "--dry-run"]
         if fmt == "jsonl":  # a field type is found by reading, as `data prepare` and training do
             cfg = _cfg(demo_dir, path)
-            with pytest.raises(DataError, match=message):
+            with pytest.raises(DataError, match=re.escape(message)):
                 list(iter_blocks_local(cfg, SEQ, VOCAB, "train"))
             continue
         assert main([*argv, *(a for s in sets for a in ("--set", s))]) == 2

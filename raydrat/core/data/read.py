@@ -68,7 +68,8 @@ def _read_arrow(unit: Unit) -> pa.ChunkedArray:
         raise CorruptFile(f"{name} is not a readable Arrow stream ({first})") from None
 
 
-def jsonl_texts(raw: bytes, name: str, field: str, on_corrupt: str) -> tuple[list[str | None], int]:
+def jsonl_texts(raw: bytes, name: str, field: str, on_corrupt: str,
+                key: str = "data.sources[].text_column") -> tuple[list[str | None], int]:
     """The ``field`` of every line of a JSON Lines file, and how many lines were not JSON
     objects (skipped under ``on_corrupt = skip``; else :class:`CorruptFile` names the first,
     by line number). Parsed by pyarrow's JSON reader (the one Ray Data's ``read_json`` uses);
@@ -79,17 +80,16 @@ def jsonl_texts(raw: bytes, name: str, field: str, on_corrupt: str) -> tuple[lis
     try:
         table = pajson.read_json(io.BytesIO(raw), read_options=pajson.ReadOptions(block_size=max(1 << 20, len(raw) + 1)))
     except pa.ArrowInvalid:
-        return _jsonl_by_line(raw, name, field, on_corrupt)
+        return _jsonl_by_line(raw, name, field, on_corrupt, key)
     if field not in table.column_names:
         return [None] * table.num_rows, 0
     col = table.column(field)
     if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_null(col.type)):
-        raise DataError(f"{name}: field {field!r} is {col.type}, not text: set data.sources[].text_column "
-                        "to a text field")
+        raise DataError(f"{name}: field {field!r} is {col.type}, not text: set {key} to a text field")
     return col.to_pylist(), 0
 
 
-def _jsonl_by_line(raw: bytes, name: str, field: str, on_corrupt: str) -> tuple[list[str | None], int]:
+def _jsonl_by_line(raw: bytes, name: str, field: str, on_corrupt: str, key: str) -> tuple[list[str | None], int]:
     texts: list[str | None] = []
     bad = 0
     for n, line in enumerate(raw.split(b"\n"), start=1):
@@ -107,7 +107,7 @@ def _jsonl_by_line(raw: bytes, name: str, field: str, on_corrupt: str) -> tuple[
         value = obj.get(field)
         if value is not None and not isinstance(value, str):
             raise DataError(f"{name} line {n}: field {field!r} is a {type(value).__name__}, not text: "
-                            "set data.sources[].text_column to a text field")
+                            f"set {key} to a text field")
         texts.append(value)
     return texts, bad
 
@@ -131,7 +131,8 @@ def read_documents(unit: Unit, on_corrupt: str = "error") -> tuple[list[str | No
                 raw = read_bytes(unit.loc, f)
             except OSError as exc:
                 raise describe_os_error(uri(unit.loc, f), exc, unit.loc) from None
-            got, bad = jsonl_texts(raw, uri(unit.loc, f), unit.text_column, on_corrupt)
+            got, bad = jsonl_texts(raw, uri(unit.loc, f), unit.text_column, on_corrupt,
+                                   f"data.sources[{unit.source}].text_column")
             texts += got
             counts["corrupt_lines"] += bad
         col, counts["invalid_utf8_docs"] = _replace_nul(pa.chunked_array([pa.array(texts, pa.string())]))
