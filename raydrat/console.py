@@ -8,8 +8,9 @@ notices, raylet task retries and native-library chatter stay in Ray's log files
 (``/tmp/ray/session_latest/logs``). Ray's own driver-side warnings are raised to errors
 only. ``--verbose`` prints everything, as Ray does.
 
-Whatever the mode, Ray's ANSI colour codes are left out when stdout or stderr is not a
-terminal (``RAY_COLOR_PREFIX=0``, unless the user set it).
+Whatever the mode, and for every raydrat command that starts Ray, Ray's ANSI colour codes
+are left out when stdout or stderr is not a terminal (``RAY_COLOR_PREFIX=0``, unless the user
+set it).
 
 Ray prints worker output from a handler on its log dispatcher (``ray_print_logs``,
 registered by ``ray.init``) and prints the raylet's error events through

@@ -19,6 +19,7 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     otherwise always start a fresh local instance, never silently attach to another.
     ``log_to_driver=False``: the workers' output stays in Ray's logs (a sweep's console
     has one line per trial event instead)."""
+    console.plain_when_piped()  # no colour codes in worker prefixes written to a file or pipe
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or "local"
         kwargs = {"logging_level": console.ray_log_level(), "log_to_driver": log_to_driver}
