@@ -76,11 +76,15 @@ def test_print_config_is_the_resolved_config_redacted(capsys, monkeypatch):
     assert load_config("debug").model_validate(printed)  # it loads back as a config
 
 
-def test_dry_run_resolves_estimates_and_plans(demo_dir, tmp_path, capsys):
+def test_dry_run_resolves_estimates_and_plans(demo_dir, tmp_path, capsys, monkeypatch):
     import pyarrow as pa
     import pyarrow.parquet as pq
+    import ray
 
     from raydrat.core.runtime import resolve
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
     pq.write_table(pa.table({"text": [f"doc {i}" for i in range(50)]}), tmp_path / "a.parquet", row_group_size=20)
     sets = [f"data.demo_dir={demo_dir}", f"data.sources=[{{path: {tmp_path}}}]", "train.device=cpu"]
@@ -91,6 +95,8 @@ def test_dry_run_resolves_estimates_and_plans(demo_dir, tmp_path, capsys):
     assert "device cpu, precision fp32" in out
     assert f"sources[0] {tmp_path} (parquet): 50 rows" in out and "3 units" in out  # 3 row groups
     assert "tokenizer-512.json (512 tokens)" in out
+    assert not ray.is_initialized()  # nothing started, nothing trained or tracked
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet"]
 
 
 def test_dry_run_refuses_a_missing_source_in_one_line(tmp_path, capsys):

@@ -16,6 +16,8 @@ import sysconfig
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO
 from raydrat import __version__
 
@@ -27,6 +29,7 @@ def _run(cmd: list[str], cwd: Path, timeout: int = 240) -> subprocess.CompletedP
     return p
 
 
+@pytest.mark.slow  # 10-30 s: pip builds and installs a wheel
 def test_wheel_installs_and_runs_from_outside_the_repo(tmp_path):
     src = tmp_path / "src"  # a copy: building writes build/ and *.egg-info beside the sources
     src.mkdir()
