@@ -37,7 +37,7 @@ def test_wheel_installs_and_runs_from_outside_the_repo(tmp_path):
         shutil.copy(REPO / name, src / name)
     shutil.copytree(REPO / "raydrat", src / "raydrat", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     dist = tmp_path / "dist"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(src)],
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(dist), str(src)],
          cwd=tmp_path)
     (wheel,) = dist.glob("raydrat-*.whl")
     assert wheel.name.startswith(f"raydrat-{__version__}-")
