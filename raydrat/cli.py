@@ -1,6 +1,7 @@
 """``raydrat`` command line: thin, every command delegates to a module.
 
-    raydrat train CONFIG [--set section.key=value ...]
+    raydrat --version
+    raydrat train CONFIG [--set section.key=value ...] [--print-config] [--dry-run] [--verbose]
     raydrat data demo [CONFIG] [--force]
     raydrat data tokenizer CONFIG --out PATH
     raydrat data prepare CONFIG --out PATH [--endpoint-url URL] [--keep N]
@@ -8,7 +9,7 @@
 
     raydrat bench ingest [CONFIG] [--mb N ...] [--json PATH]
     raydrat bench overhead [CONFIG] [--json PATH]
-    raydrat tune SPACE [--resume] [--json PATH] [--verbose]
+    raydrat tune SPACE [--resume] [--json PATH] [--verbose] [--dry-run]
     raydrat estimate CONFIG [--set section.key=value ...] [--measure]
     raydrat bench memory [--json PATH] [--only NAME ...]
     raydrat bench combos [CONFIG] [--json PATH] [--only NAME ...]
@@ -29,6 +30,9 @@ import shlex
 import sys
 from typing import Callable, Sequence
 
+import yaml
+
+from raydrat import __version__
 from raydrat.config import ConfigError, load_config
 from raydrat.interrupt import Interrupted, as_interrupted
 from raydrat.core.data.errors import DataError
@@ -67,9 +71,21 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    if args.print_config or args.dry_run:
+        from raydrat.redact import redact_obj
+
+        if args.print_config:
+            print(yaml.safe_dump(redact_obj(cfg.to_dict()), sort_keys=False), end="")
+        if args.dry_run:
+            from raydrat.dry_run import describe
+
+            print("\n".join(describe(cfg)))
+        return 0
+    from raydrat.console import quiet_console
     from raydrat.ray_train.trainer import run_training
 
-    summary = run_training(cfg, resume_run=args.resume)
+    with quiet_console(args.verbose):
+        summary = run_training(cfg, resume_run=args.resume)
     for line in summary.lines():
         print(line)
     return 0
@@ -151,6 +167,11 @@ def cmd_bench_combos(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        from raydrat.dry_run import describe_sweep
+
+        print("\n".join(describe_sweep(args.space)))
+        return 0
     from raydrat import tracking
     from raydrat.tune.sweep import run_sweep
 
@@ -224,6 +245,7 @@ def cmd_bench_sync(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raydrat", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"raydrat {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a config through Ray Train")
@@ -231,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
                    help="continue the newest interrupted run of this config (or the named run) "
                         "from its latest checkpoint, in the same MLflow run")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML (credentials redacted) and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, resolve the runtime, estimate memory, plan the data, print it; train nothing")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own console output (default: raydrat's lines only)")
     p.set_defaults(func=cmd_train)
 
     data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
@@ -263,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write one record per trial to this JSON file")
     p.add_argument("--verbose", action="store_true",
                    help="show Ray Tune's status tables and the workers' output (default: one line per trial event)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="load the space, draw the trials and screen them against the memory budget; run nothing")
     p.set_defaults(func=cmd_tune)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)

@@ -10,6 +10,8 @@ import ray
 import ray.data
 import torch
 
+from raydrat import console
+
 
 def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     """Start or join Ray once. With ``RAY_ADDRESS`` set (as inside ``ray job submit``, or
@@ -17,9 +19,10 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     otherwise always start a fresh local instance, never silently attach to another.
     ``log_to_driver=False``: the workers' output stays in Ray's logs (a sweep's console
     has one line per trial event instead)."""
+    console.plain_when_piped()  # no colour codes in worker prefixes written to a file or pipe
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or "local"
-        kwargs = {"logging_level": logging.WARNING, "log_to_driver": log_to_driver}
+        kwargs = {"logging_level": console.ray_log_level(), "log_to_driver": log_to_driver}
         if address == "local":
             # A local instance is never preempted: skip Train's preemption watcher actor.
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
@@ -27,6 +30,7 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
             kwargs.update(num_cpus=num_cpus)
         ray.init(address=address, **kwargs)
     quiet_ray_data()
+    console.install()  # a quiet console (raydrat train without --verbose): raydrat's lines only
 
 
 def quiet_ray_data() -> None:

@@ -255,3 +255,44 @@ def test_prepare_checks_its_output_location_before_any_work(s3, tmp_path):
     blocker.write_text("x")
     with pytest.raises(DataError, match=r"--out .*a-file/prepared: cannot write"):
         prepare(cfg, SEQ_LEN, VOCAB, str(blocker / "prepared"))
+
+
+def test_s3_jsonl_and_saved_dataset_equal_local_parquet(s3, tmp_path):
+    """JSON Lines (.gz) and a saved Hugging Face dataset on the bucket: the same token stream
+    as the same texts in a local parquet file, here and through Ray Data."""
+    from test_data_formats import _write_all
+
+    local = tmp_path / "formats"
+    local.mkdir()
+    files = _write_all(local, make_docs(120, seed=5))
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        s3["client"].upload_file(str(path), BUCKET, f"formats/{path.relative_to(local).as_posix()}")
+    common = dict(tokenizer_path=str(s3["tokenizer"]), val_fraction=0.1, pack_rows=16,
+                  demo_dir=str(s3["local"] / "no-demo"))
+    ref = DataConfig(sources=[{"path": str(files["parquet"])}], **common)
+    for name in ("gz", "hfds"):
+        remote = DataConfig(sources=[{"path": f"s3://{BUCKET}/formats/{name}", "endpoint_url": s3["endpoint"]}], **common)
+        for split in ("train", "val"):
+            want = [b.tolist() for b in iter_blocks_local(ref, SEQ_LEN, VOCAB, split)]
+            assert want and [b.tolist() for b in iter_blocks_local(remote, SEQ_LEN, VOCAB, split)] == want
+        bundle = build_datasets(remote, SEQ_LEN, VOCAB)
+        assert as_multiset(r["tokens"] for r in bundle.train.take_all()) == as_multiset(
+            iter_blocks_local(ref, SEQ_LEN, VOCAB, "train"))
+        assert bundle.stats.empty_docs == sum(1 for d in make_docs(120, seed=5) if not d)
+
+
+def test_s3_bad_jsonl_line_through_ray_is_refused_or_counted(s3):
+    """A line that is not JSON, found by Ray Data's up-front check: one DataError naming the
+    file and line, or with on_corrupt = skip counted in the stats."""
+    docs = [d for d in make_docs(80, seed=6) if d]
+    lines = [json.dumps({"text": d}) for d in docs]
+    lines[2] = "{not json"
+    s3["client"].put_object(Bucket=BUCKET, Key="bad/c.jsonl", Body="\n".join(lines).encode())
+    common = dict(sources=[{"path": f"s3://{BUCKET}/bad/c.jsonl", "endpoint_url": s3["endpoint"]}],
+                  tokenizer_path=str(s3["tokenizer"]), val_fraction=0.2, pack_rows=16,
+                  demo_dir=str(s3["local"] / "no-demo"))
+    with pytest.raises(DataError, match=r"s3://corpus/bad/c\.jsonl line 3 is not a JSON object .*on_corrupt = skip"):
+        build_datasets(DataConfig(**common), SEQ_LEN, VOCAB)
+    bundle = build_datasets(DataConfig(**common, on_corrupt="skip"), SEQ_LEN, VOCAB)
+    assert bundle.stats.corrupt_lines == 1 and bundle.stats.docs == len(docs) - 1
+    assert bundle.metrics()["data_corrupt_lines"] == 1.0

@@ -14,14 +14,22 @@ class SourceConfig(Section):
     """A file, a directory, a glob, an ``s3://bucket/prefix`` URI (a key, a prefix or a
     glob), or ``demo`` for the embedded corpus (built on first use from the running
     interpreter's standard library)."""
-    format: Literal["parquet", "text"] | None = None
+    format: Literal["parquet", "text", "jsonl", "hf"] | None = None
     """``parquet``: one document per row of ``text_column``. ``text``: plain text files
-    (``.gz`` decompressed), split into documents by ``text_mode``. ``None``: from the file
-    names: a ``.parquet`` file is parquet, any other file is text; a directory, prefix or glob
-    is parquet when it holds ``.parquet`` files, else text."""
+    (``.gz`` decompressed), split into documents by ``text_mode``. ``jsonl``: JSON Lines
+    files (``.jsonl``, ``.ndjson``, ``.gz`` decompressed), one document per line, its text in
+    the field ``text_column``; a line that is not JSON stops the run, or is skipped and
+    counted (``corrupt_lines``) with ``on_corrupt: skip``. ``hf``: a Hugging Face ``datasets``
+    dataset written by ``save_to_disk`` (a directory with ``state.json`` and ``.arrow`` files;
+    one split of a ``DatasetDict``), one document per row of ``text_column``. ``None``: from
+    the file names: ``.parquet`` is parquet, ``.jsonl``/``.ndjson`` (``.gz`` too) is jsonl, a
+    directory with ``state.json`` is hf, any other file is text; a directory, prefix or glob
+    is parquet when it holds ``.parquet`` files, else jsonl when it holds JSON Lines files,
+    else text."""
 
     text_column: str = "text"
-    """Column holding the document text (parquet only); other columns are ignored."""
+    """Column (parquet, hf) or JSON field (jsonl) holding the document text; other columns
+    and fields are ignored."""
     text_mode: Literal["file", "line"] = "file"
     """Plain text only: ``file``: one document per file; ``line``: one per line (empty
     lines are counted as empty documents)."""
@@ -80,9 +88,9 @@ class DataConfig(Section):
     """Size of the tokenizer actor pool (each actor loads the tokenizer once). 0: the
     cluster's CPUs minus one per Train worker (at least 1)."""
     on_corrupt: Literal["error", "skip"] = "error"
-    """A parquet or gzip file that cannot be read: ``error`` stops before training and
-    names it; ``skip`` leaves it out and counts it (``skipped_files`` in the metrics and the
-    manifest)."""
+    """A parquet, Arrow or gzip file that cannot be read, or a JSON Lines line that is not
+    JSON: ``error`` stops before training and names it; ``skip`` leaves it out and counts it
+    (``skipped_files`` / ``corrupt_lines`` in the metrics and the manifest)."""
     val_max_units: int = Field(32, ge=1)
     """The val split is drawn from at most this many units of work (parquet row groups or
     groups of text files), spread evenly over the corpus, so building it costs the same for

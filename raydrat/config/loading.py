@@ -127,7 +127,7 @@ def config_from_dict(
     every bad key (and the new name of a renamed one)."""
     data = copy.deepcopy(data)
     for text in overrides or []:
-        key, value = parse_override(text)
+        key, value = parse_override(text, RaydratConfig)
         set_dotted(data, key, value)
     renamed = renamed_keys(data)
     if renamed:

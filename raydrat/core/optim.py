@@ -7,6 +7,7 @@ import warnings
 
 import torch
 
+from raydrat.config.base import ConfigError
 from raydrat.config.optim import OptimConfig
 
 
@@ -33,7 +34,11 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     if cfg.name == "adamw_fused":
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     if cfg.name in ("adamw8bit", "paged_adamw8bit"):
-        import bitsandbytes as bnb  # optional heavy dependency: only the 8-bit optimizers need it
+        try:
+            import bitsandbytes as bnb  # optional heavy dependency (extra [bnb]): only the 8-bit optimizers need it
+        except ImportError:
+            raise ConfigError(f"optim.name={cfg.name} needs bitsandbytes, which is not installed: "
+                              "pip install 'raydrat[bnb]', or use optim.name=adamw") from None
 
         cls = bnb.optim.AdamW8bit if cfg.name == "adamw8bit" else bnb.optim.PagedAdamW8bit
         with warnings.catch_warnings():  # "paged optimizers are not supported on CPU": documented

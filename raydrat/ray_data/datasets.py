@@ -83,9 +83,10 @@ def _from_sources(data_cfg: DataConfig, spec: PackSpec, tokenizer_sha256: str, s
     plan = with_measured_rates(data_cfg, plan, scans)  # weights met in tokens, not in footer sizes
     log.info(
         "data: %d units (%d checked): %d documents (%d empty, %d with invalid UTF-8), %.1f MB; "
-        "val: %d documents, %d blocks; %d files skipped",
+        "val: %d documents, %d blocks; %d files skipped%s",
         stats.units, stats.sampled_units, stats.docs, stats.empty_docs, stats.invalid_utf8_docs,
         stats.text_bytes / 1e6, stats.val_docs, stats.val_blocks, stats.skipped_files,
+        f", {stats.corrupt_lines} JSON Lines lines that are not JSON skipped" if stats.corrupt_lines else "",
     )
     lineage = {
         "kind": "sources",

@@ -73,7 +73,7 @@ class DataCounter:
             done = 0
         else:
             done = min(len(v) for v in self.passes.values())
-        keys = ("docs", "empty_docs", "invalid_utf8_docs", "skipped_files", "split_docs",
+        keys = ("docs", "empty_docs", "invalid_utf8_docs", "skipped_files", "corrupt_lines", "split_docs",
                 "tokens", "blocks", "dropped_tokens")
         return [{k: int(sum(p[e].get(k, 0) for p in self.passes.values())) for k in keys}
                 for e in range(done)]

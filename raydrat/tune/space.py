@@ -42,7 +42,9 @@ from raydrat.config import (
 )
 
 KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
-SPACES_DIR = Path(__file__).resolve().parents[2] / "tune_spaces"
+SPACES_DIR = Path(__file__).resolve().parents[1] / "tune_spaces"
+"""The shipped spaces: package data (in the wheel too); ``tune_spaces/`` at the repository
+root is a link to it."""
 
 
 @dataclass(frozen=True)

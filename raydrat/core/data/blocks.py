@@ -69,7 +69,7 @@ def _blocks(unit: Unit, spec: PackSpec, split: Split, docs: dict, unit_counts: d
 
 
 SCAN_COUNTS = ("docs", "empty_docs", "invalid_utf8_docs", "skipped_files", "text_bytes",
-               "val_docs", "val_tokens", "val_blocks", "val_dropped_tokens")
+               "val_docs", "val_tokens", "val_blocks", "val_dropped_tokens", "corrupt_lines")
 
 
 def scan_unit(unit: Unit, spec: PackSpec) -> dict[str, int | str]:
@@ -89,7 +89,8 @@ def scan_unit(unit: Unit, spec: PackSpec) -> dict[str, int | str]:
         "unit_id": unit.unit_id,
         "source": unit.source,
         "error": "",
-        **{k: counts[k] for k in ("docs", "empty_docs", "invalid_utf8_docs", "skipped_files", "text_bytes")},
+        **{k: counts[k] for k in ("docs", "empty_docs", "invalid_utf8_docs", "skipped_files", "text_bytes",
+                                  "corrupt_lines")},
         "val_docs": counts["split_docs"],
         "val_tokens": counts["tokens"],
         "val_blocks": counts["blocks"],

@@ -41,6 +41,8 @@ class DataStats:
     """``val_tokens - val_blocks * (seq_len + 1)``: the tails of val's packing groups."""
     train_has_block: bool
     """Whether train packs into at least one block (checked, not counted)."""
+    corrupt_lines: int = 0
+    """JSON Lines lines that are not JSON, skipped (``data.on_corrupt = skip``)."""
 
     @property
     def train_docs(self) -> int:

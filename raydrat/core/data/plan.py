@@ -12,8 +12,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import json
+
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from raydrat.config.data import DataConfig, SourceConfig
@@ -26,6 +29,7 @@ from raydrat.core.data.sources import (
     is_credential_error,
 
     filesystem,
+    fs_path,
     list_files,
     location_for,
     text_size,
@@ -33,16 +37,22 @@ from raydrat.core.data.sources import (
 )
 
 DEMO_SOURCE = "demo"
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")
+HF_STATE = "state.json"
+"""What ``datasets.Dataset.save_to_disk`` writes beside its ``.arrow`` files (their order)."""
+HF_DICT = "dataset_dict.json"
+"""What ``datasets.DatasetDict.save_to_disk`` writes above one directory per split."""
 
 
 @dataclass(frozen=True)
 class Unit:
     """One task's worth of documents: a parquet row group, a few text files (``file``
-    mode), or one text file (``line`` mode)."""
+    mode), one text file (``line`` mode), one JSON Lines file, or one ``.arrow`` file of a
+    saved Hugging Face dataset."""
 
     unit_id: int
     source: int
-    format: Literal["parquet", "text"]
+    format: Literal["parquet", "text", "jsonl", "hf"]
     files: tuple[str, ...]
     row_group: int  # parquet only; -1 for text
     text_column: str
@@ -146,7 +156,10 @@ def plan_corpus(cfg: DataConfig) -> Plan:
         loc = location_for(src.path, src.endpoint_url, src.region)
         fmt = src.format or _infer_format(src.path, loc, where)
         formats.append(fmt)
-        infos = list_files(src.path, loc, ".parquet" if fmt == "parquet" else None, where)
+        if fmt == "hf":
+            infos = _hf_files(loc, src.path, where, i)
+        else:
+            infos = list_files(src.path, loc, {"parquet": ".parquet", "jsonl": JSONL_SUFFIXES}.get(fmt), where)
         files += [(loc, info) for info in infos]
         common = dict(source=i, format=fmt, text_column=src.text_column,
                       text_mode=src.text_mode, loc=loc)
@@ -165,10 +178,13 @@ def plan_corpus(cfg: DataConfig) -> Plan:
                     source_rows[i] += n
                     sizes[i] += size
         else:
+            if fmt == "hf":
+                for info in infos:
+                    _check_arrow_column(loc, info.path, src.text_column, i)
             sizes[i] += sum(text_size(loc, info) for info in infos)
             rows += sum(1 for info in infos if info.size > 0)
             source_rows[i] += sum(1 for info in infos if info.size > 0)
-            step = 1 if src.text_mode == "line" else cfg.pack_rows
+            step = 1 if src.text_mode == "line" or fmt in ("jsonl", "hf") else cfg.pack_rows
             for start in range(0, len(infos), step):
                 chunk = tuple(info.path for info in infos[start : start + step])
                 raw.append((i, dict(common, files=chunk, row_group=-1)))
@@ -179,11 +195,81 @@ def plan_corpus(cfg: DataConfig) -> Plan:
 
 def _infer_format(path: str, loc: Location, where: str) -> str:
     """``data.sources[].format`` left out: ``parquet`` for a ``.parquet`` file, or a directory,
-    prefix or glob holding ``.parquet`` files; ``text`` otherwise."""
-    if path.rstrip("/").endswith(".parquet"):
+    prefix or glob holding ``.parquet`` files; ``jsonl`` for a JSON Lines file or a place
+    holding them; ``hf`` for a directory written by ``save_to_disk``; ``text`` otherwise."""
+    bare = path.rstrip("/")
+    if bare.endswith(".parquet"):
         return "parquet"
+    if bare.endswith(JSONL_SUFFIXES):
+        return "jsonl"
     infos = list_files(path, loc, None, where)
-    return "parquet" if any(i.path.endswith(".parquet") for i in infos) else "text"
+    root = fs_path(path)
+    if any(i.path in (f"{root}/{HF_STATE}", f"{root}/{HF_DICT}") for i in infos):
+        return "hf"
+    if any(i.path.endswith(".parquet") for i in infos):
+        return "parquet"
+    return "jsonl" if any(i.path.endswith(JSONL_SUFFIXES) for i in infos) else "text"
+
+
+def _read_json(loc: Location, path: str) -> dict | None:
+    try:
+        with filesystem(loc).open_input_stream(path) as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if "not found" in str(exc).lower() or "does not exist" in str(exc).lower():
+            return None
+        raise describe_os_error(uri(loc, path), exc, loc) from None
+    except ValueError as exc:
+        raise DataError(f"{uri(loc, path)} is not valid JSON ({exc}): save the dataset again") from None
+
+
+def _hf_files(loc: Location, path: str, where: str, index: int) -> list[pafs.FileInfo]:
+    """The ``.arrow`` files of a dataset saved with ``save_to_disk``, in its row order (as
+    its ``state.json`` lists them). A ``DatasetDict`` is refused, naming its splits."""
+    root = fs_path(path)
+    state = _read_json(loc, f"{root}/{HF_STATE}")
+    if state is None:
+        splits = (_read_json(loc, f"{root}/{HF_DICT}") or {}).get("splits")
+        if splits:
+            raise DataError(
+                f"{where} is a saved DatasetDict (splits: {', '.join(splits)}): point "
+                f"data.sources[{index}].path at one split, e.g. {path.rstrip('/')}/{splits[0]}"
+            )
+        raise DataError(
+            f"{where} holds no {HF_STATE}: it is not a dataset written by datasets' save_to_disk; "
+            f"save it with Dataset.save_to_disk, or set data.sources[{index}].format"
+        )
+    names = [d["filename"] for d in state.get("_data_files", [])]
+    fs = filesystem(loc)
+    try:
+        infos = fs.get_file_info([f"{root}/{n}" for n in names])
+    except OSError as exc:
+        raise describe_os_error(where, exc, loc) from None
+    missing = [uri(loc, i.path) for i in infos if i.type != pafs.FileType.File]
+    if missing or not infos:
+        raise DataError(f"{where}: the saved dataset lists missing files ({', '.join(missing) or 'none listed'}): "
+                        "save it again")
+    return infos
+
+
+def _check_arrow_column(loc: Location, path: str, column: str, index: int) -> None:
+    """A saved dataset's ``.arrow`` file holds ``column`` as text (its schema message only is read)."""
+    name = uri(loc, path)
+    key = f"data.sources[{index}].text_column"
+    try:
+        with filesystem(loc).open_input_file(path) as f:
+            schema = ipc.open_stream(f).schema
+    except (pa.ArrowInvalid, OSError) as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, pa.ArrowInvalid):
+            raise describe_os_error(name, exc, loc) from None
+        raise DataError(f"{name} is not a readable Arrow stream ({exc}): save the dataset again") from None
+    if column not in schema.names:
+        raise DataError(f"{name} has no column {column!r} (columns: {', '.join(schema.names)}): set {key}")
+    typ = schema.field(column).type
+    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
+        raise DataError(f"column {column!r} of {name} is {typ}, not text: set {key} to a string column")
 
 
 def rates_for_sizes(cfg: DataConfig, sizes: list[float]) -> list[float]:

@@ -62,7 +62,7 @@ DEFAULT_KEEP = 2
 """Published generations a prepare keeps (the current one and the one before), leases aside."""
 
 MANIFEST_FORMAT = 1
-COUNT_KEYS = ("docs", "empty_docs", "invalid_utf8_docs", "skipped_files", "text_bytes")
+COUNT_KEYS = ("docs", "empty_docs", "invalid_utf8_docs", "skipped_files", "text_bytes", "corrupt_lines")
 """Counts of a unit's documents, the same for both splits."""
 SPLIT_KEYS = ("split_docs", "tokens", "blocks", "dropped_tokens")
 """Counts of one split of a unit (``train_*``, ``val_*`` in the manifest)."""

@@ -141,9 +141,10 @@ def _hidden(rel: str) -> bool:
     return any(part.startswith((".", "_")) for part in rel.split("/") if part)
 
 
-def list_files(path: str, loc: Location, suffix: str | None, where: str) -> list[pafs.FileInfo]:
+def list_files(path: str, loc: Location, suffix: str | tuple[str, ...] | None, where: str) -> list[pafs.FileInfo]:
     """The files named by ``path`` (a file, a directory or prefix, or a glob), sorted.
-    ``suffix`` filters directory listings (``.parquet``); globs are taken as written."""
+    ``suffix`` (one or a tuple) filters directory listings (``.parquet``); globs are taken as
+    written."""
     fs = filesystem(loc)
     p = fs_path(path)
     try:
@@ -175,7 +176,8 @@ def list_files(path: str, loc: Location, suffix: str | None, where: str) -> list
         raise describe_os_error(where, exc) from None
     files = sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
     if not files:
-        raise DataError(f"{where} matches no files{f' ending in {suffix}' if suffix else ''}: fix data.sources")
+        ends = " or ".join(suffix) if isinstance(suffix, tuple) else suffix
+        raise DataError(f"{where} matches no files{f' ending in {ends}' if suffix else ''}: fix data.sources")
     return files
 
 

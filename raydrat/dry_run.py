@@ -1,0 +1,112 @@
+"""``raydrat train CONFIG --dry-run``: everything a run decides before it trains, printed,
+nothing trained (``raydrat tune SPACE --dry-run``: the sweep's trials and what admission
+decides for each). The config is validated (by loading it), the runtime resolved (device,
+precision, attention kernel: the same :func:`raydrat.core.runtime.resolve` the run calls),
+the memory estimated, and the data planned from metadata alone (listings, parquet footers,
+a prepared manifest), so a bad source fails here with the error the run would give.
+
+No Ray instance is started (with ``RAY_ADDRESS`` set the cluster is asked for its GPUs),
+no MLflow run is created and no tokenizer is trained; the demo corpus is written if it is
+absent (a fraction of a second: the plan lists its files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from raydrat.config import RaydratConfig
+from raydrat.core.data.demo import tokenizer_file
+from raydrat.core.data.plan import plan_corpus
+from raydrat.core.data.prepared import read_manifest_at
+from raydrat.core.data.sources import fs_path, location_for
+from raydrat.core.data.tokenizer import load_tokenizer
+from raydrat.core.runtime import resolve
+from raydrat.ray_session import expected_gpus
+from raydrat.redact import redact_uri
+from raydrat.tune import admission as A
+from raydrat.tune import report as R
+from raydrat.tune.space import expand, load_space
+
+
+def describe(cfg: RaydratConfig) -> list[str]:
+    """The dry run's lines: runtime, memory, data, tokenizer, tracking."""
+    runtime = resolve(cfg, gpus=expected_gpus())
+    est = runtime.estimate
+    sc, tr = cfg.scaling, cfg.train
+    lines = [
+        f"dry run of {cfg.name}: config valid; nothing trained",
+        f"runtime: {sc.num_workers} worker(s) x {sc.cpus_per_worker:g} CPU, device {runtime.device_type}, "
+        f"precision {runtime.precision}, attention {runtime.attention_backend}",
+        f"training: {tr.steps} steps x batch {tr.batch_size} x {cfg.model.seq_len} tokens"
+        f"{f' x {tr.grad_accum} micro-batches' if tr.grad_accum > 1 else ''} = "
+        f"{tr.steps * tr.batch_size * tr.grad_accum * cfg.model.seq_len * sc.num_workers:,} tokens; evaluate every "
+        f"{tr.eval_every} steps",
+        f"memory: estimated peak {est.total_bytes / 2**20:,.2f} MiB per worker "
+        f"(in the {est.detail['peak_phase']}; `raydrat estimate` gives the breakdown)",
+    ]
+    lines += _data_lines(cfg)
+    lines.append(_tokenizer_line(cfg))
+    tk = cfg.tracking
+    lines.append(f"tracking: MLflow experiment {tk.experiment!r} at "
+                 f"{redact_uri(tk.tracking_uri) or '$MLFLOW_TRACKING_URI or sqlite:///mlruns.db'}"
+                 if tk.enabled else "tracking: off")
+    return lines
+
+
+def _data_lines(cfg: RaydratConfig) -> list[str]:
+    d = cfg.data
+    if d.prepared:
+        manifest = read_manifest_at(location_for(d.prepared, d.prepared_endpoint_url), fs_path(d.prepared))
+        c = manifest["counts"]
+        return [f"data: prepared {d.prepared}: {c['train_blocks']:,} train blocks, "
+                f"{c['train_tokens']:,} tokens, {c['val_stored_blocks']:,} val blocks"]
+    plan = plan_corpus(d)
+    total = sum(plan.source_bytes)
+    lines = [f"data: {len(plan.units)} units of work, {len(plan.files)} files, {total / 1e6:,.1f} MB of text; "
+             f"val: {d.val_fraction:.0%} of documents by hash (seed {d.split_seed}), from at most "
+             f"{d.val_max_units} units"]
+    for i, src in enumerate(d.sources):
+        units = sum(1 for u in plan.units if u.source == i)
+        rows = "rows" if plan.source_formats[i] in ("parquet", "jsonl", "hf") else "files"
+        share = f", weight {src.weight:g}" if src.weight else ""
+        lines.append(f"  sources[{i}] {src.path} ({plan.source_formats[i]}): {plan.source_rows[i]:,} {rows}, "
+                     f"{plan.source_bytes[i] / 1e6:,.1f} MB, {units} units{share}")
+    for skipped in plan.skipped_files:
+        lines.append(f"  skipped (data.on_corrupt = skip): {skipped}")
+    return lines
+
+
+def _tokenizer_line(cfg: RaydratConfig) -> str:
+    d = cfg.data
+    if d.tokenizer_path:
+        path = Path(d.tokenizer_path).expanduser().absolute()
+    else:  # the demo tokenizer of this vocab size, trained on first use
+        path = Path(d.demo_dir).absolute() / tokenizer_file(cfg.model.vocab_size)
+        if not path.exists():
+            return f"tokenizer: {path} absent: the run trains it on the demo corpus first"
+    tok = load_tokenizer(path, cfg.model.vocab_size)
+    return f"tokenizer: {path} ({tok.get_vocab_size()} tokens)"
+
+
+def describe_sweep(space_path: str | Path) -> list[str]:
+    """A sweep's dry run: the space loaded (a shipped name or a path), every trial drawn up
+    front (random, grid) with its estimate and admission verdict, or for a model-based
+    search the corners of the space checked against the budget. No Ray, no MLflow."""
+    space = load_space(space_path)
+    sweep = space.sweep
+    gpus = expected_gpus()
+    budget = f"memory budget {sweep.memory_budget_gb:g} GB" if sweep.memory_budget_gb else "no memory budget"
+    lines = [f"dry run of sweep {sweep.name} ({space.path}): base {space.base_path.stem}, search {sweep.search}, "
+             f"{sweep.num_samples} sample(s), {budget}; nothing trained"]
+    if sweep.search not in ("random", "grid"):
+        verdicts = A.corners(space, gpus)
+        A.check_budget(space, verdicts, what="corner of the space")
+        lines.append(f"{len(verdicts)} corner(s) of the space admitted; the searcher proposes the trials")
+        return lines
+    verdicts = A.screen_drawn(space, expand(space), gpus)
+    A.check_budget(space, verdicts)
+    for v in verdicts:
+        verdict = f"refused ({v.refused}: {v.reason})" if v.refused else "admitted"
+        lines.append(f"  {v.name} {R.params_text(v.params)}: estimated {R.fmt_bytes(v.estimate)}, {verdict}")
+    admitted = sum(1 for v in verdicts if v.refused is None)
+    lines.append(f"{len(verdicts)} trial(s): {admitted} admitted, {len(verdicts) - admitted} refused")
+    return lines
