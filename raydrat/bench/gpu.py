@@ -352,7 +352,7 @@ def interleave_any(runs: list) -> None:
 
 def case_throughput(b: Bench) -> list[dict]:
     steps, warm = b.steps(40, 20), (1 if b.tiny else 5)
-    cfg = b.cfg(f"train.compile='{b.compile_mode}'", f"model.attention_backend={'auto' if b.tiny else 'flash'}",
+    cfg = b.cfg(f"train.compile={b.compile_mode}", f"model.attention_backend={'auto' if b.tiny else 'flash'}",
                 "train.batch_size=16" if not b.tiny else "train.batch_size=2")
     data = LocalData.random(cfg, steps)
     shape = describe(cfg)
