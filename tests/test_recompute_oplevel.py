@@ -1,0 +1,198 @@
+"""Op-level recomputation plans (issue 15): exact, within their budget by the allocator,
+applied from outside; the pseudo-polynomial knapsack is exact; impossible budgets name
+the minimum; the techniques (``recompute.granularity: op``) run through the fit loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import random
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from raydrat.config import ConfigError, load_config
+from raydrat.core.memory.peak import PeakMemory
+from raydrat.core.model.transformer import GPT
+from raydrat.core.step import train_step
+from raydrat.core.techniques import selective as S
+from raydrat.core.techniques.knapsack import BudgetBelowMinimum, solve_groups
+from raydrat.core.techniques.wrapper import apply_recompute
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.set_num_threads(1)
+    mcfg = load_config("debug", ["model.n_layer=2"]).model
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, mcfg.vocab_size, (4, mcfg.seq_len + 1), generator=g)
+    costs = S.measure_op_costs(fresh(mcfg), tokens[:, :-1], tokens[:, 1:], repeats=1)
+    # no SAC overhead: the eager planner then uses op-level regions even on this tiny model
+    return mcfg, tokens, dataclasses.replace(costs, sac_op_overhead_s=0.0, sac_save_overhead_s=0.0)
+
+
+def fresh(mcfg):
+    torch.manual_seed(0)
+    return GPT(mcfg).train()
+
+
+def loss_and_grads(model, tokens):
+    model.zero_grad(set_to_none=True)
+    _, loss = model(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def saved_bytes(model, tokens):
+    """Allocator-measured (profiler memory events, PeakMemory): bytes the forward phase of
+    one training step leaves allocated for backward."""
+    peak = PeakMemory(CPU, first_steps=1)
+    with peak.step(0):
+        train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), [tokens], 0.0)
+    peak.finish()
+    return peak.steps[0].saved_bytes
+
+
+def plans(costs):
+    half = costs.none_bytes // 2
+    every_other = [i % 2 == 0 for i in range(len(costs.items(True)))]
+    return {
+        "full": S.plan_full(costs),
+        "eager_budget": S.plan_budget(costs, half),
+        "compiled_budget": S.plan_budget(costs, half, compiled=True),
+        "compiled_every_other": S.plan_from_stored(costs, every_other, compiled=True),
+        "eager_gated": S.gate_plan(costs, half)[0],
+    }
+
+
+@pytest.mark.parametrize("kind", ["full", "eager_budget", "compiled_budget", "compiled_every_other", "eager_gated"])
+def test_op_plan_gives_the_loss_and_gradients_of_no_recompute(setup, kind):
+    mcfg, tokens, costs = setup
+    plain = fresh(mcfg)
+    plan = plans(costs)[kind]
+    model = S.apply_plan(fresh(mcfg), plan)
+    assert list(model.state_dict()) == list(plain.state_dict())
+    if kind == "eager_budget":  # a real mix: op-level regions that store some outputs and recompute others
+        assert plan.saved and len(plan.plain_blocks) + len(plan.full_blocks) < mcfg.n_layer
+        assert any(isinstance(b, S.RegionWrapper) and b.context_fn is not None for b in model.layers.values())
+    loss, grads = loss_and_grads(plain, tokens)
+    loss_p, grads_p = loss_and_grads(model, tokens)
+    assert_close(loss_p, loss)
+    for name in grads:
+        assert_close(grads_p[name], grads[name], msg=name)
+
+
+def test_costs_and_plans_predict_what_the_allocator_measures(setup):
+    """Saved bytes from PyTorch's allocator: a plain forward equals the measured costs'
+    total; each budget plan stays within its budget and leaves exactly the predicted bytes
+    (a compiled plan run eagerly also keeps its one region's RNG state)."""
+    mcfg, tokens, costs = setup
+    none = saved_bytes(fresh(mcfg), tokens)
+    assert costs.none_bytes == costs.outside_bytes + sum(costs.block_bytes)
+    # the step's forward phase holds a few bytes the op recorder does not see (a 0-d
+    # temporary of the loss): one constant offset, the same under every plan
+    offset = none - costs.none_bytes
+    assert 0 <= offset <= 64
+    for fraction in (0.3, 0.5, 0.8):
+        budget = int(fraction * none)
+        for compiled in (False, True):
+            plan = S.plan_budget(costs, budget, compiled=compiled)
+            measured = saved_bytes(S.apply_plan(fresh(mcfg), plan), tokens)
+            assert plan.predicted_bytes <= budget, (fraction, compiled)
+            assert measured == offset + plan.predicted_bytes + (costs.region_bytes if compiled else 0), (fraction, compiled)
+            assert measured < none
+
+
+class _Checkpointed(torch.nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
+
+
+def test_full_is_one_region_per_block(setup):
+    """``full`` keeps what torch.utils.checkpoint per block keeps, less than per-branch
+    checkpointing (which keeps both branch inputs)."""
+    mcfg, tokens, costs = setup
+    per_block = fresh(mcfg)
+    for key, block in list(per_block.layers.items()):
+        per_block.layers[key] = _Checkpointed(block)
+    full = saved_bytes(S.apply_plan(fresh(mcfg), S.plan_full(costs)), tokens)
+    assert full == saved_bytes(per_block, tokens)
+    assert 0 <= full - S.plan_full(costs).predicted_bytes <= 64  # the step's constant offset (above)
+    assert full < saved_bytes(apply_recompute(fresh(mcfg), "full"), tokens)
+
+
+def test_plans_are_applied_from_outside_and_removable(setup):
+    mcfg, tokens, costs = setup
+    model = fresh(mcfg)
+    blocks = list(model.layers.values())
+    keys = list(model.state_dict())
+    for plan in plans(costs).values():
+        S.apply_plan(model, plan)
+        assert S.current_plan(model) is plan and list(model.state_dict()) == keys
+        S.remove_plan(model)
+        assert list(model.layers.values()) == blocks and "forward" not in model.__dict__
+    apply_recompute(model, "full")
+    with pytest.raises(ValueError, match="apply_recompute"):
+        S.apply_plan(model, S.plan_full(costs))
+
+
+def test_a_plan_refuses_a_forward_it_was_not_measured_for(setup):
+    mcfg, tokens, costs = setup
+    plan = S.plan_budget(costs, costs.none_bytes // 2, compiled=True)
+    model = S.apply_plan(fresh(mcfg), plan)
+    with pytest.raises(RuntimeError, match="measure the costs again"):
+        model(tokens[:2, :-1], tokens[:2, 1:])
+
+
+def test_a_budget_below_the_minimum_names_the_minimum(setup):
+    _, _, costs = setup
+    for compiled in (False, True):
+        minimum = S.minimum_bytes(costs, compiled)
+        with pytest.raises(BudgetBelowMinimum, match=f"{minimum / 2**20:.3f} MiB") as err:
+            S.plan_budget(costs, minimum - 1, compiled=compiled)
+        assert err.value.minimum_bytes == minimum
+        assert S.plan_budget(costs, minimum, compiled=compiled).predicted_bytes == minimum
+
+
+def brute_force(groups, budget):
+    best = None
+    for choice in itertools.product(*(range(len(g)) for g in groups)):
+        if sum(g[k][0] for g, k in zip(groups, choice)) <= budget:
+            cost = sum(g[k][1] for g, k in zip(groups, choice))
+            best = cost if best is None else min(best, cost)
+    return best
+
+
+def test_knapsack_agrees_with_brute_force_on_random_instances():
+    rng = random.Random(0)
+    for trial in range(150):
+        groups = [
+            [(rng.randint(0, 60), rng.randint(0, 50)) for _ in range(rng.randint(1, 3))] for _ in range(rng.randint(1, 6))
+        ]
+        lo = sum(min(b for b, _ in g) for g in groups)
+        hi = sum(max(b for b, _ in g) for g in groups)
+        budget = rng.randint(lo, hi)
+        exact = solve_groups(groups, budget, resolution=1)
+        assert exact.cost == brute_force(groups, budget), (trial, groups, budget)
+        assert exact.nbytes == sum(g[k][0] for g, k in zip(groups, exact.choices)) <= budget
+        coarse = solve_groups(groups, budget, resolution=8)  # bytes rounded up to 8-byte buckets
+        assert coarse.nbytes <= budget
+        slack = budget - 8 * len(groups)
+        if slack >= lo:
+            assert coarse.cost <= brute_force(groups, slack), (trial, groups, budget)
+    with pytest.raises(BudgetBelowMinimum, match="minimum 7 bytes"):
+        solve_groups([[(3, 0.0), (9, 1.0)], [(4, 2.0)]], 6)
