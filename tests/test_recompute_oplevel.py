@@ -12,12 +12,16 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from raydrat.bench.local import LocalData, LocalRun
 from raydrat.config import ConfigError, load_config
+from raydrat.core import metrics as M
+from raydrat.core.fit import Callback
 from raydrat.core.memory.peak import PeakMemory
 from raydrat.core.model.transformer import GPT
 from raydrat.core.step import train_step
 from raydrat.core.techniques import selective as S
 from raydrat.core.techniques.knapsack import BudgetBelowMinimum, solve_groups
+from raydrat.core.techniques.recompute import OpRecompute
 from raydrat.core.techniques.wrapper import apply_recompute
 
 CPU = torch.device("cpu")
@@ -196,3 +200,82 @@ def test_knapsack_agrees_with_brute_force_on_random_instances():
             assert coarse.cost <= brute_force(groups, slack), (trial, groups, budget)
     with pytest.raises(BudgetBelowMinimum, match="minimum 7 bytes"):
         solve_groups([[(3, 0.0), (9, 1.0)], [(4, 2.0)]], 6)
+
+
+# --------------------------------------------------------------------------------------
+# the technique (recompute.granularity: op) through the fit loop
+# --------------------------------------------------------------------------------------
+
+
+def op_cfg(*overrides):
+    return load_config("debug", ["train.device=cpu", "model.n_layer=2", "train.batch_size=4", "train.steps=2",
+                                 "train.eval_every=100", "train.log_every=1", "optim.warmup_steps=0", *overrides])
+
+
+class _Losses(Callback):
+    def __init__(self):
+        self.losses = []
+
+    def on_log(self, state, values):
+        self.losses.append(values[M.TRAIN_LOSS])
+
+
+def run_two_steps(cfg, data):
+    losses = _Losses()
+    run = LocalRun.start(cfg, data, [losses], sample_steps=2).run()
+    return run, losses.losses
+
+
+@pytest.mark.parametrize("mode", ["budget", "gated"])
+def test_op_technique_trains_like_none_within_its_budget(mode):
+    """Through iter_fit: the same losses as no recompute (recomputation is exact), and the
+    allocator-measured saved bytes of each step within recompute.budget_mb."""
+    base = op_cfg()
+    data = LocalData.random(base, steps=2)
+    none_run, none_losses = run_two_steps(base, data)
+    none_saved = none_run.peak.steps[1].saved_bytes
+    budget_mb = 0.5 * none_saved / 2**20
+    run, losses = run_two_steps(op_cfg(f"recompute.mode={mode}", "recompute.granularity=op",
+                                       f"recompute.budget_mb={budget_mb!r}"), data)
+    planner = run.techniques.recompute
+    plan = planner.op_plan
+    assert planner.granularity == "op" and plan.predicted_bytes <= budget_mb * 2**20
+    assert len(plan.plain_blocks) < base.model.n_layer  # something is recomputed
+    assert_close(torch.tensor(losses), torch.tensor(none_losses))
+    for step in (0, 1):
+        assert run.peak.steps[step].saved_bytes <= budget_mb * 2**20 < none_saved
+
+
+def test_op_budget_below_the_minimum_names_it(setup):
+    """Refused twice over: before the run by the analytic floor (every block recomputed),
+    and by the planner against the measured minimum; each names the minimum, and a budget
+    at the measured minimum plans."""
+    mcfg, tokens, costs = setup
+    cfg = op_cfg("recompute.mode=budget", "recompute.granularity=op", "recompute.budget_mb=0.2")
+    with pytest.raises(ConfigError, match=r"recompute\.budget_mb=0\.2 is below the minimum achievable (\d+\.\d+) MB") as err:
+        LocalRun.start(cfg, LocalData.random(cfg, steps=2), sample_steps=0)
+    analytic = float(err.value.args[0].split("minimum achievable ")[1].split(" MB")[0]) * 2**20
+    measured = S.minimum_bytes(costs, compiled=False)
+    assert abs(analytic - measured) <= 0.10 * measured, (analytic, measured)
+    for compiled in (False, True):
+        minimum = S.minimum_bytes(costs, compiled)
+        below = op_cfg("recompute.mode=budget", "recompute.granularity=op", f"recompute.budget_mb={(minimum - 1) / 2**20!r}")
+        planner = OpRecompute(mcfg.n_layer, below.recompute, CPU, compiled, costs=costs)
+        planner.apply(fresh(mcfg))
+        with pytest.raises(ConfigError, match=f"below the minimum achievable {minimum / 2**20:.3f} MB"):
+            planner.plan(0, tokens)
+        at = op_cfg("recompute.mode=budget", "recompute.granularity=op", f"recompute.budget_mb={minimum / 2**20!r}")
+        planner = OpRecompute(mcfg.n_layer, at.recompute, CPU, compiled, costs=costs)
+        planner.apply(fresh(mcfg))
+        planner.plan(0, tokens)
+        assert planner.plan_bytes() <= minimum
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["recompute.budget_mb=2"], r"recompute\.budget_mb=2 has no effect with recompute\.mode=none"),
+    (["recompute.granularity=op"], r"recompute\.granularity=op has no effect with recompute\.mode=none"),
+    (["recompute.mode=gated", "recompute.granularity=op"], r"recompute\.mode=gated needs recompute\.budget_mb"),
+])
+def test_budget_settings_without_a_budgeted_mode_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        op_cfg(*overrides)
