@@ -10,6 +10,7 @@ import random
 
 import pytest
 import torch
+import torch._dynamo
 from torch.testing import assert_close
 
 from raydrat.bench.local import LocalData, LocalRun
@@ -279,3 +280,28 @@ def test_op_budget_below_the_minimum_names_it(setup):
 def test_budget_settings_without_a_budgeted_mode_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         op_cfg(*overrides)
+
+
+@pytest.mark.slow
+def test_compiled_plan_is_honoured_by_torch_compile(setup):
+    """The compiled plan under ``model.compile()``: the loss and gradients of no recompute
+    (to compiled numerics), every stored op call met while tracing, and the compiled graph
+    keeps exactly the predicted bytes (the allocator's), within the budget."""
+    mcfg, tokens, costs = setup
+    budget = costs.none_bytes // 2
+    plan = S.plan_budget(costs, budget, compiled=True)
+    model = fresh(mcfg)
+    model.__class__ = type("GPT_compiled_plan_test", (GPT,), {})  # its own dynamo cache entry
+    model.compile()
+    S.apply_plan(model, plan)  # after compile, as OpRecompute does at step 0
+    offset = saved_bytes(fresh(mcfg), tokens) - costs.none_bytes
+    try:
+        loss, grads = loss_and_grads(fresh(mcfg), tokens)
+        loss_c, grads_c = loss_and_grads(model, tokens)
+        S.verify_plan(model)
+        assert_close(loss_c, loss, rtol=1e-4, atol=1e-5)
+        for name in grads:
+            assert_close(grads_c[name], grads[name], rtol=1e-3, atol=1e-5, msg=name)
+        assert saved_bytes(model, tokens) - offset == plan.predicted_bytes <= budget
+    finally:
+        torch._dynamo.reset()
