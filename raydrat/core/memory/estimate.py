@@ -209,12 +209,17 @@ def stored_plan(cfg: RaydratConfig, costs: list[BranchCost], layers: int, precis
 def activation_plan_bounds(cfg: RaydratConfig, device: str, precision: str) -> tuple[int, int]:
     """(least achievable, every branch stored) saved bytes after forward. The least:
     every branch recomputed (per-branch plans keep both branch inputs of a layer); for
-    ``recompute.granularity: op`` every block recomputed (one input per block)."""
+    ``recompute.granularity: op`` every block recomputed (one input per block; compiled:
+    only the blocks' outputs)."""
     costs = branch_costs(cfg, device, precision)[: 2 * active_layers(cfg)]
     outside = sum(_outside_layers_bytes(cfg, precision))
     base = sum(c.input_bytes for c in costs) + outside
     top = base + sum(c.stored_bytes for c in costs)
-    if cfg.recompute.granularity == "op":
+    if cfg.recompute.granularity == "op" and cfg.train.compile != "off":
+        # one SAC region over the compiled forward: every block's output stored, the rest
+        # (embedding, head, the loss's log-softmax) may be recomputed
+        base = sum(c.input_bytes for c in costs if c.kind == "attn")
+    elif cfg.recompute.granularity == "op":
         base = sum(c.input_bytes for c in costs if c.kind == "attn") + outside
     return base, top
 
