@@ -17,6 +17,7 @@ from raydrat.bench.local import LocalData, LocalRun
 from raydrat.config import ConfigError, load_config
 from raydrat.core import metrics as M
 from raydrat.core.fit import Callback
+from raydrat.core.memory.estimate import activation_plan_bounds
 from raydrat.core.memory.peak import PeakMemory
 from raydrat.core.model.transformer import GPT
 from raydrat.core.step import train_step
@@ -258,6 +259,10 @@ def test_op_budget_below_the_minimum_names_it(setup):
     analytic = float(err.value.args[0].split("minimum achievable ")[1].split(" MB")[0]) * 2**20
     measured = S.minimum_bytes(costs, compiled=False)
     assert abs(analytic - measured) <= 0.10 * measured, (analytic, measured)
+    compiled_floor, _ = activation_plan_bounds(op_cfg("recompute.mode=budget", "recompute.granularity=op",
+                                                      "recompute.budget_mb=1", "train.compile=default"), "cpu", "fp32")
+    measured = S.minimum_bytes(costs, compiled=True)
+    assert abs(compiled_floor - measured) <= 0.10 * measured, (compiled_floor, measured)
     for compiled in (False, True):
         minimum = S.minimum_bytes(costs, compiled)
         below = op_cfg("recompute.mode=budget", "recompute.granularity=op", f"recompute.budget_mb={(minimum - 1) / 2**20!r}")
