@@ -5,6 +5,7 @@ the minimum; the techniques (``recompute.granularity: op``) run through the fit 
 from __future__ import annotations
 
 import dataclasses
+import io
 import itertools
 import random
 
@@ -310,3 +311,40 @@ def test_compiled_plan_is_honoured_by_torch_compile(setup):
         assert saved_bytes(model, tokens) - offset == plan.predicted_bytes <= budget
     finally:
         torch._dynamo.reset()
+
+
+def test_op_gates_resume_where_they_were(setup):
+    """The op-level gates' state (logits, multiplier, their Adam) survives a checkpoint: a
+    fresh planner loaded with it makes the same plan and the same next update."""
+    mcfg, tokens, costs = setup
+    cfg = op_cfg("recompute.mode=gated", "recompute.granularity=op",
+                 f"recompute.budget_mb={0.5 * costs.none_bytes / 2**20!r}", "recompute.gates.warmup_steps=20")
+
+    def planner():
+        p = OpRecompute(mcfg.n_layer, cfg.recompute, CPU, costs=costs)
+        p.apply(fresh(mcfg))
+        return p
+
+    a = planner()
+    a.plan(0, tokens)
+    for _ in range(3):
+        loss_and_grads(a.model, tokens)
+        a.after_step()
+    state = torch.load(_roundtrip(a.state_dict()), weights_only=False)
+    b = planner()
+    b.load_state_dict(state)
+    b.plan(0, tokens)
+    assert b.op_plan.saved == a.op_plan.saved
+    assert_close(b.gates.logits, a.gates.logits)
+    for p in (a, b):
+        loss_and_grads(p.model, tokens)
+        p.after_step()
+    assert_close(b.gates.logits, a.gates.logits)
+    assert b.op_plan.saved == a.op_plan.saved
+
+
+def _roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf

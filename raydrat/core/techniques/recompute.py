@@ -370,6 +370,7 @@ class OpRecompute(RecomputePlanner):
         self.gates: RecomputeGates | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._verified = False
+        self._pending: dict | None = None
 
     def apply(self, model: nn.Module) -> nn.Module:
         apply_recompute(model, "none")
@@ -396,6 +397,11 @@ class OpRecompute(RecomputePlanner):
                 plan, self.gates = S.gate_plan(self.costs, budget, compiled=self.compiled, cfg=self.cfg.gates)
                 self.gates.to(self.device)
                 self.optimizer = torch.optim.Adam(self.gates.parameters(), lr=self.cfg.gates.lr)
+                if self._pending is not None:  # resumed: the gates continue where they were
+                    self.gates.load_state_dict(self._pending["gates"])
+                    self.optimizer.load_state_dict(self._pending["optimizer"])
+                    hard, _ = self.gates.decide()
+                    plan = S.plan_from_stored(self.costs, hard.tolist(), self.compiled, budget)
         except BudgetBelowMinimum as err:
             raise self._below(err) from None
         self._install(plan)
@@ -444,8 +450,12 @@ class OpRecompute(RecomputePlanner):
     def state_dict(self) -> dict:
         """The gates and their optimizer (``gated``); costs are measured again on resume."""
         if self.gates is None:
-            return {}
+            return {} if self._pending is None else dict(self._pending)
         return {"gates": self.gates.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Kept until the costs are measured again (first plan), then loaded into the gates."""
+        self._pending = dict(state) if state else None
 
 
 def build_recompute(cfg: RecomputeConfig, n_layer: int, device: torch.device,
