@@ -13,6 +13,7 @@
     raydrat estimate CONFIG [--set section.key=value ...] [--measure]
     raydrat bench memory [--json PATH] [--only NAME ...]
     raydrat bench combos [CONFIG] [--json PATH] [--only NAME ...]
+    raydrat bench recompute [--models NAME ...] [--fractions F ...] [--steps N] [--no-compile] [--json PATH]
     raydrat bench sync [CONFIG] [--latency-ms MS,...] [--link MBIT,...] [--json PATH]
     raydrat bench gpu [--dry-run] [--quick] [--tiny] [--out DIR] [--json PATH]
 
@@ -155,6 +156,14 @@ def cmd_bench_overhead(args: argparse.Namespace) -> int:
     from raydrat.bench.overhead import run_overhead
 
     run_overhead(cfg, json_path=args.json)
+    return 0
+
+
+def cmd_bench_recompute(args: argparse.Namespace) -> int:
+    from raydrat.bench.recompute import run_recompute
+
+    run_recompute(models=args.models, fractions=args.fractions, steps=args.steps, compiled=not args.no_compile,
+                  json_path=args.json)
     return 0
 
 
@@ -313,6 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write one record per combination to this JSON file")
     p.add_argument("--only", nargs="+", metavar="NAME", help="run only these combinations (plus the baseline)")
     p.set_defaults(func=cmd_bench_combos)
+
+    p = bench.add_parser("recompute", help="raydrat's recomputation plans vs torch checkpointing and torch.compile's budget")
+    p.add_argument("--models", nargs="+", default=["demo", "6l-d384"],
+                   help="recipe names / YAML paths, or 6l-d384 (default: demo 6l-d384)")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75],
+                   help="activation budgets as fractions of the no-recompute saved bytes (default: 0.25 0.5 0.75)")
+    p.add_argument("--steps", type=int, default=6, help="timed interleaved rounds after 2 untimed steps (default 6)")
+    p.add_argument("--no-compile", action="store_true", help="eager rows only (compiling is slow on a small CPU)")
+    p.add_argument("--json", help="write one record per row to this JSON file")
+    p.set_defaults(func=cmd_bench_recompute)
 
     p = sub.add_parser("estimate", help="predict peak training memory per worker, by component")
     _add_config_args(p)

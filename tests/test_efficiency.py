@@ -19,6 +19,7 @@ from raydrat.core.techniques.bundle import apply_techniques, build_techniques
 from raydrat.core.techniques.knapsack import solve_budget
 from raydrat.core.techniques.precision import Precision
 from raydrat.core.techniques.slots import SlotSchedule
+from raydrat.core.techniques.wrapper import apply_recompute
 
 CPU = torch.device("cpu")
 
@@ -126,9 +127,13 @@ def test_measured_recompute_flops_are_what_backward_repeats():
     model, _ = built(cfg)
     costs, _ = measure_branch_costs(model.train(), idx, targets)
     flops_none = backward_flops(model, idx, targets)
-    full, _ = built(debug_cfg("recompute.mode=full"))
+    per_branch = apply_recompute(build_model(cfg.model, seed=cfg.train.seed, device=CPU), "full")
+    assert backward_flops(per_branch, idx, targets) - flops_none == sum(c.recompute_flops for c in costs) > 0
+    # recompute.mode=full: one region per block, which also repeats the attention's output projection
+    full, t = built(debug_cfg("recompute.mode=full"))
+    t.recompute.plan(0, tokens)
     flops_full = backward_flops(full, idx, targets)
-    assert flops_full - flops_none == sum(c.recompute_flops for c in costs) > 0
+    assert flops_full - flops_none == t.recompute.plan_recompute_flops() > sum(c.recompute_flops for c in costs)
 
 
 @pytest.mark.parametrize("lam,mu,direction", [(1.0, 0.0, -1), (0.0, 1.0, +1)])

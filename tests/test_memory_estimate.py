@@ -11,7 +11,7 @@ from raydrat.core.memory.measure import optimizer_state_bytes, param_bytes, save
 from raydrat.core.model.transformer import GPT
 from raydrat.core.optim import build_optimizer
 from raydrat.core.runtime import resolve
-from raydrat.core.techniques.wrapper import apply_recompute
+from raydrat.core.techniques.wrapper import wrap_blocks
 
 from conftest import run_cli
 
@@ -41,7 +41,8 @@ def _one_thread():
 def measure(cfg) -> int:
     torch.manual_seed(0)
     model = GPT(cfg.model).train()
-    apply_recompute(model, "full" if cfg.recompute.mode == "full" else "none")
+    if cfg.recompute.mode == "full":  # as FullRecompute applies it: one region per block
+        wrap_blocks(model)
     B, T, V = cfg.train.batch_size, cfg.model.seq_len, cfg.model.vocab_size
     idx, targets = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.train.precision == "bf16" else None

@@ -53,7 +53,8 @@ class RecomputeConfig(Section):
     exact: the loss is unchanged, memory is traded for step time."""
 
     mode: Literal["none", "full", "budget", "gated"] = "none"
-    """``none``: store everything. ``full``: recompute every attention and MLP branch.
+    """``none``: store everything. ``full``: recompute every transformer block (one
+    ``torch.utils.checkpoint`` region per block: it keeps only the block's input).
     ``budget``: the exact optimum (knapsack) that fits ``budget_mb`` of saved activations
     with the least recomputed FLOPs. ``gated``: learnable per-branch gates (``gates``)
     decide each step; with ``budget_mb`` they minimise recomputation under that budget."""
@@ -65,6 +66,12 @@ class RecomputeConfig(Section):
     branches in order of p while they fit, so it never exceeds the budget)."""
     gates: GatesConfig = Field(default_factory=GatesConfig)
     """The learnable gates (``mode: gated`` only)."""
+    granularity: Literal["branch", "op"] = "branch"
+    """What ``budget`` and ``gated`` choose over: ``branch`` (store or recompute each
+    attention and MLP branch, costs in FLOPs) or ``op`` (store or recompute each op call's
+    output through PyTorch's selective activation checkpointing, costs in measured op time
+    on this device and the bytes of each saved tensor; planned for the compiled graph when
+    ``train.compile`` is on). ``op`` with ``gated`` needs ``budget_mb``."""
 
     @model_validator(mode="after")
     def _check_mode(self) -> "RecomputeConfig":
@@ -74,6 +81,16 @@ class RecomputeConfig(Section):
             raise ValueError(
                 f"recompute.budget_mb={self.budget_mb:g} has no effect with recompute.mode={self.mode}: "
                 "set recompute.mode=budget (or gated), or remove recompute.budget_mb"
+            )
+        if self.granularity == "op" and self.mode not in ("budget", "gated"):
+            raise ValueError(
+                f"recompute.granularity=op has no effect with recompute.mode={self.mode}: "
+                "set recompute.mode=budget (or gated), or remove recompute.granularity"
+            )
+        if self.granularity == "op" and self.mode == "gated" and self.budget_mb is None:
+            raise ValueError(
+                "recompute.granularity=op with recompute.mode=gated needs recompute.budget_mb "
+                "(the op-level gates learn in their memory-budget form)"
             )
         if self.mode != "gated":
             gates = changed_fields(self.gates, tuple(GatesConfig.model_fields))

@@ -146,7 +146,8 @@ def check_budget_floor(cfg: RaydratConfig, device_type: str, precision: str) -> 
     if budget_mb * 2**20 < lo:
         raise UnsupportedCombination(
             f"recompute.budget_mb={budget_mb:g} is below the minimum achievable {lo / 2**20:.3f} MB (every "
-            "branch recomputed) for this model and batch: raise recompute.budget_mb, or lower "
+            f"{'block' if cfg.recompute.granularity == 'op' else 'branch'} recomputed) for this model and batch: "
+            "raise recompute.budget_mb, or lower "
             "train.batch_size or model.seq_len"
         )
 

@@ -199,15 +199,29 @@ def stored_plan(cfg: RaydratConfig, costs: list[BranchCost], layers: int, precis
         chosen = costs[:n]
         if rc.mode == "gated":  # the fullest plan that fits: knapsack with value = bytes
             chosen = [dataclasses.replace(c, recompute_flops=c.stored_bytes) for c in chosen]
-        return solve_budget(chosen, int(rc.budget_mb * 2**20) - base).stored
+        room = int(rc.budget_mb * 2**20) - base
+        if rc.granularity == "op":  # op plans reach below every-branch-recomputed: bounded by it
+            room = max(0, room)
+        return solve_budget(chosen, room).stored
     return [True] * n
 
 
 def activation_plan_bounds(cfg: RaydratConfig, device: str, precision: str) -> tuple[int, int]:
-    """(every branch recomputed, every branch stored) saved bytes after forward."""
+    """(least achievable, every branch stored) saved bytes after forward. The least:
+    every branch recomputed (per-branch plans keep both branch inputs of a layer); for
+    ``recompute.granularity: op`` every block recomputed (one input per block; compiled:
+    only the blocks' outputs)."""
     costs = branch_costs(cfg, device, precision)[: 2 * active_layers(cfg)]
-    base = sum(c.input_bytes for c in costs) + sum(_outside_layers_bytes(cfg, precision))
-    return base, base + sum(c.stored_bytes for c in costs)
+    outside = sum(_outside_layers_bytes(cfg, precision))
+    base = sum(c.input_bytes for c in costs) + outside
+    top = base + sum(c.stored_bytes for c in costs)
+    if cfg.recompute.granularity == "op" and cfg.train.compile != "off":
+        # one SAC region over the compiled forward: every block's output stored, the rest
+        # (embedding, head, the loss's log-softmax) may be recomputed
+        base = sum(c.input_bytes for c in costs if c.kind == "attn")
+    elif cfg.recompute.granularity == "op":
+        base = sum(c.input_bytes for c in costs if c.kind == "attn") + outside
+    return base, top
 
 
 
@@ -339,7 +353,20 @@ def estimate_memory(cfg: RaydratConfig, device: str = "cpu", precision: str = "f
     if len(stored) != len(costs):
         raise ValueError(f"plan.stored has {len(stored)} entries for {len(costs)} branches of {layers} layers")
     outside, log_softmax = _outside_layers_bytes(cfg, precision)
-    kept = [c.input_bytes + (c.stored_bytes if s else 0) for c, s in zip(costs, stored)]
+    # full: one region per block keeps the block's input (the attention branch's) only
+    per_block = cfg.recompute.mode == "full" and not any(stored)
+    kept = [
+        (0 if per_block and c.kind == "mlp" else c.input_bytes) + (c.stored_bytes if s else 0)
+        for c, s in zip(costs, stored)
+    ]
+    # what a recomputed branch brings back in backward: per block, the MLP's backward runs
+    # with the whole block recomputed (attention's saved tensors, the MLP's input and its own)
+    recomputed_bytes = []
+    for i, c in enumerate(costs):
+        if per_block and c.kind == "mlp":
+            recomputed_bytes.append(costs[i - 1].stored_bytes + c.input_bytes + c.stored_bytes)
+        else:
+            recomputed_bytes.append(c.stored_bytes)
     saved = sum(kept) + outside + log_softmax  # after forward
     branch_params = [attn_params if c.kind == "attn" else mlp_params for c in costs]
     grads_all = params - (mc.n_layer - layers) * (attn_params + mlp_params)  # inactive layers get none
@@ -356,8 +383,12 @@ def estimate_memory(cfg: RaydratConfig, device: str = "cpu", precision: str = "f
     # forward: a recomputed branch holds its activations only while it runs
     prefix, fwd_best = 0, (0, 0)
     for c, s, k in zip(costs, stored, kept):
-        if not s and prefix + c.input_bytes + c.stored_bytes > sum(fwd_best):
-            fwd_best = (prefix + c.input_bytes, c.stored_bytes)
+        # a region's forward holds the branch's activations while it runs (per block: the
+        # block input is kept, the MLP's input is not)
+        held = k if s else (c.input_bytes if not per_block or c.kind == "attn" else 0)
+        transient = c.stored_bytes + (c.input_bytes if per_block and c.kind == "mlp" else 0)
+        if not s and prefix + held + transient > sum(fwd_best):
+            fwd_best = (prefix + held, transient)
         prefix += k
     end = (saved, logits)
     fwd = max(fwd_best, end, key=sum)
@@ -373,7 +404,7 @@ def estimate_memory(cfg: RaydratConfig, device: str = "cpu", precision: str = "f
     for i in reversed(range(len(costs))):
         c, s = costs[i], stored[i]
         work = _branch_backward_bytes(mc, c.kind, BT, e) + residual
-        recompute = 0 if s else c.stored_bytes
+        recompute = 0 if s else recomputed_bytes[i]
         total = grads + remaining + recompute + work
         if best is None or total > best[0]:
             best = (total, i, grads, remaining, recompute, work)

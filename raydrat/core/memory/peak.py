@@ -200,6 +200,15 @@ class StepMemory:
     plan: StepPlan | None = None
     """The step's plan (active layers, stored branches), when the caller gave it."""
 
+    @property
+    def saved_bytes(self) -> int | None:
+        """Bytes allocated in the first micro-batch's forward phase and still allocated at
+        its end: what the autograd graph keeps for backward (saved tensors, checkpoint
+        regions' inputs, SAC caches, a compiled graph's saved buffers) plus the loss, the
+        logits being dropped inside the phase (``None``: phases not recorded, e.g. CUDA)."""
+        spans = self.phases.get(FORWARD)
+        return spans[0][1] if spans else None
+
 
 class _MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (

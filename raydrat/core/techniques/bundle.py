@@ -59,6 +59,8 @@ class Techniques:
         """The planned step: its active layers and, per branch of those, whether it stores."""
         active = tuple(range(self.recompute.n_layer)) if self.slots.active is None else tuple(self.slots.active)
         keep = set(active)
+        if self.recompute.granularity == "op":  # no per-branch flags: the config's plan
+            return StepPlan(active, None)
         stored = tuple(bool(s) for (layer, _), s in zip(self.recompute.branches, self.recompute.stored) if layer in keep)
         return StepPlan(active, stored)
 
@@ -87,7 +89,7 @@ def build_techniques(cfg: RaydratConfig, precision: str, device: torch.device, w
     tc = cfg.train
     prec = Precision(precision, device, tc.precision_fallback, tc.precision_fallback_after, tc.precision_fallback_steps)
     return Techniques(
-        recompute=build_recompute(cfg.recompute, cfg.model.n_layer, device, prec.autocast),
+        recompute=build_recompute(cfg.recompute, cfg.model.n_layer, device, prec.autocast, compiled=tc.compile != "off"),
         slots=SlotSchedule(cfg.slots, cfg.model.n_layer, tc.steps, seed=tc.seed),
         precision=prec,
         compile=Compile(tc.compile),

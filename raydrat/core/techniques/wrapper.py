@@ -65,6 +65,27 @@ def iter_branches(model: GPT) -> Iterator[tuple[int, str, nn.Module]]:
             yield int(key), kind, getattr(block, attr)
 
 
+def wrap_blocks(model: GPT, enabled: bool = True) -> list[CheckpointWrapper]:
+    """Wrap every transformer block in a :class:`CheckpointWrapper` (``recompute.mode:
+    full``: one region per block, which keeps only the block's input); idempotent. Returns
+    the block wrappers."""
+    out = []
+    for key, block in list(model.layers.items()):
+        if not isinstance(block, CheckpointWrapper):
+            block = model.layers[key] = CheckpointWrapper(block, enabled)
+        block.enabled = enabled
+        out.append(block)
+    return out
+
+
+def unwrap_blocks(model: GPT) -> GPT:
+    """Undo :func:`wrap_blocks` (block-level wrappers of any kind are removed)."""
+    for key, block in list(model.layers.items()):
+        if isinstance(block, CheckpointWrapper):
+            model.layers[key] = block.inner
+    return model
+
+
 def apply_recompute(model: GPT, policy: RecomputePolicy) -> GPT:
     """Apply a recomputation policy in place and return the model. Idempotent.
 
