@@ -29,7 +29,8 @@ each case, so a run cut short still leaves its figures):
     adamw against adamw8bit (bitsandbytes): optimizer state bytes as the allocator sees them
     (the lasting growth over the first step), and the validation loss after the same steps.
 ``recompute``
-    gpt2-small, eager: none, full, budget (half the stored bytes) and gated, interleaved:
+    gpt2-small, eager: none, full (per block), budget (half the stored bytes; per branch and
+    op-level) and gated, interleaved:
     saved-activation bytes and peak (the allocator's) and step time, each as a ratio to none.
 ``layerdrop``
     All layers against layer dropping (keep 0.5), and fp16 + layer dropping against fp32
@@ -504,7 +505,8 @@ def compare_interleaved(b: Bench, case: str, variants: list[tuple[str, list[str]
 def case_recompute(b: Bench) -> list[dict]:
     half = dict(memory_configs(b))["budget-50%"][1:]
     return compare_interleaved(b, "recompute", [
-        ("none", []), ("full", ["recompute.mode=full"]), ("budget-50%", half), ("gated", ["recompute.mode=gated"]),
+        ("none", []), ("full", ["recompute.mode=full"]), ("budget-50%", half),
+        ("budget-50%, op-level", [*half, "recompute.granularity=op"]), ("gated", ["recompute.mode=gated"]),
     ], b.steps(12, 8))
 
 
