@@ -12,7 +12,7 @@
     raydrat estimate CONFIG [--set section.key=value ...] [--measure]
     raydrat bench memory [--json PATH] [--only NAME ...]
     raydrat bench combos [CONFIG] [--json PATH] [--only NAME ...]
-    raydrat bench sync [CONFIG] [--latency-ms MS,...] [--link MBIT,...] [--json PATH]
+    raydrat bench sync [CONFIG] [--latency-ms MS,...] [--sync-steps H,...] [--link MBIT,...] [--json PATH]
 
 CONFIG is a YAML path or a shipped recipe name (debug, demo, gpt2-small). Known problems
 (bad config, bad data) end with one line naming the culprit and exit status 2.
@@ -213,11 +213,17 @@ def cmd_bench_sync(args: argparse.Namespace) -> int:
         latencies = [float(x) for x in args.latency_ms.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"--latency-ms {args.latency_ms!r}: give milliseconds like 0,20,50") from None
+    try:
+        sync_steps = tuple(int(x) for x in args.sync_steps.split(",") if x.strip())
+    except ValueError:
+        sync_steps = ()
+    if not sync_steps or min(sync_steps) < 1:
+        raise UserError(f"--sync-steps {args.sync_steps!r}: give positive step counts like 4,16")
     if args.link:
         run_sync_bench_over_link(cfg, args.config, args.overrides, parse_rates(args.link), latencies,
-                                 json_path=args.json, workers=args.workers)
+                                 json_path=args.json, workers=args.workers, sync_steps=sync_steps)
         return 0
-    run_sync_bench(cfg, latencies, json_path=args.json, workers=args.workers)
+    run_sync_bench(cfg, latencies, json_path=args.json, workers=args.workers, sync_steps=sync_steps)
     return 0
 
 
@@ -303,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-ms", default="0",
                    help="comma-separated delays added before each collective (a slow link), e.g. 0,50")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
+    p.add_argument("--sync-steps", default="4,16", metavar="H[,H...]",
+                   help="local-update intervals to compare with ddp: local/H, diloco/H and stream-int8/H for each "
+                        "(default 4,16)")
     p.add_argument("--link", default=None, metavar="RATE[,RATE...]",
                    help="run on two Ray nodes in network namespaces joined by a link limited to each rate "
                         "(Mbit/s) in turn, e.g. 1000,100,20 (needs root; else the one-node benchmark)")
