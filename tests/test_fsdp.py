@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ from raydrat.core.fit import Callback, FitState, fit
 from raydrat.core.memory.estimate import estimate_memory
 from raydrat.core.model.build import build_model
 from raydrat.core.optim import build_optimizer
-from raydrat.core.state import DataPosition, resumable_batches, unwrap
+from raydrat.core.state import resumable_batches, unwrap
 from raydrat.core.step import split_block
 from raydrat.core.techniques.bundle import apply_techniques, build_techniques
 from raydrat.core.techniques.fsdp import DCP_DIR, worker_state_bytes

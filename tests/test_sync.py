@@ -20,7 +20,12 @@ import torch.multiprocessing as mp
 from raydrat.config import ConfigError, load_config
 from raydrat.core.data.demo import build_demo_corpus
 from raydrat.core.model.build import build_model
-from raydrat.core.techniques.sync import dequantize, exchange_mean, quantize, split_fragments
+from raydrat.core.techniques.sync import (
+    dequantize,
+    exchange_mean,
+    quantize,
+    split_fragments,
+)
 
 BLOCK = 256
 
@@ -206,7 +211,7 @@ def test_fragments_partition_every_parameter_once_and_evenly():
             assert sum(n for _, n in spans) == p.numel()
             assert all(a + n == b for (a, n), (b, _) in zip(spans, spans[1:]))
     f4 = split_fragments(model, 4)
-    assert [n for n in f4[1].names if n.startswith("layers.")][0].startswith("layers.1.")  # strided blocks
+    assert next(n for n in f4[1].names if n.startswith("layers.")).startswith("layers.1.")  # strided blocks
     with pytest.raises(ValueError, match="sync.fragments"):
         split_fragments(model, 5)
 

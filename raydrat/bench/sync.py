@@ -136,7 +136,7 @@ def run_variant(cfg: RaydratConfig, variant: dict, data: LocalData, rank: int, w
         "sync_steps": variant["sync_steps"],
         "outer_optimizer": sync.outer_optimizer,
         "outer_lr": sync.outer_lr if sync.outer_optimizer != "none" else None,
-        "outer_momentum": sync.momentum if sync.outer_optimizer != "none" else None,
+        "outer_momentum": sync.outer_momentum if sync.outer_optimizer != "none" else None,
         "quantization": sync.quantization,
         "fragments": sync.fragments,
         "delay": sync.delay,

@@ -29,14 +29,13 @@ class SyncConfig(Section):
     outer_optimizer: Literal["none", "nesterov"] = "none"
     """``local`` only: ``nesterov`` treats the averaged change since the last sync as a
     pseudo-gradient for an outer SGD with Nesterov momentum (DiLoCo)."""
-    outer_lr: float = Field(0.7, gt=0)
-    """Learning rate of the outer optimizer (DiLoCo's 0.7)."""
-    outer_momentum: float | None = Field(None, ge=0, lt=1)
-    """Nesterov momentum of the outer optimizer. ``None`` (default): chosen for H =
-    ``sync_steps``, ``1 - 1/sqrt(H)`` capped at 0.9 (0.5 at H=4, 0.75 at 16, 0.9 from
-    100; DiLoCo's 0.9 at its H=500): with few local steps the pseudo-gradient already
-    points nearly straight, and a heavy momentum on it overshoots (measured in
-    docs/distributed.md)."""
+    outer_lr: float = Field(0.5, gt=0)
+    """Learning rate of the outer optimizer. With ``outer_momentum`` its default makes the
+    steady-state gain ``outer_lr / (1 - outer_momentum)`` 1: a pseudo-gradient moves the
+    weights by its own size once momentum has built up. DiLoCo's 0.7 with momentum 0.9
+    (gain 7) suits its H = 500 but diverges at H = 4 or 16 (measured in docs/distributed.md)."""
+    outer_momentum: float = Field(0.5, ge=0, lt=1)
+    """Nesterov momentum of the outer optimizer (DiLoCo's is 0.9 at H = 500)."""
     outer_warmup: int = Field(0, ge=0)
     """Outer steps (syncs of one fragment) over which the outer learning rate ramps
     linearly up to ``outer_lr``; 0: none."""
@@ -68,13 +67,6 @@ class SyncConfig(Section):
     when ``slots.mode`` is not ``all``: skipped layers get no gradients)."""
     latency_s: float = Field(0.0, ge=0)
     """Extra delay before each collective, simulating a slow link (benchmarks)."""
-
-    @property
-    def momentum(self) -> float:
-        """The outer momentum in use: ``outer_momentum``, or the one chosen for H."""
-        if self.outer_momentum is not None:
-            return self.outer_momentum
-        return auto_outer_momentum(self.sync_steps)
 
     @model_validator(mode="after")
     def _check_mode(self) -> "SyncConfig":
@@ -110,7 +102,3 @@ class SyncConfig(Section):
         if self.quantization != "int8" and "quant_block" in self.model_fields_set and self.quant_block != 256:
             raise ValueError("sync.quant_block only applies to sync.quantization=int8")
 
-
-def auto_outer_momentum(sync_steps: int) -> float:
-    """The default outer Nesterov momentum for H local steps: ``1 - 1/sqrt(H)``, capped at 0.9."""
-    return round(min(0.9, 1.0 - sync_steps ** -0.5), 4)

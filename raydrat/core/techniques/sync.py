@@ -54,7 +54,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterator
 
 import torch
@@ -418,7 +418,6 @@ class _Pending:
     due: int
     launched: torch.Tensor
     """The fragment's weights when the exchange was launched."""
-    flush: bool = False
 
 
 class LocalStrategy(SyncStrategy):
@@ -455,7 +454,7 @@ class LocalStrategy(SyncStrategy):
             for frag in self.fragments:
                 frag.anchor = frag.flat()
                 if self.cfg.outer_optimizer == "nesterov":
-                    frag.outer = torch.optim.SGD([frag.anchor], lr=self.cfg.outer_lr, momentum=self.cfg.momentum,
+                    frag.outer = torch.optim.SGD([frag.anchor], lr=self.cfg.outer_lr, momentum=self.cfg.outer_momentum,
                                                  nesterov=True)
         if self.cfg.delay:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raydrat-sync")
