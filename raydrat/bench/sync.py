@@ -54,8 +54,9 @@ DEFAULT_SYNC_STEPS = (4, 16)
 
 def streaming_variant(sync_steps: int, n_layer: int, quantization: str = "int8") -> dict:
     """Streaming DiLoCo at ``H = sync_steps``: the most fragments (4, 2 or 1) that divide H
-    and the model's blocks, and a delay of half the steps between two fragments' syncs."""
-    fragments = next(f for f in (4, 2, 1) if f <= n_layer and sync_steps % f == 0)
+    and the model's blocks and leave at least 2 steps between two fragments' syncs, and a
+    delay of half those steps (H=4: 2 fragments, delay 1; H=16: 4 fragments, delay 2)."""
+    fragments = next(f for f in (4, 2, 1) if f <= n_layer and sync_steps % f == 0 and (sync_steps // f >= 2 or f == 1))
     period = sync_steps // fragments
     return {"mode": "local", "sync_steps": sync_steps, "outer_optimizer": "nesterov", "fragments": fragments,
             "delay": period // 2, "quantization": quantization}

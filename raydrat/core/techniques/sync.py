@@ -199,6 +199,20 @@ def _all_gather_flat(out: torch.Tensor, inp: torch.Tensor) -> None:
     gather(out.view(-1), inp.reshape(-1))
 
 
+def _pack(q: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """One byte buffer per row: the quantized values, then the row's fp32 scales (one
+    collective instead of two)."""
+    if scale is None:
+        return q
+    return torch.cat([q.view(torch.uint8), scale.view(torch.uint8)], dim=1)
+
+
+def _unpack(buf: torch.Tensor, m: int, quantization: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if quantization != "int8":
+        return buf, None
+    return buf[:, :m].view(torch.int8), buf[:, m:].contiguous().view(torch.float32)
+
+
 def exchange_mean(flat: torch.Tensor, quantization: str, block: int) -> tuple[torch.Tensor, int]:
     """The mean across workers of the fp32 vector ``flat``, exchanged in ``quantization``,
     and the bytes this worker sent. The result is the same tensor on every rank.
@@ -206,7 +220,8 @@ def exchange_mean(flat: torch.Tensor, quantization: str, block: int) -> tuple[to
     ``none``: one ring all-reduce. ``bf16``/``int8``: ``flat`` is cut into ``W`` equal
     chunks (zero-padded to a multiple of ``W``), quantized and exchanged with an all-to-all
     (this rank receives every worker's copy of its chunk), reduced in fp32, re-quantized and
-    all-gathered; every rank dequantizes the same gathered bytes."""
+    all-gathered; every rank dequantizes the same gathered bytes. The int8 scales travel in
+    the same buffers as the values (two collectives in all)."""
     world = dist.get_world_size()
     if quantization == "none":
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
@@ -214,25 +229,16 @@ def exchange_mean(flat: torch.Tensor, quantization: str, block: int) -> tuple[to
     n = flat.numel()
     m = math.ceil(n / world)
     chunks = F.pad(flat, (0, world * m - n)).view(world, m)
-    q, scale = quantize(chunks, quantization, block)
-    q_in = torch.empty_like(q)
-    dist.all_to_all_single(q_in, q)
-    sent = q.numel() * q.element_size() * (world - 1) // world
-    if scale is not None:
-        s_in = torch.empty_like(scale)
-        dist.all_to_all_single(s_in, scale)
-        sent += scale.numel() * scale.element_size() * (world - 1) // world
-    mine = dequantize(q_in, s_in if scale is not None else None, block).sum(dim=0, keepdim=True).div_(world)
-    q_mine, s_mine = quantize(mine, quantization, block)  # (1, m): this rank's chunk of the mean
-    q_all = torch.empty_like(q)
-    _all_gather_flat(q_all, q_mine)
-    sent += q_mine.numel() * q_mine.element_size() * (world - 1)
-    s_all = None
-    if s_mine is not None:
-        s_all = torch.empty_like(scale)
-        _all_gather_flat(s_all, s_mine)
-        sent += s_mine.numel() * s_mine.element_size() * (world - 1)
-    return dequantize(q_all, s_all, block).reshape(-1)[:n], sent
+    out = _pack(*quantize(chunks, quantization, block))
+    received = torch.empty_like(out)
+    dist.all_to_all_single(received, out)  # row r of `received`: rank r's copy of this rank's chunk
+    sent = out.numel() * out.element_size() * (world - 1) // world
+    mine = dequantize(*_unpack(received, m, quantization), block).sum(dim=0, keepdim=True).div_(world)
+    mine_q = _pack(*quantize(mine, quantization, block))  # (1, ...): this rank's chunk of the mean
+    gathered = torch.empty_like(out)
+    _all_gather_flat(gathered, mine_q)
+    sent += mine_q.numel() * mine_q.element_size() * (world - 1)
+    return dequantize(*_unpack(gathered, m, quantization), block).reshape(-1)[:n], sent
 
 
 def model_checksum(model: torch.nn.Module) -> float:
