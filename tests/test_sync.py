@@ -113,7 +113,11 @@ def demo_rows(ray_local, demo_dir: Path, tmp_path_factory):
                 {"mode": "local", "sync_steps": 4, "outer_optimizer": "nesterov"},
                 {"mode": "local", "sync_steps": 16, "outer_optimizer": "nesterov"},
                 streaming_variant(16, cfg.model.n_layer)]
-    return {r["label"]: r for r in run_sync_workers(cfg, variants, workers=2)}
+    rows = {r["label"]: r for r in run_sync_workers(cfg, variants, workers=2)}
+    for label, r in rows.items():  # shown with pytest -rP
+        print(f"{label}: val {r['val_loss']:.4f}, {r['bytes_per_step']:,.0f} bytes/step "
+              f"({r['sched_bytes_per_step']:,.0f} scheduled), {r['tokens_per_s']:,.0f} tokens/s")
+    return rows
 
 
 DEMO_SETTINGS = ["train.steps=96", "train.batch_size=4", "optim.warmup_steps=10", "train.eval_batches=4",
