@@ -6,6 +6,7 @@ onto the uninterrupted curve. Plus the config refusals naming both keys."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 
@@ -50,7 +51,7 @@ class Record(Callback):
     def on_save(self, state: FitState, report: dict) -> None:
         if self.directory and state.step == self.save_at:
             S.save_checkpoint(self.directory, state.model, state.optimizer, state.step, self.config,
-                              state.techniques, state.position, state.rank)
+                              state.techniques, state.position, state.rank, world_size=WORLD)
             dist.barrier()
 
 
@@ -98,9 +99,24 @@ def _worker(rank: int, port: int, out: str) -> None:
         fit(resumed, resumable_batches(lambda: iter(train), resumed.position), lambda: val, [again])
         results[strategy] = {"losses": record.losses, "resumed": again.losses, "held": held, "keys": same_keys,
                              "start": resumed.start_step, "sharded": bool(saved.get("sharded")),
-                             "dcp": sorted(os.listdir(os.path.join(ckpt, DCP_DIR))) if saved.get("sharded") else []}
+                             "dcp": sorted(os.listdir(os.path.join(ckpt, DCP_DIR))) if saved.get("sharded") else [],
+                             "complete": S.verify_checkpoint(ckpt), "listed": _listed(ckpt, rank)}
+        if saved.get("sharded"):  # a shard cut short: the checkpoint no longer counts as complete
+            dist.barrier()
+            if rank == 0:
+                shard = os.path.join(ckpt, DCP_DIR, "__1_0.distcp")
+                with open(shard, "r+b") as f:
+                    f.truncate(os.path.getsize(shard) // 2)
+            dist.barrier()
+            results[strategy]["truncated"] = S.verify_checkpoint(ckpt)
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
+
+
+def _listed(directory: str, rank: int) -> list[str]:
+    """The files this rank's manifest lists."""
+    with open(os.path.join(directory, S.MANIFEST_FILE.format(rank=rank))) as f:
+        return sorted(json.load(f)["files"])
 
 
 def _free_port() -> int:
@@ -113,7 +129,12 @@ def _free_port() -> int:
 def fsdp_runs(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("fsdp")
     mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    runs = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    for rank, r in enumerate(runs):  # shown with pytest -rP: the FSDP memory rows
+        for part in ("params", "grads", "optimizer"):
+            ddp, fsdp = r["replicated"]["held"][part], r["fsdp"]["held"][part]
+            print(f"rank {rank} {part}: ddp {ddp:,} B, fsdp {fsdp:,} B, ratio {fsdp / ddp:.3f}")
+    return runs
 
 
 def test_fsdp_holds_about_half_of_ddp_per_worker(fsdp_runs):
@@ -141,6 +162,11 @@ def test_fsdp_keeps_state_dict_keys_and_resumes_from_dcp(fsdp_runs):
         assert run["keys"]
         assert run["sharded"] and run["start"] == SAVE_AT
         assert ".metadata" in run["dcp"] and {f"__{r}_0.distcp" for r in range(WORLD)} <= set(run["dcp"])
+        # each rank's manifest lists its own shard (rank 0 also the metadata): a cut shard is caught
+        own = {f"{DCP_DIR}/__{rank}_0.distcp"} | ({f"{DCP_DIR}/.metadata", "state.pt"} if rank == 0 else set())
+        assert set(run["listed"]) == own | {f"rank{rank}.pt"}, run["listed"]
+        assert run["complete"] is None and runs["replicated"]["complete"] is None
+        assert run["truncated"] and "__1_0.distcp" in run["truncated"], run["truncated"]
         for step, loss in run["resumed"].items():
             assert loss == pytest.approx(run["losses"][step], rel=1e-5), (rank, step)
         assert sorted(run["resumed"]) == list(range(SAVE_AT + 1, STEPS + 1))
