@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -18,11 +19,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from raydrat.config import ConfigError, load_config
+from raydrat.config.sync import SyncConfig
 from raydrat.core.data.demo import build_demo_corpus
 from raydrat.core.model.build import build_model
 from raydrat.core.techniques.sync import (
+    build_strategy,
     dequantize,
     exchange_mean,
+    model_checksum,
     quantize,
     split_fragments,
 )
@@ -186,6 +190,60 @@ def test_quantized_exchange_matches_the_fp32_mean_and_agrees_across_ranks(tmp_pa
     assert err[:300].max() == 0  # a zero block stays exactly zero
     scales = 2 * math.ceil(m / BLOCK) * 4
     assert r0["int8"][1] == 2 * m + scales  # all-to-all half + all-gather half, scales included
+
+
+LINK_S, COMPUTE_S = 0.3, 0.6  # the simulated link's wait per exchange; one step's "compute"
+
+
+def _overlap_worker(rank: int, port: int, out: str) -> None:
+    """Four local steps of "compute" (a sleep and a rank-dependent change of the weights)
+    with a sync every 2 steps over a link that takes LINK_S per exchange; the time each
+    ``after_optimizer_step`` call blocks the training thread, with and without a delay."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    results = {}
+    for delay in (0, 1):
+        model = build_model(load_config("debug").model, seed=0)
+        strategy = build_strategy(SyncConfig(mode="local", sync_steps=2, delay=delay, latency_s=LINK_S), 2)
+        strategy.apply(model)
+        blocked = {}
+        for done in range(1, 5):
+            time.sleep(COMPUTE_S)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.01 * (rank + 1))
+            t0 = time.perf_counter()
+            strategy.after_optimizer_step(done)
+            blocked[done] = time.perf_counter() - t0
+        before = model_checksum(model)
+        strategy.synchronize()  # the flush before an evaluation or a checkpoint
+        results[delay] = {"blocked": blocked, "before_flush": before, "checksum": model_checksum(model),
+                          "comm_s": strategy.comm.take()[1]}
+    torch.save(results, os.path.join(out, f"o{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_delayed_exchange_overlaps_the_next_steps_compute(tmp_path):
+    mp.spawn(_overlap_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        r = torch.load(tmp_path / f"o{rank}.pt")
+        now, later = r[0]["blocked"], r[1]["blocked"]
+        # delay 0: the steps that sync (2 and 4) wait for the link
+        assert min(now[2], now[4]) >= LINK_S, now
+        # delay 1: launched after steps 1 and 3, landed after 2 and 4: the wait is hidden
+        # behind the next step's compute
+        assert max(later.values()) < LINK_S / 2, later
+        # ... and still happened (time in the exchange, off the training thread)
+        assert r[1]["comm_s"] >= 2 * LINK_S
+    r0, r1 = (torch.load(tmp_path / f"o{rank}.pt") for rank in (0, 1))
+    # delay 0: the replicas agree right after the sync at step 4; delay 1 keeps each rank's
+    # progress made while the exchange travelled (sync.overlap_keep=1), so they agree only
+    # after the flush
+    assert r0[0]["before_flush"] == r1[0]["before_flush"]
+    assert r0[1]["before_flush"] != r1[1]["before_flush"]
+    for delay in (0, 1):
+        assert r0[delay]["checksum"] == r1[delay]["checksum"], delay
 
 
 def test_quantize_round_trip():
