@@ -186,6 +186,15 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     transient = ", ".join(f"{k.replace('_', ' ')} {v / 2**20:.2f} MiB" for k, v in d["transient"].items())
     print(f"\ntransient at the peak: {transient}")
     print("peak of each phase (MiB): " + ", ".join(f"{k.replace('_', ' ')} {v / 2**20:.2f}" for k, v in d["phases"].items()))
+    if d.get("fsdp"):
+        f, mib = d["fsdp"], 2**20
+        print(f"scaling.strategy=fsdp over {f['workers']} workers: each holds 1/{f['workers']} of the parameters "
+              f"({f['sharded']['params'] / mib:.2f} MiB with the replicated buffers), gradients "
+              f"({f['sharded']['grads'] / mib:.2f}) and optimizer state ({f['sharded']['optimizer'] / mib:.2f}), plus "
+              f"{f['gathered']['params'] / mib:.2f} MiB of gathered parameters (root group and two blocks) in forward "
+              f"and backward and {f['gathered']['grads'] / mib:.2f} MiB of unsharded gradients in the layer backward"
+              + ("; the micro-batches before the last accumulate whole, unsharded gradients"
+                 if d["grad_accumulation"] else ""))
     if d.get("planning_peak_bytes"):
         print(f"outside the training step: the recompute planner measures its costs with a forward that stores "
               f"every branch (first step; gated: every recompute.gates.refresh_every steps): "

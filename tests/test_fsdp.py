@@ -18,6 +18,8 @@ import torch.multiprocessing as mp
 from faults import KillAt
 from mlflow.tracking import MlflowClient
 
+from raydrat.bench.memory import measurable
+from raydrat.cli import main
 from raydrat.config import ConfigError, RaydratConfig, load_config
 from raydrat.core import metrics as M
 from raydrat.core import state as S
@@ -247,3 +249,15 @@ def test_fsdp_run_through_ray_train_resumes_from_its_sharded_checkpoint(ray_loca
     saves = sorted(p for p in (tmp_path / "runs" / resumed.run_name).glob("checkpoint_*") if p.is_dir())
     assert len(saves) >= 2 and all((p / DCP_DIR / ".metadata").exists() for p in saves)
     assert all(S.verify_checkpoint(p) is None for p in saves), [S.verify_checkpoint(p) for p in saves]
+
+
+def test_estimate_cli_shows_the_sharding_and_measure_refuses_fsdp(capsys):
+    fs = ["--set", "scaling.strategy=fsdp", "--set", "scaling.num_workers=4", "--set", "train.batch_size=1"]
+    assert main(["estimate", "gpt2-small", *fs]) == 0
+    out = capsys.readouterr().out
+    est = estimate_memory(load_config("gpt2-small", [s for s in fs if s != "--set"]))
+    line = next(ln for ln in out.splitlines() if ln.startswith("scaling.strategy=fsdp over 4 workers"))
+    assert f"({est.detail['fsdp']['sharded']['optimizer'] / 2**20:.2f})" in line
+    assert "accumulate whole, unsharded gradients" in line  # gpt2-small accumulates 8 micro-batches
+    with pytest.raises(ConfigError, match=r"--measure with scaling.strategy=fsdp .*scaling.strategy=replicated"):
+        measurable(load_config("gpt2-small", [s for s in fs if s != "--set"]))
