@@ -14,7 +14,7 @@
     raydrat bench memory [--json PATH] [--only NAME ...]
     raydrat bench combos [CONFIG] [--json PATH] [--only NAME ...]
     raydrat bench recompute [--models NAME ...] [--fractions F ...] [--steps N] [--no-compile] [--json PATH]
-    raydrat bench sync [CONFIG] [--latency-ms MS,...] [--link MBIT,...] [--json PATH]
+    raydrat bench sync [CONFIG] [--latency-ms MS,...] [--sync-steps H,...] [--link MBIT,...] [--json PATH]
     raydrat bench gpu [--dry-run] [--quick] [--tiny] [--out DIR] [--json PATH]
 
 CONFIG is a YAML path or a shipped recipe name (debug, demo, gpt2-small). Known problems
@@ -217,6 +217,15 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     transient = ", ".join(f"{k.replace('_', ' ')} {v / 2**20:.2f} MiB" for k, v in d["transient"].items())
     print(f"\ntransient at the peak: {transient}")
     print("peak of each phase (MiB): " + ", ".join(f"{k.replace('_', ' ')} {v / 2**20:.2f}" for k, v in d["phases"].items()))
+    if d.get("fsdp"):
+        f, mib = d["fsdp"], 2**20
+        print(f"scaling.strategy=fsdp over {f['workers']} workers: each holds 1/{f['workers']} of the parameters "
+              f"({f['sharded']['params'] / mib:.2f} MiB with the replicated buffers), gradients "
+              f"({f['sharded']['grads'] / mib:.2f}) and optimizer state ({f['sharded']['optimizer'] / mib:.2f}), plus "
+              f"{f['gathered']['params'] / mib:.2f} MiB of gathered parameters (root group and two blocks) in forward "
+              f"and backward and {f['gathered']['grads'] / mib:.2f} MiB of unsharded gradients in the layer backward"
+              + ("; the micro-batches before the last accumulate whole, unsharded gradients"
+                 if d["grad_accumulation"] else ""))
     if d.get("planning_peak_bytes"):
         print(f"outside the training step: the recompute planner measures its costs with a forward that stores "
               f"every branch (first step; gated: every recompute.gates.refresh_every steps): "
@@ -244,11 +253,17 @@ def cmd_bench_sync(args: argparse.Namespace) -> int:
         latencies = [float(x) for x in args.latency_ms.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"--latency-ms {args.latency_ms!r}: give milliseconds like 0,20,50") from None
+    try:
+        sync_steps = tuple(int(x) for x in args.sync_steps.split(",") if x.strip())
+    except ValueError:
+        sync_steps = ()
+    if not sync_steps or min(sync_steps) < 1:
+        raise UserError(f"--sync-steps {args.sync_steps!r}: give positive step counts like 4,16")
     if args.link:
         run_sync_bench_over_link(cfg, args.config, args.overrides, parse_rates(args.link), latencies,
-                                 json_path=args.json, workers=args.workers)
+                                 json_path=args.json, workers=args.workers, sync_steps=sync_steps)
         return 0
-    run_sync_bench(cfg, latencies, json_path=args.json, workers=args.workers)
+    run_sync_bench(cfg, latencies, json_path=args.json, workers=args.workers, sync_steps=sync_steps)
     return 0
 
 
@@ -353,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-ms", default="0",
                    help="comma-separated delays added before each collective (a slow link), e.g. 0,50")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
+    p.add_argument("--sync-steps", default="4,16", metavar="H[,H...]",
+                   help="local-update intervals to compare with ddp: local/H, diloco/H and stream-int8/H for each "
+                        "(default 4,16)")
     p.add_argument("--link", default=None, metavar="RATE[,RATE...]",
                    help="run on two Ray nodes in network namespaces joined by a link limited to each rate "
                         "(Mbit/s) in turn, e.g. 1000,100,20 (needs root; else the one-node benchmark)")

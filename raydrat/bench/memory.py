@@ -168,6 +168,10 @@ def _estimated_components(est: MemoryEstimate) -> dict[str, int]:
 def measurable(cfg: RaydratConfig, device: str | None = None) -> tuple[RaydratConfig, Runtime]:
     """``cfg`` on ``device`` (``cpu`` | ``cuda``; ``None``: the config's choice) and its
     runtime on this machine; refused (:class:`CannotMeasure`, one line) when it cannot run here."""
+    if cfg.scaling.strategy == "fsdp" and cfg.scaling.num_workers > 1:
+        raise CannotMeasure(f"--measure with scaling.strategy=fsdp (scaling.num_workers={cfg.scaling.num_workers}): the "
+                            "measurement trains one process, which holds the whole model, not one worker's shard: "
+                            "drop --measure, or measure with scaling.strategy=replicated")
     if device == "cuda" and not torch.cuda.is_available():
         check_measurable(cfg, None, device)  # type: ignore[arg-type]  (refuses before resolving)
     if device is not None:

@@ -1,20 +1,27 @@
 """``raydrat bench sync``: DDP against local-update sync at the same token budget.
 
 Two Ray Train workers on CPU (gloo) run, one after another inside one worker group (one
-start-up for the whole table), every variant: ``ddp``; ``local`` with ``sync_steps`` in
-{1, 2, 4, 8}; ``local`` with the DiLoCo outer optimizer at 4. Each variant starts from the
-same initial weights and sees the same batches in the same order (rank ``r`` takes every
-``W``-th batch from ``r``; blocks tokenized beforehand, so data loading is not timed), for
-the same number of optimizer steps, through the same ``fit`` loop (techniques, sync
-strategy, evaluation) as ``raydrat train``.
+start-up for the whole table), every variant: ``ddp``, and for each ``H`` of
+``--sync-steps`` (default 4,16): ``local/H`` (parameter averaging every H steps),
+``diloco/H`` (the Nesterov outer optimizer at its defaults) and ``stream-int8/H``
+(Streaming DiLoCo: fragments synced at staggered steps, the exchange overlapped with the
+next steps and sent in int8 with per-block scales; see :func:`streaming_variant`). Each
+variant starts from the same initial weights and sees the same batches in the same order
+(rank ``r`` takes every ``W``-th batch from ``r``; blocks tokenized beforehand, so data
+loading is not timed), for the same number of optimizer steps, through the same ``fit``
+loop (techniques, sync strategy, evaluation) as ``raydrat train``.
 
-Per variant: bytes this worker sent per optimizer step (ring all-reduce count, see
-``raydrat.core.techniques.sync``), communication share of step time, tokens/s over both workers
-(steady state: the first step is excluded; the slower worker sets the pace), and the
-validation loss at the end. ``--latency-ms 0,20`` repeats the table with each collective
-delayed by that latency (a slow link) and reports where local sync overtakes DDP.
-``--link 1000,100,20`` runs the table on two Ray nodes joined by a real link limited to
-each rate in Mbit/s (``raydrat.bench.link``; rows gain ``link_mbit``).
+Per variant: bytes this worker sent per optimizer step (all of them, and only the
+scheduled syncs, without the flush before the final evaluation; see
+``raydrat.core.techniques.sync``), the most bytes launched in one step, communication
+share of step time, tokens/s over both workers (steady state: the first step is
+excluded; the slower worker sets the pace), and the validation loss at the end.
+``--latency-ms 0,20`` repeats the table with each collective delayed by that latency (a
+simulated slow link). ``--link 1000,100,20`` runs the table on two Ray nodes joined by a
+real link limited to each rate in Mbit/s (``raydrat.bench.link``; rows gain
+``link_mbit``, and the bytes each node's end of the link really transmitted,
+``wire_bytes_per_step``, read from the kernel's interface counters) and reports where each
+variant overtakes DDP.
 """
 
 from __future__ import annotations
@@ -42,18 +49,49 @@ from raydrat.core.techniques.sync import model_checksum
 from raydrat.ray_session import ensure_ray
 
 ROWS_FILE = "rows.json"
-DEFAULT_VARIANTS = [
-    {"mode": "ddp", "sync_steps": 1},
-    *({"mode": "local", "sync_steps": k} for k in (1, 2, 4, 8)),
-    {"mode": "local", "sync_steps": 4, "outer_optimizer": "nesterov"},
-]
+DEFAULT_SYNC_STEPS = (4, 16)
+
+
+def streaming_variant(sync_steps: int, n_layer: int, quantization: str = "int8") -> dict:
+    """Streaming DiLoCo at ``H = sync_steps``: the most fragments (4, 2 or 1) that divide H
+    and the model's blocks and leave at least 2 steps between two fragments' syncs, and a
+    delay of half those steps (H=4: 2 fragments, delay 1; H=16: 4 fragments, delay 2)."""
+    fragments = next(f for f in (4, 2, 1) if f <= n_layer and sync_steps % f == 0 and (sync_steps // f >= 2 or f == 1))
+    period = sync_steps // fragments
+    return {"mode": "local", "sync_steps": sync_steps, "outer_optimizer": "nesterov", "fragments": fragments,
+            "delay": period // 2, "quantization": quantization}
+
+
+def default_variants(n_layer: int, sync_steps: tuple[int, ...] = DEFAULT_SYNC_STEPS) -> list[dict]:
+    out = [{"mode": "ddp", "sync_steps": 1}]
+    for h in sync_steps:
+        out += [{"mode": "local", "sync_steps": h}, {"mode": "local", "sync_steps": h, "outer_optimizer": "nesterov"},
+                streaming_variant(h, n_layer)]
+    return out
 
 
 def variant_label(v: dict) -> str:
     if v["mode"] == "ddp":
         return "ddp"
-    outer = "+nesterov" if v.get("outer_optimizer", "none") != "none" else ""
-    return f"local/{v['sync_steps']}{outer}"
+    h, quant = v["sync_steps"], v.get("quantization", "none")
+    if v.get("fragments", 1) > 1 or v.get("delay", 0) or quant != "none":
+        name = "stream" if v.get("outer_optimizer", "none") != "none" else "stream-avg"
+        return f"{name}{'-' + quant if quant != 'none' else ''}/{h}"
+    return f"{'diloco' if v.get('outer_optimizer', 'none') != 'none' else 'local'}/{h}"
+
+
+def wire_tx_bytes() -> int | None:
+    """Bytes the link interface of this worker's node has transmitted (the kernel's counter
+    in ``/proc/net/dev`` of this network namespace), when gloo is bound to one
+    (``GLOO_SOCKET_IFNAME``); else ``None``."""
+    ifname = os.environ.get("GLOO_SOCKET_IFNAME")
+    if not ifname:
+        return None
+    for line in Path("/proc/net/dev").read_text().splitlines():
+        name, _, fields = line.partition(":")
+        if name.strip() == ifname:
+            return int(fields.split()[8])  # receive: 8 fields, then transmit bytes
+    return None
 
 
 class SteadyComm(Callback):
@@ -74,28 +112,41 @@ class SteadyComm(Callback):
 def run_variant(cfg: RaydratConfig, variant: dict, data: LocalData, rank: int, world: int) -> dict:
     """Train one variant through ``fit`` in this worker (inside a Ray Train worker group) and
     return its figures, identical on every rank (reduced across workers)."""
-    sync = cfg.sync.model_copy(update={k: v for k, v in variant.items() if k != "latency_ms"})
-    sync.latency_s = variant.get("latency_ms", 0) / 1000.0
+    sync = cfg.sync.model_validate({**cfg.sync.model_dump(), **{k: v for k, v in variant.items() if k != "latency_ms"},
+                                    "latency_s": variant.get("latency_ms", 0) / 1000.0})
     tc = cfg.train.model_copy(update={"log_every": cfg.train.steps, "eval_every": cfg.train.steps})
     c = cfg.model_copy(update={"sync": sync, "train": tc})
     comm = SteadyComm()
     run = LocalRun.start(c, data.shard(rank, world), [comm], rank=rank, world_size=world)
     param_bytes = sum(p.numel() * p.element_size() for p in run.model.parameters())
     dist.barrier()
+    wire_start = wire_tx_bytes()
     run.run()
+    wire = None if wire_start is None else wire_tx_bytes() - wire_start
     steady_s = torch.tensor([run.steady_s()], dtype=torch.float64)
     dist.all_reduce(steady_s, op=dist.ReduceOp.MAX)  # the slower worker sets the pace
-    checksums = [None] * world
+    checksums, wires = [None] * world, [None] * world
     dist.all_gather_object(checksums, model_checksum(unwrap(run.model)))
+    dist.all_gather_object(wires, wire)
     strategy = run.techniques.sync
+    stats = strategy.comm
     tokens = len(run.timed_steps()) * run.state.tokens_per_step  # the steps steady_s times
+    bytes_per_step = stats.total_bytes / tc.steps  # every step, the first too
     return {
         "mode": variant["mode"],
         "sync_steps": variant["sync_steps"],
         "outer_optimizer": sync.outer_optimizer,
+        "outer_lr": sync.outer_lr if sync.outer_optimizer != "none" else None,
+        "outer_momentum": sync.outer_momentum if sync.outer_optimizer != "none" else None,
+        "quantization": sync.quantization,
+        "fragments": sync.fragments,
+        "delay": sync.delay,
         "latency_ms": variant.get("latency_ms", 0),
         "label": variant_label(variant),
-        "bytes_per_step": strategy.comm.total_bytes / tc.steps,  # every step, the first too
+        "bytes_per_step": bytes_per_step,
+        "sched_bytes_per_step": (stats.total_bytes - stats.flush_bytes) / tc.steps,
+        "peak_step_bytes": max(stats.launch_bytes.values(), default=0) if sync.mode == "local" else bytes_per_step,
+        "wire_bytes_per_step": None if wire is None else [w / tc.steps for w in wires],
         "comm_s_per_step": comm.window[M.COMM_S_PER_STEP],
         "comm_fraction": comm.window[M.COMM_FRACTION],
         "tokens_per_s": tokens / float(steady_s),
@@ -148,9 +199,9 @@ def run_sync_workers(cfg: RaydratConfig, variants: list[dict], workers: int = 2)
 
 
 def run_sync_bench(cfg: RaydratConfig, latencies_ms: list[float] | None = None, json_path: str | None = None,
-                   workers: int = 2) -> list[dict]:
+                   workers: int = 2, sync_steps: tuple[int, ...] = DEFAULT_SYNC_STEPS) -> list[dict]:
     latencies_ms = latencies_ms or [0]
-    variants = [{**v, "latency_ms": lat} for lat in latencies_ms for v in DEFAULT_VARIANTS]
+    variants = [{**v, "latency_ms": lat} for lat in latencies_ms for v in default_variants(cfg.model.n_layer, sync_steps)]
     rows = [{**r, "link_mbit": None} for r in run_sync_workers(cfg, variants, workers)]
     print_sync_tables(cfg, rows, workers)
     if json_path:
@@ -171,13 +222,17 @@ def print_sync_tables(cfg: RaydratConfig, rows: list[dict], workers: int) -> Non
             r["val_loss_vs_ddp"] = r["val_loss"] / ddp["val_loss"] - 1.0
         faster = [r["label"] for r in sub if r["mode"] == "local" and r["tokens_per_s"] > ddp["tokens_per_s"]]
         where = f"latency {lat:g} ms per collective" + ("" if mbit is None else f", link {mbit:g} Mbit/s")
+        wire = mbit is not None and all(r.get("wire_bytes_per_step") for r in sub)
         print_table(
             f"sync: {cfg.name}, {workers} CPU workers (gloo){' on two nodes' if mbit is not None else ''}, "
             f"{tc.steps} optimizer steps x {tc.batch_size * tc.grad_accum * cfg.model.seq_len * workers} tokens, {where}",
-            ["variant", "bytes/step", "vs ddp", "comm share", "tokens/s", "vs ddp", "val loss", "vs ddp"],
-            [[r["label"], f"{r['bytes_per_step']:,.0f}", f"{r['bytes_vs_ddp']:.3f}", f"{r['comm_fraction']:.1%}",
-              f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s_vs_ddp']:.2f}x", f"{r['val_loss']:.4f}",
-              f"{r['val_loss_vs_ddp']:+.1%}"] for r in sub],
+            ["variant", "bytes/step", "vs ddp", "sched/step", "peak step", *(["wire/step"] if wire else []),
+             "comm share", "tokens/s", "vs ddp", "val loss", "vs ddp"],
+            [[r["label"], f"{r['bytes_per_step']:,.0f}", f"{r['bytes_vs_ddp']:.4f}", f"{r['sched_bytes_per_step']:,.0f}",
+              f"{r['peak_step_bytes']:,.0f}",
+              *([f"{sum(r['wire_bytes_per_step']) / len(r['wire_bytes_per_step']):,.0f}"] if wire else []),
+              f"{r['comm_fraction']:.1%}", f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s_vs_ddp']:.2f}x",
+              f"{r['val_loss']:.4f}", f"{r['val_loss_vs_ddp']:+.1%}"] for r in sub],
             footer=f"faster than ddp in tokens/s at {where}: {', '.join(faster) or 'none'}",
         )
 
@@ -187,7 +242,7 @@ def print_sync_tables(cfg: RaydratConfig, rows: list[dict], workers: int) -> Non
 
 def run_sync_bench_over_link(cfg: RaydratConfig, config: str, overrides: list[str], rates_mbit: list[float],
                              latencies_ms: list[float] | None = None, json_path: str | None = None,
-                             workers: int = 2) -> list[dict]:
+                             workers: int = 2, sync_steps: tuple[int, ...] = DEFAULT_SYNC_STEPS) -> list[dict]:
     """``raydrat bench sync --link RATE[,RATE...]``: the same variants with one worker on
     each of two Ray nodes joined by a ``tc``-limited veth pair, once per rate (Mbit/s;
     rows gain ``link_mbit``). Per rate, this benchmark's own command runs as the driver
@@ -197,7 +252,7 @@ def run_sync_bench_over_link(cfg: RaydratConfig, config: str, overrides: list[st
     reason = link.unavailable_reason()
     if reason:
         print(f"raydrat: {reason}: running the one-node benchmark instead", file=sys.stderr)
-        return run_sync_bench(cfg, latencies_ms, json_path, workers)
+        return run_sync_bench(cfg, latencies_ms, json_path, workers, sync_steps)
     if workers != 2:
         raise ConfigError(f"--link with --workers {workers}: the link joins two nodes, one worker each: use --workers 2")
     rates = [link.check_rate(r) for r in rates_mbit]
@@ -212,7 +267,8 @@ def run_sync_bench_over_link(cfg: RaydratConfig, config: str, overrides: list[st
             out = Path(tmp) / f"rows-{rate:g}.json"
             sets = [*overrides, f"scaling.worker_resources={{{link.NODE_RESOURCE}: 1}}"]
             cmd = [sys.executable, "-m", "raydrat.cli", "bench", "sync", config, *(a for o in sets for a in ("--set", o)),
-                   "--latency-ms", lat, "--workers", "2", "--json", str(out)]
+                   "--latency-ms", lat, "--workers", "2", "--sync-steps", ",".join(map(str, sync_steps)),
+                   "--json", str(out)]
             print(f"link {rate:g} Mbit/s: running the benchmark on two nodes ...", flush=True)
             r = net.run(cmd, capture_output=True, text=True, cwd=os.getcwd())
             if r.returncode != 0:

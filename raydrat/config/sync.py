@@ -6,7 +6,11 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from raydrat.config.base import Section
+from raydrat.config.base import Section, changed_fields
+
+LOCAL_ONLY = ("sync_steps", "average_optimizer_state", "outer_optimizer", "outer_lr", "outer_momentum",
+              "outer_warmup", "fragments", "delay", "overlap_keep", "quantization", "quant_block")
+DDP_ONLY = ("bucket_cap_mb", "find_unused_parameters")
 
 
 class SyncConfig(Section):
@@ -15,19 +19,47 @@ class SyncConfig(Section):
     mode: Literal["ddp", "local"] = "ddp"
     """``ddp``: gradients all-reduced every optimizer step (PyTorch DDP). ``local``: each
     worker takes ``sync_steps`` optimizer steps on its own shard, then parameters are
-    averaged across workers (local SGD; DiLoCo with ``outer_optimizer``)."""
+    averaged across workers (local SGD; DiLoCo with ``outer_optimizer``; streaming DiLoCo
+    with ``fragments``, ``delay`` and ``quantization``)."""
     sync_steps: int = Field(1, ge=1)
-    """``local`` only: optimizer steps between parameter averages."""
+    """``local`` only: optimizer steps between two syncs of the same parameters (H)."""
     average_optimizer_state: bool = False
     """``local`` only: also average the optimizer's floating-point state (e.g. AdamW
     moments) at each sync; otherwise it stays local to each worker."""
     outer_optimizer: Literal["none", "nesterov"] = "none"
     """``local`` only: ``nesterov`` treats the averaged change since the last sync as a
     pseudo-gradient for an outer SGD with Nesterov momentum (DiLoCo)."""
-    outer_lr: float = Field(0.7, gt=0)
-    """Learning rate of the outer optimizer."""
-    outer_momentum: float = Field(0.9, ge=0, lt=1)
-    """Nesterov momentum of the outer optimizer."""
+    outer_lr: float = Field(0.5, gt=0)
+    """Learning rate of the outer optimizer. With ``outer_momentum`` its default makes the
+    steady-state gain ``outer_lr / (1 - outer_momentum)`` 1: a pseudo-gradient moves the
+    weights by its own size once momentum has built up. DiLoCo's 0.7 with momentum 0.9
+    (gain 7) suits its H = 500 but diverges at H = 4 or 16 (measured in docs/distributed.md)."""
+    outer_momentum: float = Field(0.5, ge=0, lt=1)
+    """Nesterov momentum of the outer optimizer (DiLoCo's is 0.9 at H = 500)."""
+    outer_warmup: int = Field(0, ge=0)
+    """Outer steps (syncs of one fragment) over which the outer learning rate ramps
+    linearly up to ``outer_lr``; 0: none."""
+    fragments: int = Field(1, ge=1)
+    """``local`` only: streaming DiLoCo. Split the parameters into this many fragments,
+    each synced once every ``sync_steps`` steps at staggered steps (one fragment every
+    ``sync_steps / fragments`` steps), so the bytes of one step fall by this factor.
+    Fragment ``k`` holds blocks ``k, k + F, ...`` and the ``k``-th row chunk of the tensors
+    outside the blocks (embedding, final norm). At most ``model.n_layer``."""
+    delay: int = Field(0, ge=0)
+    """``local`` only: steps between launching a fragment's exchange and applying its
+    result (the exchange runs in the background, overlapped with these steps' compute;
+    Streaming DiLoCo's tau). Below ``sync_steps / fragments``."""
+    overlap_keep: float = Field(1.0, ge=0, le=1)
+    """With ``delay``: the share of the local progress made during the overlap that is
+    kept when the delayed result lands (1: the outer update is applied as a correction
+    on top of it; 0: the fragment is reset to the new global weights)."""
+    quantization: Literal["none", "bf16", "int8"] = "none"
+    """``local`` only: how pseudo-gradients travel. ``bf16``: 2 bytes per value; ``int8``:
+    1 byte per value plus one fp32 scale per ``quant_block`` values (absmax). Reduced in
+    fp32 after a reduce-scatter, re-quantized for the all-gather: every rank gets the
+    same result."""
+    quant_block: int = Field(256, ge=8)
+    """``int8`` only: values sharing one fp32 scale."""
     bucket_cap_mb: float | None = Field(None, gt=0)
     """``ddp`` only: DDP gradient bucket size in MB (``None``: PyTorch's default, 25)."""
     find_unused_parameters: bool = False
@@ -38,23 +70,35 @@ class SyncConfig(Section):
 
     @model_validator(mode="after")
     def _check_mode(self) -> "SyncConfig":
-        set_fields = self.model_fields_set
         if self.mode == "local":
-            ddp_only = sorted(k for k in ("bucket_cap_mb", "find_unused_parameters") if k in set_fields
-                              and getattr(self, k) != type(self).model_fields[k].default)
+            ddp_only = [k for k in changed_fields(self, DDP_ONLY) if k in self.model_fields_set]
             if ddp_only:
                 raise ValueError(
                     f"sync.{', sync.'.join(ddp_only)} only apply to sync.mode=ddp: remove them or "
                     "set sync.mode=ddp"
                 )
+            self._check_streaming()
         else:
-            local_only = sorted(
-                k for k in ("sync_steps", "average_optimizer_state", "outer_optimizer")
-                if getattr(self, k) != type(self).model_fields[k].default
-            )
+            local_only = changed_fields(self, LOCAL_ONLY)
             if local_only:
                 raise ValueError(
                     f"sync.{', sync.'.join(local_only)} only apply to sync.mode=local: set "
                     "sync.mode=local or remove them"
                 )
         return self
+
+    def _check_streaming(self) -> None:
+        H, F = self.sync_steps, self.fragments
+        if F > 1 and H % F:
+            raise ValueError(f"sync.sync_steps ({H}) must be a multiple of sync.fragments ({F}): one fragment "
+                             "syncs every sync_steps / fragments steps")
+        if self.delay and self.delay >= H // F:
+            raise ValueError(f"sync.delay ({self.delay}) must be below sync.sync_steps / sync.fragments "
+                             f"({H}/{F} = {H // F}): a fragment's exchange lands before the next one starts")
+        if self.average_optimizer_state and (F > 1 or self.delay):
+            other = "sync.fragments" if F > 1 else "sync.delay"
+            raise ValueError(f"sync.average_optimizer_state cannot be combined with {other}: the optimizer "
+                             f"state is averaged whole at one step; remove one of them")
+        if self.quantization != "int8" and "quant_block" in self.model_fields_set and self.quant_block != 256:
+            raise ValueError("sync.quant_block only applies to sync.quantization=int8")
+

@@ -87,7 +87,8 @@ def set_rng_state(state: dict) -> None:
 def rank_state(optimizer, position: DataPosition, techniques: dict | None = None) -> dict:
     """One rank's own state: optimizer (local-update modes keep one per worker), RNG, data
     position and its techniques' state."""
-    return {"optimizer": optimizer.state_dict(), "rng": rng_state(), "data": asdict(position),
+    return {"optimizer": optimizer.state_dict() if optimizer is not None else None, "rng": rng_state(),
+            "data": asdict(position),
             "techniques": techniques or {}}
 
 
@@ -103,10 +104,11 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 def training_state(model, optimizer, step: int, config: dict, techniques: dict | None = None,
                    extra: dict | None = None) -> dict:
     """Rank 0's ``state.pt``: the model (unwrapped: keys never carry wrapper prefixes), the
-    optimizer, the step, the config, the techniques' state and ``extra``."""
+    optimizer, the step, the config, the techniques' state and ``extra`` (model and
+    optimizer ``None``: saved elsewhere, sharded)."""
     return {
-        "model": unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": unwrap(model).state_dict() if model is not None else None,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "step": step,
         "config": config,
         "torch_rng": torch.get_rng_state(),
@@ -125,10 +127,16 @@ def save_checkpoint(directory: str | os.PathLike, model, optimizer, step: int, c
     os.makedirs(directory, exist_ok=True)
     tech = techniques.state_dict()
     files = [RANK_FILE.format(rank=rank)]
+    sharded = getattr(techniques.sync, "sharded", False)
+    if sharded:  # FSDP: model and optimizer shards through torch.distributed.checkpoint, every rank
+        files += techniques.sync.save_sharded(directory, model, optimizer, rank=rank)
+        model = optimizer = None
     if rank == 0:
-        torch.save(training_state(model, optimizer, step, config, tech), os.path.join(directory, STATE_FILE))
+        state = training_state(model, optimizer, step, config, tech, extra={"sharded": True} if sharded else None)
+        torch.save(state, os.path.join(directory, STATE_FILE))
         files.insert(0, STATE_FILE)
-    torch.save({**rank_state(optimizer, position, tech), **(rank_extra or {})}, os.path.join(directory, files[-1]))
+    torch.save({**rank_state(optimizer, position, tech), **(rank_extra or {})},
+               os.path.join(directory, RANK_FILE.format(rank=rank)))
     write_manifest(directory, rank, world_size, step, files)
 
 
@@ -249,12 +257,19 @@ def load_rank_state(directory: str, rank: int) -> dict | None:
 
 
 def restore(model, optimizer, state: dict, rank_state: dict | None = None, techniques=None,
-            position: DataPosition | None = None) -> int:
-    """Load model and optimizer state (this rank's own when saved), the techniques' state
-    (this rank's own when saved: gates, slot RNG, precision; the sync strategy's), RNG
-    states and the data position; return the step to continue from."""
-    unwrap(model).load_state_dict(state["model"])
-    optimizer.load_state_dict(rank_state["optimizer"] if rank_state else state["optimizer"])
+            position: DataPosition | None = None, directory: str | None = None) -> int:
+    """Load model and optimizer state (this rank's own when saved; a sharded checkpoint's
+    from ``directory``, through the sync strategy), the techniques' state (this rank's own
+    when saved: gates, slot RNG, precision; the sync strategy's), RNG states and the data
+    position; return the step to continue from."""
+    if state.get("sharded"):
+        if not getattr(getattr(techniques, "sync", None), "sharded", False) or directory is None:
+            raise ValueError("this checkpoint holds FSDP shards (scaling.strategy=fsdp): restore it with "
+                             "scaling.strategy=fsdp and the same checkpoint directory")
+        techniques.sync.load_sharded(directory, model, optimizer)
+    else:
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(rank_state["optimizer"] if rank_state else state["optimizer"])
     if techniques is not None:
         techniques.load_state_dict((rank_state or state).get("techniques") or state.get("techniques", {}))
     if rank_state:

@@ -52,6 +52,6 @@ def restore_latest(state: FitState, run_dir: str | None, since: float) -> bool |
     rank_state = S.load_rank_state(d, state.rank)
     saved = S.load_state(d)
     state.start_step = S.restore(state.model, state.optimizer, saved, rank_state, state.techniques,
-                                 state.position)
+                                 state.position, directory=d)
     state.restored = True
     return rank_state is not None

@@ -377,7 +377,6 @@ def estimate_memory(cfg: RaydratConfig, device: str = "cpu", precision: str = "f
     logits = BT * V * e + (BT * V * 4 if mixed else 0)  # the logits (+ fp32 copy) during the loss
     loss_grads = 2 * BT * V * 4  # cross-entropy backward: nll and log-softmax gradients
 
-    phases: dict[str, int] = {}
     at: dict[str, dict[str, int]] = {}  # per phase: grads, activations, transient at its peak
 
     # forward: a recomputed branch holds its activations only while it runs
@@ -392,9 +391,7 @@ def estimate_memory(cfg: RaydratConfig, device: str = "cpu", precision: str = "f
         prefix += k
     end = (saved, logits)
     fwd = max(fwd_best, end, key=sum)
-    phases["forward"] = g0 + sum(fwd)
     at["forward"] = {"grads": g0, "activations": fwd[0], "transient": fwd[1]}
-    phases["loss_backward"] = g0 + saved + loss_grads
     at["loss_backward"] = {"grads": g0, "activations": saved, "transient": loss_grads}
 
     # the layer stack's backward, last branch first
@@ -412,14 +409,18 @@ def estimate_memory(cfg: RaydratConfig, device: str = "cpu", precision: str = "f
         grads = g0 or grads + branch_params[i]
     if best is not None:
         total, i, g, rem, recomputed, work = best
-        phases["layers_backward"] = total
         at["layers_backward"] = {"grads": g, "activations": rem, "transient": recomputed + work}
         branch = f"layer {costs[i].layer} {costs[i].kind}{'' if stored[i] else ' (recomputed)'}"
     else:
         branch, recomputed, work = None, 0, 0
     opt_tmp = _optimizer_step_bytes(shapes, cfg.optim.name, device, layout.groups)
-    phases["optimizer"] = grads_all + opt_tmp
     at["optimizer"] = {"grads": grads_all, "activations": 0, "transient": opt_tmp}
+
+    persistent = {"params": params + buffers, "optimizer": optimizer}
+    per_phase = {k: {**persistent, **v} for k, v in at.items()}
+    fsdp = None
+    if cfg.scaling.strategy == "fsdp" and cfg.scaling.num_workers > 1:
+        per_phase, fsdp = _fsdp_phases(cfg, layout, params, buffers, optimizer, grads_all, at, accumulating)
 
     if cfg.recompute.mode != "none":
         # the planner measures its costs with a forward of every layer, every branch stored
@@ -429,8 +430,9 @@ def estimate_memory(cfg: RaydratConfig, device: str = "cpu", precision: str = "f
         planning = params + buffers + optimizer + every + logits
     else:
         planning = None
-    peak_phase = max(phases, key=phases.get)
-    components = {"params": params + buffers, "optimizer": optimizer, **at[peak_phase]}
+    totals = {k: sum(v.values()) for k, v in per_phase.items()}
+    peak_phase = max(totals, key=totals.get)
+    components = dict(per_phase[peak_phase])
     transient_parts = {
         "forward": {"logits": fwd[1]} if fwd is end else {"recompute": fwd[1]},
         "loss_backward": {"loss_grads": loss_grads},
@@ -445,7 +447,7 @@ def estimate_memory(cfg: RaydratConfig, device: str = "cpu", precision: str = "f
         "stored_branches": sum(stored),
         "branches": len(stored),
         "attention_matrix": attention_keeps_matrix(mc, device),
-        "phases": {k: params + buffers + optimizer + v for k, v in phases.items()},
+        "phases": totals,
         "peak_phase": peak_phase.replace("_", " ") + (f" ({branch})" if peak_phase == "layers_backward" else ""),
         "transient": transient_parts,
         "grad_accumulation": accumulating,
@@ -453,4 +455,38 @@ def estimate_memory(cfg: RaydratConfig, device: str = "cpu", precision: str = "f
         "logits_bytes": BT * V * e,
         "planning_peak_bytes": planning,
     }
+    if fsdp is not None:
+        detail["fsdp"] = fsdp
     return MemoryEstimate(total_bytes=sum(components.values()), components=components, detail=detail)
+
+
+# -- FSDP (issue 13): the training state divided by the workers ---------------------------
+
+
+def _fsdp_phases(cfg: RaydratConfig, layout: _Layout, params: int, buffers: int, optimizer: int, grads_all: int,
+                 at: dict[str, dict[str, int]], accumulating: bool) -> tuple[dict[str, dict[str, int]], dict]:
+    """``scaling.strategy=fsdp`` (``fully_shard`` per block, then the root): each worker holds
+    ``1 / W`` of the parameters, gradients and optimizer state (``W = scaling.num_workers``;
+    buffers are replicated), plus, in forward and backward, the unsharded parameters of the
+    root group (embedding, final norm: gathered at the first forward, held to the end of
+    backward) and of two blocks (the one computing and the one prefetched); in the layer
+    stack's backward also the unsharded gradients of the root and of one block before their
+    reduce-scatter. With ``train.grad_accum > 1`` the micro-batches before the last
+    accumulate unsharded gradients (``set_requires_gradient_sync(False)``): every gradient,
+    whole, until the optimizer phase. Returns each phase's components and ``detail["fsdp"]``."""
+    W = cfg.scaling.num_workers
+    block = layout.attn_bytes + layout.mlp_bytes
+    root = max(0, params - cfg.model.n_layer * block)
+    gathered_params = min(params, root + 2 * block)
+    gathered_grads = min(params, root + block)
+    sharded = {"params": math.ceil(params / W) + buffers, "grads": math.ceil(grads_all / W),
+               "optimizer": math.ceil(optimizer / W)}
+    out = {}
+    for phase, parts in at.items():
+        g = parts["grads"]
+        if phase == "optimizer" or not accumulating:
+            g = math.ceil(g / W) + (min(g, gathered_grads) if phase == "layers_backward" else 0)
+        out[phase] = {"params": sharded["params"] + (0 if phase == "optimizer" else gathered_params),
+                      "optimizer": sharded["optimizer"], **parts, "grads": g}
+    return out, {"workers": W, "sharded": sharded, "replicated_buffers": buffers,
+                 "gathered": {"params": gathered_params, "grads": gathered_grads, "optimizer": 0}}

@@ -21,6 +21,7 @@ from raydrat.config.sync import SyncConfig
 from raydrat.core.memory.peak import StepPlan
 from raydrat.core.techniques.base import Technique
 from raydrat.core.techniques.compile import Compile
+from raydrat.core.techniques.fsdp import FSDPStrategy
 from raydrat.core.techniques.precision import Precision
 from raydrat.core.techniques.recompute import NoRecompute, RecomputePlanner, build_recompute
 from raydrat.core.techniques.slots import SlotSchedule
@@ -93,13 +94,15 @@ def build_techniques(cfg: RaydratConfig, precision: str, device: torch.device, w
         slots=SlotSchedule(cfg.slots, cfg.model.n_layer, tc.steps, seed=tc.seed),
         precision=prec,
         compile=Compile(tc.compile),
-        sync=build_strategy(cfg.sync, world_size, skips_layers=cfg.slots.mode != "all"),
+        sync=(FSDPStrategy(cfg.sync, world_size) if cfg.scaling.strategy == "fsdp" and world_size > 1
+              else build_strategy(cfg.sync, world_size, skips_layers=cfg.slots.mode != "all")),
     )
 
 
 def apply_techniques(model: nn.Module, techniques: Techniques) -> nn.Module:
     """Attach the techniques in their one order: recompute, then compile, then sync (the
-    DDP wrapper, or local-update averaging). Returns the model to train."""
+    DDP wrapper, local-update averaging, or FSDP's ``fully_shard`` per block). Returns the
+    model to train."""
     model = techniques.recompute.apply(model)
     model = techniques.compile.apply(model)
     return techniques.sync.apply(model)
