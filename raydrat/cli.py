@@ -13,6 +13,7 @@
     raydrat bench memory [--json PATH] [--only NAME ...]
     raydrat bench combos [CONFIG] [--json PATH] [--only NAME ...]
     raydrat bench sync [CONFIG] [--latency-ms MS,...] [--link MBIT,...] [--json PATH]
+    raydrat generate | eval | export | bench model   (raydrat.cli_model)
 
 CONFIG is a YAML path or a shipped recipe name (debug, demo, gpt2-small). Known problems
 (bad config, bad data) end with one line naming the culprit and exit status 2.
@@ -28,6 +29,7 @@ import shlex
 import sys
 from typing import Callable, Sequence
 
+from raydrat import cli_model
 from raydrat.config import ConfigError, load_config
 from raydrat.interrupt import Interrupted, as_interrupted
 from raydrat.core.data.errors import DataError
@@ -308,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(Mbit/s) in turn, e.g. 1000,100,20 (needs root; else the one-node benchmark)")
     p.add_argument("--json", help="write one record per row to this JSON file")
     p.set_defaults(func=cmd_bench_sync)
+
+    cli_model.register(sub, bench, _add_config_args)  # generate, eval, export, bench model
     return parser
 
 

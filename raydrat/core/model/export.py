@@ -57,6 +57,8 @@ HF_ACT = {"swiglu": "silu", "geglu": "gelu", "gelu": "gelu", "relu": "relu", "si
 WEIGHTS = "model.safetensors"
 RAYDRAT_CONFIG = "raydrat_config.json"
 SAFETENSORS_FORMAT = "raydrat-safetensors/1"
+RAYDRAT_MODEL_KEY = "raydrat_model"
+"""The key of ``config.json`` (hf) holding raydrat's model config, so the export loads back as it was."""
 
 # raydrat name -> Llama name, per layer ("{}" is the layer index); weights and biases alike
 LLAMA_LAYER = {
@@ -131,6 +133,7 @@ def hf_config(cfg: ModelConfig, eos_id: int | None = None, pad_id: int | None = 
         "pad_token_id": pad_id,
         "use_cache": True,
         "torch_dtype": "float32",
+        RAYDRAT_MODEL_KEY: cfg.model_dump(mode="json"),
     }
     if arch == LLAMA:
         return {
