@@ -42,8 +42,8 @@ class _Streamer:
     """Prints the text of the tokens drawn so far as it grows (a token holding part of a
     UTF-8 character waits for the rest)."""
 
-    def __init__(self, tok, out=sys.stdout):
-        self.tok, self.out, self.ids, self.shown = tok, out, [], 0
+    def __init__(self, tok, out=None):
+        self.tok, self.out, self.ids, self.shown = tok, out or sys.stdout, [], 0
 
     def __call__(self, token: int) -> None:
         self.ids.append(token)

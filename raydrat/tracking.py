@@ -385,6 +385,7 @@ def log_model(uri: str, run_id: str, model: Any, name: str, registered_model_nam
         info = mlflow.pytorch.log_model(
             model, name=name, registered_model_name=registered_model_name, metadata=dict(metadata or {}),
             step=step, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            serialization_format="pickle",  # the module itself (pt2 would trace forward on an example)
         )
     return info.model_uri
 
