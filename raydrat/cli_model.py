@@ -181,10 +181,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_model(args: argparse.Namespace) -> int:
-    from raydrat.bench.model import run_model_bench
+    from raydrat.bench.model import run_ablation, run_model_bench
     from raydrat.config import load_config
 
-    run_model_bench(load_config(args.config, args.overrides), json_path=args.json, steps=args.steps)
+    cfg = load_config(args.config, args.overrides)
+    if args.ablate:
+        run_ablation(cfg, steps=args.steps, json_path=args.json)
+    else:
+        run_model_bench(cfg, json_path=args.json, steps=args.steps)
     return 0
 
 
@@ -221,4 +225,6 @@ def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction,
     add_config_args(p, required=False)
     p.add_argument("--steps", type=int, default=30, help="timed steps per model and shape (default 30)")
     p.add_argument("--json", help="write one record per shape and settings to this JSON file")
+    p.add_argument("--ablate", action="store_true",
+                   help="instead: the model with each of its speed changes reverted alone, interleaved")
     p.set_defaults(func=cmd_bench_model)

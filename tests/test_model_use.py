@@ -285,3 +285,40 @@ def test_model_logged_loads_with_mlflow_pytorch_and_registers(run, tmp_path, mon
         assert torch.equal(by_name(idx)[0], model(idx)[0])
     assert [v.run_id for v in versions] == [mlrun.run_id]
     assert not (tmp_path / "mlartifacts").exists()  # artifacts beside the store, not in the cwd
+
+
+@pytest.mark.slow
+def test_a_run_logs_its_final_and_best_models_and_registers_the_best(demo_dir, tmp_path, monkeypatch, ray_local):
+    """Through Ray Train: the weights are spoiled after step 10, so the step-20 save is worse
+    than the step-10 one: both are logged, the best registered; both load with
+    mlflow.pytorch and equal their checkpoints' models."""
+    import faults
+    from raydrat.ray_train.trainer import run_training
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    cfg = debug_cfg(demo_dir, tmp_path / "runs", f"tracking.tracking_uri={uri}", "tracking.register_model=rd",
+                    "train.steps=20", "train.eval_every=10")
+    summary = run_training(cfg, fit_callbacks=[faults.SpoilAt(12)])
+    c = tracking.client(uri)
+    models = {m.name: m for m in c.search_logged_models([summary.run.experiment_id()])}
+    assert set(models) == {"model", "best_model"}
+    assert all(m.source_run_id == summary.run.run_id for m in models.values())
+    (version,) = c.search_model_versions("name='rd'")
+    assert version.model_id == models["best_model"].model_id
+    mlflow.set_tracking_uri(uri)
+    try:
+        best = mlflow.pytorch.load_model("models:/rd/1")
+        final = mlflow.pytorch.load_model(models["model"].model_uri)
+    finally:
+        mlflow.set_tracking_uri("")
+    run_dir = tmp_path / "runs" / summary.run_name
+    steps = {}
+    for ckpt in run_dir.glob("checkpoint_*"):
+        loaded = load_model(ckpt)
+        steps[loaded.step] = loaded.model
+    idx = torch.randint(0, cfg.model.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(best(idx)[0], steps[10](idx)[0])
+        assert torch.equal(final(idx)[0], steps[20](idx)[0])
+    assert summary.run.status() == "FINISHED"

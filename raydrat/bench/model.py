@@ -410,6 +410,100 @@ def bench_shape(name: str, model_cfg: ModelConfig, batch_size: int, steps: int, 
     return rows
 
 
+# --------------------------------------------------------------------------------------
+# ablation: each speed change of the model reverted on its own
+# --------------------------------------------------------------------------------------
+
+
+def _rope_before(rope: nn.Module):
+    """The rotate-half RoPE as it was: halves rotated separately and concatenated (the same
+    rotation from the full-width tables: cos repeats, sin carries the sign on its first half)."""
+    half = rope.cos.shape[-1] // 2
+
+    def forward(x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        T = x.shape[1]
+        cos, sin = rope.cos[start : start + T, None, :half], rope.sin[start : start + T, None, half:]
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+    return forward
+
+
+def _mlp_before(mlp: nn.Module):
+    """The MLP through autograd's own activation and product (no custom backward)."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        h = mlp.up_proj(x)
+        h = mlp.act(mlp.gate_proj(x)) * h if mlp.gate_proj is not None else mlp.act(h)
+        return mlp.down_proj(h)
+
+    return forward
+
+
+class LossBefore(nn.Module):
+    """``F.cross_entropy`` on fp32 logits, as the model's loss was (autograd's backward)."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor):
+        logits, _ = self.model(idx)
+        return logits, F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+ABLATIONS = ("rope", "gqa", "mlp", "loss")
+"""The speed changes that can be reverted one by one: RoPE's fused rotation, SDPA's
+grouped heads, the MLP's gated-unit/activation backward, the loss's in-place backward."""
+
+
+def reverted(cfg: ModelConfig, changes: tuple[str, ...]) -> nn.Module:
+    """raydrat's model with ``changes`` (of :data:`ABLATIONS`) reverted to the earlier code."""
+    model: nn.Module = GPT(cfg)
+    for block in model.layers.values():
+        attn, mlp = block.attn_branch.layer, block.mlp_branch.layer
+        if "rope" in changes:
+            attn.rope.forward = _rope_before(attn.rope)
+        if "gqa" in changes:
+            attn.enable_gqa = False
+        if "mlp" in changes:
+            mlp.forward = _mlp_before(mlp)
+    return LossBefore(model) if "loss" in changes else model
+
+
+def run_ablation(cfg: RaydratConfig, steps: int = 30, warmup: int = 3, json_path: str | None = None) -> list[dict]:
+    """Interleaved steps of raydrat's model, of it with each change reverted alone, and with
+    all reverted, at each shape; tokens/s relative to the model with every change."""
+    threads = max(1, int(cfg.scaling.cpus_per_worker))
+    torch.set_num_threads(threads)
+    load_before = load_average()
+    rows = []
+    variants = [("all changes", ()), *((f"without {c}", (c,)) for c in ABLATIONS), ("none (before)", ABLATIONS)]
+    for name, model_cfg, batch_size in shapes(cfg):
+        mc = recipe_settings(model_cfg)
+        trainees = [Trainee.build(v, lambda ch=ch: reverted(mc, ch)) for v, ch in variants]
+        print(f"[bench model ablation] {name}: {steps} interleaved steps per variant", flush=True)
+        measure(trainees, random_batches(mc, batch_size), steps, warmup)
+        base = statistics.median(trainees[0].times)
+        base_cpu = statistics.median(trainees[0].cpu_times)
+        for t in trainees:
+            wall, cpu = statistics.median(t.times), statistics.median(t.cpu_times)
+            rows.append({"shape": name, "variant": t.name, "tokens_per_s": batch_size * mc.seq_len / wall,
+                         "speed_vs_all": base / wall, "cpu_speed_vs_all": base_cpu / cpu})
+    load_after = load_average()
+    print_table(
+        f"each speed change reverted alone (eager training step, fp32, CPU {threads} thread(s))",
+        ["shape", "variant", "tok/s", "speed vs all changes", "(CPU time)"],
+        [[r["shape"], r["variant"], f"{r['tokens_per_s']:,.0f}", f"{r['speed_vs_all']:.3f}x",
+          f"{r['cpu_speed_vs_all']:.3f}x"] for r in rows],
+        footer=f"below 1.000x: reverting the change is slower, so it pays. load average {load_before} (start), "
+               f"{load_after} (end)",
+    )
+    if json_path:
+        write_json(json_path, {"rows": rows, "threads": threads, "load_average": [load_before, load_after]})
+    return rows
+
+
 def load_average() -> str:
     try:
         return " ".join(open("/proc/loadavg").read().split()[:3])
