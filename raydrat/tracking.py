@@ -390,6 +390,16 @@ def log_model(uri: str, run_id: str, model: Any, name: str, registered_model_nam
     return info.model_uri
 
 
+def register_model(uri: str, model_uri: str, name: str) -> str:
+    """Register ``model_uri`` as a new version of ``name``; returns the version."""
+    saved = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        return mlflow.register_model(model_uri, name).version
+    finally:
+        mlflow.set_tracking_uri(saved)
+
+
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in client(uri).get_metric_history(run_id, key)]
 

@@ -18,6 +18,7 @@ from raydrat.config import RaydratConfig
 from raydrat.core import metrics as M
 from raydrat.core.model.transformer import GPT
 from raydrat.core.state import load_state
+from raydrat import tracking
 from raydrat.tracking import Run
 
 FINAL, BEST = "model", "best_model"
@@ -38,14 +39,15 @@ def model_from_checkpoint(path: str) -> tuple[GPT, dict]:
     return model.eval(), state
 
 
-def log_run_models(run: Run, cfg: RaydratConfig, result: ray.train.Result) -> dict[str, str]:
-    """Log the final and best models of ``result`` to ``run``; returns name -> model URI."""
+def log_run_models(run: Run, cfg: RaydratConfig, result: ray.train.Result, register: bool = True) -> dict[str, str]:
+    """Log the final and best models of ``result`` to ``run``; returns name -> model URI.
+    ``register=False``: log only (a sweep's trial: the sweep registers its best trial's)."""
     if not run or not cfg.tracking.log_model or result.checkpoint is None:
         return {}
     final = result.checkpoint.path
     best, best_loss = best_checkpoint(result)
     same = best is None or Path(best).name == Path(final).name
-    register = cfg.tracking.register_model
+    register = cfg.tracking.register_model if register else None
     out = {}
     model, state = model_from_checkpoint(final)
     out[FINAL] = run.log_model(model, FINAL, registered_model_name=register if same else None,
@@ -58,3 +60,16 @@ def log_run_models(run: Run, cfg: RaydratConfig, result: ray.train.Result) -> di
                                             M.VAL_LOSS: best_loss},
                                   step=int(state["step"]))
     return out
+
+
+def register_run_model(uri: str, run_id: str, name: str) -> str | None:
+    """Register the model logged to run ``run_id`` (its best by validation loss when it has
+    one, else its final model) as a new version of ``name``; the version, or ``None`` when
+    the run logged no model."""
+    c = tracking.client(uri)
+    exp = c.get_run(run_id).info.experiment_id
+    logged = {m.name: m for m in c.search_logged_models([exp], filter_string=f"source_run_id = '{run_id}'")}
+    chosen = logged.get(BEST) or logged.get(FINAL)
+    if chosen is None:
+        return None
+    return tracking.register_model(uri, chosen.model_uri, name)
