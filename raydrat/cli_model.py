@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import shutil
 import sys
 
 
@@ -165,6 +166,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from raydrat.core.data.tokenizer import resolve_tokenizer_file
     from raydrat.core.model.export import export_hf, export_safetensors
     from raydrat.core.model.load import load_model
 
@@ -176,6 +178,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         out = export_safetensors(state, loaded.model_cfg, args.out,
                                  loaded.cfg.to_dict() if loaded.cfg is not None else None)
+        if loaded.tokenizer_path is not None:  # the tokenizer travels with the weights
+            shutil.copyfile(resolve_tokenizer_file(loaded.tokenizer_path), out / "tokenizer.json")
     print(f"exported {loaded.source} as {args.format} to {out}")
     return 0
 

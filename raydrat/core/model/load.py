@@ -18,6 +18,7 @@ import torch
 
 from raydrat.config.base import ConfigError
 from raydrat.config.run import RaydratConfig
+from raydrat.core.data.demo import tokenizer_file
 from raydrat.core.data.spec import resolve_tokenizer_path
 from raydrat.core.data.tokenizer import HF_TOKENIZER_FILE
 from raydrat.core.model.config import ModelConfig
@@ -86,6 +87,21 @@ def _export_configs(d: Path) -> tuple[ModelConfig, RaydratConfig | None]:
     return ModelConfig(**hf[RAYDRAT_MODEL_KEY]), None
 
 
+def run_tokenizer(cfg: RaydratConfig, checkpoint: Path) -> Path:
+    """The tokenizer a run trained with: ``data.tokenizer_path``, else its demo tokenizer,
+    looked for under the working directory and then where the run ran (a relative
+    ``data.demo_dir`` beside a relative ``train.storage_path``), trained again only when
+    neither has it."""
+    if cfg.data.tokenizer_path or Path(cfg.data.demo_dir).is_absolute():
+        return resolve_tokenizer_path(cfg.data, cfg.model.vocab_size)
+    name = tokenizer_file(cfg.model.vocab_size)
+    ran_in = checkpoint.resolve().parent.parent.parent  # <cwd>/<storage_path>/<run>/<checkpoint>
+    for base in (Path.cwd(), ran_in):
+        if (base / cfg.data.demo_dir / name).is_file():
+            return base / cfg.data.demo_dir / name
+    return resolve_tokenizer_path(cfg.data, cfg.model.vocab_size)
+
+
 def load_model(where: str | Path, storage_path: str | Path = "ray_results",
                device: torch.device | str = "cpu") -> LoadedModel:
     """The model ``where`` names, in eval mode on ``device``, with its config and tokenizer."""
@@ -98,7 +114,7 @@ def load_model(where: str | Path, storage_path: str | Path = "ray_results",
             raise ConfigError(f"{src / STATE_FILE} is not a raydrat checkpoint ({type(exc).__name__}: {exc}): "
                               f"{WHAT_TO_GIVE}") from None
         mcfg, weights, step = cfg.model, state["model"], state.get("step")
-        tok = resolve_tokenizer_path(cfg.data, mcfg.vocab_size)
+        tok = run_tokenizer(cfg, src)
     else:
         mcfg, cfg = _export_configs(src)
         weights, step = load_pretrained(src, mcfg), None
