@@ -15,10 +15,8 @@ from raydrat.core.memory.measure import grad_bytes, optimizer_state_bytes, param
 from raydrat.core.model.transformer import (
     ACTIVATIONS,
     GPT,
-    Activation,
     Attention,
     CrossEntropy,
-    GatedUnit,
     RMSNorm,
     RotaryEmbedding,
     sdpa_grouped_heads,
@@ -422,28 +420,6 @@ def test_cross_entropy_equals_torch(dtype):
         again.backward()
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "geglu"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gated_unit_equals_autograd(activation, dtype):
-    act = ACTIVATIONS[activation]
-    g = torch.Generator().manual_seed(0)
-    gate, up = (torch.randn(2, 5, 24, generator=g).to(dtype).requires_grad_() for _ in range(2))
-    grad = torch.randn(2, 5, 24, generator=g).to(dtype)
-    ref_out = act(gate) * up
-    ref = torch.autograd.grad(ref_out, (gate, up), grad)
-    # as in the MLP, its inputs are fresh projection outputs (the backward overwrites `up`)
-    out = GatedUnit.apply(gate * 1, up * 1, act)
-    ours = torch.autograd.grad(out, (gate, up), grad)
-    assert_close(out, ref_out)
-    for a, b in zip(ours, ref, strict=True):
-        assert a.dtype == dtype
-        assert_close(a, b)
-    again = GatedUnit.apply(gate * 1, up * 1, act)
-    again.sum().backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="cannot run twice"):
-        again.sum().backward()
-
-
 def test_grouped_heads_only_where_the_kernel_takes_them():
     """On CUDA only flash attention takes grouped heads: fp32 or a mask would fall to the
     math kernel (O(T^2) memory), so k, v are repeated there."""
@@ -452,19 +428,3 @@ def test_grouped_heads_only_where_the_kernel_takes_them():
     assert not sdpa_grouped_heads("cuda", torch.float32)
     assert not sdpa_grouped_heads("cuda", torch.bfloat16, masked=True)
     assert not Attention(tiny(n_kv_head=2, attention_backend="efficient")).enable_gqa
-
-
-@pytest.mark.parametrize("activation", ["gelu", "relu", "silu"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_activation_equals_autograd(activation, dtype):
-    act = ACTIVATIONS[activation]
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(2, 5, 24, generator=g).to(dtype).requires_grad_()
-    grad = torch.randn(2, 5, 24, generator=g).to(dtype)
-    ref_out = act(h)
-    (ref,) = torch.autograd.grad(ref_out, h, grad)
-    out = Activation.apply(h * 1, act)  # a fresh tensor, as the MLP's projection output
-    (ours,) = torch.autograd.grad(out, h, grad)
-    assert_close(out, ref_out)
-    assert ours.dtype == dtype
-    assert_close(ours, ref)
