@@ -16,6 +16,7 @@
     raydrat bench recompute [--models NAME ...] [--fractions F ...] [--steps N] [--no-compile] [--json PATH]
     raydrat bench sync [CONFIG] [--latency-ms MS,...] [--sync-steps H,...] [--link MBIT,...] [--json PATH]
     raydrat bench gpu [--dry-run] [--quick] [--tiny] [--out DIR] [--json PATH]
+    raydrat generate | eval | export | bench model   (raydrat.cli_model)
 
 CONFIG is a YAML path or a shipped recipe name (debug, demo, gpt2-small). Known problems
 (bad config, bad data) end with one line naming the culprit and exit status 2.
@@ -34,6 +35,7 @@ from typing import Callable, Sequence
 import yaml
 
 from raydrat import __version__
+from raydrat import cli_model
 from raydrat.config import ConfigError, load_config
 from raydrat.interrupt import Interrupted, as_interrupted
 from raydrat.core.data.errors import DataError
@@ -379,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # listed here; its arguments are raydrat.bench.gpu's own parser (main dispatches to it)
     bench.add_parser("gpu", help="the CUDA figures in one command (see `raydrat bench gpu --help`)")
+
+    cli_model.register(sub, bench, _add_config_args)  # generate, eval, export, bench model
     return parser
 
 

@@ -23,6 +23,7 @@ Nothing here runs at import time.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import getpass
 import hashlib
@@ -40,6 +41,9 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlparse
 
+import mlflow
+import mlflow.pytorch
+import torch
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
@@ -352,6 +356,50 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED", end_time_s: float |
             os.environ[key] = saved
 
 
+@contextlib.contextmanager
+def _fluent_run(uri: str, run_id: str):
+    """MLflow's fluent API on run ``run_id`` of ``uri`` (what ``mlflow.<flavour>.log_model``
+    needs), with the process's tracking URI and, for the embedded store, its working
+    directory (where MLflow resolves the relative artifact location) set for the call and
+    restored after. The run's status is left as it was."""
+    saved_uri, saved_cwd = mlflow.get_tracking_uri(), os.getcwd()
+    status = client(uri).get_run(run_id).info.status
+    mlflow.set_tracking_uri(uri)
+    if is_embedded(uri):
+        os.chdir(store_dir(uri))
+    try:
+        with mlflow.start_run(run_id=run_id):
+            yield
+    finally:
+        os.chdir(saved_cwd)
+        mlflow.set_tracking_uri(saved_uri)
+        client(uri).update_run(run_id, status=status)
+
+
+def log_model(uri: str, run_id: str, model: Any, name: str, registered_model_name: str | None = None,
+              metadata: Mapping[str, Any] | None = None, step: int = 0) -> str:
+    """Log a torch ``model`` to the run as an MLflow model named ``name`` (the UI's models
+    view; ``mlflow.pytorch.load_model`` loads it back), registered as
+    ``registered_model_name`` when given. Returns its ``models:/`` URI."""
+    with _fluent_run(uri, run_id):
+        info = mlflow.pytorch.log_model(
+            model, name=name, registered_model_name=registered_model_name, metadata=dict(metadata or {}),
+            step=step, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            serialization_format="pickle",  # the module itself (pt2 would trace forward on an example)
+        )
+    return info.model_uri
+
+
+def register_model(uri: str, model_uri: str, name: str) -> str:
+    """Register ``model_uri`` as a new version of ``name``; returns the version."""
+    saved = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        return mlflow.register_model(model_uri, name).version
+    finally:
+        mlflow.set_tracking_uri(saved)
+
+
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in client(uri).get_metric_history(run_id, key)]
 
@@ -427,6 +475,12 @@ class Run:
 
     def status(self) -> str | None:
         return client(self.uri).get_run(self.run_id).info.status if self else None
+
+    def log_model(self, model: Any, name: str, registered_model_name: str | None = None,
+                  metadata: Mapping[str, Any] | None = None, step: int = 0) -> str | None:
+        if self:
+            return log_model(self.uri, self.run_id, model, name, registered_model_name, metadata, step)
+        return None
 
     def metric_history(self, key: str) -> list[tuple[int, float]]:
         return metric_history(self.uri, self.run_id, key) if self else []

@@ -61,3 +61,18 @@ def corrupt_data_page(path, row_group: int) -> None:
     with open(path, "r+b") as f:
         f.seek(start)
         f.write(b"\xff" * 16)
+
+
+class SpoilAt(Callback):
+    """After optimizer step ``step``, add large noise to every weight (seeded), so that the
+    run's later validation losses are worse than before: its last save is not its best."""
+
+    def __init__(self, step: int, scale: float = 1.0):
+        self.step, self.scale = step, scale
+
+    def on_step_end(self, state: FitState) -> None:
+        if state.step == self.step:
+            g = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                for p in unwrap(state.model).parameters():
+                    p.add_(torch.randn(p.shape, generator=g).to(p) * self.scale)

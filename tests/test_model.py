@@ -12,7 +12,15 @@ from torch.testing import assert_close
 
 from raydrat.config import ConfigError, ModelConfig, config_from_dict
 from raydrat.core.memory.measure import grad_bytes, optimizer_state_bytes, param_bytes, saved_activation_bytes
-from raydrat.core.model.transformer import GPT, Attention, RMSNorm
+from raydrat.core.model.transformer import (
+    ACTIVATIONS,
+    GPT,
+    Attention,
+    CrossEntropy,
+    RMSNorm,
+    RotaryEmbedding,
+    sdpa_grouped_heads,
+)
 from raydrat.core.techniques.wrapper import CheckpointWrapper, apply_recompute, iter_branches
 
 TINY = dict(vocab_size=64, seq_len=16, d_model=32, n_layer=2, n_head=4)
@@ -315,3 +323,108 @@ def test_param_grad_and_optimizer_bytes():
     assert grad_bytes(model) == 4 * n
     n_tensors = len(list(model.parameters()))
     assert optimizer_state_bytes(optimizer) == 2 * 4 * n + n_tensors * 4  # exp_avg, exp_avg_sq, step
+
+
+# --------------------------------------------------------------------------------------
+# the faster forms compute the previous forward (reference implementations kept here)
+# --------------------------------------------------------------------------------------
+
+
+def previous_rope(x: torch.Tensor, theta: float) -> torch.Tensor:
+    """The previous RoPE: (B, T, heads, D) halves rotated separately and concatenated."""
+    T, D = x.shape[1], x.shape[-1]
+    inv_freq = theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    angles = torch.outer(torch.arange(T, dtype=torch.float64), inv_freq)
+    cos, sin = angles.cos().float()[:, None, :], angles.sin().float()[:, None, :]  # (T, 1, D/2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def previous_attention(attn: Attention, x: torch.Tensor, theta: float) -> torch.Tensor:
+    """The previous attention: key/value heads repeated with repeat_interleave."""
+    B, T, _ = x.shape
+    H, K, D = attn.n_head, attn.n_kv_head, attn.head_dim
+    q = previous_rope(attn.q_proj(x).view(B, T, H, D), theta)
+    k = previous_rope(attn.k_proj(x).view(B, T, K, D), theta)
+    v = attn.v_proj(x).view(B, T, K, D)
+    k, v = k.repeat_interleave(H // K, dim=2), v.repeat_interleave(H // K, dim=2)
+    y = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True)
+    return attn.out_proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+def previous_forward(model: GPT, idx: torch.Tensor, targets: torch.Tensor):
+    """The previous GPT forward and loss (F.cross_entropy) over the same parameters."""
+    x = model.tok_emb(idx)
+    for block in model.layers.values():
+        a = block.attn_branch
+        x = x + previous_attention(a.layer, a.norm(x), model.cfg.rope_theta)
+        x = x + block.mlp_branch(x)
+    logits = model.lm_head(model.norm(x))
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+    return logits, loss
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+@pytest.mark.parametrize("enable_gqa", [True, False])
+def test_faster_rope_gqa_and_loss_equal_the_previous_forward(n_kv_head, enable_gqa):
+    """Same logits, loss and gradients as the previous rotate-half RoPE, repeat_interleave
+    GQA and F.cross_entropy: old checkpoints give the same logits."""
+    model = build(n_kv_head=n_kv_head, activation="swiglu", seq_len=32, d_model=64)
+    for block in model.layers.values():
+        block.attn_branch.layer.enable_gqa = enable_gqa
+    idx, targets = batch(model.cfg)
+    targets = targets.clone()
+    targets[0, :5] = -100  # ignored targets too
+    logits, loss = model(idx, targets)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    ref_logits, ref_loss = previous_forward(model, idx, targets)
+    ref_grads = torch.autograd.grad(ref_loss, list(model.parameters()))
+    assert_close(logits, ref_logits)
+    assert_close(loss, ref_loss)
+    for (name, _), g, r in zip(model.named_parameters(), grads, ref_grads):
+        assert_close(g, r, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_table_form_equals_rotating_the_halves(dtype):
+    rope = RotaryEmbedding(16, 40, 500.0)
+    x = torch.randn(3, 40, 2, 16).to(dtype).requires_grad_()
+    grad = torch.randn(3, 40, 2, 16)
+    out, ref = rope(x), previous_rope(x, 500.0)
+    assert out.dtype == ref.dtype  # bf16 x and fp32 tables promote as before
+    assert_close(out, ref)
+    (g,) = torch.autograd.grad(out, x, grad)
+    x32 = x.detach().float().requires_grad_()
+    (ref_g,) = torch.autograd.grad(previous_rope(x32, 500.0), x32, grad)  # the exact gradient, in fp32
+    assert g.dtype == dtype
+    assert_close(g.float(), ref_g, **({} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}))
+    assert_close(rope(x[:, 7:19], start=7), ref[:, 7:19])  # the decoding offset
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_equals_torch(dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(50, 37, generator=g)).to(dtype).requires_grad_()
+    targets = torch.randint(0, 37, (50,), generator=g)
+    targets[::4] = -100
+    loss = CrossEntropy.apply(logits, targets)
+    (grad,) = torch.autograd.grad(loss, logits)
+    ref = F.cross_entropy(logits.float(), targets, ignore_index=-100)
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    assert_close(loss, ref)
+    assert grad.dtype == dtype
+    assert_close(grad, ref_grad)
+    again = CrossEntropy.apply(logits, targets)
+    again.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="cannot run twice"):
+        again.backward()
+
+
+def test_grouped_heads_only_where_the_kernel_takes_them():
+    """On CUDA only flash attention takes grouped heads: fp32 or a mask would fall to the
+    math kernel (O(T^2) memory), so k, v are repeated there."""
+    assert sdpa_grouped_heads("cpu", torch.float32) and sdpa_grouped_heads("cpu", torch.float32, masked=True)
+    assert sdpa_grouped_heads("cuda", torch.bfloat16) and sdpa_grouped_heads("cuda", torch.float16)
+    assert not sdpa_grouped_heads("cuda", torch.float32)
+    assert not sdpa_grouped_heads("cuda", torch.bfloat16, masked=True)
+    assert not Attention(tiny(n_kv_head=2, attention_backend="efficient")).enable_gqa

@@ -303,6 +303,7 @@ def test_optuna_sweep_statuses_figures_and_mlflow_runs_agree(ray_local, demo_dir
         "optim.lr": {"loguniform": [1e-3, 1e-2]},
     }
     overrides = {**SHORT, "train.batch_size": 4, "data.demo_dir": str(demo_dir)}
+    register = {"tracking.register_model": "sweep-best"}  # not in `overrides`: the estimates below ignore it
     est = {d: estimated_bytes(load_config("debug", [f"{k}={v}" for k, v in {**overrides, "model.d_model": d}.items()]))
            for d in (48, 512)}
     est[48] = estimated_bytes(load_config("debug", [f"{k}={v}" for k, v in
@@ -310,7 +311,7 @@ def test_optuna_sweep_statuses_figures_and_mlflow_runs_agree(ray_local, demo_dir
     budget = (est[48] + est[512]) // 2
     # seed 11: OptunaSearch proposes d_model 512, 48, 32, 32 (its first proposals are its random start)
     p = _space(tmp_path, name="sweeptest", search="optuna", seed=11, num_samples=4, space=space,
-               overrides=overrides, max_concurrent=2, memory_budget_gb=budget / 1024**3,
+               overrides={**overrides, **register}, max_concurrent=2, memory_budget_gb=budget / 1024**3,
                scheduler={"type": "asha", "grace_period": 3, "reduction_factor": 2})
     monkeypatch.chdir(tmp_path)
     summary = run_sweep(p, json_path="sweep.json", fit_callbacks=[OOMAbove(4)])
@@ -352,6 +353,12 @@ def test_optuna_sweep_statuses_figures_and_mlflow_runs_agree(ray_local, demo_dir
     parent = client.get_run(summary.parent_run_id)
     children = {r.data.tags["raydrat.trial"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert sorted(children) == sorted(records) and len(runs) == 5
+    # every completed trial logged its model; the sweep registered its best trial's (issue 12)
+    logged = {m.source_run_id for m in client.search_logged_models([exp.experiment_id])}
+    completed = {children[t].info.run_id for t, r in records.items() if r["status"] == "completed"}
+    assert completed and completed <= logged
+    (version,) = client.search_model_versions("name='sweep-best'")
+    assert version.run_id == summary.best.mlflow_run_id
     sweep_s = (parent.info.end_time - parent.info.start_time) / 1000
     for t, r in records.items():
         child, m = children[t], children[t].data.metrics

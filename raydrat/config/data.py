@@ -56,8 +56,12 @@ class DataConfig(Section):
     """Where the embedded demo corpus and its tokenizer are written (relative paths are
     resolved against the working directory)."""
     tokenizer_path: str | None = None
-    """A ``tokenizers`` JSON file. ``None``: ``tokenizer-<vocab_size>.json`` beside the demo corpus,
-    trained on first use."""
+    """A ``tokenizers`` JSON file, or a directory saved by transformers (``tokenizer.json``
+    inside). ``None``: ``tokenizer-<vocab_size>.json`` beside the demo corpus, trained on first use."""
+    eod_token: str | None = None
+    """The token that ends each packed document (e.g. ``</s>``). ``None``: the ``eos_token`` of
+    a transformers directory's ``tokenizer_config.json``, else ``<|endoftext|>``. A tokenizer
+    without a pad token pads with this one."""
     val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
     """Share of documents held out for validation: a document goes to val when a keyed
     hash of its text (key ``split_seed``) falls below this fraction, so the split is

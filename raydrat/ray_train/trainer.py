@@ -27,6 +27,7 @@ from raydrat.ray_data.datasets import build_datasets
 from raydrat.ray_session import ensure_ray, expected_gpus
 from raydrat.ray_train import resume
 from raydrat.ray_train.fits import check_cluster_fits
+from raydrat.ray_train.models import log_run_models
 from raydrat.ray_train.worker import train_loop_per_worker
 from raydrat.tracking import Run
 
@@ -242,6 +243,9 @@ def _train(cfg: RaydratConfig, runtime: Runtime, record: dict | None, run_name: 
         result = interrupt.call_interruptibly(fit_in_run, cfg, runtime, bundle, run, run_name,
                                               resume=record is not None, fit_callbacks=fit_callbacks)
         status = "FINISHED"
+        models = log_run_models(run, cfg, result)
+        if models:
+            log.info("MLflow models: " + ", ".join(f"{k} {v}" for k, v in models.items()))
         epochs = bundle.epoch_metrics()  # per-epoch data counts: an artifact, not constant charts
         if epochs:
             run.log_text(json.dumps(epochs, indent=2), "data/epochs.json")

@@ -36,6 +36,7 @@ from raydrat.tracking import Run
 from raydrat.tune import admission as A
 from raydrat.tune import report as R
 from raydrat.tune.events import TrialEvents
+from raydrat.ray_train.models import register_run_model
 from raydrat.tune.mlflow_runs import (
     finalize_trial_runs,
     interrupt_running_children,
@@ -380,5 +381,10 @@ def _finish(space, records, parent_id, uri, sweep_dir, sweep_wall, concurrency, 
         figures["max_estimate_error"] = memory["max_estimate_error"]
     log_sweep_report(parent, [csv_path, png_path, sweep_dir / "report.txt"], best, command, sweep.metric,
                      counts, figures)
+    name = space.config_for({}, str(space.path)).tracking.register_model
+    if name and best is not None and best.mlflow_run_id and uri:
+        version = register_run_model(uri, best.mlflow_run_id, name)
+        if version:
+            M.setup_logging().info(f"registered trial {best.trial}'s model as {name} version {version}")
     return SweepSummary(sweep_dir.name, sweep_dir, records, text, command, overhead, parent.run_id, uri, best,
                         warnings, memory)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from raydrat.config.data import DataConfig
 from raydrat.core.data.demo import build_demo_corpus, tokenizer_file
-from raydrat.core.data.tokenizer import load_tokenizer, special_ids
+from raydrat.core.data.tokenizer import load_tokenizer, resolve_tokenizer_file, tokenizer_special_ids
 
 
 @dataclass(frozen=True)
@@ -26,10 +26,10 @@ class PackSpec:
 
 
 def resolve_tokenizer_path(data_cfg: DataConfig, vocab_size: int) -> Path:
-    """``data.tokenizer_path``, or the demo tokenizer of this vocab size (trained on first
-    use)."""
+    """``data.tokenizer_path`` (a transformers directory: its ``tokenizer.json``), or the demo
+    tokenizer of this vocab size (trained on first use)."""
     if data_cfg.tokenizer_path:
-        return Path(data_cfg.tokenizer_path).expanduser().absolute()
+        return resolve_tokenizer_file(Path(data_cfg.tokenizer_path).expanduser().absolute())
     return build_demo_corpus(data_cfg.demo_dir, vocab_size) / tokenizer_file(vocab_size)
 
 
@@ -37,10 +37,10 @@ def make_spec(data_cfg: DataConfig, seq_len: int, vocab_size: int) -> tuple[Pack
     """The run's :class:`PackSpec` and the path of its tokenizer (checked against
     ``vocab_size``)."""
     tok_path = resolve_tokenizer_path(data_cfg, vocab_size)
-    tok = load_tokenizer(tok_path, vocab_size)
+    tok = load_tokenizer(tok_path, vocab_size, data_cfg.eod_token)
     spec = PackSpec(
         tokenizer_json=tok.to_str(),
-        eod_id=special_ids(tok, str(tok_path))[0],
+        eod_id=tokenizer_special_ids(tok_path, tok, data_cfg.eod_token)[0],
         block_len=seq_len + 1,
         val_fraction=data_cfg.val_fraction,
         split_seed=data_cfg.split_seed,

@@ -24,7 +24,7 @@ from raydrat.config.run import RaydratConfig
 from raydrat.core.memory.measure import BranchCost
 from raydrat.core.memory.peak import StepPlan
 from raydrat.core.model.config import ModelConfig
-from raydrat.core.model.transformer import GPT
+from raydrat.core.model.transformer import GPT, GQA_BACKENDS, SDPA_ENABLE_GQA, sdpa_grouped_heads
 from raydrat.core.techniques.knapsack import solve_budget
 
 COMPONENTS = ("params", "optimizer", "grads", "activations", "transient")
@@ -121,7 +121,10 @@ def branch_costs(cfg: RaydratConfig, device: str, precision: str, batch_size: in
         return _norm_bytes(mc, BT) + (n_proj * BT * C * e if mixed else BT * C * 4)
 
     attn = norm_and_proj_inputs(3)
-    attn += 3 * BT * C * e  # q, k, v as SDPA keeps them (k, v repeated to H heads)
+    # k, v: at K heads into a fused kernel that takes grouped heads; else repeated to H heads
+    grouped = sdpa_takes_grouped_heads(mc, device, torch.bfloat16 if mixed else torch.float32)
+    kv_width = KD if grouped and not attention_keeps_matrix(mc, device) else C
+    attn += BT * C * e + 2 * BT * kv_width * e  # q, k, v as SDPA keeps them
     attn += BT * C * e  # SDPA output, kept by out_proj
     attn += B * H * T * 4  # log-sum-exp
     if attention_keeps_matrix(mc, device):
@@ -149,6 +152,12 @@ def branch_costs(cfg: RaydratConfig, device: str, precision: str, batch_size: in
         out.append(BranchCost(i, "attn", BT * C * 4, attn, attn_flops))
         out.append(BranchCost(i, "mlp", BT * C * 4, mlp, mlp_flops))
     return out
+
+
+def sdpa_takes_grouped_heads(mc, device: str, dtype: torch.dtype) -> bool:
+    """Whether the model hands SDPA its ``n_kv_head`` key/value heads unrepeated."""
+    return (mc.kv_heads != mc.n_head and SDPA_ENABLE_GQA and mc.attention_backend in GQA_BACKENDS
+            and sdpa_grouped_heads(device, dtype))
 
 
 def _norm_bytes(mc, BT: int) -> int:
@@ -323,8 +332,8 @@ def estimate_memory(cfg: RaydratConfig, device: str = "cpu", precision: str = "f
       recompute plan, active layers, batch, sequence length and attention kernel; a
       recomputed branch runs its forward without keeping it), then the logits with, under
       autocast, their fp32 copy while the log-softmax is taken (the logits are not kept);
-    * loss backward: every saved activation plus the two fp32 (B, T, V) gradients of the
-      cross-entropy;
+    * loss backward: every saved activation (the cross-entropy's gradient is written into
+      its saved log-probabilities in place) and, under autocast, its cast to the logits' dtype;
     * layers backward, branch by branch from the last: the gradients allocated so far, the
       residual-stream gradient, the activations still saved, the branch's recomputed
       activations (a recomputed branch) and its backward working set;
@@ -375,7 +384,9 @@ def estimate_memory(cfg: RaydratConfig, device: str = "cpu", precision: str = "f
     g0 = grads_all if accumulating else 0
     residual = BT * C * 4  # the residual stream's gradient, alive through the layer stack
     logits = BT * V * e + (BT * V * 4 if mixed else 0)  # the logits (+ fp32 copy) during the loss
-    loss_grads = 2 * BT * V * 4  # cross-entropy backward: nll and log-softmax gradients
+    # cross-entropy backward (the model's CrossEntropy): the gradient is written into the
+    # saved log-probabilities in place; under autocast it is cast to the logits' dtype
+    loss_grads = BT * V * e if mixed else 0
 
     at: dict[str, dict[str, int]] = {}  # per phase: grads, activations, transient at its peak
 

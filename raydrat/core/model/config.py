@@ -49,6 +49,12 @@ class ModelConfig(BaseModel):
     attention_backend: Literal["auto", "flash", "efficient", "math"] = "auto"
     """Kernel for ``F.scaled_dot_product_attention``. ``auto`` lets PyTorch choose."""
 
+    init_from: str | None = None
+    """Start from these weights instead of a random init (continued pretraining): a raydrat
+    checkpoint directory or run directory, or a directory written by ``raydrat export``
+    (``--format hf`` or ``safetensors``) of the same architecture. Every parameter must
+    match the config's shapes; a mismatch names the parameter and both shapes."""
+
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":
         if self.d_model % self.n_head:

@@ -1,0 +1,324 @@
+"""A trained model put to use (issue 12): raydrat generate | eval | export, model.init_from,
+MLflow models. Checkpoints are written by the training loop's own save (core.state), the
+data is the demo corpus, transformers loads the exports, MLflow is a real SQLite store."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import math
+import os
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import mlflow.pytorch
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raydrat import tracking
+from raydrat.cli import main
+from raydrat.cli_model import _eval_batches, _Streamer
+from raydrat.config import ConfigError, load_config
+from raydrat.core.data.blocks import iter_blocks_local
+from raydrat.core.data.tokenizer import load_tokenizer
+from raydrat.core.evaluate import evaluate_blocks, token_byte_lengths
+from raydrat.core.model.build import build_model
+from raydrat.core.model.generate import generate
+from raydrat.core.model.load import load_model
+from raydrat.core.optim import build_optimizer
+from raydrat.core.state import DataPosition, save_checkpoint
+from raydrat.core.step import evaluate
+from raydrat.core.techniques.bundle import build_techniques
+from raydrat.ray_train import resume
+
+
+def debug_cfg(demo_dir: Path, storage: Path, *overrides: str):
+    return load_config("debug", [f"data.demo_dir={demo_dir}", f"train.storage_path={storage}", *overrides])
+
+
+def save_run(cfg, run_name: str, steps: int = 0, seed: int = 0) -> Path:
+    """A run directory with one complete checkpoint, written as the training loop writes it
+    (after ``steps`` optimizer steps on the run's own training blocks)."""
+    model = build_model(cfg.model, seed=seed)
+    optimizer = build_optimizer(model, cfg.optim)
+    techniques = build_techniques(cfg, "fp32", torch.device("cpu"))
+    for block in itertools.islice(_train_batches(cfg), steps):
+        _, loss = model(block[:, :-1], block[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    ckpt = Path(cfg.train.storage_path) / run_name / "checkpoint_000000"
+    save_checkpoint(ckpt, model, optimizer, steps, cfg.to_dict(), techniques, DataPosition())
+    return ckpt
+
+
+def _train_batches(cfg):
+    blocks = iter_blocks_local(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, "train")
+    while chunk := list(itertools.islice(blocks, cfg.train.batch_size)):
+        yield torch.from_numpy(np.stack(chunk)).long()
+
+
+@pytest.fixture(scope="module")
+def run(demo_dir, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("runs")
+    cfg = debug_cfg(demo_dir, storage)
+    return cfg, save_run(cfg, "r1", steps=6)
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def test_generate_streams_and_the_same_seed_gives_the_same_text(run, capsys):
+    cfg, ckpt = run
+    args = ("generate", str(ckpt), "--prompt", "def ", "--max-new-tokens", "24", "--no-stop")
+    code, a, _ = cli(capsys, *args, "--seed", "3")
+    assert code == 0 and a.startswith("def ") and len(a) > len("def \n")
+    assert cli(capsys, *args, "--seed", "3")[1] == a
+    assert cli(capsys, *args, "--seed", "4")[1] != a
+    # the run name under --storage names the same run, and its newest checkpoint
+    assert cli(capsys, *args, "--seed", "3", "--storage", cfg.train.storage_path)[1] == a
+    # what is printed is the model's tokens: greedy CLI text = generate()'s greedy tokens decoded
+    loaded = load_model(ckpt)
+    tok = load_tokenizer(loaded.tokenizer_path, cfg.model.vocab_size)
+    ids = generate(loaded.model, tok.encode("def ").ids, 24, temperature=0.0)
+    greedy = cli(capsys, "generate", str(ckpt), "--prompt", "def ", "--max-new-tokens", "24", "--no-stop",
+                 "--temperature", "0")[1]
+    assert greedy == "def " + tok.decode(ids, skip_special_tokens=False) + "\n"
+
+
+def test_streamer_writes_as_tokens_come_and_holds_partial_characters(run):
+    cfg, ckpt = run
+    tok = load_tokenizer(load_model(ckpt).tokenizer_path, cfg.model.vocab_size)
+    ids = tok.encode("héllo wörld €uro").ids
+    writes = []
+
+    class Out(io.StringIO):
+        def write(self, s):
+            writes.append(s)
+            return super().write(s)
+
+    out = Out()
+    stream = _Streamer(tok, out)
+    for i in ids:
+        stream(i)
+    stream.finish()
+    assert out.getvalue() == "héllo wörld €uro\n"
+    assert len([w for w in writes if w]) >= 3  # streamed, not written once at the end
+    assert all("\ufffd" not in w for w in writes)
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def test_eval_equals_the_training_loops_val_loss_and_counts_bytes(run):
+    cfg, ckpt = run
+    loaded = load_model(ckpt)
+    tok = load_tokenizer(loaded.tokenizer_path, cfg.model.vocab_size)
+    batches = list(itertools.islice(_eval_batches(cfg, None, cfg.train.batch_size), cfg.train.eval_batches))
+    assert len(batches) == cfg.train.eval_batches
+    result = evaluate_blocks(loaded.model, batches, cfg.train.eval_batches, token_byte_lengths(tok, cfg.model.vocab_size))
+    assert result.loss == pytest.approx(evaluate(loaded.model, batches, cfg.train.eval_batches), rel=1e-6)
+    assert result.perplexity == pytest.approx(math.exp(result.loss))
+
+    # bytes through transformers' own GPT-2 byte alphabet (an independent implementation)
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # optional dep: the test's peer
+
+    byte_of = {c: b for b, c in bytes_to_unicode().items()}
+    eod = tok.token_to_id("<|endoftext|>")
+    nats, nbytes = 0.0, 0
+    with torch.no_grad():
+        for block in batches:
+            logits, _ = loaded.model(block[:, :-1])
+            targets = block[:, 1:]
+            nats += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
+            for row in targets.tolist():
+                raw = b"".join(bytes(byte_of[ch] for ch in tok.id_to_token(t)) for t in row if t != eod)
+                nbytes += len(raw)
+                text = tok.decode([t for t in row if t != eod], skip_special_tokens=False)
+                assert raw.decode("utf-8", errors="replace") == text
+    assert result.bytes == nbytes
+    assert result.tokens == sum(b[:, 1:].numel() for b in batches)
+    assert result.bits_per_byte == pytest.approx(nats / math.log(2) / nbytes, rel=1e-5)
+
+
+def test_eval_cli_prints_and_logs_to_the_runs_mlflow_record(demo_dir, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    cfg = debug_cfg(demo_dir, tmp_path / "runs", f"tracking.tracking_uri={uri}")
+    ckpt = save_run(cfg, "tracked")
+    mlrun = tracking.Run.start(uri, "t", "tracked")
+    resume.write_run_record(cfg, "tracked", uri, mlrun.run_id)
+    code, out, _ = cli(capsys, "eval", str(ckpt.parent))
+    assert code == 0
+    logged = mlrun.metric_history("eval/loss")
+    assert len(logged) == 1 and f"loss: {logged[0][1]:.4f}" in out
+    assert mlrun.metric_history("eval/bits_per_byte")[0][1] > 0
+    assert f"logged to MLflow run {mlrun.run_id}" in out
+    # --data: every block of a source (here the demo corpus again: more batches than val)
+    code, out, _ = cli(capsys, "eval", str(ckpt), "--data", "demo", "--batches", "3")
+    assert code == 0 and "3 batches" in out and len(mlrun.metric_history("eval/data/loss")) == 1
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def test_export_hf_loads_in_transformers_same_logits_and_greedy_text(run, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    cfg, ckpt = run
+    out = tmp_path / "hf"
+    assert cli(capsys, "export", str(ckpt), "--format", "hf", "--out", str(out))[0] == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    loaded = load_model(ckpt)
+    idx = next(iter(_eval_batches(cfg, None, 2)))[:, :-1]
+    with torch.no_grad():
+        diff = (hf(idx).logits - loaded.model(idx)[0]).abs().max().item()
+    assert diff <= 1e-4, diff
+    prompt = "import os\n"
+    ids = hf_tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        theirs = hf.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=hf_tok.pad_token_id)
+    ours = generate(loaded.model, ids[0].tolist(), 20, temperature=0.0)
+    assert hf_tok.decode(theirs[0, ids.shape[1]:]) == hf_tok.decode(ours)
+    # generate reads the export directory too (its config.json carries raydrat's model config)
+    a = cli(capsys, "generate", str(out), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "12", "--no-stop")[1]
+    b = cli(capsys, "generate", str(ckpt), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "12", "--no-stop")[1]
+    assert a == b
+
+
+def test_export_safetensors_keeps_the_run_config(run, tmp_path, capsys):
+    cfg, ckpt = run
+    out = tmp_path / "st"
+    assert cli(capsys, "export", str(ckpt), "--format", "safetensors", "--out", str(out))[0] == 0
+    back, orig = load_model(out), load_model(ckpt)
+    assert back.cfg == orig.cfg
+    for (k, a), (_, b) in zip(back.model.state_dict().items(), orig.model.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+# ----------------------------------------------------------------------------- init_from
+
+
+def test_init_from_an_export_or_a_checkpoint_continues_from_its_weights(run, tmp_path, capsys):
+    cfg, ckpt = run
+    cli(capsys, "export", str(ckpt), "--format", "hf", "--out", str(tmp_path / "hf"))
+    source = load_model(ckpt).model
+    block = next(iter(_eval_batches(cfg, None, cfg.train.batch_size)))
+    with torch.no_grad():
+        want = float(source(block[:, :-1], block[:, 1:])[1])
+        fresh = float(build_model(cfg.model, seed=5)(block[:, :-1], block[:, 1:])[1])
+    for where in (tmp_path / "hf", ckpt.parent):
+        model = build_model(cfg.model.model_copy(update={"init_from": str(where)}), seed=5)
+        with torch.no_grad():
+            got = float(model(block[:, :-1], block[:, 1:])[1])
+        assert got == pytest.approx(want, abs=1e-4), where  # first-step loss is the source's
+    assert abs(fresh - want) > 0.05  # and not what a fresh init gives
+
+
+def test_init_from_another_architecture_names_the_parameter_and_both_shapes(run, capsys):
+    cfg, ckpt = run
+    wider = cfg.model.model_copy(update={"init_from": str(ckpt), "d_ff": 64})
+    with pytest.raises(ConfigError, match=r"layers\.0\.mlp_branch\.layer\.gate_proj\.weight has shape \(192, 64\) "
+                                          r"but the config's model needs \(64, 64\): set model\.d_ff"):
+        build_model(wider)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_sources_are_one_line_each(run, tmp_path, capsys, demo_dir):
+    cfg, ckpt = run
+    (tmp_path / "empty").mkdir()
+    broken = tmp_path / "broken" / "checkpoint_000001"
+    shutil.copytree(ckpt, broken)
+    os.remove(broken / "manifest-rank0.json")
+    lnorm = debug_cfg(demo_dir, tmp_path / "runs", "model.norm=layernorm")
+    ln_ckpt = save_run(lnorm, "ln")
+    cases = [
+        (("generate", str(tmp_path / "nope"), "--prompt", "x"), "does not exist"),
+        (("eval", str(tmp_path / "empty")), "is not a raydrat checkpoint, run or export"),
+        (("generate", str(broken), "--prompt", "x"), "is incomplete (no manifest"),
+        (("generate", str(broken.parent), "--prompt", "x"), "has no complete checkpoint"),
+        (("export", str(ln_ckpt), "--format", "hf", "--out", str(tmp_path / "x")),
+         "model.activation=swiglu with model.norm=layernorm"),
+        (("generate", str(ckpt), "--prompt", "x", "--top-p", "1.5"), "--top-p 1.5 is out of range"),
+    ]
+    for args, culprit in cases:
+        code, _, err = cli(capsys, *args)
+        assert code == 2, args
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("raydrat: error: ") and culprit in lines[0], (args, err)
+    assert not (tmp_path / "x").exists()  # refused before anything was written
+
+
+# ----------------------------------------------------------------------------- MLflow models
+
+
+def test_model_logged_loads_with_mlflow_pytorch_and_registers(run, tmp_path, monkeypatch):
+    cfg, ckpt = run
+    monkeypatch.chdir(tmp_path)  # MLflow resolves nothing against the test's cwd: the store's folder is used
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlruns.db'}"
+    (tmp_path / "store").mkdir()
+    mlrun = tracking.Run.start(uri, "models", "m")
+    model = load_model(ckpt).model
+    model_uri = mlrun.log_model(model, "model", registered_model_name="raydrat-debug", step=12)
+    assert mlrun.status() == "RUNNING"  # logging a model leaves the run as it was
+    mlflow.set_tracking_uri(uri)
+    try:
+        os.chdir(tmp_path / "store")
+        back = mlflow.pytorch.load_model(model_uri)
+        versions = tracking.client(uri).search_model_versions("name='raydrat-debug'")
+        by_name = mlflow.pytorch.load_model("models:/raydrat-debug/1")
+    finally:
+        mlflow.set_tracking_uri("")
+    idx = torch.randint(0, cfg.model.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(back(idx)[0], model(idx)[0])
+        assert torch.equal(by_name(idx)[0], model(idx)[0])
+    assert [v.run_id for v in versions] == [mlrun.run_id]
+    assert not (tmp_path / "mlartifacts").exists()  # artifacts beside the store, not in the cwd
+
+
+@pytest.mark.slow
+def test_a_run_logs_its_final_and_best_models_and_registers_the_best(demo_dir, tmp_path, monkeypatch, ray_local):
+    """Through Ray Train: the weights are spoiled after step 10, so the step-20 save is worse
+    than the step-10 one: both are logged, the best registered; both load with
+    mlflow.pytorch and equal their checkpoints' models."""
+    import faults
+    from raydrat.ray_train.trainer import run_training
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    cfg = debug_cfg(demo_dir, tmp_path / "runs", f"tracking.tracking_uri={uri}", "tracking.register_model=rd",
+                    "train.steps=20", "train.eval_every=10")
+    summary = run_training(cfg, fit_callbacks=[faults.SpoilAt(12)])
+    c = tracking.client(uri)
+    models = {m.name: m for m in c.search_logged_models([summary.run.experiment_id()])}
+    assert set(models) == {"model", "best_model"}
+    assert all(m.source_run_id == summary.run.run_id for m in models.values())
+    (version,) = c.search_model_versions("name='rd'")
+    assert models["best_model"].model_id in version.source and version.run_id == summary.run.run_id
+    mlflow.set_tracking_uri(uri)
+    try:
+        best = mlflow.pytorch.load_model("models:/rd/1")
+        final = mlflow.pytorch.load_model(models["model"].model_uri)
+    finally:
+        mlflow.set_tracking_uri("")
+    run_dir = tmp_path / "runs" / summary.run_name
+    steps = {}
+    for ckpt in (p for p in run_dir.glob("checkpoint_*") if p.is_dir()):
+        loaded = load_model(ckpt)
+        steps[loaded.step] = loaded.model
+    idx = torch.randint(0, cfg.model.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(best(idx)[0], steps[10](idx)[0])
+        assert torch.equal(final(idx)[0], steps[20](idx)[0])
+    assert summary.run.status() == "FINISHED"
