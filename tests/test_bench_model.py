@@ -9,14 +9,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from raydrat.bench.model import (
-    NanoGPT,
-    TitanLlama,
-    nanogpt_settings,
-    recipe_settings,
-    run_model_bench,
-    titan_state_dict,
-)
+from raydrat.bench.model import run_model_bench
+from raydrat.bench.peers import NanoGPT, TitanLlama, nanogpt_settings, recipe_settings, titan_state_dict
 from raydrat.config.loading import load_config
 from raydrat.core.model.config import ModelConfig
 from raydrat.core.model.transformer import GPT

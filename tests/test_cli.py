@@ -7,12 +7,11 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, run_cli
+from conftest import REPO
 from raydrat import __version__, console
 from raydrat.cli import main
 from raydrat.config import load_config

@@ -13,7 +13,6 @@ from torch.testing import assert_close
 from raydrat.config import ConfigError, ModelConfig, config_from_dict
 from raydrat.core.memory.measure import grad_bytes, optimizer_state_bytes, param_bytes, saved_activation_bytes
 from raydrat.core.model.transformer import (
-    ACTIVATIONS,
     GPT,
     Attention,
     CrossEntropy,

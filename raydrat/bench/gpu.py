@@ -71,7 +71,6 @@ from raydrat.core.fit import Callback
 from raydrat.core import metrics as M
 from raydrat.core.memory.estimate import estimate_memory
 from raydrat.core.model.build import build_model
-from raydrat.core.model.config import ModelConfig
 from raydrat.core.model.transformer import sdpa_backend
 from raydrat.core.optim import build_optimizer
 from raydrat.core.techniques.precision import DTYPES

@@ -65,18 +65,15 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 class Rotate(torch.autograd.Function):
     """``x * cos + swap_halves(x) * sin`` and its backward ``g * cos + swap_halves(g * sin)``
-    (swapping the halves is its own transpose), each written with one or two new tensors
-    where autograd's roll + mul + addcmul makes four: half the time at 6 heads of 64 on CPU."""
+    (swapping the halves is its own transpose): the forward with three new tensors and the
+    backward with two, where autograd's roll + mul + addcmul graph saves and makes more."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(cos, sin)
-        swapped = x.roll(x.shape[-1] // 2, dims=-1)
-        if swapped.dtype == torch.promote_types(x.dtype, sin.dtype):
-            out = swapped.mul_(sin)
-        else:  # e.g. bf16 x, fp32 tables: promote, as x * sin would
-            out = swapped * sin
-        return out.addcmul_(x, cos)
+        # out of place: selective recomputation may keep the rolled tensor, and a tensor it
+        # keeps must not change afterwards
+        return torch.addcmul(x.roll(x.shape[-1] // 2, dims=-1) * sin, x, cos)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -439,8 +436,10 @@ class GPT(nn.Module):
         slots = self._slot_order(active_slots)
         x = self.drop(self.tok_emb(idx))  # (B, T, C)
         for i in slots:
-            kv = None if cache is None else cache.layer(i)
-            x = self.layers[str(i)](x, kv)  # (B, T, C)
+            block = self.layers[str(i)]
+            # training calls a block with its input alone, so a block wrapped from outside
+            # (torch.utils.checkpoint, a recompute region) sees the call it expects
+            x = block(x) if cache is None else block(x, cache.layer(i))  # (B, T, C)
         if cache is not None:
             cache.length += T
         logits = self.lm_head(self.norm(x))  # (B, T, V)

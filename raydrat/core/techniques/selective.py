@@ -857,15 +857,16 @@ class RegionWrapper(CheckpointWrapper):
         self.context_fn = context_fn
         self.hits = hits
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
         if not (self.enabled and self.training and torch.is_grad_enabled()):
-            return self.inner(x)
+            return self.inner(x, *args)
         if self.context_fn is None:
-            return checkpoint(self.inner, x, use_reentrant=False, preserve_rng_state=True)
+            return checkpoint(self.inner, x, *args, use_reentrant=False, preserve_rng_state=True)
         eager = not torch.compiler.is_compiling()
         if eager and self.hits is not None:
             self.hits.seen.clear()
-        out = checkpoint(self.inner, x, use_reentrant=False, preserve_rng_state=True, context_fn=self.context_fn)
+        out = checkpoint(self.inner, x, *args, use_reentrant=False, preserve_rng_state=True,
+                         context_fn=self.context_fn)
         if eager and self.hits is not None:
             self.hits.check()
         return out

@@ -48,10 +48,11 @@ class CheckpointWrapper(nn.Module):
         self.inner.train(mode)
         return super().train(mode)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
+        """``args``: what the wrapped module takes beside its input (a block's KV cache)."""
         if self.enabled and self.training and torch.is_grad_enabled():
-            return checkpoint(self.inner, x, use_reentrant=False, preserve_rng_state=True)
-        return self.inner(x)
+            return checkpoint(self.inner, x, *args, use_reentrant=False, preserve_rng_state=True)
+        return self.inner(x, *args)
 
     def extra_repr(self) -> str:
         return f"enabled={self.enabled}"
