@@ -100,6 +100,8 @@ def ui_command(uri: str) -> str:
 def client(uri: str) -> MlflowClient:
     # the store's "Creating initial MLflow database tables..." lines are not the run's news
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    # its warning on every pickled model: raydrat chooses pickle knowingly (see log_model)
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     return MlflowClient(tracking_uri=uri)
 
 
