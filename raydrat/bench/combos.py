@@ -29,7 +29,7 @@ import torch
 from raydrat import tracking
 from raydrat.bench.layertime import LayerStackTimer
 from raydrat.bench.local import LocalData, LocalRun, interleave
-from raydrat.bench.report import print_table, write_json
+from raydrat.bench.report import load_average, print_table, write_json
 from raydrat.config import RaydratConfig, config_from_dict
 from raydrat.core.fit import Callback
 from raydrat.core.memory.estimate import activation_plan_bounds, estimate_memory
@@ -292,7 +292,7 @@ def run_combos(cfg: RaydratConfig, json_path: str | None = None, only: list[str]
          for r in records],
         footer=f"all combinations trained in turn, one step each (order reversed every round); tokens/s over the "
                f"{records[0]['timed_steps']} timed steps (first step and allocator-profiled steps left out); "
-               f"peak: PyTorch's allocator in the worst sampled step; load average {_loadavg()}",
+               f"peak: PyTorch's allocator in the worst sampled step; load average {load_average()}",
     )
     budgeted = [r for r in records if "budget_bytes" in r]
     if budgeted:
@@ -317,13 +317,5 @@ def run_combos(cfg: RaydratConfig, json_path: str | None = None, only: list[str]
                     ["run", "steps", "GFLOPs", "wall s", "val loss"],
                     [[c["name"], c["steps"], f"{c['flops'] / 1e9:.1f}", f"{c['wall_s']:.1f}", f"{c['val_loss']:.4f}"] for c in comparison])
     if json_path:
-        write_json(json_path, {"combinations": records, "layerdrop_comparison": comparison, "loadavg": _loadavg()})
+        write_json(json_path, {"combinations": records, "layerdrop_comparison": comparison, "loadavg": load_average()})
     return records
-
-
-def _loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "?"

@@ -64,7 +64,7 @@ from torch import nn
 from raydrat.bench.local import LocalData, LocalRun, interleave
 from raydrat.bench.memory import _measured_components, measure
 from raydrat.bench.peers import NANOGPT_DIFFERENCES, NanoGPT, nanogpt_settings
-from raydrat.bench.report import format_table
+from raydrat.bench.report import format_table, load_average
 from raydrat.config import RaydratConfig, load_config
 from raydrat.config.base import ConfigError
 from raydrat.core.fit import Callback
@@ -159,13 +159,6 @@ def environment(b: Bench) -> dict:
         "quick": b.quick, "tiny": b.tiny, "elapsed_s": round(b.elapsed(), 1),
         "load_average": load_average(), "command": " ".join(sys.argv),
     }
-
-
-def load_average() -> str:
-    try:
-        return " ".join(open("/proc/loadavg").read().split()[:3])
-    except OSError:
-        return "n/a"
 
 
 # ---- shapes and FLOPs ------------------------------------------------------------------
@@ -339,17 +332,6 @@ class Reference:
         return True
 
 
-def interleave_any(runs: list) -> None:
-    """Step ``runs`` (each with ``step() -> bool``) in turn, the order reversed every round."""
-    live, forward = list(runs), True
-    while live:
-        order = live if forward else live[::-1]
-        live = [r for r in order if r.step()]
-        if not forward:
-            live.reverse()
-        forward = not forward
-
-
 def case_throughput(b: Bench) -> list[dict]:
     steps, warm = b.steps(40, 20), (1 if b.tiny else 5)
     cfg = b.cfg(f"train.compile={b.compile_mode}", f"model.attention_backend={'auto' if b.tiny else 'flash'}",
@@ -360,7 +342,7 @@ def case_throughput(b: Bench) -> list[dict]:
           "(the first steps compile)")
     ours = start(cfg, data, steps)
     ref = Reference(ours.cfg, data, b.compile_mode)
-    interleave_any([ours, ref])
+    interleave([ours, ref])  # anything with step() -> bool
     rows = []
     ref_flops = flops_per_token(multiplying_params(ref.model, True), cfg.model.n_layer, cfg.model.d_model,
                                 cfg.model.seq_len)

@@ -159,7 +159,8 @@ class LocalRun:
 
 
 def interleave(runs: Sequence[LocalRun]) -> None:
-    """Advance ``runs`` one step each in turn (the order reversed every round) until all are
+    """Advance ``runs`` (each with ``step() -> bool``: a :class:`LocalRun`, or a benchmark's
+    reference loop) one step each in turn (the order reversed every round) until all are
     done, so each sees the same machine load."""
     live = list(runs)
     forward = True

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from raydrat.bench.local import LocalData, LocalRun
-from raydrat.bench.report import print_table, write_json
+from raydrat.bench.report import load_average, print_table, write_json
 from raydrat.config import RaydratConfig, load_config
 from raydrat.core.memory.estimate import MemoryEstimate, activation_plan_bounds, estimate_memory
 from raydrat.core.memory.peak import BACKWARD, FORWARD, OPTIMIZER, ZERO_GRAD, PeakMemory, StepMemory
@@ -276,7 +276,7 @@ def run_memory_bench(json_path: str | None = None, overrides: list[str] | None =
         finally:
             torch.set_num_threads(threads)
         records.append(m.record())
-    load = _loadavg()
+    load = load_average()
     rows = [[r["name"], r["device"], r["precision"], f"{r['estimated_peak_bytes'] / MiB:.2f}",
              f"{r['measured_peak_bytes'] / MiB:.2f}", f"{r['error']:+.1%}", f"{r['estimated_worst_case_bytes'] / MiB:.2f}",
              f"{r['active_layers']}, {r['stored_branches']}/{r['branches']}", r["peak_phase"],
@@ -292,11 +292,3 @@ def run_memory_bench(json_path: str | None = None, overrides: list[str] | None =
     if json_path:
         write_json(json_path, {"rows": records, "skipped": skipped, "loadavg": load})
     return records
-
-
-def _loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "?"

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raydrat.bench.peers import NANOGPT_DIFFERENCES, NanoGPT, TitanLlama, nanogpt_settings, recipe_settings
-from raydrat.bench.report import print_table, write_json
+from raydrat.bench.report import load_average, print_table, write_json
 from raydrat.config.run import RaydratConfig
 from raydrat.core.model.config import ModelConfig
 from raydrat.core.model.transformer import GPT
@@ -240,13 +240,6 @@ def run_ablation(cfg: RaydratConfig, steps: int = 30, warmup: int = 3, json_path
     if json_path:
         write_json(json_path, {"rows": rows, "threads": threads, "load_average": [load_before, load_after]})
     return rows
-
-
-def load_average() -> str:
-    try:
-        return " ".join(open("/proc/loadavg").read().split()[:3])
-    except OSError:
-        return "n/a"
 
 
 def run_model_bench(cfg: RaydratConfig, json_path: str | None = None, steps: int = 30,

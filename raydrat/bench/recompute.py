@@ -37,7 +37,6 @@ interleave every run step by step, the order reversed each round.
 from __future__ import annotations
 
 import contextlib
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -50,7 +49,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from raydrat.bench.local import LocalData, LocalRun
-from raydrat.bench.report import print_table, write_json
+from raydrat.bench.report import load_average, print_table, write_json
 from raydrat.config import ConfigError, RaydratConfig, load_config
 from raydrat.core.model.build import build_model
 from raydrat.core.techniques import selective as S
@@ -234,7 +233,7 @@ def run_model(name: str, fractions: Sequence[float], steps: int, compiled: bool,
                 b.start(label, "raydrat", "budget", f, True, ["recompute.mode=budget", *op], budget=budget)
 
     variants = b.variants
-    log(f"  timing {len(variants)} runs, {steps} interleaved rounds (load average {_loadavg()})")
+    log(f"  timing {len(variants)} runs, {steps} interleaved rounds (load average {load_average()})")
     forward = True
     for _ in range(steps):
         for v in (variants if forward else variants[::-1]):
@@ -260,13 +259,6 @@ def run_model(name: str, fractions: Sequence[float], steps: int, compiled: bool,
             "round_cpu_s": v.cpu, "round_wall_s": v.wall,
         })
     return rows + b.infeasible
-
-
-def _loadavg() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def _mib(b) -> str:
@@ -328,7 +320,7 @@ def run_recompute(models: Sequence[str] = DEFAULT_MODELS, fractions: Sequence[fl
     old_limits = (dyn.cache_size_limit, dyn.accumulated_cache_size_limit)
     # every run compiles nn.Module._call_impl for its own class: one cache entry each
     dyn.cache_size_limit, dyn.accumulated_cache_size_limit = 256, 4096
-    load_start = _loadavg()
+    load_start = load_average()
     rows: list[dict] = []
     try:
         for name in models:
@@ -337,7 +329,7 @@ def run_recompute(models: Sequence[str] = DEFAULT_MODELS, fractions: Sequence[fl
         torch.set_num_threads(old_threads)
         dyn.cache_size_limit, dyn.accumulated_cache_size_limit = old_limits
     print_rows(rows)
-    print(f"\nload average at start {load_start}, at end {_loadavg()}; 1 thread; torch {torch.__version__}; "
+    print(f"\nload average at start {load_start}, at end {load_average()}; 1 thread; torch {torch.__version__}; "
           f"{steps} timed rounds after {WARM_STEPS} untimed steps per run")
     if json_path:
         write_json(json_path, rows)

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Sequence
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages ("n/a" where the system has none): printed beside
+    every timing, since these benchmarks run on shared machines."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

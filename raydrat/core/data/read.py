@@ -112,6 +112,15 @@ def _jsonl_by_line(raw: bytes, name: str, field: str, on_corrupt: str, key: str)
     return texts, bad
 
 
+def _files_of(unit: Unit):
+    """``(file, bytes)`` of each file of ``unit``; a read failure is one error naming the file."""
+    for f in unit.files:
+        try:
+            yield f, read_bytes(unit.loc, f)
+        except OSError as exc:
+            raise describe_os_error(uri(unit.loc, f), exc, unit.loc) from None
+
+
 def read_documents(unit: Unit, on_corrupt: str = "error") -> tuple[list[str | None], dict[str, int]]:
     """The unit's documents in order and what reading them counted: ``invalid_utf8_docs``
     (invalid bytes or NUL characters replaced by U+FFFD; documents kept) and
@@ -126,11 +135,7 @@ def read_documents(unit: Unit, on_corrupt: str = "error") -> tuple[list[str | No
         return col.to_pylist(), counts
     if unit.format == "jsonl":
         texts: list[str | None] = []
-        for f in unit.files:
-            try:
-                raw = read_bytes(unit.loc, f)
-            except OSError as exc:
-                raise describe_os_error(uri(unit.loc, f), exc, unit.loc) from None
+        for f, raw in _files_of(unit):
             got, bad = jsonl_texts(raw, uri(unit.loc, f), unit.text_column, on_corrupt,
                                    f"data.sources[{unit.source}].text_column")
             texts += got
@@ -138,11 +143,7 @@ def read_documents(unit: Unit, on_corrupt: str = "error") -> tuple[list[str | No
         col, counts["invalid_utf8_docs"] = _replace_nul(pa.chunked_array([pa.array(texts, pa.string())]))
         return col.to_pylist(), counts
     texts: list[str | None] = []
-    for f in unit.files:
-        try:
-            raw = read_bytes(unit.loc, f)
-        except OSError as exc:
-            raise describe_os_error(uri(unit.loc, f), exc, unit.loc) from None
+    for _, raw in _files_of(unit):
         text, replaced = decode(raw)
         if unit.text_mode == "line":
             lines = text.split("\n")

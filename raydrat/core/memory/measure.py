@@ -3,14 +3,13 @@
 ``saved_activation_bytes`` measures what a forward pass leaves alive for backward;
 ``param_bytes``, ``grad_bytes`` and ``optimizer_state_bytes`` sum the other training-state
 tensors; ``measure_branch_costs`` attributes the saved bytes and recompute FLOPs to each
-attention and MLP branch; :class:`PeakMemory` watches the training process's peak. All
+attention and MLP branch (the training step's peak is :mod:`raydrat.core.memory.peak`'s). All
 results are in bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import itertools
 import weakref
@@ -126,58 +125,6 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
                 storages[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
     return sum(storages.values())
 
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-        "fordblks", "keepcost")]
-
-
-def _malloc_in_use_fn():
-    """glibc's ``mallinfo2`` (bytes handed out by malloc, mmap'd blocks included), which is
-    where PyTorch's CPU tensors live; ``None`` where it is not available."""
-    try:
-        fn = ctypes.CDLL(None).mallinfo2
-    except (OSError, AttributeError):
-        return None
-    fn.restype = _MallInfo2
-
-    def in_use() -> int:
-        info = fn()
-        return int(info.uordblks + info.hblkhd)
-
-    return in_use
-
-
-class PeakMemory:
-    """Peak memory of the training process since construction: CUDA max allocated bytes
-    on a GPU; on CPU the peak of malloc'd bytes over their level at construction, sampled
-    at the end of every forward pass of the watched model (when activations peak)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.device = device
-        self.in_use = None if self.cuda else _malloc_in_use_fn()
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        self.baseline = self.in_use() if self.in_use else 0
-        self.max_seen = self.baseline
-
-    def watch(self, model: torch.nn.Module) -> None:
-        if self.in_use is not None:
-            model.register_forward_hook(lambda *_: self.sample())
-
-    def sample(self) -> None:
-        self.max_seen = max(self.max_seen, self.in_use())
-
-    def peak(self) -> int | None:
-        if self.cuda:
-            return int(torch.cuda.max_memory_allocated(self.device))
-        if self.in_use is None:
-            return None
-        self.sample()
-        return self.max_seen - self.baseline
 
 
 # --------------------------------------------------------------------------------------
