@@ -16,7 +16,7 @@
     raydrat bench recompute [--models NAME ...] [--fractions F ...] [--steps N] [--no-compile] [--json PATH]
     raydrat bench sync [CONFIG] [--latency-ms MS,...] [--sync-steps H,...] [--link MBIT,...] [--json PATH]
     raydrat bench gpu [--dry-run] [--quick] [--tiny] [--out DIR] [--json PATH]
-    raydrat generate | eval | export | bench model   (raydrat.cli_model)
+    raydrat generate | eval | export | bench model   (raydrat.model_commands)
 
 CONFIG is a YAML path or a shipped recipe name (debug, demo, gpt2-small). Known problems
 (bad config, bad data) end with one line naming the culprit and exit status 2.
@@ -35,7 +35,6 @@ from typing import Callable, Sequence
 import yaml
 
 from raydrat import __version__
-from raydrat import cli_model
 from raydrat.config import ConfigError, load_config
 from raydrat.interrupt import Interrupted, as_interrupted
 from raydrat.core.data.errors import DataError
@@ -269,6 +268,75 @@ def cmd_bench_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from raydrat.model_commands import cmd_generate as run
+
+    return run(args)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from raydrat.model_commands import cmd_eval as run
+
+    return run(args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from raydrat.model_commands import cmd_export as run
+
+    return run(args)
+
+
+def cmd_bench_model(args: argparse.Namespace) -> int:
+    from raydrat.model_commands import cmd_bench_model as run
+
+    return run(args)
+
+
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="RUN|CHECKPOINT",
+                   help="checkpoint directory, run directory, run name under --storage, or an export directory")
+    p.add_argument("--storage", default="ray_results", help="where run names are looked up (train.storage_path)")
+    p.add_argument("--device", default="cpu", help="torch device to run the model on (default cpu)")
+
+
+def _add_model_commands(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
+    """generate, eval, export (to ``sub``) and bench model (to ``bench``): raydrat.model_commands."""
+    p = sub.add_parser("generate", help="sample text from a trained model (streams; seeded)")
+    _add_source_args(p)
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same text (default 0)")
+    p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a trained model")
+    _add_source_args(p)
+    p.add_argument("--data", default=None, metavar="SOURCE",
+                   help="a data.sources entry (its path) or any path; default: the run's validation split")
+    p.add_argument("--batches", type=int, default=None,
+                   help="at most this many batches (default: train.eval_batches on the validation split, "
+                        "all of --data)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: train.batch_size")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a trained model for transformers (hf) or as raydrat safetensors")
+    _add_source_args(p)
+    p.add_argument("--format", choices=["hf", "safetensors"], required=True)
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.set_defaults(func=cmd_export)
+
+    p = bench.add_parser("model", help="raydrat's model vs torchtitan's Llama and nanoGPT, eager training steps")
+    _add_config_args(p, required=False)
+    p.add_argument("--steps", type=int, default=30, help="timed steps per model and shape (default 30)")
+    p.add_argument("--json", help="write one record per shape and settings to this JSON file")
+    p.add_argument("--ablate", action="store_true",
+                   help="instead: the model with each of its speed changes reverted alone, interleaved")
+    p.set_defaults(func=cmd_bench_model)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raydrat", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"raydrat {__version__}")
@@ -382,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     # listed here; its arguments are raydrat.bench.gpu's own parser (main dispatches to it)
     bench.add_parser("gpu", help="the CUDA figures in one command (see `raydrat bench gpu --help`)")
 
-    cli_model.register(sub, bench, _add_config_args)  # generate, eval, export, bench model
+    _add_model_commands(sub, bench)
     return parser
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from raydrat import tracking
 from raydrat.cli import main
-from raydrat.cli_model import _eval_batches, _Streamer
+from raydrat.model_commands import _eval_batches, _Streamer
 from raydrat.config import ConfigError, load_config
 from raydrat.core.data.blocks import iter_blocks_local
 from raydrat.core.data.tokenizer import load_tokenizer

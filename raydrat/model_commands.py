@@ -1,16 +1,10 @@
-"""The commands that use a trained model, registered into ``raydrat``'s parser by
-:func:`register` (kept apart from :mod:`raydrat.cli` so each grows on its own):
-
-    raydrat generate RUN|CHECKPOINT --prompt TEXT [--max-new-tokens N] [--temperature T]
-                     [--top-k K] [--top-p P] [--seed S]
-    raydrat eval RUN|CHECKPOINT [--data SOURCE] [--batches N]
-    raydrat export RUN|CHECKPOINT --format hf|safetensors --out DIR
-    raydrat bench model [CONFIG] [--json PATH] [--steps N]
+"""The commands that use a trained model: ``raydrat generate``, ``eval``, ``export`` and
+``bench model`` (their parsers are in :mod:`raydrat.cli`, which imports this module when one
+of them runs).
 
 RUN|CHECKPOINT is a checkpoint directory, a run directory or a run name under
 ``--storage`` (default ``ray_results``, as ``train.storage_path``), or for generate and eval
-also a directory written by ``raydrat export``. As in :mod:`raydrat.cli`, each command
-imports what it needs when it runs.
+also a directory written by ``raydrat export``.
 """
 
 from __future__ import annotations
@@ -19,19 +13,25 @@ import argparse
 import itertools
 import shutil
 import sys
+from pathlib import Path
 
+import numpy as np
+import torch
 
-def _add_source_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", metavar="RUN|CHECKPOINT",
-                   help="checkpoint directory, run directory, run name under --storage, or an export directory")
-    p.add_argument("--storage", default="ray_results", help="where run names are looked up (train.storage_path)")
-    p.add_argument("--device", default="cpu", help="torch device to run the model on (default cpu)")
+from raydrat import tracking
+from raydrat.bench.model import run_ablation, run_model_bench
+from raydrat.config import ConfigError, load_config
+from raydrat.config.data import SourceConfig
+from raydrat.core.data.blocks import iter_blocks_local
+from raydrat.core.data.tokenizer import load_tokenizer, resolve_tokenizer_file, tokenizer_special_ids
+from raydrat.core.evaluate import evaluate_blocks, token_byte_lengths
+from raydrat.core.model.export import export_hf, export_safetensors
+from raydrat.core.model.generate import generate
+from raydrat.core.model.load import load_model
+from raydrat.ray_train import resume
 
 
 def _tokenizer(loaded):
-    from raydrat.config import ConfigError
-    from raydrat.core.data.tokenizer import load_tokenizer, tokenizer_special_ids
-
     if loaded.tokenizer_path is None:
         raise ConfigError(f"{loaded.source} carries no tokenizer: export it with `raydrat export --format hf`")
     eod = loaded.cfg.data.eod_token if loaded.cfg is not None else None
@@ -63,10 +63,6 @@ class _Streamer:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from raydrat.config import ConfigError
-    from raydrat.core.model.generate import generate
-    from raydrat.core.model.load import load_model
-
     for name, value, ok in (("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 0),
                             ("--temperature", args.temperature, args.temperature >= 0),
                             ("--top-k", args.top_k, args.top_k is None or args.top_k >= 1),
@@ -89,11 +85,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _eval_batches(cfg, data: str | None, batch_size: int):
     """Batches of ``(B, seq_len + 1)`` blocks: the run's validation split, or every block of
     ``data`` (an entry of ``data.sources`` by path, or any path), in the training order."""
-    import numpy as np
-    import torch
 
-    from raydrat.config.data import SourceConfig
-    from raydrat.core.data.blocks import iter_blocks_local
 
     mc = cfg.model
     if data is None:
@@ -112,10 +104,7 @@ def _eval_batches(cfg, data: str | None, batch_size: int):
 
 def _log_to_run(loaded, metrics: dict[str, float]) -> str | None:
     """Log ``metrics`` into the MLflow run that trained the checkpoint; its run id or None."""
-    from pathlib import Path
 
-    from raydrat import tracking
-    from raydrat.ray_train import resume
 
     run_dir = Path(loaded.source).parent
     if loaded.cfg is None or not (run_dir / resume.RUN_FILE).is_file():
@@ -130,10 +119,6 @@ def _log_to_run(loaded, metrics: dict[str, float]) -> str | None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from raydrat.config import ConfigError
-    from raydrat.core.evaluate import evaluate_blocks, token_byte_lengths
-    from raydrat.core.model.load import load_model
-
     loaded = load_model(args.source, args.storage, args.device)
     if loaded.cfg is None:
         raise ConfigError(f"{loaded.source} carries no run config (no data to evaluate on): give a checkpoint, "
@@ -166,10 +151,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from raydrat.core.data.tokenizer import resolve_tokenizer_file
-    from raydrat.core.model.export import export_hf, export_safetensors
-    from raydrat.core.model.load import load_model
-
     loaded = load_model(args.source, args.storage)
     state = loaded.model.state_dict()
     if args.format == "hf":
@@ -185,50 +166,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_model(args: argparse.Namespace) -> int:
-    from raydrat.bench.model import run_ablation, run_model_bench
-    from raydrat.config import load_config
-
     cfg = load_config(args.config, args.overrides)
     if args.ablate:
         run_ablation(cfg, steps=args.steps, json_path=args.json)
     else:
         run_model_bench(cfg, json_path=args.json, steps=args.steps)
     return 0
-
-
-def register(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction, add_config_args) -> None:
-    """Add generate, eval, export (to ``sub``) and bench model (to ``bench``)."""
-    p = sub.add_parser("generate", help="sample text from a trained model (streams; seeded)")
-    _add_source_args(p)
-    p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same text (default 0)")
-    p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-text token")
-    p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a trained model")
-    _add_source_args(p)
-    p.add_argument("--data", default=None, metavar="SOURCE",
-                   help="a data.sources entry (its path) or any path; default: the run's validation split")
-    p.add_argument("--batches", type=int, default=None,
-                   help="at most this many batches (default: train.eval_batches on the validation split, "
-                        "all of --data)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: train.batch_size")
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("export", help="write a trained model for transformers (hf) or as raydrat safetensors")
-    _add_source_args(p)
-    p.add_argument("--format", choices=["hf", "safetensors"], required=True)
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.set_defaults(func=cmd_export)
-
-    p = bench.add_parser("model", help="raydrat's model vs torchtitan's Llama and nanoGPT, eager training steps")
-    add_config_args(p, required=False)
-    p.add_argument("--steps", type=int, default=30, help="timed steps per model and shape (default 30)")
-    p.add_argument("--json", help="write one record per shape and settings to this JSON file")
-    p.add_argument("--ablate", action="store_true",
-                   help="instead: the model with each of its speed changes reverted alone, interleaved")
-    p.set_defaults(func=cmd_bench_model)
