@@ -50,7 +50,7 @@ from mlflow.tracking import MlflowClient
 
 from raydrat.config.run import RaydratConfig
 from raydrat.config.tracking import TrackingConfig
-from raydrat.redact import redact, redact_uri, remember_uri, uri_password
+from raydrat.redact import redact, redact_uri, remember_uri
 from raydrat.core import metrics as M
 
 DEFAULT_DB = "mlruns.db"
@@ -341,21 +341,25 @@ def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
         artifact_repo(uri, run_id).log_artifact(str(Path(tmp) / name), folder or None)
 
 
-def end_run(uri: str, run_id: str, status: str = "FINISHED", end_time_s: float | None = None) -> None:
-    end_ms = int(end_time_s * 1000) if end_time_s is not None else None
-    if not uri_password(uri):
-        client(uri).set_terminated(run_id, status=status, end_time=end_ms)
-        return
-    # MLflow prints the run's URL, password included, when a run on a server ends: not that one
-    key, saved = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", os.environ.get("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")
+@contextlib.contextmanager
+def _no_printed_urls():
+    """MLflow prints a run's URL (a server's password included) when a run ends; not here."""
+    key = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
+    saved = os.environ.get(key)
     os.environ[key] = "true"
     try:
-        client(uri).set_terminated(run_id, status=status, end_time=end_ms)
+        yield
     finally:
         if saved is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = saved
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED", end_time_s: float | None = None) -> None:
+    end_ms = int(end_time_s * 1000) if end_time_s is not None else None
+    with _no_printed_urls():
+        client(uri).set_terminated(run_id, status=status, end_time=end_ms)
 
 
 @contextlib.contextmanager
@@ -370,7 +374,7 @@ def _fluent_run(uri: str, run_id: str):
     if is_embedded(uri):
         os.chdir(store_dir(uri))
     try:
-        with mlflow.start_run(run_id=run_id):
+        with _no_printed_urls(), mlflow.start_run(run_id=run_id):
             yield
     finally:
         os.chdir(saved_cwd)

@@ -15,6 +15,7 @@ from pathlib import Path
 import ray.train
 
 from raydrat.config import RaydratConfig
+from raydrat.core.techniques.fsdp import load_full_model
 from raydrat.core import metrics as M
 from raydrat.core.model.transformer import GPT
 from raydrat.core.state import load_state
@@ -35,7 +36,10 @@ def model_from_checkpoint(path: str) -> tuple[GPT, dict]:
     state = load_state(path)
     cfg = RaydratConfig.model_validate(state["config"])
     model = GPT(cfg.model)
-    model.load_state_dict(state["model"])
+    if state.get("sharded"):  # FSDP: the weights are in the checkpoint's DCP shards
+        load_full_model(path, model)
+    else:
+        model.load_state_dict(state["model"])
     return model.eval(), state
 
 

@@ -90,6 +90,15 @@ class FSDPStrategy(SyncStrategy):
         set_optimizer_state_dict(bare, optimizer, state["optimizer"])
 
 
+def load_full_model(directory: str, model: torch.nn.Module) -> None:
+    """One process, no process group: the whole model from a checkpoint's DCP shards
+    (:meth:`FSDPStrategy.save_sharded`), resharded into ``model``'s plain tensors (what an
+    MLflow model or an export needs)."""
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=os.path.join(directory, DCP_DIR), no_dist=True)
+    model.load_state_dict(state["model"])
+
+
 @contextlib.contextmanager
 def _no_gradient_sync(model: torch.nn.Module) -> Iterator[None]:
     """Accumulate gradients unsharded, without reduce-scattering (micro-batches before the last)."""
