@@ -5,6 +5,7 @@ the minimum; the techniques (``recompute.granularity: op``) run through the fit 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import io
 import itertools
 import random
@@ -62,11 +63,18 @@ def loss_and_grads(model, tokens):
 
 def saved_bytes(model, tokens):
     """Allocator-measured (profiler memory events, PeakMemory): bytes the forward phase of
-    one training step leaves allocated for backward."""
-    peak = PeakMemory(CPU, first_steps=1)
-    with peak.step(0):
-        train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), [tokens], 0.0)
-    peak.finish()
+    one training step leaves allocated for backward. The allocator's events are the whole
+    process's: garbage an earlier test left is freed first, and the cyclic collector stays
+    off during the step, so no unrelated tensor is freed inside the measurement."""
+    gc.collect()
+    gc.disable()
+    try:
+        peak = PeakMemory(CPU, first_steps=1)
+        with peak.step(0):
+            train_step(model, torch.optim.SGD(model.parameters(), lr=0.0), [tokens], 0.0)
+        peak.finish()
+    finally:
+        gc.enable()
     return peak.steps[0].saved_bytes
 
 
