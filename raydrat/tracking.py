@@ -363,23 +363,39 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED", end_time_s: float |
 
 
 @contextlib.contextmanager
+def _fluent_uri(uri: str):
+    """MLflow's process-wide tracking URI set to ``uri`` for the block, then restored, the
+    environment too: ``mlflow.set_tracking_uri`` also writes ``$MLFLOW_TRACKING_URI`` (for
+    subprocesses), and a later child of this process must not inherit a URI raydrat set."""
+    saved_uri, saved_env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_uri)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
+@contextlib.contextmanager
 def _fluent_run(uri: str, run_id: str):
     """MLflow's fluent API on run ``run_id`` of ``uri`` (what ``mlflow.<flavour>.log_model``
     needs), with the process's tracking URI and, for the embedded store, its working
     directory (where MLflow resolves the relative artifact location) set for the call and
     restored after. The run's status is left as it was."""
-    saved_uri, saved_cwd = mlflow.get_tracking_uri(), os.getcwd()
+    saved_cwd = os.getcwd()
     status = client(uri).get_run(run_id).info.status
-    mlflow.set_tracking_uri(uri)
-    if is_embedded(uri):
-        os.chdir(store_dir(uri))
-    try:
-        with _no_printed_urls(), mlflow.start_run(run_id=run_id):
-            yield
-    finally:
-        os.chdir(saved_cwd)
-        mlflow.set_tracking_uri(saved_uri)
-        client(uri).update_run(run_id, status=status)
+    with _fluent_uri(uri):
+        if is_embedded(uri):
+            os.chdir(store_dir(uri))
+        try:
+            with _no_printed_urls(), mlflow.start_run(run_id=run_id):
+                yield
+        finally:
+            os.chdir(saved_cwd)
+            client(uri).update_run(run_id, status=status)
 
 
 def log_model(uri: str, run_id: str, model: Any, name: str, registered_model_name: str | None = None,
@@ -398,12 +414,8 @@ def log_model(uri: str, run_id: str, model: Any, name: str, registered_model_nam
 
 def register_model(uri: str, model_uri: str, name: str) -> str:
     """Register ``model_uri`` as a new version of ``name``; returns the version."""
-    saved = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    with _fluent_uri(uri):
         return mlflow.register_model(model_uri, name).version
-    finally:
-        mlflow.set_tracking_uri(saved)
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:

@@ -96,3 +96,22 @@ def test_the_data_is_a_dataset_input_per_split(store: Path):
     assert '"docs": 10' in logged[0].dataset.profile
     other = tracking.data_inputs({**lineage, "tokenizer_sha256": "cd"}, {})
     assert {i.dataset.digest for i in other}.isdisjoint({i.dataset.digest for i in inputs})
+
+
+def test_logging_a_model_leaves_no_tracking_uri_for_child_processes(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri writes $MLFLOW_TRACKING_URI; a model logged by raydrat must not
+    leave it behind, or every later `raydrat` subprocess would log to that store instead."""
+    import os
+
+    import torch
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("x")).info.run_id
+    model_uri = tracking.log_model(uri, run_id, torch.nn.Linear(2, 2), "model")
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert str(tracking.register_model(uri, model_uri, "reg")) == "1"
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert client.get_run(run_id).info.status == "RUNNING"  # its status is left as it was
