@@ -48,6 +48,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
+from raydrat.envvars import env_set
 from raydrat.config.run import RaydratConfig
 from raydrat.config.tracking import TrackingConfig
 from raydrat.redact import redact, redact_uri, remember_uri
@@ -344,16 +345,8 @@ def log_text(uri: str, run_id: str, text: str, artifact_file: str) -> None:
 @contextlib.contextmanager
 def _no_printed_urls():
     """MLflow prints a run's URL (a server's password included) when a run ends; not here."""
-    key = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"
-    saved = os.environ.get(key)
-    os.environ[key] = "true"
-    try:
+    with env_set("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true"):
         yield
-    finally:
-        if saved is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = saved
 
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED", end_time_s: float | None = None) -> None:
@@ -367,16 +360,13 @@ def _fluent_uri(uri: str):
     """MLflow's process-wide tracking URI set to ``uri`` for the block, then restored, the
     environment too: ``mlflow.set_tracking_uri`` also writes ``$MLFLOW_TRACKING_URI`` (for
     subprocesses), and a later child of this process must not inherit a URI raydrat set."""
-    saved_uri, saved_env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(saved_uri)
-        if saved_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+    saved_uri = mlflow.get_tracking_uri()
+    with env_set("MLFLOW_TRACKING_URI", None):
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(saved_uri)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from raydrat import tracking
+from raydrat.envvars import env_set
 from raydrat.bench.report import write_json
 from raydrat.core import metrics as M
 from raydrat.core.data.demo import build_demo_corpus
@@ -338,16 +338,8 @@ def _fit(space: Space, searcher: AdmittingSearcher, sweep_dir: Path, concurrency
 def _tune_console(verbose: bool):
     """Without ``verbose``, Tune prints nothing (its newer console engine prints the
     experiment's table even when silent; its older one is silent at ``verbose=0``)."""
-    saved = os.environ.get(NEW_OUTPUT_ENV)
-    if not verbose:
-        os.environ[NEW_OUTPUT_ENV] = "0"
-    try:
+    with env_set(NEW_OUTPUT_ENV, None if verbose else "0"):
         yield
-    finally:
-        if saved is None:
-            os.environ.pop(NEW_OUTPUT_ENV, None)
-        else:
-            os.environ[NEW_OUTPUT_ENV] = saved
 
 
 def _finish(space, records, parent_id, uri, sweep_dir, sweep_wall, concurrency, warnings) -> SweepSummary:
