@@ -30,15 +30,15 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import yaml
 
 from raydrat import __version__
 from raydrat.config import ConfigError, load_config
-from raydrat.interrupt import Interrupted, as_interrupted
 from raydrat.core.data.errors import DataError
 from raydrat.core.exceptions import walk_exceptions
+from raydrat.interrupt import Interrupted, as_interrupted
 
 
 class UserError(Exception):
@@ -55,7 +55,6 @@ def _root_cause(exc: BaseException) -> BaseException:
     return next((e for e in known if type(e).__module__.startswith("raydrat")), known[0] if known else exc)
 
 
-
 def error_message(exc: BaseException) -> str:
     """What ``raydrat: error:`` says for a known error: its message (a DataError's first
     line: Ray may append its own text to an exception that crossed a task)."""
@@ -65,10 +64,20 @@ def error_message(exc: BaseException) -> str:
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("config", nargs=None if required else "?", default=None if required else "demo",
-                   help="YAML recipe path or shipped recipe name (debug, demo, gpt2-small)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)")
+    p.add_argument(
+        "config",
+        nargs=None if required else "?",
+        default=None if required else "demo",
+        help="YAML recipe path or shipped recipe name (debug, demo, gpt2-small)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)",
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -107,9 +116,11 @@ def cmd_data_tokenizer(args: argparse.Namespace) -> int:
     from raydrat.core.data.sample import train_tokenizer_on_sources
 
     info = train_tokenizer_on_sources(cfg.data, cfg.model.vocab_size, args.out)
-    print(f"tokenizer {info['path']}: {info['vocab_size']} tokens trained on {info['docs']} "
-          f"documents ({info['text_bytes'] / 1e6:.1f} MB) in {info['seconds']}s; "
-          f"sha256 {info['sha256'][:16]}…")
+    print(
+        f"tokenizer {info['path']}: {info['vocab_size']} tokens trained on {info['docs']} "
+        f"documents ({info['text_bytes'] / 1e6:.1f} MB) in {info['seconds']}s; "
+        f"sha256 {info['sha256'][:16]}…"
+    )
     print(f"use it with: --set data.tokenizer_path={info['path']}")
     return 0
 
@@ -122,11 +133,15 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     ensure_ray()
     m = prepare(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, args.out, args.endpoint_url, keep=args.keep)
     c = m["counts"]
-    print(f"prepared {args.out} in {m['seconds']}s: {c['docs']:,} documents "
-          f"({c['empty_docs']:,} empty skipped, {c['invalid_utf8_docs']:,} with invalid UTF-8 "
-          f"replaced, {c['skipped_files']} unreadable files skipped)")
-    print(f"  train: {c['train_blocks']:,} blocks, {c['train_tokens']:,} tokens; val: "
-          f"{c['val_stored_blocks']:,} blocks stored ({c['val_split_docs']:,} documents held out)")
+    print(
+        f"prepared {args.out} in {m['seconds']}s: {c['docs']:,} documents "
+        f"({c['empty_docs']:,} empty skipped, {c['invalid_utf8_docs']:,} with invalid UTF-8 "
+        f"replaced, {c['skipped_files']} unreadable files skipped)"
+    )
+    print(
+        f"  train: {c['train_blocks']:,} blocks, {c['train_tokens']:,} tokens; val: "
+        f"{c['val_stored_blocks']:,} blocks stored ({c['val_split_docs']:,} documents held out)"
+    )
     print(f"  train from it with: --set data.prepared={args.out}")
     return 0
 
@@ -137,8 +152,10 @@ def cmd_data_gc(args: argparse.Namespace) -> int:
 
     done = collect_garbage(location_for(args.out, args.endpoint_url), fs_path(args.out), args.keep, args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
-    print(f"{args.out}: {verb} {len(done['removed'])} generation(s)"
-          + (f": {', '.join(done['removed'])}" if done["removed"] else ""))
+    print(
+        f"{args.out}: {verb} {len(done['removed'])} generation(s)"
+        + (f": {', '.join(done['removed'])}" if done["removed"] else "")
+    )
     for line in done["kept"]:
         print(f"  kept {line}")
     return 0
@@ -163,8 +180,13 @@ def cmd_bench_overhead(args: argparse.Namespace) -> int:
 def cmd_bench_recompute(args: argparse.Namespace) -> int:
     from raydrat.bench.recompute import run_recompute
 
-    run_recompute(models=args.models, fractions=args.fractions, steps=args.steps, compiled=not args.no_compile,
-                  json_path=args.json)
+    run_recompute(
+        models=args.models,
+        fractions=args.fractions,
+        steps=args.steps,
+        compiled=not args.no_compile,
+        json_path=args.json,
+    )
     return 0
 
 
@@ -217,20 +239,30 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     print(est.table())
     transient = ", ".join(f"{k.replace('_', ' ')} {v / 2**20:.2f} MiB" for k, v in d["transient"].items())
     print(f"\ntransient at the peak: {transient}")
-    print("peak of each phase (MiB): " + ", ".join(f"{k.replace('_', ' ')} {v / 2**20:.2f}" for k, v in d["phases"].items()))
+    print(
+        "peak of each phase (MiB): "
+        + ", ".join(f"{k.replace('_', ' ')} {v / 2**20:.2f}" for k, v in d["phases"].items())
+    )
     if d.get("fsdp"):
         f, mib = d["fsdp"], 2**20
-        print(f"scaling.strategy=fsdp over {f['workers']} workers: each holds 1/{f['workers']} of the parameters "
-              f"({f['sharded']['params'] / mib:.2f} MiB with the replicated buffers), gradients "
-              f"({f['sharded']['grads'] / mib:.2f}) and optimizer state ({f['sharded']['optimizer'] / mib:.2f}), plus "
-              f"{f['gathered']['params'] / mib:.2f} MiB of gathered parameters (root group and two blocks) in forward "
-              f"and backward and {f['gathered']['grads'] / mib:.2f} MiB of unsharded gradients in the layer backward"
-              + ("; the micro-batches before the last accumulate whole, unsharded gradients"
-                 if d["grad_accumulation"] else ""))
+        print(
+            f"scaling.strategy=fsdp over {f['workers']} workers: each holds 1/{f['workers']} of the parameters "
+            f"({f['sharded']['params'] / mib:.2f} MiB with the replicated buffers), gradients "
+            f"({f['sharded']['grads'] / mib:.2f}) and optimizer state ({f['sharded']['optimizer'] / mib:.2f}), plus "
+            f"{f['gathered']['params'] / mib:.2f} MiB of gathered parameters (root group and two blocks) in forward "
+            f"and backward and {f['gathered']['grads'] / mib:.2f} MiB of unsharded gradients in the layer backward"
+            + (
+                "; the micro-batches before the last accumulate whole, unsharded gradients"
+                if d["grad_accumulation"]
+                else ""
+            )
+        )
     if d.get("planning_peak_bytes"):
-        print(f"outside the training step: the recompute planner measures its costs with a forward that stores "
-              f"every branch (first step; gated: every recompute.gates.refresh_every steps): "
-              f"{d['planning_peak_bytes'] / 2**20:.2f} MiB")
+        print(
+            f"outside the training step: the recompute planner measures its costs with a forward that stores "
+            f"every branch (first step; gated: every recompute.gates.refresh_every steps): "
+            f"{d['planning_peak_bytes'] / 2**20:.2f} MiB"
+        )
     if args.measure:
         from raydrat.bench.memory import measure, print_measurement
 
@@ -261,8 +293,16 @@ def cmd_bench_sync(args: argparse.Namespace) -> int:
     if not sync_steps or min(sync_steps) < 1:
         raise UserError(f"--sync-steps {args.sync_steps!r}: give positive step counts like 4,16")
     if args.link:
-        run_sync_bench_over_link(cfg, args.config, args.overrides, parse_rates(args.link), latencies,
-                                 json_path=args.json, workers=args.workers, sync_steps=sync_steps)
+        run_sync_bench_over_link(
+            cfg,
+            args.config,
+            args.overrides,
+            parse_rates(args.link),
+            latencies,
+            json_path=args.json,
+            workers=args.workers,
+            sync_steps=sync_steps,
+        )
         return 0
     run_sync_bench(cfg, latencies, json_path=args.json, workers=args.workers, sync_steps=sync_steps)
     return 0
@@ -293,8 +333,11 @@ def cmd_bench_model(args: argparse.Namespace) -> int:
 
 
 def _add_source_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("source", metavar="RUN|CHECKPOINT",
-                   help="checkpoint directory, run directory, run name under --storage, or an export directory")
+    p.add_argument(
+        "source",
+        metavar="RUN|CHECKPOINT",
+        help="checkpoint directory, run directory, run name under --storage, or an export directory",
+    )
     p.add_argument("--storage", default="ray_results", help="where run names are looked up (train.storage_path)")
     p.add_argument("--device", default="cpu", help="torch device to run the model on (default cpu)")
 
@@ -314,11 +357,18 @@ def _add_model_commands(sub: argparse._SubParsersAction, bench: argparse._SubPar
 
     p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a trained model")
     _add_source_args(p)
-    p.add_argument("--data", default=None, metavar="SOURCE",
-                   help="a data.sources entry (its path) or any path; default: the run's validation split")
-    p.add_argument("--batches", type=int, default=None,
-                   help="at most this many batches (default: train.eval_batches on the validation split, "
-                        "all of --data)")
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="SOURCE",
+        help="a data.sources entry (its path) or any path; default: the run's validation split",
+    )
+    p.add_argument(
+        "--batches",
+        type=int,
+        default=None,
+        help="at most this many batches (default: train.eval_batches on the validation split, all of --data)",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="default: train.batch_size")
     p.set_defaults(func=cmd_eval)
 
@@ -332,8 +382,11 @@ def _add_model_commands(sub: argparse._SubParsersAction, bench: argparse._SubPar
     _add_config_args(p, required=False)
     p.add_argument("--steps", type=int, default=30, help="timed steps per model and shape (default 30)")
     p.add_argument("--json", help="write one record per shape and settings to this JSON file")
-    p.add_argument("--ablate", action="store_true",
-                   help="instead: the model with each of its speed changes reverted alone, interleaved")
+    p.add_argument(
+        "--ablate",
+        action="store_true",
+        help="instead: the model with each of its speed changes reverted alone, interleaved",
+    )
     p.set_defaults(func=cmd_bench_model)
 
 
@@ -344,15 +397,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a config through Ray Train")
     _add_config_args(p)
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN",
-                   help="continue the newest interrupted run of this config (or the named run) "
-                        "from its latest checkpoint, in the same MLflow run")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the resolved config as YAML (credentials redacted) and exit")
-    p.add_argument("--dry-run", action="store_true",
-                   help="validate, resolve the runtime, estimate memory, plan the data, print it; train nothing")
-    p.add_argument("--verbose", action="store_true",
-                   help="show Ray's own console output (default: raydrat's lines only)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="RUN",
+        help="continue the newest interrupted run of this config (or the named run) "
+        "from its latest checkpoint, in the same MLflow run",
+    )
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as YAML (credentials redacted) and exit"
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate, resolve the runtime, estimate memory, plan the data, print it; train nothing",
+    )
+    p.add_argument(
+        "--verbose", action="store_true", help="show Ray's own console output (default: raydrat's lines only)"
+    )
     p.set_defaults(func=cmd_train)
 
     data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
@@ -369,8 +433,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", required=True, help="output directory or s3://bucket/prefix")
     p.add_argument("--endpoint-url", default=None, help="S3-compatible endpoint for an s3:// --out")
-    p.add_argument("--keep", type=int, default=2, metavar="N",
-                   help="published generations to keep (default 2); older ones go once no running reader holds them")
+    p.add_argument(
+        "--keep",
+        type=int,
+        default=2,
+        metavar="N",
+        help="published generations to keep (default 2); older ones go once no running reader holds them",
+    )
     p.set_defaults(func=cmd_data_prepare)
     p = data.add_parser("gc", help="remove prepared generations no reader can be using, and crashed prepares' shards")
     p.add_argument("out", help="a `data prepare` output directory or s3://bucket/prefix")
@@ -383,10 +452,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("space", help="space YAML path or shipped space name (smoke, lambda_sweep, ...)")
     p.add_argument("--resume", action="store_true", help="continue the latest unfinished sweep of this space")
     p.add_argument("--json", help="write one record per trial to this JSON file")
-    p.add_argument("--verbose", action="store_true",
-                   help="show Ray Tune's status tables and the workers' output (default: one line per trial event)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="load the space, draw the trials and screen them against the memory budget; run nothing")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Ray Tune's status tables and the workers' output (default: one line per trial event)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="load the space, draw the trials and screen them against the memory budget; run nothing",
+    )
     p.set_defaults(func=cmd_tune)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
@@ -396,8 +471,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_overhead)
     p = bench.add_parser("ingest", help="Ray Data ingest vs a single-process tokenizer baseline")
     _add_config_args(p, required=False)
-    p.add_argument("--mb", type=float, nargs="+", default=[50.0, 100.0],
-                   help="generated corpus sizes in MB of text (default: 50 100)")
+    p.add_argument(
+        "--mb",
+        type=float,
+        nargs="+",
+        default=[50.0, 100.0],
+        help="generated corpus sizes in MB of text (default: 50 100)",
+    )
     p.add_argument("--workdir", default=None, help="where to generate the corpora (default: a temp dir)")
     p.add_argument("--json", help="write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_ingest)
@@ -408,11 +488,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", metavar="NAME", help="run only these combinations (plus the baseline)")
     p.set_defaults(func=cmd_bench_combos)
 
-    p = bench.add_parser("recompute", help="raydrat's recomputation plans vs torch checkpointing and torch.compile's budget")
-    p.add_argument("--models", nargs="+", default=["demo", "6l-d384"],
-                   help="recipe names / YAML paths, or 6l-d384 (default: demo 6l-d384)")
-    p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75],
-                   help="activation budgets as fractions of the no-recompute saved bytes (default: 0.25 0.5 0.75)")
+    p = bench.add_parser(
+        "recompute", help="raydrat's recomputation plans vs torch checkpointing and torch.compile's budget"
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=["demo", "6l-d384"],
+        help="recipe names / YAML paths, or 6l-d384 (default: demo 6l-d384)",
+    )
+    p.add_argument(
+        "--fractions",
+        type=float,
+        nargs="+",
+        default=[0.25, 0.5, 0.75],
+        help="activation budgets as fractions of the no-recompute saved bytes (default: 0.25 0.5 0.75)",
+    )
     p.add_argument("--steps", type=int, default=6, help="timed interleaved rounds after 2 untimed steps (default 6)")
     p.add_argument("--no-compile", action="store_true", help="eager rows only (compiling is slow on a small CPU)")
     p.add_argument("--json", help="write one record per row to this JSON file")
@@ -420,30 +511,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("estimate", help="predict peak training memory per worker, by component")
     _add_config_args(p)
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                   help="device the estimate is for (default: from the config, else this machine)")
-    p.add_argument("--measure", action="store_true",
-                   help="also train a few steps on this machine's device and print measured against predicted")
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="device the estimate is for (default: from the config, else this machine)",
+    )
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="also train a few steps on this machine's device and print measured against predicted",
+    )
     p.set_defaults(func=cmd_estimate)
 
     p = bench.add_parser("memory", help="estimated vs allocator-measured peak memory on shipped configurations")
     p.add_argument("--json", help="write one record per configuration to this JSON file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a value in every configuration, e.g. --set train.device=cpu (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a value in every configuration, e.g. --set train.device=cpu (repeatable)",
+    )
     p.add_argument("--only", nargs="+", metavar="NAME", help="measure only these configurations")
     p.set_defaults(func=cmd_bench_memory)
 
     p = bench.add_parser("sync", help="ddp vs local-update sync on 2 CPU workers, same token budget")
     _add_config_args(p, required=False)
-    p.add_argument("--latency-ms", default="0",
-                   help="comma-separated delays added before each collective (a slow link), e.g. 0,50")
+    p.add_argument(
+        "--latency-ms", default="0", help="comma-separated delays added before each collective (a slow link), e.g. 0,50"
+    )
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
-    p.add_argument("--sync-steps", default="4,16", metavar="H[,H...]",
-                   help="local-update intervals to compare with ddp: local/H, diloco/H and stream-int8/H for each "
-                        "(default 4,16)")
-    p.add_argument("--link", default=None, metavar="RATE[,RATE...]",
-                   help="run on two Ray nodes in network namespaces joined by a link limited to each rate "
-                        "(Mbit/s) in turn, e.g. 1000,100,20 (needs root; else the one-node benchmark)")
+    p.add_argument(
+        "--sync-steps",
+        default="4,16",
+        metavar="H[,H...]",
+        help="local-update intervals to compare with ddp: local/H, diloco/H and stream-int8/H for each (default 4,16)",
+    )
+    p.add_argument(
+        "--link",
+        default=None,
+        metavar="RATE[,RATE...]",
+        help="run on two Ray nodes in network namespaces joined by a link limited to each rate "
+        "(Mbit/s) in turn, e.g. 1000,100,20 (needs root; else the one-node benchmark)",
+    )
     p.add_argument("--json", help="write one record per row to this JSON file")
     p.set_defaults(func=cmd_bench_sync)
 
@@ -459,13 +571,18 @@ def _interrupted_message(args: argparse.Namespace, stopped: Interrupted) -> str:
     stopped before its first complete checkpoint and has nothing to resume)."""
     if args.command != "train" or not stopped.run_name:
         return f"raydrat: interrupted by {stopped.signame}"
-    again = " ".join(["raydrat", "train", shlex.quote(args.config),
-                      *(f"--set {shlex.quote(o)}" for o in args.overrides)])
+    again = " ".join(
+        ["raydrat", "train", shlex.quote(args.config), *(f"--set {shlex.quote(o)}" for o in args.overrides)]
+    )
     if not stopped.resumable:
-        return (f"raydrat: interrupted by {stopped.signame} before run {stopped.run_name} saved a complete "
-                f"checkpoint: nothing to resume; start it again with: {again}")
-    return (f"raydrat: interrupted by {stopped.signame}: run {stopped.run_name} stopped (MLflow run KILLED), "
-            f"its complete checkpoints kept; resume it with:\n  {again} --resume {shlex.quote(stopped.run_name)}")
+        return (
+            f"raydrat: interrupted by {stopped.signame} before run {stopped.run_name} saved a complete "
+            f"checkpoint: nothing to resume; start it again with: {again}"
+        )
+    return (
+        f"raydrat: interrupted by {stopped.signame}: run {stopped.run_name} stopped (MLflow run KILLED), "
+        f"its complete checkpoints kept; resume it with:\n  {again} --resume {shlex.quote(stopped.run_name)}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -483,7 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_interrupted_message(args, stopped), file=sys.stderr)
         return stopped.exit_code
 
-    except Exception as exc:  # noqa: BLE001 - turn known errors into one line
+    except Exception as exc:
         root = _root_cause(exc)
         if isinstance(root, KNOWN_ERRORS):
             print(f"raydrat: error: {error_message(exc)}", file=sys.stderr)

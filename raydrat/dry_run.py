@@ -46,9 +46,12 @@ def describe(cfg: RaydratConfig) -> list[str]:
     lines += _data_lines(cfg)
     lines.append(_tokenizer_line(cfg))
     tk = cfg.tracking
-    lines.append(f"tracking: MLflow experiment {tk.experiment!r} at "
-                 f"{redact_uri(tk.tracking_uri) or '$MLFLOW_TRACKING_URI or sqlite:///mlruns.db'}"
-                 if tk.enabled else "tracking: off")
+    lines.append(
+        f"tracking: MLflow experiment {tk.experiment!r} at "
+        f"{redact_uri(tk.tracking_uri) or '$MLFLOW_TRACKING_URI or sqlite:///mlruns.db'}"
+        if tk.enabled
+        else "tracking: off"
+    )
     return lines
 
 
@@ -57,19 +60,25 @@ def _data_lines(cfg: RaydratConfig) -> list[str]:
     if d.prepared:
         manifest = read_manifest_at(location_for(d.prepared, d.prepared_endpoint_url), fs_path(d.prepared))
         c = manifest["counts"]
-        return [f"data: prepared {d.prepared}: {c['train_blocks']:,} train blocks, "
-                f"{c['train_tokens']:,} tokens, {c['val_stored_blocks']:,} val blocks"]
+        return [
+            f"data: prepared {d.prepared}: {c['train_blocks']:,} train blocks, "
+            f"{c['train_tokens']:,} tokens, {c['val_stored_blocks']:,} val blocks"
+        ]
     plan = plan_corpus(d)
     total = sum(plan.source_bytes)
-    lines = [f"data: {len(plan.units)} units of work, {len(plan.files)} files, {total / 1e6:,.1f} MB of text; "
-             f"val: {d.val_fraction:.0%} of documents by hash (seed {d.split_seed}), from at most "
-             f"{d.val_max_units} units"]
+    lines = [
+        f"data: {len(plan.units)} units of work, {len(plan.files)} files, {total / 1e6:,.1f} MB of text; "
+        f"val: {d.val_fraction:.0%} of documents by hash (seed {d.split_seed}), from at most "
+        f"{d.val_max_units} units"
+    ]
     for i, src in enumerate(d.sources):
         units = sum(1 for u in plan.units if u.source == i)
         rows = "rows" if plan.source_formats[i] in ("parquet", "jsonl", "hf") else "files"
         share = f", weight {src.weight:g}" if src.weight else ""
-        lines.append(f"  sources[{i}] {src.path} ({plan.source_formats[i]}): {plan.source_rows[i]:,} {rows}, "
-                     f"{plan.source_bytes[i] / 1e6:,.1f} MB, {units} units{share}")
+        lines.append(
+            f"  sources[{i}] {src.path} ({plan.source_formats[i]}): {plan.source_rows[i]:,} {rows}, "
+            f"{plan.source_bytes[i] / 1e6:,.1f} MB, {units} units{share}"
+        )
     for skipped in plan.skipped_files:
         lines.append(f"  skipped (data.on_corrupt = skip): {skipped}")
     return lines
@@ -95,8 +104,10 @@ def describe_sweep(space_path: str | Path) -> list[str]:
     sweep = space.sweep
     gpus = expected_gpus()
     budget = f"memory budget {sweep.memory_budget_gb:g} GB" if sweep.memory_budget_gb else "no memory budget"
-    lines = [f"dry run of sweep {sweep.name} ({space.path}): base {space.base_path.stem}, search {sweep.search}, "
-             f"{sweep.num_samples} sample(s), {budget}; nothing trained"]
+    lines = [
+        f"dry run of sweep {sweep.name} ({space.path}): base {space.base_path.stem}, search {sweep.search}, "
+        f"{sweep.num_samples} sample(s), {budget}; nothing trained"
+    ]
     if sweep.search not in ("random", "grid"):
         verdicts = A.corners(space, gpus)
         A.check_budget(space, verdicts, what="corner of the space")

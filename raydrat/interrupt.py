@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator, TypeVar
+from typing import Any, TypeVar
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 T = TypeVar("T")
@@ -92,7 +92,7 @@ def call_interruptibly(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     def target() -> None:
         try:
             box["result"] = fn(*args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+        except BaseException as exc:
             box["error"] = exc
 
     thread = threading.Thread(target=target, name="raydrat-fit", daemon=True)

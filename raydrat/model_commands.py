@@ -51,33 +51,45 @@ class _Streamer:
         text = self.tok.decode(self.ids, skip_special_tokens=False)
         if text.endswith("\ufffd"):
             return
-        self.out.write(text[self.shown:])
+        self.out.write(text[self.shown :])
         self.out.flush()
         self.shown = len(text)
 
     def finish(self) -> str:
         text = self.tok.decode(self.ids, skip_special_tokens=False)
-        self.out.write(text[self.shown:] + "\n")
+        self.out.write(text[self.shown :] + "\n")
         self.out.flush()
         return text
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    for name, value, ok in (("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 0),
-                            ("--temperature", args.temperature, args.temperature >= 0),
-                            ("--top-k", args.top_k, args.top_k is None or args.top_k >= 1),
-                            ("--top-p", args.top_p, args.top_p is None or 0 < args.top_p <= 1)):
+    for name, value, ok in (
+        ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 0),
+        ("--temperature", args.temperature, args.temperature >= 0),
+        ("--top-k", args.top_k, args.top_k is None or args.top_k >= 1),
+        ("--top-p", args.top_p, args.top_p is None or 0 < args.top_p <= 1),
+    ):
         if not ok:
-            raise ConfigError(f"{name} {value} is out of range: max-new-tokens >= 0, temperature >= 0 "
-                              "(0: greedy), top-k >= 1, 0 < top-p <= 1")
+            raise ConfigError(
+                f"{name} {value} is out of range: max-new-tokens >= 0, temperature >= 0 "
+                "(0: greedy), top-k >= 1, 0 < top-p <= 1"
+            )
     loaded = load_model(args.source, args.storage, args.device)
     tok, eod = _tokenizer(loaded)
     prompt = tok.encode(args.prompt).ids or [eod]
     sys.stdout.write(args.prompt)
     stream = _Streamer(tok)
-    generate(loaded.model, prompt[-loaded.model_cfg.seq_len:], args.max_new_tokens, temperature=args.temperature,
-             top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=None if args.no_stop else eod,
-             on_token=stream)
+    generate(
+        loaded.model,
+        prompt[-loaded.model_cfg.seq_len :],
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        eos_id=None if args.no_stop else eod,
+        on_token=stream,
+    )
     stream.finish()
     return 0
 
@@ -86,15 +98,16 @@ def _eval_batches(cfg, data: str | None, batch_size: int):
     """Batches of ``(B, seq_len + 1)`` blocks: the run's validation split, or every block of
     ``data`` (an entry of ``data.sources`` by path, or any path), in the training order."""
 
-
     mc = cfg.model
     if data is None:
         blocks = iter_blocks_local(cfg.data, mc.seq_len, mc.vocab_size, "val")
     else:
         entry = next((s for s in cfg.data.sources if s.path == data), None) or SourceConfig(path=data)
         dcfg = cfg.data.model_copy(update={"sources": [entry]})
-        blocks = itertools.chain(iter_blocks_local(dcfg, mc.seq_len, mc.vocab_size, "train"),
-                                 iter_blocks_local(dcfg, mc.seq_len, mc.vocab_size, "val"))
+        blocks = itertools.chain(
+            iter_blocks_local(dcfg, mc.seq_len, mc.vocab_size, "train"),
+            iter_blocks_local(dcfg, mc.seq_len, mc.vocab_size, "val"),
+        )
     while True:
         chunk = list(itertools.islice(blocks, batch_size))
         if len(chunk) < batch_size:  # drop_last, as the training loop's batches
@@ -104,7 +117,6 @@ def _eval_batches(cfg, data: str | None, batch_size: int):
 
 def _log_to_run(loaded, metrics: dict[str, float]) -> str | None:
     """Log ``metrics`` into the MLflow run that trained the checkpoint; its run id or None."""
-
 
     run_dir = Path(loaded.source).parent
     if loaded.cfg is None or not (run_dir / resume.RUN_FILE).is_file():
@@ -121,8 +133,10 @@ def _log_to_run(loaded, metrics: dict[str, float]) -> str | None:
 def cmd_eval(args: argparse.Namespace) -> int:
     loaded = load_model(args.source, args.storage, args.device)
     if loaded.cfg is None:
-        raise ConfigError(f"{loaded.source} carries no run config (no data to evaluate on): give a checkpoint, "
-                          "or a safetensors export of one")
+        raise ConfigError(
+            f"{loaded.source} carries no run config (no data to evaluate on): give a checkpoint, "
+            "or a safetensors export of one"
+        )
     cfg = loaded.cfg
     tok, _ = _tokenizer(loaded)
     max_batches = args.batches or (cfg.train.eval_batches if args.data is None else None)
@@ -135,8 +149,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             sys.stderr.flush()
 
     batches = (b.to(args.device) for b in _eval_batches(cfg, args.data, args.batch_size or cfg.train.batch_size))
-    result = evaluate_blocks(loaded.model, batches, max_batches, token_byte_lengths(tok, cfg.model.vocab_size),
-                             on_batch=progress)
+    result = evaluate_blocks(
+        loaded.model, batches, max_batches, token_byte_lengths(tok, cfg.model.vocab_size), on_batch=progress
+    )
     if tty:
         sys.stderr.write("\n")
     where = "validation split" if args.data is None else args.data
@@ -157,8 +172,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         eod = loaded.cfg.data.eod_token if loaded.cfg is not None else None
         out = export_hf(state, loaded.model_cfg, args.out, loaded.tokenizer_path, eod)
     else:
-        out = export_safetensors(state, loaded.model_cfg, args.out,
-                                 loaded.cfg.to_dict() if loaded.cfg is not None else None)
+        out = export_safetensors(
+            state, loaded.model_cfg, args.out, loaded.cfg.to_dict() if loaded.cfg is not None else None
+        )
         if loaded.tokenizer_path is not None:  # the tokenizer travels with the weights
             shutil.copyfile(resolve_tokenizer_file(loaded.tokenizer_path), out / "tokenizer.json")
     print(f"exported {loaded.source} as {args.format} to {out}")

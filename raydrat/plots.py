@@ -3,8 +3,8 @@ first use: it is an optional heavy dependency that only plotting needs)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -19,9 +19,7 @@ def pyplot():
     return plt
 
 
-def plot_curves(
-    curves: Mapping[str, Iterable[tuple[int, float]]], out_path: str | Path, title: str
-) -> Path:
+def plot_curves(curves: Mapping[str, Iterable[tuple[int, float]]], out_path: str | Path, title: str) -> Path:
     """A PNG of several ``(step, value)`` series on one axis."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -41,7 +39,9 @@ def plot_curves(
     return out
 
 
-def gate_heatmap(history: list[tuple[int, list[float]]], branches: list[tuple[int, str]], path: str | Path) -> Path | None:
+def gate_heatmap(
+    history: list[tuple[int, list[float]]], branches: list[tuple[int, str]], path: str | Path
+) -> Path | None:
     """PNG heat-map of gate probabilities (rows: branches, columns: recorded steps)."""
     if not history:
         return None

@@ -37,8 +37,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlparse
 
 import mlflow
@@ -48,11 +49,11 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
-from raydrat.envvars import env_set
 from raydrat.config.run import RaydratConfig
 from raydrat.config.tracking import TrackingConfig
-from raydrat.redact import redact, redact_uri, remember_uri
 from raydrat.core import metrics as M
+from raydrat.envvars import env_set
+from raydrat.redact import redact, redact_uri, remember_uri
 
 DEFAULT_DB = "mlruns.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -112,11 +113,27 @@ TABLE_METRICS = (M.VAL_LOSS, M.TRAIN_LOSS, M.PEAK_BYTES, M.ESTIMATED_BYTES, M.TO
 
 
 def _line_chart(key: str, section: str) -> dict:
-    return {"uuid": f"raydrat-{key}", "type": "LINE", "runsCountToCompare": 10, "metricSectionId": section,
-            "deleted": False, "isGenerated": False, "metricKey": key, "selectedMetricKeys": [key],
-            "lineSmoothness": 0, "xAxisScaleType": "linear", "scaleType": "linear", "range": {},
-            "xAxisKey": "step", "selectedXAxisMetricKey": "", "yAxisKey": "metric", "yAxisExpressions": [],
-            "ignoreOutliers": False, "useGlobalXaxisKey": True, "useGlobalLineSmoothing": True}
+    return {
+        "uuid": f"raydrat-{key}",
+        "type": "LINE",
+        "runsCountToCompare": 10,
+        "metricSectionId": section,
+        "deleted": False,
+        "isGenerated": False,
+        "metricKey": key,
+        "selectedMetricKeys": [key],
+        "lineSmoothness": 0,
+        "xAxisScaleType": "linear",
+        "scaleType": "linear",
+        "range": {},
+        "xAxisKey": "step",
+        "selectedXAxisMetricKey": "",
+        "yAxisKey": "metric",
+        "yAxisExpressions": [],
+        "ignoreOutliers": False,
+        "useGlobalXaxisKey": True,
+        "useGlobalLineSmoothing": True,
+    }
 
 
 def view_state(search_filter: str | None = None) -> dict[str, Any]:
@@ -128,9 +145,19 @@ def view_state(search_filter: str | None = None) -> dict[str, Any]:
     ranked by val loss (which lists a sweep's trials rather than folding them under it)."""
     columns = [f"metrics.`{k}`" for k in TABLE_METRICS] + ["tags.`raydrat.status`", "attributes.`Source`"]
     state: dict[str, Any] = {
-        "selectedColumns": columns, "columnOrder": columns, "isAccordionReordered": True,
-        "compareRunSections": [{"uuid": "raydrat-loss", "name": "Loss", "display": True, "isReordered": True,
-                                "deleted": False, "isGenerated": False}],
+        "selectedColumns": columns,
+        "columnOrder": columns,
+        "isAccordionReordered": True,
+        "compareRunSections": [
+            {
+                "uuid": "raydrat-loss",
+                "name": "Loss",
+                "display": True,
+                "isReordered": True,
+                "deleted": False,
+                "isGenerated": False,
+            }
+        ],
         "compareRunCharts": [_line_chart(k, "raydrat-loss") for k in (M.VAL_LOSS, M.TRAIN_LOSS)],
     }
     if search_filter:
@@ -151,8 +178,10 @@ def ui_url(uri: str, experiment_id: str, key: str = VIEW_KEY) -> str:
         base = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
     else:
         base = "http://127.0.0.1:5000"
-    return (f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-            f"&viewStateShareKey={key}&compareRunsMode=CHART")
+    return (
+        f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+        f"&viewStateShareKey={key}&compareRunsMode=CHART"
+    )
 
 
 def get_or_create_experiment(uri: str, name: str) -> str:
@@ -165,8 +194,10 @@ def get_or_create_experiment(uri: str, name: str) -> str:
         exp_id = c.create_experiment(name)
         if is_embedded(uri):
             with sqlite3.connect(uri.removeprefix("sqlite:///")) as db:
-                db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
-                           (DEFAULT_ARTIFACTS, int(exp_id)))
+                db.execute(
+                    "UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+                    (DEFAULT_ARTIFACTS, int(exp_id)),
+                )
         exp = c.get_experiment(exp_id)
     if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
         c.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
@@ -194,10 +225,16 @@ def _git_commit() -> tuple[str, bool] | None:
     (``None`` outside a git checkout)."""
     here = Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return (commit, bool(dirty)) if commit else None
@@ -222,9 +259,12 @@ def run_tags() -> dict[str, str]:
     prog = "raydrat" if argv[0].endswith(("raydrat", "raydrat/cli.py")) else Path(argv[0]).name
     words = [Path(a).stem if "/" in a or a.endswith(".yaml") else a for a in argv[1:] if not a.startswith("-")][:2]
     # under `ray job submit` the driver has Ray's job config in its environment
-    tags = {"mlflow.source.name": " ".join([prog, *words]),
-            "mlflow.source.type": "JOB" if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") else "LOCAL",
-            "mlflow.user": _user(), COMMAND_TAG: shlex.join([prog, *argv[1:]])[:5000]}
+    tags = {
+        "mlflow.source.name": " ".join([prog, *words]),
+        "mlflow.source.type": "JOB" if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") else "LOCAL",
+        "mlflow.user": _user(),
+        COMMAND_TAG: shlex.join([prog, *argv[1:]])[:5000],
+    }
     git = _git_commit()
     if git:
         tags["mlflow.source.git.commit"] = git[0]
@@ -255,8 +295,13 @@ def run_params(cfg: RaydratConfig, runtime: Any = None) -> dict[str, Any]:
         drop += ["data.prepared", "data.prepared_endpoint_url"]
     params = {k: v for k, v in flat.items() if not any(k == d or (d.endswith(".") and k.startswith(d)) for d in drop)}
     if runtime is not None:
-        params.update({"runtime.device": runtime.device_type, "runtime.precision": runtime.precision,
-                       "runtime.attention_backend": runtime.attention_backend})
+        params.update(
+            {
+                "runtime.device": runtime.device_type,
+                "runtime.precision": runtime.precision,
+                "runtime.attention_backend": runtime.attention_backend,
+            }
+        )
     return params
 
 
@@ -272,15 +317,25 @@ def data_inputs(lineage: Mapping[str, Any], profile: Mapping[str, Any]) -> list[
     name = ",".join(Path(u.rstrip("/")).name or u for u in uris)[:200] or "data"
     digest = hashlib.sha256(json.dumps(lineage, sort_keys=True, default=str).encode()).hexdigest()
     source_type = "s3" if any(u.startswith("s3://") for u in uris) else "local"
-    schema = json.dumps({"mlflow_colspec": [
-        {"name": "tokens", "type": "array", "items": {"type": "integer"}, "required": True},
-        {"name": "block_id", "type": "long", "required": True}]})
+    schema = json.dumps(
+        {
+            "mlflow_colspec": [
+                {"name": "tokens", "type": "array", "items": {"type": "integer"}, "required": True},
+                {"name": "block_id", "type": "long", "required": True},
+            ]
+        }
+    )
     counts = {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in profile.items()}
     out = []
     for split, context in (("train", "training"), ("val", "validation")):
-        ds = Dataset(name=f"{name}:{split}", digest=hashlib.sha256((digest + split).encode()).hexdigest()[:16],
-                     source_type=source_type, source=json.dumps({"uris": uris, "split": split}),
-                     schema=schema, profile=json.dumps(counts, default=str))
+        ds = Dataset(
+            name=f"{name}:{split}",
+            digest=hashlib.sha256((digest + split).encode()).hexdigest()[:16],
+            source_type=source_type,
+            source=json.dumps({"uris": uris, "split": split}),
+            schema=schema,
+            profile=json.dumps(counts, default=str),
+        )
         out.append(DatasetInput(ds, [InputTag(DATA_CONTEXT_TAG, context)]))
     return out
 
@@ -388,15 +443,26 @@ def _fluent_run(uri: str, run_id: str):
             client(uri).update_run(run_id, status=status)
 
 
-def log_model(uri: str, run_id: str, model: Any, name: str, registered_model_name: str | None = None,
-              metadata: Mapping[str, Any] | None = None, step: int = 0) -> str:
+def log_model(
+    uri: str,
+    run_id: str,
+    model: Any,
+    name: str,
+    registered_model_name: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    step: int = 0,
+) -> str:
     """Log a torch ``model`` to the run as an MLflow model named ``name`` (the UI's models
     view; ``mlflow.pytorch.load_model`` loads it back), registered as
     ``registered_model_name`` when given. Returns its ``models:/`` URI."""
     with _fluent_run(uri, run_id):
         info = mlflow.pytorch.log_model(
-            model, name=name, registered_model_name=registered_model_name, metadata=dict(metadata or {}),
-            step=step, pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            model,
+            name=name,
+            registered_model_name=registered_model_name,
+            metadata=dict(metadata or {}),
+            step=step,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
             serialization_format="pickle",  # the module itself (pt2 would trace forward on an example)
         )
     return info.model_uri
@@ -419,17 +485,24 @@ class Run:
         self.uri, self.run_id = (uri, run_id) if uri and run_id else (None, None)
 
     @classmethod
-    def off(cls) -> "Run":
+    def off(cls) -> Run:
         return cls()
 
     @classmethod
-    def attach(cls, uri: str | None, run_id: str | None) -> "Run":
+    def attach(cls, uri: str | None, run_id: str | None) -> Run:
         return cls(uri, run_id)
 
     @classmethod
-    def start(cls, uri: str, experiment: str, run_name: str, params: Mapping[str, Any] | None = None,
-              tags: Mapping[str, str] | None = None, parent: "Run | None" = None,
-              start_time_s: float | None = None) -> "Run":
+    def start(
+        cls,
+        uri: str,
+        experiment: str,
+        run_name: str,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+        parent: Run | None = None,
+        start_time_s: float | None = None,
+    ) -> Run:
         parent_id = parent.run_id if parent is not None else None
         return cls(uri, start_run(uri, experiment, run_name, params, tags, parent_id, start_time_s))
 
@@ -462,7 +535,6 @@ class Run:
         if self:
             client(self.uri).set_tag(self.run_id, key, redact(str(value)))
 
-
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self and tags:
             client(self.uri).log_batch(self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
@@ -484,8 +556,14 @@ class Run:
     def status(self) -> str | None:
         return client(self.uri).get_run(self.run_id).info.status if self else None
 
-    def log_model(self, model: Any, name: str, registered_model_name: str | None = None,
-                  metadata: Mapping[str, Any] | None = None, step: int = 0) -> str | None:
+    def log_model(
+        self,
+        model: Any,
+        name: str,
+        registered_model_name: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        step: int = 0,
+    ) -> str | None:
         if self:
             return log_model(self.uri, self.run_id, model, name, registered_model_name, metadata, step)
         return None

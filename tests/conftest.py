@@ -9,11 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import faults
 import pytest
 import ray.cloudpickle
 import torch
-
-import faults
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -25,8 +25,18 @@ def _one_thread():
 
 
 def small_cfg(*overrides):
-    return load_config("debug", ["train.device=cpu", "train.batch_size=4", "train.steps=3", "optim.warmup_steps=1", "tracking.enabled=false",
-                                 "scaling.cpus_per_worker=1", *overrides])
+    return load_config(
+        "debug",
+        [
+            "train.device=cpu",
+            "train.batch_size=4",
+            "train.steps=3",
+            "optim.warmup_steps=1",
+            "tracking.enabled=false",
+            "scaling.cpus_per_worker=1",
+            *overrides,
+        ],
+    )
 
 
 def test_every_shipped_combination_builds():

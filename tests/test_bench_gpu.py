@@ -35,8 +35,14 @@ runpy.run_module("raydrat.bench.gpu", run_name="__main__")
 def bench_without(absent: tuple[str, ...], *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """``python -m raydrat.bench.gpu ARGS`` in a process where ``absent`` cannot be imported."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-c", RUN_WITHOUT, ",".join(absent), *args], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", RUN_WITHOUT, ",".join(absent), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=timeout,
+    )
 
 
 def test_dry_run_plans_gpt2_small_and_the_largest_model_without_ray_mlflow_or_bitsandbytes(tmp_path):
@@ -78,8 +84,16 @@ def test_every_case_runs_at_toy_shapes_on_cpu_and_its_figures_hold(tmp_path):
     doc = json.loads((out / "bench-gpu.json").read_text())
     assert (out / "bench-gpu.log").read_text().strip().endswith("s")  # "bench gpu done in Ns"
     rows = doc["rows"]
-    assert {r["case"] for r in rows} == {"sdpa", "throughput", "memory", "precision", "optim8bit", "recompute",
-                                        "layerdrop", "largest"}
+    assert {r["case"] for r in rows} == {
+        "sdpa",
+        "throughput",
+        "memory",
+        "precision",
+        "optim8bit",
+        "recompute",
+        "layerdrop",
+        "largest",
+    }
     assert not [r for r in rows if "failed" in r], [r for r in rows if "failed" in r]
     assert doc["environment"]["torch"] == torch.__version__
     sdpa = {r["backend"]: r for r in rows if r["case"] == "sdpa"}
@@ -114,13 +128,26 @@ def test_past_the_deadline_each_case_is_recorded_as_skipped(tmp_path):
 def test_gpu_check_names_a_missing_carried_wheel(tmp_path):
     carry = tmp_path / "carry"
     (carry / "wheels").mkdir(parents=True)
-    for name in ("pydantic-2.0-py3-none-any.whl", "annotated_types-0.7-py3-none-any.whl",
-                 "typing_extensions-4.0-py3-none-any.whl", "typing_inspection-0.4-py3-none-any.whl"):
+    for name in (
+        "pydantic-2.0-py3-none-any.whl",
+        "annotated_types-0.7-py3-none-any.whl",
+        "typing_extensions-4.0-py3-none-any.whl",
+        "typing_inspection-0.4-py3-none-any.whl",
+    ):
         (carry / "wheels" / name).write_bytes(b"")
     env = {**os.environ, "CARRY": str(carry), "SITE": str(tmp_path / "site")}
-    proc = subprocess.run(["bash", str(ROOT / "scripts/gpu-check"), str(tmp_path / "out")], capture_output=True,
-                          text=True, env=env, cwd=ROOT, timeout=60)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts/gpu-check"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("raydrat: error: gpu-check: carried wheel missing") \
-        and "pydantic_core" in proc.stderr and "gpu-carry" in proc.stderr
+    assert (
+        proc.stderr.strip().startswith("raydrat: error: gpu-check: carried wheel missing")
+        and "pydantic_core" in proc.stderr
+        and "gpu-carry" in proc.stderr
+    )
     assert not (tmp_path / "site").exists() or not any((tmp_path / "site").iterdir())  # nothing installed

@@ -42,9 +42,20 @@ def test_nanogpt_reference_is_gpt2():
     with torch.no_grad():
         for p in nano.parameters():
             p.add_(0.05 * torch.randn_like(p))  # biases and norms away from 0 / 1
-    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=96, n_positions=16, n_embd=32, n_layer=2, n_head=4, activation_function="gelu",
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5)).eval()
+    hf = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=96,
+            n_positions=16,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            activation_function="gelu",
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            layer_norm_epsilon=1e-5,
+        )
+    ).eval()
     conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
     state = {k: (v.t() if k.endswith(conv1d) else v) for k, v in nano.state_dict().items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
@@ -73,7 +84,13 @@ def test_bench_model_rows(tmp_path, capsys):
         assert r["tokens_per_s"] == pytest.approx(2 * 16 / r["step_s_median"])
     assert rows[0]["params"] == rows[0]["reference_params"]
     saved = json.loads(path.read_text())
-    assert {k for k in saved["rows"][0]} >= {"shape", "settings", "reference", "tokens_per_s",
-                                             "reference_tokens_per_s", "ratio"}
+    assert {k for k in saved["rows"][0]} >= {
+        "shape",
+        "settings",
+        "reference",
+        "tokens_per_s",
+        "reference_tokens_per_s",
+        "ratio",
+    }
     out = capsys.readouterr().out
     assert "load average" in out and "torchtitan" in out

@@ -29,8 +29,17 @@ def _save(directory: Path, step: int, world_size: int = 2) -> Path:
     for rank in range(world_size):
         model = build_model(TINY, seed=rank)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        save_checkpoint(directory, model, opt, step, {"name": "t"}, Techniques.plain(TINY.n_layer),
-                        DataPosition(0, step * 3 + rank), rank, world_size)
+        save_checkpoint(
+            directory,
+            model,
+            opt,
+            step,
+            {"name": "t"},
+            Techniques.plain(TINY.n_layer),
+            DataPosition(0, step * 3 + rank),
+            rank,
+            world_size,
+        )
     return directory
 
 
@@ -53,11 +62,15 @@ def test_a_checkpoint_is_complete_only_with_every_rank_manifest_and_matching_fil
     # the faults a kill or a disk leaves: each is named
     broken = run_dir / "broken"
     cases = {
-        "truncated": (lambda d: (d / "state.pt").write_bytes((d / "state.pt").read_bytes()[:100]),
-                      r"state.pt \(rank 0\) is 100 bytes, its manifest says \d+ \(truncated"),
+        "truncated": (
+            lambda d: (d / "state.pt").write_bytes((d / "state.pt").read_bytes()[:100]),
+            r"state.pt \(rank 0\) is 100 bytes, its manifest says \d+ \(truncated",
+        ),
         "rank file": (lambda d: (d / "rank1.pt").unlink(), r"rank1.pt \(rank 1\) is missing"),
-        "rank save": (lambda d: [(d / f).unlink() for f in ("rank1.pt", "manifest-rank1.json")],
-                      r"manifest of rank\(s\) 1 of 2 is missing"),
+        "rank save": (
+            lambda d: [(d / f).unlink() for f in ("rank1.pt", "manifest-rank1.json")],
+            r"manifest of rank\(s\) 1 of 2 is missing",
+        ),
         "no manifest": (lambda d: [p.unlink() for p in d.glob("manifest-*")], r"no manifest"),
         "flipped": (lambda d: _flip_byte(d / "rank0.pt"), r"rank0.pt \(rank 0\) does not match its manifest's sha256"),
     }
@@ -79,7 +92,7 @@ def _flip_byte(path: Path) -> None:
 def test_resume_takes_the_newest_complete_checkpoint_and_says_why(run_dir):
     dirs = sorted(run_dir.iterdir())
     (dirs[3] / "state.pt").write_bytes((dirs[3] / "state.pt").read_bytes()[:1000])  # truncated newest
-    (dirs[2] / "rank1.pt").unlink()                                                  # a rank's file gone
+    (dirs[2] / "rank1.pt").unlink()  # a rank's file gone
     chosen, skipped = resume.choose_checkpoint(run_dir)
     assert chosen == dirs[1] and load_state(str(chosen))["step"] == 4
     assert [Path(d).name for d, _ in skipped] == [dirs[3].name, dirs[2].name]
@@ -100,10 +113,13 @@ def test_resume_refuses_when_no_checkpoint_is_complete(tmp_path, run_dir):
 
 def test_an_interrupt_leaves_only_complete_checkpoints(run_dir):
     dirs = sorted(run_dir.iterdir())
-    (dirs[3] / "state.pt").write_bytes(b"torn")          # cut off mid-save, unknown to Ray
-    (dirs[0] / "manifest-rank1.json").unlink()           # incomplete but registered by Ray Train
-    (run_dir / resume.RAY_SNAPSHOT).write_text(json.dumps({"checkpoint_results": [
-        {"checkpoint_dir_name": dirs[0].name}, {"checkpoint_dir_name": dirs[2].name}]}))
+    (dirs[3] / "state.pt").write_bytes(b"torn")  # cut off mid-save, unknown to Ray
+    (dirs[0] / "manifest-rank1.json").unlink()  # incomplete but registered by Ray Train
+    (run_dir / resume.RAY_SNAPSHOT).write_text(
+        json.dumps(
+            {"checkpoint_results": [{"checkpoint_dir_name": dirs[0].name}, {"checkpoint_dir_name": dirs[2].name}]}
+        )
+    )
     assert resume.prune_incomplete(run_dir) == [dirs[3].name]
     assert resume.checkpoint_dirs(run_dir) == dirs[:3]  # Ray's record never loses a directory
 
@@ -126,9 +142,13 @@ def test_the_fit_check_counts_the_data_streams_cpu():
         return load_config("debug", list(sets))
 
     two = cfg("scaling.num_workers=2")
-    with pytest.raises(ConfigError, match=(
+    with pytest.raises(
+        ConfigError,
+        match=(
             r"2 CPUs for the Train workers, plus 1 for the training data stream .* needs 3 CPUs but the Ray "
-            r"cluster has 2 CPUs and 0 GPUs.*set scaling.cpus_per_worker=0.5")):
+            r"cluster has 2 CPUs and 0 GPUs.*set scaling.cpus_per_worker=0.5"
+        ),
+    ):
         check_cluster_fits(two, False, {"CPU": 2.0})
     check_cluster_fits(cfg("scaling.num_workers=2", "scaling.cpus_per_worker=0.5"), False, {"CPU": 2.0})
     check_cluster_fits(cfg(), False, {"CPU": 2.0})  # the debug recipe on 2 CPUs

@@ -10,8 +10,8 @@ import textwrap
 
 import pytest
 import yaml
-
 from conftest import REPO
+
 from raydrat import __version__, console
 from raydrat.cli import main
 from raydrat.config import load_config
@@ -48,11 +48,14 @@ def test_set_int_field_takes_an_integral_float():
     assert load_config("debug", ["optim.lr=1e-3"]).optim.lr == pytest.approx(1e-3)  # floats unchanged
 
 
-@pytest.mark.parametrize("override, culprit", [
-    ("train.steps=1.5", "train.steps"),
-    ("train.steps=abc", "train.steps"),
-    ("tracking.run_name", "tracking.run_name"),
-])
+@pytest.mark.parametrize(
+    "override, culprit",
+    [
+        ("train.steps=1.5", "train.steps"),
+        ("train.steps=abc", "train.steps"),
+        ("tracking.run_name", "tracking.run_name"),
+    ],
+)
 def test_bad_set_is_one_error_line(override, culprit, capsys):
     assert main(["train", "debug", "--set", override, "--dry-run"]) == 2
     err = capsys.readouterr().err
@@ -63,8 +66,10 @@ def test_bad_set_is_one_error_line(override, culprit, capsys):
 def test_print_config_is_the_resolved_config_redacted(capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2-secret")
     uri = "http://alice:hunter2-secret@mlflow.example:5000"
-    assert main(["train", "debug", "--print-config", "--set", f"tracking.tracking_uri={uri}",
-                 "--set", "train.steps=1e2"]) == 0
+    assert (
+        main(["train", "debug", "--print-config", "--set", f"tracking.tracking_uri={uri}", "--set", "train.steps=1e2"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "hunter2-secret" not in out
     printed = yaml.safe_load(out)
@@ -133,14 +138,17 @@ def test_tune_dry_run_of_a_missing_space_is_one_line(capsys):
     assert "smoke" in _error_line(capsys)  # the shipped spaces are listed
 
 
-@pytest.mark.parametrize("data, line, kept", [
-    ({"pid": 7}, "[raydrat] step 5/20 | loss 6.1", True),
-    ({"pid": 7}, "Reporting training result 1: TrainingReport(checkpoint=None, metrics={})", False),
-    ({"pid": 7}, "Progress bars disabled. To enable, set ...", False),
-    ({"pid": "raylet"}, "Task X failed. There are infinite retries remaining, so the task will be retried.", False),
-    ({"pid": "raylet"}, "A worker died or was killed while executing a task", True),
-    ({"pid": "autoscaler"}, "Warning: The following resource request cannot be scheduled", True),
-])
+@pytest.mark.parametrize(
+    "data, line, kept",
+    [
+        ({"pid": 7}, "[raydrat] step 5/20 | loss 6.1", True),
+        ({"pid": 7}, "Reporting training result 1: TrainingReport(checkpoint=None, metrics={})", False),
+        ({"pid": 7}, "Progress bars disabled. To enable, set ...", False),
+        ({"pid": "raylet"}, "Task X failed. There are infinite retries remaining, so the task will be retried.", False),
+        ({"pid": "raylet"}, "A worker died or was killed while executing a task", True),
+        ({"pid": "autoscaler"}, "Warning: The following resource request cannot be scheduled", True),
+    ],
+)
 def test_quiet_console_keeps_raydrat_lines(data, line, kept):
     assert console.keep_line(data, line) is kept
 
@@ -175,8 +183,14 @@ def test_quiet_console_on_real_ray(tmp_path):
     script.write_text(QUIET_SCRIPT)
     out = {}
     for mode in ("quiet", "verbose"):
-        p = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, timeout=180,
-                           cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        p = subprocess.run(
+            [sys.executable, str(script), mode],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
         assert p.returncode == 0, p.stderr[-2000:]
         out[mode] = p.stdout + p.stderr
     assert "Reporting training result 1" in out["verbose"] and "Progress bars disabled" in out["verbose"]

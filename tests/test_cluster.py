@@ -13,8 +13,16 @@ CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
 @pytest.mark.parametrize("name", ["aws-gpu.yaml", "gcp-gpu.yaml"])
 def test_cluster_launcher_configs(name):
     cfg = yaml.safe_load((CLUSTER / name).read_text())
-    for key in ("cluster_name", "max_workers", "provider", "available_node_types", "head_node_type",
-                "setup_commands", "head_start_ray_commands", "worker_start_ray_commands"):
+    for key in (
+        "cluster_name",
+        "max_workers",
+        "provider",
+        "available_node_types",
+        "head_node_type",
+        "setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    ):
         assert key in cfg, f"{name}: missing {key}"
     assert cfg["provider"]["type"] in ("aws", "gcp") and cfg["provider"]["region"]
     types = cfg["available_node_types"]
@@ -23,8 +31,10 @@ def test_cluster_launcher_configs(name):
         assert "node_config" in node and "resources" in node, tname
     workers = [t for n, t in types.items() if n != cfg["head_node_type"]]
     assert workers and all(t["max_workers"] >= t.get("min_workers", 0) for t in workers)
-    assert any("GPU" in str(t["node_config"]) or "g5" in str(t["node_config"]) or
-               "nvidia" in str(t["node_config"]) for t in workers)
+    assert any(
+        "GPU" in str(t["node_config"]) or "g5" in str(t["node_config"]) or "nvidia" in str(t["node_config"])
+        for t in workers
+    )
     assert any("pip install" in c and "raydrat" in c for c in cfg["setup_commands"])
     assert any("--head" in c for c in cfg["head_start_ray_commands"])
 
@@ -65,8 +75,11 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "distributed.md"
 
 
 def _commands(cfg: dict) -> list[str]:
-    return [c for key in ("setup_commands", "head_setup_commands", "head_start_ray_commands",
-                          "worker_start_ray_commands") for c in cfg.get(key, [])]
+    return [
+        c
+        for key in ("setup_commands", "head_setup_commands", "head_start_ray_commands", "worker_start_ray_commands")
+        for c in cfg.get(key, [])
+    ]
 
 
 @pytest.mark.parametrize("name", ["aws-gpu.yaml", "gcp-gpu.yaml"])
@@ -117,9 +130,17 @@ def test_kuberay_configs_need_a_token_and_keep_credentials_in_secrets():
 
 def test_docs_recommend_tunnels_or_auth_and_say_what_the_metrics_port_does():
     text = DOCS.read_text()
-    for needle in ("## Exposure", "ray dashboard cluster/aws-gpu.yaml", "ssh -L 5000:", "kubectl port-forward",
-                   "--app-name basic-auth", "RAY_AUTH_MODE=token", "--metrics-export-port", "## Secrets",
-                   "runtime_env_agent.log"):
+    for needle in (
+        "## Exposure",
+        "ray dashboard cluster/aws-gpu.yaml",
+        "ssh -L 5000:",
+        "kubectl port-forward",
+        "--app-name basic-auth",
+        "RAY_AUTH_MODE=token",
+        "--metrics-export-port",
+        "## Secrets",
+        "runtime_env_agent.log",
+    ):
         assert needle in text, needle
     # 0.0.0.0 only where the docs say why and what guards it
     for line in (ln for ln in text.splitlines() if "0.0.0.0" in ln):

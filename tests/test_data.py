@@ -45,20 +45,15 @@ def make_docs(n: int, seed: int = 0) -> list[str | None]:
     """``n`` documents of 0 to 40 random words; every 25th is empty, one is null."""
     rng = random.Random(seed)
     docs: list[str | None] = [
-        "" if i % 25 == 7 else f"doc{i} " + " ".join(rng.choices(WORDS, k=rng.randint(1, 40)))
-        for i in range(n)
+        "" if i % 25 == 7 else f"doc{i} " + " ".join(rng.choices(WORDS, k=rng.randint(1, 40))) for i in range(n)
     ]
     docs[3] = None
     return docs
 
 
-def write_parquet(
-    path: Path, docs: list, column: str = "text", row_group_size: int | None = None
-) -> Path:
+def write_parquet(path: Path, docs: list, column: str = "text", row_group_size: int | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(
-        pa.table({column: pa.array(docs, pa.string())}), path, row_group_size=row_group_size
-    )
+    pq.write_table(pa.table({column: pa.array(docs, pa.string())}), path, row_group_size=row_group_size)
     return path
 
 
@@ -121,9 +116,9 @@ def test_core_data_imports_without_ray_or_mlflow():
     mods = sorted(p.stem for p in core.glob("*.py") if p.stem != "__init__")
     assert {"blocks", "plan", "read", "split", "pack", "prepared"} <= set(mods)
     code = "".join(f"import raydrat.core.data.{m}\n" for m in mods) + (
-        "import sys; print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow'}))")
-    res = subprocess.run([sys.executable, "-c", code], cwd=core.parents[2], capture_output=True,
-                         text=True, timeout=120)
+        "import sys; print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow'}))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=core.parents[2], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[]"
 
@@ -169,11 +164,7 @@ def reference_blocks(corpus: dict, cfg: DataConfig) -> dict[str, list[list[int]]
         for rg in range(pf.num_row_groups):
             texts = [t for t in pf.read_row_group(rg)["text"].to_pylist() if t]
             for split in out:
-                docs = [
-                    t
-                    for t in texts
-                    if is_val_document(t, cfg.split_seed, cfg.val_fraction) == (split == "val")
-                ]
+                docs = [t for t in texts if is_val_document(t, cfg.split_seed, cfg.val_fraction) == (split == "val")]
                 for i in range(0, len(docs), cfg.pack_rows):
                     ids = [tok.encode(d).ids for d in docs[i : i + cfg.pack_rows]]
                     out[split] += pack_tokens(ids, eod, BLOCK_LEN)[0]
@@ -197,16 +188,10 @@ def test_ray_pipeline_equals_local_and_is_deterministic(corpus):
     bundle = build_datasets(cfg, SEQ_LEN, VOCAB)
     train, val = bundle.train.take_all(), bundle.val.take_all()
     for rows in (train, val):
-        assert all(
-            r["tokens"].dtype == np.int32 and r["tokens"].shape == (BLOCK_LEN,) for r in rows
-        )
+        assert all(r["tokens"].dtype == np.int32 and r["tokens"].shape == (BLOCK_LEN,) for r in rows)
         assert len({r["block_id"] for r in rows}) == len(rows)
-    assert as_multiset(r["tokens"] for r in train) == as_multiset(
-        iter_blocks_local(cfg, SEQ_LEN, VOCAB, "train")
-    )
-    assert as_multiset(r["tokens"] for r in val) == as_multiset(
-        iter_blocks_local(cfg, SEQ_LEN, VOCAB, "val")
-    )
+    assert as_multiset(r["tokens"] for r in train) == as_multiset(iter_blocks_local(cfg, SEQ_LEN, VOCAB, "train"))
+    assert as_multiset(r["tokens"] for r in val) == as_multiset(iter_blocks_local(cfg, SEQ_LEN, VOCAB, "val"))
 
     docs = [d for d in corpus["docs"] if d]
     stats = bundle.stats
@@ -248,9 +233,7 @@ def test_text_files_and_gzip(corpus, tmp_path):
 
 def test_missing_corpus_path(corpus, tmp_path):
     cfg = data_cfg(corpus, tmp_path / "nope")
-    with pytest.raises(
-        DataError, match=r"data.sources\[0\].path .*nope.* does not exist.*raydrat data demo"
-    ):
+    with pytest.raises(DataError, match=r"data.sources\[0\].path .*nope.* does not exist.*raydrat data demo"):
         resolve_sources(cfg)
     with pytest.raises(DataError, match="matches no files"):
         plan_units(data_cfg(corpus, tmp_path / "*.parquet"))
@@ -289,9 +272,7 @@ def test_empty_corpus(corpus, tmp_path, docs, match):
 def test_corpus_too_small_for_val(corpus, tmp_path):
     train_only = [d for d in corpus["docs"][:60] if d and not is_val_document(d, 0, 0.1)]
     path = write_parquet(tmp_path / "small.parquet", train_only)
-    with pytest.raises(
-        DataError, match=r"too small to hold out a validation block with data.val_fraction = 0.1"
-    ):
+    with pytest.raises(DataError, match=r"too small to hold out a validation block with data.val_fraction = 0.1"):
         build_datasets(data_cfg(corpus, path), SEQ_LEN, VOCAB)
 
 
@@ -304,8 +285,7 @@ def test_invalid_utf8_is_replaced_and_counted(corpus, tmp_path):
     # bad.txt, and lines.txt as one document (file mode): both kept, replaced, counted
     assert bundle.stats.invalid_utf8_docs == 2 and bundle.stats.docs == 3
     assert bundle.metrics()["data_invalid_utf8_docs"] == 2.0
-    lines = data_cfg(corpus, sources=[{"path": str(tmp_path / "lines.txt"), "format": "text",
-                                       "text_mode": "line"}])
+    lines = data_cfg(corpus, sources=[{"path": str(tmp_path / "lines.txt"), "format": "text", "text_mode": "line"}])
     docs, counts = read_unit(plan_units(lines)[0], make_spec(lines, SEQ_LEN, VOCAB)[0])
     assert sorted(docs["train"] + docs["val"]) == sorted(["good line", "bad \ufffd line", "last"])
     assert counts["invalid_utf8_docs"] == 1 and counts["empty_docs"] == 1
@@ -313,9 +293,7 @@ def test_invalid_utf8_is_replaced_and_counted(corpus, tmp_path):
 
 def test_tokenizer_errors(corpus, tmp_path):
     n = load_tokenizer(corpus["tokenizer"], VOCAB).get_vocab_size()
-    with pytest.raises(
-        DataError, match=rf"has {n} tokens but model.vocab_size is 260: raise model.vocab_size"
-    ):
+    with pytest.raises(DataError, match=rf"has {n} tokens but model.vocab_size is 260: raise model.vocab_size"):
         load_tokenizer(corpus["tokenizer"], 260)
     with pytest.raises(
         DataError,
@@ -400,8 +378,9 @@ def test_weighted_mixing_gives_the_expected_proportions(corpus, tmp_path):
     b = [" ".join(rng.choices(WORDS, k=30)) for _ in range(200)]
     write_parquet(tmp_path / "a" / "a.parquet", a, row_group_size=100)
     write_parquet(tmp_path / "b" / "b.parquet", b, row_group_size=50)
-    cfg = data_cfg(corpus, sources=[{"path": str(tmp_path / "a"), "weight": 1.0},
-                                    {"path": str(tmp_path / "b"), "weight": 3.0}])
+    cfg = data_cfg(
+        corpus, sources=[{"path": str(tmp_path / "a"), "weight": 1.0}, {"path": str(tmp_path / "b"), "weight": 3.0}]
+    )
     plan = plan_units(cfg)
     source_of = {u.unit_id: u.source for u in plan}
     rates = {u.source: u.rate for u in plan}
@@ -440,7 +419,8 @@ def test_prepare_conserves_tokens_and_publishes_last(corpus, tmp_path, monkeypat
     assert c["train_tokens"] == c["train_blocks"] * BLOCK_LEN + c["train_dropped_tokens"]
     assert (c["docs"], c["empty_docs"]) == (len(docs), len(corpus["docs"]) - len(docs))
     assert as_multiset(prepared.iter_prepared_blocks(str(out), "train")) == as_multiset(
-        iter_blocks_local(cfg, SEQ_LEN, VOCAB, "train"))
+        iter_blocks_local(cfg, SEQ_LEN, VOCAB, "train")
+    )
     assert manifest["files"][0]["sha256"] and manifest["seq_len"] == SEQ_LEN
     # a prepare that fails before publishing leaves the old manifest (and its shards) intact
     monkeypatch.setattr(prep, "publish_manifest", crash)
@@ -457,16 +437,25 @@ def test_tokenizer_command_trains_on_a_sample(corpus, tmp_path):
 
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(
-        f"model: {{vocab_size: {VOCAB}}}\ndata:\n  sources: [{{path: {corpus['dir']}}}]\n"
-        "  tokenizer_sample_docs: 50\n"
+        f"model: {{vocab_size: {VOCAB}}}\ndata:\n  sources: [{{path: {corpus['dir']}}}]\n  tokenizer_sample_docs: 50\n"
     )
     out = tmp_path / "tok.json"
     res = run_cli(["data", "tokenizer", str(cfg_path), "--out", str(out)], cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "trained on 50 documents" in res.stdout
     assert 258 < load_tokenizer(out, VOCAB).get_vocab_size() <= VOCAB
-    res = run_cli(["data", "tokenizer", str(cfg_path), "--out", str(out),
-                   "--set", f"data.sources=[{{path: {tmp_path / 'nope'}}}]"], cwd=tmp_path)
+    res = run_cli(
+        [
+            "data",
+            "tokenizer",
+            str(cfg_path),
+            "--out",
+            str(out),
+            "--set",
+            f"data.sources=[{{path: {tmp_path / 'nope'}}}]",
+        ],
+        cwd=tmp_path,
+    )
     assert res.returncode == 2 and "nope does not exist" in res.stderr
 
 
@@ -494,13 +483,20 @@ def test_prepare_command_prints_the_counts(corpus, tmp_path, capsys):
 def write_checked_parquet(path: Path, docs: list, row_group_size: int) -> Path:
     """Uncompressed, no dictionary, page checksums: damage to a data page is detectable."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.table({"text": pa.array(docs, pa.string())}), path, row_group_size=row_group_size,
-                   compression="none", use_dictionary=False, write_page_checksum=True)
+    pq.write_table(
+        pa.table({"text": pa.array(docs, pa.string())}),
+        path,
+        row_group_size=row_group_size,
+        compression="none",
+        use_dictionary=False,
+        write_page_checksum=True,
+    )
     return path
 
 
 def test_corrupt_data_page_is_named_with_its_row_group_and_honours_on_corrupt(corpus, tmp_path):
     from faults import corrupt_data_page
+
     from raydrat.cli import error_message
 
     docs = [d for d in corpus["docs"] if d]
@@ -521,8 +517,9 @@ def test_corrupt_data_page_is_named_with_its_row_group_and_honours_on_corrupt(co
     local = list(iter_blocks_local(skip, SEQ_LEN, VOCAB, "train"))
     assert as_multiset(r["tokens"] for r in rows) == as_multiset(local) and local
     good = write_checked_parquet(tmp_path / "g" / "good.parquet", docs[:120], row_group_size=60)
-    assert as_multiset(local) == as_multiset(iter_blocks_local(data_cfg(corpus, good.parent, val_max_units=1),
-                                                               SEQ_LEN, VOCAB, "train"))
+    assert as_multiset(local) == as_multiset(
+        iter_blocks_local(data_cfg(corpus, good.parent, val_max_units=1), SEQ_LEN, VOCAB, "train")
+    )
 
     out = tmp_path / "prepared"  # prepare: one line, and nothing half-written
     with pytest.raises(DataError, match=r"row group 2 is corrupt"):
@@ -577,10 +574,12 @@ def test_weighted_mixing_is_met_in_tokens_whatever_the_parquet_encoding(corpus, 
     rng = random.Random(11)
     distinct = [" ".join(rng.choices(WORDS, k=30)) for _ in range(30)]
     write_parquet(tmp_path / "a" / "a.parquet", distinct * 25, row_group_size=150)  # pyarrow's default: dictionary
-    write_parquet(tmp_path / "b" / "b.parquet", [" ".join(rng.choices(WORDS, k=30)) for _ in range(750)],
-                  row_group_size=150)
-    cfg = data_cfg(corpus, sources=[{"path": str(tmp_path / "a"), "weight": 1.0},
-                                    {"path": str(tmp_path / "b"), "weight": 1.0}])
+    write_parquet(
+        tmp_path / "b" / "b.parquet", [" ".join(rng.choices(WORDS, k=30)) for _ in range(750)], row_group_size=150
+    )
+    cfg = data_cfg(
+        corpus, sources=[{"path": str(tmp_path / "a"), "weight": 1.0}, {"path": str(tmp_path / "b"), "weight": 1.0}]
+    )
     footers = plan_corpus(cfg).source_bytes
     assert footers[1] > 4 * footers[0]  # the metadata says A is a small fraction of B: the old trap
     spec = make_spec(cfg, SEQ_LEN, VOCAB)[0]
@@ -612,7 +611,8 @@ def test_prepare_keeps_generations_a_reader_holds_and_cleans_crashed_prefixes(co
     third = prep.prepare(cfg, SEQ_LEN, VOCAB, str(out), keep=1)
     # the reader's generation survived two prepares with keep=1; the unread middle one did not
     assert as_multiset(r["tokens"] for r in reader.train.take_all()) == as_multiset(
-        prepared.iter_prepared_blocks(str(out), "train"))
+        prepared.iter_prepared_blocks(str(out), "train")
+    )
     assert (out / first["shards"]).is_dir() and not (out / second["shards"]).exists()
     assert prepared.read_manifest(str(out))["published"] == [third["shards"]]
 

@@ -30,8 +30,8 @@ def _texts(n: int = 120, seed: int = 0) -> list[str | None]:
     rng = random.Random(seed)
     words = ["ray", "data", "train", "tokens", "block", "model", "\u00e9t\u00e9", "\u4e2d\u6587", "json", "line"]
     out: list[str | None] = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 60))) for _ in range(n)]
-    out[3] = ""       # an empty document
-    out[7] = None     # a missing text
+    out[3] = ""  # an empty document
+    out[7] = None  # a missing text
     out[11] = 'quote " and newline\n inside'
     return out
 
@@ -42,8 +42,11 @@ def _write_all(tmp: Path, texts: list[str | None]) -> dict[str, Path]:
 
     datasets.disable_progress_bars()
 
-    pq.write_table(pa.table({"text": pa.array(texts, pa.string()), "id": list(range(len(texts)))}),
-                   tmp / "c.parquet", row_group_size=len(texts))
+    pq.write_table(
+        pa.table({"text": pa.array(texts, pa.string()), "id": list(range(len(texts)))}),
+        tmp / "c.parquet",
+        row_group_size=len(texts),
+    )
     lines = [json.dumps({"id": i, "text": t} if t is not None else {"id": i}) for i, t in enumerate(texts)]
     (tmp / "c.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (tmp / "gz").mkdir()
@@ -53,8 +56,13 @@ def _write_all(tmp: Path, texts: list[str | None]) -> dict[str, Path]:
 
 
 def _cfg(demo_dir: Path, path: Path | str, **src) -> DataConfig:
-    return DataConfig(sources=[{"path": str(path), **src}], demo_dir=str(demo_dir),
-                      tokenizer_path=str(demo_dir / "tokenizer-512.json"), pack_rows=16, val_fraction=0.2)
+    return DataConfig(
+        sources=[{"path": str(path), **src}],
+        demo_dir=str(demo_dir),
+        tokenizer_path=str(demo_dir / "tokenizer-512.json"),
+        pack_rows=16,
+        val_fraction=0.2,
+    )
 
 
 def _stream(cfg: DataConfig, split: str) -> np.ndarray:
@@ -113,21 +121,32 @@ def test_bad_inputs_are_one_error_line(demo_dir, tmp_path, corpora, capsys):
 
     datasets.disable_progress_bars()
 
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a"]}),
-                          "test": datasets.Dataset.from_dict({"text": ["b"]})}).save_to_disk(str(tmp_path / "dd"))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_dict({"text": ["a"]}), "test": datasets.Dataset.from_dict({"text": ["b"]})}
+    ).save_to_disk(str(tmp_path / "dd"))
     (tmp_path / "num.jsonl").write_text('{"text": 5}\n{"text": 6}\n')
     cases = [
-        (tmp_path / "dd", "hf", "is a saved DatasetDict (splits: train, test): point data.sources[0].path at one split"),
+        (
+            tmp_path / "dd",
+            "hf",
+            "is a saved DatasetDict (splits: train, test): point data.sources[0].path at one split",
+        ),
         (corpora["hf"], "hf", "has no column 'body' (columns: text, id): set data.sources[0].text_column"),
         (corpora["parquet"].parent, "hf", "holds no state.json"),
         (tmp_path / "num.jsonl", "jsonl", "field 'text' is int64, not text: set data.sources[0].text_column"),
     ]
     for path, fmt, message in cases:
         column = "body" if "body" in message else "text"
-        sets = [f"data.sources=[{{path: {path}, format: {fmt}, text_column: {column}}}]",
-                f"data.demo_dir={demo_dir}", f"data.tokenizer_path={demo_dir / 'tokenizer-512.json'}"]
-        argv = ["data", "prepare", "debug", "--out", str(tmp_path / "out")] if fmt == "jsonl" else \
-            ["train", "debug", "--dry-run"]
+        sets = [
+            f"data.sources=[{{path: {path}, format: {fmt}, text_column: {column}}}]",
+            f"data.demo_dir={demo_dir}",
+            f"data.tokenizer_path={demo_dir / 'tokenizer-512.json'}",
+        ]
+        argv = (
+            ["data", "prepare", "debug", "--out", str(tmp_path / "out")]
+            if fmt == "jsonl"
+            else ["train", "debug", "--dry-run"]
+        )
         if fmt == "jsonl":  # a field type is found by reading, as `data prepare` and training do
             cfg = _cfg(demo_dir, path)
             with pytest.raises(DataError, match=re.escape(message)):

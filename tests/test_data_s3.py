@@ -18,6 +18,7 @@ import boto3
 import numpy as np
 import pytest
 import ray
+from test_data import SEQ_LEN, VOCAB, as_multiset, make_docs, write_parquet
 
 from raydrat.config import DataConfig, load_config
 from raydrat.core.data.blocks import iter_blocks_local
@@ -27,8 +28,6 @@ from raydrat.core.data.tokenizer import train_tokenizer
 from raydrat.ray_data.datasets import build_datasets
 from raydrat.ray_data.prepare import prepare
 from raydrat.tracking import artifact_repo
-
-from test_data import SEQ_LEN, VOCAB, as_multiset, make_docs, write_parquet
 
 BUCKET = "corpus"
 CREDS = {
@@ -49,7 +48,9 @@ def _start_moto(env: dict | None = None) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -117,9 +118,14 @@ def sources(s3: dict, where: str) -> list[dict]:
 
 
 def cfg_for(s3: dict, where: str, **kw) -> DataConfig:
-    settings = dict(sources=sources(s3, where), tokenizer_path=str(s3["tokenizer"]),
-                    val_fraction=0.1, pack_rows=16, tokenize_batch_size=8,
-                    demo_dir=str(s3["local"] / "no-demo"))
+    settings = dict(
+        sources=sources(s3, where),
+        tokenizer_path=str(s3["tokenizer"]),
+        val_fraction=0.1,
+        pack_rows=16,
+        tokenize_batch_size=8,
+        demo_dir=str(s3["local"] / "no-demo"),
+    )
     settings.update(kw)
     return DataConfig(**settings)
 
@@ -132,9 +138,11 @@ def test_s3_token_stream_equals_local(s3):
         assert [b.tolist() for b in iter_blocks_local(remote, SEQ_LEN, VOCAB, split)] == want
     bundle = build_datasets(remote, SEQ_LEN, VOCAB)
     assert as_multiset(r["tokens"] for r in bundle.train.take_all()) == as_multiset(
-        iter_blocks_local(local, SEQ_LEN, VOCAB, "train"))
+        iter_blocks_local(local, SEQ_LEN, VOCAB, "train")
+    )
     assert as_multiset(r["tokens"] for r in bundle.val.take_all()) == as_multiset(
-        iter_blocks_local(local, SEQ_LEN, VOCAB, "val"))
+        iter_blocks_local(local, SEQ_LEN, VOCAB, "val")
+    )
     assert any(f["path"].startswith("s3://corpus/data/txt/") for f in bundle.lineage["files"])
 
 
@@ -152,8 +160,11 @@ def test_s3_wrong_credentials(s3):
     proc, endpoint = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
     try:
         cfg = cfg_for(s3, "s3", sources=[{"path": f"s3://{BUCKET}/data/pq", "endpoint_url": endpoint}])
-        with pytest.raises(DataError, match=r"data.sources\[0\].path = 's3://corpus/data/pq'.*access was refused to "
-                                            r"the credentials used, access key id testing from AWS_ACCESS_KEY_ID"):
+        with pytest.raises(
+            DataError,
+            match=r"data.sources\[0\].path = 's3://corpus/data/pq'.*access was refused to "
+            r"the credentials used, access key id testing from AWS_ACCESS_KEY_ID",
+        ):
             build_datasets(cfg, SEQ_LEN, VOCAB)
     finally:
         proc.terminate()
@@ -175,13 +186,23 @@ def test_prepare_to_s3_round_trip_and_train(s3, tmp_path):
     assert c["train_blocks"] == len(train)
     assert c["train_tokens"] == c["train_blocks"] * (SEQ_LEN + 1) + c["train_dropped_tokens"]
 
-    cfg = load_config("debug", [
-        f"data.prepared={out}", f"data.prepared_endpoint_url={s3['endpoint']}",
-        f"data.tokenizer_path={s3['tokenizer']}", f"model.seq_len={SEQ_LEN}",
-        f"model.vocab_size={VOCAB}", "train.steps=3", "train.eval_every=3", "train.batch_size=2",
-        "optim.warmup_steps=1", "train.eval_batches=1", f"train.storage_path={tmp_path / 'runs'}",
-        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlruns.db'}",
-    ])
+    cfg = load_config(
+        "debug",
+        [
+            f"data.prepared={out}",
+            f"data.prepared_endpoint_url={s3['endpoint']}",
+            f"data.tokenizer_path={s3['tokenizer']}",
+            f"model.seq_len={SEQ_LEN}",
+            f"model.vocab_size={VOCAB}",
+            "train.steps=3",
+            "train.eval_every=3",
+            "train.batch_size=2",
+            "optim.warmup_steps=1",
+            "train.eval_batches=1",
+            f"train.storage_path={tmp_path / 'runs'}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlruns.db'}",
+        ],
+    )
     from raydrat.ray_train.trainer import run_training
 
     summary = run_training(cfg)
@@ -189,8 +210,13 @@ def test_prepare_to_s3_round_trip_and_train(s3, tmp_path):
     import mlflow
 
     client = mlflow.MlflowClient(summary.tracking_uri)
-    lineage = json.loads(Path(artifact_repo(summary.tracking_uri, summary.mlflow_run_id).download_artifacts(
-        "data/lineage.json", str(tmp_path))).read_text())
+    lineage = json.loads(
+        Path(
+            artifact_repo(summary.tracking_uri, summary.mlflow_run_id).download_artifacts(
+                "data/lineage.json", str(tmp_path)
+            )
+        ).read_text()
+    )
     assert lineage["manifest"]["tokenizer_sha256"] == manifest["tokenizer_sha256"]
     run = client.get_run(summary.mlflow_run_id)
     train_input = next(i for i in run.inputs.dataset_inputs if i.tags[0].value == "training")
@@ -221,14 +247,26 @@ def test_s3_access_denied_is_a_credentials_error_never_a_corrupt_file(s3, monkey
         client.upload_file(str(s3["local"] / "pq" / "a.parquet"), BUCKET, "data/pq/a.parquet")
         iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1")
         iam.create_user(UserName="lister")
-        iam.put_user_policy(UserName="lister", PolicyName="list-only", PolicyDocument=json.dumps({
-            "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": "*"}]}))
+        iam.put_user_policy(
+            UserName="lister",
+            PolicyName="list-only",
+            PolicyDocument=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [{"Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": "*"}],
+                }
+            ),
+        )
         key = iam.create_access_key(UserName="lister")["AccessKey"]
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
         for on_corrupt in ("error", "skip"):
-            cfg = cfg_for(s3, "s3", on_corrupt=on_corrupt,
-                          sources=[{"path": f"s3://{BUCKET}/data/pq/*.parquet", "endpoint_url": endpoint}])
+            cfg = cfg_for(
+                s3,
+                "s3",
+                on_corrupt=on_corrupt,
+                sources=[{"path": f"s3://{BUCKET}/data/pq/*.parquet", "endpoint_url": endpoint}],
+            )
             with pytest.raises(DataError) as info:  # the listing is allowed, reading the footer is not
                 build_datasets(cfg, SEQ_LEN, VOCAB)
             msg = str(info.value)
@@ -267,17 +305,21 @@ def test_s3_jsonl_and_saved_dataset_equal_local_parquet(s3, tmp_path):
     files = _write_all(local, make_docs(120, seed=5))
     for path in sorted(p for p in local.rglob("*") if p.is_file()):
         s3["client"].upload_file(str(path), BUCKET, f"formats/{path.relative_to(local).as_posix()}")
-    common = dict(tokenizer_path=str(s3["tokenizer"]), val_fraction=0.1, pack_rows=16,
-                  demo_dir=str(s3["local"] / "no-demo"))
+    common = dict(
+        tokenizer_path=str(s3["tokenizer"]), val_fraction=0.1, pack_rows=16, demo_dir=str(s3["local"] / "no-demo")
+    )
     ref = DataConfig(sources=[{"path": str(files["parquet"])}], **common)
     for name in ("gz", "hfds"):
-        remote = DataConfig(sources=[{"path": f"s3://{BUCKET}/formats/{name}", "endpoint_url": s3["endpoint"]}], **common)
+        remote = DataConfig(
+            sources=[{"path": f"s3://{BUCKET}/formats/{name}", "endpoint_url": s3["endpoint"]}], **common
+        )
         for split in ("train", "val"):
             want = [b.tolist() for b in iter_blocks_local(ref, SEQ_LEN, VOCAB, split)]
             assert want and [b.tolist() for b in iter_blocks_local(remote, SEQ_LEN, VOCAB, split)] == want
         bundle = build_datasets(remote, SEQ_LEN, VOCAB)
         assert as_multiset(r["tokens"] for r in bundle.train.take_all()) == as_multiset(
-            iter_blocks_local(ref, SEQ_LEN, VOCAB, "train"))
+            iter_blocks_local(ref, SEQ_LEN, VOCAB, "train")
+        )
         assert bundle.stats.empty_docs == sum(1 for d in make_docs(120, seed=5) if not d)
 
 
@@ -288,9 +330,13 @@ def test_s3_bad_jsonl_line_through_ray_is_refused_or_counted(s3):
     lines = [json.dumps({"text": d}) for d in docs]
     lines[2] = "{not json"
     s3["client"].put_object(Bucket=BUCKET, Key="bad/c.jsonl", Body="\n".join(lines).encode())
-    common = dict(sources=[{"path": f"s3://{BUCKET}/bad/c.jsonl", "endpoint_url": s3["endpoint"]}],
-                  tokenizer_path=str(s3["tokenizer"]), val_fraction=0.2, pack_rows=16,
-                  demo_dir=str(s3["local"] / "no-demo"))
+    common = dict(
+        sources=[{"path": f"s3://{BUCKET}/bad/c.jsonl", "endpoint_url": s3["endpoint"]}],
+        tokenizer_path=str(s3["tokenizer"]),
+        val_fraction=0.2,
+        pack_rows=16,
+        demo_dir=str(s3["local"] / "no-demo"),
+    )
     with pytest.raises(DataError, match=r"s3://corpus/bad/c\.jsonl line 3 is not a JSON object .*on_corrupt = skip"):
         build_datasets(DataConfig(**common), SEQ_LEN, VOCAB)
     bundle = build_datasets(DataConfig(**common, on_corrupt="skip"), SEQ_LEN, VOCAB)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import run_cli
+
 from raydrat.cli import main
 
 pytestmark = pytest.mark.slow
@@ -97,7 +97,9 @@ def test_bad_input_parquet_without_text_column(capsys, ray_local, tmp_path: Path
     _expect_one_line_error(
         capsys,
         ["train", "debug", "--set", f"data.sources=[{{path: {f.parent}}}]", "--set", "tracking.enabled=false"],
-        "a.parquet", "text", "body",
+        "a.parquet",
+        "text",
+        "body",
     )
 
 
@@ -105,8 +107,16 @@ def test_bad_input_empty_corpus(capsys, ray_local, tmp_path: Path, demo_dir: Pat
     f = _write_parquet(tmp_path / "e" / "empty.parquet", pa.table({"text": pa.array([], pa.string())}))
     _expect_one_line_error(
         capsys,
-        ["train", "debug", "--set", f"data.sources=[{{path: {f.parent}}}]", "--set", "tracking.enabled=false",
-         "--set", f"data.tokenizer_path={demo_dir / 'tokenizer-512.json'}"],
+        [
+            "train",
+            "debug",
+            "--set",
+            f"data.sources=[{{path: {f.parent}}}]",
+            "--set",
+            "tracking.enabled=false",
+            "--set",
+            f"data.tokenizer_path={demo_dir / 'tokenizer-512.json'}",
+        ],
         str(f.parent),
     )
 
@@ -130,18 +140,42 @@ def test_corrupt_page_found_mid_training_is_one_line(capsys, ray_local, tmp_path
     docs = [" ".join(rng.choices(words, k=60)) for _ in range(120)]
     f = tmp_path / "c" / "bad.parquet"
     f.parent.mkdir()
-    pq.write_table(pa.table({"text": docs}), f, row_group_size=40, compression="none", use_dictionary=False,
-                   write_page_checksum=True)
+    pq.write_table(
+        pa.table({"text": docs}),
+        f,
+        row_group_size=40,
+        compression="none",
+        use_dictionary=False,
+        write_page_checksum=True,
+    )
     corrupt_data_page(f, 2)
     rc = main(
-        ["train", "debug", "--set", f"data.sources=[{{path: {f.parent}}}]", "--set", "data.val_max_units=1",
-         "--set", "data.val_fraction=0.25",
-         "--set", f"data.tokenizer_path={demo_dir / 'tokenizer-512.json'}", "--set", "tracking.enabled=false",
-         "--set", f"train.storage_path={tmp_path / 'ray_results'}", "--set", "train.steps=40"])
+        [
+            "train",
+            "debug",
+            "--set",
+            f"data.sources=[{{path: {f.parent}}}]",
+            "--set",
+            "data.val_max_units=1",
+            "--set",
+            "data.val_fraction=0.25",
+            "--set",
+            f"data.tokenizer_path={demo_dir / 'tokenizer-512.json'}",
+            "--set",
+            "tracking.enabled=false",
+            "--set",
+            f"train.storage_path={tmp_path / 'ray_results'}",
+            "--set",
+            "train.steps=40",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2, err[-3000:]
     last = err.splitlines()[-1]
-    assert re.match(r"raydrat: error: \S*bad.parquet row group 2 is corrupt \(.*\): fix or remove it, or set "
-                    r"data.on_corrupt = skip$", last), err[-3000:]
+    assert re.match(
+        r"raydrat: error: \S*bad.parquet row group 2 is corrupt \(.*\): fix or remove it, or set "
+        r"data.on_corrupt = skip$",
+        last,
+    ), err[-3000:]
     # one error line, the last (Ray's own logs of its worker's failure may come before it)
     assert sum(ln.startswith("raydrat: error:") for ln in err.splitlines()) == 1, err[-3000:]

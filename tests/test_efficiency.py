@@ -10,7 +10,13 @@ import torch
 from torch.testing import assert_close
 
 from raydrat.config import ConfigError, load_config
-from raydrat.core.memory.measure import BranchCost, backward_flops, measure_branch_costs, optimizer_state_bytes, saved_activation_bytes
+from raydrat.core.memory.measure import (
+    BranchCost,
+    backward_flops,
+    measure_branch_costs,
+    optimizer_state_bytes,
+    saved_activation_bytes,
+)
 from raydrat.core.model.build import build_model
 from raydrat.core.optim import build_optimizer
 from raydrat.core.runtime import UnsupportedCombination, resolve
@@ -23,12 +29,12 @@ from raydrat.core.techniques.wrapper import apply_recompute
 
 CPU = torch.device("cpu")
 
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """One intra-op thread: on a shared 2-core machine, two threads spin against each other
     (the conftest fixture restores the count)."""
     torch.set_num_threads(1)
-
 
 
 def debug_cfg(*overrides):
@@ -66,7 +72,12 @@ def loss_and_grads(model, tokens, **kw):
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["recompute.mode=gated", "recompute.gates.decision=sample", "model.dropout=0.1", "model.attention_backend=math"],
+        [
+            "recompute.mode=gated",
+            "recompute.gates.decision=sample",
+            "model.dropout=0.1",
+            "model.attention_backend=math",
+        ],
         ["recompute.mode=budget", "recompute.budget_mb=2.5"],
     ],
     ids=["gated", "budget"],
@@ -138,8 +149,12 @@ def test_measured_recompute_flops_are_what_backward_repeats():
 
 @pytest.mark.parametrize("lam,mu,direction", [(1.0, 0.0, -1), (0.0, 1.0, +1)])
 def test_gate_probabilities_move_the_way_lambda_and_mu_push(lam, mu, direction):
-    cfg = debug_cfg("recompute.mode=gated", f"recompute.gates.memory_weight={lam}",
-                    f"recompute.gates.recompute_weight={mu}", "train.steps=20")
+    cfg = debug_cfg(
+        "recompute.mode=gated",
+        f"recompute.gates.memory_weight={lam}",
+        f"recompute.gates.recompute_weight={mu}",
+        "train.steps=20",
+    )
     model, t = built(cfg)
     opt = build_optimizer(model, cfg.optim)
     p0 = t.recompute.gates.probs().detach().clone()
@@ -195,15 +210,22 @@ def _technique_steps(t, tokens, steps, losses):
     return out
 
 
-@pytest.mark.parametrize("slots", [["slots.mode=layerdrop", "slots.keep=0.6"],
-                                   ["slots.mode=adaptive", "slots.patience=2", "slots.plateau_tol=0.5"]],
-                         ids=["layerdrop", "adaptive"])
+@pytest.mark.parametrize(
+    "slots",
+    [["slots.mode=layerdrop", "slots.keep=0.6"], ["slots.mode=adaptive", "slots.patience=2", "slots.plateau_tol=0.5"]],
+    ids=["layerdrop", "adaptive"],
+)
 def test_technique_state_round_trips_through_a_checkpoint(tmp_path, slots):
     """Gate logits, multiplier and costs, the gates' Adam state and the slot schedule
     (RNG, adaptive counters) survive torch.save/torch.load: restored techniques plan the
     same steps as ones that never stopped, without re-measuring or re-warming."""
-    cfg = debug_cfg("recompute.mode=gated", "recompute.budget_mb=3.5", "recompute.gates.warmup_steps=20",
-                    "recompute.gates.refresh_every=4", *slots)
+    cfg = debug_cfg(
+        "recompute.mode=gated",
+        "recompute.budget_mb=3.5",
+        "recompute.gates.warmup_steps=20",
+        "recompute.gates.refresh_every=4",
+        *slots,
+    )
     tokens = tokens_for(cfg)
     losses = [3.0, 2.9, 2.9, 2.9, 2.9, 2.9, 2.9, 2.9]
     _, ref = built(cfg)
@@ -218,8 +240,10 @@ def test_technique_state_round_trips_through_a_checkpoint(tmp_path, slots):
     assert got == expected
     assert [a for a, *_ in got] != [None] * 5  # slots really were planned (not all layers)
     assert resumed.slots.state_dict()["changes"] == ref.slots.state_dict()["changes"]
-    for a, b in zip(resumed.recompute.optimizer.state_dict()["state"].values(),
-                    ref.recompute.optimizer.state_dict()["state"].values()):
+    for a, b in zip(
+        resumed.recompute.optimizer.state_dict()["state"].values(),
+        ref.recompute.optimizer.state_dict()["state"].values(),
+    ):
         assert_close(a["exp_avg"], b["exp_avg"])
 
 
@@ -247,7 +271,9 @@ def test_slot_schedule_modes():
     early, late = prog.keep_probs(0), prog.keep_probs(100)
     assert early == pytest.approx([1.0] * 4)
     assert late == sorted(late, reverse=True) and late[-1] == pytest.approx(0.4, abs=0.01)
-    cfg = load_config("debug", ["model.n_layer=2", "slots.mode=adaptive", "slots.patience=3", "slots.memory_limit_mb=1"]).slots
+    cfg = load_config(
+        "debug", ["model.n_layer=2", "slots.mode=adaptive", "slots.patience=3", "slots.memory_limit_mb=1"]
+    ).slots
     ada = SlotSchedule(cfg, 2, 100)
     assert ada.plan(0) == [1]
     for _ in range(10):
@@ -315,8 +341,14 @@ def test_bad_config_is_refused_naming_the_key(overrides, match):
         (["train.precision=fp16"], r"train\.precision=fp16 needs a CUDA GPU"),
         (["model.attention_backend=efficient"], r"efficient has no CPU kernel"),
         (["model.attention_backend=flash", "model.dropout=0.1"], r"flash has no CPU kernel with attention dropout"),
-        (["recompute.mode=budget", "recompute.budget_mb=0.2"], r"recompute\.budget_mb=0\.2 is below the minimum achievable"),
-        (["recompute.mode=gated", "recompute.budget_mb=0.2"], r"recompute\.budget_mb=0\.2 is below the minimum achievable"),
+        (
+            ["recompute.mode=budget", "recompute.budget_mb=0.2"],
+            r"recompute\.budget_mb=0\.2 is below the minimum achievable",
+        ),
+        (
+            ["recompute.mode=gated", "recompute.budget_mb=0.2"],
+            r"recompute\.budget_mb=0\.2 is below the minimum achievable",
+        ),
         (["scaling.use_gpu=true"], r"scaling\.use_gpu=true but no GPU is available"),
     ],
 )

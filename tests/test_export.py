@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from raydrat.config.base import ConfigError
-from raydrat.core.model.config import ModelConfig
 from raydrat.core.data.tokenizer import load_tokenizer, train_tokenizer
+from raydrat.core.model.config import ModelConfig
 from raydrat.core.model.export import LLAMA, NEOX, export_hf, export_safetensors, hf_architecture, load_pretrained
 from raydrat.core.model.generate import generate
 from raydrat.core.model.transformer import GPT
@@ -78,7 +78,9 @@ def test_hf_export_round_trip_through_transformers(case, tokenizer_path, tmp_pat
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True, dtype=torch.float32).eval()
     assert type(hf).__name__ == arch
-    assert sum(p.numel() for p in hf.parameters()) == model.num_params() + (0 if model.cfg.bias or arch == LLAMA else hf_zero_bias_count(hf))
+    assert sum(p.numel() for p in hf.parameters()) == model.num_params() + (
+        0 if model.cfg.bias or arch == LLAMA else hf_zero_bias_count(hf)
+    )
     idx = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ours, _ = model(idx)
@@ -93,9 +95,15 @@ def test_hf_export_round_trip_through_transformers(case, tokenizer_path, tmp_pat
     eos = tok.eos_token_id
     greedy = generate(model, prompt, 24, temperature=0.0, eos_id=eos)
     with torch.no_grad():
-        hf_out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             max_new_tokens=24, do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id)
-    assert hf_out[0, len(prompt):].tolist() == greedy
+        hf_out = hf.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=tok.pad_token_id,
+        )
+    assert hf_out[0, len(prompt) :].tolist() == greedy
     print(f"{case}: greedy continuation of 'the quick brown fox': {tok.decode(greedy)!r}")
     assert set(tok.decode(greedy).split()) <= set(WORDS)  # it learnt the words
 
@@ -116,11 +124,14 @@ def assert_state_equal(loaded: dict, expected: dict) -> None:
         assert_close(loaded[name], expected[name], rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("overrides,option", [
-    (dict(activation="gelu"), "model.activation=gelu with model.norm=rmsnorm"),
-    (dict(norm="layernorm", activation="swiglu"), "model.activation=swiglu with model.norm=layernorm"),
-    (dict(norm="layernorm", n_kv_head=2), "model.n_kv_head=2"),
-])
+@pytest.mark.parametrize(
+    "overrides,option",
+    [
+        (dict(activation="gelu"), "model.activation=gelu with model.norm=rmsnorm"),
+        (dict(norm="layernorm", activation="swiglu"), "model.activation=swiglu with model.norm=layernorm"),
+        (dict(norm="layernorm", n_kv_head=2), "model.n_kv_head=2"),
+    ],
+)
 def test_options_transformers_cannot_represent_are_refused(overrides, option, tmp_path):
     cfg = ModelConfig(**{**DEBUG, **overrides})
     with pytest.raises(ConfigError, match=option):
@@ -132,18 +143,26 @@ def test_init_from_mismatches_name_the_option_or_parameter(tokenizer_path, tmp_p
     model = trained(n_kv_head=2, activation="swiglu")
     out = export_hf(model.state_dict(), model.cfg, tmp_path / "hf")
     cfg = model.cfg
-    with pytest.raises(ConfigError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight \(raydrat's layers\.0\.mlp_branch\."
-                                          r"layer\.gate_proj\.weight\) has shape \(192, 64\) but the config's model "
-                                          r"needs \(128, 64\): set model\.d_ff"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model\.layers\.0\.mlp\.gate_proj\.weight \(raydrat's layers\.0\.mlp_branch\."
+        r"layer\.gate_proj\.weight\) has shape \(192, 64\) but the config's model "
+        r"needs \(128, 64\): set model\.d_ff",
+    ):
         load_pretrained(out, cfg.model_copy(update={"d_ff": 128}))
-    with pytest.raises(ConfigError, match=r"model\.embed_tokens\.weight \(raydrat's tok_emb\.weight\) has shape \(512, 64\) "
-                                          r"but the config's model needs \(1024, 64\): set model\.vocab_size"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model\.embed_tokens\.weight \(raydrat's tok_emb\.weight\) has shape \(512, 64\) "
+        r"but the config's model needs \(1024, 64\): set model\.vocab_size",
+    ):
         load_pretrained(out, cfg.model_copy(update={"vocab_size": 1024}))
     with pytest.raises(ConfigError, match=r"has 2 layers but model.n_layer is 3: set model.n_layer: 2"):
         load_pretrained(out, cfg.model_copy(update={"n_layer": 3}))
     with pytest.raises(ConfigError, match=r"num_key_value_heads=2 where raydrat's model needs 1: set model.n_kv_head"):
         load_pretrained(out, cfg.model_copy(update={"n_kv_head": 1}))
-    with pytest.raises(ConfigError, match=r"rope_theta=10000.0 where raydrat's model needs 500.0: set model.rope_theta"):
+    with pytest.raises(
+        ConfigError, match=r"rope_theta=10000.0 where raydrat's model needs 500.0: set model.rope_theta"
+    ):
         load_pretrained(out, cfg.model_copy(update={"rope_theta": 500.0}))
     with pytest.raises(ConfigError, match=r"is a LlamaForCausalLM, the config's model is a GPTNeoXForCausalLM"):
         load_pretrained(out, cfg.model_copy(update={"norm": "layernorm", "activation": "gelu", "n_kv_head": None}))

@@ -39,9 +39,19 @@ STEPS, SAVE_AT, WORLD = 6, 3, 2
 
 
 def _cfg(strategy: str) -> RaydratConfig:
-    return load_config("debug", [f"scaling.strategy={strategy}", f"scaling.num_workers={WORLD}",
-                                 f"train.steps={STEPS}", f"train.eval_every={SAVE_AT}", "train.log_every=1",
-                                 "train.eval_batches=1", "train.grad_accum=2", "optim.warmup_steps=1"])
+    return load_config(
+        "debug",
+        [
+            f"scaling.strategy={strategy}",
+            f"scaling.num_workers={WORLD}",
+            f"train.steps={STEPS}",
+            f"train.eval_every={SAVE_AT}",
+            "train.log_every=1",
+            "train.eval_batches=1",
+            "train.grad_accum=2",
+            "optim.warmup_steps=1",
+        ],
+    )
 
 
 class Record(Callback):
@@ -56,8 +66,17 @@ class Record(Callback):
 
     def on_save(self, state: FitState, report: dict) -> None:
         if self.directory and state.step == self.save_at:
-            S.save_checkpoint(self.directory, state.model, state.optimizer, state.step, self.config,
-                              state.techniques, state.position, state.rank, world_size=WORLD)
+            S.save_checkpoint(
+                self.directory,
+                state.model,
+                state.optimizer,
+                state.step,
+                self.config,
+                state.techniques,
+                state.position,
+                state.rank,
+                world_size=WORLD,
+            )
             dist.barrier()
 
 
@@ -75,7 +94,9 @@ def _build(cfg: RaydratConfig, rank: int):
 def _data(cfg: RaydratConfig, rank: int):
     g = torch.Generator().manual_seed(0)
     mc, tc = cfg.model, cfg.train
-    blocks = torch.randint(0, mc.vocab_size, (WORLD * STEPS * tc.grad_accum, tc.batch_size, mc.seq_len + 1), generator=g)
+    blocks = torch.randint(
+        0, mc.vocab_size, (WORLD * STEPS * tc.grad_accum, tc.batch_size, mc.seq_len + 1), generator=g
+    )
     return list(blocks[rank::WORLD]), [torch.randint(0, mc.vocab_size, (tc.batch_size, mc.seq_len + 1), generator=g)]
 
 
@@ -90,7 +111,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         ckpt = os.path.join(out, f"ckpt-{strategy}")
         state, keys = _build(cfg, rank)
         record = Record(ckpt, SAVE_AT, cfg.to_dict())
-        fit(state, resumable_batches(lambda: iter(train), state.position), lambda: val, [record])
+        fit(state, resumable_batches(lambda train=train: iter(train), state.position), lambda val=val: val, [record])
         # the gradients as they stand after a backward (the step's zero_grad frees them)
         idx, targets = split_block(train[0])
         state.model(idx, targets)[1].backward()
@@ -99,14 +120,28 @@ def _worker(rank: int, port: int, out: str) -> None:
         # resume from the step-SAVE_AT checkpoint in a fresh model, optimizer and techniques
         resumed, _ = _build(cfg, rank)
         saved = S.load_state(ckpt)
-        resumed.start_step = S.restore(resumed.model, resumed.optimizer, saved, S.load_rank_state(ckpt, rank),
-                                       resumed.techniques, resumed.position, directory=ckpt)
+        resumed.start_step = S.restore(
+            resumed.model,
+            resumed.optimizer,
+            saved,
+            S.load_rank_state(ckpt, rank),
+            resumed.techniques,
+            resumed.position,
+            directory=ckpt,
+        )
         again = Record(None, 0, {})
-        fit(resumed, resumable_batches(lambda: iter(train), resumed.position), lambda: val, [again])
-        results[strategy] = {"losses": record.losses, "resumed": again.losses, "held": held, "keys": same_keys,
-                             "start": resumed.start_step, "sharded": bool(saved.get("sharded")),
-                             "dcp": sorted(os.listdir(os.path.join(ckpt, DCP_DIR))) if saved.get("sharded") else [],
-                             "complete": S.verify_checkpoint(ckpt), "listed": _listed(ckpt, rank)}
+        fit(resumed, resumable_batches(lambda train=train: iter(train), resumed.position), lambda val=val: val, [again])
+        results[strategy] = {
+            "losses": record.losses,
+            "resumed": again.losses,
+            "held": held,
+            "keys": same_keys,
+            "start": resumed.start_step,
+            "sharded": bool(saved.get("sharded")),
+            "dcp": sorted(os.listdir(os.path.join(ckpt, DCP_DIR))) if saved.get("sharded") else [],
+            "complete": S.verify_checkpoint(ckpt),
+            "listed": _listed(ckpt, rank),
+        }
         if saved.get("sharded"):  # a shard cut short: the checkpoint no longer counts as complete
             dist.barrier()
             if rank == 0:
@@ -183,9 +218,15 @@ def test_estimate_divides_training_state_and_the_sweep_admits_accordingly(tmp_pa
     rep, fs = load_config("gpt2-small", base), load_config("gpt2-small", [*base, "scaling.strategy=fsdp"])
     a, b = estimate_memory(rep), estimate_memory(fs)
     buffers = b.detail["fsdp"]["replicated_buffers"]  # each worker keeps every buffer
-    whole = {"params": a.components["params"] - buffers, "grads": a.detail["grads_bytes"], "optimizer": a.components["optimizer"]}
+    whole = {
+        "params": a.components["params"] - buffers,
+        "grads": a.detail["grads_bytes"],
+        "optimizer": a.components["optimizer"],
+    }
     for part in ("params", "grads", "optimizer"):
-        assert b.detail["fsdp"]["sharded"][part] == pytest.approx(whole[part] / 4 + (part == "params") * buffers, rel=1e-3)
+        assert b.detail["fsdp"]["sharded"][part] == pytest.approx(
+            whole[part] / 4 + (part == "params") * buffers, rel=1e-3
+        )
     assert b.components["params"] < a.components["params"] and b.components["optimizer"] < a.components["optimizer"]
     assert all(b.phases[k] < a.phases[k] for k in a.phases), (a.phases, b.phases)
     assert b.total_bytes < a.total_bytes and max(b.phases.values()) == b.total_bytes
@@ -194,9 +235,11 @@ def test_estimate_divides_training_state_and_the_sweep_admits_accordingly(tmp_pa
     assert acc.phases["forward"] - b.phases["forward"] == a.detail["grads_bytes"]
     budget_gb = (a.total_bytes + b.total_bytes) / 2 / 2**30
     space = tmp_path / "fsdp.yaml"
-    space.write_text(f"name: fsdp-admission\nbase: gpt2-small\noverrides: {{scaling.num_workers: 4, train.batch_size: 1, train.grad_accum: 1}}\n"
-                     f"space:\n  scaling.strategy: {{grid: [replicated, fsdp]}}\nmetric: val_loss\nmode: min\n"
-                     f"num_samples: 1\nmemory_budget_gb: {budget_gb:.4f}\n")
+    space.write_text(
+        f"name: fsdp-admission\nbase: gpt2-small\noverrides: {{scaling.num_workers: 4, train.batch_size: 1, train.grad_accum: 1}}\n"
+        f"space:\n  scaling.strategy: {{grid: [replicated, fsdp]}}\nmetric: val_loss\nmode: min\n"
+        f"num_samples: 1\nmemory_budget_gb: {budget_gb:.4f}\n"
+    )
     sp = load_space(space)
     trials = expand(sp)
     verdicts = A.screen_drawn(sp, trials, 0)
@@ -205,14 +248,17 @@ def test_estimate_divides_training_state_and_the_sweep_admits_accordingly(tmp_pa
     assert [v.refused for v in verdicts] == ["infeasible", None], [v.reason for v in verdicts]
 
 
-@pytest.mark.parametrize("overrides, keys", [
-    (["sync.mode=local"], ["scaling.strategy=fsdp", "sync.mode=local"]),
-    (["sync.bucket_cap_mb=10"], ["scaling.strategy=fsdp", "sync.bucket_cap_mb"]),
-    (["slots.mode=layerdrop"], ["scaling.strategy=fsdp", "slots.mode=layerdrop"]),
-    (["train.compile=default"], ["scaling.strategy=fsdp", "train.compile=default"]),
-    (["optim.name=adamw8bit"], ["scaling.strategy=fsdp", "optim.name=adamw8bit"]),
-    (["train.precision=fp16"], ["scaling.strategy=fsdp", "train.precision=fp16"]),
-])
+@pytest.mark.parametrize(
+    "overrides, keys",
+    [
+        (["sync.mode=local"], ["scaling.strategy=fsdp", "sync.mode=local"]),
+        (["sync.bucket_cap_mb=10"], ["scaling.strategy=fsdp", "sync.bucket_cap_mb"]),
+        (["slots.mode=layerdrop"], ["scaling.strategy=fsdp", "slots.mode=layerdrop"]),
+        (["train.compile=default"], ["scaling.strategy=fsdp", "train.compile=default"]),
+        (["optim.name=adamw8bit"], ["scaling.strategy=fsdp", "optim.name=adamw8bit"]),
+        (["train.precision=fp16"], ["scaling.strategy=fsdp", "train.precision=fp16"]),
+    ],
+)
 def test_fsdp_refuses_what_it_cannot_honour(overrides, keys):
     with pytest.raises(ConfigError) as err:
         load_config("debug", ["scaling.strategy=fsdp", *overrides])
@@ -229,11 +275,23 @@ def test_fsdp_run_through_ray_train_resumes_from_its_sharded_checkpoint(ray_loca
     resumed (``--resume``) from its step-4 DCP checkpoint; the step logged both before the
     kill and after the resume has the same loss, and every save is complete."""
     db = tmp_path / "mlruns.db"
-    fsdp = load_config("debug", [
-        f"data.demo_dir={demo_dir}", f"train.storage_path={tmp_path / 'runs'}", "train.steps=6",
-        "train.eval_every=4", "train.log_every=1", "optim.warmup_steps=2", "train.eval_batches=1",
-        f"tracking.tracking_uri=sqlite:///{db}", "scaling.cpus_per_worker=0.5", "scaling.num_workers=2",
-        "scaling.strategy=fsdp", "name=fsdp"])
+    fsdp = load_config(
+        "debug",
+        [
+            f"data.demo_dir={demo_dir}",
+            f"train.storage_path={tmp_path / 'runs'}",
+            "train.steps=6",
+            "train.eval_every=4",
+            "train.log_every=1",
+            "optim.warmup_steps=2",
+            "train.eval_batches=1",
+            f"tracking.tracking_uri=sqlite:///{db}",
+            "scaling.cpus_per_worker=0.5",
+            "scaling.num_workers=2",
+            "scaling.strategy=fsdp",
+            "name=fsdp",
+        ],
+    )
     with pytest.raises(Exception):  # noqa: B017 (the killed worker surfaces as Ray Train's error)
         run_training(fsdp, fit_callbacks=[KillAt(5, rank=1)])
     resumed = run_training(fsdp, resume_run=True)

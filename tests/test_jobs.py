@@ -29,8 +29,9 @@ def _job_server_available() -> bool:
 
 
 requires_job_server = pytest.mark.skipif(
-    not _job_server_available(), reason="ray[default] (the job server: aiohttp_cors, grpcio, opencensus, prometheus_client) not installed;"
-    " raydrat depends on it, so this only skips in an environment installed without raydrat's dependencies"
+    not _job_server_available(),
+    reason="ray[default] (the job server: aiohttp_cors, grpcio, opencensus, prometheus_client) not installed;"
+    " raydrat depends on it, so this only skips in an environment installed without raydrat's dependencies",
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,12 +80,26 @@ def _env() -> dict:
 def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="rdj", dir="/tmp")  # short: Ray's socket paths are limited
     gcs, dash, nm, om, agent, metrics, agent_grpc, min_w = _free_ports(8)
-    cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-           f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-           f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--dashboard-agent-listen-port={agent}",
-           f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-           f"--min-worker-port={min_w}", f"--max-worker-port={min_w + 100}",
-           "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    cmd = [
+        RAY,
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs}",
+        f"--dashboard-port={dash}",
+        "--dashboard-host=127.0.0.1",
+        f"--node-manager-port={nm}",
+        f"--object-manager-port={om}",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}",
+        f"--min-worker-port={min_w}",
+        f"--max-worker-port={min_w + 100}",
+        "--num-cpus=2",
+        "--include-dashboard=true",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=180)
     try:
         assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -116,14 +131,39 @@ def test_job_submit_trains_debug_and_records_mlflow(ray_head, demo_dir, tmp_path
     db = tmp_path / "mlruns.db"
     job_id = f"raydrat-test-{uuid.uuid4().hex[:8]}"
     submit = [
-        RAY, "job", "submit", "--address", address, "--submission-id", job_id, "--working-dir", str(REPO),
-        "--runtime-env", str(REPO / "jobs" / "runtime_env.yaml"), "--",
-        sys.executable, "jobs/train.py", "debug",
-        "--set", f"data.sources=[{{path: {demo_dir / 'corpus' / 'part-00000.parquet'}}}]",
-        "--set", f"data.tokenizer_path={demo_dir / 'tokenizer-512.json'}",
-        "--set", f"train.storage_path={tmp_path / 'rr'}", "--set", "train.steps=4", "--set", "train.eval_every=2",
-        "--set", "train.eval_batches=1", "--set", "optim.warmup_steps=1",
-        "--set", f"tracking.tracking_uri=sqlite:///{db}", "--set", "tracking.run_name=from-a-job",
+        RAY,
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--submission-id",
+        job_id,
+        "--working-dir",
+        str(REPO),
+        "--runtime-env",
+        str(REPO / "jobs" / "runtime_env.yaml"),
+        "--",
+        sys.executable,
+        "jobs/train.py",
+        "debug",
+        "--set",
+        f"data.sources=[{{path: {demo_dir / 'corpus' / 'part-00000.parquet'}}}]",
+        "--set",
+        f"data.tokenizer_path={demo_dir / 'tokenizer-512.json'}",
+        "--set",
+        f"train.storage_path={tmp_path / 'rr'}",
+        "--set",
+        "train.steps=4",
+        "--set",
+        "train.eval_every=2",
+        "--set",
+        "train.eval_batches=1",
+        "--set",
+        "optim.warmup_steps=1",
+        "--set",
+        f"tracking.tracking_uri=sqlite:///{db}",
+        "--set",
+        "tracking.run_name=from-a-job",
     ]
     try:
         proc = subprocess.run(submit, capture_output=True, text=True, env=_env(), timeout=240, cwd=REPO)

@@ -102,8 +102,9 @@ def test_the_graph_check_finds_a_circle():
 
 def test_core_never_imports_ray_or_mlflow():
     _, tops, _ = import_graph()
-    offenders = {m: sorted(t & {"ray", "mlflow"}) for m, t in tops.items()
-                 if m.startswith(CORE) and t & {"ray", "mlflow"}}
+    offenders = {
+        m: sorted(t & {"ray", "mlflow"}) for m, t in tops.items() if m.startswith(CORE) and t & {"ray", "mlflow"}
+    }
     assert offenders == {}
 
 

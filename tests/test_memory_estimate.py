@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import run_cli
 
 from raydrat.bench.memory import measurable
 from raydrat.config import ConfigError, load_config
@@ -12,8 +13,6 @@ from raydrat.core.model.transformer import GPT
 from raydrat.core.optim import build_optimizer
 from raydrat.core.runtime import resolve
 from raydrat.core.techniques.wrapper import wrap_blocks
-
-from conftest import run_cli
 
 GRID = [
     [],
@@ -60,7 +59,9 @@ def test_estimate_within_10_percent_of_measured_activations(overrides, precision
 
 def test_estimate_tracks_slots_and_recompute():
     base = estimate_memory(load_config("debug", ["model.n_layer=4", "train.device=cpu"]))
-    fixed = estimate_memory(load_config("debug", ["model.n_layer=4", "train.device=cpu", "slots.mode=fixed", "slots.fixed=[0,2]"]))
+    fixed = estimate_memory(
+        load_config("debug", ["model.n_layer=4", "train.device=cpu", "slots.mode=fixed", "slots.fixed=[0,2]"])
+    )
     full = estimate_memory(load_config("debug", ["model.n_layer=4", "train.device=cpu", "recompute.mode=full"]))
     assert fixed.detail["active_layers"] == 2
     assert fixed.saved_bytes < base.saved_bytes
@@ -88,24 +89,41 @@ def test_estimated_param_and_optimizer_bytes_match_real_tensors(name):
 def test_cli_estimate_prints_breakdown(tmp_path):
     res = run_cli(["estimate", "debug", "--set", "train.batch_size=4", "--measure"], cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr
-    for part in ("params", "grads", "optimizer", "activations", "transient", "total", "loss backward",
-                 "measured MiB", "peak of the step"):
+    for part in (
+        "params",
+        "grads",
+        "optimizer",
+        "activations",
+        "transient",
+        "total",
+        "loss backward",
+        "measured MiB",
+        "peak of the step",
+    ):
         assert part in res.stdout
     measured_peak = next(line for line in res.stdout.splitlines() if line.startswith("| peak of the step"))
     est, meas = (float(x) for x in measured_peak.split("|")[2:4])
     assert abs(est - meas) <= 0.10 * meas, measured_peak
-    bad = run_cli(["estimate", "debug", "--set", "recompute.mode=budget", "--set", "recompute.budget_mb=0.01"], cwd=tmp_path, timeout=120)
+    bad = run_cli(
+        ["estimate", "debug", "--set", "recompute.mode=budget", "--set", "recompute.budget_mb=0.01"],
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert bad.returncode == 2
     assert "recompute.budget_mb" in bad.stderr and "minimum achievable" in bad.stderr
 
 
 def test_cli_measure_refuses_what_this_machine_cannot_run(tmp_path):
-    too_big = run_cli(["estimate", "gpt2-small", "--set", "train.batch_size=4096", "--measure"], cwd=tmp_path, timeout=120)
+    too_big = run_cli(
+        ["estimate", "gpt2-small", "--set", "train.batch_size=4096", "--measure"], cwd=tmp_path, timeout=120
+    )
     assert too_big.returncode == 2 and too_big.stdout == ""
     (line,) = too_big.stderr.strip().splitlines()
     assert line.startswith("raydrat: error: --measure") and "free memory" in line and "train.batch_size" in line
     if not torch.cuda.is_available():  # the same refusal, in process (the CLI prints its message as one line)
-        with pytest.raises(ConfigError, match=r"--measure runs the config on this machine, which has no CUDA GPU.*drop --device cuda"):
+        with pytest.raises(
+            ConfigError, match=r"--measure runs the config on this machine, which has no CUDA GPU.*drop --device cuda"
+        ):
             measurable(load_config("debug"), "cuda")
 
 

@@ -55,11 +55,20 @@ def test_allocator_peak_within_10_percent_of_the_estimate(name):
     pytest.importorskip("bitsandbytes") if "8bit" in name else None
     m = measure(load_config("debug", [*SMALL, *CONFIGS[name]]), steps=3)
     measured, estimated = m.worst.peak, m.step_estimate.total_bytes
-    assert abs(estimated - measured) <= 0.10 * measured, (name, estimated, measured, m.step_estimate.detail["peak_phase"])
+    assert abs(estimated - measured) <= 0.10 * measured, (
+        name,
+        estimated,
+        measured,
+        m.step_estimate.detail["peak_phase"],
+    )
     assert m.worst_case.total_bytes == estimated  # deterministic plans: the config's estimate is that step's
     # the measured components the estimate is made of
     for key in ("params", "optimizer", "grads", "saved_activations"):
-        assert abs(m.estimated[key] - m.measured[key]) <= 0.10 * m.measured[key], (key, m.estimated[key], m.measured[key])
+        assert abs(m.estimated[key] - m.measured[key]) <= 0.10 * m.measured[key], (
+            key,
+            m.estimated[key],
+            m.measured[key],
+        )
     if name == "full_recompute_wide":
         assert m.step_estimate.detail["peak_phase"].startswith("layers backward")
 
@@ -68,8 +77,17 @@ def test_interleaved_runs_each_get_their_own_peak():
     """Two runs stepped in turn in one process (one shared profiler session) measure what
     each measures alone: each counts only the bytes of its own regions."""
     small = load_config("debug", [*SMALL, "train.steps=3", "optim.warmup_steps=1", "train.eval_batches=1"])
-    big = load_config("debug", [*SMALL, "train.steps=3", "optim.warmup_steps=1", "train.eval_batches=1",
-                                "model.d_model=128", "model.n_layer=3"])
+    big = load_config(
+        "debug",
+        [
+            *SMALL,
+            "train.steps=3",
+            "optim.warmup_steps=1",
+            "train.eval_batches=1",
+            "model.d_model=128",
+            "model.n_layer=3",
+        ],
+    )
     alone = {}
     for name, cfg in (("small", small), ("big", big)):
         alone[name] = LocalRun.start(cfg, LocalData.random(cfg, 3)).run().peak.peak()

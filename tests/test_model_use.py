@@ -12,15 +12,14 @@ import shutil
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import mlflow.pytorch
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from raydrat import tracking
 from raydrat.cli import main
-from raydrat.model_commands import _eval_batches, _Streamer
 from raydrat.config import ConfigError, load_config
 from raydrat.core.data.blocks import iter_blocks_local
 from raydrat.core.data.tokenizer import load_tokenizer
@@ -32,6 +31,7 @@ from raydrat.core.optim import build_optimizer
 from raydrat.core.state import DataPosition, save_checkpoint
 from raydrat.core.step import evaluate
 from raydrat.core.techniques.bundle import build_techniques
+from raydrat.model_commands import _eval_batches, _Streamer
 from raydrat.ray_train import resume
 
 
@@ -90,8 +90,9 @@ def test_generate_streams_and_the_same_seed_gives_the_same_text(run, capsys):
     loaded = load_model(ckpt)
     tok = load_tokenizer(loaded.tokenizer_path, cfg.model.vocab_size)
     ids = generate(loaded.model, tok.encode("def ").ids, 24, temperature=0.0)
-    greedy = cli(capsys, "generate", str(ckpt), "--prompt", "def ", "--max-new-tokens", "24", "--no-stop",
-                 "--temperature", "0")[1]
+    greedy = cli(
+        capsys, "generate", str(ckpt), "--prompt", "def ", "--max-new-tokens", "24", "--no-stop", "--temperature", "0"
+    )[1]
     assert greedy == "def " + tok.decode(ids, skip_special_tokens=False) + "\n"
 
 
@@ -125,7 +126,9 @@ def test_eval_equals_the_training_loops_val_loss_and_counts_bytes(run):
     tok = load_tokenizer(loaded.tokenizer_path, cfg.model.vocab_size)
     batches = list(itertools.islice(_eval_batches(cfg, None, cfg.train.batch_size), cfg.train.eval_batches))
     assert len(batches) == cfg.train.eval_batches
-    result = evaluate_blocks(loaded.model, batches, cfg.train.eval_batches, token_byte_lengths(tok, cfg.model.vocab_size))
+    result = evaluate_blocks(
+        loaded.model, batches, cfg.train.eval_batches, token_byte_lengths(tok, cfg.model.vocab_size)
+    )
     assert result.loss == pytest.approx(evaluate(loaded.model, batches, cfg.train.eval_batches), rel=1e-6)
     assert result.perplexity == pytest.approx(math.exp(result.loss))
 
@@ -185,12 +188,18 @@ def test_export_hf_loads_in_transformers_same_logits_and_greedy_text(run, tmp_pa
     prompt = "import os\n"
     ids = hf_tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
-        theirs = hf.generate(ids, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=hf_tok.pad_token_id)
+        theirs = hf.generate(
+            ids, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=hf_tok.pad_token_id
+        )
     ours = generate(loaded.model, ids[0].tolist(), 20, temperature=0.0)
-    assert hf_tok.decode(theirs[0, ids.shape[1]:]) == hf_tok.decode(ours)
+    assert hf_tok.decode(theirs[0, ids.shape[1] :]) == hf_tok.decode(ours)
     # generate reads the export directory too (its config.json carries raydrat's model config)
-    a = cli(capsys, "generate", str(out), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "12", "--no-stop")[1]
-    b = cli(capsys, "generate", str(ckpt), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "12", "--no-stop")[1]
+    a = cli(
+        capsys, "generate", str(out), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "12", "--no-stop"
+    )[1]
+    b = cli(
+        capsys, "generate", str(ckpt), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "12", "--no-stop"
+    )[1]
     assert a == b
 
 
@@ -226,8 +235,11 @@ def test_init_from_an_export_or_a_checkpoint_continues_from_its_weights(run, tmp
 def test_init_from_another_architecture_names_the_parameter_and_both_shapes(run, capsys):
     cfg, ckpt = run
     wider = cfg.model.model_copy(update={"init_from": str(ckpt), "d_ff": 64})
-    with pytest.raises(ConfigError, match=r"layers\.0\.mlp_branch\.layer\.gate_proj\.weight has shape \(192, 64\) "
-                                          r"but the config's model needs \(64, 64\): set model\.d_ff"):
+    with pytest.raises(
+        ConfigError,
+        match=r"layers\.0\.mlp_branch\.layer\.gate_proj\.weight has shape \(192, 64\) "
+        r"but the config's model needs \(64, 64\): set model\.d_ff",
+    ):
         build_model(wider)
 
 
@@ -247,8 +259,10 @@ def test_bad_sources_are_one_line_each(run, tmp_path, capsys, demo_dir):
         (("eval", str(tmp_path / "empty")), "is not a raydrat checkpoint, run or export"),
         (("generate", str(broken), "--prompt", "x"), "is incomplete (no manifest"),
         (("generate", str(broken.parent), "--prompt", "x"), "has no complete checkpoint"),
-        (("export", str(ln_ckpt), "--format", "hf", "--out", str(tmp_path / "x")),
-         "model.activation=swiglu with model.norm=layernorm"),
+        (
+            ("export", str(ln_ckpt), "--format", "hf", "--out", str(tmp_path / "x")),
+            "model.activation=swiglu with model.norm=layernorm",
+        ),
         (("generate", str(ckpt), "--prompt", "x", "--top-p", "1.5"), "--top-p 1.5 is out of range"),
     ]
     for args, culprit in cases:
@@ -293,12 +307,19 @@ def test_a_run_logs_its_final_and_best_models_and_registers_the_best(demo_dir, t
     than the step-10 one: both are logged, the best registered; both load with
     mlflow.pytorch and equal their checkpoints' models."""
     import faults
+
     from raydrat.ray_train.trainer import run_training
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    cfg = debug_cfg(demo_dir, tmp_path / "runs", f"tracking.tracking_uri={uri}", "tracking.register_model=rd",
-                    "train.steps=20", "train.eval_every=10")
+    cfg = debug_cfg(
+        demo_dir,
+        tmp_path / "runs",
+        f"tracking.tracking_uri={uri}",
+        "tracking.register_model=rd",
+        "train.steps=20",
+        "train.eval_every=10",
+    )
     summary = run_training(cfg, fit_callbacks=[faults.SpoilAt(12)])
     c = tracking.client(uri)
     models = {m.name: m for m in c.search_logged_models([summary.run.experiment_id()])}

@@ -124,7 +124,10 @@ def test_costs_and_plans_predict_what_the_allocator_measures(setup):
             plan = S.plan_budget(costs, budget, compiled=compiled)
             measured = saved_bytes(S.apply_plan(fresh(mcfg), plan), tokens)
             assert plan.predicted_bytes <= budget, (fraction, compiled)
-            assert measured == offset + plan.predicted_bytes + (costs.region_bytes if compiled else 0), (fraction, compiled)
+            assert measured == offset + plan.predicted_bytes + (costs.region_bytes if compiled else 0), (
+                fraction,
+                compiled,
+            )
             assert measured < none
 
 
@@ -196,7 +199,8 @@ def test_knapsack_agrees_with_brute_force_on_random_instances():
     rng = random.Random(0)
     for trial in range(150):
         groups = [
-            [(rng.randint(0, 60), rng.randint(0, 50)) for _ in range(rng.randint(1, 3))] for _ in range(rng.randint(1, 6))
+            [(rng.randint(0, 60), rng.randint(0, 50)) for _ in range(rng.randint(1, 3))]
+            for _ in range(rng.randint(1, 6))
         ]
         lo = sum(min(b for b, _ in g) for g in groups)
         hi = sum(max(b for b, _ in g) for g in groups)
@@ -219,8 +223,19 @@ def test_knapsack_agrees_with_brute_force_on_random_instances():
 
 
 def op_cfg(*overrides):
-    return load_config("debug", ["train.device=cpu", "model.n_layer=2", "train.batch_size=4", "train.steps=2",
-                                 "train.eval_every=100", "train.log_every=1", "optim.warmup_steps=0", *overrides])
+    return load_config(
+        "debug",
+        [
+            "train.device=cpu",
+            "model.n_layer=2",
+            "train.batch_size=4",
+            "train.steps=2",
+            "train.eval_every=100",
+            "train.log_every=1",
+            "optim.warmup_steps=0",
+            *overrides,
+        ],
+    )
 
 
 class _Losses(Callback):
@@ -246,8 +261,9 @@ def test_op_technique_trains_like_none_within_its_budget(mode):
     none_run, none_losses = run_two_steps(base, data)
     none_saved = none_run.peak.steps[1].saved_bytes
     budget_mb = 0.5 * none_saved / 2**20
-    run, losses = run_two_steps(op_cfg(f"recompute.mode={mode}", "recompute.granularity=op",
-                                       f"recompute.budget_mb={budget_mb!r}"), data)
+    run, losses = run_two_steps(
+        op_cfg(f"recompute.mode={mode}", "recompute.granularity=op", f"recompute.budget_mb={budget_mb!r}"), data
+    )
     planner = run.techniques.recompute
     plan = planner.op_plan
     assert planner.granularity == "op" and plan.predicted_bytes <= budget_mb * 2**20
@@ -263,18 +279,25 @@ def test_op_budget_below_the_minimum_names_it(setup):
     at the measured minimum plans."""
     mcfg, tokens, costs = setup
     cfg = op_cfg("recompute.mode=budget", "recompute.granularity=op", "recompute.budget_mb=0.2")
-    with pytest.raises(ConfigError, match=r"recompute\.budget_mb=0\.2 is below the minimum achievable (\d+\.\d+) MB") as err:
+    with pytest.raises(
+        ConfigError, match=r"recompute\.budget_mb=0\.2 is below the minimum achievable (\d+\.\d+) MB"
+    ) as err:
         LocalRun.start(cfg, LocalData.random(cfg, steps=2), sample_steps=0)
     analytic = float(err.value.args[0].split("minimum achievable ")[1].split(" MB")[0]) * 2**20
     measured = S.minimum_bytes(costs, compiled=False)
     assert abs(analytic - measured) <= 0.10 * measured, (analytic, measured)
-    compiled_floor, _ = activation_plan_bounds(op_cfg("recompute.mode=budget", "recompute.granularity=op",
-                                                      "recompute.budget_mb=1", "train.compile=default"), "cpu", "fp32")
+    compiled_floor, _ = activation_plan_bounds(
+        op_cfg("recompute.mode=budget", "recompute.granularity=op", "recompute.budget_mb=1", "train.compile=default"),
+        "cpu",
+        "fp32",
+    )
     measured = S.minimum_bytes(costs, compiled=True)
     assert abs(compiled_floor - measured) <= 0.10 * measured, (compiled_floor, measured)
     for compiled in (False, True):
         minimum = S.minimum_bytes(costs, compiled)
-        below = op_cfg("recompute.mode=budget", "recompute.granularity=op", f"recompute.budget_mb={(minimum - 1) / 2**20!r}")
+        below = op_cfg(
+            "recompute.mode=budget", "recompute.granularity=op", f"recompute.budget_mb={(minimum - 1) / 2**20!r}"
+        )
         planner = OpRecompute(mcfg.n_layer, below.recompute, CPU, compiled, costs=costs)
         planner.apply(fresh(mcfg))
         with pytest.raises(ConfigError, match=f"below the minimum achievable {minimum / 2**20:.3f} MB"):
@@ -286,11 +309,14 @@ def test_op_budget_below_the_minimum_names_it(setup):
         assert planner.plan_bytes() <= minimum
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["recompute.budget_mb=2"], r"recompute\.budget_mb=2 has no effect with recompute\.mode=none"),
-    (["recompute.granularity=op"], r"recompute\.granularity=op has no effect with recompute\.mode=none"),
-    (["recompute.mode=gated", "recompute.granularity=op"], r"recompute\.mode=gated needs recompute\.budget_mb"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["recompute.budget_mb=2"], r"recompute\.budget_mb=2 has no effect with recompute\.mode=none"),
+        (["recompute.granularity=op"], r"recompute\.granularity=op has no effect with recompute\.mode=none"),
+        (["recompute.mode=gated", "recompute.granularity=op"], r"recompute\.mode=gated needs recompute\.budget_mb"),
+    ],
+)
 def test_budget_settings_without_a_budgeted_mode_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         op_cfg(*overrides)
@@ -325,8 +351,12 @@ def test_op_gates_resume_where_they_were(setup):
     """The op-level gates' state (logits, multiplier, their Adam) survives a checkpoint: a
     fresh planner loaded with it makes the same plan and the same next update."""
     mcfg, tokens, costs = setup
-    cfg = op_cfg("recompute.mode=gated", "recompute.granularity=op",
-                 f"recompute.budget_mb={0.5 * costs.none_bytes / 2**20!r}", "recompute.gates.warmup_steps=20")
+    cfg = op_cfg(
+        "recompute.mode=gated",
+        "recompute.granularity=op",
+        f"recompute.budget_mb={0.5 * costs.none_bytes / 2**20!r}",
+        "recompute.gates.warmup_steps=20",
+    )
 
     def planner():
         p = OpRecompute(mcfg.n_layer, cfg.recompute, CPU, costs=costs)

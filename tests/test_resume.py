@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from faults import KillAt
+
 from raydrat.cli import main
 from raydrat.config import load_config
 from raydrat.core.techniques.slots import SlotSchedule
@@ -27,11 +27,20 @@ LAYERDROP_DDP = ("scaling.num_workers=2", "sync.mode=ddp", "slots.mode=layerdrop
 
 
 def _cfg(demo_dir: Path, storage: Path, db: Path, *extra: str):
-    return load_config("debug", [
-        f"data.demo_dir={demo_dir}", f"train.storage_path={storage}", f"train.steps={STEPS}",
-        f"train.eval_every={EVAL}", "train.log_every=1", "optim.warmup_steps=2",
-        f"tracking.tracking_uri=sqlite:///{db}", "scaling.cpus_per_worker=0.5", *extra,
-    ])
+    return load_config(
+        "debug",
+        [
+            f"data.demo_dir={demo_dir}",
+            f"train.storage_path={storage}",
+            f"train.steps={STEPS}",
+            f"train.eval_every={EVAL}",
+            "train.log_every=1",
+            "optim.warmup_steps=2",
+            f"tracking.tracking_uri=sqlite:///{db}",
+            "scaling.cpus_per_worker=0.5",
+            *extra,
+        ],
+    )
 
 
 def _client(db: Path):
@@ -55,7 +64,7 @@ def runs(ray_local, demo_dir: Path, tmp_path_factory):
     # the run is resumed (an inf score used to come back as null and fail the resumed controller)
     every = f"train.checkpoint_every={SAVE}"
     cfg = _cfg(demo_dir, tmp / "rr", db, "name=resumable", every, *LAYERDROP_DDP)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (the killed worker surfaces as Ray Train's error)
         run_training(cfg, fit_callbacks=[KillAt(7)])
     resumed = run_training(cfg, resume_run=True)
     plain = run_training(_cfg(demo_dir, tmp / "rr", db, "name=plain", every, *LAYERDROP_DDP))
@@ -88,9 +97,24 @@ def test_resume_continues_same_run_and_curve(runs):
 
 def test_resume_errors_name_the_problem(runs, capsys, demo_dir):
     tmp, db = runs["tmp"], runs["db"]
-    base = ["train", "debug", "--set", f"data.demo_dir={demo_dir}", "--set", f"train.storage_path={tmp / 'rr'}",
-            "--set", f"train.steps={STEPS}", "--set", f"train.eval_every={EVAL}", "--set", "optim.warmup_steps=2",
-            "--set", f"tracking.tracking_uri=sqlite:///{db}", "--set", "scaling.cpus_per_worker=0.5"]
+    base = [
+        "train",
+        "debug",
+        "--set",
+        f"data.demo_dir={demo_dir}",
+        "--set",
+        f"train.storage_path={tmp / 'rr'}",
+        "--set",
+        f"train.steps={STEPS}",
+        "--set",
+        f"train.eval_every={EVAL}",
+        "--set",
+        "optim.warmup_steps=2",
+        "--set",
+        f"tracking.tracking_uri=sqlite:///{db}",
+        "--set",
+        "scaling.cpus_per_worker=0.5",
+    ]
     before = sorted(p.name for p in (tmp / "rr").iterdir())
 
     def expect(argv, *needles):
@@ -100,28 +124,48 @@ def test_resume_errors_name_the_problem(runs, capsys, demo_dir):
         for n in needles:
             assert n in err, err
 
-    expect([*base, "--set", "name=resumable", "--set", "optim.lr=0.01", "--set", "train.seed=1", "--resume"],
-           "optim.lr: 0.003 -> 0.01", "train.seed: 1337 -> 1")
+    expect(
+        [*base, "--set", "name=resumable", "--set", "optim.lr=0.01", "--set", "train.seed=1", "--resume"],
+        "optim.lr: 0.003 -> 0.01",
+        "train.seed: 1337 -> 1",
+    )
     expect([*base, "--set", "name=never-ran", "--resume"], "no run of config name 'never-ran'")
     write_run_record(_cfg(demo_dir, tmp / "rr", db, "name=early"), "early-1", None, None)
     expect([*base, "--set", "name=early", "--resume"], "no complete checkpoint", "early-1")
-    expect([*base, "--set", "scaling.num_workers=9"], "scaling.num_workers=9", "needs 5.5 CPUs",
-           "the Ray cluster has 2 CPUs and 0 GPUs")
+    expect(
+        [*base, "--set", "scaling.num_workers=9"],
+        "scaling.num_workers=9",
+        "needs 5.5 CPUs",
+        "the Ray cluster has 2 CPUs and 0 GPUs",
+    )
     # every CPU for the workers leaves none for the data stream: refused, not left hanging
-    expect([*base, "--set", "scaling.num_workers=2", "--set", "scaling.cpus_per_worker=1"],
-           "plus 1 for the training data stream", "needs 3 CPUs but the Ray cluster has 2 CPUs",
-           "set scaling.cpus_per_worker=0.5")
+    expect(
+        [*base, "--set", "scaling.num_workers=2", "--set", "scaling.cpus_per_worker=1"],
+        "plus 1 for the training data stream",
+        "needs 3 CPUs but the Ray cluster has 2 CPUs",
+        "set scaling.cpus_per_worker=0.5",
+    )
     # a used run name is never continued by a new run
-    expect([*base, "--set", "name=resumable", "--set", f"tracking.run_name={runs['resumed'].run_name}"],
-           f"run name {runs['resumed'].run_name!r} is already used", f"--resume {runs['resumed'].run_name}")
+    expect(
+        [*base, "--set", "name=resumable", "--set", f"tracking.run_name={runs['resumed'].run_name}"],
+        f"run name {runs['resumed'].run_name!r} is already used",
+        f"--resume {runs['resumed'].run_name}",
+    )
     # nothing was written by the refused commands (beyond the record made above)
     assert sorted(p.name for p in (tmp / "rr").iterdir()) == sorted([*before, "early-1"])
 
 
 def test_killed_worker_is_replaced_and_run_completes(ray_local, demo_dir, tmp_path):
     db = tmp_path / "mlruns.db"
-    cfg = _cfg(demo_dir, tmp_path / "rr", db, "train.max_failures=1", "scaling.num_workers=2",
-               "sync.mode=local", "sync.sync_steps=2")
+    cfg = _cfg(
+        demo_dir,
+        tmp_path / "rr",
+        db,
+        "train.max_failures=1",
+        "scaling.num_workers=2",
+        "sync.mode=local",
+        "sync.sync_steps=2",
+    )
     summary = run_training(cfg, fit_callbacks=[KillAt(7, rank=1)])
     assert summary.steps == STEPS
     assert _history(db, summary.mlflow_run_id, "resumed_from_step") == {EVAL: EVAL}
@@ -136,7 +180,10 @@ def test_resume_starts_from_the_newer_of_ray_trains_record_and_the_latest_direct
     only; --resume starts from the newest complete save either way."""
     from test_checkpoints import _save
 
-    old, new = (tmp_path / "checkpoint_2026-11-23_13-08-53.453148"), (tmp_path / "checkpoint_2026-11-23_13-09-54.818146")
+    old, new = (
+        (tmp_path / "checkpoint_2026-11-23_13-08-53.453148"),
+        (tmp_path / "checkpoint_2026-11-23_13-09-54.818146"),
+    )
     assert choose_checkpoint(tmp_path) == (None, [])
     _save(old, 5)
     assert choose_checkpoint(tmp_path, also=(str(old),))[0] == old  # Ray's record only

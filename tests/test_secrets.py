@@ -52,10 +52,25 @@ def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
     port = _free_port()
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'store.db'}", "--artifacts-destination", str(root / "artifacts"),
-         "--workers", "1"],
-        cwd=root, stdout=(root / "server.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root / 'store.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        cwd=root,
+        stdout=(root / "server.log").open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 180
     while True:
         try:
@@ -64,7 +79,9 @@ def mlflow_server(tmp_path_factory):
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 os.killpg(proc.pid, signal.SIGKILL)
-                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}"
+                ) from None
             time.sleep(0.5)
     yield {"root": root, "uri": f"http://raydrat:{SECRET}@127.0.0.1:{port}"}
     os.killpg(proc.pid, signal.SIGTERM)
@@ -112,22 +129,53 @@ def _files_holding(root: Path, needles: list[bytes]) -> dict[str, list[str]]:
 
 @pytest.mark.slow
 def test_no_secret_in_the_store_artifacts_ray_results_session_logs_or_console(
-        mlflow_server, ray_with_secrets_in_env, demo_dir, tmp_path, capfd, monkeypatch):
+    mlflow_server, ray_with_secrets_in_env, demo_dir, tmp_path, capfd, monkeypatch
+):
     from mlflow.tracking import MlflowClient
+    from test_tune import _space
 
     from raydrat.cli import main
-    from test_tune import _space
 
     monkeypatch.chdir(tmp_path)
     uri = mlflow_server["uri"]
-    assert main(["train", "debug", "--set", f"data.demo_dir={demo_dir}", "--set", "train.steps=4",
-                 "--set", "train.eval_every=2", "--set", "optim.warmup_steps=1",
-                 "--set", "scaling.cpus_per_worker=0.5",
-                 "--set", f"train.storage_path={tmp_path / 'ray_results'}", "--set", f"tracking.tracking_uri={uri}"]) == 0
-    space = _space(tmp_path, name="secret", max_concurrent=1, scheduler={"type": "none"},
-                   overrides={"train.steps": 4, "train.eval_every": 2, "train.log_every": 2, "train.eval_batches": 1,
-                              "optim.warmup_steps": 1, "scaling.cpus_per_worker": 0.25,
-                              "data.demo_dir": str(demo_dir)})
+    assert (
+        main(
+            [
+                "train",
+                "debug",
+                "--set",
+                f"data.demo_dir={demo_dir}",
+                "--set",
+                "train.steps=4",
+                "--set",
+                "train.eval_every=2",
+                "--set",
+                "optim.warmup_steps=1",
+                "--set",
+                "scaling.cpus_per_worker=0.5",
+                "--set",
+                f"train.storage_path={tmp_path / 'ray_results'}",
+                "--set",
+                f"tracking.tracking_uri={uri}",
+            ]
+        )
+        == 0
+    )
+    space = _space(
+        tmp_path,
+        name="secret",
+        max_concurrent=1,
+        scheduler={"type": "none"},
+        overrides={
+            "train.steps": 4,
+            "train.eval_every": 2,
+            "train.log_every": 2,
+            "train.eval_batches": 1,
+            "optim.warmup_steps": 1,
+            "scaling.cpus_per_worker": 0.25,
+            "data.demo_dir": str(demo_dir),
+        },
+    )
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     assert main(["tune", str(space)]) == 0
     console = capfd.readouterr()
@@ -143,9 +191,11 @@ def test_no_secret_in_the_store_artifacts_ray_results_session_logs_or_console(
     assert {r.data.params.get("tracking.tracking_uri") for r in trained} <= {None, R.redact_uri(uri)}
 
     needles = [SECRET.encode(), AWS_SECRET.encode()]
-    places = {"the MLflow server's store and artifacts": mlflow_server["root"],
-              "ray_results (checkpoints, run records, Tune's trials and state)": tmp_path,
-              "Ray's session directory (logs)": ray_with_secrets_in_env}
+    places = {
+        "the MLflow server's store and artifacts": mlflow_server["root"],
+        "ray_results (checkpoints, run records, Tune's trials and state)": tmp_path,
+        "Ray's session directory (logs)": ray_with_secrets_in_env,
+    }
     leaks = {name: _files_holding(root, needles) for name, root in places.items()}
     assert leaks == {name: {} for name in places}, leaks
     assert SECRET not in console_text and AWS_SECRET not in console_text

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import raydrat_cmd
+
 from raydrat.core.state import checkpoint_step, verify_checkpoint
 from raydrat.ray_train.resume import checkpoint_dirs
 
@@ -28,8 +28,9 @@ def _start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     # its own session, as a shell gives a foreground job: Ctrl-C reaches the whole group
-    return subprocess.Popen(raydrat_cmd(*args), cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
+    return subprocess.Popen(
+        raydrat_cmd(*args), cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
 
 
 def _wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, past_step: int, log: Path, timeout: float = 240) -> int:
@@ -53,10 +54,26 @@ def _status(db: Path) -> str:
 
 def test_sigint_and_sigterm_stop_cleanly_and_the_run_resumes(demo_dir: Path, tmp_path: Path):
     db, storage = tmp_path / "mlruns.db", tmp_path / "ray_results"
-    args = ["train", "debug", "--set", f"data.demo_dir={demo_dir}", "--set", f"train.storage_path={storage}",
-            "--set", f"train.steps={STEPS}", "--set", "train.checkpoint_every=2", "--set", "train.eval_every=1000",
-            "--set", "train.log_every=2", "--set", f"tracking.tracking_uri=sqlite:///{db}",
-            "--set", f"tracking.run_name={RUN}"]
+    args = [
+        "train",
+        "debug",
+        "--set",
+        f"data.demo_dir={demo_dir}",
+        "--set",
+        f"train.storage_path={storage}",
+        "--set",
+        f"train.steps={STEPS}",
+        "--set",
+        "train.checkpoint_every=2",
+        "--set",
+        "train.eval_every=1000",
+        "--set",
+        "train.log_every=2",
+        "--set",
+        f"tracking.tracking_uri=sqlite:///{db}",
+        "--set",
+        f"tracking.run_name={RUN}",
+    ]
     run_dir = storage / RUN
     resumed_from, newest = [], None
     for i, (sig, code) in enumerate(((signal.SIGINT, 130), (signal.SIGTERM, 143))):
@@ -66,7 +83,7 @@ def test_sigint_and_sigterm_stop_cleanly_and_the_run_resumes(demo_dir: Path, tmp
         if sig == signal.SIGINT:
             os.killpg(proc.pid, sig)  # what Ctrl-C in a terminal does
         else:
-            os.kill(proc.pid, sig)    # what `kill`, a scheduler or a container runtime does
+            os.kill(proc.pid, sig)  # what `kill`, a scheduler or a container runtime does
         assert proc.wait(timeout=120) == code, log.read_text()[-4000:]
         out = log.read_text()
         last = out.strip().splitlines()

@@ -39,18 +39,33 @@ def sync_rows(ray_local, demo_dir: Path, tmp_path_factory):
     from raydrat.bench.sync import run_sync_workers
 
     tmp = tmp_path_factory.mktemp("sync")
-    cfg = load_config("debug", [
-        f"data.demo_dir={demo_dir}", f"train.storage_path={tmp}", "train.steps=8", "optim.warmup_steps=2",
-        "optim.name=sgd", "optim.lr=0.5", "optim.grad_clip=0", "train.eval_batches=1",
-        "scaling.cpus_per_worker=0.5",
-    ])
+    cfg = load_config(
+        "debug",
+        [
+            f"data.demo_dir={demo_dir}",
+            f"train.storage_path={tmp}",
+            "train.steps=8",
+            "optim.warmup_steps=2",
+            "optim.name=sgd",
+            "optim.lr=0.5",
+            "optim.grad_clip=0",
+            "train.eval_batches=1",
+            "scaling.cpus_per_worker=0.5",
+        ],
+    )
     variants = [
         {"mode": "ddp", "sync_steps": 1},
         {"mode": "local", "sync_steps": 1},
         {"mode": "local", "sync_steps": 4},
         {"mode": "local", "sync_steps": 2, "outer_optimizer": "nesterov", "average_optimizer_state": True},
-        {"mode": "local", "sync_steps": 4, "outer_optimizer": "nesterov", "fragments": 2, "delay": 1,
-         "quantization": "int8"},
+        {
+            "mode": "local",
+            "sync_steps": 4,
+            "outer_optimizer": "nesterov",
+            "fragments": 2,
+            "delay": 1,
+            "quantization": "int8",
+        },
         {"mode": "local", "sync_steps": 4, "fragments": 2, "quantization": "bf16"},
     ]
     rows = run_sync_workers(cfg, variants, workers=2)
@@ -111,21 +126,31 @@ def demo_rows(ray_local, demo_dir: Path, tmp_path_factory):
     from raydrat.bench.sync import run_sync_workers, streaming_variant
 
     build_demo_corpus(demo_dir, 4096)  # the demo recipe's tokenizer beside the debug one
-    cfg = load_config("demo", [f"data.demo_dir={demo_dir}", f"train.storage_path={tmp_path_factory.mktemp('demo')}",
-                               *DEMO_SETTINGS])
-    variants = [{"mode": "ddp", "sync_steps": 1},
-                {"mode": "local", "sync_steps": 4, "outer_optimizer": "nesterov"},
-                {"mode": "local", "sync_steps": 16, "outer_optimizer": "nesterov"},
-                streaming_variant(16, cfg.model.n_layer)]
+    cfg = load_config(
+        "demo", [f"data.demo_dir={demo_dir}", f"train.storage_path={tmp_path_factory.mktemp('demo')}", *DEMO_SETTINGS]
+    )
+    variants = [
+        {"mode": "ddp", "sync_steps": 1},
+        {"mode": "local", "sync_steps": 4, "outer_optimizer": "nesterov"},
+        {"mode": "local", "sync_steps": 16, "outer_optimizer": "nesterov"},
+        streaming_variant(16, cfg.model.n_layer),
+    ]
     rows = {r["label"]: r for r in run_sync_workers(cfg, variants, workers=2)}
     for label, r in rows.items():  # shown with pytest -rP
-        print(f"{label}: val {r['val_loss']:.4f}, {r['bytes_per_step']:,.0f} bytes/step "
-              f"({r['sched_bytes_per_step']:,.0f} scheduled), {r['tokens_per_s']:,.0f} tokens/s")
+        print(
+            f"{label}: val {r['val_loss']:.4f}, {r['bytes_per_step']:,.0f} bytes/step "
+            f"({r['sched_bytes_per_step']:,.0f} scheduled), {r['tokens_per_s']:,.0f} tokens/s"
+        )
     return rows
 
 
-DEMO_SETTINGS = ["train.steps=96", "train.batch_size=4", "optim.warmup_steps=10", "train.eval_batches=4",
-                 "scaling.cpus_per_worker=1"]
+DEMO_SETTINGS = [
+    "train.steps=96",
+    "train.batch_size=4",
+    "optim.warmup_steps=10",
+    "train.eval_batches=4",
+    "scaling.cpus_per_worker=1",
+]
 
 
 @pytest.mark.slow
@@ -185,7 +210,9 @@ def test_quantized_exchange_matches_the_fp32_mean_and_agrees_across_ranks(tmp_pa
             lo, hi = chunk * m + start, min(chunk * m + start + BLOCK, (chunk + 1) * m, n)
             if lo >= n:
                 continue
-            step = (r0["x"][lo:hi].abs().max() + r1["x"][lo:hi].abs().max()) / 2 / 127 / 2 + true[lo:hi].abs().max() / 127 / 2
+            step = (r0["x"][lo:hi].abs().max() + r1["x"][lo:hi].abs().max()) / 2 / 127 / 2 + true[
+                lo:hi
+            ].abs().max() / 127 / 2
             assert err[lo:hi].max() <= step * 1.001 + 1e-12, (lo, hi)
     assert err[:300].max() == 0  # a zero block stays exactly zero
     scales = 2 * math.ceil(m / BLOCK) * 4
@@ -218,8 +245,12 @@ def _overlap_worker(rank: int, port: int, out: str) -> None:
             blocked[done] = time.perf_counter() - t0
         before = model_checksum(model)
         strategy.synchronize()  # the flush before an evaluation or a checkpoint
-        results[delay] = {"blocked": blocked, "before_flush": before, "checksum": model_checksum(model),
-                          "comm_s": strategy.comm.take()[1]}
+        results[delay] = {
+            "blocked": blocked,
+            "before_flush": before,
+            "checksum": model_checksum(model),
+            "comm_s": strategy.comm.take()[1],
+        }
     torch.save(results, os.path.join(out, f"o{rank}.pt"))
     dist.destroy_process_group()
 
@@ -278,19 +309,27 @@ def test_fragments_partition_every_parameter_once_and_evenly():
         split_fragments(model, 5)
 
 
-@pytest.mark.parametrize("overrides, needles", [
-    (["sync.mode=local", "sync.sync_steps=0"], ["sync.sync_steps", "greater than or equal to 1"]),
-    (["sync.mode=local", "sync.bucket_cap_mb=10"], ["sync.bucket_cap_mb", "sync.mode=ddp"]),
-    (["sync.sync_steps=4"], ["sync.sync_steps", "sync.mode=local"]),
-    (["sync.mode=allreduce"], ["sync.mode"]),
-    (["sync.mode=local", "sync.sync_steps=8", "sync.fragments=4"], ["sync.fragments (4)", "model.n_layer", "2 blocks"]),
-    (["sync.mode=local", "sync.sync_steps=5", "sync.fragments=2"], ["sync.sync_steps (5)", "sync.fragments (2)"]),
-    (["sync.mode=local", "sync.sync_steps=8", "sync.fragments=2", "sync.delay=4"], ["sync.delay (4)", "8/2 = 4"]),
-    (["sync.quantization=int8"], ["sync.quantization", "sync.mode=local"]),
-    (["sync.mode=local", "sync.sync_steps=4", "sync.fragments=2", "sync.average_optimizer_state=true"],
-     ["sync.average_optimizer_state", "sync.fragments"]),
-    (["sync.mode=local", "sync.quantization=int4"], ["sync.quantization"]),
-])
+@pytest.mark.parametrize(
+    "overrides, needles",
+    [
+        (["sync.mode=local", "sync.sync_steps=0"], ["sync.sync_steps", "greater than or equal to 1"]),
+        (["sync.mode=local", "sync.bucket_cap_mb=10"], ["sync.bucket_cap_mb", "sync.mode=ddp"]),
+        (["sync.sync_steps=4"], ["sync.sync_steps", "sync.mode=local"]),
+        (["sync.mode=allreduce"], ["sync.mode"]),
+        (
+            ["sync.mode=local", "sync.sync_steps=8", "sync.fragments=4"],
+            ["sync.fragments (4)", "model.n_layer", "2 blocks"],
+        ),
+        (["sync.mode=local", "sync.sync_steps=5", "sync.fragments=2"], ["sync.sync_steps (5)", "sync.fragments (2)"]),
+        (["sync.mode=local", "sync.sync_steps=8", "sync.fragments=2", "sync.delay=4"], ["sync.delay (4)", "8/2 = 4"]),
+        (["sync.quantization=int8"], ["sync.quantization", "sync.mode=local"]),
+        (
+            ["sync.mode=local", "sync.sync_steps=4", "sync.fragments=2", "sync.average_optimizer_state=true"],
+            ["sync.average_optimizer_state", "sync.fragments"],
+        ),
+        (["sync.mode=local", "sync.quantization=int4"], ["sync.quantization"]),
+    ],
+)
 def test_bad_sync_settings(overrides, needles):
     with pytest.raises(ConfigError) as err:
         load_config("debug", overrides)

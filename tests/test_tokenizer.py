@@ -15,10 +15,16 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from raydrat.config.data import DataConfig
-from raydrat.core.model.config import ModelConfig
 from raydrat.core.data.blocks import iter_blocks_local
 from raydrat.core.data.errors import DataError
-from raydrat.core.data.tokenizer import load_tokenizer, declared_special_tokens, special_ids, tokenizer_special_ids, vocab_size_of
+from raydrat.core.data.tokenizer import (
+    declared_special_tokens,
+    load_tokenizer,
+    special_ids,
+    tokenizer_special_ids,
+    vocab_size_of,
+)
+from raydrat.core.model.config import ModelConfig
 from raydrat.core.model.transformer import GPT
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron".split()
@@ -37,8 +43,12 @@ def gpt2_style(special: list[str], vocab_size: int = 400) -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts(), trainer)
     return tok
 
@@ -78,8 +88,9 @@ def test_gpt2_style_tokenizer_trains_the_model(gpt2_file, corpus):
     assert first_doc in texts()  # decodes back to a whole document
 
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=512, seq_len=SEQ_LEN, d_model=64, n_layer=2, n_head=4, n_kv_head=2,
-                            activation="swiglu"))
+    model = GPT(
+        ModelConfig(vocab_size=512, seq_len=SEQ_LEN, d_model=64, n_layer=2, n_head=4, n_kv_head=2, activation="swiglu")
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     batch = torch.from_numpy(blocks[:8]).long()
     losses = []
@@ -94,8 +105,9 @@ def test_gpt2_style_tokenizer_trains_the_model(gpt2_file, corpus):
 
 def test_transformers_directory_loads_with_its_declared_tokens(tmp_path):
     transformers = pytest.importorskip("transformers")
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=gpt2_style(["</s>", "<pad>"]),
-                                                eos_token="</s>", pad_token="<pad>")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=gpt2_style(["</s>", "<pad>"]), eos_token="</s>", pad_token="<pad>"
+    )
     fast.save_pretrained(str(tmp_path / "saved"))
     assert (tmp_path / "saved" / "tokenizer.json").is_file()
     assert declared_special_tokens(tmp_path / "saved") == {"eos_token": "</s>", "pad_token": "<pad>"}
@@ -115,7 +127,11 @@ def test_pipeline_uses_the_configured_eod_token(tmp_path, corpus):
     path = tmp_path / "eos.json"
     gpt2_style(["</s>"]).save(str(path))
     with pytest.raises(DataError, match="set data.eod_token"):
-        list(iter_blocks_local(DataConfig(sources=[{"path": str(corpus)}], tokenizer_path=str(path)), SEQ_LEN, 512, "train"))
+        list(
+            iter_blocks_local(
+                DataConfig(sources=[{"path": str(corpus)}], tokenizer_path=str(path)), SEQ_LEN, 512, "train"
+            )
+        )
     cfg = DataConfig(sources=[{"path": str(corpus)}], tokenizer_path=str(path), eod_token="</s>")
     blocks = np.stack(list(iter_blocks_local(cfg, SEQ_LEN, 512, "train")))
     assert (blocks == load_tokenizer(path, 512, "</s>").token_to_id("</s>")).any()
@@ -123,7 +139,9 @@ def test_pipeline_uses_the_configured_eod_token(tmp_path, corpus):
 
 def test_tokenizer_bad_inputs(tmp_path, gpt2_file):
     n = vocab_size_of(load_tokenizer(gpt2_file, 512))
-    with pytest.raises(DataError, match=rf"has {n} tokens but model.vocab_size is 300: raise model.vocab_size to at least {n}"):
+    with pytest.raises(
+        DataError, match=rf"has {n} tokens but model.vocab_size is 300: raise model.vocab_size to at least {n}"
+    ):
         load_tokenizer(gpt2_file, 300)
     with pytest.raises(DataError, match=r"has no token '<eos>' \(data.eod_token\)"):
         load_tokenizer(gpt2_file, 512, eod_token="<eos>")

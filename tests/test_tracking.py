@@ -31,11 +31,19 @@ def test_params_are_the_sections_a_run_uses():
     plain = tracking.run_params(load_config("debug"), resolve(load_config("debug"), gpus=0))
     assert plain["model.d_model"] == 64 and plain["recompute.mode"] == "none" and plain["slots.mode"] == "all"
     assert plain["runtime.device"] == "cpu" and plain["runtime.precision"] == "fp32"
-    unused = ("sync.", "recompute.gates.", "recompute.budget_mb", "slots.keep", "tracking.", "train.precision_fallback_")
+    unused = (
+        "sync.",
+        "recompute.gates.",
+        "recompute.budget_mb",
+        "slots.keep",
+        "tracking.",
+        "train.precision_fallback_",
+    )
     assert not [k for k in plain if k.startswith(unused)]
     assert len(plain) < len(load_config("debug").flat())
-    gated = tracking.run_params(load_config("debug", ["recompute.mode=gated", "slots.mode=layerdrop",
-                                                      "scaling.num_workers=2"]))
+    gated = tracking.run_params(
+        load_config("debug", ["recompute.mode=gated", "slots.mode=layerdrop", "scaling.num_workers=2"])
+    )
     assert gated["recompute.gates.memory_weight"] == 0.01 and gated["slots.keep"] == 0.5
     assert gated["sync.mode"] == "ddp" and "tracking.experiment" not in gated
 
@@ -71,15 +79,17 @@ def test_a_copied_store_reads_and_writes_its_own_artifacts(store: Path, tmp_path
     assert view["selectedColumns"][:2] == ["metrics.`val_loss`", "metrics.`train_loss`"]
     assert tracking.ui_url(copy_uri, exp.experiment_id).endswith(
         f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey=raydrat"
-        "&compareRunsMode=CHART")
+        "&compareRunsMode=CHART"
+    )
 
 
 def test_every_run_carries_source_git_and_user_tags(store: Path):
     uri = f"sqlite:///{store / 'mlruns.db'}"
     run = Run.start(uri, "raydrat", "r1")
     tags = MlflowClient(uri).get_run(run.run_id).data.tags
-    head = subprocess.run(["git", "-C", str(Path(tracking.__file__).parent), "rev-parse", "HEAD"],
-                          capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "-C", str(Path(tracking.__file__).parent), "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     assert tags["mlflow.source.git.commit"] == head and len(head) == 40
     assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"] and tags["mlflow.user"]
 
@@ -91,8 +101,10 @@ def test_the_data_is_a_dataset_input_per_split(store: Path):
     run = Run.start(uri, "raydrat", "r2")
     run.log_inputs(inputs)
     logged = MlflowClient(uri).get_run(run.run_id).inputs.dataset_inputs
-    assert {(i.dataset.name, i.tags[0].value) for i in logged} == {("corpus:train", "training"),
-                                                                  ("corpus:val", "validation")}
+    assert {(i.dataset.name, i.tags[0].value) for i in logged} == {
+        ("corpus:train", "training"),
+        ("corpus:val", "validation"),
+    }
     assert '"docs": 10' in logged[0].dataset.profile
     other = tracking.data_inputs({**lineage, "tokenizer_sha256": "cd"}, {})
     assert {i.dataset.digest for i in other}.isdisjoint({i.dataset.digest for i in inputs})

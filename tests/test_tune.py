@@ -15,11 +15,11 @@ import pytest
 import ray
 import torch
 import yaml
+from conftest import run_cli
+from faults import OOMAbove, oom_above
 from mlflow.tracking import MlflowClient
 from ray.tune.search import Searcher
 
-from conftest import run_cli
-from faults import OOMAbove, oom_above
 from raydrat.cli import main
 from raydrat.config import ConfigError, SweepConfig, load_config
 from raydrat.core.microbatch import MicroBatchStep
@@ -40,9 +40,14 @@ def estimated_bytes(cfg) -> int:
     """A trial's estimate as the sweep's admission makes it on this CPU machine."""
     return resolve(cfg, gpus=0).estimate.total_bytes
 
+
 SHORT = {
-    "train.steps": 6, "train.eval_every": 3, "train.log_every": 3, "train.eval_batches": 1,
-    "optim.warmup_steps": 2, "scaling.cpus_per_worker": 0.25,
+    "train.steps": 6,
+    "train.eval_every": 3,
+    "train.log_every": 3,
+    "train.eval_batches": 1,
+    "optim.warmup_steps": 2,
+    "scaling.cpus_per_worker": 0.25,
 }
 
 
@@ -109,12 +114,15 @@ def test_unknown_sweep_key_lists_the_sweeps_own_keys_and_a_nested_sections(tmp_p
     allowed = top.value.args[0].split("max_concurent: unknown key; allowed keys here: ")[1].split(", ")
     assert allowed == sorted(SweepConfig.model_fields)  # the sweep's keys, not the training config's sections
     assert "max_concurrent" in allowed and "model" not in allowed
-    with pytest.raises(ConfigError, match="scheduler.grace: unknown key; allowed keys here: grace_period, "
-                                          "reduction_factor, type"):
+    with pytest.raises(
+        ConfigError, match="scheduler.grace: unknown key; allowed keys here: grace_period, reduction_factor, type"
+    ):
         load_space(_space(tmp_path, scheduler={"type": "asha", "grace": 2}))
     assert main(["tune", str(_space(tmp_path, resources={"trial_cpus": 1}))]) == 2
-    assert "resources.trial_cpus: unknown key; allowed keys here: data_cpu_headroom, gpu_memory_gb, trial_cpu" \
+    assert (
+        "resources.trial_cpus: unknown key; allowed keys here: data_cpu_headroom, gpu_memory_gb, trial_cpu"
         in capsys.readouterr().err
+    )
 
 
 def test_a_searcher_whose_package_is_missing_is_named_before_ray_starts(tmp_path, capsys):
@@ -123,13 +131,19 @@ def test_a_searcher_whose_package_is_missing_is_named_before_ray_starts(tmp_path
         pytest.skip("hpbandster and ConfigSpace are installed here")
     assert main(["tune", str(_space(tmp_path, search="bohb"))]) == 2
     err = capsys.readouterr().err
-    assert f"search: bohb needs the package(s) {', '.join(missing)}" in err and f"pip install {' '.join(missing)}" in err
+    assert (
+        f"search: bohb needs the package(s) {', '.join(missing)}" in err and f"pip install {' '.join(missing)}" in err
+    )
     assert not ray.is_initialized()
 
 
 def test_a_searcher_space_with_no_corner_under_the_budget_is_refused_before_ray_starts(tmp_path, capsys):
-    p = _space(tmp_path, search="optuna", memory_budget_gb=1e-4,
-               space={"model.d_model": {"choice": [32, 64]}, "optim.lr": {"loguniform": [1e-3, 1e-2]}})
+    p = _space(
+        tmp_path,
+        search="optuna",
+        memory_budget_gb=1e-4,
+        space={"model.d_model": {"choice": [32, 64]}, "optim.lr": {"loguniform": [1e-3, 1e-2]}},
+    )
     smallest = estimated_bytes(load_config("debug", [f"{k}={v}" for k, v in {**SHORT, "model.d_model": 32}.items()]))
     assert main(["tune", str(p)]) == 2
     err = capsys.readouterr().err
@@ -138,27 +152,52 @@ def test_a_searcher_space_with_no_corner_under_the_budget_is_refused_before_ray_
 
 
 def test_a_proposal_keeps_only_the_entries_whose_condition_holds(tmp_path):
-    space = load_space(_space(tmp_path, search="optuna", space={
-        "recompute.mode": {"choice": ["none", "gated"]},
-        "recompute.gates.memory_weight": {"loguniform": [1e-3, 1e-1], "when": {"recompute.mode": "gated"}},
-    }))
+    space = load_space(
+        _space(
+            tmp_path,
+            search="optuna",
+            space={
+                "recompute.mode": {"choice": ["none", "gated"]},
+                "recompute.gates.memory_weight": {"loguniform": [1e-3, 1e-1], "when": {"recompute.mode": "gated"}},
+            },
+        )
+    )
     proposal = {"recompute.mode": "none", "recompute.gates.memory_weight": 0.01}
     assert space.params_from(proposal) == {"recompute.mode": "none"}
     assert space.params_from({**proposal, "recompute.mode": "gated"}) == {
-        "recompute.mode": "gated", "recompute.gates.memory_weight": 0.01}
+        "recompute.mode": "gated",
+        "recompute.gates.memory_weight": 0.01,
+    }
 
 
 def test_hyperopt_proposals_are_screened_too(tmp_path):
-    space = load_space(_space(tmp_path, search="hyperopt", num_samples=6, seed=1, memory_budget_gb=0.05,
-                              space={"model.d_model": {"grid": [32, 512]}, "optim.lr": {"uniform": [1e-3, 1e-2]}}))
+    space = load_space(
+        _space(
+            tmp_path,
+            search="hyperopt",
+            num_samples=6,
+            seed=1,
+            memory_budget_gb=0.05,
+            space={"model.d_model": {"grid": [32, 512]}, "optim.lr": {"uniform": [1e-3, 1e-2]}},
+        )
+    )
     launched, refused = [], []
-    s = AdmittingSearcher(build_searcher(space, None), 6, lambda i, prop: screen(space, i, space.params_from(prop), 0),
-                          lambda v: {"trial": v}, refused.append, "val_loss", "min")
+    s = AdmittingSearcher(
+        build_searcher(space, None),
+        6,
+        lambda i, prop: screen(space, i, space.params_from(prop), 0),
+        lambda v: {"trial": v},
+        refused.append,
+        "val_loss",
+        "min",
+    )
     while (out := s.suggest(f"x{len(launched)}")) != Searcher.FINISHED:
         launched.append(out["trial"])
         s.on_trial_complete(f"x{len(launched) - 1}", {"val_loss": 1.0, "status": "completed"})
     assert len(launched) + len(refused) == 6 and [v.index for v in launched + refused] != []
-    assert {v.params["model.d_model"] for v in launched} <= {32} and {v.params["model.d_model"] for v in refused} <= {512}
+    assert {v.params["model.d_model"] for v in launched} <= {32} and {v.params["model.d_model"] for v in refused} <= {
+        512
+    }
     assert all(isinstance(v.params["model.d_model"], int) and 1e-3 <= v.params["optim.lr"] <= 1e-2 for v in launched)
 
 
@@ -182,17 +221,32 @@ def test_the_searcher_learns_that_infeasible_proposals_are_bad_and_none_is_launc
     """OptunaSearch under admission, with a synthetic score for what it launches: told the
     worst value for each infeasible proposal it stops proposing them; the same searcher,
     not told, goes on proposing them as often as at first."""
-    est = {d: estimated_bytes(load_config("debug", [f"{k}={v}" for k, v in {**SHORT, "model.d_model": d}.items()]))
-           for d in (32, 512)}
-    space = load_space(_space(tmp_path, search="optuna", num_samples=24, seed=0,
-                              memory_budget_gb=(est[32] + est[512]) / 2 / 1024**3,
-                              space={"model.d_model": {"choice": [32, 512]}, "optim.lr": {"loguniform": [1e-3, 1e-2]}}))
+    est = {
+        d: estimated_bytes(load_config("debug", [f"{k}={v}" for k, v in {**SHORT, "model.d_model": d}.items()]))
+        for d in (32, 512)
+    }
+    space = load_space(
+        _space(
+            tmp_path,
+            search="optuna",
+            num_samples=24,
+            seed=0,
+            memory_budget_gb=(est[32] + est[512]) / 2 / 1024**3,
+            space={"model.d_model": {"choice": [32, 512]}, "optim.lr": {"loguniform": [1e-3, 1e-2]}},
+        )
+    )
 
     def search(inner):
         launched, refused = [], []
-        s = AdmittingSearcher(inner, space.sweep.num_samples,
-                              lambda i, proposal: screen(space, i, space.params_from(proposal), 0),
-                              lambda v: {"trial": v}, refused.append, "val_loss", "min")
+        s = AdmittingSearcher(
+            inner,
+            space.sweep.num_samples,
+            lambda i, proposal: screen(space, i, space.params_from(proposal), 0),
+            lambda v: {"trial": v},
+            refused.append,
+            "val_loss",
+            "min",
+        )
         while (out := s.suggest(f"x{len(launched)}")) != Searcher.FINISHED:
             v = out["trial"]
             launched.append(v)
@@ -210,10 +264,13 @@ def test_the_searcher_learns_that_infeasible_proposals_are_bad_and_none_is_launc
 
 
 def test_conditional_entries_expand_only_where_their_condition_holds(tmp_path):
-    p = _space(tmp_path, space={
-        "recompute.mode": {"grid": ["none", "full"]},
-        "train.grad_accum": {"grid": [2, 4], "when": {"recompute.mode": "full"}},
-    })
+    p = _space(
+        tmp_path,
+        space={
+            "recompute.mode": {"grid": ["none", "full"]},
+            "train.grad_accum": {"grid": [2, 4], "when": {"recompute.mode": "full"}},
+        },
+    )
     trials = expand(load_space(p))
     combos = sorted((t.params["recompute.mode"], t.params.get("train.grad_accum")) for t in trials)
     assert combos == [("full", 2), ("full", 4), ("none", None)]
@@ -282,7 +339,7 @@ def test_oom_propagates_without_auto_microbatch_or_below_the_floor():
 
 
 def _dominated(r, others):
-    key = lambda x: (x["val_loss"], x["peak_bytes"], -x["tokens_per_s"])  # noqa: E731
+    key = lambda x: (x["val_loss"], x["peak_bytes"], -x["tokens_per_s"])
     return any(all(a <= b for a, b in zip(key(o), key(r))) and key(o) != key(r) for o in others)
 
 
@@ -291,8 +348,9 @@ def _step_of(checkpoint: Path) -> int:
 
 
 @pytest.mark.slow
-def test_optuna_sweep_statuses_figures_and_mlflow_runs_agree(ray_local, demo_dir: Path, tmp_path: Path, monkeypatch,
-                                                             capfd):
+def test_optuna_sweep_statuses_figures_and_mlflow_runs_agree(
+    ray_local, demo_dir: Path, tmp_path: Path, monkeypatch, capfd
+):
     """One real sweep (OptunaSearch, ASHA, 2 at once) over a space with an infeasible region
     (d_model 512) and a trial that runs out of memory (d_model 48, micro-batches of 8 under
     an injected fault), checked against Ray Train's checkpoints, Tune's own results and the
@@ -304,15 +362,27 @@ def test_optuna_sweep_statuses_figures_and_mlflow_runs_agree(ray_local, demo_dir
     }
     overrides = {**SHORT, "train.batch_size": 4, "data.demo_dir": str(demo_dir)}
     register = {"tracking.register_model": "sweep-best"}  # not in `overrides`: the estimates below ignore it
-    est = {d: estimated_bytes(load_config("debug", [f"{k}={v}" for k, v in {**overrides, "model.d_model": d}.items()]))
-           for d in (48, 512)}
-    est[48] = estimated_bytes(load_config("debug", [f"{k}={v}" for k, v in
-                                                    {**overrides, "model.d_model": 48, "train.batch_size": 8}.items()]))
+    est = {
+        d: estimated_bytes(load_config("debug", [f"{k}={v}" for k, v in {**overrides, "model.d_model": d}.items()]))
+        for d in (48, 512)
+    }
+    est[48] = estimated_bytes(
+        load_config("debug", [f"{k}={v}" for k, v in {**overrides, "model.d_model": 48, "train.batch_size": 8}.items()])
+    )
     budget = (est[48] + est[512]) // 2
     # seed 11: OptunaSearch proposes d_model 512, 48, 32, 32 (its first proposals are its random start)
-    p = _space(tmp_path, name="sweeptest", search="optuna", seed=11, num_samples=4, space=space,
-               overrides={**overrides, **register}, max_concurrent=2, memory_budget_gb=budget / 1024**3,
-               scheduler={"type": "asha", "grace_period": 3, "reduction_factor": 2})
+    p = _space(
+        tmp_path,
+        name="sweeptest",
+        search="optuna",
+        seed=11,
+        num_samples=4,
+        space=space,
+        overrides={**overrides, **register},
+        max_concurrent=2,
+        memory_budget_gb=budget / 1024**3,
+        scheduler={"type": "asha", "grace_period": 3, "reduction_factor": 2},
+    )
     monkeypatch.chdir(tmp_path)
     summary = run_sweep(p, json_path="sweep.json", fit_callbacks=[OOMAbove(4)])
     out = summary.report
@@ -351,7 +421,9 @@ def test_optuna_sweep_statuses_figures_and_mlflow_runs_agree(ray_local, demo_dir
     exp = client.get_experiment_by_name("raydrat")
     runs = client.search_runs([exp.experiment_id])
     parent = client.get_run(summary.parent_run_id)
-    children = {r.data.tags["raydrat.trial"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    children = {
+        r.data.tags["raydrat.trial"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    }
     assert sorted(children) == sorted(records) and len(runs) == 5
     # every completed trial logged its model; the sweep registered its best trial's (issue 12)
     logged = {m.source_run_id for m in client.search_logged_models([exp.experiment_id])}
@@ -394,7 +466,8 @@ def test_optuna_sweep_statuses_figures_and_mlflow_runs_agree(ray_local, demo_dir
     assert doc["memory"]["max_estimate_error_trial"] == worst["trial"]
     assert worst["estimate_error"] == pytest.approx(worst["peak_bytes"] / worst["estimated_bytes"] - 1)
     assert sorted(doc["memory"]["over_budget_trials"]) == sorted(
-        t for t, r in records.items() if r["launched"] and r["peak_bytes"] and r["peak_bytes"] > budget)
+        t for t, r in records.items() if r["launched"] and r["peak_bytes"] and r["peak_bytes"] > budget
+    )
     assert "Largest estimate error: " + worst["trial"] in out
 
     # report, Pareto front (completed trials, measured peak), CSV and plot in the parent run
@@ -411,19 +484,25 @@ def test_optuna_sweep_statuses_figures_and_mlflow_runs_agree(ray_local, demo_dir
     if done:
         assert parent.data.params["best.trial"] in {r["trial"] for r in done} and "Train the best config" in out
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} == {
-        "report/trials.csv", "report/pareto.png", "report/report.txt"}
+        "report/trials.csv",
+        "report/pareto.png",
+        "report/report.txt",
+    }
 
     # the sweep's own view in the UI (a shared view: its trials ranked by val loss, loss charts first)
     view = json.loads(exp.tags[f"mlflow.sharedViewState.{sweep_dir.name}"])
     assert view["searchFilter"] == f"tags.`raydrat.sweep` = '{sweep_dir.name}'"
     assert [c["metricKey"] for c in view["compareRunCharts"]] == ["val_loss", "train_loss"]
     assert {r.info.run_id for r in client.search_runs([exp.experiment_id], view["searchFilter"])} == {
-        r.info.run_id for r in runs}
+        r.info.run_id for r in runs
+    }
     # the MLflow view: training experiment, source/git/user tags on every run, used sections as
     # params, data lineage as dataset inputs, measured peak on every run that trained
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     for run in runs:
-        assert {"mlflow.source.name", "mlflow.source.git.commit", "mlflow.user"} <= set(run.data.tags), run.info.run_name
+        assert {"mlflow.source.name", "mlflow.source.git.commit", "mlflow.user"} <= set(run.data.tags), (
+            run.info.run_name
+        )
     for t, child in children.items():
         keys = set(child.data.params)
         assert "model.d_model" in keys and "runtime.device" in keys and "sweep.param.optim.lr" in keys
@@ -439,7 +518,10 @@ def test_optuna_sweep_statuses_figures_and_mlflow_runs_agree(ray_local, demo_dir
     shutil.rmtree(tmp_path / "mlartifacts")
     copy_uri = f"sqlite:///{copy / 'mlruns.db'}"
     assert {a.path for a in artifact_repo(copy_uri, parent.info.run_id).list_artifacts("report")} == {
-        "report/trials.csv", "report/pareto.png", "report/report.txt"}
+        "report/trials.csv",
+        "report/pareto.png",
+        "report/report.txt",
+    }
     monkeypatch.chdir(copy)  # where `mlflow ui` runs (raydrat prints `cd STORE && mlflow ui ...`)
     one = children[by_d[32][0]["trial"]].info.run_id
     assert "config.yaml" in {a.path for a in MlflowClient(copy_uri).list_artifacts(one)}
@@ -467,13 +549,19 @@ def test_resume_after_interrupt_runs_only_the_remaining_trials(demo_dir: Path, t
 
     from conftest import raydrat_cmd
 
-    p = _space(tmp_path, name="resumetest", max_concurrent=1, scheduler={"type": "none"},
-               overrides={**SHORT, "data.demo_dir": str(demo_dir)},
-               space={"optim.lr": {"grid": [1e-3, 2e-3]}})
+    p = _space(
+        tmp_path,
+        name="resumetest",
+        max_concurrent=1,
+        scheduler={"type": "none"},
+        overrides={**SHORT, "data.demo_dir": str(demo_dir)},
+        space={"optim.lr": {"grid": [1e-3, 2e-3]}},
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(raydrat_cmd("tune", str(p)), cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        raydrat_cmd("tune", str(p)), cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.time() + 400
     done_marker = None
     while time.time() < deadline and proc.poll() is None:
@@ -512,8 +600,12 @@ def test_best_trial_follows_the_sweep_metric_and_mode():
     def rec(name, val_loss, metric, status="completed"):
         return TrialRecord(name, {}, status, estimated_bytes=1, val_loss=val_loss, metric_value=metric, peak_bytes=1)
 
-    records = [rec("t000", 3.0, 900.0), rec("t001", 2.0, 100.0), rec("t002", 4.0, 500.0),
-               rec("t003", 1.0, 5000.0, status="oom")]
+    records = [
+        rec("t000", 3.0, 900.0),
+        rec("t001", 2.0, 100.0),
+        rec("t002", 4.0, 500.0),
+        rec("t003", 1.0, 5000.0, status="oom"),
+    ]
     assert best_trial(records, "max").trial == "t000"  # e.g. metric: tokens_per_s, mode: max
     assert best_trial(records, "min").trial == "t001"
     assert best_trial([rec("t000", 3.0, None)], "min") is None  # a trial that never reported the metric

@@ -50,8 +50,13 @@ def namespaces_ok():
 
 def test_rates_parse_and_bad_ones_name_the_flag():
     assert parse_rates("1000, 100,20") == [1000.0, 100.0, 20.0]
-    for bad, needle in [("abc", "not a number"), ("100,,20", "comma-separated"), ("-5", "positive"),
-                        ("0", "positive"), ("nan", "positive")]:
+    for bad, needle in [
+        ("abc", "not a number"),
+        ("100,,20", "comma-separated"),
+        ("-5", "positive"),
+        ("0", "positive"),
+        ("nan", "positive"),
+    ]:
         with pytest.raises(ConfigError, match=needle) as exc:
             parse_rates(bad)
         assert str(exc.value).startswith("--link ") and "e.g. --link 1000,100,20" in str(exc.value)
@@ -71,8 +76,11 @@ def test_link_rate_limits_a_tcp_stream_and_tc_refusals_are_config_errors(namespa
         assert 0.5 * 20 < slow <= 20 * 1.02, slow
         assert 0.5 * 100 < fast <= 100 * 1.02, fast
         assert fast > 3 * slow, (slow, fast)
-        for rate, needle in [(5e-7, "tc refuses this rate"), (1e14, "tc refuses this rate"),
-                             (1e-5, "tc applies 8e-06 Mbit/s instead")]:
+        for rate, needle in [
+            (5e-7, "tc refuses this rate"),
+            (1e14, "tc refuses this rate"),
+            (1e-5, "tc applies 8e-06 Mbit/s instead"),
+        ]:
             with pytest.raises(ConfigError, match=needle):
                 link.set_rate(rate)
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
@@ -84,26 +92,41 @@ def test_without_namespace_capabilities_the_harness_says_why_in_one_line():
     capability bounding set) cannot create the namespaces; callers fall back to one node."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root and setpriv to drop capabilities")
-    code = ("from raydrat.bench.link import LinkUnavailable, TwoNodeLink, unavailable_reason\n"
-            "print(unavailable_reason())\n"
-            "try:\n    TwoNodeLink(rate_mbit=10).start()\nexcept LinkUnavailable as e:\n    print(e)\n")
-    r = subprocess.run(["setpriv", "--bounding-set=-all", sys.executable, "-c", code], capture_output=True,
-                       text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    code = (
+        "from raydrat.bench.link import LinkUnavailable, TwoNodeLink, unavailable_reason\n"
+        "print(unavailable_reason())\n"
+        "try:\n    TwoNodeLink(rate_mbit=10).start()\nexcept LinkUnavailable as e:\n    print(e)\n"
+    )
+    r = subprocess.run(
+        ["setpriv", "--bounding-set=-all", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert r.returncode == 0, r.stderr
     reason, raised = r.stdout.strip().splitlines()
     assert reason == raised and reason.startswith("two-node link unavailable: cannot create a network namespace (")
 
 
 def test_worker_resources_are_checked_against_the_cluster():
-    cfg = load_config("debug", ["scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
-                                f"scaling.worker_resources={{{NODE_RESOURCE}: 1}}"])
+    cfg = load_config(
+        "debug",
+        ["scaling.num_workers=2", "scaling.cpus_per_worker=0.5", f"scaling.worker_resources={{{NODE_RESOURCE}: 1}}"],
+    )
     assert cfg.scaling.worker_resources == {NODE_RESOURCE: 1.0}
     check_cluster_fits(cfg, False, {"CPU": 4, NODE_RESOURCE: 2})
-    with pytest.raises(ConfigError, match=rf"scaling.worker_resources.{NODE_RESOURCE}=1 x scaling.num_workers=2 "
-                                          r"needs 2 but the Ray cluster's nodes advertise 1"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"scaling.worker_resources.{NODE_RESOURCE}=1 x scaling.num_workers=2 "
+        r"needs 2 but the Ray cluster's nodes advertise 1",
+    ):
         check_cluster_fits(cfg, False, {"CPU": 4, NODE_RESOURCE: 1})
-    for bad, needle in [("{CPU: 1}", "scaling.worker_resources.CPU: set scaling.cpus_per_worker"),
-                        ("{x: 0}", "scaling.worker_resources.x=0.0: give a positive amount")]:
+    for bad, needle in [
+        ("{CPU: 1}", "scaling.worker_resources.CPU: set scaling.cpus_per_worker"),
+        ("{x: 0}", "scaling.worker_resources.x=0.0: give a positive amount"),
+    ]:
         with pytest.raises(ConfigError, match=re.escape(needle)):
             load_config("debug", [f"scaling.worker_resources={bad}"])
 
@@ -115,12 +138,21 @@ def _train(demo_dir: Path, tmp: Path, *extra: str) -> list[str]:
     # every save is an evaluation: Ray Train 2.60 writes a save's val_loss=inf (no evaluation)
     # as null in its checkpoint-manager snapshot, and a resumed run's controller then fails
     # ranking the next save (TypeError: float * None)
-    sets = [f"data.demo_dir={demo_dir}", f"train.storage_path={tmp / 'store'}", f"train.steps={STEPS}",
-            f"train.eval_every={EVERY}", "train.log_every=1",
-            "optim.warmup_steps=2", f"tracking.tracking_uri=sqlite:///{tmp / 'mlruns.db'}", "name=twonode",
-            "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
-            f"scaling.worker_resources={{{NODE_RESOURCE}: 1}}", "train.max_failures=1",
-            "train.checkpoints_to_keep=10"]  # every save stays for the checks below
+    sets = [
+        f"data.demo_dir={demo_dir}",
+        f"train.storage_path={tmp / 'store'}",
+        f"train.steps={STEPS}",
+        f"train.eval_every={EVERY}",
+        "train.log_every=1",
+        "optim.warmup_steps=2",
+        f"tracking.tracking_uri=sqlite:///{tmp / 'mlruns.db'}",
+        "name=twonode",
+        "scaling.num_workers=2",
+        "scaling.cpus_per_worker=0.5",
+        f"scaling.worker_resources={{{NODE_RESOURCE}: 1}}",
+        "train.max_failures=1",
+        "train.checkpoints_to_keep=10",
+    ]  # every save stays for the checks below
     args = ["train", "debug", *(a for s in sets for a in ("--set", s)), *extra]
     return raydrat_cmd(*args)
 
@@ -137,9 +169,11 @@ class Checkpoints:
         for d in sorted(self.store.glob("*/checkpoint_*")):
             if d not in self.loaded and verify_checkpoint(d) is None:
                 try:
-                    self.loaded[d] = {"step": torch.load(d / "state.pt", weights_only=False)["step"],
-                                      "ranks": [torch.load(d / f"rank{r}.pt", weights_only=False) for r in (0, 1)]}
-                except Exception:  # noqa: BLE001 - still being written; read it on the next poll
+                    self.loaded[d] = {
+                        "step": torch.load(d / "state.pt", weights_only=False)["step"],
+                        "ranks": [torch.load(d / f"rank{r}.pt", weights_only=False) for r in (0, 1)],
+                    }
+                except Exception:
                     continue
             if d in self.loaded:
                 out[self.loaded[d]["step"]] = self.loaded[d]
@@ -175,31 +209,52 @@ def test_two_nodes_train_recover_from_a_killed_remote_worker_and_resume(namespac
     with TwoNodeLink(rate_mbit=RATE_MBIT) as link:
         log = tmp_path / "run.log"
         with open(log, "w") as out:
-            driver = link.popen(_train(demo_dir, tmp_path), env={"PYTHONUNBUFFERED": "1"}, cwd=REPO,
-                                stdout=out, stderr=subprocess.STDOUT)
+            driver = link.popen(
+                _train(demo_dir, tmp_path),
+                env={"PYTHONUNBUFFERED": "1"},
+                cwd=REPO,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         # both nodes host a training worker; kill the remote one after the first checkpoint
         first = _wait("a first complete checkpoint", ckpts.newest_step, driver, log)
         on_a, on_b = link.worker_pids("a"), link.worker_pids("b")
         assert len(on_a) == 1 and len(on_b) == 1, (on_a, on_b)
         os.kill(on_b[0], signal.SIGKILL)
         # within max_failures=1: Ray Train starts a new worker group, again one worker per node
-        replacement = _wait("a replacement worker on each node",
-                            lambda: [p for p in link.worker_pids("b") if p != on_b[0]]
-                            if [p for p in link.worker_pids("a") if p != on_a[0]] else None, driver, log)
+        replacement = _wait(
+            "a replacement worker on each node",
+            lambda: (
+                [p for p in link.worker_pids("b") if p != on_b[0]]
+                if [p for p in link.worker_pids("a") if p != on_a[0]]
+                else None
+            ),
+            driver,
+            log,
+        )
         recovered_from = ckpts.newest_step()  # the old group is gone: nothing newer can appear
         assert recovered_from >= first
         # once the new group has saved, kill again: beyond max_failures, the run stops
-        saved_again = _wait("a checkpoint saved after the recovery",
-                            lambda: max((s for s in ckpts.complete() if s > recovered_from), default=None),
-                            driver, log)
+        saved_again = _wait(
+            "a checkpoint saved after the recovery",
+            lambda: max((s for s in ckpts.complete() if s > recovered_from), default=None),
+            driver,
+            log,
+        )
         assert saved_again < STEPS, "the run ended before the second kill: raise STEPS"
         os.kill(replacement[0], signal.SIGKILL)
         assert driver.wait(timeout=120) != 0, log.read_text()[-3000:]
         stopped_at = ckpts.newest_step()
         assert recovered_from < stopped_at < STEPS
         # --resume continues the interrupted run to the end
-        resumed = link.run([*_train(demo_dir, tmp_path), "--resume"], env={"PYTHONUNBUFFERED": "1"}, cwd=REPO,
-                           capture_output=True, text=True, timeout=300)
+        resumed = link.run(
+            [*_train(demo_dir, tmp_path), "--resume"],
+            env={"PYTHONUNBUFFERED": "1"},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
         assert f"{STEPS} steps" in resumed.stdout
         ip_a, ip_b = link.ip["a"], link.ip["b"]

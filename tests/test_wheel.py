@@ -17,8 +17,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
+
 from raydrat import __version__
 
 
@@ -37,8 +37,22 @@ def test_wheel_installs_and_runs_from_outside_the_repo(tmp_path):
         shutil.copy(REPO / name, src / name)
     shutil.copytree(REPO / "raydrat", src / "raydrat", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     dist = tmp_path / "dist"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(dist), str(src)],
-         cwd=tmp_path)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(dist),
+            str(src),
+        ],
+        cwd=tmp_path,
+    )
     (wheel,) = dist.glob("raydrat-*.whl")
     assert wheel.name.startswith(f"raydrat-{__version__}-")
     names = zipfile.ZipFile(wheel).namelist()
@@ -49,11 +63,18 @@ def test_wheel_installs_and_runs_from_outside_the_repo(tmp_path):
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=tmp_path)
     py = venv / "bin" / "python"
-    purelib = Path(subprocess.check_output([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                           text=True).strip())
-    (purelib / "_test_env.pth").write_text("\n".join([*site.getsitepackages(), sysconfig.get_paths()["purelib"]]) + "\n")
-    _run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index", "-q", str(wheel)],
-         cwd=tmp_path)
+    purelib = Path(
+        subprocess.check_output(
+            [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+        ).strip()
+    )
+    (purelib / "_test_env.pth").write_text(
+        "\n".join([*site.getsitepackages(), sysconfig.get_paths()["purelib"]]) + "\n"
+    )
+    _run(
+        [sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index", "-q", str(wheel)],
+        cwd=tmp_path,
+    )
 
     work = tmp_path / "elsewhere"  # no recipes or spaces here: they come from the package
     work.mkdir()

@@ -33,7 +33,13 @@ from raydrat.bench.report import load_average, print_table, write_json
 from raydrat.config import RaydratConfig, config_from_dict
 from raydrat.core.fit import Callback
 from raydrat.core.memory.estimate import activation_plan_bounds, estimate_memory
-from raydrat.core.memory.measure import flop_counter, grad_bytes, optimizer_state_bytes, param_bytes, saved_activation_bytes
+from raydrat.core.memory.measure import (
+    flop_counter,
+    grad_bytes,
+    optimizer_state_bytes,
+    param_bytes,
+    saved_activation_bytes,
+)
 from raydrat.core.model.build import build_model
 from raydrat.core.techniques.knapsack import solve_budget
 from raydrat.core.techniques.recompute import MeasuredPlanner
@@ -55,8 +61,14 @@ def combinations(cfg: RaydratConfig) -> list[tuple[str, list[str]]]:
         ("adamw8bit", ["optim.name=adamw8bit"]),
         ("full_recompute", ["recompute.mode=full"]),
         ("adamw8bit+full", ["optim.name=adamw8bit", "recompute.mode=full"]),
-        ("gated_lam0.01", ["recompute.mode=gated", "recompute.gates.memory_weight=0.01", "recompute.gates.recompute_weight=0.01"]),
-        ("gated_lam0.1", ["recompute.mode=gated", "recompute.gates.memory_weight=0.1", "recompute.gates.recompute_weight=0.01"]),
+        (
+            "gated_lam0.01",
+            ["recompute.mode=gated", "recompute.gates.memory_weight=0.01", "recompute.gates.recompute_weight=0.01"],
+        ),
+        (
+            "gated_lam0.1",
+            ["recompute.mode=gated", "recompute.gates.memory_weight=0.1", "recompute.gates.recompute_weight=0.01"],
+        ),
         ("gated_at_budget", ["recompute.mode=gated", f"recompute.budget_mb={budget}"]),
         ("budget", ["recompute.mode=budget", f"recompute.budget_mb={budget}"]),
         ("gated_at_budget_low", ["recompute.mode=gated", f"recompute.budget_mb={budget_low}"]),
@@ -64,7 +76,16 @@ def combinations(cfg: RaydratConfig) -> list[tuple[str, list[str]]]:
         ("layerdrop0.5", ["slots.mode=layerdrop", "slots.keep=0.5"]),
         ("progressive", ["slots.mode=progressive"]),
         ("compile", ["train.compile=default"]),
-        ("bf16+8bit+full+layerdrop", ["train.precision=bf16", "optim.name=adamw8bit", "recompute.mode=full", "slots.mode=layerdrop", "slots.keep=0.5"]),
+        (
+            "bf16+8bit+full+layerdrop",
+            [
+                "train.precision=bf16",
+                "optim.name=adamw8bit",
+                "recompute.mode=full",
+                "slots.mode=layerdrop",
+                "slots.keep=0.5",
+            ],
+        ),
     ]
 
 
@@ -97,7 +118,9 @@ class Session:
         if more:
             t = self.run.techniques
             planner = t.recompute
-            self.flops.append(float(planner.plan_recompute_flops() or 0) if isinstance(planner, MeasuredPlanner) else 0.0)
+            self.flops.append(
+                float(planner.plan_recompute_flops() or 0) if isinstance(planner, MeasuredPlanner) else 0.0
+            )
             self.active.append(float(self.cfg.model.n_layer if t.slots.active is None else len(t.slots.active)))
         return more
 
@@ -126,8 +149,9 @@ def run_one(cfg: RaydratConfig, data: LocalData) -> dict:
     return run_interleaved([cfg], data)[0]
 
 
-def run_interleaved(cfgs: list[RaydratConfig], data: LocalData, names: list[str] | None = None,
-                    callbacks: Sequence[Callback] = ()) -> list[dict]:
+def run_interleaved(
+    cfgs: list[RaydratConfig], data: LocalData, names: list[str] | None = None, callbacks: Sequence[Callback] = ()
+) -> list[dict]:
     """Train every config for its ``train.steps`` on ``data``, one step of each in turn;
     then measure each (not timed). ``callbacks``: given to every run's ``fit``."""
     sessions = [Session(c, data, n, callbacks) for c, n in zip(cfgs, names or [c.name for c in cfgs])]
@@ -235,14 +259,24 @@ def layerdrop_comparison(cfg: RaydratConfig, data: LocalData, ld: dict, base: di
     full_step = outside + per_layer * cfg.model.n_layer
     equal_flops = max(2, round(ld_flops / full_step))
     equal_wall = max(2, min(steps, round(ld["wall_s"] / (base["wall_s"] / steps))))
-    rows = [{"name": "layerdrop0.5", "steps": steps, "val_loss": ld["val_loss"], "flops": ld_flops, "wall_s": ld["wall_s"]},
-            {"name": "baseline, same steps", "steps": steps, "val_loss": base["val_loss"], "flops": steps * full_step, "wall_s": base["wall_s"]}]
+    rows = [
+        {"name": "layerdrop0.5", "steps": steps, "val_loss": ld["val_loss"], "flops": ld_flops, "wall_s": ld["wall_s"]},
+        {
+            "name": "baseline, same steps",
+            "steps": steps,
+            "val_loss": base["val_loss"],
+            "flops": steps * full_step,
+            "wall_s": base["wall_s"],
+        },
+    ]
     for label, n in (("baseline, equal FLOPs", equal_flops), ("baseline, equal wall-clock", equal_wall)):
         c = cfg.model_copy(deep=True)
         c.train.steps = n
         c.optim.warmup_steps = min(cfg.optim.warmup_steps, max(0, n - 1)) * n // steps
         r = run_one(c, data)
-        rows.append({"name": label, "steps": n, "val_loss": r["val_loss"], "flops": n * full_step, "wall_s": r["wall_s"]})
+        rows.append(
+            {"name": label, "steps": n, "val_loss": r["val_loss"], "flops": n * full_step, "wall_s": r["wall_s"]}
+        )
     return rows
 
 
@@ -253,24 +287,44 @@ def run_combos(cfg: RaydratConfig, json_path: str | None = None, only: list[str]
     data = LocalData.load(cfg)
     parent = Run.off()
     if cfg.tracking.enabled:
-        parent = Run.start(tracking.resolve_tracking_uri(cfg.tracking), "raydrat-bench",
-                           f"combos-{time.strftime('%Y%m%d-%H%M%S')}", params=cfg.flat())
+        parent = Run.start(
+            tracking.resolve_tracking_uri(cfg.tracking),
+            "raydrat-bench",
+            f"combos-{time.strftime('%Y%m%d-%H%M%S')}",
+            params=cfg.flat(),
+        )
     configs = [config_from_dict(base_dict, overrides, origin=f"combination {name}") for name, overrides in combos]
-    print(f"[combos] {len(configs)} combinations, {cfg.train.steps} steps each, trained in turn step by step: "
-          + ", ".join(name for name, _ in combos), flush=True)
+    print(
+        f"[combos] {len(configs)} combinations, {cfg.train.steps} steps each, trained in turn step by step: "
+        + ", ".join(name for name, _ in combos),
+        flush=True,
+    )
     comparison = []
     try:
-        records = [{"name": name, "overrides": overrides, **rec}
-                   for (name, overrides), rec in zip(combos, run_interleaved(configs, data, [n for n, _ in combos]))]
+        records = [
+            {"name": name, "overrides": overrides, **rec}
+            for (name, overrides), rec in zip(combos, run_interleaved(configs, data, [n for n, _ in combos]))
+        ]
         if parent:
             for rec, c in zip(records, configs):
                 child = Run.start(parent.uri, "raydrat-bench", rec["name"], params=c.flat(), parent=parent)
-                child.log_metrics({k: v for k, v in rec.items() if isinstance(v, (int, float)) and v is not None},
-                                  c.train.steps)
+                child.log_metrics(
+                    {k: v for k, v in rec.items() if isinstance(v, (int, float)) and v is not None}, c.train.steps
+                )
                 child.end()
         base = records[0]
         for rec in records:
-            for key in ("tokens_per_s", "layer_tokens_per_s", "param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes", "estimated_bytes", "loss", "val_loss"):
+            for key in (
+                "tokens_per_s",
+                "layer_tokens_per_s",
+                "param_bytes",
+                "grad_bytes",
+                "optimizer_bytes",
+                "activation_bytes",
+                "estimated_bytes",
+                "loss",
+                "val_loss",
+            ):
                 rec[f"{key}_ratio"] = rec[key] / base[key] if base[key] else float("nan")
         by_name = {r["name"]: r for r in records}
         if "layerdrop0.5" in by_name:
@@ -280,42 +334,109 @@ def run_combos(cfg: RaydratConfig, json_path: str | None = None, only: list[str]
     mib = 2**20
     print_table(
         f"combos: {cfg.name}, {cfg.train.steps} steps, batch {cfg.train.batch_size}x{cfg.model.seq_len}, ratios to baseline",
-        ["combination", "tok/s", "x", "layer tok/s", "x", "params MiB", "grads MiB", "optim MiB", "x", "act MiB", "x",
-         "peak MiB (worst step)", "est MiB (that step)", "est err", "worst-case est MiB", "recompute GFLOP/step", "loss", "val"],
-        [[r["name"], f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s_ratio']:.2f}", f"{r['layer_tokens_per_s']:,.0f}",
-          f"{r['layer_tokens_per_s_ratio']:.2f}", f"{r['param_bytes'] / mib:.2f}",
-          f"{r['grad_bytes'] / mib:.2f}", f"{r['optimizer_bytes'] / mib:.2f}", f"{r['optimizer_bytes_ratio']:.2f}",
-          f"{r['activation_bytes'] / mib:.2f}", f"{r['activation_bytes_ratio']:.2f}",
-          "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / mib:.1f}", f"{r['estimated_bytes'] / mib:.1f}",
-          f"{r['estimate_error_peak']:+.1%}", f"{r['estimated_worst_case_bytes'] / mib:.1f}",
-          f"{r['recompute_flops_per_step'] / 1e9:.3f}", f"{r['loss']:.4f}", f"{r['val_loss']:.4f}"]
-         for r in records],
+        [
+            "combination",
+            "tok/s",
+            "x",
+            "layer tok/s",
+            "x",
+            "params MiB",
+            "grads MiB",
+            "optim MiB",
+            "x",
+            "act MiB",
+            "x",
+            "peak MiB (worst step)",
+            "est MiB (that step)",
+            "est err",
+            "worst-case est MiB",
+            "recompute GFLOP/step",
+            "loss",
+            "val",
+        ],
+        [
+            [
+                r["name"],
+                f"{r['tokens_per_s']:,.0f}",
+                f"{r['tokens_per_s_ratio']:.2f}",
+                f"{r['layer_tokens_per_s']:,.0f}",
+                f"{r['layer_tokens_per_s_ratio']:.2f}",
+                f"{r['param_bytes'] / mib:.2f}",
+                f"{r['grad_bytes'] / mib:.2f}",
+                f"{r['optimizer_bytes'] / mib:.2f}",
+                f"{r['optimizer_bytes_ratio']:.2f}",
+                f"{r['activation_bytes'] / mib:.2f}",
+                f"{r['activation_bytes_ratio']:.2f}",
+                "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / mib:.1f}",
+                f"{r['estimated_bytes'] / mib:.1f}",
+                f"{r['estimate_error_peak']:+.1%}",
+                f"{r['estimated_worst_case_bytes'] / mib:.1f}",
+                f"{r['recompute_flops_per_step'] / 1e9:.3f}",
+                f"{r['loss']:.4f}",
+                f"{r['val_loss']:.4f}",
+            ]
+            for r in records
+        ],
         footer=f"all combinations trained in turn, one step each (order reversed every round); tokens/s over the "
-               f"{records[0]['timed_steps']} timed steps (first step and allocator-profiled steps left out); "
-               f"peak: PyTorch's allocator in the worst sampled step; load average {load_average()}",
+        f"{records[0]['timed_steps']} timed steps (first step and allocator-profiled steps left out); "
+        f"peak: PyTorch's allocator in the worst sampled step; load average {load_average()}",
     )
     budgeted = [r for r in records if "budget_bytes" in r]
     if budgeted:
         print_table(
             "at a memory budget: the plan's saved activations and recompute FLOPs vs the exact optimum (solve_budget) at the same budget",
-            ["run", "budget MiB", "act MiB measured (max)", "plan MiB", "optimum MiB", "recompute GFLOP/step (mean)", "plan GFLOP", "optimum GFLOP", "plan / optimum"],
-            [[r["name"], f"{r['budget_bytes'] / mib:.2f}", f"{r['activation_bytes_max'] / mib:.2f}", f"{r['plan_activation_bytes'] / mib:.2f}",
-              f"{r['optimum_activation_bytes'] / mib:.2f}", f"{r['recompute_flops_per_step'] / 1e9:.3f}", f"{r['plan_recompute_flops'] / 1e9:.3f}",
-              f"{r['optimum_recompute_flops'] / 1e9:.3f}",
-              f"{r['plan_recompute_flops'] / r['optimum_recompute_flops']:.3f}" if r["optimum_recompute_flops"] else "-"]
-             for r in budgeted],
+            [
+                "run",
+                "budget MiB",
+                "act MiB measured (max)",
+                "plan MiB",
+                "optimum MiB",
+                "recompute GFLOP/step (mean)",
+                "plan GFLOP",
+                "optimum GFLOP",
+                "plan / optimum",
+            ],
+            [
+                [
+                    r["name"],
+                    f"{r['budget_bytes'] / mib:.2f}",
+                    f"{r['activation_bytes_max'] / mib:.2f}",
+                    f"{r['plan_activation_bytes'] / mib:.2f}",
+                    f"{r['optimum_activation_bytes'] / mib:.2f}",
+                    f"{r['recompute_flops_per_step'] / 1e9:.3f}",
+                    f"{r['plan_recompute_flops'] / 1e9:.3f}",
+                    f"{r['optimum_recompute_flops'] / 1e9:.3f}",
+                    f"{r['plan_recompute_flops'] / r['optimum_recompute_flops']:.3f}"
+                    if r["optimum_recompute_flops"]
+                    else "-",
+                ]
+                for r in budgeted
+            ],
         )
     print_table(
         "time in the transformer layer stack (forward + backward, recomputation included) vs the rest of the step, steady steps",
         ["combination", "layer s/step", "other s/step", "layer share", "layer tok/s", "x base"],
-        [[r["name"], f"{r['layer_s_per_step']:.3f}", f"{r['outside_layers_s_per_step']:.3f}",
-          f"{r['layer_s_per_step'] / (r['layer_s_per_step'] + r['outside_layers_s_per_step']):.0%}",
-          f"{r['layer_tokens_per_s']:,.0f}", f"{r['layer_tokens_per_s_ratio']:.2f}"] for r in records],
+        [
+            [
+                r["name"],
+                f"{r['layer_s_per_step']:.3f}",
+                f"{r['outside_layers_s_per_step']:.3f}",
+                f"{r['layer_s_per_step'] / (r['layer_s_per_step'] + r['outside_layers_s_per_step']):.0%}",
+                f"{r['layer_tokens_per_s']:,.0f}",
+                f"{r['layer_tokens_per_s_ratio']:.2f}",
+            ]
+            for r in records
+        ],
     )
     if comparison:
-        print_table("layer dropping vs a baseline whose LR fully decays in the same budget",
-                    ["run", "steps", "GFLOPs", "wall s", "val loss"],
-                    [[c["name"], c["steps"], f"{c['flops'] / 1e9:.1f}", f"{c['wall_s']:.1f}", f"{c['val_loss']:.4f}"] for c in comparison])
+        print_table(
+            "layer dropping vs a baseline whose LR fully decays in the same budget",
+            ["run", "steps", "GFLOPs", "wall s", "val loss"],
+            [
+                [c["name"], c["steps"], f"{c['flops'] / 1e9:.1f}", f"{c['wall_s']:.1f}", f"{c['val_loss']:.4f}"]
+                for c in comparison
+            ],
+        )
     if json_path:
         write_json(json_path, {"combinations": records, "layerdrop_comparison": comparison, "loadavg": load_average()})
     return records

@@ -67,8 +67,8 @@ from raydrat.bench.peers import NANOGPT_DIFFERENCES, NanoGPT, nanogpt_settings
 from raydrat.bench.report import format_table, load_average
 from raydrat.config import RaydratConfig, load_config
 from raydrat.config.base import ConfigError
-from raydrat.core.fit import Callback
 from raydrat.core import metrics as M
+from raydrat.core.fit import Callback
 from raydrat.core.memory.estimate import estimate_memory
 from raydrat.core.model.build import build_model
 from raydrat.core.model.transformer import sdpa_backend
@@ -81,12 +81,23 @@ PEAK_TFLOPS = 790.0
 dense bf16 rate (about 790 TFLOP/s) as the GPU machine's notes state it."""
 CASES = ("sdpa", "throughput", "memory", "precision", "optim8bit", "recompute", "layerdrop", "largest")
 GPT2_LADDER = (  # (name, n_layer, d_model, n_head): GPT-2's sizes and the steps between them
-    ("gpt2-small", 12, 768, 12), ("gpt2-medium", 24, 1024, 16), ("gpt2-large", 36, 1280, 20),
-    ("gpt2-1b", 40, 1536, 24), ("gpt2-xl", 48, 1600, 25), ("gpt2-2.7b", 32, 2560, 32),
-    ("gpt2-4b", 40, 3072, 32), ("gpt2-6.7b", 32, 4096, 32),
+    ("gpt2-small", 12, 768, 12),
+    ("gpt2-medium", 24, 1024, 16),
+    ("gpt2-large", 36, 1280, 20),
+    ("gpt2-1b", 40, 1536, 24),
+    ("gpt2-xl", 48, 1600, 25),
+    ("gpt2-2.7b", 32, 2560, 32),
+    ("gpt2-4b", 40, 3072, 32),
+    ("gpt2-6.7b", 32, 4096, 32),
 )
-TINY = ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.seq_len=64", "model.vocab_size=512",
-        "train.batch_size=2"]
+TINY = [
+    "model.n_layer=2",
+    "model.d_model=64",
+    "model.n_head=4",
+    "model.seq_len=64",
+    "model.vocab_size=512",
+    "train.batch_size=2",
+]
 
 
 class NoCuda(ConfigError):
@@ -114,9 +125,17 @@ class Bench:
 
     def cfg(self, *overrides: str) -> RaydratConfig:
         """gpt2-small (``--tiny``: a toy of it) on this bench's device, eval once at the end."""
-        base = ["train.eval_batches=1", "train.grad_accum=1", "train.checkpoint_every=0", "optim.warmup_steps=2",
-                f"train.device={self.device}", f"scaling.use_gpu={str(self.device == 'cuda').lower()}",
-                "tracking.enabled=false", "train.precision=bf16", "model.attention_backend=auto"]
+        base = [
+            "train.eval_batches=1",
+            "train.grad_accum=1",
+            "train.checkpoint_every=0",
+            "optim.warmup_steps=2",
+            f"train.device={self.device}",
+            f"scaling.use_gpu={str(self.device == 'cuda').lower()}",
+            "tracking.enabled=false",
+            "train.precision=bf16",
+            "model.attention_backend=auto",
+        ]
         return load_config("gpt2-small", base + (TINY if self.tiny else []) + list(overrides))
 
     def steps(self, full: int, quick: int) -> int:
@@ -155,9 +174,14 @@ def environment(b: Bench) -> dict:
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "device": torch.cuda.get_device_name(0) if cuda else f"CPU ({torch.get_num_threads()} threads)",
-        "torch": torch.__version__, "cuda": torch.version.cuda, "peak_tflops": b.peak_tflops,
-        "quick": b.quick, "tiny": b.tiny, "elapsed_s": round(b.elapsed(), 1),
-        "load_average": load_average(), "command": " ".join(sys.argv),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "peak_tflops": b.peak_tflops,
+        "quick": b.quick,
+        "tiny": b.tiny,
+        "elapsed_s": round(b.elapsed(), 1),
+        "load_average": load_average(),
+        "command": " ".join(sys.argv),
     }
 
 
@@ -187,10 +211,18 @@ def describe(cfg: RaydratConfig) -> dict:
         model = build_model(mc, seed=0, device=torch.device("meta"))
     n_total = sum(p.numel() for p in model.parameters())
     n_mul = multiplying_params(model, mc.tie_embeddings)
-    return {"n_layer": mc.n_layer, "d_model": mc.d_model, "n_head": mc.n_head, "n_kv_head": mc.kv_heads,
-            "seq_len": mc.seq_len, "vocab_size": mc.vocab_size, "batch_size": cfg.train.batch_size,
-            "params": n_total, "multiplying_params": n_mul,
-            "flops_per_token": flops_per_token(n_mul, mc.n_layer, mc.d_model, mc.seq_len)}
+    return {
+        "n_layer": mc.n_layer,
+        "d_model": mc.d_model,
+        "n_head": mc.n_head,
+        "n_kv_head": mc.kv_heads,
+        "seq_len": mc.seq_len,
+        "vocab_size": mc.vocab_size,
+        "batch_size": cfg.train.batch_size,
+        "params": n_total,
+        "multiplying_params": n_mul,
+        "flops_per_token": flops_per_token(n_mul, mc.n_layer, mc.d_model, mc.seq_len),
+    }
 
 
 def estimate(cfg: RaydratConfig) -> int:
@@ -236,8 +268,9 @@ class Losses(Callback):
 
 
 def start(cfg: RaydratConfig, data: LocalData, steps: int, callbacks=()) -> LocalRun:
-    c = cfg.model_copy(update={"train": cfg.train.model_copy(update={
-        "steps": steps, "eval_every": steps, "log_every": 1})})
+    c = cfg.model_copy(
+        update={"train": cfg.train.model_copy(update={"steps": steps, "eval_every": steps, "log_every": 1})}
+    )
     return LocalRun.start(c, data, callbacks, sample_steps=min(2, steps))
 
 
@@ -279,9 +312,20 @@ def case_sdpa(b: Bench) -> list[dict]:
         except RuntimeError as exc:  # a kernel this device or dtype refuses
             row.update(engaged=False, reason=str(exc).splitlines()[0][:200])
         rows.append(row)
-    b.say(format_table(["backend", "engaged", "ms (fwd+bwd)", "kernels / reason"],
-                       [[r["backend"], r["engaged"], f"{r.get('ms', 0):.1f}",
-                         ", ".join(r.get("kernels", [])) or r.get("reason", "")] for r in rows]))
+    b.say(
+        format_table(
+            ["backend", "engaged", "ms (fwd+bwd)", "kernels / reason"],
+            [
+                [
+                    r["backend"],
+                    r["engaged"],
+                    f"{r.get('ms', 0):.1f}",
+                    ", ".join(r.get("kernels", [])) or r.get("reason", ""),
+                ]
+                for r in rows
+            ],
+        )
+    )
     return rows
 
 
@@ -290,12 +334,21 @@ def attention_kernels(model: nn.Module, x: torch.Tensor, device: str) -> list[st
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16), torch.profiler.profile(activities=activities) as prof:
+    with (
+        torch.no_grad(),
+        torch.autocast(device, dtype=torch.bfloat16),
+        torch.profiler.profile(activities=activities) as prof,
+    ):
         model(x)
         sync(device)
     keys = {e.key for e in prof.key_averages()}
-    return sorted(k for k in keys if any(s in k.lower() for s in ("flash", "efficient_attention", "cudnn_attention",
-                                                                   "fmha", "_scaled_dot_product")))[:8]
+    return sorted(
+        k
+        for k in keys
+        if any(
+            s in k.lower() for s in ("flash", "efficient_attention", "cudnn_attention", "fmha", "_scaled_dot_product")
+        )
+    )[:8]
 
 
 class Reference:
@@ -305,7 +358,9 @@ class Reference:
     def __init__(self, cfg: RaydratConfig, data: LocalData, compile_mode: str):
         torch.manual_seed(cfg.train.seed)
         self.device = torch.device(cfg.train.device)
-        self.model = NanoGPT.like(nanogpt_settings(cfg.model).model_copy(update={"bias": cfg.model.bias})).to(self.device)
+        self.model = NanoGPT.like(nanogpt_settings(cfg.model).model_copy(update={"bias": cfg.model.bias})).to(
+            self.device
+        )
         if compile_mode != "off":
             self.model.compile(mode=compile_mode)
         self.optimizer = build_optimizer(self.model, cfg.optim)
@@ -320,8 +375,10 @@ class Reference:
         self.i += 1
         sync(self.device.type)
         t0 = time.perf_counter()
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32), \
-                sdpa_backend(self.cfg.model.attention_backend):
+        with (
+            torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32),
+            sdpa_backend(self.cfg.model.attention_backend),
+        ):
             _, loss = self.model(batch[:, :-1], batch[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
@@ -334,31 +391,58 @@ class Reference:
 
 def case_throughput(b: Bench) -> list[dict]:
     steps, warm = b.steps(40, 20), (1 if b.tiny else 5)
-    cfg = b.cfg(f"train.compile={b.compile_mode}", f"model.attention_backend={'auto' if b.tiny else 'flash'}",
-                "train.batch_size=16" if not b.tiny else "train.batch_size=2")
+    cfg = b.cfg(
+        f"train.compile={b.compile_mode}",
+        f"model.attention_backend={'auto' if b.tiny else 'flash'}",
+        "train.batch_size=16" if not b.tiny else "train.batch_size=2",
+    )
     data = LocalData.random(cfg, steps)
     shape = describe(cfg)
-    b.say(f"[throughput] {shape['params'] / 1e6:.1f}M params, {steps} steps each, compile={b.compile_mode} "
-          "(the first steps compile)")
+    b.say(
+        f"[throughput] {shape['params'] / 1e6:.1f}M params, {steps} steps each, compile={b.compile_mode} "
+        "(the first steps compile)"
+    )
     ours = start(cfg, data, steps)
     ref = Reference(ours.cfg, data, b.compile_mode)
     interleave([ours, ref])  # anything with step() -> bool
     rows = []
-    ref_flops = flops_per_token(multiplying_params(ref.model, True), cfg.model.n_layer, cfg.model.d_model,
-                                cfg.model.seq_len)
+    ref_flops = flops_per_token(
+        multiplying_params(ref.model, True), cfg.model.n_layer, cfg.model.d_model, cfg.model.seq_len
+    )
     for name, run, flops in (("raydrat", ours, shape["flops_per_token"]), ("nanogpt", ref, ref_flops)):
         times = run.step_s[warm:] or run.step_s
         tps = ref.tokens_per_step / statistics.median(times)  # the same batches for both
-        rows.append({"case": "throughput", "model": name, "tokens_per_s": tps, "flops_per_token": flops,
-                     "mfu": tps * flops / (b.peak_tflops * 1e12), "step_s_median": statistics.median(times),
-                     "first_step_s": run.step_s[0], "steps_timed": len(times), **{k: shape[k] for k in (
-                         "params", "n_layer", "d_model", "seq_len", "batch_size")}})
+        rows.append(
+            {
+                "case": "throughput",
+                "model": name,
+                "tokens_per_s": tps,
+                "flops_per_token": flops,
+                "mfu": tps * flops / (b.peak_tflops * 1e12),
+                "step_s_median": statistics.median(times),
+                "first_step_s": run.step_s[0],
+                "steps_timed": len(times),
+                **{k: shape[k] for k in ("params", "n_layer", "d_model", "seq_len", "batch_size")},
+            }
+        )
     rows[0]["ratio_to_reference"] = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
     rows[0]["peak_bytes"] = ours.peak.peak()
-    b.say(format_table(["model", "tokens/s", "MFU", "median step s", "first step s"],
-                       [[r["model"], f"{r['tokens_per_s']:,.0f}", f"{r['mfu']:.1%}", f"{r['step_s_median']:.4f}",
-                         f"{r['first_step_s']:.1f}"] for r in rows])
-          + f"\nraydrat / nanoGPT tokens/s: {rows[0]['ratio_to_reference']:.3f}x. Differences: {NANOGPT_DIFFERENCES}.")
+    b.say(
+        format_table(
+            ["model", "tokens/s", "MFU", "median step s", "first step s"],
+            [
+                [
+                    r["model"],
+                    f"{r['tokens_per_s']:,.0f}",
+                    f"{r['mfu']:.1%}",
+                    f"{r['step_s_median']:.4f}",
+                    f"{r['first_step_s']:.1f}",
+                ]
+                for r in rows
+            ],
+        )
+        + f"\nraydrat / nanoGPT tokens/s: {rows[0]['ratio_to_reference']:.3f}x. Differences: {NANOGPT_DIFFERENCES}."
+    )
     return rows
 
 
@@ -373,8 +457,14 @@ def memory_configs(b: Bench) -> list[tuple[str, list[str]]]:
         ("budget-50%", [mb, "recompute.mode=budget", f"recompute.budget_mb={half_mb:.4f}"]),
         ("gated", [mb, "recompute.mode=gated"]),
         ("adamw8bit", [mb, "optim.name=adamw8bit"]),
-        ("micro-batch-4" if not b.tiny else "micro-batch-1", ["train.batch_size=4" if not b.tiny else "train.batch_size=1"]),
-        ("micro-batch-16" if not b.tiny else "micro-batch-4", ["train.batch_size=16" if not b.tiny else "train.batch_size=4"]),
+        (
+            "micro-batch-4" if not b.tiny else "micro-batch-1",
+            ["train.batch_size=4" if not b.tiny else "train.batch_size=1"],
+        ),
+        (
+            "micro-batch-16" if not b.tiny else "micro-batch-4",
+            ["train.batch_size=16" if not b.tiny else "train.batch_size=4"],
+        ),
         ("fp32", [mb, "train.precision=fp32"]),
     ]
 
@@ -388,16 +478,34 @@ def case_memory(b: Bench) -> list[dict]:
             rows.append({"case": "memory", "name": name, "skipped": str(exc)})
             continue
         r = m.record()
-        rows.append({"case": "memory", **{k: r[k] for k in ("name", "estimated_peak_bytes", "measured_peak_bytes",
-                                                              "error", "peak_phase", "precision")},
-                     "within_10pct": abs(r["error"]) <= 0.10})
+        rows.append(
+            {
+                "case": "memory",
+                **{
+                    k: r[k]
+                    for k in ("name", "estimated_peak_bytes", "measured_peak_bytes", "error", "peak_phase", "precision")
+                },
+                "within_10pct": abs(r["error"]) <= 0.10,
+            }
+        )
         del m
         if b.device == "cuda":
             torch.cuda.empty_cache()
-    b.say(format_table(["config", "estimated", "measured", "error", "peak phase"],
-                       [[r["name"], fmt(r.get("estimated_peak_bytes")), fmt(r.get("measured_peak_bytes")),
-                         f"{r['error']:+.1%}" if "error" in r else r.get("skipped", ""), r.get("peak_phase", "")]
-                        for r in rows]))
+    b.say(
+        format_table(
+            ["config", "estimated", "measured", "error", "peak phase"],
+            [
+                [
+                    r["name"],
+                    fmt(r.get("estimated_peak_bytes")),
+                    fmt(r.get("measured_peak_bytes")),
+                    f"{r['error']:+.1%}" if "error" in r else r.get("skipped", ""),
+                    r.get("peak_phase", ""),
+                ]
+                for r in rows
+            ],
+        )
+    )
     return rows
 
 
@@ -405,8 +513,15 @@ def fmt(n) -> str:
     return "" if n is None else f"{n / 2**20:,.1f} MiB"
 
 
-SMALL = ["model.n_layer=6", "model.d_model=384", "model.n_head=6", "model.seq_len=256", "model.vocab_size=8192",
-         "train.batch_size=16", "optim.lr=1e-3"]
+SMALL = [
+    "model.n_layer=6",
+    "model.d_model=384",
+    "model.n_head=6",
+    "model.seq_len=256",
+    "model.vocab_size=8192",
+    "train.batch_size=16",
+    "optim.lr=1e-3",
+]
 
 
 def trained(b: Bench, steps: int, *overrides: str) -> tuple[LocalRun, Losses]:
@@ -425,15 +540,34 @@ def case_precision(b: Bench) -> list[dict]:
             rows.append({"case": "precision", "precision": precision, "skipped": "fp16 with a GradScaler needs CUDA"})
             continue
         run, losses = trained(b, steps, f"train.precision={precision}")
-        row = {"case": "precision", "precision": precision, "val_loss": losses.val, "first_train_loss": losses.train[0],
-               "tokens_per_s": median_tokens_per_s(run, 1), "metrics": run.techniques.precision.metrics()}
+        row = {
+            "case": "precision",
+            "precision": precision,
+            "val_loss": losses.val,
+            "first_train_loss": losses.train[0],
+            "tokens_per_s": median_tokens_per_s(run, 1),
+            "metrics": run.techniques.precision.metrics(),
+        }
         base = base or row
         row["val_loss_vs_fp32"] = row["val_loss"] / base["val_loss"] - 1
         rows.append(row)
-    b.say(format_table(["precision", "first loss", f"val loss after {steps}", "vs fp32", "tokens/s"],
-                       [[r["precision"], f"{r['first_train_loss']:.3f}", f"{r['val_loss']:.4f}",
-                         f"{r['val_loss_vs_fp32']:+.2%}", f"{r['tokens_per_s']:,.0f}"] if "skipped" not in r
-                        else [r["precision"], "", "", r["skipped"], ""] for r in rows]))
+    b.say(
+        format_table(
+            ["precision", "first loss", f"val loss after {steps}", "vs fp32", "tokens/s"],
+            [
+                [
+                    r["precision"],
+                    f"{r['first_train_loss']:.3f}",
+                    f"{r['val_loss']:.4f}",
+                    f"{r['val_loss_vs_fp32']:+.2%}",
+                    f"{r['tokens_per_s']:,.0f}",
+                ]
+                if "skipped" not in r
+                else [r["precision"], "", "", r["skipped"], ""]
+                for r in rows
+            ],
+        )
+    )
     return rows
 
 
@@ -443,15 +577,28 @@ def case_optim8bit(b: Bench) -> list[dict]:
     for name in ("adamw", "adamw8bit"):
         m = measure(b.cfg(*([] if b.tiny else SMALL), f"optim.name={name}"), name=name, steps=3, device=b.device)
         _, losses = trained(b, steps, f"optim.name={name}")
-        rows.append({"case": "optim8bit", "optim": name, "state_bytes": m.measured["optimizer"],
-                     "estimated_state_bytes": m.estimated["optimizer"], "val_loss": losses.val})
+        rows.append(
+            {
+                "case": "optim8bit",
+                "optim": name,
+                "state_bytes": m.measured["optimizer"],
+                "estimated_state_bytes": m.estimated["optimizer"],
+                "val_loss": losses.val,
+            }
+        )
     rows[1]["state_ratio"] = rows[1]["state_bytes"] / rows[0]["state_bytes"]
     rows[1]["val_loss_vs_adamw"] = rows[1]["val_loss"] / rows[0]["val_loss"] - 1
-    b.say(format_table(["optimizer", "state (allocator)", "state (estimate)", f"val loss after {steps}"],
-                       [[r["optim"], fmt(r["state_bytes"]), fmt(r["estimated_state_bytes"]), f"{r['val_loss']:.4f}"]
-                        for r in rows])
-          + f"\nadamw8bit / adamw state: {rows[1]['state_ratio']:.3f}x (goal <= 0.3x); val loss "
-          f"{rows[1]['val_loss_vs_adamw']:+.2%} (goal within 1%)")
+    b.say(
+        format_table(
+            ["optimizer", "state (allocator)", "state (estimate)", f"val loss after {steps}"],
+            [
+                [r["optim"], fmt(r["state_bytes"]), fmt(r["estimated_state_bytes"]), f"{r['val_loss']:.4f}"]
+                for r in rows
+            ],
+        )
+        + f"\nadamw8bit / adamw state: {rows[1]['state_ratio']:.3f}x (goal <= 0.3x); val loss "
+        f"{rows[1]['val_loss_vs_adamw']:+.2%} (goal within 1%)"
+    )
     return rows
 
 
@@ -466,9 +613,16 @@ def compare_interleaved(b: Bench, case: str, variants: list[tuple[str, list[str]
     for name, run in runs:
         worst = run.peak.worst_step()
         comp = _measured_components(run.peak, worst)
-        rows.append({"case": case, "variant": name, "peak_bytes": worst.peak, "saved_bytes": comp["saved_activations"],
-                     "step_s_median": statistics.median(run.step_s[1:] or run.step_s),
-                     "tokens_per_s": median_tokens_per_s(run, 1)})
+        rows.append(
+            {
+                "case": case,
+                "variant": name,
+                "peak_bytes": worst.peak,
+                "saved_bytes": comp["saved_activations"],
+                "step_s_median": statistics.median(run.step_s[1:] or run.step_s),
+                "tokens_per_s": median_tokens_per_s(run, 1),
+            }
+        )
     base = rows[0]
     for r in rows:
         r["time_ratio"] = r["step_s_median"] / base["step_s_median"]
@@ -476,19 +630,40 @@ def compare_interleaved(b: Bench, case: str, variants: list[tuple[str, list[str]
         r["tokens_per_s_ratio"] = r["tokens_per_s"] / base["tokens_per_s"]
         if r["saved_bytes"] is not None and base["saved_bytes"]:
             r["saved_ratio"] = r["saved_bytes"] / base["saved_bytes"]
-    b.say(format_table(["variant", "saved", "peak", "saved ratio", "peak ratio", "time ratio", "tokens/s ratio"],
-                       [[r["variant"], fmt(r["saved_bytes"]), fmt(r["peak_bytes"]), f"{r.get('saved_ratio', 0):.3f}",
-                         f"{r['peak_ratio']:.3f}", f"{r['time_ratio']:.3f}", f"{r['tokens_per_s_ratio']:.3f}"]
-                        for r in rows]))
+    b.say(
+        format_table(
+            ["variant", "saved", "peak", "saved ratio", "peak ratio", "time ratio", "tokens/s ratio"],
+            [
+                [
+                    r["variant"],
+                    fmt(r["saved_bytes"]),
+                    fmt(r["peak_bytes"]),
+                    f"{r.get('saved_ratio', 0):.3f}",
+                    f"{r['peak_ratio']:.3f}",
+                    f"{r['time_ratio']:.3f}",
+                    f"{r['tokens_per_s_ratio']:.3f}",
+                ]
+                for r in rows
+            ],
+        )
+    )
     return rows
 
 
 def case_recompute(b: Bench) -> list[dict]:
     half = dict(memory_configs(b))["budget-50%"][1:]
-    return compare_interleaved(b, "recompute", [
-        ("none", []), ("full", ["recompute.mode=full"]), ("budget-50%", half),
-        ("budget-50%, op-level", [*half, "recompute.granularity=op"]), ("gated", ["recompute.mode=gated"]),
-    ], b.steps(12, 8))
+    return compare_interleaved(
+        b,
+        "recompute",
+        [
+            ("none", []),
+            ("full", ["recompute.mode=full"]),
+            ("budget-50%", half),
+            ("budget-50%, op-level", [*half, "recompute.granularity=op"]),
+            ("gated", ["recompute.mode=gated"]),
+        ],
+        b.steps(12, 8),
+    )
 
 
 def case_layerdrop(b: Bench) -> list[dict]:
@@ -512,13 +687,25 @@ def choose_largest(b: Bench) -> tuple[list[dict], dict | None]:
     rows, best = [], None
     for name, overrides in ladder(b):
         for mode in ("none", "full"):
-            cfg = b.cfg("train.batch_size=8" if not b.tiny else "train.batch_size=2", *overrides, f"recompute.mode={mode}")
+            cfg = b.cfg(
+                "train.batch_size=8" if not b.tiny else "train.batch_size=2", *overrides, f"recompute.mode={mode}"
+            )
             est, shape = estimate(cfg), describe(cfg)
-            row = {"case": "largest", "model": name, "recompute": mode, **shape,
-                   "estimated_peak_bytes": est, "fits": est <= budget, "overrides": overrides + [f"recompute.mode={mode}"]}
+            row = {
+                "case": "largest",
+                "model": name,
+                "recompute": mode,
+                **shape,
+                "estimated_peak_bytes": est,
+                "fits": est <= budget,
+                "overrides": overrides + [f"recompute.mode={mode}"],
+            }
             rows.append(row)
-            if row["fits"] and (best is None or row["params"] > best["params"]
-                                or (row["params"] == best["params"] and est < best["estimated_peak_bytes"])):
+            if row["fits"] and (
+                best is None
+                or row["params"] > best["params"]
+                or (row["params"] == best["params"] and est < best["estimated_peak_bytes"])
+            ):
                 best = row
     return rows, best
 
@@ -528,19 +715,35 @@ def case_largest(b: Bench) -> list[dict]:
     if best is None:
         b.say(f"[largest] no gpt2 shape fits {b.budget_gib} GiB")
         return rows
-    m = measure(b.cfg("train.batch_size=8" if not b.tiny else "train.batch_size=2", *best["overrides"]),
-                name=best["model"], steps=3, device=b.device)
-    best.update(chosen=True, measured_peak_bytes=m.worst.peak, error=m.error,
-                measured_within_budget=m.worst.peak <= b.budget_gib * GiB)
-    b.say(f"[largest] {best['model']} ({best['params'] / 1e6:,.0f}M params, recompute {best['recompute']}) "
-          f"is the largest gpt2 shape the estimator fits in {b.budget_gib:g} GiB: estimated "
-          f"{best['estimated_peak_bytes'] / GiB:.2f} GiB, measured {m.worst.peak / GiB:.2f} GiB ({m.error:+.1%})")
+    m = measure(
+        b.cfg("train.batch_size=8" if not b.tiny else "train.batch_size=2", *best["overrides"]),
+        name=best["model"],
+        steps=3,
+        device=b.device,
+    )
+    best.update(
+        chosen=True,
+        measured_peak_bytes=m.worst.peak,
+        error=m.error,
+        measured_within_budget=m.worst.peak <= b.budget_gib * GiB,
+    )
+    b.say(
+        f"[largest] {best['model']} ({best['params'] / 1e6:,.0f}M params, recompute {best['recompute']}) "
+        f"is the largest gpt2 shape the estimator fits in {b.budget_gib:g} GiB: estimated "
+        f"{best['estimated_peak_bytes'] / GiB:.2f} GiB, measured {m.worst.peak / GiB:.2f} GiB ({m.error:+.1%})"
+    )
     return rows
 
 
 RUNNERS: dict[str, Callable[[Bench], list[dict]]] = {
-    "sdpa": case_sdpa, "throughput": case_throughput, "memory": case_memory, "precision": case_precision,
-    "optim8bit": case_optim8bit, "recompute": case_recompute, "layerdrop": case_layerdrop, "largest": case_largest,
+    "sdpa": case_sdpa,
+    "throughput": case_throughput,
+    "memory": case_memory,
+    "precision": case_precision,
+    "optim8bit": case_optim8bit,
+    "recompute": case_recompute,
+    "layerdrop": case_layerdrop,
+    "largest": case_largest,
 }
 
 
@@ -551,31 +754,63 @@ def plan(b: Bench) -> list[dict]:
     """What the run would do, from the configs and the estimator alone (no device needed)."""
     rows = []
     thr = b.cfg("train.batch_size=16" if not b.tiny else "train.batch_size=2")
-    rows.append({"case": "throughput", "plan": True, **describe(thr), "steps": b.steps(40, 20),
-                 "compile": b.compile_mode, "estimated_peak_bytes": estimate(thr)})
+    rows.append(
+        {
+            "case": "throughput",
+            "plan": True,
+            **describe(thr),
+            "steps": b.steps(40, 20),
+            "compile": b.compile_mode,
+            "estimated_peak_bytes": estimate(thr),
+        }
+    )
     for name, overrides in memory_configs(b):
         cfg = b.cfg(*overrides)
-        rows.append({"case": "memory", "plan": True, "name": name, **describe(cfg), "estimated_peak_bytes": estimate(cfg)})
+        rows.append(
+            {"case": "memory", "plan": True, "name": name, **describe(cfg), "estimated_peak_bytes": estimate(cfg)}
+        )
     small = b.cfg(*([] if b.tiny else SMALL))
-    rows.append({"case": "precision", "plan": True, "name": "small" if not b.tiny else "tiny", **describe(small), "steps": b.steps(50, 30),
-                 "estimated_peak_bytes": estimate(small)})
+    rows.append(
+        {
+            "case": "precision",
+            "plan": True,
+            "name": "small" if not b.tiny else "tiny",
+            **describe(small),
+            "steps": b.steps(50, 30),
+            "estimated_peak_bytes": estimate(small),
+        }
+    )
     ladder_rows, best = choose_largest(b)
     rows += [{**r, "plan": True, "chosen": r is best} for r in ladder_rows]
     return rows
 
 
 def print_plan(b: Bench, rows: list[dict]) -> None:
-    b.say(f"bench gpu plan ({'tiny' if b.tiny else 'quick' if b.quick else 'full'}); cases: {', '.join(b.only)}; "
-          f"MFU peak {b.peak_tflops:g} TFLOP/s; memory budget {b.budget_gib:g} GiB")
-    b.say(format_table(
-        ["case", "model", "L", "d", "T", "B", "params", "FLOPs/token", "est. peak (cuda)", ""],
-        [[r["case"], r.get("name") or r.get("model", "gpt2-small"), r["n_layer"] if "n_layer" in r else "",
-          r.get("d_model", ""), r.get("seq_len", ""), r.get("batch_size", ""), f"{r['params'] / 1e6:,.1f}M",
-          f"{r['flops_per_token'] / 1e9:.3f} G" if "flops_per_token" in r else "",
-          f"{r['estimated_peak_bytes'] / GiB:.2f} GiB",
-          ("<- largest that fits" if r.get("chosen") else ("" if r.get("fits", True) else "over budget"))
-          + (f" (recompute {r['recompute']})" if "recompute" in r else "")]
-         for r in rows]))
+    b.say(
+        f"bench gpu plan ({'tiny' if b.tiny else 'quick' if b.quick else 'full'}); cases: {', '.join(b.only)}; "
+        f"MFU peak {b.peak_tflops:g} TFLOP/s; memory budget {b.budget_gib:g} GiB"
+    )
+    b.say(
+        format_table(
+            ["case", "model", "L", "d", "T", "B", "params", "FLOPs/token", "est. peak (cuda)", ""],
+            [
+                [
+                    r["case"],
+                    r.get("name") or r.get("model", "gpt2-small"),
+                    r["n_layer"] if "n_layer" in r else "",
+                    r.get("d_model", ""),
+                    r.get("seq_len", ""),
+                    r.get("batch_size", ""),
+                    f"{r['params'] / 1e6:,.1f}M",
+                    f"{r['flops_per_token'] / 1e9:.3f} G" if "flops_per_token" in r else "",
+                    f"{r['estimated_peak_bytes'] / GiB:.2f} GiB",
+                    ("<- largest that fits" if r.get("chosen") else ("" if r.get("fits", True) else "over budget"))
+                    + (f" (recompute {r['recompute']})" if "recompute" in r else ""),
+                ]
+                for r in rows
+            ],
+        )
+    )
 
 
 def run_bench(b: Bench, dry_run: bool = False) -> list[dict]:
@@ -587,8 +822,10 @@ def run_bench(b: Bench, dry_run: bool = False) -> list[dict]:
         b.add(rows)
         return rows
     if b.device == "cuda" and not torch.cuda.is_available():
-        raise NoCuda("bench gpu needs a CUDA GPU and torch sees none here (torch.cuda.is_available() is False): "
-                     "run `raydrat bench gpu --dry-run` to print its plan, shapes, FLOPs and estimates on this machine")
+        raise NoCuda(
+            "bench gpu needs a CUDA GPU and torch sees none here (torch.cuda.is_available() is False): "
+            "run `raydrat bench gpu --dry-run` to print its plan, shapes, FLOPs and estimates on this machine"
+        )
     if b.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -628,9 +865,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def from_args(args: argparse.Namespace) -> Bench:
-    return Bench(quick=args.quick, tiny=args.tiny, device=args.device, budget_gib=args.budget_gib,
-                 peak_tflops=args.peak_tflops, deadline_s=args.deadline_s, out=args.out, json_path=args.json,
-                 only=tuple(args.only or CASES))
+    return Bench(
+        quick=args.quick,
+        tiny=args.tiny,
+        device=args.device,
+        budget_gib=args.budget_gib,
+        peak_tflops=args.peak_tflops,
+        deadline_s=args.deadline_s,
+        out=args.out,
+        json_path=args.json,
+        only=tuple(args.only or CASES),
+    )
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m raydrat.bench.gpu") -> int:

@@ -60,8 +60,7 @@ def generate_corpus(out: Path, mb: float, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     letters = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
     weights = 1.0 / np.arange(1, 27) ** 0.9
-    lexicon = ["".join(rng.choice(letters, size=rng.integers(1, 11), p=weights / weights.sum()))
-               for _ in range(20000)]
+    lexicon = ["".join(rng.choice(letters, size=rng.integers(1, 11), p=weights / weights.sum())) for _ in range(20000)]
     zipf = 1.0 / np.arange(1, len(lexicon) + 1) ** 1.1
     zipf /= zipf.sum()
     out.mkdir(parents=True, exist_ok=True)
@@ -79,8 +78,9 @@ def generate_corpus(out: Path, mb: float, seed: int = 0) -> Path:
             written += len(docs[-1])
             if written >= target:
                 break
-        table = pa.table({"id": pa.array(range(doc_id, doc_id + len(docs)), pa.int64()),
-                          "text": pa.array(docs, pa.string())})
+        table = pa.table(
+            {"id": pa.array(range(doc_id, doc_id + len(docs)), pa.int64()), "text": pa.array(docs, pa.string())}
+        )
         pq.write_table(table, out / f"part-{file_no:05d}.parquet", row_group_size=ROWS_PER_GROUP)
         doc_id += len(docs)
         file_no += 1
@@ -155,12 +155,16 @@ def ray_ingest(cfg: RaydratConfig, actors: int) -> dict:
         t0 = time.perf_counter()
         tokens = 0
         ds = pack_dataset(units, spec, "train", actors)
-        for batch in ds.iter_batches(batch_size=256, batch_format="numpy",
-                                     prefetch_batches=cfg.data.prefetch_batches):
+        for batch in ds.iter_batches(batch_size=256, batch_format="numpy", prefetch_batches=cfg.data.prefetch_batches):
             tokens += batch["tokens"].size
         wall = time.perf_counter() - t0
-    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-            "peak_rss_driver_mb": mem.driver, "peak_rss_workers_mb": mem.workers}
+    return {
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "peak_rss_driver_mb": mem.driver,
+        "peak_rss_workers_mb": mem.workers,
+    }
 
 
 def baseline_ingest(cfg: RaydratConfig) -> dict:
@@ -181,8 +185,13 @@ def baseline_ingest(cfg: RaydratConfig) -> dict:
                     blocks, _ = pack_array(ids, spec.eod_id, spec.block_len)
                     tokens += blocks.size
         wall = time.perf_counter() - t0
-    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-            "peak_rss_driver_mb": mem.driver, "peak_rss_workers_mb": 0.0}
+    return {
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "peak_rss_driver_mb": mem.driver,
+        "peak_rss_workers_mb": 0.0,
+    }
 
 
 def training_consumption(cfg: RaydratConfig, steps: int = 6) -> float:
@@ -199,8 +208,9 @@ def training_consumption(cfg: RaydratConfig, steps: int = 6) -> float:
 # --------------------------------------------------------------------------------------
 
 
-def run_ingest(cfg: RaydratConfig, sizes_mb: list[float], json_path: str | None = None,
-               workdir: str | None = None) -> dict:
+def run_ingest(
+    cfg: RaydratConfig, sizes_mb: list[float], json_path: str | None = None, workdir: str | None = None
+) -> dict:
     ensure_ray()
     cpus = int(ray.cluster_resources().get("CPU", 1))
     train_tps = training_consumption(cfg)
@@ -219,32 +229,56 @@ def run_ingest(cfg: RaydratConfig, sizes_mb: list[float], json_path: str | None 
             base = baseline_ingest(c)
             actors = ray_ingest(c, actors=c.data.tokenize_actors or cpus)
             tasks = ray_ingest(c, actors=0)
-            results.append({
-                "corpus_mb": mb,
-                "ray_tokens_per_s": actors["tokens_per_s"],
-                "ray_tasks_tokens_per_s": tasks["tokens_per_s"],
-                "baseline_tokens_per_s": base["tokens_per_s"],
-                "ratio": actors["tokens_per_s"] / base["tokens_per_s"],
-                "tasks_ratio": tasks["tokens_per_s"] / base["tokens_per_s"],
-                "train_tokens_per_s": train_tps,
-                "ingest_over_train": actors["tokens_per_s"] / train_tps,
-                "tokens": actors["tokens"],
-                "tokens_match": actors["tokens"] == base["tokens"] == tasks["tokens"],
-                "peak_rss_mb": {"driver": actors["peak_rss_driver_mb"],
-                                "workers": actors["peak_rss_workers_mb"],
-                                "baseline": base["peak_rss_driver_mb"]},
-                "wall_s": {"ray": actors["wall_s"], "ray_tasks": tasks["wall_s"], "baseline": base["wall_s"]},
-            })
-    rows = [[f"{r['corpus_mb']:g}", f"{r['ray_tokens_per_s']:,.0f}", f"{r['ray_tasks_tokens_per_s']:,.0f}",
-             f"{r['baseline_tokens_per_s']:,.0f}", f"{r['ratio']:.2f}", f"{r['ingest_over_train']:.0f}x",
-             f"{r['peak_rss_mb']['driver']:.0f}", f"{r['peak_rss_mb']['workers']:.0f}",
-             f"{r['peak_rss_mb']['baseline']:.0f}", "yes" if r["tokens_match"] else "NO"] for r in results]
+            results.append(
+                {
+                    "corpus_mb": mb,
+                    "ray_tokens_per_s": actors["tokens_per_s"],
+                    "ray_tasks_tokens_per_s": tasks["tokens_per_s"],
+                    "baseline_tokens_per_s": base["tokens_per_s"],
+                    "ratio": actors["tokens_per_s"] / base["tokens_per_s"],
+                    "tasks_ratio": tasks["tokens_per_s"] / base["tokens_per_s"],
+                    "train_tokens_per_s": train_tps,
+                    "ingest_over_train": actors["tokens_per_s"] / train_tps,
+                    "tokens": actors["tokens"],
+                    "tokens_match": actors["tokens"] == base["tokens"] == tasks["tokens"],
+                    "peak_rss_mb": {
+                        "driver": actors["peak_rss_driver_mb"],
+                        "workers": actors["peak_rss_workers_mb"],
+                        "baseline": base["peak_rss_driver_mb"],
+                    },
+                    "wall_s": {"ray": actors["wall_s"], "ray_tasks": tasks["wall_s"], "baseline": base["wall_s"]},
+                }
+            )
+    rows = [
+        [
+            f"{r['corpus_mb']:g}",
+            f"{r['ray_tokens_per_s']:,.0f}",
+            f"{r['ray_tasks_tokens_per_s']:,.0f}",
+            f"{r['baseline_tokens_per_s']:,.0f}",
+            f"{r['ratio']:.2f}",
+            f"{r['ingest_over_train']:.0f}x",
+            f"{r['peak_rss_mb']['driver']:.0f}",
+            f"{r['peak_rss_mb']['workers']:.0f}",
+            f"{r['peak_rss_mb']['baseline']:.0f}",
+            "yes" if r["tokens_match"] else "NO",
+        ]
+        for r in results
+    ]
     print_table(
         f"ingest: {cfg.name} tokenizer (vocab {cfg.model.vocab_size}), seq_len {cfg.model.seq_len}, "
         f"{cpus} CPUs, training consumption {train_tps:,.0f} tokens/s",
-        ["corpus MB", "(a) Ray actors tok/s", "(a') Ray tasks tok/s", "(b) baseline tok/s",
-         "(a)/(b)", "ingest/train", "peak RSS driver MB", "peak RSS workers MB",
-         "peak RSS baseline MB", "same tokens"],
+        [
+            "corpus MB",
+            "(a) Ray actors tok/s",
+            "(a') Ray tasks tok/s",
+            "(b) baseline tok/s",
+            "(a)/(b)",
+            "ingest/train",
+            "peak RSS driver MB",
+            "peak RSS workers MB",
+            "peak RSS baseline MB",
+            "same tokens",
+        ],
         rows,
         footer="goals on 2 cores: (a)/(b) >= 0.8, ingest/train >= 10x, peak RSS flat in corpus size",
     )

@@ -35,8 +35,10 @@ class LayerStackTimer:
         self._bwd_start: float | None = None
         self._handles = [model.register_forward_pre_hook(self._new_forward)]
         for block in model.layers.values():
-            self._handles += [block.register_forward_pre_hook(self._block_start),
-                              block.register_forward_hook(self._block_end)]
+            self._handles += [
+                block.register_forward_pre_hook(self._block_start),
+                block.register_forward_hook(self._block_end),
+            ]
 
     @staticmethod
     def _now(t: torch.Tensor) -> float:

@@ -45,8 +45,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from raydrat.config import ConfigError
 
@@ -148,6 +148,7 @@ def tbf_args(rate_mbit: float) -> list[str]:
 
 def _kill_namespace_processes(ns: str, grace_s: float = 2.0) -> None:
     """SIGTERM every process in namespace ``ns``, SIGKILL what is left after ``grace_s``."""
+
     def pids() -> list[int]:
         r = _sh(["ip", "netns", "pids", ns], check=False)
         return [int(p) for p in r.stdout.split()] if r.returncode == 0 else []
@@ -201,10 +202,17 @@ class TwoNodeLink:
             link.set_rate(20)
     """
 
-    def __init__(self, rate_mbit: float | None = None, cpus_per_node: float = 2,
-                 object_store_mb: int = 256, resources: dict[str, float] | None = None,
-                 env: dict[str, str] | None = None, keep_logs: bool = False, what: str = "--link",
-                 start_ray: bool = True):
+    def __init__(
+        self,
+        rate_mbit: float | None = None,
+        cpus_per_node: float = 2,
+        object_store_mb: int = 256,
+        resources: dict[str, float] | None = None,
+        env: dict[str, str] | None = None,
+        keep_logs: bool = False,
+        what: str = "--link",
+        start_ray: bool = True,
+    ):
         self.what = what
         self.start_ray = start_ray
         self.rate_mbit = None if rate_mbit is None else check_rate(rate_mbit, what)
@@ -225,13 +233,13 @@ class TwoNodeLink:
 
     # -- lifecycle ------------------------------------------------------------------
 
-    def __enter__(self) -> "TwoNodeLink":
+    def __enter__(self) -> TwoNodeLink:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def start(self) -> "TwoNodeLink":
+    def start(self) -> TwoNodeLink:
         """Make the namespaces and the link, limit it, start both Ray nodes and wait until
         the cluster shows both. Raises ``LinkUnavailable`` where this machine cannot."""
         reason = unavailable_reason()
@@ -282,27 +290,50 @@ class TwoNodeLink:
         token.write_text(secrets.token_hex(32))
         token.chmod(0o600)
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-                    "GLOO_SOCKET_IFNAME": IFNAME, "RAY_USAGE_STATS_ENABLED": "0",
-                    # two nodes on one machine are never preempted: no watcher actor
-                    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", **self._extra_env})
+        env.update(
+            {
+                "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN_PATH": str(token),
+                "GLOO_SOCKET_IFNAME": IFNAME,
+                "RAY_USAGE_STATS_ENABLED": "0",
+                # two nodes on one machine are never preempted: no watcher actor
+                "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                **self._extra_env,
+            }
+        )
         self._env = env
 
     def _start_ray(self) -> None:
-        common = ["--num-cpus", f"{self.cpus_per_node:g}", "--num-gpus", "0",
-                  "--resources", json.dumps(self.resources),
-                  "--object-store-memory", str(int(self.object_store_mb * 2**20)), "--disable-usage-stats"]
+        common = [
+            "--num-cpus",
+            f"{self.cpus_per_node:g}",
+            "--num-gpus",
+            "0",
+            "--resources",
+            json.dumps(self.resources),
+            "--object-store-memory",
+            str(int(self.object_store_mb * 2**20)),
+            "--disable-usage-stats",
+        ]
         self._ray_start("a", ["--head", "--port", str(GCS_PORT), *common])
         self._ray_start("b", ["--address", self.address, *common])
         self._wait_for_cluster()
 
     def _ray_start(self, node: str, args: list[str]) -> None:
         log = self.temp_dir / f"ray-start-{node}.log"
-        cmd = [ray_executable(), "start", "--node-ip-address", self.ip[node],
-               "--temp-dir", str(self.temp_dir / node), *args]
+        cmd = [
+            ray_executable(),
+            "start",
+            "--node-ip-address",
+            self.ip[node],
+            "--temp-dir",
+            str(self.temp_dir / node),
+            *args,
+        ]
         with open(log, "w") as out:  # not a pipe: the daemons it forks keep their stdout open
-            r = subprocess.run(self.command(cmd, node), stdout=out, stderr=subprocess.STDOUT,
-                               env=self._env, timeout=180)
+            r = subprocess.run(
+                self.command(cmd, node), stdout=out, stderr=subprocess.STDOUT, env=self._env, timeout=180
+            )
         if r.returncode != 0:
             tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
             raise LinkError(f"ray start on node {node} ({self.namespace[node]}) failed (exit {r.returncode}): {tail}")
@@ -310,16 +341,20 @@ class TwoNodeLink:
     def _wait_for_cluster(self, timeout_s: float = 60) -> None:
         """A driver in ``a`` sees both nodes' ``raydrat_link_node`` (the worker node is
         registered once ``ray start`` returns; this also proves the head is reachable)."""
-        probe = ("import ray, sys, time\n"
-                 "ray.init(logging_level='ERROR')\n"
-                 f"deadline = time.time() + {timeout_s}\n"
-                 f"while ray.cluster_resources().get({NODE_RESOURCE!r}, 0) < 2 and time.time() < deadline:\n"
-                 "    time.sleep(0.2)\n"
-                 f"sys.exit(0 if ray.cluster_resources().get({NODE_RESOURCE!r}, 0) >= 2 else 3)\n")
+        probe = (
+            "import ray, sys, time\n"
+            "ray.init(logging_level='ERROR')\n"
+            f"deadline = time.time() + {timeout_s}\n"
+            f"while ray.cluster_resources().get({NODE_RESOURCE!r}, 0) < 2 and time.time() < deadline:\n"
+            "    time.sleep(0.2)\n"
+            f"sys.exit(0 if ray.cluster_resources().get({NODE_RESOURCE!r}, 0) >= 2 else 3)\n"
+        )
         r = self.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=timeout_s + 60)
         if r.returncode != 0:
-            raise LinkError(f"the two-node cluster at {self.address} did not come up (exit {r.returncode}): "
-                            f"{' | '.join((r.stderr or r.stdout).strip().splitlines()[-3:])}")
+            raise LinkError(
+                f"the two-node cluster at {self.address} did not come up (exit {r.returncode}): "
+                f"{' | '.join((r.stderr or r.stdout).strip().splitlines()[-3:])}"
+            )
 
     # -- the link -------------------------------------------------------------------
 
@@ -333,12 +368,16 @@ class TwoNodeLink:
                 continue
             r = _sh(["tc", "-n", ns, "qdisc", "replace", "dev", IFNAME, "root", "tbf", *tbf_args(rate)], check=False)
             if r.returncode != 0:
-                raise ConfigError(f"{self.what} {rate:g}: tc refuses this rate ({_first_line(r.stderr)}): "
-                                  f"give a rate between 0.001 and 10000000 Mbit/s, e.g. {self.what} 1000,100,20")
+                raise ConfigError(
+                    f"{self.what} {rate:g}: tc refuses this rate ({_first_line(r.stderr)}): "
+                    f"give a rate between 0.001 and 10000000 Mbit/s, e.g. {self.what} 1000,100,20"
+                )
             applied = self.applied_rate_mbit(ns)
             if applied is not None and abs(applied - rate) > 0.01 * rate:
-                raise ConfigError(f"{self.what} {rate:g}: tc applies {applied:g} Mbit/s instead (it keeps "
-                                  f"whole bytes per second, below 2^64): give a rate between 0.001 and 10000000 Mbit/s")
+                raise ConfigError(
+                    f"{self.what} {rate:g}: tc applies {applied:g} Mbit/s instead (it keeps "
+                    f"whole bytes per second, below 2^64): give a rate between 0.001 and 10000000 Mbit/s"
+                )
         self.rate_mbit = rate
 
     def applied_rate_mbit(self, ns: str) -> float | None:
@@ -362,13 +401,13 @@ class TwoNodeLink:
     def command(self, cmd: Sequence[str], node: str = "a") -> list[str]:
         return ["ip", "netns", "exec", self.namespace[node], *cmd]
 
-    def run(self, cmd: Sequence[str], env: dict[str, str] | None = None, node: str = "a",
-            **kw) -> subprocess.CompletedProcess:
+    def run(
+        self, cmd: Sequence[str], env: dict[str, str] | None = None, node: str = "a", **kw
+    ) -> subprocess.CompletedProcess:
         """``subprocess.run(cmd)`` inside namespace ``node`` with ``env()``."""
         return subprocess.run(self.command(cmd, node), env=self.env(env), **kw)
 
-    def popen(self, cmd: Sequence[str], env: dict[str, str] | None = None, node: str = "a",
-              **kw) -> subprocess.Popen:
+    def popen(self, cmd: Sequence[str], env: dict[str, str] | None = None, node: str = "a", **kw) -> subprocess.Popen:
         """``subprocess.Popen(cmd)`` inside namespace ``node``; ``close()`` kills it."""
         return subprocess.Popen(self.command(cmd, node), env=self.env(env), **kw)
 
@@ -388,11 +427,20 @@ class TwoNodeLink:
     def measure_mbit(self, seconds: float = 2.0) -> float:
         """Throughput of one TCP stream from ``a`` to ``b`` in Mbit/s, counted by the
         receiver from its first byte: an instrument independent of Ray and of tc."""
-        sink = self.popen([sys.executable, "-m", "raydrat.bench.link", "sink", self.ip["b"]], node="b",
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        sink = self.popen(
+            [sys.executable, "-m", "raydrat.bench.link", "sink", self.ip["b"]],
+            node="b",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
-            src = self.run([sys.executable, "-m", "raydrat.bench.link", "source", self.ip["b"], str(seconds)],
-                           capture_output=True, text=True, timeout=seconds + 60)
+            src = self.run(
+                [sys.executable, "-m", "raydrat.bench.link", "source", self.ip["b"], str(seconds)],
+                capture_output=True,
+                text=True,
+                timeout=seconds + 60,
+            )
             out, err = sink.communicate(timeout=60)
         finally:
             if sink.poll() is None:

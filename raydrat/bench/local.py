@@ -14,6 +14,7 @@ import torch
 
 from raydrat.config import RaydratConfig
 from raydrat.core import metrics as M
+from raydrat.core.data.blocks import iter_blocks_local
 from raydrat.core.fit import Callback, FitState, iter_fit
 from raydrat.core.memory.peak import PeakMemory
 from raydrat.core.model.build import build_model
@@ -21,7 +22,6 @@ from raydrat.core.optim import build_optimizer
 from raydrat.core.runtime import Runtime, resolve
 from raydrat.core.state import resumable_batches
 from raydrat.core.techniques.bundle import Techniques, apply_techniques, build_techniques
-from raydrat.core.data.blocks import iter_blocks_local
 
 
 def batches_of(blocks: list, batch_size: int) -> list[torch.Tensor]:
@@ -38,30 +38,34 @@ class LocalData:
     val: list[torch.Tensor]
 
     @classmethod
-    def load(cls, cfg: RaydratConfig, steps: int | None = None, workers: int = 1) -> "LocalData":
+    def load(cls, cfg: RaydratConfig, steps: int | None = None, workers: int = 1) -> LocalData:
         """Enough train blocks for ``steps`` optimizer steps of ``workers`` workers (they
         cycle if the corpus has fewer), and ``train.eval_batches`` val batches."""
         tc, mc = cfg.train, cfg.model
         need = (steps or tc.steps) * tc.grad_accum * tc.batch_size * workers
         train = list(itertools.islice(iter_blocks_local(cfg.data, mc.seq_len, mc.vocab_size, "train"), need))
-        val = list(itertools.islice(iter_blocks_local(cfg.data, mc.seq_len, mc.vocab_size, "val"),
-                                    tc.eval_batches * tc.batch_size))
+        val = list(
+            itertools.islice(
+                iter_blocks_local(cfg.data, mc.seq_len, mc.vocab_size, "val"), tc.eval_batches * tc.batch_size
+            )
+        )
         data = cls(batches_of(train, tc.batch_size), batches_of(val, tc.batch_size))
         if not data.train or not data.val:
             raise RuntimeError("corpus too small for the benchmark: lower train.batch_size")
         return data
 
     @classmethod
-    def random(cls, cfg: RaydratConfig, steps: int, seed: int = 0) -> "LocalData":
+    def random(cls, cfg: RaydratConfig, steps: int, seed: int = 0) -> LocalData:
         """Uniformly random token blocks for ``steps`` optimizer steps (one val batch): what a
         memory measurement needs (the allocator's figures do not depend on the tokens)."""
         tc, mc = cfg.train, cfg.model
         gen = torch.Generator().manual_seed(seed)
-        blocks = lambda n: [torch.randint(0, mc.vocab_size, (tc.batch_size, mc.seq_len + 1), generator=gen)  # noqa: E731
-                            for _ in range(n)]
+        blocks = lambda n: [
+            torch.randint(0, mc.vocab_size, (tc.batch_size, mc.seq_len + 1), generator=gen) for _ in range(n)
+        ]
         return cls(blocks(steps * tc.grad_accum), blocks(1))
 
-    def shard(self, rank: int, world: int) -> "LocalData":
+    def shard(self, rank: int, world: int) -> LocalData:
         """Rank ``rank``'s share of the train batches (every ``world``-th), the whole val."""
         return LocalData(self.train[rank::world], self.val)
 
@@ -84,9 +88,17 @@ class LocalRun:
     _steps: Iterator[FitState] | None = None
 
     @classmethod
-    def start(cls, cfg: RaydratConfig, data: LocalData, callbacks: Sequence[Callback] = (),
-              runtime: Runtime | None = None, rank: int = 0, world_size: int = 1,
-              sample_steps: int = 2, sample_at: Sequence[int] = ()) -> "LocalRun":
+    def start(
+        cls,
+        cfg: RaydratConfig,
+        data: LocalData,
+        callbacks: Sequence[Callback] = (),
+        runtime: Runtime | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        sample_steps: int = 2,
+        sample_at: Sequence[int] = (),
+    ) -> LocalRun:
         """``sample_steps`` / ``sample_at``: the steps whose allocator peak is measured on
         CPU (:class:`~raydrat.core.memory.peak.PeakMemory`'s ``first_steps`` / ``at_steps``)."""
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
@@ -100,8 +112,9 @@ class LocalRun:
             model = apply_techniques(model, techniques)
             optimizer = build_optimizer(model, cfg.optim)
             techniques.sync.attach_optimizer(optimizer)
-        state = FitState(model, optimizer, techniques, cfg.train, cfg.optim, cfg.model.seq_len, rank, world_size,
-                         peak_memory=peak)
+        state = FitState(
+            model, optimizer, techniques, cfg.train, cfg.optim, cfg.model.seq_len, rank, world_size, peak_memory=peak
+        )
         return cls(cfg, runtime, state, data, callbacks)
 
     @property
@@ -139,7 +152,7 @@ class LocalRun:
         self.profiled.append(profiled or self.peak.profiling or self.state.step - 1 in self.peak.profiled_steps)
         return True
 
-    def run(self) -> "LocalRun":
+    def run(self) -> LocalRun:
         while self.step():
             pass
         return self

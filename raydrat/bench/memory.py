@@ -61,21 +61,24 @@ def check_measurable(cfg: RaydratConfig, runtime: Runtime, device: str | None = 
     if device == "cuda" and not torch.cuda.is_available():
         raise CannotMeasure(
             "--measure runs the config on this machine, which has no CUDA GPU (torch sees none): "
-            "drop --device cuda to measure on CPU, or run it on a machine with a GPU")
+            "drop --device cuda to measure on CPU, or run it on a machine with a GPU"
+        )
     if cfg.optim.name in ("adamw8bit", "paged_adamw8bit"):
         try:
             import bitsandbytes  # noqa: F401  optional heavy dependency: only the 8-bit optimizers need it
         except ImportError:
             raise CannotMeasure(
                 f"--measure: optim.name={cfg.optim.name} needs bitsandbytes, which is not installed here: "
-                "pip install bitsandbytes, or measure with optim.name=adamw") from None
+                "pip install bitsandbytes, or measure with optim.name=adamw"
+            ) from None
     free = available_bytes(runtime)
     need = runtime.estimate.total_bytes
     if free is not None and need > 0.9 * free:
         raise CannotMeasure(
             f"--measure would run {cfg.name} on this machine's {runtime.device_type}, whose free memory is "
             f"{free / 2**30:.2f} GiB, but its predicted peak is {need / 2**30:.2f} GiB: lower train.batch_size "
-            "or model.seq_len, or measure on a machine with more memory")
+            "or model.seq_len, or measure on a machine with more memory"
+        )
 
 
 @dataclass
@@ -118,8 +121,9 @@ class Measurement:
             "active_layers": None if plan is None or plan.active is None else len(plan.active),
             "stored_branches": None if plan is None or plan.stored is None else sum(plan.stored),
             "branches": None if plan is None or plan.stored is None else len(plan.stored),
-            "planning_peak_bytes": (max(self.peak.plan_peaks.values(), default=None)
-                                    if self.cfg.recompute.mode != "none" else None),
+            "planning_peak_bytes": (
+                max(self.peak.plan_peaks.values(), default=None) if self.cfg.recompute.mode != "none" else None
+            ),
             "estimated_planning_peak_bytes": self.worst_case.detail.get("planning_peak_bytes"),
             "measured_components": self.measured,
             "estimated_components": self.estimated,
@@ -169,14 +173,20 @@ def measurable(cfg: RaydratConfig, device: str | None = None) -> tuple[RaydratCo
     """``cfg`` on ``device`` (``cpu`` | ``cuda``; ``None``: the config's choice) and its
     runtime on this machine; refused (:class:`CannotMeasure`, one line) when it cannot run here."""
     if cfg.scaling.strategy == "fsdp" and cfg.scaling.num_workers > 1:
-        raise CannotMeasure(f"--measure with scaling.strategy=fsdp (scaling.num_workers={cfg.scaling.num_workers}): the "
-                            "measurement trains one process, which holds the whole model, not one worker's shard: "
-                            "drop --measure, or measure with scaling.strategy=replicated")
+        raise CannotMeasure(
+            f"--measure with scaling.strategy=fsdp (scaling.num_workers={cfg.scaling.num_workers}): the "
+            "measurement trains one process, which holds the whole model, not one worker's shard: "
+            "drop --measure, or measure with scaling.strategy=replicated"
+        )
     if device == "cuda" and not torch.cuda.is_available():
         check_measurable(cfg, None, device)  # type: ignore[arg-type]  (refuses before resolving)
     if device is not None:
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": device}),
-                                     "scaling": cfg.scaling.model_copy(update={"use_gpu": device == "cuda"})})
+        cfg = cfg.model_copy(
+            update={
+                "train": cfg.train.model_copy(update={"device": device}),
+                "scaling": cfg.scaling.model_copy(update={"use_gpu": device == "cuda"}),
+            }
+        )
     runtime = resolve(cfg)
     check_measurable(cfg, runtime, device)
     return cfg, runtime
@@ -185,10 +195,20 @@ def measurable(cfg: RaydratConfig, device: str | None = None) -> tuple[RaydratCo
 def measure(cfg: RaydratConfig, name: str | None = None, steps: int = STEPS, device: str | None = None) -> Measurement:
     """Train ``cfg`` for ``steps`` steps on this machine's device (or ``device``), every step measured."""
     cfg, runtime = measurable(cfg, device)
-    tc = cfg.train.model_copy(update={"steps": steps, "eval_every": steps, "log_every": steps, "checkpoint_every": 0,
-                                      "eval_batches": 1, "auto_microbatch": False})
+    tc = cfg.train.model_copy(
+        update={
+            "steps": steps,
+            "eval_every": steps,
+            "log_every": steps,
+            "checkpoint_every": 0,
+            "eval_batches": 1,
+            "auto_microbatch": False,
+        }
+    )
     optim = cfg.optim.model_copy(update={"warmup_steps": min(cfg.optim.warmup_steps, steps - 1)})
-    c = cfg.model_copy(update={"train": tc, "optim": optim, "tracking": cfg.tracking.model_copy(update={"enabled": False})})
+    c = cfg.model_copy(
+        update={"train": tc, "optim": optim, "tracking": cfg.tracking.model_copy(update={"enabled": False})}
+    )
     t0 = time.perf_counter()
     run = LocalRun.start(c, LocalData.random(c, steps), runtime=runtime, sample_steps=steps)
     run.run()
@@ -203,40 +223,60 @@ def measure(cfg: RaydratConfig, name: str | None = None, steps: int = STEPS, dev
 def print_measurement(m: Measurement) -> None:
     """``raydrat estimate --measure``'s table: estimated against measured, per component and phase."""
     rows = []
-    labels = {"params": "parameters", "optimizer": "optimizer states", "grads": "gradients (all)",
-              "saved_activations": "saved activations (after forward)", "forward": "peak of the forward",
-              "backward": "peak of the backward", "optimizer_step": "peak of the optimizer step",
-              "peak": "peak of the step"}
+    labels = {
+        "params": "parameters",
+        "optimizer": "optimizer states",
+        "grads": "gradients (all)",
+        "saved_activations": "saved activations (after forward)",
+        "forward": "peak of the forward",
+        "backward": "peak of the backward",
+        "optimizer_step": "peak of the optimizer step",
+        "peak": "peak of the step",
+    }
     for key, label in labels.items():
         est, meas = m.estimated.get(key), m.measured.get(key)
         err = f"{est / meas - 1:+.1%}" if meas else "-"
         rows.append([label, f"{est / MiB:.2f}", "-" if meas is None else f"{meas / MiB:.2f}", err])
     plan = m.worst.plan
-    plan_text = "" if plan is None or plan.active is None else (
-        f", {len(plan.active)}/{m.cfg.model.n_layer} layers, {sum(plan.stored or ())}/{len(plan.stored or ())} branches stored")
+    plan_text = (
+        ""
+        if plan is None or plan.active is None
+        else (
+            f", {len(plan.active)}/{m.cfg.model.n_layer} layers, {sum(plan.stored or ())}/{len(plan.stored or ())} branches stored"
+        )
+    )
     source = "CUDA caching allocator statistics" if m.runtime.use_gpu else "profiler allocator events (CPU)"
     print_table(
         f"measured on this machine ({m.runtime.device_type}, {m.runtime.precision}): {STEPS} steps, worst step "
         f"{m.worst.step}{plan_text}; source: {source}",
-        ["component", "estimated MiB", "measured MiB", "error"], rows,
+        ["component", "estimated MiB", "measured MiB", "error"],
+        rows,
         footer=f"the config's worst case (the estimate above): {m.worst_case.total_bytes / MiB:.2f} MiB; "
-               f"estimate for the measured step's plan: {m.step_estimate.total_bytes / MiB:.2f} MiB"
-               + _planning_note(m))
+        f"estimate for the measured step's plan: {m.step_estimate.total_bytes / MiB:.2f} MiB" + _planning_note(m),
+    )
 
 
 def _planning_note(m: Measurement) -> str:
     plan_peak = max(m.peak.plan_peaks.values(), default=None)
     if plan_peak is None or plan_peak <= m.worst.peak:
         return ""
-    return (f"\nnote: the recompute planner's cost measurement (step 0, before training it) peaked at "
-            f"{plan_peak / MiB:.2f} MiB, above the training step's peak")
+    return (
+        f"\nnote: the recompute planner's cost measurement (step 0, before training it) peaked at "
+        f"{plan_peak / MiB:.2f} MiB, above the training step's peak"
+    )
 
 
 def configurations(overrides: list[str] | None = None) -> list[tuple[str, str, list[str]]]:
     """The shipped list: (name, recipe, overrides). Budgets sit halfway between full
     recomputation and none for the configuration's own bounds."""
-    six = ["model.n_layer=6", "model.d_model=384", "model.n_head=6", "model.n_kv_head=2", "model.seq_len=512",
-           "train.batch_size=4"]
+    six = [
+        "model.n_layer=6",
+        "model.d_model=384",
+        "model.n_head=6",
+        "model.n_kv_head=2",
+        "model.seq_len=512",
+        "train.batch_size=4",
+    ]
     demo = load_config("demo", overrides or [])
     rt = resolve(demo)
     lo, hi = activation_plan_bounds(demo, rt.device_type, rt.precision)
@@ -258,8 +298,9 @@ def configurations(overrides: list[str] | None = None) -> list[tuple[str, str, l
     ]
 
 
-def run_memory_bench(json_path: str | None = None, overrides: list[str] | None = None,
-                     only: list[str] | None = None) -> list[dict]:
+def run_memory_bench(
+    json_path: str | None = None, overrides: list[str] | None = None, only: list[str] | None = None
+) -> list[dict]:
     """Measure every configuration (``overrides`` apply to all; ``only``: these names)."""
     records, skipped = [], []
     threads = torch.get_num_threads()
@@ -277,18 +318,41 @@ def run_memory_bench(json_path: str | None = None, overrides: list[str] | None =
             torch.set_num_threads(threads)
         records.append(m.record())
     load = load_average()
-    rows = [[r["name"], r["device"], r["precision"], f"{r['estimated_peak_bytes'] / MiB:.2f}",
-             f"{r['measured_peak_bytes'] / MiB:.2f}", f"{r['error']:+.1%}", f"{r['estimated_worst_case_bytes'] / MiB:.2f}",
-             f"{r['active_layers']}, {r['stored_branches']}/{r['branches']}", r["peak_phase"],
-             "-" if r["planning_peak_bytes"] is None else f"{r['planning_peak_bytes'] / MiB:.2f}"] for r in records]
+    rows = [
+        [
+            r["name"],
+            r["device"],
+            r["precision"],
+            f"{r['estimated_peak_bytes'] / MiB:.2f}",
+            f"{r['measured_peak_bytes'] / MiB:.2f}",
+            f"{r['error']:+.1%}",
+            f"{r['estimated_worst_case_bytes'] / MiB:.2f}",
+            f"{r['active_layers']}, {r['stored_branches']}/{r['branches']}",
+            r["peak_phase"],
+            "-" if r["planning_peak_bytes"] is None else f"{r['planning_peak_bytes'] / MiB:.2f}",
+        ]
+        for r in records
+    ]
     within = sum(abs(r["error"]) <= 0.10 for r in records)
     print_table(
         f"memory: estimated vs measured peak per training step ({STEPS} steps each; CPU: profiler allocator events, "
         f"CUDA: max_memory_allocated); load average {load}",
-        ["configuration", "device", "precision", "estimated MiB", "measured MiB", "error", "worst case MiB",
-         "layers, stored (worst step)", "peak phase (estimate)", "planner measurement MiB"], rows,
+        [
+            "configuration",
+            "device",
+            "precision",
+            "estimated MiB",
+            "measured MiB",
+            "error",
+            "worst case MiB",
+            "layers, stored (worst step)",
+            "peak phase (estimate)",
+            "planner measurement MiB",
+        ],
+        rows,
         footer=f"{within}/{len(records)} rows within 10% (goal: all)"
-               + "".join(f"\nskipped {s['name']}: {s['skipped']}" for s in skipped))
+        + "".join(f"\nskipped {s['name']}: {s['skipped']}" for s in skipped),
+    )
     if json_path:
         write_json(json_path, {"rows": records, "skipped": skipped, "loadavg": load})
     return records

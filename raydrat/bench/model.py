@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -71,8 +71,9 @@ class Trainee:
     whatever else the machine runs meanwhile."""
 
     @classmethod
-    def build(cls, name: str, make: Callable[[], nn.Module], seed: int = 0,
-              device: torch.device = torch.device("cpu")) -> "Trainee":
+    def build(
+        cls, name: str, make: Callable[[], nn.Module], seed: int = 0, device: torch.device = torch.device("cpu")
+    ) -> Trainee:
         torch.manual_seed(seed)
         model = make().to(device).train()
         optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95), foreach=True)
@@ -95,8 +96,7 @@ class Trainee:
         return sum(p.numel() for p in self.model.parameters())
 
 
-def measure(trainees: list[Trainee], batches: list[tuple[torch.Tensor, torch.Tensor]],
-            steps: int, warmup: int) -> None:
+def measure(trainees: list[Trainee], batches: list[tuple[torch.Tensor, torch.Tensor]], steps: int, warmup: int) -> None:
     """``warmup`` untimed steps each, then ``steps`` timed rounds of one step per model,
     the starting model rotated every round."""
     for t in trainees:
@@ -124,15 +124,22 @@ def shapes(cfg: RaydratConfig) -> list[tuple[str, ModelConfig, int]]:
     return [(recipe, m, cfg.train.batch_size), (big, large, LARGE_BATCH)]
 
 
-def random_batches(cfg: ModelConfig, batch_size: int, n: int = 4, seed: int = 0,
-                   device: torch.device = torch.device("cpu")):
+def random_batches(
+    cfg: ModelConfig, batch_size: int, n: int = 4, seed: int = 0, device: torch.device = torch.device("cpu")
+):
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, cfg.vocab_size, (n, batch_size, cfg.seq_len + 1), generator=g).to(device)
     return [(t[:, :-1], t[:, 1:]) for t in tokens]
 
 
-def bench_shape(name: str, model_cfg: ModelConfig, batch_size: int, steps: int, warmup: int,
-                device: torch.device = torch.device("cpu")) -> list[dict]:
+def bench_shape(
+    name: str,
+    model_cfg: ModelConfig,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    device: torch.device = torch.device("cpu"),
+) -> list[dict]:
     recipe, nano = recipe_settings(model_cfg), nanogpt_settings(model_cfg)
     trainees = [
         Trainee.build("raydrat", lambda: GPT(recipe), device=device),
@@ -146,16 +153,29 @@ def bench_shape(name: str, model_cfg: ModelConfig, batch_size: int, steps: int, 
     for settings, ours, ref in (("recipe", trainees[0], trainees[1]), ("nanogpt", trainees[2], trainees[3])):
         wall, ref_wall = statistics.median(ours.times), statistics.median(ref.times)
         cpu, ref_cpu = statistics.median(ours.cpu_times), statistics.median(ref.cpu_times)
-        rows.append({
-            "shape": name, "settings": settings, "reference": ref.name,
-            "tokens_per_s": tokens / wall, "reference_tokens_per_s": tokens / ref_wall, "ratio": ref_wall / wall,
-            "cpu_tokens_per_s": tokens / cpu, "reference_cpu_tokens_per_s": tokens / ref_cpu, "cpu_ratio": ref_cpu / cpu,
-            "step_s_median": wall, "reference_step_s_median": ref_wall,
-            "step_s_range": [min(ours.times), max(ours.times)],
-            "reference_step_s_range": [min(ref.times), max(ref.times)],
-            "params": ours.params(), "reference_params": ref.params(),
-            "steps": steps, "batch_size": batch_size, "seq_len": model_cfg.seq_len, "device": device.type,
-        })
+        rows.append(
+            {
+                "shape": name,
+                "settings": settings,
+                "reference": ref.name,
+                "tokens_per_s": tokens / wall,
+                "reference_tokens_per_s": tokens / ref_wall,
+                "ratio": ref_wall / wall,
+                "cpu_tokens_per_s": tokens / cpu,
+                "reference_cpu_tokens_per_s": tokens / ref_cpu,
+                "cpu_ratio": ref_cpu / cpu,
+                "step_s_median": wall,
+                "reference_step_s_median": ref_wall,
+                "step_s_range": [min(ours.times), max(ours.times)],
+                "reference_step_s_range": [min(ref.times), max(ref.times)],
+                "params": ours.params(),
+                "reference_params": ref.params(),
+                "steps": steps,
+                "batch_size": batch_size,
+                "seq_len": model_cfg.seq_len,
+                "device": device.type,
+            }
+        )
     return rows
 
 
@@ -187,7 +207,9 @@ class LossBefore(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor):
         logits, _ = self.model(idx)
-        return logits, F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        return logits, F.cross_entropy(
+            logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+        )
 
 
 ABLATIONS = ("rope", "gqa", "loss")
@@ -219,31 +241,47 @@ def run_ablation(cfg: RaydratConfig, steps: int = 30, warmup: int = 3, json_path
     variants = [("all changes", ()), *((f"without {c}", (c,)) for c in ABLATIONS), ("none (before)", ABLATIONS)]
     for name, model_cfg, batch_size in shapes(cfg):
         mc = recipe_settings(model_cfg)
-        trainees = [Trainee.build(v, lambda ch=ch: reverted(mc, ch)) for v, ch in variants]
+        trainees = [Trainee.build(v, lambda ch=ch, mc=mc: reverted(mc, ch)) for v, ch in variants]
         print(f"[bench model ablation] {name}: {steps} interleaved steps per variant", flush=True)
         measure(trainees, random_batches(mc, batch_size), steps, warmup)
         base = statistics.median(trainees[0].times)
         base_cpu = statistics.median(trainees[0].cpu_times)
         for t in trainees:
             wall, cpu = statistics.median(t.times), statistics.median(t.cpu_times)
-            rows.append({"shape": name, "variant": t.name, "tokens_per_s": batch_size * mc.seq_len / wall,
-                         "speed_vs_all": base / wall, "cpu_speed_vs_all": base_cpu / cpu})
+            rows.append(
+                {
+                    "shape": name,
+                    "variant": t.name,
+                    "tokens_per_s": batch_size * mc.seq_len / wall,
+                    "speed_vs_all": base / wall,
+                    "cpu_speed_vs_all": base_cpu / cpu,
+                }
+            )
     load_after = load_average()
     print_table(
         f"each speed change reverted alone (eager training step, fp32, CPU {threads} thread(s))",
         ["shape", "variant", "tok/s", "speed vs all changes", "(CPU time)"],
-        [[r["shape"], r["variant"], f"{r['tokens_per_s']:,.0f}", f"{r['speed_vs_all']:.3f}x",
-          f"{r['cpu_speed_vs_all']:.3f}x"] for r in rows],
+        [
+            [
+                r["shape"],
+                r["variant"],
+                f"{r['tokens_per_s']:,.0f}",
+                f"{r['speed_vs_all']:.3f}x",
+                f"{r['cpu_speed_vs_all']:.3f}x",
+            ]
+            for r in rows
+        ],
         footer=f"below 1.000x: reverting the change is slower, so it pays. load average {load_before} (start), "
-               f"{load_after} (end)",
+        f"{load_after} (end)",
     )
     if json_path:
         write_json(json_path, {"rows": rows, "threads": threads, "load_average": [load_before, load_after]})
     return rows
 
 
-def run_model_bench(cfg: RaydratConfig, json_path: str | None = None, steps: int = 30,
-                    warmup: int = 3, only_recipe: bool = False) -> list[dict]:
+def run_model_bench(
+    cfg: RaydratConfig, json_path: str | None = None, steps: int = 30, warmup: int = 3, only_recipe: bool = False
+) -> list[dict]:
     """Measure every shape, print the table, write ``json_path``; returns the rows."""
     threads = max(1, int(cfg.scaling.cpus_per_worker))
     torch.set_num_threads(threads)
@@ -259,14 +297,34 @@ def run_model_bench(cfg: RaydratConfig, json_path: str | None = None, steps: int
     print_table(
         f"eager training step (forward + backward + AdamW), fp32, {where}",
         ["shape", "settings", "reference", "raydrat tok/s", "reference tok/s", "ratio", "ratio (CPU time)"],
-        [[r["shape"], r["settings"], r["reference"], f"{r['tokens_per_s']:,.0f}",
-          f"{r['reference_tokens_per_s']:,.0f}", f"{r['ratio']:.3f}x", f"{r['cpu_ratio']:.3f}x"] for r in rows],
-        footer=(f"tok/s: tokens per step / median wall-clock step time; ratio (CPU time): the same from the "
-                f"process's CPU seconds per step, which other load on the machine disturbs less.\n"
-                f"load average {load_before} (start), {load_after} (end). "
-                f"At nanogpt settings: {NANOGPT_DIFFERENCES}."),
+        [
+            [
+                r["shape"],
+                r["settings"],
+                r["reference"],
+                f"{r['tokens_per_s']:,.0f}",
+                f"{r['reference_tokens_per_s']:,.0f}",
+                f"{r['ratio']:.3f}x",
+                f"{r['cpu_ratio']:.3f}x",
+            ]
+            for r in rows
+        ],
+        footer=(
+            f"tok/s: tokens per step / median wall-clock step time; ratio (CPU time): the same from the "
+            f"process's CPU seconds per step, which other load on the machine disturbs less.\n"
+            f"load average {load_before} (start), {load_after} (end). "
+            f"At nanogpt settings: {NANOGPT_DIFFERENCES}."
+        ),
     )
     if json_path:
-        write_json(json_path, {"rows": rows, "threads": threads, "load_average": [load_before, load_after],
-                               "nanogpt_differences": NANOGPT_DIFFERENCES, "torch": torch.__version__})
+        write_json(
+            json_path,
+            {
+                "rows": rows,
+                "threads": threads,
+                "load_average": [load_before, load_after],
+                "nanogpt_differences": NANOGPT_DIFFERENCES,
+                "torch": torch.__version__,
+            },
+        )
     return rows

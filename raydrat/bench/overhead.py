@@ -35,8 +35,11 @@ def bare_loop(cfg: RaydratConfig) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         run = LocalRun.start(cfg, data, [LocalCheckpoint(tmp, cfg.to_dict())]).run()
     report = run.state.last_report
-    return {"tokens_per_s": report[M.TOKENS_PER_S_AVG], "wall_s": time.perf_counter() - t0,
-            "val_loss": report[M.VAL_LOSS]}
+    return {
+        "tokens_per_s": report[M.TOKENS_PER_S_AVG],
+        "wall_s": time.perf_counter() - t0,
+        "val_loss": report[M.VAL_LOSS],
+    }
 
 
 def ray_loop(cfg: RaydratConfig) -> dict:
@@ -66,7 +69,12 @@ def run_overhead(cfg: RaydratConfig, json_path: str | None = None) -> dict:
         f"overhead: {cfg.name}, {cfg.train.steps} steps, {cfg.scaling.cpus_per_worker:g} CPU thread(s)",
         ["loop", "tokens/s (steady)", "wall s (incl. start-up)", "val loss"],
         [
-            ["Ray Train (1 worker)", f"{ray_res['tokens_per_s']:,.0f}", f"{ray_res['wall_s']:.1f}", f"{ray_res['val_loss']:.4f}"],
+            [
+                "Ray Train (1 worker)",
+                f"{ray_res['tokens_per_s']:,.0f}",
+                f"{ray_res['wall_s']:.1f}",
+                f"{ray_res['val_loss']:.4f}",
+            ],
             ["bare PyTorch", f"{bare['tokens_per_s']:,.0f}", f"{bare['wall_s']:.1f}", f"{bare['val_loss']:.4f}"],
         ],
         footer=f"ratio Ray/bare tokens/s: {ratio:.3f} (goal >= 0.95)",

@@ -51,8 +51,7 @@ def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
     xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))  # (B, T, H, D/2)
     xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
     f = freqs_cis[: xq.shape[1]].view(1, xq.shape[1], 1, -1)  # (1, T, 1, D/2)
-    return (torch.view_as_real(xq_ * f).flatten(3).type_as(xq),
-            torch.view_as_real(xk_ * f).flatten(3).type_as(xk))
+    return (torch.view_as_real(xq_ * f).flatten(3).type_as(xq), torch.view_as_real(xk_ * f).flatten(3).type_as(xk))
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -118,8 +117,9 @@ class TitanLlama(nn.Module):
         if cfg.norm != "rmsnorm" or cfg.activation != "swiglu" or cfg.bias:
             raise ValueError("the torchtitan reference is RMSNorm + SwiGLU without biases")
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.register_buffer("freqs_cis", precompute_freqs_cis(cfg.head_dim, cfg.seq_len, cfg.rope_theta),
-                             persistent=False)
+        self.register_buffer(
+            "freqs_cis", precompute_freqs_cis(cfg.head_dim, cfg.seq_len, cfg.rope_theta), persistent=False
+        )
         self.layers = nn.ModuleDict({str(i): TitanBlock(cfg) for i in range(cfg.n_layer)})
         self.norm = nn.RMSNorm(cfg.d_model, eps=1e-5)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -152,8 +152,11 @@ def titan_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     cfg, sd = model.cfg, model.state_dict()
     q_rows = rotate_half_to_pairs(cfg.n_head, cfg.head_dim)
     k_rows = rotate_half_to_pairs(cfg.kv_heads, cfg.head_dim)
-    out = {"tok_embeddings.weight": sd["tok_emb.weight"], "norm.weight": sd["norm.weight"],
-           "output.weight": sd["lm_head.weight"]}
+    out = {
+        "tok_embeddings.weight": sd["tok_emb.weight"],
+        "norm.weight": sd["norm.weight"],
+        "output.weight": sd["lm_head.weight"],
+    }
     ours = {  # torchtitan name -> raydrat name, per layer
         "attention.wq.weight": "attn_branch.layer.q_proj.weight",
         "attention.wk.weight": "attn_branch.layer.k_proj.weight",
@@ -202,8 +205,7 @@ class NanoSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
 
 
@@ -235,17 +237,27 @@ class NanoBlock(nn.Module):
 class NanoGPT(nn.Module):
     """nanoGPT's GPT-2: learned positions, LayerNorm, fused-qkv multi-head attention, GELU."""
 
-    def __init__(self, vocab_size: int, block_size: int, n_layer: int, n_head: int, n_embd: int,
-                 bias: bool = False, dropout: float = 0.0):
+    def __init__(
+        self,
+        vocab_size: int,
+        block_size: int,
+        n_layer: int,
+        n_head: int,
+        n_embd: int,
+        bias: bool = False,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.block_size = block_size
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(vocab_size, n_embd),
-            wpe=nn.Embedding(block_size, n_embd),
-            drop=nn.Dropout(dropout),
-            h=nn.ModuleList([NanoBlock(n_embd, n_head, bias, dropout) for _ in range(n_layer)]),
-            ln_f=NanoLayerNorm(n_embd, bias),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(vocab_size, n_embd),
+                wpe=nn.Embedding(block_size, n_embd),
+                drop=nn.Dropout(dropout),
+                h=nn.ModuleList([NanoBlock(n_embd, n_head, bias, dropout) for _ in range(n_layer)]),
+                ln_f=NanoLayerNorm(n_embd, bias),
+            )
+        )
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight
         for m in self.modules():
@@ -255,7 +267,7 @@ class NanoGPT(nn.Module):
                 nn.init.zeros_(m.bias)
 
     @classmethod
-    def like(cls, cfg: ModelConfig) -> "NanoGPT":
+    def like(cls, cfg: ModelConfig) -> NanoGPT:
         return cls(cfg.vocab_size, cfg.seq_len, cfg.n_layer, cfg.n_head, cfg.d_model, cfg.bias, cfg.dropout)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
@@ -273,8 +285,11 @@ class NanoGPT(nn.Module):
 
 def nanogpt_settings(cfg: ModelConfig) -> ModelConfig:
     """raydrat's model configured as close to nanoGPT's GPT-2 as it goes."""
-    return cfg.model_copy(update=dict(norm="layernorm", activation="gelu", n_kv_head=None, d_ff=None,
-                                      bias=False, dropout=0.0, tie_embeddings=True))
+    return cfg.model_copy(
+        update=dict(
+            norm="layernorm", activation="gelu", n_kv_head=None, d_ff=None, bias=False, dropout=0.0, tie_embeddings=True
+        )
+    )
 
 
 def recipe_settings(cfg: ModelConfig) -> ModelConfig:

@@ -39,8 +39,8 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 import torch._dynamo
@@ -67,11 +67,31 @@ def model_config(name: str, steps: int, extra: Sequence[str] = ()) -> RaydratCon
     ``steps`` optimizer steps, one intra-op thread, no evaluation to speak of."""
     shape = []
     if name == SIX_LAYER:
-        name, shape = "demo", ["model.n_layer=6", "model.d_model=384", "model.n_head=6", "model.n_kv_head=2",
-                               "model.seq_len=256", "train.batch_size=4"]
-    return load_config(name, [*shape, f"train.steps={steps}", f"train.eval_every={steps}", "train.eval_batches=1",
-                              f"train.log_every={steps}", "optim.warmup_steps=0", "scaling.cpus_per_worker=1",
-                              "train.device=cpu", *extra])
+        name, shape = (
+            "demo",
+            [
+                "model.n_layer=6",
+                "model.d_model=384",
+                "model.n_head=6",
+                "model.n_kv_head=2",
+                "model.seq_len=256",
+                "train.batch_size=4",
+            ],
+        )
+    return load_config(
+        name,
+        [
+            *shape,
+            f"train.steps={steps}",
+            f"train.eval_every={steps}",
+            "train.eval_batches=1",
+            f"train.log_every={steps}",
+            "optim.warmup_steps=0",
+            "scaling.cpus_per_worker=1",
+            "train.device=cpu",
+            *extra,
+        ],
+    )
 
 
 class _TorchBlockCheckpoint(nn.Module):
@@ -144,8 +164,9 @@ class _Bench:
         self.variants: list[Variant] = []
         self.infeasible: list[dict] = []
 
-    def start(self, vname, planner, mode, fraction, compiled, overrides=(), torch_budget=None, budget=None,
-              wrap_blocks=False) -> Variant | None:
+    def start(
+        self, vname, planner, mode, fraction, compiled, overrides=(), torch_budget=None, budget=None, wrap_blocks=False
+    ) -> Variant | None:
         extra = [*overrides, *(["train.compile=default"] if compiled else [])]
         if budget is not None:
             extra += [f"recompute.budget_mb={budget / 2**20!r}"]
@@ -178,11 +199,23 @@ class _Bench:
 
     def _infeasible(self, vname, planner, mode, fraction, compiled, budget, message: str) -> None:
         self.log(f"  {vname}: {message}")
-        self.infeasible.append({
-            "model": self.name, "planner": planner, "mode": mode, "budget_fraction": fraction, "compiled": compiled,
-            "saved_bytes": None, "peak_bytes": None, "time_ratio": None, "cpu_time_ratio": None,
-            "variant": vname, "budget_bytes": budget, "predicted_bytes": None, "note": f"infeasible: {message}",
-        })
+        self.infeasible.append(
+            {
+                "model": self.name,
+                "planner": planner,
+                "mode": mode,
+                "budget_fraction": fraction,
+                "compiled": compiled,
+                "saved_bytes": None,
+                "peak_bytes": None,
+                "time_ratio": None,
+                "cpu_time_ratio": None,
+                "variant": vname,
+                "budget_bytes": budget,
+                "predicted_bytes": None,
+                "note": f"infeasible: {message}",
+            }
+        )
 
 
 def run_model(name: str, fractions: Sequence[float], steps: int, compiled: bool, log=print) -> list[dict]:
@@ -196,8 +229,10 @@ def run_model(name: str, fractions: Sequence[float], steps: int, compiled: bool,
     torch._dynamo.reset()
     data = LocalData.random(base, total)
     mc = base.model
-    log(f"\n{name}: {mc.n_layer} layers, d_model {mc.d_model}, seq {mc.seq_len}, batch {base.train.batch_size}; "
-        "measuring op costs")
+    log(
+        f"\n{name}: {mc.n_layer} layers, d_model {mc.d_model}, seq {mc.seq_len}, batch {base.train.batch_size}; "
+        "measuring op costs"
+    )
     probe = build_model(mc, seed=base.train.seed, device=torch.device("cpu"))
     tokens = data.train[0]
     costs = S.measure_op_costs(probe.train(), tokens[:, :-1], tokens[:, 1:])
@@ -216,8 +251,7 @@ def run_model(name: str, fractions: Sequence[float], steps: int, compiled: bool,
         cnone = b.start("compile", "torch", "none", None, True)
         torch_rows = {}
         for f in fractions:
-            torch_rows[f] = b.start(f"compile+amb{f:g}", "torch", "budget", f, True, torch_budget=f,
-                                    budget=None)
+            torch_rows[f] = b.start(f"compile+amb{f:g}", "torch", "budget", f, True, torch_budget=f, budget=None)
             if torch_rows[f] is not None and cnone is not None:
                 torch_rows[f].budget_bytes = int(f * cnone.saved)
         b.start("compile+full", "raydrat", "full", None, True, ["recompute.mode=full"])
@@ -236,7 +270,7 @@ def run_model(name: str, fractions: Sequence[float], steps: int, compiled: bool,
     log(f"  timing {len(variants)} runs, {steps} interleaved rounds (load average {load_average()})")
     forward = True
     for _ in range(steps):
-        for v in (variants if forward else variants[::-1]):
+        for v in variants if forward else variants[::-1]:
             v.step(timed=True)
         forward = not forward
 
@@ -250,14 +284,27 @@ def run_model(name: str, fractions: Sequence[float], steps: int, compiled: bool,
         pred = v.predicted
         if pred is not None and v.saved is not None and v.compiled and abs(v.saved - pred) > 4096:
             note = (note + "; " if note else "") + f"measured {v.saved - pred:+d} B off the plan's prediction"
-        rows.append({
-            "model": name, "planner": v.planner, "mode": v.mode, "budget_fraction": v.fraction,
-            "compiled": v.compiled, "saved_bytes": v.saved, "peak_bytes": v.peak_bytes,
-            "time_ratio": ratio(v.wall, none.wall), "cpu_time_ratio": ratio(v.cpu, none.cpu),
-            "variant": v.name, "budget_bytes": v.budget_bytes, "predicted_bytes": pred,
-            "step_s": statistics.median(v.wall), "cpu_step_s": statistics.median(v.cpu), "note": note,
-            "round_cpu_s": v.cpu, "round_wall_s": v.wall,
-        })
+        rows.append(
+            {
+                "model": name,
+                "planner": v.planner,
+                "mode": v.mode,
+                "budget_fraction": v.fraction,
+                "compiled": v.compiled,
+                "saved_bytes": v.saved,
+                "peak_bytes": v.peak_bytes,
+                "time_ratio": ratio(v.wall, none.wall),
+                "cpu_time_ratio": ratio(v.cpu, none.cpu),
+                "variant": v.name,
+                "budget_bytes": v.budget_bytes,
+                "predicted_bytes": pred,
+                "step_s": statistics.median(v.wall),
+                "cpu_step_s": statistics.median(v.cpu),
+                "note": note,
+                "round_cpu_s": v.cpu,
+                "round_wall_s": v.wall,
+            }
+        )
     return rows + b.infeasible
 
 
@@ -275,40 +322,103 @@ def print_rows(rows: list[dict]) -> None:
         print_table(
             f"{model}: saved bytes (allocator, forward phase of step 1), step peak, step time / eager none "
             "(wall clock, and this thread's CPU time)",
-            ["variant", "planner", "mode", "fraction", "compiled", "budget MiB", "predicted MiB", "saved MiB",
-             "peak MiB", "time ratio", "cpu time ratio", "note"],
-            [[r["variant"], r["planner"], r["mode"], "-" if r["budget_fraction"] is None else f"{r['budget_fraction']:g}",
-              "yes" if r["compiled"] else "no", _mib(r["budget_bytes"]), _mib(r["predicted_bytes"]),
-              _mib(r["saved_bytes"]), _mib(r["peak_bytes"]), _ratio(r["time_ratio"]), _ratio(r["cpu_time_ratio"]),
-              r["note"]] for r in mine],
+            [
+                "variant",
+                "planner",
+                "mode",
+                "fraction",
+                "compiled",
+                "budget MiB",
+                "predicted MiB",
+                "saved MiB",
+                "peak MiB",
+                "time ratio",
+                "cpu time ratio",
+                "note",
+            ],
+            [
+                [
+                    r["variant"],
+                    r["planner"],
+                    r["mode"],
+                    "-" if r["budget_fraction"] is None else f"{r['budget_fraction']:g}",
+                    "yes" if r["compiled"] else "no",
+                    _mib(r["budget_bytes"]),
+                    _mib(r["predicted_bytes"]),
+                    _mib(r["saved_bytes"]),
+                    _mib(r["peak_bytes"]),
+                    _ratio(r["time_ratio"]),
+                    _ratio(r["cpu_time_ratio"]),
+                    r["note"],
+                ]
+                for r in mine
+            ],
         )
         goal = []
         for r in mine:
             if r["planner"] != "raydrat" or r["mode"] != "budget" or not r["compiled"] or r["saved_bytes"] is None:
                 continue
-            peer = next((p for p in mine if p["planner"] == "torch" and p["mode"] == "budget" and p["compiled"]
-                         and p["budget_fraction"] == r["budget_fraction"] and p["saved_bytes"] is not None), None)
+            peer = next(
+                (
+                    p
+                    for p in mine
+                    if p["planner"] == "torch"
+                    and p["mode"] == "budget"
+                    and p["compiled"]
+                    and p["budget_fraction"] == r["budget_fraction"]
+                    and p["saved_bytes"] is not None
+                ),
+                None,
+            )
             if peer is None:
                 continue
             fewer = r["saved_bytes"] <= peer["saved_bytes"]
             paired = statistics.median(a / b for a, b in zip(r["round_cpu_s"], peer["round_cpu_s"]))
             faster = paired <= 1.0
-            verdict = "meets" if fewer and faster else "short: " + ", ".join(
-                w for w, ok in (("more bytes", fewer), ("slower", faster)) if not ok)
-            goal.append([r["variant"], f"{r['budget_fraction']:g}", _mib(r["saved_bytes"]), _mib(peer["saved_bytes"]),
-                         _ratio(r["cpu_time_ratio"]), _ratio(peer["cpu_time_ratio"]), f"{paired:.3f}", verdict])
+            verdict = (
+                "meets"
+                if fewer and faster
+                else "short: " + ", ".join(w for w, ok in (("more bytes", fewer), ("slower", faster)) if not ok)
+            )
+            goal.append(
+                [
+                    r["variant"],
+                    f"{r['budget_fraction']:g}",
+                    _mib(r["saved_bytes"]),
+                    _mib(peer["saved_bytes"]),
+                    _ratio(r["cpu_time_ratio"]),
+                    _ratio(peer["cpu_time_ratio"]),
+                    f"{paired:.3f}",
+                    verdict,
+                ]
+            )
         if goal:
             print_table(
                 f"{model}: raydrat compiled plan vs torch.compile activation_memory_budget at the same fraction "
                 "(goal: no more bytes, no slower)",
-                ["raydrat variant", "fraction", "raydrat MiB", "torch MiB", "raydrat cpu time", "torch cpu time",
-                 "raydrat / torch (paired)", "goal"], goal,
+                [
+                    "raydrat variant",
+                    "fraction",
+                    "raydrat MiB",
+                    "torch MiB",
+                    "raydrat cpu time",
+                    "torch cpu time",
+                    "raydrat / torch (paired)",
+                    "goal",
+                ],
+                goal,
                 "times: this thread's CPU time per step over eager none's, per round, median; paired: raydrat's "
-                "over torch's in the same round, median over rounds")
+                "over torch's in the same round, median over rounds",
+            )
 
 
-def run_recompute(models: Sequence[str] = DEFAULT_MODELS, fractions: Sequence[float] = DEFAULT_FRACTIONS,
-                  steps: int = 6, compiled: bool = True, json_path: str | None = None) -> list[dict]:
+def run_recompute(
+    models: Sequence[str] = DEFAULT_MODELS,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    steps: int = 6,
+    compiled: bool = True,
+    json_path: str | None = None,
+) -> list[dict]:
     """Run the benchmark for ``models``; print the tables; write JSON rows to ``json_path``."""
     bad = [f for f in fractions if not 0 < f <= 1]
     if bad:
@@ -329,8 +439,10 @@ def run_recompute(models: Sequence[str] = DEFAULT_MODELS, fractions: Sequence[fl
         torch.set_num_threads(old_threads)
         dyn.cache_size_limit, dyn.accumulated_cache_size_limit = old_limits
     print_rows(rows)
-    print(f"\nload average at start {load_start}, at end {load_average()}; 1 thread; torch {torch.__version__}; "
-          f"{steps} timed rounds after {WARM_STEPS} untimed steps per run")
+    print(
+        f"\nload average at start {load_start}, at end {load_average()}; 1 thread; torch {torch.__version__}; "
+        f"{steps} timed rounds after {WARM_STEPS} untimed steps per run"
+    )
     if json_path:
         write_json(json_path, rows)
     return rows

@@ -58,15 +58,24 @@ def streaming_variant(sync_steps: int, n_layer: int, quantization: str = "int8")
     delay of half those steps (H=4: 2 fragments, delay 1; H=16: 4 fragments, delay 2)."""
     fragments = next(f for f in (4, 2, 1) if f <= n_layer and sync_steps % f == 0 and (sync_steps // f >= 2 or f == 1))
     period = sync_steps // fragments
-    return {"mode": "local", "sync_steps": sync_steps, "outer_optimizer": "nesterov", "fragments": fragments,
-            "delay": period // 2, "quantization": quantization}
+    return {
+        "mode": "local",
+        "sync_steps": sync_steps,
+        "outer_optimizer": "nesterov",
+        "fragments": fragments,
+        "delay": period // 2,
+        "quantization": quantization,
+    }
 
 
 def default_variants(n_layer: int, sync_steps: tuple[int, ...] = DEFAULT_SYNC_STEPS) -> list[dict]:
     out = [{"mode": "ddp", "sync_steps": 1}]
     for h in sync_steps:
-        out += [{"mode": "local", "sync_steps": h}, {"mode": "local", "sync_steps": h, "outer_optimizer": "nesterov"},
-                streaming_variant(h, n_layer)]
+        out += [
+            {"mode": "local", "sync_steps": h},
+            {"mode": "local", "sync_steps": h, "outer_optimizer": "nesterov"},
+            streaming_variant(h, n_layer),
+        ]
     return out
 
 
@@ -112,8 +121,13 @@ class SteadyComm(Callback):
 def run_variant(cfg: RaydratConfig, variant: dict, data: LocalData, rank: int, world: int) -> dict:
     """Train one variant through ``fit`` in this worker (inside a Ray Train worker group) and
     return its figures, identical on every rank (reduced across workers)."""
-    sync = cfg.sync.model_validate({**cfg.sync.model_dump(), **{k: v for k, v in variant.items() if k != "latency_ms"},
-                                    "latency_s": variant.get("latency_ms", 0) / 1000.0})
+    sync = cfg.sync.model_validate(
+        {
+            **cfg.sync.model_dump(),
+            **{k: v for k, v in variant.items() if k != "latency_ms"},
+            "latency_s": variant.get("latency_ms", 0) / 1000.0,
+        }
+    )
     tc = cfg.train.model_copy(update={"log_every": cfg.train.steps, "eval_every": cfg.train.steps})
     c = cfg.model_copy(update={"sync": sync, "train": tc})
     comm = SteadyComm()
@@ -185,7 +199,8 @@ def run_sync_workers(cfg: RaydratConfig, variants: list[dict], workers: int = 2)
         train_loop_config={"config": cfg.to_dict(), "variants": variants, "data": data},
         torch_config=ray.train.torch.TorchConfig(backend="gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=workers, use_gpu=False,
+            num_workers=workers,
+            use_gpu=False,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.worker_resources},
         ),
         run_config=ray.train.RunConfig(
@@ -198,10 +213,17 @@ def run_sync_workers(cfg: RaydratConfig, variants: list[dict], workers: int = 2)
         return json.loads(Path(d, ROWS_FILE).read_text())
 
 
-def run_sync_bench(cfg: RaydratConfig, latencies_ms: list[float] | None = None, json_path: str | None = None,
-                   workers: int = 2, sync_steps: tuple[int, ...] = DEFAULT_SYNC_STEPS) -> list[dict]:
+def run_sync_bench(
+    cfg: RaydratConfig,
+    latencies_ms: list[float] | None = None,
+    json_path: str | None = None,
+    workers: int = 2,
+    sync_steps: tuple[int, ...] = DEFAULT_SYNC_STEPS,
+) -> list[dict]:
     latencies_ms = latencies_ms or [0]
-    variants = [{**v, "latency_ms": lat} for lat in latencies_ms for v in default_variants(cfg.model.n_layer, sync_steps)]
+    variants = [
+        {**v, "latency_ms": lat} for lat in latencies_ms for v in default_variants(cfg.model.n_layer, sync_steps)
+    ]
     rows = [{**r, "link_mbit": None} for r in run_sync_workers(cfg, variants, workers)]
     print_sync_tables(cfg, rows, workers)
     if json_path:
@@ -226,13 +248,35 @@ def print_sync_tables(cfg: RaydratConfig, rows: list[dict], workers: int) -> Non
         print_table(
             f"sync: {cfg.name}, {workers} CPU workers (gloo){' on two nodes' if mbit is not None else ''}, "
             f"{tc.steps} optimizer steps x {tc.batch_size * tc.grad_accum * cfg.model.seq_len * workers} tokens, {where}",
-            ["variant", "bytes/step", "vs ddp", "sched/step", "peak step", *(["wire/step"] if wire else []),
-             "comm share", "tokens/s", "vs ddp", "val loss", "vs ddp"],
-            [[r["label"], f"{r['bytes_per_step']:,.0f}", f"{r['bytes_vs_ddp']:.4f}", f"{r['sched_bytes_per_step']:,.0f}",
-              f"{r['peak_step_bytes']:,.0f}",
-              *([f"{sum(r['wire_bytes_per_step']) / len(r['wire_bytes_per_step']):,.0f}"] if wire else []),
-              f"{r['comm_fraction']:.1%}", f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s_vs_ddp']:.2f}x",
-              f"{r['val_loss']:.4f}", f"{r['val_loss_vs_ddp']:+.1%}"] for r in sub],
+            [
+                "variant",
+                "bytes/step",
+                "vs ddp",
+                "sched/step",
+                "peak step",
+                *(["wire/step"] if wire else []),
+                "comm share",
+                "tokens/s",
+                "vs ddp",
+                "val loss",
+                "vs ddp",
+            ],
+            [
+                [
+                    r["label"],
+                    f"{r['bytes_per_step']:,.0f}",
+                    f"{r['bytes_vs_ddp']:.4f}",
+                    f"{r['sched_bytes_per_step']:,.0f}",
+                    f"{r['peak_step_bytes']:,.0f}",
+                    *([f"{sum(r['wire_bytes_per_step']) / len(r['wire_bytes_per_step']):,.0f}"] if wire else []),
+                    f"{r['comm_fraction']:.1%}",
+                    f"{r['tokens_per_s']:,.0f}",
+                    f"{r['tokens_per_s_vs_ddp']:.2f}x",
+                    f"{r['val_loss']:.4f}",
+                    f"{r['val_loss_vs_ddp']:+.1%}",
+                ]
+                for r in sub
+            ],
             footer=f"faster than ddp in tokens/s at {where}: {', '.join(faster) or 'none'}",
         )
 
@@ -240,9 +284,16 @@ def print_sync_tables(cfg: RaydratConfig, rows: list[dict], workers: int) -> Non
 # -- over a real link: two Ray nodes in network namespaces (raydrat.bench.link) --------
 
 
-def run_sync_bench_over_link(cfg: RaydratConfig, config: str, overrides: list[str], rates_mbit: list[float],
-                             latencies_ms: list[float] | None = None, json_path: str | None = None,
-                             workers: int = 2, sync_steps: tuple[int, ...] = DEFAULT_SYNC_STEPS) -> list[dict]:
+def run_sync_bench_over_link(
+    cfg: RaydratConfig,
+    config: str,
+    overrides: list[str],
+    rates_mbit: list[float],
+    latencies_ms: list[float] | None = None,
+    json_path: str | None = None,
+    workers: int = 2,
+    sync_steps: tuple[int, ...] = DEFAULT_SYNC_STEPS,
+) -> list[dict]:
     """``raydrat bench sync --link RATE[,RATE...]``: the same variants with one worker on
     each of two Ray nodes joined by a ``tc``-limited veth pair, once per rate (Mbit/s;
     rows gain ``link_mbit``). Per rate, this benchmark's own command runs as the driver
@@ -254,26 +305,46 @@ def run_sync_bench_over_link(cfg: RaydratConfig, config: str, overrides: list[st
         print(f"raydrat: {reason}: running the one-node benchmark instead", file=sys.stderr)
         return run_sync_bench(cfg, latencies_ms, json_path, workers, sync_steps)
     if workers != 2:
-        raise ConfigError(f"--link with --workers {workers}: the link joins two nodes, one worker each: use --workers 2")
+        raise ConfigError(
+            f"--link with --workers {workers}: the link joins two nodes, one worker each: use --workers 2"
+        )
     rates = [link.check_rate(r) for r in rates_mbit]
     lat = ",".join(f"{x:g}" for x in (latencies_ms or [0]))
     rows: list[dict] = []
-    with link.TwoNodeLink(rate_mbit=rates[0], cpus_per_node=max(2.0, cfg.scaling.cpus_per_worker)) as net, \
-            tempfile.TemporaryDirectory(prefix="raydrat-sync-link-") as tmp:
+    with (
+        link.TwoNodeLink(rate_mbit=rates[0], cpus_per_node=max(2.0, cfg.scaling.cpus_per_worker)) as net,
+        tempfile.TemporaryDirectory(prefix="raydrat-sync-link-") as tmp,
+    ):
         for rate in rates:  # every rate tc refuses is refused now, not after the first runs
             net.set_rate(rate)
         for rate in rates:
             net.set_rate(rate)
             out = Path(tmp) / f"rows-{rate:g}.json"
             sets = [*overrides, f"scaling.worker_resources={{{link.NODE_RESOURCE}: 1}}"]
-            cmd = [sys.executable, "-m", "raydrat.cli", "bench", "sync", config, *(a for o in sets for a in ("--set", o)),
-                   "--latency-ms", lat, "--workers", "2", "--sync-steps", ",".join(map(str, sync_steps)),
-                   "--json", str(out)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "raydrat.cli",
+                "bench",
+                "sync",
+                config,
+                *(a for o in sets for a in ("--set", o)),
+                "--latency-ms",
+                lat,
+                "--workers",
+                "2",
+                "--sync-steps",
+                ",".join(map(str, sync_steps)),
+                "--json",
+                str(out),
+            ]
             print(f"link {rate:g} Mbit/s: running the benchmark on two nodes ...", flush=True)
             r = net.run(cmd, capture_output=True, text=True, cwd=os.getcwd())
             if r.returncode != 0:
-                raise RuntimeError(f"bench sync over the {rate:g} Mbit/s link failed (exit {r.returncode}):\n"
-                                   + (r.stderr or r.stdout)[-3000:])
+                raise RuntimeError(
+                    f"bench sync over the {rate:g} Mbit/s link failed (exit {r.returncode}):\n"
+                    + (r.stderr or r.stdout)[-3000:]
+                )
             rows += [{**row, "link_mbit": rate} for row in json.loads(out.read_text())]
     print_sync_tables(cfg, rows, workers)
     for label in dict.fromkeys(r["label"] for r in rows if r["mode"] != "ddp"):

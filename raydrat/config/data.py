@@ -48,9 +48,7 @@ class SourceConfig(Section):
 
 
 class DataConfig(Section):
-    sources: list[SourceConfig] = Field(
-        default_factory=lambda: [SourceConfig(path="demo")], min_length=1
-    )
+    sources: list[SourceConfig] = Field(default_factory=lambda: [SourceConfig(path="demo")], min_length=1)
     """Where the documents come from."""
     demo_dir: str = "data/demo"
     """Where the embedded demo corpus and its tokenizer are written (relative paths are
@@ -110,7 +108,7 @@ class DataConfig(Section):
     """``raydrat data tokenizer``: documents sampled (evenly over the units) to train the BPE."""
 
     @model_validator(mode="after")
-    def _check_weights(self) -> "DataConfig":
+    def _check_weights(self) -> DataConfig:
         weighted = [s.weight is not None for s in self.sources]
         if any(weighted) and not all(weighted):
             missing = [str(i) for i, w in enumerate(weighted) if not w]
@@ -119,5 +117,3 @@ class DataConfig(Section):
                 "weight, or none (natural proportions)"
             )
         return self
-
-

@@ -35,9 +35,7 @@ def set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(
-                f"override {dotted!r}: {'.'.join(parts[: i + 1])} is a value, not a section"
-            )
+            raise ConfigError(f"override {dotted!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
         node = child
     node[parts[-1]] = value
 

@@ -64,8 +64,9 @@ def _section_at(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] 
     return model
 
 
-def format_validation_error(exc: ValidationError, origin: str, root: type[BaseModel] = RaydratConfig,
-                            prefix: str = "") -> str:
+def format_validation_error(
+    exc: ValidationError, origin: str, root: type[BaseModel] = RaydratConfig, prefix: str = ""
+) -> str:
     """One line per problem: the dotted key, then what is wrong and what is allowed.
     ``root`` is the model that was validated (its sections give the allowed keys);
     ``prefix`` is prepended to the keys (e.g. ``sweep.``)."""
@@ -114,15 +115,12 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(
-            f"{path}: a config must be a YAML mapping of sections (model:, data:, ...), "
-            f"got a {type(data).__name__}"
+            f"{path}: a config must be a YAML mapping of sections (model:, data:, ...), got a {type(data).__name__}"
         )
     return data
 
 
-def config_from_dict(
-    data: dict[str, Any], overrides: list[str] | None = None, origin: str = "<dict>"
-) -> RaydratConfig:
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None, origin: str = "<dict>") -> RaydratConfig:
     """Apply ``--set`` overrides to ``data`` and validate it; a :class:`ConfigError` names
     every bad key (and the new name of a renamed one)."""
     data = copy.deepcopy(data)

@@ -33,9 +33,7 @@ class OptimConfig(Section):
     """Clip the global gradient norm to this value; 0 disables clipping."""
 
     @model_validator(mode="after")
-    def _check_lr(self) -> "OptimConfig":
+    def _check_lr(self) -> OptimConfig:
         if self.min_lr > self.lr:
-            raise ValueError(
-                f"optim.min_lr ({self.min_lr}) exceeds optim.lr ({self.lr}): lower min_lr"
-            )
+            raise ValueError(f"optim.min_lr ({self.min_lr}) exceeds optim.lr ({self.lr}): lower min_lr")
         return self

@@ -74,7 +74,7 @@ class RecomputeConfig(Section):
     ``train.compile`` is on). ``op`` with ``gated`` needs ``budget_mb``."""
 
     @model_validator(mode="after")
-    def _check_mode(self) -> "RecomputeConfig":
+    def _check_mode(self) -> RecomputeConfig:
         if self.mode == "budget" and self.budget_mb is None:
             raise ValueError("recompute.mode=budget needs recompute.budget_mb (MB of saved activations)")
         if self.budget_mb is not None and self.mode in ("none", "full"):

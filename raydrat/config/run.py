@@ -35,7 +35,7 @@ class RaydratConfig(Section):
     slots: SlotsConfig = Field(default_factory=SlotsConfig)
 
     @model_validator(mode="after")
-    def _check_cross(self) -> "RaydratConfig":
+    def _check_cross(self) -> RaydratConfig:
         if self.train.min_micro_batch > self.train.batch_size:
             raise ValueError(
                 f"train.min_micro_batch ({self.train.min_micro_batch}) exceeds train.batch_size "
@@ -48,8 +48,10 @@ class RaydratConfig(Section):
             )
         _check_slots(self.slots, self.model.n_layer)
         if self.sync.fragments > self.model.n_layer:
-            raise ValueError(f"sync.fragments ({self.sync.fragments}) exceeds the model's {self.model.n_layer} blocks "
-                             f"(model.n_layer): a fragment is at least one block; lower sync.fragments")
+            raise ValueError(
+                f"sync.fragments ({self.sync.fragments}) exceeds the model's {self.model.n_layer} blocks "
+                f"(model.n_layer): a fragment is at least one block; lower sync.fragments"
+            )
         if self.scaling.strategy == "fsdp":
             _check_fsdp(self)
         return self
@@ -65,37 +67,57 @@ class RaydratConfig(Section):
         return flatten(self.to_dict())
 
 
-def _check_fsdp(cfg: "RaydratConfig") -> None:
+def _check_fsdp(cfg: RaydratConfig) -> None:
     """What ``scaling.strategy=fsdp`` cannot honour, naming both keys."""
     fix = "or set scaling.strategy=replicated"
     if cfg.sync.mode != "ddp":
-        raise ValueError(f"scaling.strategy=fsdp cannot be combined with sync.mode={cfg.sync.mode}: FSDP "
-                         f"reduce-scatters the gradients every step; set sync.mode=ddp {fix}")
-    sync_set = [k for k in ("bucket_cap_mb", "find_unused_parameters", "latency_s")
-                if getattr(cfg.sync, k) != type(cfg.sync).model_fields[k].default]
+        raise ValueError(
+            f"scaling.strategy=fsdp cannot be combined with sync.mode={cfg.sync.mode}: FSDP "
+            f"reduce-scatters the gradients every step; set sync.mode=ddp {fix}"
+        )
+    sync_set = [
+        k
+        for k in ("bucket_cap_mb", "find_unused_parameters", "latency_s")
+        if getattr(cfg.sync, k) != type(cfg.sync).model_fields[k].default
+    ]
     if sync_set:
-        raise ValueError(f"scaling.strategy=fsdp cannot honour sync.{sync_set[0]} (a DDP setting; FSDP runs its "
-                         f"own collectives): remove sync.{sync_set[0]} {fix}")
+        raise ValueError(
+            f"scaling.strategy=fsdp cannot honour sync.{sync_set[0]} (a DDP setting; FSDP runs its "
+            f"own collectives): remove sync.{sync_set[0]} {fix}"
+        )
     if cfg.slots.mode != "all":
-        raise ValueError(f"scaling.strategy=fsdp cannot be combined with slots.mode={cfg.slots.mode}: a skipped "
-                         f"block would leave its shards out of the gradient reduce-scatter; set slots.mode=all {fix}")
+        raise ValueError(
+            f"scaling.strategy=fsdp cannot be combined with slots.mode={cfg.slots.mode}: a skipped "
+            f"block would leave its shards out of the gradient reduce-scatter; set slots.mode=all {fix}"
+        )
     if cfg.train.compile != "off":
-        raise ValueError(f"scaling.strategy=fsdp cannot be combined with train.compile={cfg.train.compile}: "
-                         f"compiling a sharded model is not supported here; set train.compile=off {fix}")
+        raise ValueError(
+            f"scaling.strategy=fsdp cannot be combined with train.compile={cfg.train.compile}: "
+            f"compiling a sharded model is not supported here; set train.compile=off {fix}"
+        )
     if cfg.optim.name in ("adamw8bit", "paged_adamw8bit"):
-        raise ValueError(f"scaling.strategy=fsdp cannot be combined with optim.name={cfg.optim.name}: "
-                         f"bitsandbytes' 8-bit states do not take sharded (DTensor) parameters; use optim.name=adamw "
-                         f"{fix}")
+        raise ValueError(
+            f"scaling.strategy=fsdp cannot be combined with optim.name={cfg.optim.name}: "
+            f"bitsandbytes' 8-bit states do not take sharded (DTensor) parameters; use optim.name=adamw "
+            f"{fix}"
+        )
     if cfg.train.precision == "fp16" or cfg.train.precision_fallback != "none":
-        key = "train.precision=fp16" if cfg.train.precision == "fp16" else \
-            f"train.precision_fallback={cfg.train.precision_fallback}"
-        raise ValueError(f"scaling.strategy=fsdp cannot be combined with {key}: fp16 loss scaling and the "
-                         f"precision fallback are not supported on sharded gradients here; use train.precision=bf16 "
-                         f"or fp32 {fix}")
+        key = (
+            "train.precision=fp16"
+            if cfg.train.precision == "fp16"
+            else f"train.precision_fallback={cfg.train.precision_fallback}"
+        )
+        raise ValueError(
+            f"scaling.strategy=fsdp cannot be combined with {key}: fp16 loss scaling and the "
+            f"precision fallback are not supported on sharded gradients here; use train.precision=bf16 "
+            f"or fp32 {fix}"
+        )
     if cfg.train.auto_microbatch:
-        raise ValueError("scaling.strategy=fsdp cannot be combined with train.auto_microbatch=true: a retry on "
-                         f"one worker would desynchronise the shards' collectives; set train.auto_microbatch=false "
-                         f"{fix}")
+        raise ValueError(
+            "scaling.strategy=fsdp cannot be combined with train.auto_microbatch=true: a retry on "
+            f"one worker would desynchronise the shards' collectives; set train.auto_microbatch=false "
+            f"{fix}"
+        )
 
 
 def _check_slots(sc: SlotsConfig, n: int) -> None:

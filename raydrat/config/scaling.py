@@ -32,11 +32,12 @@ class ScalingConfig(Section):
     autoscaling cluster will add nodes); otherwise such a run is refused up front."""
 
     @model_validator(mode="after")
-    def _check_worker_resources(self) -> "ScalingConfig":
+    def _check_worker_resources(self) -> ScalingConfig:
         for key, value in self.worker_resources.items():
             if key in ("CPU", "GPU"):
-                raise ValueError(f"scaling.worker_resources.{key}: set scaling.cpus_per_worker or "
-                                 "scaling.use_gpu instead")
+                raise ValueError(
+                    f"scaling.worker_resources.{key}: set scaling.cpus_per_worker or scaling.use_gpu instead"
+                )
             if not value > 0:
                 raise ValueError(f"scaling.worker_resources.{key}={value}: give a positive amount")
         return self

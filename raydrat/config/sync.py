@@ -8,8 +8,19 @@ from pydantic import Field, model_validator
 
 from raydrat.config.base import Section, changed_fields
 
-LOCAL_ONLY = ("sync_steps", "average_optimizer_state", "outer_optimizer", "outer_lr", "outer_momentum",
-              "outer_warmup", "fragments", "delay", "overlap_keep", "quantization", "quant_block")
+LOCAL_ONLY = (
+    "sync_steps",
+    "average_optimizer_state",
+    "outer_optimizer",
+    "outer_lr",
+    "outer_momentum",
+    "outer_warmup",
+    "fragments",
+    "delay",
+    "overlap_keep",
+    "quantization",
+    "quant_block",
+)
 DDP_ONLY = ("bucket_cap_mb", "find_unused_parameters")
 
 
@@ -69,13 +80,12 @@ class SyncConfig(Section):
     """Extra delay before each collective, simulating a slow link (benchmarks)."""
 
     @model_validator(mode="after")
-    def _check_mode(self) -> "SyncConfig":
+    def _check_mode(self) -> SyncConfig:
         if self.mode == "local":
             ddp_only = [k for k in changed_fields(self, DDP_ONLY) if k in self.model_fields_set]
             if ddp_only:
                 raise ValueError(
-                    f"sync.{', sync.'.join(ddp_only)} only apply to sync.mode=ddp: remove them or "
-                    "set sync.mode=ddp"
+                    f"sync.{', sync.'.join(ddp_only)} only apply to sync.mode=ddp: remove them or set sync.mode=ddp"
                 )
             self._check_streaming()
         else:
@@ -90,15 +100,20 @@ class SyncConfig(Section):
     def _check_streaming(self) -> None:
         H, F = self.sync_steps, self.fragments
         if F > 1 and H % F:
-            raise ValueError(f"sync.sync_steps ({H}) must be a multiple of sync.fragments ({F}): one fragment "
-                             "syncs every sync_steps / fragments steps")
+            raise ValueError(
+                f"sync.sync_steps ({H}) must be a multiple of sync.fragments ({F}): one fragment "
+                "syncs every sync_steps / fragments steps"
+            )
         if self.delay and self.delay >= H // F:
-            raise ValueError(f"sync.delay ({self.delay}) must be below sync.sync_steps / sync.fragments "
-                             f"({H}/{F} = {H // F}): a fragment's exchange lands before the next one starts")
+            raise ValueError(
+                f"sync.delay ({self.delay}) must be below sync.sync_steps / sync.fragments "
+                f"({H}/{F} = {H // F}): a fragment's exchange lands before the next one starts"
+            )
         if self.average_optimizer_state and (F > 1 or self.delay):
             other = "sync.fragments" if F > 1 else "sync.delay"
-            raise ValueError(f"sync.average_optimizer_state cannot be combined with {other}: the optimizer "
-                             f"state is averaged whole at one step; remove one of them")
+            raise ValueError(
+                f"sync.average_optimizer_state cannot be combined with {other}: the optimizer "
+                f"state is averaged whole at one step; remove one of them"
+            )
         if self.quantization != "int8" and "quant_block" in self.model_fields_set and self.quant_block != 256:
             raise ValueError("sync.quant_block only applies to sync.quantization=int8")
-

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-
-
 from raydrat.config.base import Section
 
 

@@ -38,6 +38,15 @@ class LocalCheckpoint(Callback):
 
     def on_save(self, state: FitState, report: dict[str, float]) -> None:
         d = self.directory / f"checkpoint_{state.step:06d}"
-        save_checkpoint(d, state.model, state.optimizer, state.step, self.config, state.techniques,
-                        state.position, state.rank, state.world_size)
+        save_checkpoint(
+            d,
+            state.model,
+            state.optimizer,
+            state.step,
+            self.config,
+            state.techniques,
+            state.position,
+            state.rank,
+            state.world_size,
+        )
         self.saved.append(d)

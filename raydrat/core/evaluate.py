@@ -32,13 +32,20 @@ class EvalResult:
     batches: int
 
     def metrics(self, prefix: str = "eval/") -> dict[str, float]:
-        return {f"{prefix}loss": self.loss, f"{prefix}perplexity": self.perplexity,
-                f"{prefix}bits_per_byte": self.bits_per_byte, f"{prefix}tokens": float(self.tokens)}
+        return {
+            f"{prefix}loss": self.loss,
+            f"{prefix}perplexity": self.perplexity,
+            f"{prefix}bits_per_byte": self.bits_per_byte,
+            f"{prefix}tokens": float(self.tokens),
+        }
 
     def lines(self) -> list[str]:
-        return [f"loss: {self.loss:.4f}", f"perplexity: {self.perplexity:.2f}",
-                f"bits per byte: {self.bits_per_byte:.4f}",
-                f"({self.tokens:,} tokens, {self.bytes:,} bytes, {self.batches} batches)"]
+        return [
+            f"loss: {self.loss:.4f}",
+            f"perplexity: {self.perplexity:.2f}",
+            f"bits per byte: {self.bits_per_byte:.4f}",
+            f"({self.tokens:,} tokens, {self.bytes:,} bytes, {self.batches} batches)",
+        ]
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -73,8 +80,13 @@ def token_byte_lengths(tok: Tokenizer, vocab_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_blocks(model: torch.nn.Module, batches: Iterable[torch.Tensor], max_batches: int | None,
-                    byte_lengths: torch.Tensor, on_batch: Callable[[int], None] | None = None) -> EvalResult:
+def evaluate_blocks(
+    model: torch.nn.Module,
+    batches: Iterable[torch.Tensor],
+    max_batches: int | None,
+    byte_lengths: torch.Tensor,
+    on_batch: Callable[[int], None] | None = None,
+) -> EvalResult:
     """Evaluate ``model`` on at most ``max_batches`` batches of ``(B, seq_len + 1)`` blocks
     (``None``: all), with every layer active; ``on_batch(i)`` after each (a progress bar)."""
     was_training = model.training
@@ -99,5 +111,11 @@ def evaluate_blocks(model: torch.nn.Module, batches: Iterable[torch.Tensor], max
     if not losses:
         raise ValueError("the evaluation data yielded no batch: lower the batch size or give more data")
     mean = torch.stack(losses).mean().item()
-    return EvalResult(loss=mean, perplexity=math.exp(mean), bits_per_byte=nats / math.log(2) / max(nbytes, 1),
-                      tokens=tokens, bytes=nbytes, batches=len(losses))
+    return EvalResult(
+        loss=mean,
+        perplexity=math.exp(mean),
+        bits_per_byte=nats / math.log(2) / max(nbytes, 1),
+        tokens=tokens,
+        bytes=nbytes,
+        batches=len(losses),
+    )

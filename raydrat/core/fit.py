@@ -47,19 +47,19 @@ class Callback:
     """Hooks around :func:`fit`'s steps. Every rank calls them (a callback that only rank 0
     should act on checks ``state.rank``)."""
 
-    def on_fit_start(self, state: "FitState") -> None:
+    def on_fit_start(self, state: FitState) -> None:
         pass
 
-    def on_log(self, state: "FitState", values: dict[str, float]) -> None:
+    def on_log(self, state: FitState, values: dict[str, float]) -> None:
         """Metrics of a logging step (and ``val_loss`` at evaluations)."""
 
-    def on_save(self, state: "FitState", report: dict[str, float]) -> None:
+    def on_save(self, state: FitState, report: dict[str, float]) -> None:
         """A checkpoint step: the replicas agree; ``report`` holds every figure of the run so far."""
 
-    def on_step_end(self, state: "FitState") -> None:
+    def on_step_end(self, state: FitState) -> None:
         pass
 
-    def on_fit_end(self, state: "FitState") -> None:
+    def on_fit_end(self, state: FitState) -> None:
         pass
 
 
@@ -165,9 +165,15 @@ def iter_fit(
                 for cb in callbacks:
                     cb.on_log(state, values)
             if save_now:
-                report = {**values, M.STEP: done, M.TOKENS_PER_S_AVG: thr.steady_rate(),
-                          M.PEAK_BYTES: peak.peak() or 0, M.MICRO_BATCH: state.micro.micro_batch,
-                          M.TRAIN_TIME_S: state.micro.train_time_s, **state.clock.snapshot()}
+                report = {
+                    **values,
+                    M.STEP: done,
+                    M.TOKENS_PER_S_AVG: thr.steady_rate(),
+                    M.PEAK_BYTES: peak.peak() or 0,
+                    M.MICRO_BATCH: state.micro.micro_batch,
+                    M.TRAIN_TIME_S: state.micro.train_time_s,
+                    **state.clock.snapshot(),
+                }
                 if peak.heap_peak() is not None:
                     report[M.HEAP_PEAK_BYTES] = peak.heap_peak()
                 report[M.CHECKPOINT_SCORE] = report.get(M.VAL_LOSS, M.UNSCORED)

@@ -44,6 +44,8 @@ GATE_HEATMAP_ARTIFACT = "plots/gate_heatmap.png"
 def gate_prob_name(layer: int, kind: str) -> str:
     """Metric name of the store probability of one gate, e.g. ``gates/p/L0.attn``."""
     return f"gates/p/L{layer}.{kind}"
+
+
 # Peak bytes PyTorch's allocator holds for the worker's training steps (forward, backward,
 # optimizer step, accumulation), parameters and optimizer states included: CUDA
 # max_memory_allocated over every step; CPU the profiler's allocator events on a few

@@ -15,8 +15,7 @@ from raydrat.core.step import train_step
 def is_oom(exc: BaseException) -> bool:
     """True when ``exc`` (or anything it wraps, Ray's wrappers included) is an OOM."""
     if any(
-        isinstance(e, torch.OutOfMemoryError) or "OutOfMemoryError" in type(e).__name__
-        for e in walk_exceptions(exc)
+        isinstance(e, torch.OutOfMemoryError) or "OutOfMemoryError" in type(e).__name__ for e in walk_exceptions(exc)
     ):
         return True
     return "OutOfMemoryError" in str(exc) or "CUDA out of memory" in str(exc)

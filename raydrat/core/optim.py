@@ -37,8 +37,10 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
         try:
             import bitsandbytes as bnb  # optional heavy dependency (extra [bnb]): only the 8-bit optimizers need it
         except ImportError:
-            raise ConfigError(f"optim.name={cfg.name} needs bitsandbytes, which is not installed: "
-                              "pip install 'raydrat[bnb]', or use optim.name=adamw") from None
+            raise ConfigError(
+                f"optim.name={cfg.name} needs bitsandbytes, which is not installed: "
+                "pip install 'raydrat[bnb]', or use optim.name=adamw"
+            ) from None
 
         cls = bnb.optim.AdamW8bit if cfg.name == "adamw8bit" else bnb.optim.PagedAdamW8bit
         with warnings.catch_warnings():  # "paged optimizers are not supported on CPU": documented

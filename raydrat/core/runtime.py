@@ -88,8 +88,7 @@ def resolve(cfg: RaydratConfig, gpus: float | None = None) -> Runtime:
     if device_type == "cpu":
         if mc.attention_backend == "efficient":
             raise UnsupportedCombination(
-                "model.attention_backend=efficient has no CPU kernel, and this run is on CPU: "
-                "use flash, math or auto"
+                "model.attention_backend=efficient has no CPU kernel, and this run is on CPU: use flash, math or auto"
             )
         if mc.attention_backend == "flash" and mc.dropout > 0:
             raise UnsupportedCombination(

@@ -31,9 +31,10 @@ import os
 import random
 import re
 import tempfile
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,9 +88,12 @@ def set_rng_state(state: dict) -> None:
 def rank_state(optimizer, position: DataPosition, techniques: dict | None = None) -> dict:
     """One rank's own state: optimizer (local-update modes keep one per worker), RNG, data
     position and its techniques' state."""
-    return {"optimizer": optimizer.state_dict() if optimizer is not None else None, "rng": rng_state(),
-            "data": asdict(position),
-            "techniques": techniques or {}}
+    return {
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "rng": rng_state(),
+        "data": asdict(position),
+        "techniques": techniques or {},
+    }
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -101,8 +105,9 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
-def training_state(model, optimizer, step: int, config: dict, techniques: dict | None = None,
-                   extra: dict | None = None) -> dict:
+def training_state(
+    model, optimizer, step: int, config: dict, techniques: dict | None = None, extra: dict | None = None
+) -> dict:
     """Rank 0's ``state.pt``: the model (unwrapped: keys never carry wrapper prefixes), the
     optimizer, the step, the config, the techniques' state and ``extra`` (model and
     optimizer ``None``: saved elsewhere, sharded)."""
@@ -117,9 +122,18 @@ def training_state(model, optimizer, step: int, config: dict, techniques: dict |
     }
 
 
-def save_checkpoint(directory: str | os.PathLike, model, optimizer, step: int, config: dict,
-                    techniques, position: DataPosition, rank: int = 0, world_size: int = 1,
-                    rank_extra: dict | None = None) -> None:
+def save_checkpoint(
+    directory: str | os.PathLike,
+    model,
+    optimizer,
+    step: int,
+    config: dict,
+    techniques,
+    position: DataPosition,
+    rank: int = 0,
+    world_size: int = 1,
+    rank_extra: dict | None = None,
+) -> None:
     """Write this rank's part of a checkpoint into ``directory``: ``state.pt`` on rank 0,
     ``rank{r}.pt`` on every rank (``techniques``: a :class:`~raydrat.core.techniques.bundle.Techniques`;
     ``rank_extra``: more entries for this rank's file), then, last, this rank's manifest
@@ -135,8 +149,10 @@ def save_checkpoint(directory: str | os.PathLike, model, optimizer, step: int, c
         state = training_state(model, optimizer, step, config, tech, extra={"sharded": True} if sharded else None)
         torch.save(state, os.path.join(directory, STATE_FILE))
         files.insert(0, STATE_FILE)
-    torch.save({**rank_state(optimizer, position, tech), **(rank_extra or {})},
-               os.path.join(directory, RANK_FILE.format(rank=rank)))
+    torch.save(
+        {**rank_state(optimizer, position, tech), **(rank_extra or {})},
+        os.path.join(directory, RANK_FILE.format(rank=rank)),
+    )
     write_manifest(directory, rank, world_size, step, files)
 
 
@@ -158,16 +174,14 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def write_manifest(directory: str | os.PathLike, rank: int, world_size: int, step: int,
-                   files: list[str]) -> str:
+def write_manifest(directory: str | os.PathLike, rank: int, world_size: int, step: int, files: list[str]) -> str:
     """This rank's ``manifest-rank{r}.json``, written last and atomically (temporary file,
     then rename): the files just written, each with its size and sha256."""
     entries = {}
     for name in files:
         path = os.path.join(directory, name)
         entries[name] = {"size": os.path.getsize(path), "sha256": file_sha256(path)}
-    manifest = {"format": MANIFEST_FORMAT, "rank": rank, "world_size": world_size, "step": step,
-                "files": entries}
+    manifest = {"format": MANIFEST_FORMAT, "rank": rank, "world_size": world_size, "step": step, "files": entries}
     final = os.path.join(directory, MANIFEST_FILE.format(rank=rank))
     tmp = f"{final}.tmp"
     with open(tmp, "w") as f:
@@ -195,8 +209,7 @@ def verify_checkpoint(directory: str | os.PathLike, checksums: bool = True) -> s
             except (OSError, ValueError) as exc:
                 return f"{name} is unreadable ({exc})"
     if not manifests:
-        return ("no manifest: the save was cut off before it finished (or the checkpoint "
-                "predates checkpoint manifests)")
+        return "no manifest: the save was cut off before it finished (or the checkpoint predates checkpoint manifests)"
     world = {m.get("world_size") for m in manifests.values()}
     steps = {m.get("step") for m in manifests.values()}
     if len(world) != 1 or len(steps) != 1:
@@ -204,8 +217,10 @@ def verify_checkpoint(directory: str | os.PathLike, checksums: bool = True) -> s
     (world_size,) = world
     missing = [r for r in range(int(world_size)) if r not in manifests]
     if missing:
-        return (f"the manifest of rank(s) {', '.join(map(str, missing))} of {world_size} is missing "
-                "(that rank's save did not finish)")
+        return (
+            f"the manifest of rank(s) {', '.join(map(str, missing))} of {world_size} is missing "
+            "(that rank's save did not finish)"
+        )
     if STATE_FILE not in manifests[0].get("files", {}):
         return f"rank 0's manifest does not list {STATE_FILE}"
     for rank in sorted(manifests):
@@ -215,8 +230,9 @@ def verify_checkpoint(directory: str | os.PathLike, checksums: bool = True) -> s
                 return f"{name} (rank {rank}) is missing"
             size = os.path.getsize(path)
             if size != want["size"]:
-                return (f"{name} (rank {rank}) is {size} bytes, its manifest says {want['size']} "
-                        "(truncated or rewritten)")
+                return (
+                    f"{name} (rank {rank}) is {size} bytes, its manifest says {want['size']} (truncated or rewritten)"
+                )
             if checksums and file_sha256(path) != want["sha256"]:
                 return f"{name} (rank {rank}) does not match its manifest's sha256 (corrupted)"
     return None
@@ -243,7 +259,6 @@ def newest_complete(directories, checksums: bool = True) -> tuple[str | None, li
     return None, skipped
 
 
-
 def load_state(directory: str) -> dict[str, Any]:
     return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=False)
 
@@ -256,16 +271,25 @@ def load_rank_state(directory: str, rank: int) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def restore(model, optimizer, state: dict, rank_state: dict | None = None, techniques=None,
-            position: DataPosition | None = None, directory: str | None = None) -> int:
+def restore(
+    model,
+    optimizer,
+    state: dict,
+    rank_state: dict | None = None,
+    techniques=None,
+    position: DataPosition | None = None,
+    directory: str | None = None,
+) -> int:
     """Load model and optimizer state (this rank's own when saved; a sharded checkpoint's
     from ``directory``, through the sync strategy), the techniques' state (this rank's own
     when saved: gates, slot RNG, precision; the sync strategy's), RNG states and the data
     position; return the step to continue from."""
     if state.get("sharded"):
         if not getattr(getattr(techniques, "sync", None), "sharded", False) or directory is None:
-            raise ValueError("this checkpoint holds FSDP shards (scaling.strategy=fsdp): restore it with "
-                             "scaling.strategy=fsdp and the same checkpoint directory")
+            raise ValueError(
+                "this checkpoint holds FSDP shards (scaling.strategy=fsdp): restore it with "
+                "scaling.strategy=fsdp and the same checkpoint directory"
+            )
         techniques.sync.load_sharded(directory, model, optimizer)
     else:
         unwrap(model).load_state_dict(state["model"])

@@ -4,7 +4,7 @@ calls, usable from any loop."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch.autograd.profiler import record_function

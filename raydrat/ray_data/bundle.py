@@ -37,7 +37,6 @@ class DatasetBundle:
         if self.lease is not None:
             self.lease.release()
 
-
     def epoch_metrics(self) -> list[dict[str, float]]:
         """Per completed epoch of the train stream: documents read, training documents,
         tokens, blocks, packing-group tails, empty / invalid-UTF-8 documents and skipped
@@ -46,8 +45,14 @@ class DatasetBundle:
             epochs = ray.get(self.counter.epochs.remote())
         elif self.lineage.get("kind") == "prepared":
             c = self.lineage["manifest"]["counts"]
-            epochs = [{"docs": c["docs"], "split_docs": c["train_split_docs"],
-                       "tokens": c["train_tokens"], "blocks": c["train_blocks"]}]
+            epochs = [
+                {
+                    "docs": c["docs"],
+                    "split_docs": c["train_split_docs"],
+                    "tokens": c["train_tokens"],
+                    "blocks": c["train_blocks"],
+                }
+            ]
         else:
             epochs = []
         return [{f"data_epoch_{k}": float(v) for k, v in e.items()} for e in epochs]

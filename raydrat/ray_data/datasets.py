@@ -43,9 +43,7 @@ from raydrat.ray_data.stream import (
 log = logging.getLogger(__name__)
 
 
-def build_datasets(
-    data_cfg: DataConfig, seq_len: int, vocab_size: int, reserved_cpus: float = 0
-) -> DatasetBundle:
+def build_datasets(data_cfg: DataConfig, seq_len: int, vocab_size: int, reserved_cpus: float = 0) -> DatasetBundle:
     """Check the corpus cheaply and return the train (lazy, streaming) and val
     (materialized) datasets of ``seq_len + 1`` token blocks. ``reserved_cpus``: CPUs the
     Train workers will hold (the tokenizer pool sizes itself to the rest)."""
@@ -67,8 +65,9 @@ def build_datasets(
     )
 
 
-def _from_sources(data_cfg: DataConfig, spec: PackSpec, tokenizer_sha256: str, seq_len: int,
-                  reserved_cpus: float) -> dict:
+def _from_sources(
+    data_cfg: DataConfig, spec: PackSpec, tokenizer_sha256: str, seq_len: int, reserved_cpus: float
+) -> dict:
     """train, val, stats, lineage and counter of the streamed sources."""
     plan = plan_corpus(data_cfg)
     corpus = ", ".join(src.path for src in data_cfg.sources)
@@ -84,8 +83,15 @@ def _from_sources(data_cfg: DataConfig, spec: PackSpec, tokenizer_sha256: str, s
     log.info(
         "data: %d units (%d checked): %d documents (%d empty, %d with invalid UTF-8), %.1f MB; "
         "val: %d documents, %d blocks; %d files skipped%s",
-        stats.units, stats.sampled_units, stats.docs, stats.empty_docs, stats.invalid_utf8_docs,
-        stats.text_bytes / 1e6, stats.val_docs, stats.val_blocks, stats.skipped_files,
+        stats.units,
+        stats.sampled_units,
+        stats.docs,
+        stats.empty_docs,
+        stats.invalid_utf8_docs,
+        stats.text_bytes / 1e6,
+        stats.val_docs,
+        stats.val_blocks,
+        stats.skipped_files,
         f", {stats.corrupt_lines} JSON Lines lines that are not JSON skipped" if stats.corrupt_lines else "",
     )
     lineage = {
@@ -117,13 +123,13 @@ def _read_prepared(data_cfg: DataConfig) -> tuple[Location, str, dict]:
     return loc, root, read_manifest_at(loc, root)
 
 
-def _from_prepared(data_cfg: DataConfig, loc: Location, root: str, manifest: dict, spec: PackSpec,
-                   tokenizer_sha256: str, seq_len: int) -> dict:
+def _from_prepared(
+    data_cfg: DataConfig, loc: Location, root: str, manifest: dict, spec: PackSpec, tokenizer_sha256: str, seq_len: int
+) -> dict:
     """train, val and lineage of a prepared directory whose manifest is ``manifest``."""
     check_manifest(manifest, f"data.prepared = {data_cfg.prepared!r}", tokenizer_sha256, seq_len)
     # while this process runs, no prepare into the same directory removes the shards it reads
-    lease = Lease.acquire(loc, root, manifest["shards"], holder=f"reader on {socket.gethostname()}",
-                          required=False)
+    lease = Lease.acquire(loc, root, manifest["shards"], holder=f"reader on {socket.gethostname()}", required=False)
     fs = filesystem(loc)
 
     def dataset(files: list[str]) -> ray.data.Dataset:
@@ -138,4 +144,3 @@ def _from_prepared(data_cfg: DataConfig, loc: Location, root: str, manifest: dic
         "lineage": {"kind": "prepared", "prepared": data_cfg.prepared, "manifest": manifest},
         "lease": lease,
     }
-

@@ -34,7 +34,6 @@ from raydrat.config import DataConfig
 from raydrat.core.data.blocks import unit_blocks
 from raydrat.core.data.errors import DataError
 from raydrat.core.data.mixing import with_measured_rates
-
 from raydrat.core.data.plan import Unit, plan_corpus, sample_units
 from raydrat.core.data.prepared import (
     COUNT_KEYS,
@@ -61,7 +60,6 @@ from raydrat.core.data.spec import PackSpec, make_spec
 from raydrat.core.data.split import split_rule
 from raydrat.core.data.tokenizer import tokenizer_hash
 from raydrat.core.exceptions import walk_exceptions
-
 from raydrat.ray_data.stream import pool_size, scan_sample, units_dataset
 
 log = logging.getLogger(__name__)
@@ -106,8 +104,11 @@ class ShardWriter:
                 out.update({k: train[k] for k in COUNT_KEYS})
                 out.update({f"train_{k}": train[k] for k in SPLIT_KEYS})
                 out.update({f"val_{k}": val[k] for k in SPLIT_KEYS})
-                out.update(train_path=train_path or "", val_path=val_path or "",
-                           val_stored_blocks=val["blocks"] if val_path else 0)
+                out.update(
+                    train_path=train_path or "",
+                    val_path=val_path or "",
+                    val_stored_blocks=val["blocks"] if val_path else 0,
+                )
             except DataError as exc:
                 out["error"] = str(exc)
             rows.append(out)
@@ -115,8 +116,14 @@ class ShardWriter:
         return {k: np.array([r.get(k, 0) for r in rows]) for k in keys}
 
 
-def prepare(data_cfg: DataConfig, seq_len: int, vocab_size: int, out: str,
-            endpoint_url: str | None = None, keep: int = DEFAULT_KEEP) -> dict:
+def prepare(
+    data_cfg: DataConfig,
+    seq_len: int,
+    vocab_size: int,
+    out: str,
+    endpoint_url: str | None = None,
+    keep: int = DEFAULT_KEEP,
+) -> dict:
     """Tokenize and pack the configured sources into ``out``; return the manifest. ``keep``:
     published generations kept (beyond those a running reader holds)."""
     t0 = time.perf_counter()
@@ -143,8 +150,9 @@ def prepare(data_cfg: DataConfig, seq_len: int, vocab_size: int, out: str,
     prefix = f"{root}/{run}"
     lease = Lease.acquire(out_loc, root, run, holder=f"raydrat data prepare on {socket.gethostname()}")
     try:
-        manifest = _write_generation(data_cfg, spec, tok_path, plan, corpus, out, out_loc, root, run, old,
-                                     seq_len, vocab_size, keep, t0)
+        manifest = _write_generation(
+            data_cfg, spec, tok_path, plan, corpus, out, out_loc, root, run, old, seq_len, vocab_size, keep, t0
+        )
     except BaseException:  # nothing half-written: the prefix of a failed prepare goes
         try:
             fs.delete_dir(prefix)
@@ -159,9 +167,22 @@ def prepare(data_cfg: DataConfig, seq_len: int, vocab_size: int, out: str,
     return manifest
 
 
-def _write_generation(data_cfg: DataConfig, spec: PackSpec, tok_path: Path, plan, corpus: str, out: str,
-                      out_loc: Location, root: str, run: str, old: dict | None, seq_len: int,
-                      vocab_size: int, keep: int, t0: float) -> dict:
+def _write_generation(
+    data_cfg: DataConfig,
+    spec: PackSpec,
+    tok_path: Path,
+    plan,
+    corpus: str,
+    out: str,
+    out_loc: Location,
+    root: str,
+    run: str,
+    old: dict | None,
+    seq_len: int,
+    vocab_size: int,
+    keep: int,
+    t0: float,
+) -> dict:
     """Write generation ``run`` of ``out`` and publish its manifest (the shards, then the
     counts, then the manifest, last)."""
     fs = filesystem(out_loc)
@@ -192,8 +213,10 @@ def _write_generation(data_cfg: DataConfig, spec: PackSpec, tok_path: Path, plan
     counts["val_stored_blocks"] = total("val_stored_blocks")
     counts["skipped_files"] += len(plan.skipped_files)
     if counts["docs"] == 0:
-        raise DataError(f"corpus {corpus}: all {counts['empty_docs']} documents are empty: "
-                        "point data.sources at some text (nothing was published)")
+        raise DataError(
+            f"corpus {corpus}: all {counts['empty_docs']} documents are empty: "
+            "point data.sources at some text (nothing was published)"
+        )
     if counts["train_blocks"] == 0 or counts["val_stored_blocks"] == 0:
         raise DataError(
             f"corpus {corpus} packs into {counts['train_blocks']} train and "
@@ -206,8 +229,8 @@ def _write_generation(data_cfg: DataConfig, spec: PackSpec, tok_path: Path, plan
         "format": MANIFEST_FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "shards": run,
-        "train_files": [r["train_path"][len(root) + 1:] for r in rows if r["train_path"]],
-        "val_files": [r["val_path"][len(root) + 1:] for r in rows if r["val_path"]],
+        "train_files": [r["train_path"][len(root) + 1 :] for r in rows if r["train_path"]],
+        "val_files": [r["val_path"][len(root) + 1 :] for r in rows if r["val_path"]],
         "tokenizer_sha256": tokenizer_hash(tok_path),
         "tokenizer_file": f"{run}/tokenizer.json",
         "vocab_size": vocab_size,
@@ -217,17 +240,26 @@ def _write_generation(data_cfg: DataConfig, spec: PackSpec, tok_path: Path, plan
         "pack_rows": data_cfg.pack_rows,
         "split": split_rule(data_cfg),
         "sources": [
-            {**s.model_dump(mode="json"), "text_bytes": plan.source_bytes[i],
-             "mixing_rate": next((u.rate for u in plan.units if u.source == i), 1.0),
-             "docs": total("docs", i), "train_tokens": total("train_tokens", i),
-             "train_blocks": total("train_blocks", i)}
+            {
+                **s.model_dump(mode="json"),
+                "text_bytes": plan.source_bytes[i],
+                "mixing_rate": next((u.rate for u in plan.units if u.source == i), 1.0),
+                "docs": total("docs", i),
+                "train_tokens": total("train_tokens", i),
+                "train_blocks": total("train_blocks", i),
+            }
             for i, s in enumerate(data_cfg.sources)
         ],
         "files": [file_fingerprint(loc, info) for loc, info in plan.files],
         "counts": counts,
         "skipped": {
             "empty_docs": counts["empty_docs"],
-            "corrupt_files": plan.skipped_files + ([] if not counts["skipped_files"] - len(plan.skipped_files) else ["(gzip files skipped while reading; see counts.skipped_files)"]),
+            "corrupt_files": plan.skipped_files
+            + (
+                []
+                if not counts["skipped_files"] - len(plan.skipped_files)
+                else ["(gzip files skipped while reading; see counts.skipped_files)"]
+            ),
             "packing_group_tails_tokens": counts["train_dropped_tokens"] + counts["val_dropped_tokens"],
         },
         "replaced": {"invalid_utf8_docs": counts["invalid_utf8_docs"]},
@@ -237,4 +269,3 @@ def _write_generation(data_cfg: DataConfig, spec: PackSpec, tok_path: Path, plan
     manifest["published"] = [run, *(g for g in previous if g != run)][: max(keep, 1)]
     publish_manifest(out_loc, root, manifest)
     return manifest
-

@@ -73,10 +73,18 @@ class DataCounter:
             done = 0
         else:
             done = min(len(v) for v in self.passes.values())
-        keys = ("docs", "empty_docs", "invalid_utf8_docs", "skipped_files", "corrupt_lines", "split_docs",
-                "tokens", "blocks", "dropped_tokens")
-        return [{k: int(sum(p[e].get(k, 0) for p in self.passes.values())) for k in keys}
-                for e in range(done)]
+        keys = (
+            "docs",
+            "empty_docs",
+            "invalid_utf8_docs",
+            "skipped_files",
+            "corrupt_lines",
+            "split_docs",
+            "tokens",
+            "blocks",
+            "dropped_tokens",
+        )
+        return [{k: int(sum(p[e].get(k, 0) for p in self.passes.values())) for k in keys} for e in range(done)]
 
 
 def pool_size(data_cfg: DataConfig, reserved_cpus: float = 0) -> int:
@@ -95,16 +103,12 @@ def units_dataset(units: list[Unit]) -> ray.data.Dataset:
     return ray.data.from_items([u.to_row() for u in units], override_num_blocks=max(1, len(units)))
 
 
-
 def map_units(ds: ray.data.Dataset, fn, spec: PackSpec, **kwargs) -> ray.data.Dataset:
     """``fn`` over the unit rows, one unit per task."""
-    return ds.map_batches(
-        fn, batch_size=1, batch_format="pyarrow", fn_kwargs={"spec": spec, **kwargs}
-    )
+    return ds.map_batches(fn, batch_size=1, batch_format="pyarrow", fn_kwargs={"spec": spec, **kwargs})
 
 
-def pack_dataset(units: list[Unit], spec: PackSpec, split: Split, actors: int,
-                 counter=None) -> ray.data.Dataset:
+def pack_dataset(units: list[Unit], spec: PackSpec, split: Split, actors: int, counter=None) -> ray.data.Dataset:
     """Lazy blocks of ``split`` over ``units`` on a pool of ``actors`` tokenizer actors
     (0: plain tasks), reporting each unit's counts to ``counter`` (a DataCounter) if given."""
     ds = units_dataset(units)
@@ -119,13 +123,13 @@ def pack_dataset(units: list[Unit], spec: PackSpec, split: Split, actors: int,
     )
 
 
-def scan_sample(sample: ray.data.Dataset, spec: PackSpec, n_units: int,
-                plan_skipped: int) -> tuple[DataStats, list[dict]]:
+def scan_sample(
+    sample: ray.data.Dataset, spec: PackSpec, n_units: int, plan_skipped: int
+) -> tuple[DataStats, list[dict]]:
     """The up-front check's counts over ``sample`` (unit rows), one task per unit, and the
     units' scan rows (weighted mixing measures its sources on them)."""
     rows = map_units(sample, _scan_batch, spec).take_all()
     return combine_scans(rows, n_units, plan_skipped), rows
-
 
 
 def val_dataset(sample: ray.data.Dataset, spec: PackSpec) -> ray.data.Dataset:

@@ -27,8 +27,17 @@ class RayReport(Callback):
 
     def on_save(self, state: FitState, report: dict[str, float]) -> None:
         where = {"node_ip": ray.util.get_node_ip_address()}  # the node this rank ran on
-        with S.temporary_checkpoint(state.model, state.optimizer, state.step, self.config, state.techniques,
-                                    state.position, state.rank, state.world_size, rank_extra=where) as d:
+        with S.temporary_checkpoint(
+            state.model,
+            state.optimizer,
+            state.step,
+            self.config,
+            state.techniques,
+            state.position,
+            state.rank,
+            state.world_size,
+            rank_extra=where,
+        ) as d:
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -51,7 +60,8 @@ def restore_latest(state: FitState, run_dir: str | None, since: float) -> bool |
     d = str(chosen)
     rank_state = S.load_rank_state(d, state.rank)
     saved = S.load_state(d)
-    state.start_step = S.restore(state.model, state.optimizer, saved, rank_state, state.techniques,
-                                 state.position, directory=d)
+    state.start_step = S.restore(
+        state.model, state.optimizer, saved, rank_state, state.techniques, state.position, directory=d
+    )
     state.restored = True
     return rank_state is not None

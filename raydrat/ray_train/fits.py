@@ -38,8 +38,11 @@ def check_cluster_fits(cfg: RaydratConfig, use_gpu: bool, resources: dict[str, f
         )
     if need_cpu > have_cpu:
         fits = math.floor((have_cpu - DATA_CPUS) / n * 100) / 100  # the largest cpus_per_worker that fits
-        fix = (f"set scaling.cpus_per_worker={fits:g} (or lower)" if fits > 0
-               else f"give Ray at least {need_cpu:g} CPUs (ray start --num-cpus={math.ceil(need_cpu)})")
+        fix = (
+            f"set scaling.cpus_per_worker={fits:g} (or lower)"
+            if fits > 0
+            else f"give Ray at least {need_cpu:g} CPUs (ray start --num-cpus={math.ceil(need_cpu)})"
+        )
         raise ConfigError(
             f"scaling.num_workers={n} x scaling.cpus_per_worker={per:g} = {workers_cpu:g} CPUs for the "
             f"Train workers, plus {DATA_CPUS:g} for the training data stream (a tokenizer actor, or a "

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import ray.train
 
+from raydrat import tracking
 from raydrat.config import RaydratConfig
-from raydrat.core.techniques.fsdp import load_full_model
 from raydrat.core import metrics as M
 from raydrat.core.model.transformer import GPT
 from raydrat.core.state import load_state
-from raydrat import tracking
+from raydrat.core.techniques.fsdp import load_full_model
 from raydrat.tracking import Run
 
 FINAL, BEST = "model", "best_model"
@@ -54,15 +54,22 @@ def log_run_models(run: Run, cfg: RaydratConfig, result: ray.train.Result, regis
     register = cfg.tracking.register_model if register else None
     out = {}
     model, state = model_from_checkpoint(final)
-    out[FINAL] = run.log_model(model, FINAL, registered_model_name=register if same else None,
-                               metadata={"step": state["step"], "checkpoint": Path(final).name},
-                               step=int(state["step"]))
+    out[FINAL] = run.log_model(
+        model,
+        FINAL,
+        registered_model_name=register if same else None,
+        metadata={"step": state["step"], "checkpoint": Path(final).name},
+        step=int(state["step"]),
+    )
     if not same:
         model, state = model_from_checkpoint(best)
-        out[BEST] = run.log_model(model, BEST, registered_model_name=register,
-                                  metadata={"step": state["step"], "checkpoint": Path(best).name,
-                                            M.VAL_LOSS: best_loss},
-                                  step=int(state["step"]))
+        out[BEST] = run.log_model(
+            model,
+            BEST,
+            registered_model_name=register,
+            metadata={"step": state["step"], "checkpoint": Path(best).name, M.VAL_LOSS: best_loss},
+            step=int(state["step"]),
+        )
     return out
 
 

@@ -103,8 +103,9 @@ def checkpoint_dirs(run_dir: Path | None, since: float = 0.0) -> list[Path]:
     return sorted(p for p in run_dir.glob(CHECKPOINT_GLOB) if p.is_dir() and p.stat().st_mtime >= since)
 
 
-def choose_checkpoint(run_dir: Path | None, since: float = 0.0,
-                      also: tuple = ()) -> tuple[Path | None, list[tuple[str, str]]]:
+def choose_checkpoint(
+    run_dir: Path | None, since: float = 0.0, also: tuple = ()
+) -> tuple[Path | None, list[tuple[str, str]]]:
     """The newest complete checkpoint among the run's (since ``since``) and ``also`` (e.g.
     Ray Train's restored one), and ``(directory, reason)`` for each newer one skipped."""
     chosen, skipped = newest_complete([*checkpoint_dirs(run_dir, since), *also])
@@ -205,4 +206,3 @@ def prepare_resume(cfg: RaydratConfig, which: str | bool) -> dict[str, Any]:
         )
     record["checkpoint"] = describe_choice(chosen, skipped)
     return record
-

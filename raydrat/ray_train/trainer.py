@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import ray
 import ray.train
@@ -22,13 +22,13 @@ from raydrat.core import metrics as M
 from raydrat.core.fit import Callback
 from raydrat.core.runtime import Runtime, resolve
 from raydrat.plots import plot_curves
-from raydrat.redact import redact_obj, redact_uri
 from raydrat.ray_data.datasets import build_datasets
 from raydrat.ray_session import ensure_ray, expected_gpus
 from raydrat.ray_train import resume
 from raydrat.ray_train.fits import check_cluster_fits
 from raydrat.ray_train.models import log_run_models
 from raydrat.ray_train.worker import train_loop_per_worker
+from raydrat.redact import redact_obj, redact_uri
 from raydrat.tracking import Run
 
 
@@ -74,7 +74,7 @@ class TrainingSummary:
         return out
 
 
-def _data_config(cfg: RaydratConfig) -> "ray.train.DataConfig":
+def _data_config(cfg: RaydratConfig) -> ray.train.DataConfig:
     """``train`` is split across the workers (``val`` is given whole to each), streamed in a
     fixed order when ``data.preserve_order`` is set."""
     options = ray.train.DataConfig.default_ingest_options()
@@ -174,8 +174,15 @@ def fit_in_run(
     ``run`` (the loss-curve plot is logged when it succeeds; ending the run is the
     caller's). Shared by ``run_training`` and the Tune trial function."""
     trainer = build_trainer(
-        cfg, runtime, {"train": bundle.train, "val": bundle.val}, run, run_name,
-        callbacks=callbacks, worker_resources=worker_resources, resume=resume, fit_callbacks=fit_callbacks,
+        cfg,
+        runtime,
+        {"train": bundle.train, "val": bundle.val},
+        run,
+        run_name,
+        callbacks=callbacks,
+        worker_resources=worker_resources,
+        resume=resume,
+        fit_callbacks=fit_callbacks,
     )
     result = trainer.fit()
     if run:
@@ -183,8 +190,9 @@ def fit_in_run(
     return result
 
 
-def run_training(cfg: RaydratConfig, resume_run: bool | str = False,
-                 fit_callbacks: Sequence[Callback] = ()) -> TrainingSummary:
+def run_training(
+    cfg: RaydratConfig, resume_run: bool | str = False, fit_callbacks: Sequence[Callback] = ()
+) -> TrainingSummary:
     """Train ``cfg`` through Ray Train on the current (or a new local) Ray instance.
     ``resume_run``: continue the newest interrupted run of ``cfg.name`` (or the named run)
     from its latest checkpoint, in the same Ray Train run and MLflow run."""
@@ -216,12 +224,22 @@ def _interrupted(cfg: RaydratConfig, run_name: str, exc: KeyboardInterrupt) -> i
     return stopped
 
 
-def _train(cfg: RaydratConfig, runtime: Runtime, record: dict | None, run_name: str,
-           fit_callbacks: Sequence[Callback], t0: float) -> TrainingSummary:
+def _train(
+    cfg: RaydratConfig,
+    runtime: Runtime,
+    record: dict | None,
+    run_name: str,
+    fit_callbacks: Sequence[Callback],
+    t0: float,
+) -> TrainingSummary:
     log = M.setup_logging()
     check_cluster_fits(cfg, runtime.use_gpu, ray.cluster_resources())
-    bundle = build_datasets(cfg.data, cfg.model.seq_len, cfg.model.vocab_size,
-                            reserved_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+    bundle = build_datasets(
+        cfg.data,
+        cfg.model.seq_len,
+        cfg.model.vocab_size,
+        reserved_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker,
+    )
 
     run = Run.off()
     if record is not None:
@@ -229,8 +247,12 @@ def _train(cfg: RaydratConfig, runtime: Runtime, record: dict | None, run_name: 
         run.set_status("RUNNING")
         log.info(f"resuming run {run_name} (MLflow run {run.run_id}) from {record['checkpoint']}")
     elif cfg.tracking.enabled:
-        run = Run.start(tracking.resolve_tracking_uri(cfg.tracking), cfg.tracking.experiment, run_name,
-                        params=tracking.run_params(cfg, runtime))
+        run = Run.start(
+            tracking.resolve_tracking_uri(cfg.tracking),
+            cfg.tracking.experiment,
+            run_name,
+            params=tracking.run_params(cfg, runtime),
+        )
         _log_run_artifacts(run, cfg, bundle.tokenizer_path)
         log_data(run, bundle)
         run.log_metrics({M.ESTIMATED_BYTES: runtime.estimate.total_bytes}, 0)
@@ -240,8 +262,9 @@ def _train(cfg: RaydratConfig, runtime: Runtime, record: dict | None, run_name: 
 
     status = "FAILED"
     try:
-        result = interrupt.call_interruptibly(fit_in_run, cfg, runtime, bundle, run, run_name,
-                                              resume=record is not None, fit_callbacks=fit_callbacks)
+        result = interrupt.call_interruptibly(
+            fit_in_run, cfg, runtime, bundle, run, run_name, resume=record is not None, fit_callbacks=fit_callbacks
+        )
         status = "FINISHED"
         models = log_run_models(run, cfg, result)
         if models:

@@ -9,9 +9,9 @@ the train stream and the whole val split → ``fit`` with the console, MLflow an
 
 from __future__ import annotations
 
-import torch
 import ray.train
 import ray.train.torch
+import torch
 
 from raydrat.config.run import RaydratConfig
 from raydrat.core.callbacks import ConsoleLog
@@ -56,8 +56,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model = apply_techniques(model, techniques)  # recompute, compile, sync
         optimizer = build_optimizer(model, cfg.optim)
         techniques.sync.attach_optimizer(optimizer)
-    state = FitState(model, optimizer, techniques, tc, cfg.optim, cfg.model.seq_len, rank, world_size,
-                     peak_memory=peak)
+    state = FitState(model, optimizer, techniques, tc, cfg.optim, cfg.model.seq_len, rank, world_size, peak_memory=peak)
     with peak.region("restore"):  # a restored optimizer state is allocated here
         own_state = restore_latest(state, loop_config["run_dir"], loop_config["checkpoints_since"])
     if not own_state:
@@ -78,6 +77,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     stream = resumable_batches(
-        lambda: (b["tokens"] for b in torch_batches(train_shard, cfg.data.shuffle_buffer)), state.position)
+        lambda: (b["tokens"] for b in torch_batches(train_shard, cfg.data.shuffle_buffer)), state.position
+    )
     callbacks = [ConsoleLog(), RunMetrics(run), RayReport(cfg.to_dict()), *loop_config.get("callbacks", [])]
     fit(state, stream, lambda: (b["tokens"] for b in torch_batches(val_shard)), callbacks)

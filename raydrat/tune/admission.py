@@ -63,8 +63,9 @@ def one_line(exc: BaseException) -> str:
     return "; ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip()) or type(exc).__name__
 
 
-def screen(space: Space, index: int, params: dict[str, Any], gpus: float | None,
-           spec: TrialSpec | None = None) -> Verdict:
+def screen(
+    space: Space, index: int, params: dict[str, Any], gpus: float | None, spec: TrialSpec | None = None
+) -> Verdict:
     """Admit or refuse one proposed trial: its config (``spec`` when drawn up front),
     the runtime resolved for ``gpus``, and its estimate against ``memory_budget_gb``."""
     budget = budget_bytes(space)
@@ -163,8 +164,9 @@ def check_resources(space: Space, trials: list[TrialSpec], cluster: dict) -> tup
     a proposal that needs more is refused by Ray's scheduler, not launched)."""
     sweep = space.sweep
     cpus = float(cluster.get("CPU", 0))
-    need = max(sweep.resources.trial_cpu + t.config.scaling.num_workers * t.config.scaling.cpus_per_worker
-               for t in trials)
+    need = max(
+        sweep.resources.trial_cpu + t.config.scaling.num_workers * t.config.scaling.cpus_per_worker for t in trials
+    )
     room = cpus - sweep.resources.data_cpu_headroom
     if need > room:
         raise SweepError(

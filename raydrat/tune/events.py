@@ -14,9 +14,9 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 
 from raydrat.core import metrics as M
+from raydrat.redact import reveal_uri
 from raydrat.tune import report as R
 from raydrat.tune.mlflow_runs import end_trial_run, find_trial_run, last_logged_step
-from raydrat.redact import reveal_uri
 from raydrat.tune.trial import ERROR, STATUS, root_cause
 
 
@@ -47,8 +47,9 @@ class TrialEvents(Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Trial, **info) -> None:
         p = trial.config["trial"]
-        self.log.info(f"{p['name']} started: {R.params_text(p['params'])} "
-                      f"(estimated peak {R.fmt_bytes(p['estimated_bytes'])})")
+        self.log.info(
+            f"{p['name']} started: {R.params_text(p['params'])} (estimated peak {R.fmt_bytes(p['estimated_bytes'])})"
+        )
 
     def on_trial_result(self, iteration: int, trials: list, trial: Trial, result: dict, **info) -> None:
         if STATUS in result:
@@ -62,7 +63,11 @@ class TrialEvents(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info) -> None:
         p, last = trial.config["trial"], trial.last_result or {}
         if STATUS in last:
-            tail = f": {last[ERROR]}" if last.get(ERROR) else (f": {figures(last, self.metric)}" if last[STATUS] == "completed" else "")
+            tail = (
+                f": {last[ERROR]}"
+                if last.get(ERROR)
+                else (f": {figures(last, self.metric)}" if last[STATUS] == "completed" else "")
+            )
             self.log.info(f"{p['name']} {last[STATUS]} in {last.get('trial_wall_s', 0):.0f}s{tail}")
             return
         step = self.last_step.get(p["name"])

@@ -47,13 +47,25 @@ def start_parent(space: Space, uri: str | None, sweep_name: str, experiment: str
     if not uri:
         return Run.off()
     sweep = space.sweep
-    parent = Run.start(uri, experiment, sweep_name, params={
-        "sweep.space_file": str(space.path), "sweep.base": sweep.base, "sweep.search": sweep.search,
-        "sweep.memory_budget_gb": sweep.memory_budget_gb, "sweep.max_concurrent": sweep.max_concurrent,
-        "sweep.metric": sweep.metric, "sweep.mode": sweep.mode, "sweep.num_samples": sweep.num_samples,
-        "sweep.seed": sweep.seed, "sweep.scheduler": sweep.scheduler.type,
-        **{f"sweep.space.{k}": v for k, v in sweep.space.items()},
-    }, tags={SWEEP_TAG: sweep_name})
+    parent = Run.start(
+        uri,
+        experiment,
+        sweep_name,
+        params={
+            "sweep.space_file": str(space.path),
+            "sweep.base": sweep.base,
+            "sweep.search": sweep.search,
+            "sweep.memory_budget_gb": sweep.memory_budget_gb,
+            "sweep.max_concurrent": sweep.max_concurrent,
+            "sweep.metric": sweep.metric,
+            "sweep.mode": sweep.mode,
+            "sweep.num_samples": sweep.num_samples,
+            "sweep.seed": sweep.seed,
+            "sweep.scheduler": sweep.scheduler.type,
+            **{f"sweep.space.{k}": v for k, v in sweep.space.items()},
+        },
+        tags={SWEEP_TAG: sweep_name},
+    )
     parent.log_artifact(space.path, "space")
     # the sweep's own view in the UI: its trials ranked by val loss, the loss charts first
     tracking.share_view(uri, parent.experiment_id(), sweep_name, f"tags.`{SWEEP_TAG}` = '{sweep_name}'")
@@ -62,8 +74,9 @@ def start_parent(space: Space, uri: str | None, sweep_name: str, experiment: str
 
 def _trial_params(cfg: RaydratConfig | None, runtime: Any, name: str, params: dict, budget_gb: float | None) -> dict:
     out = tracking.run_params(cfg, runtime) if cfg is not None else {}
-    out.update({"sweep.trial": name, "sweep.memory_budget_gb": budget_gb,
-                **{f"sweep.param.{k}": v for k, v in params.items()}})
+    out.update(
+        {"sweep.trial": name, "sweep.memory_budget_gb": budget_gb, **{f"sweep.param.{k}": v for k, v in params.items()}}
+    )
     return out
 
 
@@ -74,10 +87,13 @@ def start_trial_run(p: dict, cfg: RaydratConfig, started_s: float) -> Run:
     if not p["tracking_uri"] or not p["parent_run_id"]:
         return Run.off()
     run = Run.start(
-        p["tracking_uri"], cfg.tracking.experiment, child_run_name(p["name"], p["sweep"]),
+        p["tracking_uri"],
+        cfg.tracking.experiment,
+        child_run_name(p["name"], p["sweep"]),
         params=_trial_params(cfg, p["runtime"], p["name"], p["params"], p["budget_gb"]),
         tags={**p["source_tags"], SWEEP_TAG: p["sweep"], TRIAL_TAG: p["name"]},
-        parent=Run.attach(p["tracking_uri"], p["parent_run_id"]), start_time_s=started_s,
+        parent=Run.attach(p["tracking_uri"], p["parent_run_id"]),
+        start_time_s=started_s,
     )
     run.log_metrics({M.ESTIMATED_BYTES: p["estimated_bytes"]}, 0)
     run.log_text(cfg.to_yaml(), "config.yaml")
@@ -91,19 +107,29 @@ def end_trial_run(run: Run, status: str, error: str | None = None, end_s: float 
     run.end(MLFLOW_STATUS[status], end_s)
 
 
-def record_refused(uri: str | None, experiment: str, parent_run_id: str | None, sweep_name: str, verdict,
-                   source_tags: dict[str, str]) -> str | None:
+def record_refused(
+    uri: str | None, experiment: str, parent_run_id: str | None, sweep_name: str, verdict, source_tags: dict[str, str]
+) -> str | None:
     """The child run of a proposal that was never launched: why (tag), its estimate and the
     budget, and no end time (it has no duration). Returns its id."""
     if not uri or not parent_run_id:
         return None
     cfg = verdict.spec.config if verdict.spec is not None else None
     budget_gb = verdict.budget / R.GB if verdict.budget is not None else None
-    run = Run.start(uri, experiment, child_run_name(verdict.name, sweep_name),
-                    params=_trial_params(cfg, verdict.runtime, verdict.name, verdict.params, budget_gb),
-                    tags={**source_tags, SWEEP_TAG: sweep_name, TRIAL_TAG: verdict.name,
-                          STATUS_TAG: verdict.refused, REFUSED_TAG: verdict.reason or ""},
-                    parent=Run.attach(uri, parent_run_id))
+    run = Run.start(
+        uri,
+        experiment,
+        child_run_name(verdict.name, sweep_name),
+        params=_trial_params(cfg, verdict.runtime, verdict.name, verdict.params, budget_gb),
+        tags={
+            **source_tags,
+            SWEEP_TAG: sweep_name,
+            TRIAL_TAG: verdict.name,
+            STATUS_TAG: verdict.refused,
+            REFUSED_TAG: verdict.reason or "",
+        },
+        parent=Run.attach(uri, parent_run_id),
+    )
     if verdict.estimate is not None:
         run.log_metrics({M.ESTIMATED_BYTES: verdict.estimate}, 0)
     if cfg is not None:
@@ -118,9 +144,12 @@ def find_trial_run(uri: str | None, parent_run_id: str | None, trial: str) -> Ru
         return Run.off()
     c = tracking.client(uri)
     exp = c.get_run(parent_run_id).info.experiment_id
-    runs = c.search_runs([exp], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent_run_id}' "
-                                              f"and tags.`{TRIAL_TAG}` = '{trial}'",
-                         order_by=["attributes.start_time DESC"], max_results=1)
+    runs = c.search_runs(
+        [exp],
+        filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return Run.attach(uri, runs[0].info.run_id) if runs else Run.off()
 
 
@@ -137,8 +166,9 @@ def interrupt_running_children(uri: str | None, parent_run_id: str | None) -> No
         return
     c = tracking.client(uri)
     exp = c.get_run(parent_run_id).info.experiment_id
-    for r in c.search_runs([exp], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent_run_id}' "
-                                                f"and attributes.status = 'RUNNING'"):
+    for r in c.search_runs(
+        [exp], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    ):
         run = Run.attach(uri, r.info.run_id)
         run.set_tags({STATUS_TAG: "interrupted"})
         run.end("KILLED")
@@ -163,8 +193,15 @@ def finalize_trial_runs(uri: str | None, records: list[R.TrialRecord]) -> None:
             run.end(MLFLOW_STATUS.get(r.status, "FAILED"), r.end_ts)
 
 
-def log_sweep_report(parent: Run, artifacts: list[Path], best: R.TrialRecord | None, command: str | None,
-                     metric: str, counts: dict[str, int], figures: dict[str, float]) -> None:
+def log_sweep_report(
+    parent: Run,
+    artifacts: list[Path],
+    best: R.TrialRecord | None,
+    command: str | None,
+    metric: str,
+    counts: dict[str, int],
+    figures: dict[str, float],
+) -> None:
     """The parent run's report, plot and CSV, the best trial, the status counts and the
     sweep's figures; then the parent ends."""
     for p in artifacts:

@@ -136,8 +136,19 @@ def params_text(params: dict[str, Any]) -> str:
     return " ".join(f"{k}={_fmt(v, '.3g')}" for k, v in params.items())
 
 
-HEADERS = ["trial", "status", "steps", "val_loss", "peak", "estimate", "est. error", "tokens/s", "micro-batch",
-           "pareto", "params"]
+HEADERS = [
+    "trial",
+    "status",
+    "steps",
+    "val_loss",
+    "peak",
+    "estimate",
+    "est. error",
+    "tokens/s",
+    "micro-batch",
+    "pareto",
+    "params",
+]
 
 
 def _steps(r: TrialRecord) -> str:
@@ -149,44 +160,86 @@ def _steps(r: TrialRecord) -> str:
 def table_rows(records: list[TrialRecord]) -> list[list[str]]:
     return [
         [
-            r.trial, r.status, _steps(r), _fmt(r.val_loss), fmt_bytes(r.peak_bytes) + (" !" if r.over_budget else ""),
-            fmt_bytes(r.estimated_bytes), "-" if r.estimate_error is None else f"{r.estimate_error:+.0%}",
-            _fmt(r.tokens_per_s, ",.0f"), _fmt(r.micro_batch_size), "*" if r.pareto else "", params_text(r.params),
+            r.trial,
+            r.status,
+            _steps(r),
+            _fmt(r.val_loss),
+            fmt_bytes(r.peak_bytes) + (" !" if r.over_budget else ""),
+            fmt_bytes(r.estimated_bytes),
+            "-" if r.estimate_error is None else f"{r.estimate_error:+.0%}",
+            _fmt(r.tokens_per_s, ",.0f"),
+            _fmt(r.micro_batch_size),
+            "*" if r.pareto else "",
+            params_text(r.params),
         ]
         for r in records
     ]
 
 
-def format_report(records: list[TrialRecord], tiers_best, command: str | None, budget: int | None,
-                  memory: dict[str, Any]) -> str:
-    parts = ["All trials (peak: measured; estimate: predicted at admission):", format_table(HEADERS, table_rows(records))]
+def format_report(
+    records: list[TrialRecord], tiers_best, command: str | None, budget: int | None, memory: dict[str, Any]
+) -> str:
+    parts = [
+        "All trials (peak: measured; estimate: predicted at admission):",
+        format_table(HEADERS, table_rows(records)),
+    ]
     over = [r for r in records if r.over_budget]
     if over:
-        parts.append(f"! measured peak above the memory budget it was admitted under ({fmt_bytes(budget)}): "
-                     + ", ".join(r.trial for r in over))
+        parts.append(
+            f"! measured peak above the memory budget it was admitted under ({fmt_bytes(budget)}): "
+            + ", ".join(r.trial for r in over)
+        )
     for r in records:
         if r.error:
             parts.append(f"{r.trial} {r.status}{' (not launched)' if not r.launched else ''}: {r.error}")
     if memory.get("max_estimate_error") is not None:
         r = next(x for x in records if x.trial == memory["max_estimate_error_trial"])
-        parts.append(f"Largest estimate error: {r.trial}, measured {fmt_bytes(r.peak_bytes)} against an estimate of "
-                     f"{fmt_bytes(r.estimated_bytes)} ({r.estimate_error:+.0%})")
+        parts.append(
+            f"Largest estimate error: {r.trial}, measured {fmt_bytes(r.peak_bytes)} against an estimate of "
+            f"{fmt_bytes(r.estimated_bytes)} ({r.estimate_error:+.0%})"
+        )
     parts.append("")
     front = [r for r in records if r.pareto]
     parts += ["Pareto front (val loss, measured peak, tokens/s):", format_table(HEADERS, table_rows(front)), ""]
     if tiers_best:
         parts.append("Best config per memory tier (measured peak):")
-        rows = [[label, r.trial if r else "-", _fmt(r.val_loss) if r else "-", fmt_bytes(r.peak_bytes) if r else "-",
-                 params_text(r.params) if r else "none fits"] for label, r in tiers_best]
+        rows = [
+            [
+                label,
+                r.trial if r else "-",
+                _fmt(r.val_loss) if r else "-",
+                fmt_bytes(r.peak_bytes) if r else "-",
+                params_text(r.params) if r else "none fits",
+            ]
+            for label, r in tiers_best
+        ]
         parts += [format_table(["tier", "trial", "val_loss", "peak", "params"], rows), ""]
     if command:
         parts += ["Train the best config at full length:", f"  {command}"]
     return "\n".join(parts)
 
 
-CSV_FIELDS = ["trial", "status", "steps", "train_steps", "val_loss", "metric_value", "peak_bytes", "estimated_bytes",
-              "estimate_error", "budget_bytes", "over_budget", "tokens_per_s", "micro_batch_size", "pareto", "launched",
-              "wall_s", "mlflow_run_id", "error", "params"]
+CSV_FIELDS = [
+    "trial",
+    "status",
+    "steps",
+    "train_steps",
+    "val_loss",
+    "metric_value",
+    "peak_bytes",
+    "estimated_bytes",
+    "estimate_error",
+    "budget_bytes",
+    "over_budget",
+    "tokens_per_s",
+    "micro_batch_size",
+    "pareto",
+    "launched",
+    "wall_s",
+    "mlflow_run_id",
+    "error",
+    "params",
+]
 
 
 def write_trials_csv(records: list[TrialRecord], path: Path) -> Path:
@@ -207,31 +260,71 @@ def plot_pareto(records: list[TrialRecord], path: Path, title: str, budget: int 
     the budget as a vertical line."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
-    trained = [r for r in records if r.status in ("completed", "stopped_early") and r.peak_bytes
-               and r.val_loss is not None and math.isfinite(r.val_loss)]
+    trained = [
+        r
+        for r in records
+        if r.status in ("completed", "stopped_early")
+        and r.peak_bytes
+        and r.val_loss is not None
+        and math.isfinite(r.val_loss)
+    ]
     losses = [r.val_loss for r in trained]
     top = (max(losses) + 0.15 * (max(losses) - min(losses) + 0.1)) if losses else 1.0
     done = [r for r in trained if r.status == "completed"]
     stopped = [r for r in trained if r.status == "stopped_early"]
     if done:
-        sc = ax.scatter([r.peak_bytes / MIB for r in done], [r.val_loss for r in done],
-                        c=[r.tokens_per_s or 0 for r in done], cmap="viridis", s=60, label="completed (measured peak)",
-                        zorder=3)
+        sc = ax.scatter(
+            [r.peak_bytes / MIB for r in done],
+            [r.val_loss for r in done],
+            c=[r.tokens_per_s or 0 for r in done],
+            cmap="viridis",
+            s=60,
+            label="completed (measured peak)",
+            zorder=3,
+        )
         fig.colorbar(sc, ax=ax, label="tokens/s")
     if stopped:
-        ax.scatter([r.peak_bytes / MIB for r in stopped], [r.val_loss for r in stopped], marker="v", s=60,
-                   color="tab:gray", label="stopped early (measured peak, last val loss)", zorder=3)
+        ax.scatter(
+            [r.peak_bytes / MIB for r in stopped],
+            [r.val_loss for r in stopped],
+            marker="v",
+            s=60,
+            color="tab:gray",
+            label="stopped early (measured peak, last val loss)",
+            zorder=3,
+        )
     front = sorted((r for r in records if r.pareto), key=lambda r: r.peak_bytes)
     if front:
         ax.plot([r.peak_bytes / MIB for r in front], [r.val_loss for r in front], color="red", lw=1, zorder=2)
-        ax.scatter([r.peak_bytes / MIB for r in front], [r.val_loss for r in front], facecolors="none",
-                   edgecolors="red", s=200, lw=1.5, label="Pareto front", zorder=4)
+        ax.scatter(
+            [r.peak_bytes / MIB for r in front],
+            [r.val_loss for r in front],
+            facecolors="none",
+            edgecolors="red",
+            s=200,
+            lw=1.5,
+            label="Pareto front",
+            zorder=4,
+        )
     untrained = [r for r in records if r not in trained and r.estimated_bytes]
-    for status, marker, color in (("infeasible", "o", "tab:orange"), ("oom", "s", "tab:red"), ("failed", "D", "tab:purple")):
+    for status, marker, color in (
+        ("infeasible", "o", "tab:orange"),
+        ("oom", "s", "tab:red"),
+        ("failed", "D", "tab:purple"),
+    ):
         group = [r for r in untrained if r.status == status]
         if group:
-            ax.scatter([r.estimated_bytes / MIB for r in group], [top] * len(group), marker=marker, s=70,
-                       facecolors="none", edgecolors=color, lw=1.5, label=f"{status} (estimate; no val loss)", zorder=3)
+            ax.scatter(
+                [r.estimated_bytes / MIB for r in group],
+                [top] * len(group),
+                marker=marker,
+                s=70,
+                facecolors="none",
+                edgecolors=color,
+                lw=1.5,
+                label=f"{status} (estimate; no val loss)",
+                zorder=3,
+            )
     for r in trained:
         ax.annotate(r.trial, (r.peak_bytes / MIB, r.val_loss), fontsize=7, xytext=(8, 6), textcoords="offset points")
     for r in untrained:

@@ -50,8 +50,10 @@ def logged_values(uri: str, run_id: str) -> tuple[dict[str, float], int | None, 
     c = tracking.client(uri)
     run = c.get_run(run_id)
     steps = [h[-1].step for key in (M.TRAIN_LOSS, M.VAL_LOSS) if (h := c.get_metric_history(run_id, key))]
-    times = {"start": run.info.start_time / 1000 if run.info.start_time else None,
-             "end": run.info.end_time / 1000 if run.info.end_time else None}
+    times = {
+        "start": run.info.start_time / 1000 if run.info.start_time else None,
+        "end": run.info.end_time / 1000 if run.info.end_time else None,
+    }
     return dict(run.data.metrics), (max(steps) if steps else None), times
 
 
@@ -106,31 +108,52 @@ def launched_record(space: Space, result, uri: str | None, parent_run_id: str | 
     data_setup = final.get(DATA_SETUP_S, values.get(DATA_SETUP_S))
     peak = values.get(M.PEAK_BYTES)
     return R.TrialRecord(
-        trial=p["name"], params=p["params"], status=status, estimated_bytes=p["estimated_bytes"],
-        budget_bytes=p["budget_bytes"], val_loss=values.get(M.VAL_LOSS),
-        metric_value=values.get(space.sweep.metric), peak_bytes=int(peak) if peak else None,
-        tokens_per_s=values.get(M.TOKENS_PER_S_AVG), steps=steps, train_steps=p["steps"],
+        trial=p["name"],
+        params=p["params"],
+        status=status,
+        estimated_bytes=p["estimated_bytes"],
+        budget_bytes=p["budget_bytes"],
+        val_loss=values.get(M.VAL_LOSS),
+        metric_value=values.get(space.sweep.metric),
+        peak_bytes=int(peak) if peak else None,
+        tokens_per_s=values.get(M.TOKENS_PER_S_AVG),
+        steps=steps,
+        train_steps=p["steps"],
         micro_batch_size=_int(values.get(M.MICRO_BATCH, p["config"]["train"]["batch_size"])),
         train_time_s=values.get(M.TRAIN_TIME_S),
         phase_s={k: v for k in (M.LOOP_S, *M.PHASES) if (v := values.get(k)) is not None}
         | ({DATA_SETUP_S: data_setup} if data_setup is not None else {}),
         wall_s=final.get(TRIAL_WALL_S) or (end - start if start and end else None),
-        start_ts=start, end_ts=end, mlflow_run_id=run_id, error=error,
+        start_ts=start,
+        end_ts=end,
+        mlflow_run_id=run_id,
+        error=error,
     )
 
 
 def refused_record(rec: dict) -> R.TrialRecord:
     """The record of a proposal admission refused (kept in the sweep's state file)."""
-    return R.TrialRecord(trial=rec["name"], params=rec["params"], status=rec["status"],
-                         estimated_bytes=rec["estimate"], budget_bytes=rec["budget"], error=rec["reason"],
-                         mlflow_run_id=rec.get("mlflow_run_id"), launched=False)
+    return R.TrialRecord(
+        trial=rec["name"],
+        params=rec["params"],
+        status=rec["status"],
+        estimated_bytes=rec["estimate"],
+        budget_bytes=rec["budget"],
+        error=rec["reason"],
+        mlflow_run_id=rec.get("mlflow_run_id"),
+        launched=False,
+    )
 
 
-def trial_records(space: Space, grid, refused: list[dict], uri: str | None,
-                  parent_run_id: str | None) -> list[R.TrialRecord]:
+def trial_records(
+    space: Space, grid, refused: list[dict], uri: str | None, parent_run_id: str | None
+) -> list[R.TrialRecord]:
     """One record per proposed trial, launched or not, in the order they were proposed."""
-    stopped = [(r.metrics or {}).get(RUN_ID) or find_trial_run(uri, parent_run_id, r.config["trial"]["name"]).run_id
-               for r in grid if STATUS not in (r.metrics or {}) and r.error is None]
+    stopped = [
+        (r.metrics or {}).get(RUN_ID) or find_trial_run(uri, parent_run_id, r.config["trial"]["name"]).run_id
+        for r in grid
+        if STATUS not in (r.metrics or {}) and r.error is None
+    ]
     settle(uri, [r for r in stopped if r])
     records = [launched_record(space, r, uri, parent_run_id) for r in grid]
     records += [refused_record(r) for r in refused]
@@ -178,7 +201,9 @@ def overhead_figures(records: list[R.TrialRecord], sweep_wall: float) -> dict[st
         "trial_wall_s_total": round(trial_wall, 2),
         "train_step_s_total": round(train, 2),
         "outside_steps_share_in_trials": round(1 - train / trial_wall, 4) if trial_wall else None,
-        "outside_steps_share_of_sweep": round(1 - train / (sweep_wall * (trial_wall / span)), 4) if span and sweep_wall else None,
+        "outside_steps_share_of_sweep": round(1 - train / (sweep_wall * (trial_wall / span)), 4)
+        if span and sweep_wall
+        else None,
         "concurrency_peak": peak_conc,
         "concurrency_mean": round(trial_wall / span, 2) if span else None,
         "outside_steps_breakdown": _breakdown(ran, trial_wall),

@@ -17,7 +17,8 @@ from __future__ import annotations
 import importlib.util
 import math
 import pickle
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ray import tune
 from ray.tune.search import Searcher
@@ -38,8 +39,10 @@ def tune_domains(space: Space) -> dict[str, Any]:
         if d.kind in ("choice", "grid"):
             bad = [v for v in d.args if not isinstance(v, (bool, int, float, str)) and v is not None]
             if bad:
-                raise SweepError(f"{space.path}: space.{d.key}: search: {space.sweep.search} takes only "
-                                 f"scalar candidates, got {bad[0]!r}: use search: random or grid")
+                raise SweepError(
+                    f"{space.path}: space.{d.key}: search: {space.sweep.search} takes only "
+                    f"scalar candidates, got {bad[0]!r}: use search: random or grid"
+                )
             out[d.key] = tune.choice(list(d.args))
         elif d.kind == "uniform":
             out[d.key] = tune.uniform(*d.args)
@@ -109,8 +112,16 @@ class AdmittingSearcher(Searcher):
     result. At most ``total`` proposals in all. A trial that ran out of memory counts as the
     worst result too; one that failed otherwise is reported to the searcher as an error."""
 
-    def __init__(self, inner: Searcher, total: int, screen: Callable[[int, dict], Verdict],
-                 launch: Callable[[Verdict], dict], refuse: Callable[[Verdict], None], metric: str, mode: str):
+    def __init__(
+        self,
+        inner: Searcher,
+        total: int,
+        screen: Callable[[int, dict], Verdict],
+        launch: Callable[[Verdict], dict],
+        refuse: Callable[[Verdict], None],
+        metric: str,
+        mode: str,
+    ):
         super().__init__(metric=metric, mode=mode)
         self.inner, self.total = inner, total
         self.screen, self.launch, self.refuse = screen, launch, refuse

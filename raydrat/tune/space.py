@@ -36,8 +36,8 @@ from raydrat.config import (
     config_from_dict,
     format_validation_error,
     read_yaml_mapping,
-    resolve_shipped_yaml,
     resolve_recipe,
+    resolve_shipped_yaml,
     set_dotted,
 )
 
@@ -141,8 +141,7 @@ def resolve_space(path: str | Path) -> Path:
 def _parse_dist(key: str, spec: Any, where: str) -> Dist:
     if not isinstance(spec, dict):
         raise ConfigError(
-            f"{where}: space.{key} must be a mapping like {{choice: [a, b]}} or "
-            f"{{uniform: [lo, hi]}}, got {spec!r}"
+            f"{where}: space.{key} must be a mapping like {{choice: [a, b]}} or {{uniform: [lo, hi]}}, got {spec!r}"
         )
     spec = dict(spec)
     when_raw = spec.pop("when", None) or {}
@@ -199,9 +198,7 @@ def _validate_entries(space: Space) -> None:
     for d in space.dists:
         for cond in d.when:
             if cond not in base_flat and cond not in keys:
-                raise ConfigError(
-                    f"{space.path}: space.{d.key}.when refers to {cond!r}, which is not a config key"
-                )
+                raise ConfigError(f"{space.path}: space.{d.key}.when refers to {cond!r}, which is not a config key")
         for value in d.values():
             cond = {k: v[0] for k, v in d.when.items()}
             try:
@@ -227,8 +224,7 @@ def expand(space: Space) -> list[TrialSpec]:
                 if not space.is_grid(d) and not d.when:
                     params[d.key] = d.sample(rng)
             # conditional grids expand within the points where their condition holds
-            cond_grids = [d for d in space.dists
-                          if d.when and space.is_grid(d) and d.applies({**base_flat, **params})]
+            cond_grids = [d for d in space.dists if d.when and space.is_grid(d) and d.applies({**base_flat, **params})]
             for cpoint in itertools.product(*(d.args for d in cond_grids)):
                 full = {**params, **dict(zip((d.key for d in cond_grids), cpoint))}
                 for d in space.dists:  # conditional samples see every other value

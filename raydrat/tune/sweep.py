@@ -16,27 +16,30 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from raydrat import tracking
-from raydrat.envvars import env_set
 from raydrat.bench.report import write_json
 from raydrat.core import metrics as M
 from raydrat.core.data.demo import build_demo_corpus
 from raydrat.core.fit import Callback
 from raydrat.core.runtime import resolve
+from raydrat.envvars import env_set
 from raydrat.ray_session import ensure_ray, expected_gpus
+from raydrat.ray_train.models import register_run_model
+from raydrat.redact import redact_obj, redact_uri, reveal_uri
 from raydrat.tracking import Run
 from raydrat.tune import admission as A
 from raydrat.tune import report as R
+from raydrat.tune.env import keep_credentials_out_of_runtime_envs
 from raydrat.tune.events import TrialEvents
-from raydrat.ray_train.models import register_run_model
 from raydrat.tune.mlflow_runs import (
     finalize_trial_runs,
     interrupt_running_children,
@@ -46,8 +49,6 @@ from raydrat.tune.mlflow_runs import (
 )
 from raydrat.tune.results import best_trial, full_length_command, memory_figures, overhead_figures, trial_records
 from raydrat.tune.search import AdmittingSearcher, build_searcher
-from raydrat.redact import redact_obj, redact_uri, reveal_uri
-from raydrat.tune.env import keep_credentials_out_of_runtime_envs
 from raydrat.tune.space import Space, TrialSpec, expand, load_space
 from raydrat.tune.trial import STATUS, trial_fn
 
@@ -83,9 +84,7 @@ def _latest_unfinished(space: Space) -> Path:
     for state in reversed(candidates):
         if not json.loads(state.read_text()).get("finished"):
             return state.parent
-    raise A.SweepError(
-        f"no unfinished sweep named {space.sweep.name!r} under {root} to resume: run without --resume"
-    )
+    raise A.SweepError(f"no unfinished sweep named {space.sweep.name!r} under {root} to resume: run without --resume")
 
 
 def _load_state(path: Path) -> dict:
@@ -134,25 +133,47 @@ class Launcher:
 
     def launch(self, v: A.Verdict) -> dict:
         cfg = _trial_config(v.spec, self.sweep_dir)
-        return {"trial": {
-            # Tune writes this payload (params.json, result.json, experiment state): no secret in it;
-            # the real tracking URI reaches the trial through tune.with_parameters (see _fit)
-            "index": v.index, "name": v.name, "params": v.params, "config": redact_obj(cfg.to_dict()),
-            "steps": cfg.train.steps, "sweep": self.sweep_dir.name, "run_name": f"{self.sweep_dir.name}-{v.name}",
-            "tracking_uri": self.uri, "parent_run_id": self.parent_run_id, "source_tags": self.source_tags,
-            "estimated_bytes": v.estimate, "budget_bytes": v.budget, "budget_gb": self.space.sweep.memory_budget_gb,
-            "metric": self.space.sweep.metric, "runtime": v.runtime,
-            "worker_resources": A.worker_resources(v.estimate, v.runtime.use_gpu, self.gpu_bytes),
-            "fit_callbacks": list(self.fit_callbacks),
-        }}
+        return {
+            "trial": {
+                # Tune writes this payload (params.json, result.json, experiment state): no secret in it;
+                # the real tracking URI reaches the trial through tune.with_parameters (see _fit)
+                "index": v.index,
+                "name": v.name,
+                "params": v.params,
+                "config": redact_obj(cfg.to_dict()),
+                "steps": cfg.train.steps,
+                "sweep": self.sweep_dir.name,
+                "run_name": f"{self.sweep_dir.name}-{v.name}",
+                "tracking_uri": self.uri,
+                "parent_run_id": self.parent_run_id,
+                "source_tags": self.source_tags,
+                "estimated_bytes": v.estimate,
+                "budget_bytes": v.budget,
+                "budget_gb": self.space.sweep.memory_budget_gb,
+                "metric": self.space.sweep.metric,
+                "runtime": v.runtime,
+                "worker_resources": A.worker_resources(v.estimate, v.runtime.use_gpu, self.gpu_bytes),
+                "fit_callbacks": list(self.fit_callbacks),
+            }
+        }
 
     def refuse(self, v: A.Verdict) -> None:
         experiment = (v.spec.config if v.spec else self.space.config_for({}, str(self.space.path))).tracking.experiment
-        run_id = record_refused(reveal_uri(self.uri), experiment, self.parent_run_id, self.sweep_dir.name, v, self.source_tags)
+        run_id = record_refused(
+            reveal_uri(self.uri), experiment, self.parent_run_id, self.sweep_dir.name, v, self.source_tags
+        )
         state = _load_state(self.sweep_dir)
-        state.setdefault("refused", []).append({
-            "name": v.name, "params": v.params, "status": v.refused, "reason": v.reason,
-            "estimate": v.estimate, "budget": v.budget, "mlflow_run_id": run_id})
+        state.setdefault("refused", []).append(
+            {
+                "name": v.name,
+                "params": v.params,
+                "status": v.refused,
+                "reason": v.reason,
+                "estimate": v.estimate,
+                "budget": v.budget,
+                "mlflow_run_id": run_id,
+            }
+        )
         _save_state(self.sweep_dir, state)
         M.logger.info(f"{v.name} {v.refused}, not launched: {v.reason} ({R.params_text(v.params)})")
 
@@ -175,8 +196,13 @@ def _trial_name(trial) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def run_sweep(space_path: str | Path, resume: bool = False, json_path: str | Path | None = None,
-              fit_callbacks: Sequence[Callback] = (), verbose: bool = False) -> SweepSummary:
+def run_sweep(
+    space_path: str | Path,
+    resume: bool = False,
+    json_path: str | Path | None = None,
+    fit_callbacks: Sequence[Callback] = (),
+    verbose: bool = False,
+) -> SweepSummary:
     """Run (or with ``resume``, continue) the sweep of a space file. ``fit_callbacks`` run
     inside every trial's ``fit`` (a test's fault injection); ``verbose`` keeps Tune's
     status tables and the workers' own output on the console."""
@@ -212,21 +238,43 @@ def run_sweep(space_path: str | Path, resume: bool = False, json_path: str | Pat
         sweep_dir = _new_sweep_dir(space)
         sweep_dir.mkdir(parents=True)
         parent = start_parent(space, uri, sweep_dir.name, base.tracking.experiment)
-        state = {"parent_run_id": parent.run_id, "space_path": str(space.path.resolve()),
-                 "source_tags": tracking.run_tags(), "refused": []}
+        state = {
+            "parent_run_id": parent.run_id,
+            "space_path": str(space.path.resolve()),
+            "source_tags": tracking.run_tags(),
+            "refused": [],
+        }
         _save_state(sweep_dir, state)
     parent_id = state.get("parent_run_id")
     # what Tune pickles (the searcher, its callbacks) holds the URI redacted; reveal_uri gives
     # the real one back in this process
-    launcher = Launcher(space, sweep_dir, redact_uri(uri), parent_id, state["source_tags"], gpu_bytes, list(fit_callbacks))
-    searcher = AdmittingSearcher(inner, total, Screen(space, gpus, {v.index: v for v in verdicts}),
-                                 launcher.launch, launcher.refuse, metric=sweep.metric, mode=sweep.mode)
+    launcher = Launcher(
+        space, sweep_dir, redact_uri(uri), parent_id, state["source_tags"], gpu_bytes, list(fit_callbacks)
+    )
+    searcher = AdmittingSearcher(
+        inner,
+        total,
+        Screen(space, gpus, {v.index: v for v in verdicts}),
+        launcher.launch,
+        launcher.refuse,
+        metric=sweep.metric,
+        mode=sweep.mode,
+    )
     budget = f"memory budget {sweep.memory_budget_gb:g} GB" if sweep.memory_budget_gb else "no memory budget"
     log.info(f"sweep {sweep_dir.name}: search {sweep.search}, {total} trial(s), up to {concurrency} at once, {budget}")
     _prepare_demo_data(launch_specs)
     t0 = time.time()
-    grid = _fit(space, searcher, sweep_dir, concurrency, resume, verbose,
-                TrialEvents(log, sweep.metric, redact_uri(uri), parent_id), max_steps(space, launch_specs), uri)
+    grid = _fit(
+        space,
+        searcher,
+        sweep_dir,
+        concurrency,
+        resume,
+        verbose,
+        TrialEvents(log, sweep.metric, redact_uri(uri), parent_id),
+        max_steps(space, launch_specs),
+        uri,
+    )
     sweep_wall = time.time() - t0
     unfinished = _unfinished_trials(sweep_dir, grid)
     if unfinished:
@@ -243,8 +291,15 @@ def run_sweep(space_path: str | Path, resume: bool = False, json_path: str | Pat
     state["finished"] = True
     _save_state(sweep_dir, state)
     if json_path:
-        write_json(json_path, {"sweep": sweep_dir.name, "overhead": summary.overhead, "memory": summary.memory,
-                               "trials": [r.to_json() for r in records]})
+        write_json(
+            json_path,
+            {
+                "sweep": sweep_dir.name,
+                "overhead": summary.overhead,
+                "memory": summary.memory,
+                "trials": [r.to_json() for r in records],
+            },
+        )
     return summary
 
 
@@ -265,8 +320,10 @@ def _refuse_all_infeasible(space, records, uri, parent_id, sweep_dir, state) -> 
     Run.attach(uri, parent_id).end("FAILED")
     sized = [r for r in records if r.estimated_bytes is not None]
     if not sized:
-        raise A.SweepError(f"{space.path}: no proposal of search: {space.sweep.search} was a valid trial: "
-                           + "; ".join(f"{r.trial}: {r.error}" for r in records[:3]))
+        raise A.SweepError(
+            f"{space.path}: no proposal of search: {space.sweep.search} was a valid trial: "
+            + "; ".join(f"{r.trial}: {r.error}" for r in records[:3])
+        )
     r = min(sized, key=lambda r: r.estimated_bytes)
     raise A.SweepError(
         f"{space.path}: memory_budget_gb = {space.sweep.memory_budget_gb} is below the estimate of every one of "
@@ -287,31 +344,43 @@ def _unfinished_trials(sweep_dir: Path, grid) -> int:
     done = {Path(r.path).name for r in grid if r.error is not None or STATUS in (r.metrics or {})}
     trial_data = json.loads(states[-1].read_text()).get("trial_data", [])
     meta = [json.loads(entry[0]) for entry in trial_data]
-    return sum(m.get("status") not in ("TERMINATED", "ERROR") and m.get("relative_logdir") not in done
-               for m in meta)
+    return sum(m.get("status") not in ("TERMINATED", "ERROR") and m.get("relative_logdir") not in done for m in meta)
 
 
 def _prepare_demo_data(trials: list[TrialSpec]) -> None:
     """Build the demo corpus and tokenizer once in the driver, so concurrent trials never
     race to build them."""
-    needed = {(str(Path(t.config.data.demo_dir).resolve()), t.config.model.vocab_size)
-              for t in trials
-              if any(src.path == "demo" for src in t.config.data.sources) and not t.config.data.tokenizer_path}
+    needed = {
+        (str(Path(t.config.data.demo_dir).resolve()), t.config.model.vocab_size)
+        for t in trials
+        if any(src.path == "demo" for src in t.config.data.sources) and not t.config.data.tokenizer_path
+    }
     for demo_dir, vocab in sorted(needed):
         build_demo_corpus(demo_dir, vocab)
 
 
-def _fit(space: Space, searcher: AdmittingSearcher, sweep_dir: Path, concurrency: int, resume: bool,
-         verbose: bool, events: TrialEvents, steps: int, tracking_uri: str | None = None):
+def _fit(
+    space: Space,
+    searcher: AdmittingSearcher,
+    sweep_dir: Path,
+    concurrency: int,
+    resume: bool,
+    verbose: bool,
+    events: TrialEvents,
+    steps: int,
+    tracking_uri: str | None = None,
+):
     sweep = space.sweep
     keep_credentials_out_of_runtime_envs()
     # the tracking URI (it may hold a password) reaches the trials through the object store,
     # never through their configs, which Tune writes to disk
-    trainable = tune.with_resources(tune.with_parameters(trial_fn, tracking_uri=tracking_uri),
-                                    {"CPU": sweep.resources.trial_cpu})
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_fn, tracking_uri=tracking_uri), {"CPU": sweep.resources.trial_cpu}
+    )
     if resume:
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False)
+        tuner = tune.Tuner.restore(
+            str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
+        )
         with _tune_console(verbose):
             return tuner.fit()
     scheduler = None
@@ -319,16 +388,27 @@ def _fit(space: Space, searcher: AdmittingSearcher, sweep_dir: Path, concurrency
         # max_t one past the last step: ASHA stops a trial that reaches max_t, and a trial that
         # trains to the end must get to report its own final status.
         max_t = steps + 1
-        scheduler = ASHAScheduler(time_attr=M.STEP, metric=sweep.metric, mode=sweep.mode, max_t=max_t,
-                                  grace_period=min(sweep.scheduler.grace_period, max_t),
-                                  reduction_factor=sweep.scheduler.reduction_factor)
+        scheduler = ASHAScheduler(
+            time_attr=M.STEP,
+            metric=sweep.metric,
+            mode=sweep.mode,
+            max_t=max_t,
+            grace_period=min(sweep.scheduler.grace_period, max_t),
+            reduction_factor=sweep.scheduler.reduction_factor,
+        )
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=concurrency,
-                                    scheduler=scheduler, trial_name_creator=_trial_name,
-                                    trial_dirname_creator=_trial_name),
-        run_config=tune.RunConfig(name=sweep_dir.name, storage_path=str(sweep_dir.parent),
-                                  verbose=2 if verbose else 0, callbacks=[events]),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            num_samples=-1,
+            max_concurrent_trials=concurrency,
+            scheduler=scheduler,
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name=sweep_dir.name, storage_path=str(sweep_dir.parent), verbose=2 if verbose else 0, callbacks=[events]
+        ),
     )
     with _tune_console(verbose):
         return tuner.fit()
@@ -355,15 +435,17 @@ def _finish(space, records, parent_id, uri, sweep_dir, sweep_wall, concurrency, 
     counts = {s: sum(r.status == s for r in records) for s in STATUSES}
     text += "\n\nStatuses: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v)
     if overhead["trials_measured"]:
-        text += (f"\nOverhead: {overhead['outside_steps_share_in_trials']} of trial time outside training steps; "
-                 f"concurrency peak {overhead['concurrency_peak']}, mean {overhead['concurrency_mean']} "
-                 f"(limit {concurrency}); sweep wall {overhead['sweep_wall_s']}s")
+        text += (
+            f"\nOverhead: {overhead['outside_steps_share_in_trials']} of trial time outside training steps; "
+            f"concurrency peak {overhead['concurrency_peak']}, mean {overhead['concurrency_mean']} "
+            f"(limit {concurrency}); sweep wall {overhead['sweep_wall_s']}s"
+        )
     if overhead["outside_steps_breakdown"]:
         text += "\nTrial time by part: " + ", ".join(
-            f"{k} {v:.1%}" for k, v in overhead["outside_steps_breakdown"].items())
+            f"{k} {v:.1%}" for k, v in overhead["outside_steps_breakdown"].items()
+        )
     csv_path = R.write_trials_csv(records, sweep_dir / "trials.csv")
-    png_path = R.plot_pareto(records, sweep_dir / "pareto.png", f"{sweep_dir.name}: every trial, Pareto front",
-                             budget)
+    png_path = R.plot_pareto(records, sweep_dir / "pareto.png", f"{sweep_dir.name}: every trial, Pareto front", budget)
     (sweep_dir / "report.txt").write_text(text + "\n")
     finalize_trial_runs(uri, records)
     parent = Run.attach(uri, parent_id)
@@ -371,12 +453,14 @@ def _finish(space, records, parent_id, uri, sweep_dir, sweep_wall, concurrency, 
     figures.update({f"share/{k}": v for k, v in (overhead["outside_steps_breakdown"] or {}).items()})
     if memory["max_estimate_error"] is not None:
         figures["max_estimate_error"] = memory["max_estimate_error"]
-    log_sweep_report(parent, [csv_path, png_path, sweep_dir / "report.txt"], best, command, sweep.metric,
-                     counts, figures)
+    log_sweep_report(
+        parent, [csv_path, png_path, sweep_dir / "report.txt"], best, command, sweep.metric, counts, figures
+    )
     name = space.config_for({}, str(space.path)).tracking.register_model
     if name and best is not None and best.mlflow_run_id and uri:
         version = register_run_model(uri, best.mlflow_run_id, name)
         if version:
             M.setup_logging().info(f"registered trial {best.trial}'s model as {name} version {version}")
-    return SweepSummary(sweep_dir.name, sweep_dir, records, text, command, overhead, parent.run_id, uri, best,
-                        warnings, memory)
+    return SweepSummary(
+        sweep_dir.name, sweep_dir, records, text, command, overhead, parent.run_id, uri, best, warnings, memory
+    )

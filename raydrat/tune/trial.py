@@ -46,19 +46,28 @@ def trial_fn(config: dict, tracking_uri: str | None = None) -> None:
     status, error = "completed", None
     try:
         quiet_ray_data()
-        bundle = build_datasets(cfg.data, cfg.model.seq_len, cfg.model.vocab_size,
-                                reserved_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+        bundle = build_datasets(
+            cfg.data,
+            cfg.model.seq_len,
+            cfg.model.vocab_size,
+            reserved_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker,
+        )
         final[DATA_SETUP_S] = time.time() - t0
         run.log_metrics({DATA_SETUP_S: final[DATA_SETUP_S]}, 0)
         log_data(run, bundle)
         result = fit_in_run(
-            cfg, payload["runtime"], bundle, run, payload["run_name"],
-            callbacks=[TuneReportCallback()], worker_resources=payload["worker_resources"],
+            cfg,
+            payload["runtime"],
+            bundle,
+            run,
+            payload["run_name"],
+            callbacks=[TuneReportCallback()],
+            worker_resources=payload["worker_resources"],
             fit_callbacks=payload.get("fit_callbacks", ()),
         )
         final.update(result.metrics or {})
         log_run_models(run, cfg, result, register=False)  # the sweep registers its best trial's
-    except Exception as exc:  # noqa: BLE001 - OOM is a result, everything else fails the trial
+    except Exception as exc:
         if not is_oom(exc):
             end_trial_run(run, "failed", root_cause(exc))
             raise
@@ -68,8 +77,9 @@ def trial_fn(config: dict, tracking_uri: str | None = None) -> None:
     # the last report: no `step` (the scheduler ranked the trial at its reported steps)
     final.pop(M.STEP, None)
     final.setdefault(payload["metric"], math.nan)
-    final.update({STATUS: status, ERROR: error, RUN_ID: run.run_id, TRIAL_WALL_S: end - t0,
-                  TRIAL_START: t0, TRIAL_END: end})
+    final.update(
+        {STATUS: status, ERROR: error, RUN_ID: run.run_id, TRIAL_WALL_S: end - t0, TRIAL_START: t0, TRIAL_END: end}
+    )
     ray.tune.report(final)
 
 
@@ -83,9 +93,15 @@ def oom_line(exc: BaseException) -> str:
 
 def root_cause(exc: BaseException) -> str:
     """The innermost error Ray's wrappers carry, as ``Type: first line``."""
-    leaves = [e for e in walk_exceptions(exc)
-              if e.__cause__ is None and e.__context__ is None and getattr(e, "cause", None) is None
-              and not getattr(e, "worker_failures", None) and not getattr(e, "errors", None)]
+    leaves = [
+        e
+        for e in walk_exceptions(exc)
+        if e.__cause__ is None
+        and e.__context__ is None
+        and getattr(e, "cause", None) is None
+        and not getattr(e, "worker_failures", None)
+        and not getattr(e, "errors", None)
+    ]
     root = next((e for e in leaves if not type(e).__module__.startswith("ray")), leaves[-1] if leaves else exc)
     text = next((ln.strip() for ln in str(root).splitlines() if ln.strip()), "")
     return f"{type(root).__name__}: {text}"[:500] if text else type(root).__name__

@@ -48,8 +48,9 @@ def unit_blocks(
     yield from _blocks(unit, spec, split, docs, unit_counts, counts)
 
 
-def _blocks(unit: Unit, spec: PackSpec, split: Split, docs: dict, unit_counts: dict,
-            counts: dict | None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _blocks(
+    unit: Unit, spec: PackSpec, split: Split, docs: dict, unit_counts: dict, counts: dict | None
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     first = tokens = dropped = emitted = 0
     for blocks, leftover in pack_groups(docs[split], spec):
         tokens += len(blocks) * spec.block_len + leftover
@@ -64,12 +65,21 @@ def _blocks(unit: Unit, spec: PackSpec, split: Split, docs: dict, unit_counts: d
             if len(blocks):
                 yield ids, blocks
     if counts is not None:
-        counts.update(unit_counts, split_docs=len(docs[split]), tokens=tokens,
-                      blocks=emitted, dropped_tokens=dropped)
+        counts.update(unit_counts, split_docs=len(docs[split]), tokens=tokens, blocks=emitted, dropped_tokens=dropped)
 
 
-SCAN_COUNTS = ("docs", "empty_docs", "invalid_utf8_docs", "skipped_files", "text_bytes",
-               "val_docs", "val_tokens", "val_blocks", "val_dropped_tokens", "corrupt_lines")
+SCAN_COUNTS = (
+    "docs",
+    "empty_docs",
+    "invalid_utf8_docs",
+    "skipped_files",
+    "text_bytes",
+    "val_docs",
+    "val_tokens",
+    "val_blocks",
+    "val_dropped_tokens",
+    "corrupt_lines",
+)
 
 
 def scan_unit(unit: Unit, spec: PackSpec) -> dict[str, int | str]:
@@ -83,14 +93,22 @@ def scan_unit(unit: Unit, spec: PackSpec) -> dict[str, int | str]:
         for _ in _blocks(unit, spec, "val", docs, unit_counts, counts):
             pass
     except DataError as exc:
-        return {**{k: 0 for k in SCAN_COUNTS}, "unit_id": unit.unit_id, "source": unit.source,
-                "error": str(exc), "val_text_bytes": 0, "train_has_block": False}
+        return {
+            **{k: 0 for k in SCAN_COUNTS},
+            "unit_id": unit.unit_id,
+            "source": unit.source,
+            "error": str(exc),
+            "val_text_bytes": 0,
+            "train_has_block": False,
+        }
     return {
         "unit_id": unit.unit_id,
         "source": unit.source,
         "error": "",
-        **{k: counts[k] for k in ("docs", "empty_docs", "invalid_utf8_docs", "skipped_files", "text_bytes",
-                                  "corrupt_lines")},
+        **{
+            k: counts[k]
+            for k in ("docs", "empty_docs", "invalid_utf8_docs", "skipped_files", "text_bytes", "corrupt_lines")
+        },
         "val_docs": counts["split_docs"],
         "val_tokens": counts["tokens"],
         "val_blocks": counts["blocks"],
@@ -111,9 +129,7 @@ def plan_local(data_cfg: DataConfig, spec: PackSpec) -> Plan:
     return with_measured_rates(data_cfg, plan, scans)
 
 
-def iter_blocks_local(
-    data_cfg: DataConfig, seq_len: int, vocab_size: int, split: Split
-) -> Iterator[np.ndarray]:
+def iter_blocks_local(data_cfg: DataConfig, seq_len: int, vocab_size: int, split: Split) -> Iterator[np.ndarray]:
     """The blocks of ``split`` (``int32[seq_len + 1]`` each), computed in this process without
     Ray: the same blocks as :func:`raydrat.ray_data.datasets.build_datasets`, in unit order."""
     spec, _ = make_spec(data_cfg, seq_len, vocab_size)
@@ -123,4 +139,3 @@ def iter_blocks_local(
     for unit in units:
         for _, blocks in unit_blocks(unit, spec, split):
             yield from blocks
-

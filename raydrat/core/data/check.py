@@ -69,15 +69,9 @@ def combine_scans(rows: list[dict], n_units: int, plan_skipped: int) -> DataStat
 def check_stats(stats: DataStats, spec: PackSpec, corpus: str, val_fraction: float) -> None:
     no_blocks = f"corpus {corpus} produced no blocks of seq_len+1 = {spec.block_len} tokens"
     if stats.docs == 0:
-        raise DataError(
-            f"{no_blocks}: all {stats.empty_docs} documents are empty; "
-            "point data.sources at some text"
-        )
+        raise DataError(f"{no_blocks}: all {stats.empty_docs} documents are empty; point data.sources at some text")
     if stats.val_blocks == 0 and not stats.train_has_block:
-        raise DataError(
-            f"{no_blocks}: its {stats.docs} documents are too short; "
-            "add text or lower model.seq_len"
-        )
+        raise DataError(f"{no_blocks}: its {stats.docs} documents are too short; add text or lower model.seq_len")
     if stats.val_blocks == 0:
         raise DataError(
             f"corpus {corpus} is too small to hold out a validation block with "

@@ -48,6 +48,7 @@ def tokenizer_file(vocab_size: int) -> str:
     """File name of the demo tokenizer of ``vocab_size`` tokens."""
     return f"tokenizer-{vocab_size}.json"
 
+
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
 

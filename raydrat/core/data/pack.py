@@ -16,9 +16,7 @@ from raydrat.core.data.spec import PackSpec
 from raydrat.core.data.tokenizer import tokenizer_from_str
 
 
-def pack_tokens(
-    docs: Sequence[Sequence[int]], eod_id: int, block_len: int
-) -> tuple[list[list[int]], int]:
+def pack_tokens(docs: Sequence[Sequence[int]], eod_id: int, block_len: int) -> tuple[list[list[int]], int]:
     """Concatenate ``docs``, each followed by ``eod_id``, and cut the stream into blocks of
     ``block_len`` tokens. Returns ``(blocks, leftover)``: the ``leftover`` tokens at the end
     of the stream, too few for a block, are dropped."""
@@ -26,9 +24,7 @@ def pack_tokens(
     return blocks.tolist(), leftover
 
 
-def pack_array(
-    docs: Sequence[Sequence[int]], eod_id: int, block_len: int
-) -> tuple[np.ndarray, int]:
+def pack_array(docs: Sequence[Sequence[int]], eod_id: int, block_len: int) -> tuple[np.ndarray, int]:
     """:func:`pack_tokens` as an ``int32`` array of shape ``(n_blocks, block_len)``."""
     stream = np.empty(sum(len(d) + 1 for d in docs), dtype=np.int32)
     pos = 0
@@ -51,9 +47,7 @@ def encode(tok: Tokenizer, texts: list[str], batch_size: int) -> list[list[int]]
     """Token ids of ``texts``, ``batch_size`` documents per ``encode_batch`` call."""
     # encode_batch_fast (tokenizers >= 0.21) is encode_batch without character offsets.
     encode_batch = getattr(tok, "encode_batch_fast", tok.encode_batch)
-    return [
-        e.ids for i in range(0, len(texts), batch_size) for e in encode_batch(texts[i : i + batch_size])
-    ]
+    return [e.ids for i in range(0, len(texts), batch_size) for e in encode_batch(texts[i : i + batch_size])]
 
 
 def pack_groups(docs: list[str], spec: PackSpec) -> Iterator[tuple[np.ndarray, int]]:

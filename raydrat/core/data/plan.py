@@ -5,14 +5,12 @@ missing text column fails before any work starts. A unit's index in the plan is 
 ``unit_id``; weighted mixing gives each source a rate (see :func:`rates_for_sizes`; the
 rates are set from measured sizes by :mod:`raydrat.core.data.mixing`)."""
 
-
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
-
-import json
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -26,10 +24,9 @@ from raydrat.core.data.sources import (
     CorruptFile,
     Location,
     describe_os_error,
-    is_credential_error,
-
     filesystem,
     fs_path,
+    is_credential_error,
     list_files,
     location_for,
     text_size,
@@ -101,40 +98,39 @@ def _resolve_demo(src: SourceConfig, cfg: DataConfig) -> SourceConfig:
     return src.model_copy(update={"path": str(demo_dir / CORPUS_DIR), "format": "parquet"})
 
 
-def _parquet_row_groups(
-    loc: Location, path: str, column: str, index: int
-) -> list[tuple[int, int, int]]:
+def _parquet_row_groups(loc: Location, path: str, column: str, index: int) -> list[tuple[int, int, int]]:
     """``(row group, rows, text bytes)`` of the non-empty row groups of ``path`` after
     checking that ``column`` holds strings. An unreadable file raises CorruptFile; a refused
     permission or credential, or a missing file, is a plain DataError (never skipped as
     corrupt)."""
     name = uri(loc, path)
-    hint = "" if path.endswith(".parquet") else (
-        f"; if it is a text file, set data.sources[{index}].format: text")
+    hint = "" if path.endswith(".parquet") else (f"; if it is a text file, set data.sources[{index}].format: text")
     try:
         pf = pq.ParquetFile(filesystem(loc).open_input_file(path))
         schema = pf.schema_arrow
         meta = pf.metadata
     except Exception as exc:  # pyarrow raises several types for unreadable files
-        if isinstance(exc, OSError) and (is_credential_error(exc) or isinstance(exc, FileNotFoundError)
-                                         or "parquet" not in str(exc).lower() and "magic" not in str(exc).lower()):
+        if isinstance(exc, OSError) and (
+            is_credential_error(exc)
+            or isinstance(exc, FileNotFoundError)
+            or "parquet" not in str(exc).lower()
+            and "magic" not in str(exc).lower()
+        ):
             raise describe_os_error(name, exc, loc) from None
         raise CorruptFile(f"{name} is not a readable parquet file ({exc}){hint}") from None
     key = f"data.sources[{index}].text_column"
     if column not in schema.names:
-        raise DataError(
-            f"{name} has no column {column!r} (columns: {', '.join(schema.names)}): set {key}"
-        )
+        raise DataError(f"{name} has no column {column!r} (columns: {', '.join(schema.names)}): set {key}")
     typ = schema.field(column).type
     if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
-        raise DataError(
-            f"column {column!r} of {name} is {typ}, not text: set {key} to a string column"
-        )
+        raise DataError(f"column {column!r} of {name} is {typ}, not text: set {key} to a string column")
     out = []
     for rg in range(meta.num_row_groups):
         g = meta.row_group(rg)
         if g.num_rows > 0:
-            leaf = next((g.column(c) for c in range(g.num_columns) if g.column(c).path_in_schema.split(".")[0] == column), None)
+            leaf = next(
+                (g.column(c) for c in range(g.num_columns) if g.column(c).path_in_schema.split(".")[0] == column), None
+            )
             size = leaf.total_uncompressed_size if leaf is not None else g.total_byte_size
             out.append((rg, g.num_rows, size))
     return out
@@ -161,8 +157,7 @@ def plan_corpus(cfg: DataConfig) -> Plan:
         else:
             infos = list_files(src.path, loc, {"parquet": ".parquet", "jsonl": JSONL_SUFFIXES}.get(fmt), where)
         files += [(loc, info) for info in infos]
-        common = dict(source=i, format=fmt, text_column=src.text_column,
-                      text_mode=src.text_mode, loc=loc)
+        common = dict(source=i, format=fmt, text_column=src.text_column, text_mode=src.text_mode, loc=loc)
         if fmt == "parquet":
             for info in infos:
                 try:
@@ -249,8 +244,9 @@ def _hf_files(loc: Location, path: str, where: str, index: int) -> list[pafs.Fil
         raise describe_os_error(where, exc, loc) from None
     missing = [uri(loc, i.path) for i in infos if i.type != pafs.FileType.File]
     if missing or not infos:
-        raise DataError(f"{where}: the saved dataset lists missing files ({', '.join(missing) or 'none listed'}): "
-                        "save it again")
+        raise DataError(
+            f"{where}: the saved dataset lists missing files ({', '.join(missing) or 'none listed'}): save it again"
+        )
     return infos
 
 

@@ -129,8 +129,9 @@ def read_manifest(prepared: str, endpoint_url: str | None = None) -> dict:
 def check_manifest(manifest: dict, where: str, tokenizer_sha256: str, seq_len: int) -> None:
     """Refuse a manifest that does not match the run's tokenizer or ``model.seq_len``."""
     if manifest.get("format") != MANIFEST_FORMAT:
-        raise DataError(f"{where}: manifest format {manifest.get('format')} is not "
-                        f"{MANIFEST_FORMAT}: re-run raydrat data prepare")
+        raise DataError(
+            f"{where}: manifest format {manifest.get('format')} is not {MANIFEST_FORMAT}: re-run raydrat data prepare"
+        )
     if manifest["tokenizer_sha256"] != tokenizer_sha256:
         raise DataError(
             f"{where} was prepared with tokenizer {manifest['tokenizer_sha256'][:12]}… but the "
@@ -182,8 +183,13 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def _write(self) -> None:
-        record = {"generation": self.generation, "host": socket.gethostname(), "pid": os.getpid(),
-                  "holder": self.holder, "renewed": time.time()}
+        record = {
+            "generation": self.generation,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "holder": self.holder,
+            "renewed": time.time(),
+        }
         fs = filesystem(self.loc)
         if self.loc.kind == "local":
             fs.create_dir(f"{self.root}/{LEASES}", recursive=True)
@@ -198,8 +204,7 @@ class Lease:
                 pass
 
     @classmethod
-    def acquire(cls, loc: Location, root: str, generation: str, holder: str = "",
-                required: bool = True) -> "Lease":
+    def acquire(cls, loc: Location, root: str, generation: str, holder: str = "", required: bool = True) -> Lease:
         """Take a lease (its renewal thread starts). ``required=False`` (a reader): when the
         lease cannot be written (read-only credentials), warn and go on without one."""
         lease = cls(loc, root, generation, holder)
@@ -208,9 +213,13 @@ class Lease:
         except OSError as exc:
             if required:
                 raise describe_os_error(f"writing the lease {uri(loc, lease.path)}", exc, loc) from None
-            log.warning("could not write a reader lease under %s (%s): a later `raydrat data prepare` "
-                        "into it may remove generation %s while this run reads it (keep it with --keep)",
-                        uri(loc, f"{root}/{LEASES}"), str(exc).splitlines()[0] if str(exc) else exc, generation)
+            log.warning(
+                "could not write a reader lease under %s (%s): a later `raydrat data prepare` "
+                "into it may remove generation %s while this run reads it (keep it with --keep)",
+                uri(loc, f"{root}/{LEASES}"),
+                str(exc).splitlines()[0] if str(exc) else exc,
+                generation,
+            )
             lease._stop.set()
             return lease
 
@@ -280,8 +289,9 @@ def generations(loc: Location, root: str) -> list[str]:
         infos = filesystem(loc).get_file_info(pafs.FileSelector(root, allow_not_found=True))
     except OSError as exc:
         raise describe_os_error(uri(loc, root), exc) from None
-    return sorted(i.base_name for i in infos
-                  if i.type == pafs.FileType.Directory and i.base_name.startswith(SHARDS_PREFIX))
+    return sorted(
+        i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith(SHARDS_PREFIX)
+    )
 
 
 def collect_garbage(loc: Location, root: str, keep: int = DEFAULT_KEEP, dry_run: bool = False) -> dict[str, list[str]]:

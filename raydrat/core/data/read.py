@@ -68,8 +68,9 @@ def _read_arrow(unit: Unit) -> pa.ChunkedArray:
         raise CorruptFile(f"{name} is not a readable Arrow stream ({first})") from None
 
 
-def jsonl_texts(raw: bytes, name: str, field: str, on_corrupt: str,
-                key: str = "data.sources[].text_column") -> tuple[list[str | None], int]:
+def jsonl_texts(
+    raw: bytes, name: str, field: str, on_corrupt: str, key: str = "data.sources[].text_column"
+) -> tuple[list[str | None], int]:
     """The ``field`` of every line of a JSON Lines file, and how many lines were not JSON
     objects (skipped under ``on_corrupt = skip``; else :class:`CorruptFile` names the first,
     by line number). Parsed by pyarrow's JSON reader (the one Ray Data's ``read_json`` uses);
@@ -78,7 +79,9 @@ def jsonl_texts(raw: bytes, name: str, field: str, on_corrupt: str,
     if not raw.strip():
         return [], 0
     try:
-        table = pajson.read_json(io.BytesIO(raw), read_options=pajson.ReadOptions(block_size=max(1 << 20, len(raw) + 1)))
+        table = pajson.read_json(
+            io.BytesIO(raw), read_options=pajson.ReadOptions(block_size=max(1 << 20, len(raw) + 1))
+        )
     except pa.ArrowInvalid:
         return _jsonl_by_line(raw, name, field, on_corrupt, key)
     if field not in table.column_names:
@@ -106,8 +109,9 @@ def _jsonl_by_line(raw: bytes, name: str, field: str, on_corrupt: str, key: str)
             continue
         value = obj.get(field)
         if value is not None and not isinstance(value, str):
-            raise DataError(f"{name} line {n}: field {field!r} is a {type(value).__name__}, not text: "
-                            f"set {key} to a text field")
+            raise DataError(
+                f"{name} line {n}: field {field!r} is a {type(value).__name__}, not text: set {key} to a text field"
+            )
         texts.append(value)
     return texts, bad
 
@@ -136,8 +140,9 @@ def read_documents(unit: Unit, on_corrupt: str = "error") -> tuple[list[str | No
     if unit.format == "jsonl":
         texts: list[str | None] = []
         for f, raw in _files_of(unit):
-            got, bad = jsonl_texts(raw, uri(unit.loc, f), unit.text_column, on_corrupt,
-                                   f"data.sources[{unit.source}].text_column")
+            got, bad = jsonl_texts(
+                raw, uri(unit.loc, f), unit.text_column, on_corrupt, f"data.sources[{unit.source}].text_column"
+            )
             texts += got
             counts["corrupt_lines"] += bad
         col, counts["invalid_utf8_docs"] = _replace_nul(pa.chunked_array([pa.array(texts, pa.string())]))

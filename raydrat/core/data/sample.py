@@ -47,10 +47,15 @@ def train_tokenizer_on_sources(data_cfg: DataConfig, vocab_size: int, out: str) 
     t0 = time.perf_counter()
     docs = list(sample_documents(data_cfg, data_cfg.tokenizer_sample_docs))
     if not docs:
-        raise DataError("data.sources hold no non-empty documents to train a tokenizer on: "
-                        "point data.sources at some text")
+        raise DataError(
+            "data.sources hold no non-empty documents to train a tokenizer on: point data.sources at some text"
+        )
     tok = train_tokenizer(docs, vocab_size, out)
-    return {"path": str(Path(out).absolute()), "docs": len(docs),
-            "text_bytes": sum(len(d.encode()) for d in docs),
-            "vocab_size": tok.get_vocab_size(with_added_tokens=True),
-            "sha256": tokenizer_hash(out), "seconds": round(time.perf_counter() - t0, 1)}
+    return {
+        "path": str(Path(out).absolute()),
+        "docs": len(docs),
+        "text_bytes": sum(len(d.encode()) for d in docs),
+        "vocab_size": tok.get_vocab_size(with_added_tokens=True),
+        "sha256": tokenizer_hash(out),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }

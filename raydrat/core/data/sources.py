@@ -77,9 +77,22 @@ def uri(loc: Location, path: str) -> str:
     return f"{S3_SCHEME}{path}" if loc.kind == "s3" else path
 
 
-CREDENTIAL_SIGNS = ("access denied", "accessdenied", "access_denied", "invalidaccesskeyid", "invalid_access_key_id",
-                    "signaturedoesnotmatch", "signature_does_not_match", "credential", "forbidden", "403",
-                    "expiredtoken", "expired_token", "invalidtoken", "permission denied")
+CREDENTIAL_SIGNS = (
+    "access denied",
+    "accessdenied",
+    "access_denied",
+    "invalidaccesskeyid",
+    "invalid_access_key_id",
+    "signaturedoesnotmatch",
+    "signature_does_not_match",
+    "credential",
+    "forbidden",
+    "403",
+    "expiredtoken",
+    "expired_token",
+    "invalidtoken",
+    "permission denied",
+)
 
 
 def is_credential_error(exc: BaseException) -> bool:
@@ -94,10 +107,12 @@ def describe_os_error(where: str, exc: BaseException, loc: Location | None = Non
     msg = redact(str(exc).splitlines()[0]) if str(exc) else type(exc).__name__
     low = str(exc).lower()
     if is_credential_error(exc) and (loc is None or loc.kind == "s3") and not isinstance(exc, PermissionError):
-        fix = (f"access was refused to the credentials used, {describe_aws_credentials()}: give them "
-               "read access (IAM policy, bucket policy) or use other credentials (AWS_ACCESS_KEY_ID/"
-               "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws); this is not a corrupt file, "
-               "data.on_corrupt does not apply")
+        fix = (
+            f"access was refused to the credentials used, {describe_aws_credentials()}: give them "
+            "read access (IAM policy, bucket policy) or use other credentials (AWS_ACCESS_KEY_ID/"
+            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws); this is not a corrupt file, "
+            "data.on_corrupt does not apply"
+        )
     elif is_credential_error(exc):
         fix = "permission denied: check the file's permissions (data.on_corrupt does not apply)"
     elif any(k in low for k in ("nosuchbucket", "bucket does not exist", "not found", "404")):
@@ -136,7 +151,6 @@ def check_writable(loc: Location, root: str, where: str) -> None:
 
 
 def _hidden(rel: str) -> bool:
-
     """Dot files and ``_``-files (``_SUCCESS``, ``.crc``) written beside data by Spark & co."""
     return any(part.startswith((".", "_")) for part in rel.split("/") if part)
 
@@ -162,15 +176,15 @@ def list_files(path: str, loc: Location, suffix: str | tuple[str, ...] | None, w
                 infos = [info]
             elif info.type == pafs.FileType.Directory:
                 infos = [
-                    i for i in fs.get_file_info(pafs.FileSelector(p, recursive=True))
-                    if not _hidden(i.path[len(p):]) and (suffix is None or i.path.endswith(suffix))
+                    i
+                    for i in fs.get_file_info(pafs.FileSelector(p, recursive=True))
+                    if not _hidden(i.path[len(p) :]) and (suffix is None or i.path.endswith(suffix))
                 ]
             else:
                 raise FileNotFoundError(f"{uri(loc, p)} does not exist")
     except FileNotFoundError as exc:
         raise DataError(
-            f"{where}: {exc}: fix data.sources, or use `path: demo` (`raydrat data demo` "
-            "builds the demo corpus)"
+            f"{where}: {exc}: fix data.sources, or use `path: demo` (`raydrat data demo` builds the demo corpus)"
         ) from None
     except OSError as exc:
         raise describe_os_error(where, exc) from None
@@ -243,5 +257,5 @@ def _s3_etag(loc: Location, path: str) -> str | None:
         bucket, key = path.split("/", 1)
         client = boto3.client("s3", endpoint_url=loc.endpoint_url, region_name=loc.region or None)
         return client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
-    except Exception:  # noqa: BLE001 - the fingerprint is best effort; size is still there
+    except Exception:
         return None

@@ -119,9 +119,7 @@ def load_tokenizer(path: str | Path, vocab_size: int, eod_token: str | None = No
     given = Path(path)
     path = resolve_tokenizer_file(given)
     if not path.is_file():
-        raise DataError(
-            f"tokenizer {given} not found: run `raydrat data demo` or set data.tokenizer_path"
-        )
+        raise DataError(f"tokenizer {given} not found: run `raydrat data demo` or set data.tokenizer_path")
     try:
         tok = tokenizer_from_str(path.read_text(encoding="utf-8"))
     except Exception as exc:  # tokenizers raises plain Exception subclasses
@@ -171,8 +169,7 @@ def special_ids(
     if pad_id is None:
         pad_id = eod_id
         if announce:
-            log.warning("%s has no pad token: padding with its end-of-text token %s (id %d)",
-                        origin, eod_token, eod_id)
+            log.warning("%s has no pad token: padding with its end-of-text token %s (id %d)", origin, eod_token, eod_id)
     return eod_id, pad_id
 
 

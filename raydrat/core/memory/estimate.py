@@ -111,7 +111,15 @@ def branch_costs(cfg: RaydratConfig, device: str, precision: str, batch_size: in
     mc = cfg.model
     e = _compute_bytes(precision)
     mixed = e != 4
-    B, T, C, H, K, F, D = batch_size or cfg.train.batch_size, mc.seq_len, mc.d_model, mc.n_head, mc.kv_heads, mc.ff_dim, mc.head_dim
+    B, T, C, H, K, F, D = (
+        batch_size or cfg.train.batch_size,
+        mc.seq_len,
+        mc.d_model,
+        mc.n_head,
+        mc.kv_heads,
+        mc.ff_dim,
+        mc.head_dim,
+    )
     BT, KD = B * T, K * D
     drop = mc.dropout > 0
 
@@ -156,8 +164,12 @@ def branch_costs(cfg: RaydratConfig, device: str, precision: str, batch_size: in
 
 def sdpa_takes_grouped_heads(mc, device: str, dtype: torch.dtype) -> bool:
     """Whether the model hands SDPA its ``n_kv_head`` key/value heads unrepeated."""
-    return (mc.kv_heads != mc.n_head and SDPA_ENABLE_GQA and mc.attention_backend in GQA_BACKENDS
-            and sdpa_grouped_heads(device, dtype))
+    return (
+        mc.kv_heads != mc.n_head
+        and SDPA_ENABLE_GQA
+        and mc.attention_backend in GQA_BACKENDS
+        and sdpa_grouped_heads(device, dtype)
+    )
 
 
 def _norm_bytes(mc, BT: int) -> int:
@@ -231,8 +243,6 @@ def activation_plan_bounds(cfg: RaydratConfig, device: str, precision: str) -> t
     elif cfg.recompute.granularity == "op":
         base = sum(c.input_bytes for c in costs if c.kind == "attn") + outside
     return base, top
-
-
 
 
 @dataclass(frozen=True)
@@ -321,8 +331,9 @@ def _branch_backward_bytes(mc: ModelConfig, kind: str, BT: int, e: int) -> int:
     return C * F * w + (2 if mc.gated_mlp else 1) * BT * F * e
 
 
-def estimate_memory(cfg: RaydratConfig, device: str = "cpu", precision: str = "fp32",
-                    plan: StepPlan | None = None) -> MemoryEstimate:
+def estimate_memory(
+    cfg: RaydratConfig, device: str = "cpu", precision: str = "fp32", plan: StepPlan | None = None
+) -> MemoryEstimate:
     """Predicted peak bytes PyTorch's allocator holds in a steady training step of ``cfg``
     (a :class:`RaydratConfig`), per worker: the highest point over the phases of the step
     as :func:`raydrat.core.step.train_step` runs them, each micro-batch of the accumulation.
@@ -351,7 +362,12 @@ def estimate_memory(cfg: RaydratConfig, device: str = "cpu", precision: str = "f
     B, T, C, V = cfg.train.batch_size, mc.seq_len, mc.d_model, mc.vocab_size
     BT = B * T
     layout = _layout(mc)
-    shapes, attn_params, mlp_params, buffers = list(layout.shapes), layout.attn_bytes, layout.mlp_bytes, layout.buffer_bytes
+    shapes, attn_params, mlp_params, buffers = (
+        list(layout.shapes),
+        layout.attn_bytes,
+        layout.mlp_bytes,
+        layout.buffer_bytes,
+    )
     params = 4 * sum(shapes)
     optimizer = _optimizer_state_bytes_for(_trained_shapes(cfg, layout), cfg.optim.name)
 
@@ -474,8 +490,16 @@ def estimate_memory(cfg: RaydratConfig, device: str = "cpu", precision: str = "f
 # -- FSDP (issue 13): the training state divided by the workers ---------------------------
 
 
-def _fsdp_phases(cfg: RaydratConfig, layout: _Layout, params: int, buffers: int, optimizer: int, grads_all: int,
-                 at: dict[str, dict[str, int]], accumulating: bool) -> tuple[dict[str, dict[str, int]], dict]:
+def _fsdp_phases(
+    cfg: RaydratConfig,
+    layout: _Layout,
+    params: int,
+    buffers: int,
+    optimizer: int,
+    grads_all: int,
+    at: dict[str, dict[str, int]],
+    accumulating: bool,
+) -> tuple[dict[str, dict[str, int]], dict]:
     """``scaling.strategy=fsdp`` (``fully_shard`` per block, then the root): each worker holds
     ``1 / W`` of the parameters, gradients and optimizer state (``W = scaling.num_workers``;
     buffers are replicated), plus, in forward and backward, the unsharded parameters of the
@@ -490,14 +514,25 @@ def _fsdp_phases(cfg: RaydratConfig, layout: _Layout, params: int, buffers: int,
     root = max(0, params - cfg.model.n_layer * block)
     gathered_params = min(params, root + 2 * block)
     gathered_grads = min(params, root + block)
-    sharded = {"params": math.ceil(params / W) + buffers, "grads": math.ceil(grads_all / W),
-               "optimizer": math.ceil(optimizer / W)}
+    sharded = {
+        "params": math.ceil(params / W) + buffers,
+        "grads": math.ceil(grads_all / W),
+        "optimizer": math.ceil(optimizer / W),
+    }
     out = {}
     for phase, parts in at.items():
         g = parts["grads"]
         if phase == "optimizer" or not accumulating:
             g = math.ceil(g / W) + (min(g, gathered_grads) if phase == "layers_backward" else 0)
-        out[phase] = {"params": sharded["params"] + (0 if phase == "optimizer" else gathered_params),
-                      "optimizer": sharded["optimizer"], **parts, "grads": g}
-    return out, {"workers": W, "sharded": sharded, "replicated_buffers": buffers,
-                 "gathered": {"params": gathered_params, "grads": gathered_grads, "optimizer": 0}}
+        out[phase] = {
+            "params": sharded["params"] + (0 if phase == "optimizer" else gathered_params),
+            "optimizer": sharded["optimizer"],
+            **parts,
+            "grads": g,
+        }
+    return out, {
+        "workers": W,
+        "sharded": sharded,
+        "replicated_buffers": buffers,
+        "gathered": {"params": gathered_params, "grads": gathered_grads, "optimizer": 0},
+    }

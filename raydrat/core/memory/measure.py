@@ -89,11 +89,10 @@ def saved_activation_bytes(
     (e.g. ``active_slots``) are passed to the model.
     """
     exclude = {
-        t.untyped_storage().data_ptr()
-        for t in itertools.chain(model.parameters(), model.buffers(), (idx, targets))
+        t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers(), (idx, targets))
     }
     recorder = _StorageRecorder(exclude)
-    with recorder, (context if context is not None else contextlib.nullcontext()):
+    with recorder, context if context is not None else contextlib.nullcontext():
         logits, loss = model(idx, targets, **forward_kwargs)
     del logits
     nbytes = recorder.alive_bytes()
@@ -124,7 +123,6 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
             if isinstance(v, torch.Tensor):
                 storages[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
     return sum(storages.values())
-
 
 
 # --------------------------------------------------------------------------------------
@@ -202,8 +200,7 @@ def measure_branch_costs(
     branches = list(iter_branches(model))
     flags = [b.enabled if isinstance(b, CheckpointWrapper) else None for *_, b in branches]
     exclude = {
-        t.untyped_storage().data_ptr()
-        for t in itertools.chain(model.parameters(), model.buffers(), (idx, targets))
+        t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers(), (idx, targets))
     }
     counter = flop_counter()
     recorder = _TaggedRecorder(exclude, counter)
@@ -216,6 +213,7 @@ def measure_branch_costs(
             recorder.current = i
             inputs[i] = args[0].numel() * args[0].element_size()
             start_flops[i] = counter.get_total_flops()
+
         return hook
 
     def post(_module, _args, _out):
@@ -226,7 +224,7 @@ def measure_branch_costs(
             if isinstance(b, CheckpointWrapper):
                 b.enabled = False
             handles += [b.register_forward_pre_hook(pre(i)), b.register_forward_hook(post)]
-        with counter, recorder, (context if context is not None else contextlib.nullcontext()):
+        with counter, recorder, context if context is not None else contextlib.nullcontext():
             logits, loss = model(idx, targets)
         del logits
         alive = recorder.alive_ptrs()

@@ -56,9 +56,15 @@ import torch
 from torch.autograd import profiler as autograd_profiler
 from torch.autograd.profiler import record_function
 
-FORWARD, BACKWARD, OPTIMIZER, ZERO_GRAD = "raydrat/forward", "raydrat/backward", "raydrat/optimizer", "raydrat/zero_grad"
+FORWARD, BACKWARD, OPTIMIZER, ZERO_GRAD = (
+    "raydrat/forward",
+    "raydrat/backward",
+    "raydrat/optimizer",
+    "raydrat/zero_grad",
+)
 """The phase markers :func:`raydrat.core.step.train_step` opens (``record_function`` names)."""
 PHASES = (FORWARD, BACKWARD, OPTIMIZER, ZERO_GRAD)
+
 
 @dataclass
 class Timeline:
@@ -71,11 +77,12 @@ class Timeline:
     regions: dict[str, list[tuple[int, int]]]
 
     @classmethod
-    def from_profile(cls, prof: autograd_profiler.profile, device_type: str) -> "Timeline":
+    def from_profile(cls, prof: autograd_profiler.profile, device_type: str) -> Timeline:
         events = prof.kineto_results.events()
         want = torch.device(device_type).type
         memory = sorted(
-            (e.start_ns(), e.nbytes()) for e in events
+            (e.start_ns(), e.nbytes())
+            for e in events
             if e.name() == "[memory]" and str(e.device_type()).split(".")[-1].lower() == want
         )
         regions: dict[str, list[tuple[int, int]]] = {}
@@ -127,7 +134,7 @@ class AllocatorTrace:
         self.prof = autograd_profiler.profile(use_cpu=True, profile_memory=True, use_kineto=True)
         self.prof.__enter__()
 
-    def acquire(self, reader: "PeakMemory") -> bool:
+    def acquire(self, reader: PeakMemory) -> bool:
         """Hold the session for ``reader`` (starting it); False when another profiler runs
         in this process (the user's own): then nothing is sampled."""
         if self.prof is None:
@@ -211,9 +218,21 @@ class StepMemory:
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-        "fordblks", "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def _malloc_in_use_fn():
@@ -382,10 +401,13 @@ class PeakMemory:
             if kind == "train":
                 phases = {}
                 for phase in PHASES:
-                    phases[phase] = [(tl.level(x) - start, tl.level(y) - start, tl.peak(x, y) - start)
-                                     for x, y in tl.spans(phase, a, b)]
-                self.steps[step] = StepMemory(step, self.persistent, self.persistent + tl.peak(a, b) - start,
-                                              phases, self._plans.get(step))
+                    phases[phase] = [
+                        (tl.level(x) - start, tl.level(y) - start, tl.peak(x, y) - start)
+                        for x, y in tl.spans(phase, a, b)
+                    ]
+                self.steps[step] = StepMemory(
+                    step, self.persistent, self.persistent + tl.peak(a, b) - start, phases, self._plans.get(step)
+                )
             elif kind == "plan":
                 self.plan_peaks[step] = self.persistent + tl.peak(a, b) - start
             elif step is None:

@@ -56,11 +56,10 @@ class ModelConfig(BaseModel):
     match the config's shapes; a mismatch names the parameter and both shapes."""
 
     @model_validator(mode="after")
-    def _check_shapes(self) -> "ModelConfig":
+    def _check_shapes(self) -> ModelConfig:
         if self.d_model % self.n_head:
             raise ValueError(
-                f"model.d_model ({self.d_model}) must be divisible by model.n_head "
-                f"({self.n_head}): change one of them"
+                f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head}): change one of them"
             )
         if (self.d_model // self.n_head) % 2:
             raise ValueError(

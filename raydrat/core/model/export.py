@@ -47,8 +47,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from raydrat.config.base import ConfigError
-from raydrat.core.model.config import ModelConfig
 from raydrat.core.data.tokenizer import load_tokenizer, resolve_tokenizer_file, tokenizer_special_ids
+from raydrat.core.model.config import ModelConfig
 from raydrat.core.model.transformer import GPT, NORM_EPS
 
 LLAMA = "LlamaForCausalLM"
@@ -195,8 +195,9 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
                 out[q + theirs + ".weight"] = w
                 out[q + theirs + ".bias"] = sd.get(p + ours + ".bias", _zeros_like_bias(w))
             qkv = [sd[f"{p}attn_branch.layer.{n}_proj.weight"] for n in "qkv"]
-            out[q + "attention.query_key_value.weight"] = torch.stack(
-                [w.view(H, D, -1) for w in qkv], dim=1).reshape(3 * H * D, -1)  # per head: q, k, v rows
+            out[q + "attention.query_key_value.weight"] = torch.stack([w.view(H, D, -1) for w in qkv], dim=1).reshape(
+                3 * H * D, -1
+            )  # per head: q, k, v rows
             biases = [sd.get(f"{p}attn_branch.layer.{n}_proj.bias", _zeros_like_bias(w)) for n, w in zip("qkv", qkv)]
             out[q + "attention.query_key_value.bias"] = torch.stack([b.view(H, D) for b in biases], dim=1).reshape(-1)
     if not cfg.tie_embeddings:
@@ -221,8 +222,11 @@ def _check_hf_options(hf: dict[str, Any], cfg: ModelConfig, where: str) -> str:
     except ConfigError as exc:
         raise _mismatch(where, f"is {arch}, but raydrat's config has no transformers counterpart: {exc}") from None
     if arch != expected:
-        raise _mismatch(where, f"is a {arch}, the config's model is a {expected} "
-                        "(model.norm / model.activation / model.n_kv_head): set them to the export's architecture")
+        raise _mismatch(
+            where,
+            f"is a {arch}, the config's model is a {expected} "
+            "(model.norm / model.activation / model.n_kv_head): set them to the export's architecture",
+        )
     want = hf_config(cfg)
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     theta = rope.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
@@ -234,7 +238,12 @@ def _check_hf_options(hf: dict[str, Any], cfg: ModelConfig, where: str) -> str:
     ]
     if arch == LLAMA:
         checks += [
-            ("num_key_value_heads", hf.get("num_key_value_heads") or hf.get("num_attention_heads"), cfg.kv_heads, "model.n_kv_head"),
+            (
+                "num_key_value_heads",
+                hf.get("num_key_value_heads") or hf.get("num_attention_heads"),
+                cfg.kv_heads,
+                "model.n_kv_head",
+            ),
             ("rms_norm_eps", hf.get("rms_norm_eps"), NORM_EPS, None),
             ("attention_bias", bool(hf.get("attention_bias", False)), cfg.bias, "model.bias"),
             ("mlp_bias", bool(hf.get("mlp_bias", False)), cfg.bias, "model.bias"),
@@ -246,7 +255,11 @@ def _check_hf_options(hf: dict[str, Any], cfg: ModelConfig, where: str) -> str:
             ("use_parallel_residual", hf.get("use_parallel_residual", True), False, None),
         ]
     for key, theirs, ours, option in checks:
-        same = math.isclose(theirs, ours, rel_tol=1e-9) if isinstance(ours, float) and isinstance(theirs, (int, float)) else theirs == ours
+        same = (
+            math.isclose(theirs, ours, rel_tol=1e-9)
+            if isinstance(ours, float) and isinstance(theirs, (int, float))
+            else theirs == ours
+        )
         if not same:
             fix = f"set {option} to match" if option else "raydrat has no setting for it"
             raise _mismatch(where, f"config.json has {key}={theirs!r} where raydrat's model needs {ours!r}: {fix}")
@@ -255,22 +268,28 @@ def _check_hf_options(hf: dict[str, Any], cfg: ModelConfig, where: str) -> str:
     return arch
 
 
-def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], arch: str, cfg: ModelConfig, where: str = "the export") -> dict[str, torch.Tensor]:
+def from_hf_state_dict(
+    hf_sd: dict[str, torch.Tensor], arch: str, cfg: ModelConfig, where: str = "the export"
+) -> dict[str, torch.Tensor]:
     """The raydrat state dict (for ``cfg``) held by transformers weights ``hf_sd``."""
     sd = {k.removeprefix("_orig_mod."): v for k, v in hf_sd.items()}
     if "embed_out.weight" in sd:  # GPT-NeoX's older name of the head
         sd["lm_head.weight"] = sd.pop("embed_out.weight")
     layers = {int(k.split(".")[2]) for k in sd if k.startswith(("model.layers.", "gpt_neox.layers."))}
     if len(layers) != cfg.n_layer:
-        raise _mismatch(where, f"has {len(layers)} layers but model.n_layer is {cfg.n_layer}: "
-                        f"set model.n_layer: {len(layers)}")
+        raise _mismatch(
+            where, f"has {len(layers)} layers but model.n_layer is {cfg.n_layer}: set model.n_layer: {len(layers)}"
+        )
     out: dict[str, torch.Tensor] = {}
     sources: dict[int, str] = {}  # id(tensor) -> its name in the export, for error messages
 
     def take(name: str) -> torch.Tensor:
         if name not in sd:
-            raise _mismatch(where, f"has no parameter {name}: the export does not match the config "
-                            f"(model.n_layer={cfg.n_layer}, model.bias={cfg.bias})")
+            raise _mismatch(
+                where,
+                f"has no parameter {name}: the export does not match the config "
+                f"(model.n_layer={cfg.n_layer}, model.bias={cfg.bias})",
+            )
         sources[id(sd[name])] = name
         return sd[name]
 
@@ -305,8 +324,11 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], arch: str, cfg: ModelConf
                     zero_bias(q + theirs + ".bias")
             w = take(q + "attention.query_key_value.weight")
             if w.shape != (3 * H * D, cfg.d_model):
-                raise _mismatch(where, f"{q}attention.query_key_value.weight has shape {tuple(w.shape)} "
-                                f"but raydrat's q/k/v projections need {(3 * H * D, cfg.d_model)}")
+                raise _mismatch(
+                    where,
+                    f"{q}attention.query_key_value.weight has shape {tuple(w.shape)} "
+                    f"but raydrat's q/k/v projections need {(3 * H * D, cfg.d_model)}",
+                )
             for n, part in zip("qkv", w.view(H, 3, D, -1).unbind(1)):
                 out[f"{p}attn_branch.layer.{n}_proj.weight"] = part.reshape(H * D, -1)
             b = sd.get(q + "attention.query_key_value.bias")
@@ -335,8 +357,9 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def export_tokenizer(tokenizer_path: str | Path, out_dir: str | Path, cfg: ModelConfig,
-                     eod_token: str | None = None) -> tuple[int, int]:
+def export_tokenizer(
+    tokenizer_path: str | Path, out_dir: str | Path, cfg: ModelConfig, eod_token: str | None = None
+) -> tuple[int, int]:
     """Write ``tokenizer.json`` and ``tokenizer_config.json`` (end-of-text and pad tokens
     named) into ``out_dir`` so that ``AutoTokenizer.from_pretrained`` loads them; returns
     ``(eos_id, pad_id)``. The tokenizer must fit ``cfg.vocab_size``."""
@@ -346,21 +369,29 @@ def export_tokenizer(tokenizer_path: str | Path, out_dir: str | Path, cfg: Model
     out = Path(out_dir)
     shutil.copyfile(src, out / "tokenizer.json")
     eos, pad = tok.id_to_token(eos_id), tok.id_to_token(pad_id)
-    _write_json(out / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": eos,
-        "pad_token": pad,
-        "bos_token": None,
-        "unk_token": None,
-        "model_max_length": cfg.seq_len,
-        "clean_up_tokenization_spaces": False,
-    })
+    _write_json(
+        out / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": eos,
+            "pad_token": pad,
+            "bos_token": None,
+            "unk_token": None,
+            "model_max_length": cfg.seq_len,
+            "clean_up_tokenization_spaces": False,
+        },
+    )
     _write_json(out / "special_tokens_map.json", {"eos_token": eos, "pad_token": pad})
     return eos_id, pad_id
 
 
-def export_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path,
-              tokenizer_path: str | Path | None = None, eod_token: str | None = None) -> Path:
+def export_hf(
+    state: dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    out_dir: str | Path,
+    tokenizer_path: str | Path | None = None,
+    eod_token: str | None = None,
+) -> Path:
     """Write a transformers model directory (``config.json``, ``model.safetensors``, and
     the tokenizer files when ``tokenizer_path`` is given). Refuses, before writing anything,
     a model no transformers architecture computes exactly."""
@@ -377,8 +408,9 @@ def export_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | P
     return out
 
 
-def export_safetensors(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path,
-                       config: dict[str, Any] | None = None) -> Path:
+def export_safetensors(
+    state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path, config: dict[str, Any] | None = None
+) -> Path:
     """Write ``model.safetensors`` (raydrat's parameter names; a tied head stored once) and
     ``raydrat_config.json`` (the model config, and the whole run ``config`` if given)."""
     out = Path(out_dir)
@@ -386,8 +418,9 @@ def export_safetensors(state: dict[str, torch.Tensor], cfg: ModelConfig, out_dir
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     if cfg.tie_embeddings:
         tensors.pop("lm_head.weight", None)
-    _write_json(out / RAYDRAT_CONFIG, {"format": SAFETENSORS_FORMAT, "model": cfg.model_dump(mode="json"),
-                                       "config": config})
+    _write_json(
+        out / RAYDRAT_CONFIG, {"format": SAFETENSORS_FORMAT, "model": cfg.model_dump(mode="json"), "config": config}
+    )
     _save(tensors, out / WEIGHTS)
     return out
 
@@ -399,8 +432,11 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         return {k: v for f in files for k, v in load_file(str(path / f)).items()}
     if (path / WEIGHTS).is_file():
         return load_file(str(path / WEIGHTS))
-    raise _mismatch(path, f"has no {WEIGHTS}: export it with `raydrat export --format hf` or save it with "
-                    "save_pretrained(safe_serialization=True)")
+    raise _mismatch(
+        path,
+        f"has no {WEIGHTS}: export it with `raydrat export --format hf` or save it with "
+        "save_pretrained(safe_serialization=True)",
+    )
 
 
 def load_pretrained(path: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -409,8 +445,9 @@ def load_pretrained(path: str | Path, cfg: ModelConfig) -> dict[str, torch.Tenso
     (``raydrat_config.json``). Mismatched options and shapes are named with both values."""
     where = Path(path)
     if not where.is_dir():
-        raise _mismatch(where, "is not a directory: give an exported model directory (config.json or "
-                        f"{RAYDRAT_CONFIG} inside)")
+        raise _mismatch(
+            where, f"is not a directory: give an exported model directory (config.json or {RAYDRAT_CONFIG} inside)"
+        )
     if (where / RAYDRAT_CONFIG).is_file():
         meta = json.loads((where / RAYDRAT_CONFIG).read_text())
         state = _read_weights(where)
@@ -419,15 +456,21 @@ def load_pretrained(path: str | Path, cfg: ModelConfig) -> dict[str, torch.Tenso
         saved = ModelConfig(**meta["model"])
         for key in ("norm", "activation", "n_head", "n_kv_head", "rope_theta", "tie_embeddings", "bias"):
             if getattr(saved, key) != getattr(cfg, key):
-                raise _mismatch(where, f"was saved with model.{key}={getattr(saved, key)!r} but the config has "
-                                f"{getattr(cfg, key)!r}: set model.{key}: {getattr(saved, key)}")
+                raise _mismatch(
+                    where,
+                    f"was saved with model.{key}={getattr(saved, key)!r} but the config has "
+                    f"{getattr(cfg, key)!r}: set model.{key}: {getattr(saved, key)}",
+                )
     elif (where / "config.json").is_file():
         hf = json.loads((where / "config.json").read_text())
         arch = _check_hf_options(hf, cfg, str(where))
         state = from_hf_state_dict(_read_weights(where), arch, cfg, str(where))
     else:
-        raise _mismatch(where, f"has neither config.json (transformers) nor {RAYDRAT_CONFIG} (raydrat): "
-                        "give a directory written by `raydrat export`")
+        raise _mismatch(
+            where,
+            f"has neither config.json (transformers) nor {RAYDRAT_CONFIG} (raydrat): "
+            "give a directory written by `raydrat export`",
+        )
     check_shapes(state, cfg, str(where))
     return state
 
@@ -443,8 +486,9 @@ def _shape_options(name: str) -> str:
     return "model.d_model and model.n_head"
 
 
-def check_shapes(state: dict[str, torch.Tensor], cfg: ModelConfig, where: str,
-                 sources: dict[str, str] | None = None) -> None:
+def check_shapes(
+    state: dict[str, torch.Tensor], cfg: ModelConfig, where: str, sources: dict[str, str] | None = None
+) -> None:
     """Every parameter of a ``GPT(cfg)`` is in ``state`` with its shape. ``sources``: the
     export's name of each raydrat parameter, for the message."""
     sources = sources or {}
@@ -455,8 +499,11 @@ def check_shapes(state: dict[str, torch.Tensor], cfg: ModelConfig, where: str,
             raise _mismatch(where, f"has no {name}: the export does not match the config")
         if tuple(state[name].shape) != tuple(tensor.shape):
             theirs = f"{sources[name]} (raydrat's {name})" if name in sources else name
-            raise _mismatch(where, f"{theirs} has shape {tuple(state[name].shape)} but the config's model "
-                            f"needs {tuple(tensor.shape)}: set {_shape_options(name)} to the export's")
+            raise _mismatch(
+                where,
+                f"{theirs} has shape {tuple(state[name].shape)} but the config's model "
+                f"needs {tuple(tensor.shape)}: set {_shape_options(name)} to the export's",
+            )
     extra = sorted(set(state) - set(expected))
     if extra:
         raise _mismatch(where, f"has parameters the config's model lacks: {', '.join(extra[:5])}")

@@ -27,8 +27,10 @@ from raydrat.core.model.transformer import GPT
 from raydrat.core.state import STATE_FILE, load_state, newest_complete, verify_checkpoint
 
 CHECKPOINT_GLOB = "checkpoint_*"
-WHAT_TO_GIVE = ("give a checkpoint directory (checkpoint_* with state.pt), a run directory or run name "
-                "under train.storage_path, or a directory written by `raydrat export`")
+WHAT_TO_GIVE = (
+    "give a checkpoint directory (checkpoint_* with state.pt), a run directory or run name "
+    "under train.storage_path, or a directory written by `raydrat export`"
+)
 
 
 @dataclass
@@ -59,8 +61,10 @@ def resolve_source(where: str | Path, storage_path: str | Path = "ray_results") 
     if (path / STATE_FILE).is_file():
         reason = verify_checkpoint(path)
         if reason is not None:
-            raise ConfigError(f"checkpoint {path} is incomplete ({reason}): give another checkpoint of the run, "
-                              "or the run directory for its newest complete one")
+            raise ConfigError(
+                f"checkpoint {path} is incomplete ({reason}): give another checkpoint of the run, "
+                "or the run directory for its newest complete one"
+            )
         return path
     if _is_export(path):
         return path
@@ -71,8 +75,10 @@ def resolve_source(where: str | Path, storage_path: str | Path = "ray_results") 
             why = "; ".join(f"{Path(d).name}: {r}" for d, r in skipped)
             raise ConfigError(f"run {path} has no complete checkpoint ({why}): train it further or resume it")
         return Path(chosen)
-    raise ConfigError(f"{where} is not a raydrat checkpoint, run or export (no {STATE_FILE}, no "
-                      f"{CHECKPOINT_GLOB}, no config.json or {RAYDRAT_CONFIG}): {WHAT_TO_GIVE}")
+    raise ConfigError(
+        f"{where} is not a raydrat checkpoint, run or export (no {STATE_FILE}, no "
+        f"{CHECKPOINT_GLOB}, no config.json or {RAYDRAT_CONFIG}): {WHAT_TO_GIVE}"
+    )
 
 
 def _export_configs(d: Path) -> tuple[ModelConfig, RaydratConfig | None]:
@@ -82,8 +88,10 @@ def _export_configs(d: Path) -> tuple[ModelConfig, RaydratConfig | None]:
         return ModelConfig(**meta["model"]), run
     hf = json.loads((d / "config.json").read_text())
     if RAYDRAT_MODEL_KEY not in hf:
-        raise ConfigError(f"{d}/config.json was not written by `raydrat export` (no {RAYDRAT_MODEL_KEY} key): "
-                          "load it with model.init_from under a config of its architecture instead")
+        raise ConfigError(
+            f"{d}/config.json was not written by `raydrat export` (no {RAYDRAT_MODEL_KEY} key): "
+            "load it with model.init_from under a config of its architecture instead"
+        )
     return ModelConfig(**hf[RAYDRAT_MODEL_KEY]), None
 
 
@@ -102,24 +110,29 @@ def run_tokenizer(cfg: RaydratConfig, checkpoint: Path) -> Path:
     return resolve_tokenizer_path(cfg.data, cfg.model.vocab_size)
 
 
-def load_model(where: str | Path, storage_path: str | Path = "ray_results",
-               device: torch.device | str = "cpu") -> LoadedModel:
+def load_model(
+    where: str | Path, storage_path: str | Path = "ray_results", device: torch.device | str = "cpu"
+) -> LoadedModel:
     """The model ``where`` names, in eval mode on ``device``, with its config and tokenizer."""
     src = resolve_source(where, storage_path)
     if (src / STATE_FILE).is_file():
         try:
             state = load_state(str(src))
             cfg = RaydratConfig.model_validate(state["config"])
-        except Exception as exc:  # noqa: BLE001 - a torn or foreign state.pt: one line
-            raise ConfigError(f"{src / STATE_FILE} is not a raydrat checkpoint ({type(exc).__name__}: {exc}): "
-                              f"{WHAT_TO_GIVE}") from None
+        except Exception as exc:
+            raise ConfigError(
+                f"{src / STATE_FILE} is not a raydrat checkpoint ({type(exc).__name__}: {exc}): {WHAT_TO_GIVE}"
+            ) from None
         mcfg, weights, step = cfg.model, state["model"], state.get("step")
         tok = run_tokenizer(cfg, src)
     else:
         mcfg, cfg = _export_configs(src)
         weights, step = load_pretrained(src, mcfg), None
-        tok = src / HF_TOKENIZER_FILE if (src / HF_TOKENIZER_FILE).is_file() else (
-            resolve_tokenizer_path(cfg.data, mcfg.vocab_size) if cfg is not None else None)
+        tok = (
+            src / HF_TOKENIZER_FILE
+            if (src / HF_TOKENIZER_FILE).is_file()
+            else (resolve_tokenizer_path(cfg.data, mcfg.vocab_size) if cfg is not None else None)
+        )
     model = GPT(mcfg)
     model.load_state_dict(weights)
     model.to(device).eval()

@@ -175,9 +175,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.n_head % cfg.kv_heads:
-            raise ValueError(
-                f"model.n_head ({cfg.n_head}) must be divisible by model.n_kv_head ({cfg.kv_heads})"
-            )
+            raise ValueError(f"model.n_head ({cfg.n_head}) must be divisible by model.n_kv_head ({cfg.kv_heads})")
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.d_model, self.n_head * self.head_dim, bias=cfg.bias)
         self.k_proj = nn.Linear(cfg.d_model, self.n_kv_head * self.head_dim, bias=cfg.bias)
@@ -209,7 +207,11 @@ class Attention(nn.Module):
             elif start:  # query i (position start + i) sees keys 0 .. start + i
                 mask, causal = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(start), False
         gqa = {}
-        if self.n_kv_head != self.n_head and self.enable_gqa and sdpa_grouped_heads(q.device.type, q.dtype, mask is not None):
+        if (
+            self.n_kv_head != self.n_head
+            and self.enable_gqa
+            and sdpa_grouped_heads(q.device.type, q.dtype, mask is not None)
+        ):
             gqa = {"enable_gqa": True}
         elif self.n_kv_head != self.n_head:  # each kv head serves H / K consecutive query heads
             repeats = self.n_head // self.n_kv_head
@@ -217,8 +219,13 @@ class Attention(nn.Module):
             v = v.repeat_interleave(repeats, dim=1)  # (B, H, T, D)
         with sdpa_backend(self.backend):
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal,
-                dropout_p=self.dropout if self.training else 0.0, **gqa,
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=causal,
+                dropout_p=self.dropout if self.training else 0.0,
+                **gqa,
             )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
         return self.out_proj(y)  # (B, T, C)

@@ -39,7 +39,7 @@ class Techniques:
     sync: SyncStrategy = field(default_factory=lambda: SyncStrategy(SyncConfig(), 1))
 
     @classmethod
-    def plain(cls, n_layer: int, device: torch.device | str = "cpu") -> "Techniques":
+    def plain(cls, n_layer: int, device: torch.device | str = "cpu") -> Techniques:
         """fp32, every layer, nothing recomputed, one worker."""
         device = torch.device(device)
         return cls(NoRecompute(n_layer), SlotSchedule(SlotsConfig(), n_layer, 1), Precision("fp32", device))
@@ -62,7 +62,9 @@ class Techniques:
         keep = set(active)
         if self.recompute.granularity == "op":  # no per-branch flags: the config's plan
             return StepPlan(active, None)
-        stored = tuple(bool(s) for (layer, _), s in zip(self.recompute.branches, self.recompute.stored) if layer in keep)
+        stored = tuple(
+            bool(s) for (layer, _), s in zip(self.recompute.branches, self.recompute.stored) if layer in keep
+        )
         return StepPlan(active, stored)
 
     def all(self) -> list[Technique]:
@@ -90,12 +92,17 @@ def build_techniques(cfg: RaydratConfig, precision: str, device: torch.device, w
     tc = cfg.train
     prec = Precision(precision, device, tc.precision_fallback, tc.precision_fallback_after, tc.precision_fallback_steps)
     return Techniques(
-        recompute=build_recompute(cfg.recompute, cfg.model.n_layer, device, prec.autocast, compiled=tc.compile != "off"),
+        recompute=build_recompute(
+            cfg.recompute, cfg.model.n_layer, device, prec.autocast, compiled=tc.compile != "off"
+        ),
         slots=SlotSchedule(cfg.slots, cfg.model.n_layer, tc.steps, seed=tc.seed),
         precision=prec,
         compile=Compile(tc.compile),
-        sync=(FSDPStrategy(cfg.sync, world_size) if cfg.scaling.strategy == "fsdp" and world_size > 1
-              else build_strategy(cfg.sync, world_size, skips_layers=cfg.slots.mode != "all")),
+        sync=(
+            FSDPStrategy(cfg.sync, world_size)
+            if cfg.scaling.strategy == "fsdp" and world_size > 1
+            else build_strategy(cfg.sync, world_size, skips_layers=cfg.slots.mode != "all")
+        ),
     )
 
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import ContextManager, Iterator
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -52,8 +53,10 @@ class FSDPStrategy(SyncStrategy):
         bare = unwrap(model)
         layers = getattr(bare, "layers", None)
         if not isinstance(layers, torch.nn.ModuleDict):
-            raise ValueError("scaling.strategy=fsdp shards per transformer block: the model needs a `layers` "
-                             "ModuleDict (raydrat's GPT has one)")
+            raise ValueError(
+                "scaling.strategy=fsdp shards per transformer block: the model needs a `layers` "
+                "ModuleDict (raydrat's GPT has one)"
+            )
         for block in layers.values():
             fully_shard(block)
         fully_shard(bare)
@@ -63,11 +66,12 @@ class FSDPStrategy(SyncStrategy):
     def metrics(self) -> dict[str, float]:
         return {}  # FSDP's collectives run inside fully_shard: not counted here
 
-    def no_sync(self) -> ContextManager:
+    def no_sync(self) -> AbstractContextManager:
         return _no_gradient_sync(unwrap(self.model))
 
-    def save_sharded(self, directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     rank: int = 0) -> list[str]:
+    def save_sharded(
+        self, directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0
+    ) -> list[str]:
         """Every rank: its shards of model and optimizer into ``directory/dcp`` (a collective).
         Returns the files this rank is answerable for, relative to ``directory`` (its shard
         files; on rank 0 also DCP's ``.metadata``, written once every rank's shards are), for
@@ -127,8 +131,11 @@ def worker_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer)
     """What this worker holds of parameters, gradients and optimizer state, in bytes."""
     params = list({id(p): p for p in model.parameters()}.values())
     states = [v for p in params for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v)]
-    return {"params": local_bytes(params), "grads": local_bytes(p.grad for p in params),
-            "optimizer": local_bytes(states)}
+    return {
+        "params": local_bytes(params),
+        "grads": local_bytes(p.grad for p in params),
+        "optimizer": local_bytes(states),
+    }
 
 
 __all__ = ["DCP_DIR", "FSDPStrategy", "local_bytes", "worker_state_bytes"]

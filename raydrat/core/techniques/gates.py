@@ -48,7 +48,7 @@ activation is held: early layers are held through the whole backward);
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -66,8 +66,9 @@ class RecomputeGates(nn.Module):
     """The gate logits, their costs and (budget form) the Lagrange multiplier; knows
     nothing of the model's internals. Everything that evolves is in ``state_dict``."""
 
-    def __init__(self, branches: Sequence[tuple[int, str]], cfg: GatesConfig, n_layer: int,
-                 budget_mb: float | None = None):
+    def __init__(
+        self, branches: Sequence[tuple[int, str]], cfg: GatesConfig, n_layer: int, budget_mb: float | None = None
+    ):
         super().__init__()
         self.cfg = cfg
         self.budget_mb = budget_mb

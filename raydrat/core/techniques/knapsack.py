@@ -26,8 +26,8 @@ Default resolution: the smallest power of two that keeps the budget within
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

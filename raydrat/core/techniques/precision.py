@@ -106,11 +106,7 @@ class Precision(Technique):
             self._switch(step, self.base)
             self._fallback_until = None
             return f"step {step + 1}: precision back to {self.base}"
-        if (
-            self.fallback != "none"
-            and self.current == "fp16"
-            and self.skipped_in_row >= self.fallback_after
-        ):
+        if self.fallback != "none" and self.current == "fp16" and self.skipped_in_row >= self.fallback_after:
             self._switch(step, self.fallback)
             self._fallback_until = step + 1 + self.fallback_steps
             self.skipped_in_row = 0

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Callable, ContextManager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 from torch import nn
@@ -42,7 +43,7 @@ from raydrat.core.techniques.gates import RecomputeGates
 from raydrat.core.techniques.knapsack import BudgetBelowMinimum, solve_budget
 from raydrat.core.techniques.wrapper import CheckpointWrapper, apply_recompute, iter_branches, wrap_blocks
 
-Autocast = Callable[[], ContextManager]
+Autocast = Callable[[], AbstractContextManager]
 
 
 class RecomputePlanner(Technique):
@@ -270,8 +271,9 @@ class GatedRecompute(MeasuredPlanner):
 
     mode = "gated"
 
-    def __init__(self, n_layer: int, cfg: RecomputeConfig, device: torch.device,
-                 autocast: Autocast = contextlib.nullcontext):
+    def __init__(
+        self, n_layer: int, cfg: RecomputeConfig, device: torch.device, autocast: Autocast = contextlib.nullcontext
+    ):
         super().__init__(n_layer, autocast)
         self.cfg = cfg.gates
         self.budget_mb = cfg.budget_mb
@@ -357,8 +359,15 @@ class OpRecompute(RecomputePlanner):
 
     granularity = "op"
 
-    def __init__(self, n_layer: int, cfg: RecomputeConfig, device: torch.device, compiled: bool = False,
-                 autocast: Autocast = contextlib.nullcontext, costs: S.OpCosts | None = None):
+    def __init__(
+        self,
+        n_layer: int,
+        cfg: RecomputeConfig,
+        device: torch.device,
+        compiled: bool = False,
+        autocast: Autocast = contextlib.nullcontext,
+        costs: S.OpCosts | None = None,
+    ):
         super().__init__(n_layer, autocast)
         self.mode = cfg.mode
         self.cfg = cfg
@@ -415,7 +424,9 @@ class OpRecompute(RecomputePlanner):
         if self.op_plan is None:
             if self.costs is None:
                 if tokens is None:
-                    raise RuntimeError("recompute.granularity=op: pass a micro-batch to the first plan() to measure costs")
+                    raise RuntimeError(
+                        "recompute.granularity=op: pass a micro-batch to the first plan() to measure costs"
+                    )
                 self.costs = S.measure_op_costs(self.model, tokens[:, :-1], tokens[:, 1:], self.autocast())
             self._make_plan()
         return self.stored
@@ -444,8 +455,10 @@ class OpRecompute(RecomputePlanner):
         if self.op_plan is None:
             return {}
         n = max(1, len(self.costs.items(self.compiled)))
-        return {M.ACTIVATION_BYTES: float(self.op_plan.predicted_bytes),
-                M.STORED_FRACTION: len(set(self.op_plan.saved) - set(self.costs.anchors)) / n}
+        return {
+            M.ACTIVATION_BYTES: float(self.op_plan.predicted_bytes),
+            M.STORED_FRACTION: len(set(self.op_plan.saved) - set(self.costs.anchors)) / n,
+        }
 
     def state_dict(self) -> dict:
         """The gates and their optimizer (``gated``); costs are measured again on resume."""
@@ -458,8 +471,13 @@ class OpRecompute(RecomputePlanner):
         self._pending = dict(state) if state else None
 
 
-def build_recompute(cfg: RecomputeConfig, n_layer: int, device: torch.device,
-                    autocast: Autocast = contextlib.nullcontext, compiled: bool = False) -> RecomputePlanner:
+def build_recompute(
+    cfg: RecomputeConfig,
+    n_layer: int,
+    device: torch.device,
+    autocast: Autocast = contextlib.nullcontext,
+    compiled: bool = False,
+) -> RecomputePlanner:
     """The planner ``cfg.mode`` names. ``autocast`` wraps the cost measurement's forward
     (the run's precision), so measured bytes are those training will keep; ``compiled``
     (``train.compile`` on) makes op-level plans for the compiled graph."""

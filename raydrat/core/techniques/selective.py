@@ -67,8 +67,9 @@ import statistics
 import time
 import weakref
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -78,7 +79,13 @@ from torch.utils.checkpoint import SAC_IGNORED_OPS, CheckpointPolicy, checkpoint
 
 from raydrat.config.recompute import GatesConfig
 from raydrat.core.techniques.gates import RecomputeGates
-from raydrat.core.techniques.knapsack import BucketKnapsack, BudgetBelowMinimum, bucket_resolution, solve_groups, to_buckets
+from raydrat.core.techniques.knapsack import (
+    BucketKnapsack,
+    BudgetBelowMinimum,
+    bucket_resolution,
+    solve_groups,
+    to_buckets,
+)
 from raydrat.core.techniques.wrapper import CheckpointWrapper, iter_branches
 
 PRE, POST = "pre", "post"
@@ -101,10 +108,18 @@ def _resolve_ops(names: Iterable[str]) -> frozenset:
 
 COMPUTE_OPS = _resolve_ops(
     [
-        "mm.default", "addmm.default", "bmm.default", "baddbmm.default", "convolution.default", "_scaled_mm.default",
-        "_scaled_dot_product_flash_attention.default", "_scaled_dot_product_flash_attention_for_cpu.default",
-        "_scaled_dot_product_efficient_attention.default", "_scaled_dot_product_cudnn_attention.default",
-        "_flash_attention_forward.default", "_efficient_attention_forward.default",
+        "mm.default",
+        "addmm.default",
+        "bmm.default",
+        "baddbmm.default",
+        "convolution.default",
+        "_scaled_mm.default",
+        "_scaled_dot_product_flash_attention.default",
+        "_scaled_dot_product_flash_attention_for_cpu.default",
+        "_scaled_dot_product_efficient_attention.default",
+        "_scaled_dot_product_cudnn_attention.default",
+        "_flash_attention_forward.default",
+        "_efficient_attention_forward.default",
     ]
 )
 """Ops a compiler does not fuse (matmuls, attention kernels): recomputing them costs their
@@ -190,7 +205,9 @@ class OpCosts:
 
     def sac_region_s(self, layer: int, n_saved: int) -> float:
         """Eager SAC's own time for block ``layer`` as a region storing ``n_saved`` outputs."""
-        return self.block_calls(layer) * self.sac_op_overhead_s + n_saved * (self.sac_save_overhead_s - self.sac_op_overhead_s)
+        return self.block_calls(layer) * self.sac_op_overhead_s + n_saved * (
+            self.sac_save_overhead_s - self.sac_op_overhead_s
+        )
 
     def block_calls(self, layer: int) -> int:
         return sum(1 for s in self.sites if s.region == layer)
@@ -209,10 +226,13 @@ class OpCosts:
         op of a block before its last saving op (not the block's output); for compiled
         plans, per :meth:`choices` group, the option that saves the most time."""
         if compiled:
-            return [self.site(max(c.options[1:], key=lambda o: (c.options[0][2] - o[2], -o[1]))[0]) for c in self.choices()]
+            return [
+                self.site(max(c.options[1:], key=lambda o: (c.options[0][2] - o[2], -o[1]))[0]) for c in self.choices()
+            ]
         anchors = set(self.anchors)
         return [
-            s for s in self.sites
+            s
+            for s in self.sites
             if isinstance(s.region, int) and s.nbytes > 0 and s.eager_value_s > 0 and s.key not in anchors
         ]
 
@@ -226,7 +246,7 @@ class OpCosts:
                     return c.options[0][2] - cost
         raise KeyError(site.key)
 
-    def choices(self) -> list["Choice"]:
+    def choices(self) -> list[Choice]:
         """Compiled plans: one group per compute op backward needs (a matmul or attention
         call whose output is needed with only the blocks' outputs stored). The group is the
         op's *pocket*: the op and the fusible ops after it whose activation inputs all come
@@ -240,7 +260,7 @@ class OpCosts:
         return self._choices
 
     @functools.cached_property
-    def _choices(self) -> list["Choice"]:
+    def _choices(self) -> list[Choice]:
         n = len(self.sites)
         consumers: list[list[int]] = [[] for _ in range(n)]
         for j, ins in enumerate(self.inputs):
@@ -263,11 +283,12 @@ class OpCosts:
                     pocket.append(j)
                     members.add(j)
             exits = {  # read by backward, or by a needed op outside the pocket (views are not ops here)
-                j for j in pocket
+                j
+                for j in pocket
                 if j in self.packed or any(k not in members and self.sites[k].needed for k in consumers[j])
             }
 
-            def reach(start: int, avoid: int | None) -> set[int]:
+            def reach(start: int, avoid: int | None, members: set[int] = members) -> set[int]:
                 seen, stack = set(), [start]
                 while stack:
                     j = stack.pop()
@@ -422,12 +443,14 @@ def _record_forward(model, idx, targets, context, exclude, sync, saved_hook: boo
     def pre(i):
         def hook(_m, _args):
             recorder.region = i
+
         return hook
 
     def post(i):
         def hook(_m, _args, out):
             block_out[i] = recorder._producer_of(out)
             recorder.region = POST
+
         return hook
 
     handles = []
@@ -435,7 +458,7 @@ def _record_forward(model, idx, targets, context, exclude, sync, saved_hook: boo
         handles += [block.register_forward_pre_hook(pre(int(key))), block.register_forward_hook(post(int(key)))]
     hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if saved_hook else contextlib.nullcontext()
     try:
-        with hooks, recorder, (context if context is not None else contextlib.nullcontext()):
+        with hooks, recorder, context if context is not None else contextlib.nullcontext():
             logits, loss = model(idx, targets)
         del logits
         alive = recorder.alive()
@@ -503,7 +526,9 @@ def measure_op_costs(
         for _ in range(repeats):
             again = _record_forward(model, idx, targets, context, exclude, sync, False)[0]
             if [(c.region, c.op) for c in again] != [(c.region, c.op) for c in calls]:
-                raise RuntimeError("the forward ran different ops on a repeat: op costs need a deterministic op sequence")
+                raise RuntimeError(
+                    "the forward ran different ops on a repeat: op costs need a deterministic op sequence"
+                )
             runs.append([c.time_s for c in again])
     model.train(was_training)
     model.zero_grad(set_to_none=True)
@@ -545,7 +570,9 @@ def measure_op_costs(
     sites = []
     for j, c in enumerate(calls):
         value = times[j] if j <= last_pack.get(c.region, -1) else 0.0
-        sites.append(OpSite(c.region, c.op, c.index, c.nbytes, times[j], c.shape, c.op in COMPUTE_OPS, value, j in needed))
+        sites.append(
+            OpSite(c.region, c.op, c.index, c.nbytes, times[j], c.shape, c.op in COMPUTE_OPS, value, j in needed)
+        )
     block_bytes = [region_bytes[layer] for layer in range(n_layer)]
     costs = OpCosts(
         sites=sites,
@@ -732,8 +759,16 @@ def _make_budget_plan(costs, compiled, stored, plain, nbytes, recompute, budget,
     if compiled:
         saved += costs.anchors
     return OpPlan(
-        "budget", compiled, frozenset(saved), plain, full, int(nbytes), float(recompute),
-        None if budget is None else int(budget), res, dict(costs.counts),
+        "budget",
+        compiled,
+        frozenset(saved),
+        plain,
+        full,
+        int(nbytes),
+        float(recompute),
+        None if budget is None else int(budget),
+        res,
+        dict(costs.counts),
     )
 
 
@@ -753,7 +788,11 @@ def plan_from_stored(
         recompute = sum(s.eager_value_s for s, k in zip(items, stored) if not k)
     if not compiled:  # every block a SAC region: its own per-op time too
         recompute += sum(costs.sac_region_s(i, sum(1 for s in keep if s.region == i)) for i in range(costs.n_layer))
-    fixed = sum(costs.anchor_bytes) + costs.loss_bytes if compiled else costs.outside_bytes + sum(costs.region_keep(i) for i in range(costs.n_layer))
+    fixed = (
+        sum(costs.anchor_bytes) + costs.loss_bytes
+        if compiled
+        else costs.outside_bytes + sum(costs.region_keep(i) for i in range(costs.n_layer))
+    )
     nbytes = fixed + sum(s.nbytes for s in keep)
     return _make_budget_plan(costs, compiled, keep, frozenset(), nbytes, recompute, budget_bytes, None)
 
@@ -865,8 +904,7 @@ class RegionWrapper(CheckpointWrapper):
         eager = not torch.compiler.is_compiling()
         if eager and self.hits is not None:
             self.hits.seen.clear()
-        out = checkpoint(self.inner, x, *args, use_reentrant=False, preserve_rng_state=True,
-                         context_fn=self.context_fn)
+        out = checkpoint(self.inner, x, *args, use_reentrant=False, preserve_rng_state=True, context_fn=self.context_fn)
         if eager and self.hits is not None:
             self.hits.check()
         return out
@@ -891,7 +929,14 @@ def _planned_forward(model: nn.Module, hits: _Hits, idx, targets=None, active_sl
     if eager:
         hits.seen.clear()
     out = checkpoint(
-        cls_forward, model, idx, targets, active_slots, use_reentrant=False, preserve_rng_state=True, context_fn=context_fn
+        cls_forward,
+        model,
+        idx,
+        targets,
+        active_slots,
+        use_reentrant=False,
+        preserve_rng_state=True,
+        context_fn=context_fn,
     )
     if eager:
         hits.check()

@@ -122,8 +122,14 @@ class SlotSchedule(Technique):
 
     def state_dict(self) -> dict:
         """The RNG (layerdrop/progressive draws) and the adaptive counters."""
-        return {"k": self.k, "gen": self.gen.get_state(), "best": self._best, "ema": self._ema,
-                "since_best": self._since_best, "changes": self.changes}
+        return {
+            "k": self.k,
+            "gen": self.gen.get_state(),
+            "best": self._best,
+            "ema": self._ema,
+            "since_best": self._since_best,
+            "changes": self.changes,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.k, self._best, self._ema = state["k"], state["best"], state["ema"]

@@ -53,9 +53,10 @@ import math
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterator
 
 import torch
 import torch.distributed as dist
@@ -97,8 +98,7 @@ class CommStats:
         """One all-reduce of ``payload_bytes`` (counted as a ring sends it)."""
         self.add_sent(ring_allreduce_bytes(payload_bytes, self.world_size), start, end)
 
-    def add_sent(self, sent_bytes: int, start: float, end: float, step: int | None = None,
-                 flush: bool = False) -> None:
+    def add_sent(self, sent_bytes: int, start: float, end: float, step: int | None = None, flush: bool = False) -> None:
         """``sent_bytes`` that left this worker between ``start`` and ``end``; ``step``: the
         step that launched this scheduled sync; ``flush``: a sync outside the schedule."""
         with self._lock:
@@ -141,12 +141,13 @@ def _union_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def flat_allreduce_mean(tensors: list[torch.Tensor], comm: CommStats, latency_s: float = 0.0,
-                        step: int | None = None, flush: bool = False) -> None:
+def flat_allreduce_mean(
+    tensors: list[torch.Tensor], comm: CommStats, latency_s: float = 0.0, step: int | None = None, flush: bool = False
+) -> None:
     """Average ``tensors`` in place across workers: one flat buffer (one all-reduce) per
     (device, dtype), not one call per tensor (``step``, ``flush``: see :meth:`CommStats.add_sent`)."""
     world = dist.get_world_size()
-    groups: "OrderedDict[tuple, list[torch.Tensor]]" = OrderedDict()
+    groups: OrderedDict[tuple, list[torch.Tensor]] = OrderedDict()
     for t in tensors:
         groups.setdefault((t.device, t.dtype), []).append(t)
     for group in groups.values():
@@ -155,8 +156,13 @@ def flat_allreduce_mean(tensors: list[torch.Tensor], comm: CommStats, latency_s:
         if latency_s:
             time.sleep(latency_s)  # the simulated slow link counts as communication time
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        comm.add_sent(ring_allreduce_bytes(flat.numel() * flat.element_size(), world), start, time.perf_counter(),
-                      step=step, flush=flush)
+        comm.add_sent(
+            ring_allreduce_bytes(flat.numel() * flat.element_size(), world),
+            start,
+            time.perf_counter(),
+            step=step,
+            flush=flush,
+        )
         flat.div_(world)
         offset = 0
         for t in group:
@@ -278,7 +284,7 @@ class SyncStrategy(Technique):
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
 
-    def no_sync(self) -> ContextManager:
+    def no_sync(self) -> AbstractContextManager:
         """Context for micro-batches whose gradients must not be communicated yet."""
         return contextlib.nullcontext()
 
@@ -333,7 +339,7 @@ class DDPStrategy(SyncStrategy):
 
         return hook
 
-    def no_sync(self) -> ContextManager:
+    def no_sync(self) -> AbstractContextManager:
         return self.model.no_sync()
 
 
@@ -392,8 +398,10 @@ def split_fragments(model: torch.nn.Module, n_fragments: int) -> list[Fragment]:
     layers = getattr(bare, "layers", None)
     if not isinstance(layers, torch.nn.ModuleDict) or len(layers) < n_fragments:
         n = len(layers) if isinstance(layers, torch.nn.ModuleDict) else 0
-        raise ValueError(f"sync.fragments ({n_fragments}) exceeds the model's {n} blocks: lower sync.fragments "
-                         f"to at most {max(1, n)}")
+        raise ValueError(
+            f"sync.fragments ({n_fragments}) exceeds the model's {n} blocks: lower sync.fragments "
+            f"to at most {max(1, n)}"
+        )
     block_of = {}
     for key, block in layers.items():
         for p in block.parameters():
@@ -440,7 +448,7 @@ class LocalStrategy(SyncStrategy):
         self.pending: list[_Pending] = []
         self._executor: ThreadPoolExecutor | None = None
         self.done = 0
-        self.uses_anchor = (cfg.outer_optimizer != "none" or cfg.quantization != "none" or cfg.delay > 0)
+        self.uses_anchor = cfg.outer_optimizer != "none" or cfg.quantization != "none" or cfg.delay > 0
 
     @property
     def period(self) -> int:
@@ -460,8 +468,9 @@ class LocalStrategy(SyncStrategy):
             for frag in self.fragments:
                 frag.anchor = frag.flat()
                 if self.cfg.outer_optimizer == "nesterov":
-                    frag.outer = torch.optim.SGD([frag.anchor], lr=self.cfg.outer_lr, momentum=self.cfg.outer_momentum,
-                                                 nesterov=True)
+                    frag.outer = torch.optim.SGD(
+                        [frag.anchor], lr=self.cfg.outer_lr, momentum=self.cfg.outer_momentum, nesterov=True
+                    )
         if self.cfg.delay:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raydrat-sync")
         return model
@@ -542,8 +551,7 @@ class LocalStrategy(SyncStrategy):
         mean = pend.future.result()
         self._outer_step(pend.fragment, mean, pend.launched, pend.fragment.flat())
 
-    def _outer_step(self, frag: Fragment, mean_delta: torch.Tensor, launched: torch.Tensor,
-                    now: torch.Tensor) -> None:
+    def _outer_step(self, frag: Fragment, mean_delta: torch.Tensor, launched: torch.Tensor, now: torch.Tensor) -> None:
         """The anchor moves by the averaged pseudo-gradient (through the outer optimizer);
         the parameters become the new anchor plus ``overlap_keep`` of the progress made
         since the exchange was launched (none without a delay)."""
@@ -567,7 +575,9 @@ class LocalStrategy(SyncStrategy):
 
     def _average_optimizer_state(self, flush: bool, step: int | None = None) -> None:
         states = [
-            v for p in self._params for v in self.optimizer.state.get(p, {}).values()
+            v
+            for p in self._params
+            for v in self.optimizer.state.get(p, {}).values()
             if torch.is_tensor(v) and v.is_floating_point() and v.dim() > 0
         ]
         if states:
@@ -579,8 +589,11 @@ class LocalStrategy(SyncStrategy):
         out: dict = {}
         if self.uses_anchor:
             out["fragments"] = [
-                {"anchor": f.anchor.detach().cpu().clone(), "outer_steps": f.outer_steps,
-                 **({"outer": f.outer.state_dict()} if f.outer is not None else {})}
+                {
+                    "anchor": f.anchor.detach().cpu().clone(),
+                    "outer_steps": f.outer_steps,
+                    **({"outer": f.outer.state_dict()} if f.outer is not None else {}),
+                }
                 for f in self.fragments
             ]
         return out
@@ -590,13 +603,20 @@ class LocalStrategy(SyncStrategy):
             return
         saved = state.get("fragments")
         if saved is None and "anchors" in state:  # the one-fragment layout before fragments existed
-            saved = [{"anchor": torch.cat([a.reshape(-1).float() for a in state["anchors"]]),
-                      "outer": state.get("outer"), "outer_steps": 0}]
+            saved = [
+                {
+                    "anchor": torch.cat([a.reshape(-1).float() for a in state["anchors"]]),
+                    "outer": state.get("outer"),
+                    "outer_steps": 0,
+                }
+            ]
         if saved is None:
             return
         if len(saved) != len(self.fragments):
-            raise ValueError(f"the checkpoint holds {len(saved)} sync fragments, this run has "
-                             f"{len(self.fragments)}: keep sync.fragments as it was")
+            raise ValueError(
+                f"the checkpoint holds {len(saved)} sync fragments, this run has "
+                f"{len(self.fragments)}: keep sync.fragments as it was"
+            )
         with torch.no_grad():
             for frag, s in zip(self.fragments, saved):
                 frag.anchor.copy_(s["anchor"].to(frag.anchor.device))
