@@ -22,12 +22,12 @@ from raydrat import tracking
 from raydrat.bench.model import run_ablation, run_model_bench
 from raydrat.config import ConfigError, load_config
 from raydrat.config.data import SourceConfig
+from raydrat.core.checkpoint.export import export_hf, export_safetensors
+from raydrat.core.checkpoint.load import load_model
 from raydrat.core.data.blocks import iter_blocks_local
 from raydrat.core.data.tokenizer import load_tokenizer, resolve_tokenizer_file, tokenizer_special_ids
 from raydrat.core.evaluate import evaluate_blocks, token_byte_lengths
-from raydrat.core.model.export import export_hf, export_safetensors
 from raydrat.core.model.generate import generate
-from raydrat.core.model.load import load_model
 from raydrat.ray_train import resume
 
 

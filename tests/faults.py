@@ -10,7 +10,7 @@ import time
 import torch
 
 from raydrat.core.fit import Callback, FitState
-from raydrat.core.state import unwrap
+from raydrat.core.techniques.base import unwrap
 
 
 def oom_above(model: torch.nn.Module, limit: int):

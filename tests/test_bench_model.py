@@ -12,7 +12,7 @@ from torch.testing import assert_close
 from raydrat.bench.model import run_model_bench
 from raydrat.bench.peers import NanoGPT, TitanLlama, nanogpt_settings, recipe_settings, titan_state_dict
 from raydrat.config.loading import load_config
-from raydrat.core.model.config import ModelConfig
+from raydrat.config.model import ModelConfig
 from raydrat.core.model.transformer import GPT
 
 TINY = dict(vocab_size=96, seq_len=16, d_model=32, n_layer=2, n_head=4, activation="swiglu")

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from raydrat.config import ConfigError, load_config
+from raydrat.config.model import ModelConfig
+from raydrat.core.checkpoint.state import DataPosition, load_state, save_checkpoint, verify_checkpoint
 from raydrat.core.model.build import build_model
-from raydrat.core.model.config import ModelConfig
-from raydrat.core.state import DataPosition, load_state, save_checkpoint, verify_checkpoint
 from raydrat.core.techniques.bundle import Techniques
 from raydrat.ray_train import resume
 from raydrat.ray_train.fits import check_cluster_fits

@@ -253,7 +253,10 @@ def test_s3_access_denied_is_a_credentials_error_never_a_corrupt_file(s3, monkey
             PolicyDocument=json.dumps(
                 {
                     "Version": "2012-10-17",
-                    "Statement": [{"Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": "*"}],
+                    # AWS authorizes ListObjectsV2 as s3:ListBucket; moto 5.2 checks the operation's own name
+                    "Statement": [
+                        {"Effect": "Allow", "Action": ["s3:ListBucket", "s3:ListObjectsV2"], "Resource": "*"}
+                    ],
                 }
             ),
         )

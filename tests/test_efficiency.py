@@ -10,22 +10,22 @@ import torch
 from torch.testing import assert_close
 
 from raydrat.config import ConfigError, load_config
-from raydrat.core.memory.measure import (
+from raydrat.core.model.build import build_model
+from raydrat.core.optim import build_optimizer
+from raydrat.core.runtime import UnsupportedCombination, resolve
+from raydrat.core.step import evaluate, train_step
+from raydrat.core.techniques.bundle import apply_techniques, build_techniques
+from raydrat.core.techniques.precision import Precision
+from raydrat.core.techniques.recompute.knapsack import solve_budget
+from raydrat.core.techniques.recompute.measure import (
     BranchCost,
     backward_flops,
     measure_branch_costs,
     optimizer_state_bytes,
     saved_activation_bytes,
 )
-from raydrat.core.model.build import build_model
-from raydrat.core.optim import build_optimizer
-from raydrat.core.runtime import UnsupportedCombination, resolve
-from raydrat.core.step import evaluate, train_step
-from raydrat.core.techniques.bundle import apply_techniques, build_techniques
-from raydrat.core.techniques.knapsack import solve_budget
-from raydrat.core.techniques.precision import Precision
+from raydrat.core.techniques.recompute.wrapper import apply_recompute
 from raydrat.core.techniques.slots import SlotSchedule
-from raydrat.core.techniques.wrapper import apply_recompute
 
 CPU = torch.device("cpu")
 

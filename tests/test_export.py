@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from raydrat.config.base import ConfigError
+from raydrat.config.model import ModelConfig
+from raydrat.core.checkpoint.export import LLAMA, NEOX, export_hf, export_safetensors, hf_architecture, load_pretrained
 from raydrat.core.data.tokenizer import load_tokenizer, train_tokenizer
-from raydrat.core.model.config import ModelConfig
-from raydrat.core.model.export import LLAMA, NEOX, export_hf, export_safetensors, hf_architecture, load_pretrained
 from raydrat.core.model.generate import generate
 from raydrat.core.model.transformer import GPT
 

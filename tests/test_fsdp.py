@@ -22,15 +22,16 @@ from raydrat.bench.memory import measurable
 from raydrat.cli import main
 from raydrat.config import ConfigError, RaydratConfig, load_config
 from raydrat.core import metrics as M
-from raydrat.core import state as S
+from raydrat.core.checkpoint import state as S
+from raydrat.core.checkpoint.state import resumable_batches
 from raydrat.core.fit import Callback, FitState, fit
 from raydrat.core.memory.estimate import estimate_memory
 from raydrat.core.model.build import build_model
 from raydrat.core.optim import build_optimizer
-from raydrat.core.state import resumable_batches, unwrap
 from raydrat.core.step import split_block
+from raydrat.core.techniques.base import unwrap
 from raydrat.core.techniques.bundle import apply_techniques, build_techniques
-from raydrat.core.techniques.fsdp import DCP_DIR, worker_state_bytes
+from raydrat.core.techniques.sync.fsdp import DCP_DIR, worker_state_bytes
 from raydrat.ray_train.trainer import run_training
 from raydrat.tune import admission as A
 from raydrat.tune.space import expand, load_space

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from raydrat.core.model.config import ModelConfig
+from raydrat.config.model import ModelConfig
 from raydrat.core.model.generate import generate, sample_next
 from raydrat.core.model.transformer import GPT, KVCache
-from raydrat.core.techniques.wrapper import apply_recompute
+from raydrat.core.techniques.recompute.wrapper import apply_recompute
 
 TINY = dict(vocab_size=64, seq_len=24, d_model=32, n_layer=2, n_head=4, activation="swiglu")
 

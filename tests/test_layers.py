@@ -12,7 +12,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "raydrat"
-SCHEMAS = ("raydrat.config", "raydrat.core.model.config")
+SCHEMAS = ("raydrat.config", "raydrat.config.model")
 CORE = "raydrat.core"
 
 

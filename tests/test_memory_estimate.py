@@ -8,11 +8,11 @@ from conftest import run_cli
 
 from raydrat.bench.memory import measurable
 from raydrat.config import ConfigError, load_config
-from raydrat.core.memory.measure import optimizer_state_bytes, param_bytes, saved_activation_bytes
 from raydrat.core.model.transformer import GPT
 from raydrat.core.optim import build_optimizer
 from raydrat.core.runtime import resolve
-from raydrat.core.techniques.wrapper import wrap_blocks
+from raydrat.core.techniques.recompute.measure import optimizer_state_bytes, param_bytes, saved_activation_bytes
+from raydrat.core.techniques.recompute.wrapper import wrap_blocks
 
 GRID = [
     [],

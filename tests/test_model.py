@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from raydrat.config import ConfigError, ModelConfig, config_from_dict
-from raydrat.core.memory.measure import grad_bytes, optimizer_state_bytes, param_bytes, saved_activation_bytes
 from raydrat.core.model.transformer import (
     GPT,
     Attention,
@@ -20,7 +19,13 @@ from raydrat.core.model.transformer import (
     RotaryEmbedding,
     sdpa_grouped_heads,
 )
-from raydrat.core.techniques.wrapper import CheckpointWrapper, apply_recompute, iter_branches
+from raydrat.core.techniques.recompute.measure import (
+    grad_bytes,
+    optimizer_state_bytes,
+    param_bytes,
+    saved_activation_bytes,
+)
+from raydrat.core.techniques.recompute.wrapper import CheckpointWrapper, apply_recompute, iter_branches
 
 TINY = dict(vocab_size=64, seq_len=16, d_model=32, n_layer=2, n_head=4)
 

@@ -21,14 +21,14 @@ import torch.nn.functional as F
 from raydrat import tracking
 from raydrat.cli import main
 from raydrat.config import ConfigError, load_config
+from raydrat.core.checkpoint.load import initial_model, load_model
+from raydrat.core.checkpoint.state import DataPosition, save_checkpoint
 from raydrat.core.data.blocks import iter_blocks_local
 from raydrat.core.data.tokenizer import load_tokenizer
 from raydrat.core.evaluate import evaluate_blocks, token_byte_lengths
 from raydrat.core.model.build import build_model
 from raydrat.core.model.generate import generate
-from raydrat.core.model.load import load_model
 from raydrat.core.optim import build_optimizer
-from raydrat.core.state import DataPosition, save_checkpoint
 from raydrat.core.step import evaluate
 from raydrat.core.techniques.bundle import build_techniques
 from raydrat.model_commands import _eval_batches, _Streamer
@@ -225,7 +225,7 @@ def test_init_from_an_export_or_a_checkpoint_continues_from_its_weights(run, tmp
         want = float(source(block[:, :-1], block[:, 1:])[1])
         fresh = float(build_model(cfg.model, seed=5)(block[:, :-1], block[:, 1:])[1])
     for where in (tmp_path / "hf", ckpt.parent):
-        model = build_model(cfg.model.model_copy(update={"init_from": str(where)}), seed=5)
+        model = initial_model(cfg.model.model_copy(update={"init_from": str(where)}), seed=5)
         with torch.no_grad():
             got = float(model(block[:, :-1], block[:, 1:])[1])
         assert got == pytest.approx(want, abs=1e-4), where  # first-step loss is the source's
@@ -240,7 +240,7 @@ def test_init_from_another_architecture_names_the_parameter_and_both_shapes(run,
         match=r"layers\.0\.mlp_branch\.layer\.gate_proj\.weight has shape \(192, 64\) "
         r"but the config's model needs \(64, 64\): set model\.d_ff",
     ):
-        build_model(wider)
+        initial_model(wider)
 
 
 # ----------------------------------------------------------------------------- bad input

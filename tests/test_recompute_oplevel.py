@@ -23,10 +23,10 @@ from raydrat.core.memory.estimate import activation_plan_bounds
 from raydrat.core.memory.peak import PeakMemory
 from raydrat.core.model.transformer import GPT
 from raydrat.core.step import train_step
-from raydrat.core.techniques import selective as S
-from raydrat.core.techniques.knapsack import BudgetBelowMinimum, solve_groups
-from raydrat.core.techniques.recompute import OpRecompute
-from raydrat.core.techniques.wrapper import apply_recompute
+from raydrat.core.techniques.recompute import selective as S
+from raydrat.core.techniques.recompute.knapsack import BudgetBelowMinimum, solve_groups
+from raydrat.core.techniques.recompute.planners import OpRecompute
+from raydrat.core.techniques.recompute.wrapper import apply_recompute
 
 CPU = torch.device("cpu")
 

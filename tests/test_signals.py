@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import raydrat_cmd
 
-from raydrat.core.state import checkpoint_step, verify_checkpoint
+from raydrat.core.checkpoint.state import checkpoint_step, verify_checkpoint
 from raydrat.ray_train.resume import checkpoint_dirs
 
 pytestmark = pytest.mark.slow

@@ -22,7 +22,7 @@ from raydrat.config import ConfigError, load_config
 from raydrat.config.sync import SyncConfig
 from raydrat.core.data.demo import build_demo_corpus
 from raydrat.core.model.build import build_model
-from raydrat.core.techniques.sync import (
+from raydrat.core.techniques.sync.strategies import (
     build_strategy,
     dequantize,
     exchange_mean,

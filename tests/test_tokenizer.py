@@ -15,6 +15,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from raydrat.config.data import DataConfig
+from raydrat.config.model import ModelConfig
 from raydrat.core.data.blocks import iter_blocks_local
 from raydrat.core.data.errors import DataError
 from raydrat.core.data.tokenizer import (
@@ -24,7 +25,6 @@ from raydrat.core.data.tokenizer import (
     tokenizer_special_ids,
     vocab_size_of,
 )
-from raydrat.core.model.config import ModelConfig
 from raydrat.core.model.transformer import GPT
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron".split()

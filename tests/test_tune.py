@@ -22,11 +22,11 @@ from ray.tune.search import Searcher
 
 from raydrat.cli import main
 from raydrat.config import ConfigError, SweepConfig, load_config
+from raydrat.core.checkpoint.state import load_state
 from raydrat.core.microbatch import MicroBatchStep
 from raydrat.core.model.build import build_model
 from raydrat.core.optim import build_optimizer
 from raydrat.core.runtime import resolve
-from raydrat.core.state import load_state
 from raydrat.core.step import train_step
 from raydrat.tracking import artifact_repo
 from raydrat.tune.admission import SweepError, check_resources, screen, worker_resources

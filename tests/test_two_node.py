@@ -35,7 +35,7 @@ from raydrat.bench.link import (
     unavailable_reason,
 )
 from raydrat.config import ConfigError, load_config
-from raydrat.core.state import verify_checkpoint
+from raydrat.core.checkpoint.state import verify_checkpoint
 from raydrat.ray_train.fits import check_cluster_fits
 
 STEPS, EVERY, RATE_MBIT = 24, 6, 100

@@ -33,16 +33,16 @@ from raydrat.bench.report import load_average, print_table, write_json
 from raydrat.config import RaydratConfig, config_from_dict
 from raydrat.core.fit import Callback
 from raydrat.core.memory.estimate import activation_plan_bounds, estimate_memory
-from raydrat.core.memory.measure import (
+from raydrat.core.model.build import build_model
+from raydrat.core.techniques.recompute.knapsack import solve_budget
+from raydrat.core.techniques.recompute.measure import (
     flop_counter,
     grad_bytes,
     optimizer_state_bytes,
     param_bytes,
     saved_activation_bytes,
 )
-from raydrat.core.model.build import build_model
-from raydrat.core.techniques.knapsack import solve_budget
-from raydrat.core.techniques.recompute import MeasuredPlanner
+from raydrat.core.techniques.recompute.planners import MeasuredPlanner
 from raydrat.tracking import Run
 
 

@@ -14,13 +14,13 @@ import torch
 
 from raydrat.config import RaydratConfig
 from raydrat.core import metrics as M
+from raydrat.core.checkpoint.load import initial_model
+from raydrat.core.checkpoint.state import resumable_batches
 from raydrat.core.data.blocks import iter_blocks_local
 from raydrat.core.fit import Callback, FitState, iter_fit
 from raydrat.core.memory.peak import PeakMemory
-from raydrat.core.model.build import build_model
 from raydrat.core.optim import build_optimizer
 from raydrat.core.runtime import Runtime, resolve
-from raydrat.core.state import resumable_batches
 from raydrat.core.techniques.bundle import Techniques, apply_techniques, build_techniques
 
 
@@ -106,7 +106,7 @@ class LocalRun:
         device = runtime.device()
         peak = PeakMemory(device, sample_steps, sample_at)  # before the model: its bytes count
         with peak.region("build"):
-            model = build_model(cfg.model, seed=cfg.train.seed, device=device)
+            model = initial_model(cfg.model, seed=cfg.train.seed, device=device)
             peak.watch(model)
             techniques = build_techniques(cfg, runtime.precision, device, world_size)
             model = apply_techniques(model, techniques)

@@ -41,8 +41,8 @@ from torch import nn
 
 from raydrat.bench.peers import NANOGPT_DIFFERENCES, NanoGPT, TitanLlama, nanogpt_settings, recipe_settings
 from raydrat.bench.report import load_average, print_table, write_json
+from raydrat.config.model import ModelConfig
 from raydrat.config.run import RaydratConfig
-from raydrat.core.model.config import ModelConfig
 from raydrat.core.model.transformer import GPT
 from raydrat.core.optim import param_groups
 

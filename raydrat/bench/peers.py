@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raydrat.core.model.config import ModelConfig
+from raydrat.config.model import ModelConfig
 from raydrat.core.model.transformer import GPT
 
 NANOGPT_DIFFERENCES = (

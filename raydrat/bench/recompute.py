@@ -52,7 +52,7 @@ from raydrat.bench.local import LocalData, LocalRun
 from raydrat.bench.report import load_average, print_table, write_json
 from raydrat.config import ConfigError, RaydratConfig, load_config
 from raydrat.core.model.build import build_model
-from raydrat.core.techniques import selective as S
+from raydrat.core.techniques.recompute import selective as S
 
 DEFAULT_FRACTIONS = (0.25, 0.5, 0.75)
 SIX_LAYER = "6l-d384"

@@ -13,7 +13,7 @@ loop (techniques, sync strategy, evaluation) as ``raydrat train``.
 
 Per variant: bytes this worker sent per optimizer step (all of them, and only the
 scheduled syncs, without the flush before the final evaluation; see
-``raydrat.core.techniques.sync``), the most bytes launched in one step, communication
+``raydrat.core.techniques.sync.strategies``), the most bytes launched in one step, communication
 share of step time, tokens/s over both workers (steady state: the first step is
 excluded; the slower worker sets the pace), and the validation loss at the end.
 ``--latency-ms 0,20`` repeats the table with each collective delayed by that latency (a
@@ -44,8 +44,8 @@ from raydrat.bench.report import print_table, write_json
 from raydrat.config import ConfigError, RaydratConfig
 from raydrat.core import metrics as M
 from raydrat.core.fit import Callback, FitState
-from raydrat.core.state import unwrap
-from raydrat.core.techniques.sync import model_checksum
+from raydrat.core.techniques.base import unwrap
+from raydrat.core.techniques.sync.strategies import model_checksum
 from raydrat.ray_session import ensure_ray
 
 ROWS_FILE = "rows.json"

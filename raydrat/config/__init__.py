@@ -1,7 +1,7 @@
 """Layer 1: every raydrat setting, typed and validated once.
 
 One pydantic model per component, ``extra="forbid"``, each field documented where it is
-declared: ``model`` (:mod:`raydrat.core.model.config`, beside the model), ``data``,
+declared: ``model`` (:mod:`raydrat.config.model`, beside the model), ``data``,
 ``optim``, ``train``, ``scaling``, ``sync``, ``tracking``, ``recompute``, ``slots``, and
 ``SweepConfig`` for ``tune_spaces/*.yaml``. These modules import nothing of raydrat but
 each other; a check that needs a model or a machine lives in
@@ -24,6 +24,7 @@ from raydrat.config.loading import (
     resolve_recipe,
     resolve_shipped_yaml,
 )
+from raydrat.config.model import ModelConfig
 from raydrat.config.optim import OptimConfig
 from raydrat.config.recompute import GatesConfig, RecomputeConfig
 from raydrat.config.run import RaydratConfig
@@ -33,7 +34,6 @@ from raydrat.config.sweep import SchedulerConfig, SweepConfig, TrialResourcesCon
 from raydrat.config.sync import SyncConfig
 from raydrat.config.tracking import TrackingConfig
 from raydrat.config.train import TrainConfig
-from raydrat.core.model.config import ModelConfig
 
 __all__ = [
     "RECIPES_DIR",

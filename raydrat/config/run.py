@@ -11,6 +11,7 @@ from pydantic import Field, model_validator
 from raydrat.config.base import Section
 from raydrat.config.data import DataConfig
 from raydrat.config.dotted import flatten
+from raydrat.config.model import ModelConfig
 from raydrat.config.optim import OptimConfig
 from raydrat.config.recompute import RecomputeConfig
 from raydrat.config.scaling import ScalingConfig
@@ -18,7 +19,6 @@ from raydrat.config.slots import SlotsConfig
 from raydrat.config.sync import SyncConfig
 from raydrat.config.tracking import TrackingConfig
 from raydrat.config.train import TrainConfig
-from raydrat.core.model.config import ModelConfig
 
 
 class RaydratConfig(Section):

@@ -7,8 +7,8 @@ import logging
 from pathlib import Path
 
 from raydrat.core import metrics as M
+from raydrat.core.checkpoint.state import save_checkpoint
 from raydrat.core.fit import Callback, FitState
-from raydrat.core.state import save_checkpoint
 
 
 class ConsoleLog(Callback):

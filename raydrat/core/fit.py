@@ -33,10 +33,10 @@ import torch
 from raydrat.config.optim import OptimConfig
 from raydrat.config.train import TrainConfig
 from raydrat.core import metrics as M
+from raydrat.core.checkpoint.state import DataPosition
 from raydrat.core.memory.peak import PeakMemory
 from raydrat.core.microbatch import MicroBatchStep
 from raydrat.core.optim import lr_at, set_lr
-from raydrat.core.state import DataPosition
 from raydrat.core.step import evaluate
 from raydrat.core.techniques.bundle import Techniques
 
@@ -198,7 +198,7 @@ def fit(
     callbacks: Sequence[Callback] = (),
 ) -> dict:
     """Train from ``state.start_step`` to ``train.steps`` on ``batches`` (an endless iterator
-    of ``(B, seq_len + 1)`` token blocks, e.g. :func:`raydrat.core.state.resumable_batches`),
+    of ``(B, seq_len + 1)`` token blocks, e.g. :func:`raydrat.core.checkpoint.state.resumable_batches`),
     evaluating on ``val_batches()``. Returns the last checkpoint step's report."""
     for _ in iter_fit(state, batches, val_batches, callbacks):
         pass

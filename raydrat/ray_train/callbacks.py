@@ -14,7 +14,7 @@ from pathlib import Path
 
 from raydrat.core import metrics as M
 from raydrat.core.fit import Callback, FitState
-from raydrat.core.techniques.recompute import GatedRecompute
+from raydrat.core.techniques.recompute.planners import GatedRecompute
 from raydrat.plots import gate_heatmap
 from raydrat.tracking import Run
 

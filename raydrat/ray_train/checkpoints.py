@@ -1,6 +1,6 @@
 """Checkpoints through Ray Train: reporting them, and finding the one a worker group starts
 from. The files themselves, their manifests and the completeness check are
-:mod:`raydrat.core.state`'s."""
+:mod:`raydrat.core.checkpoint.state`'s."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import ray.train
 import ray.util
 
 from raydrat.core import metrics as M
-from raydrat.core import state as S
+from raydrat.core.checkpoint import state as S
 from raydrat.core.fit import Callback, FitState
 from raydrat.ray_train.resume import choose_checkpoint, describe_choice
 

@@ -17,9 +17,9 @@ import ray.train
 from raydrat import tracking
 from raydrat.config import RaydratConfig
 from raydrat.core import metrics as M
+from raydrat.core.checkpoint.state import load_state
 from raydrat.core.model.transformer import GPT
-from raydrat.core.state import load_state
-from raydrat.core.techniques.fsdp import load_full_model
+from raydrat.core.techniques.sync.fsdp import load_full_model
 from raydrat.tracking import Run
 
 FINAL, BEST = "model", "best_model"

@@ -13,7 +13,7 @@ Nothing is written before these checks pass.
 
 A run name is used once: a new run whose name already has a directory there is refused
 (resume it, or pick another name), and default names carry a random suffix. A checkpoint
-counts only when complete (:func:`raydrat.core.state.verify_checkpoint`): resume takes the
+counts only when complete (:func:`raydrat.core.checkpoint.state.verify_checkpoint`): resume takes the
 newest complete one and says why newer ones were skipped. The record holds no secret: the
 tracking URI's password is masked (``user:***@host``) and must be given again on resume
 (``tracking.tracking_uri`` or ``$MLFLOW_TRACKING_URI``).
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from raydrat.config import ConfigError, RaydratConfig, flatten
-from raydrat.core.state import checkpoint_step, newest_complete, verify_checkpoint
+from raydrat.core.checkpoint.state import checkpoint_step, newest_complete, verify_checkpoint
 from raydrat.redact import MASK, redact_obj, redact_uri
 
 RUN_FILE = "raydrat_run.json"

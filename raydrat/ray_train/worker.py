@@ -15,12 +15,12 @@ import torch
 
 from raydrat.config.run import RaydratConfig
 from raydrat.core.callbacks import ConsoleLog
+from raydrat.core.checkpoint.load import initial_model
+from raydrat.core.checkpoint.state import resumable_batches
 from raydrat.core.fit import FitState, fit
 from raydrat.core.memory.peak import PeakMemory
-from raydrat.core.model.build import build_model
 from raydrat.core.optim import build_optimizer
 from raydrat.core.runtime import Runtime
-from raydrat.core.state import resumable_batches
 from raydrat.core.techniques.bundle import apply_techniques, build_techniques
 from raydrat.ray_session import quiet_ray_data
 from raydrat.ray_train.callbacks import RunMetrics
@@ -50,7 +50,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     peak = PeakMemory(device)  # before the model: the allocator's bytes for it count
 
     with peak.region("build"):
-        model = build_model(cfg.model, seed=tc.seed, device=device)
+        model = initial_model(cfg.model, seed=tc.seed, device=device)
         peak.watch(model)
         techniques = build_techniques(cfg, runtime.precision, device, world_size)
         model = apply_techniques(model, techniques)  # recompute, compile, sync

@@ -1,7 +1,7 @@
 """The analytic estimate of a config's peak training memory per worker, by component.
 
 Per-op accounting of what the model in :mod:`raydrat.core.model.transformer` keeps alive for
-backward (checked op by op against :func:`raydrat.core.memory.measure.saved_activation_bytes`;
+backward (checked op by op against :func:`raydrat.core.techniques.recompute.measure.saved_activation_bytes`;
 see docs/efficiency.md). Units: bytes. B micro-batch, T seq_len, C d_model, H heads, K kv
 heads, F MLP width, V vocab, e bytes of the compute dtype (4 fp32, 2 bf16/fp16). The residual
 stream, norm statistics and the loss's log-softmax stay fp32 under autocast.
@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
+from raydrat.config.model import ModelConfig
 from raydrat.config.run import RaydratConfig
-from raydrat.core.memory.measure import BranchCost
-from raydrat.core.memory.peak import StepPlan
-from raydrat.core.model.config import ModelConfig
 from raydrat.core.model.transformer import GPT, GQA_BACKENDS, SDPA_ENABLE_GQA, sdpa_grouped_heads
-from raydrat.core.techniques.knapsack import solve_budget
+from raydrat.core.techniques.base import StepPlan
+from raydrat.core.techniques.recompute.knapsack import solve_budget
+from raydrat.core.techniques.recompute.measure import BranchCost
 
 COMPONENTS = ("params", "optimizer", "grads", "activations", "transient")
 """The estimate's components: what is alive at the predicted peak of a training step

@@ -56,6 +56,8 @@ import torch
 from torch.autograd import profiler as autograd_profiler
 from torch.autograd.profiler import record_function
 
+from raydrat.core.techniques.base import StepPlan
+
 FORWARD, BACKWARD, OPTIMIZER, ZERO_GRAD = (
     "raydrat/forward",
     "raydrat/backward",
@@ -178,17 +180,6 @@ class AllocatorTrace:
 
 SESSION = AllocatorTrace()
 """The one profiler session of this process."""
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """What one step runs: the active layers (``None``: the config's worst case) and, per
-    branch of those layers in order (attention, MLP, attention, ...), whether it stores its
-    activations (``None``: the config's plan). :func:`raydrat.core.memory.estimate.estimate_memory`
-    predicts the peak of a step with this plan."""
-
-    active: tuple[int, ...] | None = None
-    stored: tuple[bool, ...] | None = None
 
 
 @dataclass

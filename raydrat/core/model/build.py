@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from raydrat.core.model.config import ModelConfig
-from raydrat.core.model.load import init_state
+from raydrat.config.model import ModelConfig
 from raydrat.core.model.transformer import GPT
 
 
 def build_model(cfg: ModelConfig, seed: int | None = None, device: torch.device | str | None = None) -> GPT:
     """A freshly initialised :class:`GPT` (``torch.manual_seed(seed)`` first when given),
-    moved to ``device``; with ``cfg.init_from`` it starts from those weights
-    (:func:`raydrat.core.model.load.init_state`). Techniques are applied afterwards, from outside
-    (:func:`raydrat.core.techniques.apply_techniques`)."""
+    moved to ``device``. ``cfg.init_from`` is not read here: the weights of another run or
+    an export are the checkpoint package's business
+    (:func:`raydrat.core.checkpoint.load.initial_model`). Techniques are applied afterwards,
+    from outside (:func:`raydrat.core.techniques.bundle.apply_techniques`)."""
     if seed is not None:
         torch.manual_seed(seed)
     model = GPT(cfg)
-    if cfg.init_from:
-        model.load_state_dict(init_state(cfg.init_from, cfg))
     return model.to(device) if device is not None else model

@@ -1,8 +1,8 @@
 """Decoder-only transformer: norm → RoPE → attention → MLP → block → GPT.
 
-Reads top to bottom. Every setting comes from :class:`~raydrat.core.model.config.ModelConfig`.
+Reads top to bottom. Every setting comes from :class:`~raydrat.config.model.ModelConfig`.
 Techniques are applied from outside: activation recomputation wraps the blocks' branches
-(:mod:`raydrat.core.techniques.recompute`), layer skipping is the ``active_slots`` argument of
+(:mod:`raydrat.core.techniques.recompute.planners`), layer skipping is the ``active_slots`` argument of
 :meth:`GPT.forward`. Incremental decoding passes a :class:`KVCache` to :meth:`GPT.forward`.
 The model knows nothing of Ray, MLflow or the data pipeline.
 
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from raydrat.core.model.config import ModelConfig
+from raydrat.config.model import ModelConfig
 
 NORM_EPS = 1e-5
 IGNORE_INDEX = -100

@@ -4,6 +4,9 @@ something for the run, and saves what it learns or draws in checkpoints."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 from torch import nn
 
 
@@ -27,3 +30,23 @@ class Technique:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one step runs: the active layers (``None``: the config's worst case) and, per
+    branch of those layers in order (attention, MLP, attention, ...), whether it stores its
+    activations (``None``: the config's plan). :func:`raydrat.core.memory.estimate.estimate_memory`
+    predicts the peak of a step with this plan."""
+
+    active: tuple[int, ...] | None = None
+    stored: tuple[bool, ...] | None = None
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model under DDP (and compile) wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner

@@ -18,14 +18,13 @@ from torch import nn
 from raydrat.config.run import RaydratConfig
 from raydrat.config.slots import SlotsConfig
 from raydrat.config.sync import SyncConfig
-from raydrat.core.memory.peak import StepPlan
-from raydrat.core.techniques.base import Technique
+from raydrat.core.techniques.base import StepPlan, Technique
 from raydrat.core.techniques.compile import Compile
-from raydrat.core.techniques.fsdp import FSDPStrategy
 from raydrat.core.techniques.precision import Precision
-from raydrat.core.techniques.recompute import NoRecompute, RecomputePlanner, build_recompute
+from raydrat.core.techniques.recompute.planners import NoRecompute, RecomputePlanner, build_recompute
 from raydrat.core.techniques.slots import SlotSchedule
-from raydrat.core.techniques.sync import SyncStrategy, build_strategy
+from raydrat.core.techniques.sync.fsdp import FSDPStrategy
+from raydrat.core.techniques.sync.strategies import SyncStrategy, build_strategy
 
 
 @dataclass

@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from raydrat.core.techniques.wrapper import CheckpointWrapper, iter_branches
+from raydrat.core.techniques.recompute.wrapper import CheckpointWrapper, iter_branches
 
 
 @dataclass(frozen=True)

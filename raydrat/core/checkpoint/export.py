@@ -27,7 +27,7 @@ training-time setting that does not change the exported function).
 parameter names plus ``raydrat_config.json``.
 
 :func:`load_pretrained` reads either kind of directory into a raydrat state dict for a given
-:class:`~raydrat.core.model.config.ModelConfig`; an option or a parameter shape that does not match is
+:class:`~raydrat.config.model.ModelConfig`; an option or a parameter shape that does not match is
 named, with both values.
 
 Torch, safetensors and the standard library only: transformers is not needed to export
@@ -47,8 +47,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from raydrat.config.base import ConfigError
+from raydrat.config.model import ModelConfig
 from raydrat.core.data.tokenizer import load_tokenizer, resolve_tokenizer_file, tokenizer_special_ids
-from raydrat.core.model.config import ModelConfig
 from raydrat.core.model.transformer import GPT, NORM_EPS
 
 LLAMA = "LlamaForCausalLM"

@@ -13,7 +13,7 @@ the wrappers' flags before each step (:meth:`RecomputePlanner.plan`):
   optimizer step they take their own update from the resource loss (:meth:`after_step`),
   which depends on nothing but the gates and the measured costs.
 * :class:`OpRecompute` (``budget`` or ``gated`` with ``recompute.granularity: op``): the
-  same two planners over op-level choices (:mod:`raydrat.core.techniques.selective`: a
+  same two planners over op-level choices (:mod:`raydrat.core.techniques.recompute.selective`: a
   store/recompute decision per op call through PyTorch's selective activation
   checkpointing, costs in measured op time and saved-tensor bytes), planned for the
   compiled graph when ``train.compile`` is on.
@@ -36,12 +36,12 @@ from torch import nn
 from raydrat.config.base import ConfigError
 from raydrat.config.recompute import RecomputeConfig
 from raydrat.core import metrics as M
-from raydrat.core.memory.measure import BranchCost, measure_branch_costs
-from raydrat.core.techniques import selective as S
 from raydrat.core.techniques.base import Technique
-from raydrat.core.techniques.gates import RecomputeGates
-from raydrat.core.techniques.knapsack import BudgetBelowMinimum, solve_budget
-from raydrat.core.techniques.wrapper import CheckpointWrapper, apply_recompute, iter_branches, wrap_blocks
+from raydrat.core.techniques.recompute import selective as S
+from raydrat.core.techniques.recompute.gates import RecomputeGates
+from raydrat.core.techniques.recompute.knapsack import BudgetBelowMinimum, solve_budget
+from raydrat.core.techniques.recompute.measure import BranchCost, measure_branch_costs
+from raydrat.core.techniques.recompute.wrapper import CheckpointWrapper, apply_recompute, iter_branches, wrap_blocks
 
 Autocast = Callable[[], AbstractContextManager]
 
@@ -345,7 +345,7 @@ class OpRecompute(RecomputePlanner):
     """``budget`` or ``gated`` over op-level choices (``recompute.granularity: op``).
 
     On the first planned micro-batch it measures every op call of a training forward
-    (:func:`~raydrat.core.techniques.selective.measure_op_costs`: time on this device, bytes
+    (:func:`~raydrat.core.techniques.recompute.selective.measure_op_costs`: time on this device, bytes
     of each saved tensor), plans within ``recompute.budget_mb`` (``budget``: the exact
     knapsack; ``gated``: the learnable gates over the same choices, after their warm-up)
     and applies the plan to the model from outside. ``compiled`` (``train.compile`` on):

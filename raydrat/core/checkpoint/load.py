@@ -17,14 +17,15 @@ from pathlib import Path
 import torch
 
 from raydrat.config.base import ConfigError
+from raydrat.config.model import ModelConfig
 from raydrat.config.run import RaydratConfig
+from raydrat.core.checkpoint.export import RAYDRAT_CONFIG, RAYDRAT_MODEL_KEY, check_shapes, load_pretrained
+from raydrat.core.checkpoint.state import STATE_FILE, load_state, newest_complete, verify_checkpoint
 from raydrat.core.data.demo import tokenizer_file
 from raydrat.core.data.spec import resolve_tokenizer_path
 from raydrat.core.data.tokenizer import HF_TOKENIZER_FILE
-from raydrat.core.model.config import ModelConfig
-from raydrat.core.model.export import RAYDRAT_CONFIG, RAYDRAT_MODEL_KEY, check_shapes, load_pretrained
+from raydrat.core.model.build import build_model
 from raydrat.core.model.transformer import GPT
-from raydrat.core.state import STATE_FILE, load_state, newest_complete, verify_checkpoint
 
 CHECKPOINT_GLOB = "checkpoint_*"
 WHAT_TO_GIVE = (
@@ -149,3 +150,12 @@ def init_state(where: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         check_shapes(state, cfg, str(src))
         return state
     return load_pretrained(src, cfg)
+
+
+def initial_model(cfg: ModelConfig, seed: int | None = None, device: torch.device | str | None = None) -> GPT:
+    """The model a run starts from: :func:`~raydrat.core.model.build.build_model`, then the
+    weights of ``cfg.init_from`` when set (:func:`init_state`)."""
+    model = build_model(cfg, seed=seed)
+    if cfg.init_from:
+        model.load_state_dict(init_state(cfg.init_from, cfg))
+    return model.to(device) if device is not None else model

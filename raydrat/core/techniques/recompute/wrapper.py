@@ -3,7 +3,7 @@
 ``apply_recompute(model, "full")`` wraps the attention branch and the MLP branch of every
 block in a :class:`CheckpointWrapper`: the branch keeps only its input for backward and
 recomputes the rest. Each wrapper has a mutable ``enabled`` flag, so a per-step planner
-(the gates, the budget plan: :mod:`raydrat.core.techniques.recompute`) can toggle branches
+(the gates, the budget plan: :mod:`raydrat.core.techniques.recompute.planners`) can toggle branches
 one by one; :func:`iter_branches` finds them.
 """
 

@@ -33,8 +33,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
-from raydrat.core.state import unwrap
-from raydrat.core.techniques.sync import SyncStrategy
+from raydrat.core.techniques.base import unwrap
+from raydrat.core.techniques.sync.strategies import SyncStrategy
 
 DCP_DIR = "dcp"
 """Subdirectory of a checkpoint holding the DCP shards of model and optimizer."""
@@ -47,7 +47,7 @@ class FSDPStrategy(SyncStrategy):
 
     mode = "fsdp"
     sharded = True
-    """Checkpoints hold sharded model/optimizer state (:mod:`raydrat.core.state` asks)."""
+    """Checkpoints hold sharded model/optimizer state (:mod:`raydrat.core.checkpoint.state` asks)."""
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         bare = unwrap(model)

@@ -14,7 +14,7 @@ Modes (:func:`plan_none`, :func:`plan_full`, :func:`plan_budget`):
 * ``full``: every transformer block is one ``torch.utils.checkpoint`` region (it keeps only
   its input; the previous, per-branch ``full`` kept both branch inputs);
 * ``budget``: the least recompute time within a byte budget, solved exactly by the
-  pseudo-polynomial knapsack of :mod:`raydrat.core.techniques.knapsack` over costs measured on this
+  pseudo-polynomial knapsack of :mod:`raydrat.core.techniques.recompute.knapsack` over costs measured on this
   device (:func:`measure_op_costs`: every op's measured time and the bytes of the storage
   it outputs, and which outputs backward needs).
 
@@ -50,7 +50,7 @@ plan (``model.compile()``).
 
 Learnable gates over the same op-level choices (:func:`gate_plan`): :meth:`OpCosts.items`
 lists the choices a plan makes (site, bytes, value) for either mode; one
-:class:`~raydrat.core.techniques.gates.RecomputeGates` gate per item, with the measured bytes and
+:class:`~raydrat.core.techniques.recompute.gates.RecomputeGates` gate per item, with the measured bytes and
 recompute time as its costs, gives store/recompute decisions that :func:`plan_from_stored`
 turns into a plan. Re-applying a plan eagerly costs a few module swaps; a compiled model
 recompiles for each distinct plan, so under compile the gates should settle (their
@@ -78,15 +78,15 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import SAC_IGNORED_OPS, CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from raydrat.config.recompute import GatesConfig
-from raydrat.core.techniques.gates import RecomputeGates
-from raydrat.core.techniques.knapsack import (
+from raydrat.core.techniques.recompute.gates import RecomputeGates
+from raydrat.core.techniques.recompute.knapsack import (
     BucketKnapsack,
     BudgetBelowMinimum,
     bucket_resolution,
     solve_groups,
     to_buckets,
 )
-from raydrat.core.techniques.wrapper import CheckpointWrapper, iter_branches
+from raydrat.core.techniques.recompute.wrapper import CheckpointWrapper, iter_branches
 
 PRE, POST = "pre", "post"
 """Regions outside the blocks: before the first block (embedding), after the last (head, loss)."""

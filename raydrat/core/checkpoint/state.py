@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from raydrat.core.techniques.base import unwrap
+
 STATE_FILE = "state.pt"
 RANK_FILE = "rank{rank}.pt"
 MANIFEST_FILE = "manifest-rank{rank}.json"
@@ -94,15 +96,6 @@ def rank_state(optimizer, position: DataPosition, techniques: dict | None = None
         "data": asdict(position),
         "techniques": techniques or {},
     }
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model under DDP (and compile) wrappers."""
-    while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            return model
-        model = inner
 
 
 def training_state(

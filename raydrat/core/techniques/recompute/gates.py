@@ -3,7 +3,7 @@
 One gate per attention branch and per MLP branch. Gate ``i`` has a logit; its probability
 is ``p_i = sigmoid(logit_i / temperature)``. Each step a hard decision ``h_i`` (store the
 branch's activations, or recompute them in backward) is taken and set on the branch's
-:class:`~raydrat.core.techniques.wrapper.CheckpointWrapper` (``enabled = not h_i``). Recomputation
+:class:`~raydrat.core.techniques.recompute.wrapper.CheckpointWrapper` (``enabled = not h_i``). Recomputation
 is exact, so the task loss does not depend on the gates; they learn only from the
 resource loss, through the straight-through estimator ``s = h + p - p.detach()``.
 

@@ -65,8 +65,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from raydrat.config.sync import SyncConfig
 from raydrat.core import metrics as M
-from raydrat.core.state import unwrap
-from raydrat.core.techniques.base import Technique
+from raydrat.core.techniques.base import Technique, unwrap
 
 
 def ring_allreduce_bytes(payload_bytes: int, world_size: int) -> int:
