@@ -209,7 +209,7 @@ def test_the_layer_check_catches_an_upward_import_and_a_package_circle():
 
 def test_every_layer_package_exists_and_the_vocabulary_imports_nothing_of_raydrat():
     """A renamed package would make the layer check pass vacuously; a vocabulary module that
-    grew a raydrat import would no longer be a leaf any layer can use."""
+    grew a raydrat import would not be a leaf any layer can use."""
     edges, _, _ = import_graph()
     for pkg in PACKAGES:
         assert any(m == pkg or m.startswith(pkg + ".") for m in edges), pkg

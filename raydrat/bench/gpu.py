@@ -1,4 +1,4 @@
-"""``raydrat bench gpu``: the CUDA figures, in one command sized for one GPU-machine loan.
+"""``raydrat bench gpu``: the CUDA figures, in one command that fits a short session on a GPU machine.
 
 Every case runs raydrat's Ray-free core (the model, the techniques, the one ``fit`` loop
 through :class:`~raydrat.bench.local.LocalRun`, the memory estimator), because the GPU

@@ -221,7 +221,7 @@ and a backward that overwrites saved tensors is unsafe under op-level recomputat
 
 
 def reverted(cfg: ModelConfig, changes: tuple[str, ...]) -> nn.Module:
-    """raydrat's model with ``changes`` (of :data:`ABLATIONS`) reverted to the earlier code."""
+    """raydrat's model with ``changes`` (of :data:`ABLATIONS`) reverted to the plain implementation each replaces."""
     model: nn.Module = GPT(cfg)
     for block in model.layers.values():
         attn = block.attn_branch.layer
