@@ -398,6 +398,20 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def _add_bench_model(bench: argparse._SubParsersAction) -> None:
+    """bench model: raydrat.bench.model."""
+    p = bench.add_parser("model", help="raydrat's model vs torchtitan's Llama and nanoGPT, eager training steps")
+    _add_config_args(p, required=False)
+    p.add_argument("--steps", type=int, default=30, help="timed steps per model and shape (default 30)")
+    p.add_argument("--json", help="write one record per shape and settings to this JSON file")
+    p.add_argument(
+        "--ablate",
+        action="store_true",
+        help="instead: the model with each of its speed changes reverted alone, interleaved",
+    )
+    p.set_defaults(func=cmd_bench_model)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raydrat", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -573,17 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write one record per row to this JSON file")
     p.set_defaults(func=cmd_bench_sync)
 
-    p = bench.add_parser("model", help="raydrat's model vs torchtitan's Llama and nanoGPT, eager training steps")
-    _add_config_args(p, required=False)
-    p.add_argument("--steps", type=int, default=30, help="timed steps per model and shape (default 30)")
-    p.add_argument("--json", help="write one record per shape and settings to this JSON file")
-    p.add_argument(
-        "--ablate",
-        action="store_true",
-        help="instead: the model with each of its speed changes reverted alone, interleaved",
-    )
-    p.set_defaults(func=cmd_bench_model)
-
+    _add_bench_model(bench)
     # listed here; its arguments are raydrat.bench.gpu's own parser (main dispatches to it)
     bench.add_parser("gpu", help="the CUDA figures in one command (see `raydrat bench gpu --help`)")
 
