@@ -1,28 +1,28 @@
-"""``raydrat`` command line: thin, every command delegates to a module.
+"""``raydrat`` command line: the parsers, and each command delegating to a module.
 
     raydrat --version
-    raydrat train CONFIG [--set section.key=value ...] [--print-config] [--dry-run] [--verbose]
+    raydrat train CONFIG [--set section.key=value ...] [--resume [RUN]] [--print-config] [--dry-run] [--verbose]
+    raydrat estimate CONFIG [--set section.key=value ...] [--measure]
+    raydrat tune SPACE [--resume] [--json PATH] [--verbose] [--dry-run]
     raydrat data demo [CONFIG] [--force]
     raydrat data tokenizer CONFIG --out PATH
     raydrat data prepare CONFIG --out PATH [--endpoint-url URL] [--keep N]
     raydrat data gc OUT [--keep N] [--dry-run]
-
-    raydrat bench ingest [CONFIG] [--mb N ...] [--json PATH]
+    raydrat generate | eval | export RUN|CHECKPOINT ...   (raydrat.model_commands)
     raydrat bench overhead [CONFIG] [--json PATH]
-    raydrat tune SPACE [--resume] [--json PATH] [--verbose] [--dry-run]
-    raydrat estimate CONFIG [--set section.key=value ...] [--measure]
-    raydrat bench memory [--json PATH] [--only NAME ...]
-    raydrat bench combos [CONFIG] [--json PATH] [--only NAME ...]
-    raydrat bench recompute [--models NAME ...] [--fractions F ...] [--steps N] [--no-compile] [--json PATH]
+    raydrat bench ingest [CONFIG] [--mb N ...] [--json PATH]
     raydrat bench sync [CONFIG] [--latency-ms MS,...] [--sync-steps H,...] [--link MBIT,...] [--json PATH]
+    raydrat bench combos [CONFIG] [--json PATH] [--only NAME ...]
+    raydrat bench memory [--json PATH] [--only NAME ...]
+    raydrat bench recompute [--models NAME ...] [--fractions F ...] [--steps N] [--no-compile] [--json PATH]
+    raydrat bench model [CONFIG] [--steps N] [--ablate] [--json PATH]
     raydrat bench gpu [--dry-run] [--quick] [--tiny] [--out DIR] [--json PATH]
-    raydrat generate | eval | export | bench model   (raydrat.model_commands)
 
-CONFIG is a YAML path or a shipped recipe name (debug, demo, gpt2-small). Known problems
-(bad config, bad data) end with one line naming the culprit and exit status 2.
+Known problems (bad config, bad data) end with one line naming the culprit and exit status 2.
 
 Each command imports what it needs when it runs (so ``raydrat --help`` stays fast): those
-are the only imports inside functions in raydrat.
+are the only imports inside functions in raydrat. What ``raydrat --help`` prints is
+:data:`DESCRIPTION` and :data:`EPILOG`, written for users.
 """
 
 from __future__ import annotations
@@ -39,6 +39,20 @@ from raydrat.config import ConfigError, load_config
 from raydrat.core.data.errors import DataError
 from raydrat.core.exceptions import walk_exceptions
 from raydrat.interrupt import Interrupted, as_interrupted
+
+DESCRIPTION = """\
+Train decoder-only transformers efficiently on limited hardware, and scale the same job to a
+Ray cluster: Ray Data streams the data, Ray Train trains, Ray Tune sweeps, MLflow records
+every run. Without a cluster everything runs on a local Ray instance."""
+EPILOG = """\
+CONFIG is a YAML file or a shipped recipe: debug, demo, gpt2-small.
+Override any value with --set section.key=value; `raydrat COMMAND --help` lists a command's options.
+
+first run:
+  raydrat data demo          build the embedded demo corpus and its tokenizer
+  raydrat train demo         train the demo recipe on a local Ray instance
+  raydrat train demo --dry-run   validate, estimate memory and plan the data; train nothing
+"""
 
 
 class UserError(Exception):
@@ -327,9 +341,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_model(args: argparse.Namespace) -> int:
-    from raydrat.model_commands import cmd_bench_model as run
+    cfg = load_config(args.config, args.overrides)
+    from raydrat.bench.model import run_ablation, run_model_bench
 
-    return run(args)
+    if args.ablate:
+        run_ablation(cfg, steps=args.steps, json_path=args.json)
+    else:
+        run_model_bench(cfg, json_path=args.json, steps=args.steps)
+    return 0
 
 
 def _add_source_args(p: argparse.ArgumentParser) -> None:
@@ -342,8 +361,8 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device to run the model on (default cpu)")
 
 
-def _add_model_commands(sub: argparse._SubParsersAction, bench: argparse._SubParsersAction) -> None:
-    """generate, eval, export (to ``sub``) and bench model (to ``bench``): raydrat.model_commands."""
+def _add_model_commands(sub: argparse._SubParsersAction) -> None:
+    """generate, eval and export: the commands of raydrat.model_commands."""
     p = sub.add_parser("generate", help="sample text from a trained model (streams; seeded)")
     _add_source_args(p)
     p.add_argument("--prompt", required=True, help="text to continue")
@@ -378,6 +397,9 @@ def _add_model_commands(sub: argparse._SubParsersAction, bench: argparse._SubPar
     p.add_argument("--out", required=True, metavar="DIR")
     p.set_defaults(func=cmd_export)
 
+
+def _add_bench_model(bench: argparse._SubParsersAction) -> None:
+    """bench model: raydrat.bench.model."""
     p = bench.add_parser("model", help="raydrat's model vs torchtitan's Llama and nanoGPT, eager training steps")
     _add_config_args(p, required=False)
     p.add_argument("--steps", type=int, default=30, help="timed steps per model and shape (default 30)")
@@ -391,7 +413,9 @@ def _add_model_commands(sub: argparse._SubParsersAction, bench: argparse._SubPar
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raydrat", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="raydrat", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"raydrat {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -419,7 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
-    data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="the demo corpus, a tokenizer, packed shards").add_subparsers(
+        dest="data_command", required=True
+    )
     p = data.add_parser("demo", help="build the embedded demo corpus and its tokenizer")
     _add_config_args(p, required=False)
     p.add_argument("--force", action="store_true", help="rebuild even if present")
@@ -464,7 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_tune)
 
-    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    bench = sub.add_parser(
+        "bench", help="benchmarks: overhead, ingest, sync, techniques, memory, model, GPU"
+    ).add_subparsers(dest="bench_command", required=True)
     p = bench.add_parser("overhead", help="Ray Train loop vs a bare PyTorch loop")
     _add_config_args(p, required=False)
     p.add_argument("--json", help="write the figures to this JSON file")
@@ -559,10 +587,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write one record per row to this JSON file")
     p.set_defaults(func=cmd_bench_sync)
 
+    _add_bench_model(bench)
     # listed here; its arguments are raydrat.bench.gpu's own parser (main dispatches to it)
     bench.add_parser("gpu", help="the CUDA figures in one command (see `raydrat bench gpu --help`)")
 
-    _add_model_commands(sub, bench)
+    _add_model_commands(sub)
     return parser
 
 

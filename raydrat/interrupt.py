@@ -3,7 +3,7 @@
 Ray installs its own handlers: ``ray.init`` makes SIGTERM ``sys.exit`` (which escapes Ray's
 C++ wait loops as a crash, exit 134), and Ray Train's ``fit`` makes SIGINT abort the run
 and exit 1 with its own message. :func:`call_interruptibly` runs the blocking call in a
-helper thread (Ray Train installs no handler off the main thread, as under Tune) while the
+second thread (Ray Train installs no handler off the main thread, as under Tune) while the
 main thread waits with raydrat's handlers installed: a signal raises :class:`Interrupted`
 in the main thread, where the caller ends the MLflow run as KILLED, stops Ray, leaves only
 complete checkpoints, and the CLI prints the resume command and exits ``128 + signal``
@@ -81,10 +81,10 @@ def trapped() -> Iterator[None]:
 
 
 def call_interruptibly(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``fn(*args, **kwargs)`` in a helper thread while the main thread waits, so that a
+    """``fn(*args, **kwargs)`` in a second thread while the main thread waits, so that a
     signal reaches raydrat's handler (see :func:`trapped`) whatever ``fn`` installs. The
     result or exception of ``fn`` is the caller's; an interrupt raises :class:`Interrupted`
-    at once (the helper thread is a daemon and dies with the process or with Ray)."""
+    at once (that thread is a daemon and dies with the process or with Ray)."""
     if threading.current_thread() is not threading.main_thread():
         return fn(*args, **kwargs)
     box: dict[str, Any] = {}

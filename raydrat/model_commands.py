@@ -1,6 +1,5 @@
-"""The commands that use a trained model: ``raydrat generate``, ``eval``, ``export`` and
-``bench model`` (their parsers are in :mod:`raydrat.cli`, which imports this module when one
-of them runs).
+"""The commands that use a trained model: ``raydrat generate``, ``eval`` and ``export``
+(their parsers are in :mod:`raydrat.cli`, which imports this module when one of them runs).
 
 RUN|CHECKPOINT is a checkpoint directory, a run directory or a run name under
 ``--storage`` (default ``ray_results``, as ``train.storage_path``), or for generate and eval
@@ -19,8 +18,7 @@ import numpy as np
 import torch
 
 from raydrat import tracking
-from raydrat.bench.model import run_ablation, run_model_bench
-from raydrat.config import ConfigError, load_config
+from raydrat.config import ConfigError
 from raydrat.config.data import SourceConfig
 from raydrat.core.checkpoint.export import export_hf, export_safetensors
 from raydrat.core.checkpoint.load import load_model
@@ -178,13 +176,4 @@ def cmd_export(args: argparse.Namespace) -> int:
         if loaded.tokenizer_path is not None:  # the tokenizer travels with the weights
             shutil.copyfile(resolve_tokenizer_file(loaded.tokenizer_path), out / "tokenizer.json")
     print(f"exported {loaded.source} as {args.format} to {out}")
-    return 0
-
-
-def cmd_bench_model(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    if args.ablate:
-        run_ablation(cfg, steps=args.steps, json_path=args.json)
-    else:
-        run_model_bench(cfg, json_path=args.json, steps=args.steps)
     return 0

@@ -1,5 +1,5 @@
 """``raydrat bench recompute`` (eager rows, debug model): every row trains through the fit
-loop, carries the issue's JSON fields, and its allocator-measured bytes say what the plan
+loop, carries every documented JSON field, and its allocator-measured bytes say what the plan
 promised (raydrat full = torch's checkpoint per block, budgets kept)."""
 
 from __future__ import annotations

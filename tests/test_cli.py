@@ -33,6 +33,36 @@ def test_version(capsys):
     assert 'version = {attr = "raydrat.__version__"}' in toml  # one source for the wheel and --version
 
 
+def _commands(parser=None, prefix=("raydrat",)) -> list[str]:
+    """Every command path the parser knows, e.g. ``raydrat bench overhead``."""
+    import argparse
+
+    from raydrat.cli import build_parser
+
+    parser = parser or build_parser()
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        return [" ".join(prefix)]
+    return [c for name, p in subs[0].choices.items() for c in _commands(p, (*prefix, name))]
+
+
+def test_help_is_written_for_users(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "Train decoder-only transformers" in out and "raydrat train demo" in out
+    assert "``" not in out and "delegates" not in out  # no internal docstring
+
+
+def test_the_readme_lists_each_command_once():
+    rows = [ln.split("|")[1].strip() for ln in (REPO / "README.md").read_text().splitlines() if ln.startswith("| `")]
+    commands = _commands()
+    assert "raydrat bench gpu" in commands and "raydrat bench recompute" in commands
+    for command in commands:
+        listed = [r for r in rows if r.startswith(f"`{command} ") or r.startswith(f"`{command}`")]
+        assert len(listed) == 1, (command, listed)
+
+
 def test_set_string_field_takes_the_text_as_given():
     cfg = load_config("debug", ["tracking.run_name=2024", "name=true", "data.sources=[{path: x.jsonl}]"])
     assert cfg.tracking.run_name == "2024" and cfg.name == "true"

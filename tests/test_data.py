@@ -581,7 +581,7 @@ def test_weighted_mixing_is_met_in_tokens_whatever_the_parquet_encoding(corpus, 
         corpus, sources=[{"path": str(tmp_path / "a"), "weight": 1.0}, {"path": str(tmp_path / "b"), "weight": 1.0}]
     )
     footers = plan_corpus(cfg).source_bytes
-    assert footers[1] > 4 * footers[0]  # the metadata says A is a small fraction of B: the old trap
+    assert footers[1] > 4 * footers[0]  # the metadata says A is a small fraction of B: rates from it would be wrong
     spec = make_spec(cfg, SEQ_LEN, VOCAB)[0]
     plan = plan_local(cfg, spec)
     tokens = [0, 0]

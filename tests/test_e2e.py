@@ -27,7 +27,7 @@ def test_train_debug_through_ray_records_mlflow_run(demo_dir: Path, tmp_path: Pa
     assert "tokens/s" in out
     assert "mlflow ui --backend-store-uri sqlite:///" in out.replace("/mlflow ui", " mlflow ui")
     assert "step 10/20" in out  # progress visible on the console
-    # a quiet console (issue 12): raydrat's lines only, no Ray Train report dumps, no colour
+    # a quiet console: raydrat's lines only, no Ray Train report dumps, no colour
     # codes into a pipe, one line per worker event
     assert "Reporting training result" not in out and "TrainingReport(" not in out
     assert "\x1b[" not in out

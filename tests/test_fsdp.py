@@ -143,7 +143,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             "complete": S.verify_checkpoint(ckpt),
             "listed": _listed(ckpt, rank),
         }
-        if saved.get("sharded"):  # a shard cut short: the checkpoint no longer counts as complete
+        if saved.get("sharded"):  # a shard cut short: the checkpoint does not count as complete
             dist.barrier()
             if rank == 0:
                 shard = os.path.join(ckpt, DCP_DIR, "__1_0.distcp")

@@ -1,7 +1,8 @@
-"""The three layers hold: raydrat's import graph has no circle, the core imports neither
-Ray nor MLflow (and imports in an interpreter where they cannot be imported at all), the
-schemas import nothing of raydrat but schemas, and no raydrat import hides in a function
-outside the CLI."""
+"""The layers hold, as packages: each raydrat module imports only its own layer or lower ones,
+in the order schemas → model (and data beside it) → techniques → memory → fit/setup →
+adapters, with no circle between packages or modules. The core imports neither Ray nor
+MLflow (and imports in an interpreter where they cannot be imported at all), and no raydrat
+import hides in a function outside the CLI's lazy subcommands."""
 
 from __future__ import annotations
 
@@ -12,8 +13,27 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "raydrat"
-SCHEMAS = ("raydrat.config", "raydrat.config.model")
 CORE = "raydrat.core"
+
+# Leaf modules any layer may import: each imports nothing of raydrat (checked below), so an
+# edge to one can close no circle and drag in no layer. They are the shared words of the
+# package: the version, the metric names with the logger and throughput counters every layer
+# reports through (techniques report their metrics under these names), walking an exception
+# chain, and masking secrets (data sources name credentials; tracking and tune redact).
+VOCABULARY = ("raydrat", "raydrat.core.metrics", "raydrat.core.exceptions", "raydrat.redact")
+
+# Bottom to top: a module may import modules of its own layer or of a lower one. A module
+# belongs to the layer of the longest package prefix listed here; anything else is an adapter.
+# "raydrat.core" stands for the core's root modules (fit, step, runtime, optim, evaluate, ...).
+LAYERS = (
+    ("schemas", ("raydrat.config",)),
+    ("model", ("raydrat.core.model", "raydrat.core.data")),
+    ("techniques", ("raydrat.core.techniques",)),
+    ("memory", ("raydrat.core.memory",)),
+    ("fit/setup", ("raydrat.core", "raydrat.core.checkpoint")),
+)
+ADAPTERS = "adapters"
+PACKAGES = tuple(pkg for _, pkgs in LAYERS for pkg in pkgs)
 
 
 def module_name(path: Path) -> str:
@@ -21,41 +41,102 @@ def module_name(path: Path) -> str:
     return name.removesuffix(".__init__")
 
 
+def _targets(node: ast.Import | ast.ImportFrom, mod: str, is_package: bool, modules: set[str]) -> list[str]:
+    """The raydrat modules one import statement loads: ``from pkg import sub`` is the module
+    ``pkg.sub`` when there is one (not ``pkg`` itself), else ``pkg``."""
+    if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+    else:
+        base = node.module or ""
+        if node.level:  # relative: from the importing module's package
+            parts = mod.split(".")[: len(mod.split(".")) - node.level + (1 if is_package else 0)]
+            base = ".".join(parts + ([base] if base else []))
+        names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+    found = []
+    for name in names:
+        parts = name.split(".")
+        while parts and ".".join(parts) not in modules:
+            parts.pop()
+        if parts:
+            found.append(".".join(parts))
+    return found
+
+
 def import_graph() -> tuple[dict[str, set[str]], dict[str, set[str]], list[str]]:
     """(raydrat module -> raydrat modules it imports, module -> third-party tops, hidden
     imports ``"mod -> target"`` made inside functions)."""
-    modules = {module_name(p): p for p in PKG.rglob("*.py")}
+    paths = {module_name(p): p for p in PKG.rglob("*.py")}
+    modules = set(paths)
     edges: dict[str, set[str]] = {m: set() for m in modules}
     tops: dict[str, set[str]] = {m: set() for m in modules}
     hidden: list[str] = []
-    for mod, path in modules.items():
+    for mod, path in paths.items():
         tree = ast.parse(path.read_text(), str(path))
         functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
         inside = {id(n) for f in functions for n in ast.walk(f)}
         for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            else:
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
                 continue
-            for name in names:
-                tops[mod].add(name.split(".")[0])
-                if not name.startswith("raydrat"):
+            if isinstance(node, ast.Import):
+                tops[mod].update(a.name.split(".")[0] for a in node.names)
+            elif node.level == 0 and node.module:
+                tops[mod].add(node.module.split(".")[0])
+            for target in _targets(node, mod, path.name == "__init__.py", modules):
+                if target == mod:
                     continue
-                parts = name.split(".")
-                while parts and ".".join(parts) not in modules:
-                    parts.pop()
-                target = ".".join(parts)
-                if target and target != mod:
-                    edges[mod].add(target)
-                    if id(node) in inside and mod != "raydrat.cli":  # the CLI imports per command
-                        hidden.append(f"{mod} -> {target}")
+                edges[mod].add(target)
+                if id(node) in inside and mod != "raydrat.cli":  # the CLI imports per command
+                    hidden.append(f"{mod} -> {target}")
     return edges, tops, hidden
 
 
+def package_of(mod: str) -> str:
+    """The package a module counts in: the longest listed layer package it is in, else (an
+    adapter) its top-level package or module under raydrat."""
+    listed = [p for p in PACKAGES if mod == p or mod.startswith(p + ".")]
+    if listed:
+        return max(listed, key=len)
+    return ".".join(mod.split(".")[:2])
+
+
+def layer_of(mod: str) -> int:
+    """0 for the vocabulary, then 1.. for the layers bottom to top; adapters last."""
+    if mod in VOCABULARY:
+        return 0
+    pkg = package_of(mod)
+    for i, (_, pkgs) in enumerate(LAYERS, start=1):
+        if pkg in pkgs:
+            return i
+    return len(LAYERS) + 1
+
+
+def layer_name(i: int) -> str:
+    return "vocabulary" if i == 0 else LAYERS[i - 1][0] if i <= len(LAYERS) else ADAPTERS
+
+
+def layer_violations(edges: dict[str, set[str]]) -> list[str]:
+    """Every import of a higher layer, as ``"a -> b (fit/setup imported by techniques)"``."""
+    return sorted(
+        f"{a} -> {b} ({layer_name(layer_of(b))} imported by {layer_name(layer_of(a))})"
+        for a, targets in edges.items()
+        for b in targets
+        if layer_of(b) > layer_of(a)
+    )
+
+
+def package_edges(edges: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The module graph contracted to packages (vocabulary modules left out: they are leaves)."""
+    out: dict[str, set[str]] = {}
+    for a, targets in edges.items():
+        if a in VOCABULARY:
+            continue
+        pa = package_of(a)
+        out.setdefault(pa, set()).update(package_of(b) for b in targets if b not in VOCABULARY and package_of(b) != pa)
+    return out
+
+
 def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components with more than one module (Tarjan)."""
+    """Strongly connected components with more than one node (Tarjan)."""
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -100,6 +181,62 @@ def test_the_graph_check_finds_a_circle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
+def test_every_module_imports_only_its_layer_or_lower_ones():
+    edges, _, _ = import_graph()
+    assert layer_violations(edges) == []
+
+
+def test_no_circle_between_packages():
+    edges, _, _ = import_graph()
+    assert cycles(package_edges(edges)) == []
+
+
+def test_the_layer_check_catches_an_upward_import_and_a_package_circle():
+    """Not vacuous: a technique importing the training loop, an adapter below the core, and
+    two adapters importing each other are all caught."""
+    upward = {
+        "raydrat.core.techniques.slots": {"raydrat.core.fit", "raydrat.core.metrics"},
+        "raydrat.core.data.sources": {"raydrat.tracking", "raydrat.redact"},
+        "raydrat.core.memory.peak": {"raydrat.core.techniques.base"},
+    }
+    assert layer_violations(upward) == [
+        "raydrat.core.data.sources -> raydrat.tracking (adapters imported by model)",
+        "raydrat.core.techniques.slots -> raydrat.core.fit (fit/setup imported by techniques)",
+    ]
+    circle = {"raydrat.tune.report": {"raydrat.bench.report"}, "raydrat.bench.model": {"raydrat.tune.space"}}
+    assert cycles(package_edges(circle)) == [["raydrat.bench", "raydrat.tune"]]
+
+
+def test_every_layer_package_exists_and_the_vocabulary_imports_nothing_of_raydrat():
+    """A renamed package would make the layer check pass vacuously; a vocabulary module that
+    grew a raydrat import would not be a leaf any layer can use."""
+    edges, _, _ = import_graph()
+    for pkg in PACKAGES:
+        assert any(m == pkg or m.startswith(pkg + ".") for m in edges), pkg
+    assert {m: edges[m] for m in VOCABULARY} == {m: set() for m in VOCABULARY}
+
+
+def test_only_the_cli_imports_the_benchmarks():
+    """The benchmarks measure the product from above: the sweep, the model commands and the
+    rest of the product never depend on them (shared tables are raydrat.tables)."""
+    edges, _, _ = import_graph()
+    users = {package_of(a) for a, targets in edges.items() for b in targets if package_of(b) == "raydrat.bench"}
+    assert users - {"raydrat.bench"} == {"raydrat.cli"}
+
+
+def test_the_model_package_is_only_the_model():
+    """The model and the data pipeline sit side by side: neither imports the other (loading
+    a checkpoint, which needs both, is the checkpoint package's job)."""
+    edges, _, _ = import_graph()
+    crossing = {
+        (a, b)
+        for a, targets in edges.items()
+        for b in targets
+        if {package_of(a), package_of(b)} == {"raydrat.core.model", "raydrat.core.data"}
+    }
+    assert crossing == set()
+
+
 def test_core_never_imports_ray_or_mlflow():
     _, tops, _ = import_graph()
     offenders = {
@@ -111,8 +248,8 @@ def test_core_never_imports_ray_or_mlflow():
 def test_schemas_import_only_schemas():
     edges, _, _ = import_graph()
     for mod, targets in edges.items():
-        if mod.startswith(SCHEMAS):
-            assert all(t.startswith(SCHEMAS) for t in targets), (mod, targets)
+        if package_of(mod) == "raydrat.config":
+            assert all(package_of(t) == "raydrat.config" for t in targets), (mod, targets)
 
 
 def test_core_imports_where_ray_and_mlflow_are_missing():

@@ -330,12 +330,12 @@ def test_param_grad_and_optimizer_bytes():
 
 
 # --------------------------------------------------------------------------------------
-# the faster forms compute the previous forward (reference implementations kept here)
+# the faster forms compute the plain forward (the textbook implementations, kept here)
 # --------------------------------------------------------------------------------------
 
 
-def previous_rope(x: torch.Tensor, theta: float) -> torch.Tensor:
-    """The previous RoPE: (B, T, heads, D) halves rotated separately and concatenated."""
+def plain_rope(x: torch.Tensor, theta: float) -> torch.Tensor:
+    """Plain RoPE: (B, T, heads, D) halves rotated separately and concatenated."""
     T, D = x.shape[1], x.shape[-1]
     inv_freq = theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
     angles = torch.outer(torch.arange(T, dtype=torch.float64), inv_freq)
@@ -344,24 +344,24 @@ def previous_rope(x: torch.Tensor, theta: float) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-def previous_attention(attn: Attention, x: torch.Tensor, theta: float) -> torch.Tensor:
-    """The previous attention: key/value heads repeated with repeat_interleave."""
+def plain_attention(attn: Attention, x: torch.Tensor, theta: float) -> torch.Tensor:
+    """Plain grouped-query attention: key/value heads repeated with repeat_interleave."""
     B, T, _ = x.shape
     H, K, D = attn.n_head, attn.n_kv_head, attn.head_dim
-    q = previous_rope(attn.q_proj(x).view(B, T, H, D), theta)
-    k = previous_rope(attn.k_proj(x).view(B, T, K, D), theta)
+    q = plain_rope(attn.q_proj(x).view(B, T, H, D), theta)
+    k = plain_rope(attn.k_proj(x).view(B, T, K, D), theta)
     v = attn.v_proj(x).view(B, T, K, D)
     k, v = k.repeat_interleave(H // K, dim=2), v.repeat_interleave(H // K, dim=2)
     y = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True)
     return attn.out_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
 
-def previous_forward(model: GPT, idx: torch.Tensor, targets: torch.Tensor):
-    """The previous GPT forward and loss (F.cross_entropy) over the same parameters."""
+def plain_forward(model: GPT, idx: torch.Tensor, targets: torch.Tensor):
+    """The plain GPT forward and loss (F.cross_entropy) over the same parameters."""
     x = model.tok_emb(idx)
     for block in model.layers.values():
         a = block.attn_branch
-        x = x + previous_attention(a.layer, a.norm(x), model.cfg.rope_theta)
+        x = x + plain_attention(a.layer, a.norm(x), model.cfg.rope_theta)
         x = x + block.mlp_branch(x)
     logits = model.lm_head(model.norm(x))
     loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
@@ -370,9 +370,9 @@ def previous_forward(model: GPT, idx: torch.Tensor, targets: torch.Tensor):
 
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
 @pytest.mark.parametrize("enable_gqa", [True, False])
-def test_faster_rope_gqa_and_loss_equal_the_previous_forward(n_kv_head, enable_gqa):
-    """Same logits, loss and gradients as the previous rotate-half RoPE, repeat_interleave
-    GQA and F.cross_entropy: old checkpoints give the same logits."""
+def test_faster_rope_gqa_and_loss_equal_the_plain_forward(n_kv_head, enable_gqa):
+    """Same logits, loss and gradients as the plain rotate-half RoPE, repeat_interleave GQA
+    and F.cross_entropy: a checkpoint gives the same logits under either form."""
     model = build(n_kv_head=n_kv_head, activation="swiglu", seq_len=32, d_model=64)
     for block in model.layers.values():
         block.attn_branch.layer.enable_gqa = enable_gqa
@@ -381,7 +381,7 @@ def test_faster_rope_gqa_and_loss_equal_the_previous_forward(n_kv_head, enable_g
     targets[0, :5] = -100  # ignored targets too
     logits, loss = model(idx, targets)
     grads = torch.autograd.grad(loss, list(model.parameters()))
-    ref_logits, ref_loss = previous_forward(model, idx, targets)
+    ref_logits, ref_loss = plain_forward(model, idx, targets)
     ref_grads = torch.autograd.grad(ref_loss, list(model.parameters()))
     assert_close(logits, ref_logits)
     assert_close(loss, ref_loss)
@@ -394,12 +394,12 @@ def test_rope_table_form_equals_rotating_the_halves(dtype):
     rope = RotaryEmbedding(16, 40, 500.0)
     x = torch.randn(3, 40, 2, 16).to(dtype).requires_grad_()
     grad = torch.randn(3, 40, 2, 16)
-    out, ref = rope(x), previous_rope(x, 500.0)
-    assert out.dtype == ref.dtype  # bf16 x and fp32 tables promote as before
+    out, ref = rope(x), plain_rope(x, 500.0)
+    assert out.dtype == ref.dtype  # bf16 x and fp32 tables promote as in the plain form
     assert_close(out, ref)
     (g,) = torch.autograd.grad(out, x, grad)
     x32 = x.detach().float().requires_grad_()
-    (ref_g,) = torch.autograd.grad(previous_rope(x32, 500.0), x32, grad)  # the exact gradient, in fp32
+    (ref_g,) = torch.autograd.grad(plain_rope(x32, 500.0), x32, grad)  # the exact gradient, in fp32
     assert g.dtype == dtype
     assert_close(g.float(), ref_g, **({} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}))
     assert_close(rope(x[:, 7:19], start=7), ref[:, 7:19])  # the decoding offset

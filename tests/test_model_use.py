@@ -1,5 +1,5 @@
-"""A trained model put to use (issue 12): raydrat generate | eval | export, model.init_from,
-MLflow models. Checkpoints are written by the training loop's own save (core.state), the
+"""A trained model put to use: raydrat generate | eval | export, model.init_from, MLflow
+models. Checkpoints are written by the training loop's own save (core.checkpoint.state), the
 data is the demo corpus, transformers loads the exports, MLflow is a real SQLite store."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Op-level recomputation plans (issue 15): exact, within their budget by the allocator,
+"""Op-level recomputation plans: exact, within their budget by the allocator,
 applied from outside; the pseudo-polynomial knapsack is exact; impossible budgets name
 the minimum; the techniques (``recompute.granularity: op``) run through the fit loop."""
 

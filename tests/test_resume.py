@@ -61,7 +61,7 @@ def runs(ray_local, demo_dir: Path, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
     db = tmp / "mlruns.db"
     # saves every 3 steps too, without evaluation: Ray Train has recorded unscored saves when
-    # the run is resumed (an inf score used to come back as null and fail the resumed controller)
+    # the run is resumed (Ray Train would write an inf score as null and fail the resumed controller)
     every = f"train.checkpoint_every={SAVE}"
     cfg = _cfg(demo_dir, tmp / "rr", db, "name=resumable", every, *LAYERDROP_DDP)
     with pytest.raises(Exception):  # noqa: B017 (the killed worker surfaces as Ray Train's error)

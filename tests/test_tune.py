@@ -425,7 +425,7 @@ def test_optuna_sweep_statuses_figures_and_mlflow_runs_agree(
         r.data.tags["raydrat.trial"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
     }
     assert sorted(children) == sorted(records) and len(runs) == 5
-    # every completed trial logged its model; the sweep registered its best trial's (issue 12)
+    # every completed trial logged its model; the sweep registered its best trial's
     logged = {m.source_run_id for m in client.search_logged_models([exp.experiment_id])}
     completed = {children[t].info.run_id for t, r in records.items() if r["status"] == "completed"}
     assert completed and completed <= logged

@@ -29,7 +29,7 @@ import torch
 from raydrat import tracking
 from raydrat.bench.layertime import LayerStackTimer
 from raydrat.bench.local import LocalData, LocalRun, interleave
-from raydrat.bench.report import load_average, print_table, write_json
+from raydrat.bench.report import load_average, print_table
 from raydrat.config import RaydratConfig, config_from_dict
 from raydrat.core.fit import Callback
 from raydrat.core.memory.estimate import activation_plan_bounds, estimate_memory
@@ -43,6 +43,7 @@ from raydrat.core.techniques.recompute.measure import (
     saved_activation_bytes,
 )
 from raydrat.core.techniques.recompute.planners import MeasuredPlanner
+from raydrat.tables import write_json
 from raydrat.tracking import Run
 
 

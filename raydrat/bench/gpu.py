@@ -1,4 +1,4 @@
-"""``raydrat bench gpu``: the CUDA figures, in one command sized for one GPU-machine loan.
+"""``raydrat bench gpu``: the CUDA figures, in one command that fits a short session on a GPU machine.
 
 Every case runs raydrat's Ray-free core (the model, the techniques, the one ``fit`` loop
 through :class:`~raydrat.bench.local.LocalRun`, the memory estimator), because the GPU
@@ -64,7 +64,7 @@ from torch import nn
 from raydrat.bench.local import LocalData, LocalRun, interleave
 from raydrat.bench.memory import _measured_components, measure
 from raydrat.bench.peers import NANOGPT_DIFFERENCES, NanoGPT, nanogpt_settings
-from raydrat.bench.report import format_table, load_average
+from raydrat.bench.report import load_average
 from raydrat.config import RaydratConfig, load_config
 from raydrat.config.base import ConfigError
 from raydrat.core import metrics as M
@@ -74,6 +74,7 @@ from raydrat.core.model.build import build_model
 from raydrat.core.model.transformer import sdpa_backend
 from raydrat.core.optim import build_optimizer
 from raydrat.core.techniques.precision import DTYPES
+from raydrat.tables import format_table
 
 GiB = 2**30
 PEAK_TFLOPS = 790.0

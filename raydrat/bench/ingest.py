@@ -32,7 +32,7 @@ import ray
 import torch
 
 from raydrat.bench.local import LocalData, LocalRun
-from raydrat.bench.report import print_table, write_json
+from raydrat.bench.report import print_table
 from raydrat.config import RaydratConfig
 from raydrat.core.data.pack import pack_array
 from raydrat.core.data.plan import plan_corpus
@@ -42,6 +42,7 @@ from raydrat.core.data.split import is_val_document
 from raydrat.core.data.tokenizer import tokenizer_from_str
 from raydrat.ray_data.stream import pack_dataset
 from raydrat.ray_session import ensure_ray
+from raydrat.tables import write_json
 
 DOC_BYTES = 3000
 ROWS_PER_GROUP = 256

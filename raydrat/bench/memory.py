@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 import torch
 
 from raydrat.bench.local import LocalData, LocalRun
-from raydrat.bench.report import load_average, print_table, write_json
+from raydrat.bench.report import load_average, print_table
 from raydrat.config import RaydratConfig, load_config
 from raydrat.core.memory.estimate import MemoryEstimate, activation_plan_bounds, estimate_memory
 from raydrat.core.memory.peak import BACKWARD, FORWARD, OPTIMIZER, ZERO_GRAD, PeakMemory, StepMemory
 from raydrat.core.runtime import Runtime, UnsupportedCombination, resolve
+from raydrat.tables import write_json
 
 STEPS = 4
 """Steps per measurement: the first creates the optimizer states, the rest are steady."""

@@ -40,11 +40,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from raydrat.bench.peers import NANOGPT_DIFFERENCES, NanoGPT, TitanLlama, nanogpt_settings, recipe_settings
-from raydrat.bench.report import load_average, print_table, write_json
+from raydrat.bench.report import load_average, print_table
 from raydrat.config.model import ModelConfig
 from raydrat.config.run import RaydratConfig
 from raydrat.core.model.transformer import GPT
 from raydrat.core.optim import param_groups
+from raydrat.tables import write_json
 
 LARGE_SHAPE = dict(n_layer=6, d_model=384, n_head=6, seq_len=256)
 """The second shape: nanoGPT's shakespeare-char model (6 layers, 6 heads, d_model 384, 256 tokens)."""
@@ -220,7 +221,7 @@ and a backward that overwrites saved tensors is unsafe under op-level recomputat
 
 
 def reverted(cfg: ModelConfig, changes: tuple[str, ...]) -> nn.Module:
-    """raydrat's model with ``changes`` (of :data:`ABLATIONS`) reverted to the earlier code."""
+    """raydrat's model with ``changes`` (of :data:`ABLATIONS`) reverted to the plain implementation each replaces."""
     model: nn.Module = GPT(cfg)
     for block in model.layers.values():
         attn = block.attn_branch.layer

@@ -20,11 +20,12 @@ import tempfile
 import time
 
 from raydrat.bench.local import LocalData, LocalRun
-from raydrat.bench.report import print_table, write_json
+from raydrat.bench.report import print_table
 from raydrat.config import RaydratConfig
 from raydrat.core import metrics as M
 from raydrat.core.callbacks import LocalCheckpoint
 from raydrat.ray_train.trainer import run_training
+from raydrat.tables import write_json
 
 
 def bare_loop(cfg: RaydratConfig) -> dict:

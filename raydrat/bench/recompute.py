@@ -49,10 +49,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from raydrat.bench.local import LocalData, LocalRun
-from raydrat.bench.report import load_average, print_table, write_json
+from raydrat.bench.report import load_average, print_table
 from raydrat.config import ConfigError, RaydratConfig, load_config
 from raydrat.core.model.build import build_model
 from raydrat.core.techniques.recompute import selective as S
+from raydrat.tables import write_json
 
 DEFAULT_FRACTIONS = (0.25, 0.5, 0.75)
 SIX_LAYER = "6l-d384"

@@ -1,12 +1,14 @@
-"""Printing benchmark tables and writing their figures as JSON."""
+"""What every benchmark prints beside its figures: the machine's load average, and a titled
+table (the table itself and the JSON figures are :mod:`raydrat.tables`, shared with the
+sweep report)."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
+
+from raydrat.tables import format_table
 
 
 def load_average() -> str:
@@ -18,27 +20,8 @@ def load_average() -> str:
         return "n/a"
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-
-    def line(row):
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
-
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(cells[0]), sep, *(line(r) for r in cells[1:])])
-
-
 def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], footer: str = "") -> None:
     print(f"\n{title}\n")
     print(format_table(headers, rows))
     if footer:
         print(f"\n{footer}")
-
-
-def write_json(path: str | Path, figures: Any) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(figures, indent=2, default=float) + "\n")
-    print(f"figures written to {p}")
-    return p

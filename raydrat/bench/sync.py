@@ -40,13 +40,14 @@ from ray.train.torch import TorchTrainer
 
 from raydrat.bench import link
 from raydrat.bench.local import LocalData, LocalRun
-from raydrat.bench.report import print_table, write_json
+from raydrat.bench.report import print_table
 from raydrat.config import ConfigError, RaydratConfig
 from raydrat.core import metrics as M
 from raydrat.core.fit import Callback, FitState
 from raydrat.core.techniques.base import unwrap
 from raydrat.core.techniques.sync.strategies import model_checksum
 from raydrat.ray_session import ensure_ray
+from raydrat.tables import write_json
 
 ROWS_FILE = "rows.json"
 DEFAULT_SYNC_STEPS = (4, 16)

@@ -1,7 +1,7 @@
-"""Layer 1: every raydrat setting, typed and validated once.
+"""Layer 1, the schemas: every raydrat setting, typed and validated once.
 
 One pydantic model per component, ``extra="forbid"``, each field documented where it is
-declared: ``model`` (:mod:`raydrat.config.model`, beside the model), ``data``,
+declared: ``model`` (:mod:`raydrat.config.model`), ``data``,
 ``optim``, ``train``, ``scaling``, ``sync``, ``tracking``, ``recompute``, ``slots``, and
 ``SweepConfig`` for ``tune_spaces/*.yaml``. These modules import nothing of raydrat but
 each other; a check that needs a model or a machine lives in

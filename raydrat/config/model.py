@@ -1,4 +1,4 @@
-"""The model's settings (section ``model:``), beside the model that reads them.
+"""The model's settings (section ``model:``), read by the model package (:mod:`raydrat.core.model`).
 
 Layer 1: pydantic only, imports nothing else of raydrat, so a config can be validated
 without building a model or asking the machine anything.

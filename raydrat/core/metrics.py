@@ -1,4 +1,9 @@
-"""Metric names (defined once), and the console progress line."""
+"""Metric names (defined once), the raydrat logger, and the throughput and phase clocks
+behind the console progress line.
+
+It imports nothing of raydrat, so every layer can report under these names (the techniques
+their own metrics, the training loop its figures, the adapters what they log to MLflow)
+without depending on the layer that reads them."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Layer 3, Ray Data: the core data blocks (:mod:`raydrat.core.data`) run as Ray Data
+"""An adapter (the top layer), Ray Data: the core data blocks (:mod:`raydrat.core.data`) run as Ray Data
 pipelines. This ``__init__`` imports nothing; import from the modules:
 
 =============  ====================================================================

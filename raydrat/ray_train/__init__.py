@@ -1,3 +1,3 @@
-"""Layer 3, the Ray Train adapter: the worker (a thin wrapper around
+"""An adapter (the top layer), Ray Train: the worker (a thin wrapper around
 :func:`raydrat.core.fit.fit`), the driver that builds and fits the ``TorchTrainer``, resuming
 a run, and checking that a run fits the cluster."""

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raydrat.bench.report import format_table
 from raydrat.plots import pyplot
+from raydrat.tables import format_table
 
 GB = 1024**3
 MIB = 1024**2

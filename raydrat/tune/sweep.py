@@ -26,7 +26,6 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from raydrat import tracking
-from raydrat.bench.report import write_json
 from raydrat.core import metrics as M
 from raydrat.core.data.demo import build_demo_corpus
 from raydrat.core.fit import Callback
@@ -35,6 +34,7 @@ from raydrat.envvars import env_set
 from raydrat.ray_session import ensure_ray, expected_gpus
 from raydrat.ray_train.models import register_run_model
 from raydrat.redact import redact_obj, redact_uri, reveal_uri
+from raydrat.tables import write_json
 from raydrat.tracking import Run
 from raydrat.tune import admission as A
 from raydrat.tune import report as R

@@ -487,7 +487,7 @@ def estimate_memory(
     return MemoryEstimate(total_bytes=sum(components.values()), components=components, detail=detail)
 
 
-# -- FSDP (issue 13): the training state divided by the workers ---------------------------
+# -- FSDP: the training state divided by the workers -------------------------------------
 
 
 def _fsdp_phases(

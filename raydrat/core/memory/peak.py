@@ -30,9 +30,9 @@ profiling started": expected), and bytes allocated outside the regions (the data
 are not the run's. A region outside the sampled steps is taken to leave the persistent
 bytes unchanged, which holds for a steady training loop.
 
-The old figure, glibc's malloc heap growth over the process (``mallinfo2``: Python
-objects, Ray's buffers and every library's mallocs included), is kept as
-:meth:`PeakMemory.heap_peak` and reported separately (``heap_peak_bytes``).
+A second, coarser figure, glibc's malloc heap growth over the process (``mallinfo2``:
+Python objects, Ray's buffers and every library's mallocs included, so not the model's
+memory alone), is :meth:`PeakMemory.heap_peak`, reported separately (``heap_peak_bytes``).
 
 Phase markers: :func:`raydrat.core.step.train_step` opens ``record_function`` regions
 ``raydrat/forward``, ``raydrat/backward``, ``raydrat/optimizer`` and
@@ -282,7 +282,7 @@ class PeakMemory:
             self._holding = SESSION.acquire(self)
         weakref.finalize(self, SESSION.release, self.uid)  # a run dropped mid-window lets the session go
 
-    # --- the old heap figure ------------------------------------------------------------
+    # --- the process's malloc heap (heap_peak_bytes) ------------------------------------
 
     def watch(self, model: torch.nn.Module) -> None:
         """Sample the malloc heap at the end of every forward pass of ``model``."""

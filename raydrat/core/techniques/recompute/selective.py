@@ -12,7 +12,7 @@ Modes (:func:`plan_none`, :func:`plan_full`, :func:`plan_budget`):
 
 * ``none``: nothing is wrapped;
 * ``full``: every transformer block is one ``torch.utils.checkpoint`` region (it keeps only
-  its input; the previous, per-branch ``full`` kept both branch inputs);
+  its input, where a region per branch would keep both branch inputs);
 * ``budget``: the least recompute time within a byte budget, solved exactly by the
   pseudo-polynomial knapsack of :mod:`raydrat.core.techniques.recompute.knapsack` over costs measured on this
   device (:func:`measure_op_costs`: every op's measured time and the bytes of the storage
