@@ -5,11 +5,11 @@ offers options ``(bytes, cost)`` and exactly one option is taken per group; take
 options with the least total cost whose bytes fit the budget. A plain 0/1 item is a group
 ``[(0, cost if not stored), (bytes, 0)]``; a transformer block planned op by op is a group
 whose options are "no region" and the block's own best plans at each size
-(:mod:`raydrat.core.techniques.recompute.selective`).
+(:mod:`raydrat.core.techniques.recompute.op_plan`).
 
 Solver: dynamic programme over the budget in buckets of ``resolution`` bytes, O(total
-options x budget / resolution) time, whatever the number of groups (no longer exponential
-in the worst case). Each group's smallest option is taken as its base, so the minimum plan
+options x budget / resolution) time, whatever the number of groups (never exponential).
+Each group's smallest option is taken as its base, so the minimum plan
 is always representable; the bytes above the base are rounded *up* to whole buckets, so
 the plan returned always fits the budget in real bytes. It is the exact optimum of the
 bucketed instance: exact when every option's bytes above its group's base are multiples
