@@ -8,10 +8,8 @@ behind one interface, so the planners (:mod:`.planners`) read the same for both:
   (or, compiled, the whole model) wrapped once by :class:`~.op_apply.PlanRegions`; costs in
   bytes and measured time (:mod:`.op_measure`); a plan is an :class:`~.op_plan.OpPlan`.
 
-Each one: wraps the model (``wrap``), measures its costs when due (``measure_due``,
-``measure``), makes plans (``budget_plan``, ``from_stored``), applies them (``install``),
-reports them (``plan_bytes``, ``plan_recompute_flops``, ``stored_fraction``) and fits the
-learnable gates to its choices (``new_gates``, ``fit_gates``, ``gate_mask``).
+The interface is :class:`Granularity`: wrap the model, measure the costs when due, make
+plans, apply them, report them, fit the learnable gates to the choices, checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ import contextlib
 import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -36,6 +35,70 @@ from raydrat.core.techniques.recompute.op_plan import OpPlan, op_gates, plan_bud
 from raydrat.core.techniques.recompute.wrapper import apply_recompute, iter_branches
 
 Autocast = Callable[[], AbstractContextManager]
+
+
+class Granularity(Protocol):
+    """What a planner asks of a granularity. A plan is whatever the granularity makes."""
+
+    name: str
+    """``branch`` or ``op`` (``recompute.granularity``)."""
+    branches: list[tuple[int, str]]
+    """``(layer, "attn" | "mlp")`` per branch of the model."""
+    costs: Any
+    """The measured costs, ``None`` until measured."""
+    replans: bool
+    """Whether the gates' plan follows them every step (else the first plan stays)."""
+    gate_labels: list[tuple[int, str]] | None
+    """Per gate, the branch its figures are reported under (``None``: not one by one)."""
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Put the wrappers plans switch on ``model`` (once); returns the module to train."""
+
+    def measure_due(self, step: int, tokens: torch.Tensor | None) -> bool: ...
+
+    def measure(self, step: int, tokens: torch.Tensor | None) -> None:
+        """Measure the costs on ``tokens``, a ``(B, T+1)`` micro-batch."""
+
+    def stored(self, plan: Any) -> list[bool]:
+        """Per branch, whether ``plan`` stores it (empty where plans are not per branch)."""
+
+    def budget_plan(self, budget_mb: float) -> Any:
+        """The exact optimum within ``budget_mb``; a budget below the minimum is refused."""
+
+    def from_stored(self, stored: list[bool], budget_bytes: int | None) -> Any:
+        """The plan of the gates' decisions, one per gate."""
+
+    def install(self, plan: Any) -> None:
+        """Make ``plan`` the one the model runs."""
+
+    def after_step(self) -> None: ...
+
+    def plan_bytes(self, plan: Any, active: list[int] | None) -> int | None:
+        """Predicted saved activation bytes in a step running the layers ``active``."""
+
+    def plan_recompute_flops(self, plan: Any, active: list[int] | None) -> int | None: ...
+
+    def stored_fraction(self, plan: Any) -> float: ...
+
+    def new_gates(self, cfg: GatesConfig, n_layer: int, budget_mb: float | None) -> RecomputeGates | None:
+        """The gates, where they are known before the costs."""
+
+    def fit_gates(
+        self, gates: RecomputeGates | None, optimizer: Any, cfg: GatesConfig, budget_mb: float | None
+    ) -> RecomputeGates:
+        """Gates fitted to the measured costs and warmed up (the same or new ones)."""
+
+    def gate_mask(self, active: list[int] | None, device: Any = None) -> torch.Tensor | None:
+        """1/0 per gate: does it take part in the step (``None``: all)."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def save_plan(self, plan: Any) -> dict:
+        """What a budget planner checkpoints of its plan."""
+
+    def load_plan(self, state: dict) -> Any: ...
 
 
 def branch_mask(branches: list[tuple[int, str]], active: list[int] | None, device=None) -> torch.Tensor:

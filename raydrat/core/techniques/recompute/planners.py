@@ -33,7 +33,13 @@ from raydrat.core import metrics as M
 from raydrat.core.techniques.base import Technique
 from raydrat.core.techniques.recompute.branch_costs import BranchCost
 from raydrat.core.techniques.recompute.gates import RecomputeGates
-from raydrat.core.techniques.recompute.granularity import Autocast, BranchGranularity, OpGranularity, branch_mask
+from raydrat.core.techniques.recompute.granularity import (
+    Autocast,
+    BranchGranularity,
+    Granularity,
+    OpGranularity,
+    branch_mask,
+)
 from raydrat.core.techniques.recompute.wrapper import apply_recompute, wrap_blocks
 
 
@@ -43,7 +49,7 @@ class RecomputePlanner(Technique):
     name = "recompute"
     mode = "none"
 
-    def __init__(self, n_layer: int, level: BranchGranularity | OpGranularity | None = None):
+    def __init__(self, n_layer: int, level: Granularity | None = None):
         self.n_layer = n_layer
         self.level = level or BranchGranularity()
         self.current: Any = None
@@ -181,7 +187,7 @@ class BudgetRecompute(RecomputePlanner):
 
     mode = "budget"
 
-    def __init__(self, n_layer: int, level: BranchGranularity | OpGranularity, budget_mb: float):
+    def __init__(self, n_layer: int, level: Granularity, budget_mb: float):
         super().__init__(n_layer, level)
         self.budget_mb = budget_mb
 
@@ -220,9 +226,7 @@ class GatedRecompute(RecomputePlanner):
 
     mode = "gated"
 
-    def __init__(
-        self, n_layer: int, level: BranchGranularity | OpGranularity, cfg: RecomputeConfig, device: torch.device
-    ):
+    def __init__(self, n_layer: int, level: Granularity, cfg: RecomputeConfig, device: torch.device):
         super().__init__(n_layer, level)
         self.cfg: GatesConfig = cfg.gates
         self.budget_mb = cfg.budget_mb
