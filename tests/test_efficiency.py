@@ -16,14 +16,9 @@ from raydrat.core.runtime import UnsupportedCombination, resolve
 from raydrat.core.step import evaluate, train_step
 from raydrat.core.techniques.bundle import apply_techniques, build_techniques
 from raydrat.core.techniques.precision import Precision
+from raydrat.core.techniques.recompute.branch_costs import BranchCost, measure_branch_costs
 from raydrat.core.techniques.recompute.knapsack import solve_budget
-from raydrat.core.techniques.recompute.measure import (
-    BranchCost,
-    backward_flops,
-    measure_branch_costs,
-    optimizer_state_bytes,
-    saved_activation_bytes,
-)
+from raydrat.core.techniques.recompute.measure import backward_flops, optimizer_state_bytes, saved_activation_bytes
 from raydrat.core.techniques.recompute.wrapper import apply_recompute
 from raydrat.core.techniques.slots import SlotSchedule
 
@@ -235,7 +230,7 @@ def test_technique_state_round_trips_through_a_checkpoint(tmp_path, slots):
 
     _, resumed = built(cfg)
     resumed.load_state_dict(torch.load(tmp_path / "techniques.pt", weights_only=False))
-    assert resumed.recompute.costs == ref.recompute.costs and resumed.recompute.measured_at == 0
+    assert resumed.recompute.costs == ref.recompute.costs and resumed.recompute.level.measured.measured_at == 0
     got = _technique_steps(resumed, tokens, range(3, 8), losses)
     assert got == expected
     assert [a for a, *_ in got] != [None] * 5  # slots really were planned (not all layers)

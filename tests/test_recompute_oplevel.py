@@ -1,6 +1,6 @@
-"""Op-level recomputation plans: exact, within their budget by the allocator,
-applied from outside; the pseudo-polynomial knapsack is exact; impossible budgets name
-the minimum; the techniques (``recompute.granularity: op``) run through the fit loop."""
+"""Op-level recomputation plans: exact, within their budget by the allocator, applied
+from outside; the pseudo-polynomial knapsack is exact; impossible budgets name the minimum;
+the techniques (``recompute.granularity: op``) run through the fit loop."""
 
 from __future__ import annotations
 
@@ -23,10 +23,14 @@ from raydrat.core.memory.estimate import activation_plan_bounds
 from raydrat.core.memory.peak import PeakMemory
 from raydrat.core.model.transformer import GPT
 from raydrat.core.step import train_step
-from raydrat.core.techniques.recompute import selective as S
+from raydrat.core.techniques.recompute import op_plan as P
+from raydrat.core.techniques.recompute.branch_costs import measure_branch_costs
+from raydrat.core.techniques.recompute.granularity import OpGranularity
 from raydrat.core.techniques.recompute.knapsack import BudgetBelowMinimum, solve_groups
-from raydrat.core.techniques.recompute.planners import OpRecompute
-from raydrat.core.techniques.recompute.wrapper import apply_recompute
+from raydrat.core.techniques.recompute.op_apply import PlanRegions
+from raydrat.core.techniques.recompute.op_measure import measure_op_costs
+from raydrat.core.techniques.recompute.planners import BudgetRecompute, GatedRecompute
+from raydrat.core.techniques.recompute.wrapper import CheckpointWrapper, apply_recompute, iter_branches, wrap_blocks
 
 CPU = torch.device("cpu")
 
@@ -42,7 +46,7 @@ def setup():
     mcfg = load_config("debug", ["model.n_layer=2"]).model
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, mcfg.vocab_size, (4, mcfg.seq_len + 1), generator=g)
-    costs = S.measure_op_costs(fresh(mcfg), tokens[:, :-1], tokens[:, 1:], repeats=1)
+    costs = measure_op_costs(fresh(mcfg), tokens[:, :-1], tokens[:, 1:], repeats=1)
     # no SAC overhead: the eager planner then uses op-level regions even on this tiny model
     return mcfg, tokens, dataclasses.replace(costs, sac_op_overhead_s=0.0, sac_save_overhead_s=0.0)
 
@@ -50,6 +54,13 @@ def setup():
 def fresh(mcfg):
     torch.manual_seed(0)
     return GPT(mcfg).train()
+
+
+def planned(model, plan):
+    """``model`` wrapped once from outside with ``plan`` applied: the module to train."""
+    regions = PlanRegions(model, plan.compiled)
+    regions.apply(plan)
+    return regions.module
 
 
 def loss_and_grads(model, tokens):
@@ -82,11 +93,11 @@ def plans(costs):
     half = costs.none_bytes // 2
     every_other = [i % 2 == 0 for i in range(len(costs.items(True)))]
     return {
-        "full": S.plan_full(costs),
-        "eager_budget": S.plan_budget(costs, half),
-        "compiled_budget": S.plan_budget(costs, half, compiled=True),
-        "compiled_every_other": S.plan_from_stored(costs, every_other, compiled=True),
-        "eager_gated": S.gate_plan(costs, half)[0],
+        "full": P.plan_full(costs),
+        "eager_budget": P.plan_budget(costs, half),
+        "compiled_budget": P.plan_budget(costs, half, compiled=True),
+        "compiled_every_other": P.plan_from_stored(costs, every_other, compiled=True),
+        "eager_gated": P.gate_plan(costs, half)[0],
     }
 
 
@@ -95,11 +106,11 @@ def test_op_plan_gives_the_loss_and_gradients_of_no_recompute(setup, kind):
     mcfg, tokens, costs = setup
     plain = fresh(mcfg)
     plan = plans(costs)[kind]
-    model = S.apply_plan(fresh(mcfg), plan)
+    model = planned(fresh(mcfg), plan)
     assert list(model.state_dict()) == list(plain.state_dict())
     if kind == "eager_budget":  # a real mix: op-level regions that store some outputs and recompute others
         assert plan.saved and len(plan.plain_blocks) + len(plan.full_blocks) < mcfg.n_layer
-        assert any(isinstance(b, S.RegionWrapper) and b.context_fn is not None for b in model.layers.values())
+        assert any(isinstance(b, CheckpointWrapper) and b.context_fn is not None for b in model.layers.values())
     loss, grads = loss_and_grads(plain, tokens)
     loss_p, grads_p = loss_and_grads(model, tokens)
     assert_close(loss_p, loss)
@@ -121,14 +132,44 @@ def test_costs_and_plans_predict_what_the_allocator_measures(setup):
     for fraction in (0.3, 0.5, 0.8):
         budget = int(fraction * none)
         for compiled in (False, True):
-            plan = S.plan_budget(costs, budget, compiled=compiled)
-            measured = saved_bytes(S.apply_plan(fresh(mcfg), plan), tokens)
+            plan = P.plan_budget(costs, budget, compiled=compiled)
+            measured = saved_bytes(planned(fresh(mcfg), plan), tokens)
             assert plan.predicted_bytes <= budget, (fraction, compiled)
             assert measured == offset + plan.predicted_bytes + (costs.region_bytes if compiled else 0), (
                 fraction,
                 compiled,
             )
             assert measured < none
+
+
+def test_both_granularities_measure_through_one_recorder_and_agree_with_the_allocator(setup):
+    """The branch costs and the op costs come from the same recorder, so they count the
+    same storages: in total, and per block (the block's op-level bytes are its two
+    branches' stored bytes plus the two residual streams it writes: the MLP branch's input
+    and the block's output). Both agree with PyTorch's allocator: recomputing one branch
+    frees exactly its stored bytes, recomputing one block exactly its op-level bytes beyond
+    what a region keeps (each region also keeps the CPU RNG state it replays)."""
+    mcfg, tokens, costs = setup
+    idx, targets = tokens[:, :-1], tokens[:, 1:]
+    branches, outside = measure_branch_costs(fresh(mcfg), idx, targets)
+    assert outside + sum(b.stored_bytes for b in branches) == costs.none_bytes
+    for layer in range(mcfg.n_layer):
+        attn, mlp = branches[2 * layer], branches[2 * layer + 1]
+        assert (attn.layer, attn.kind, mlp.layer, mlp.kind) == (layer, "attn", layer, "mlp")
+        assert (
+            attn.stored_bytes + mlp.stored_bytes + mlp.input_bytes + costs.anchor_bytes[layer]
+            == (costs.block_bytes[layer])
+        )
+    plain = saved_bytes(fresh(mcfg), tokens)
+    for i, (layer, kind, _) in enumerate(iter_branches(fresh(mcfg))):
+        model = apply_recompute(fresh(mcfg), "full")
+        for j, (*_, wrapper) in enumerate(iter_branches(model)):
+            wrapper.enabled = i == j
+        assert plain - saved_bytes(model, tokens) == branches[i].stored_bytes - costs.region_bytes, (layer, kind)
+    for layer in range(mcfg.n_layer):
+        model = fresh(mcfg)
+        wrap_blocks(model, enabled=False)[layer].enabled = True
+        assert plain - saved_bytes(model, tokens) == costs.block_bytes[layer] - costs.region_keep(layer), layer
 
 
 class _Checkpointed(torch.nn.Module):
@@ -147,31 +188,42 @@ def test_full_is_one_region_per_block(setup):
     per_block = fresh(mcfg)
     for key, block in list(per_block.layers.items()):
         per_block.layers[key] = _Checkpointed(block)
-    full = saved_bytes(S.apply_plan(fresh(mcfg), S.plan_full(costs)), tokens)
+    full = saved_bytes(planned(fresh(mcfg), P.plan_full(costs)), tokens)
     assert full == saved_bytes(per_block, tokens)
-    assert 0 <= full - S.plan_full(costs).predicted_bytes <= 64  # the step's constant offset (above)
+    assert 0 <= full - P.plan_full(costs).predicted_bytes <= 64  # the step's constant offset (above)
     assert full < saved_bytes(apply_recompute(fresh(mcfg), "full"), tokens)
 
 
 def test_plans_are_applied_from_outside_and_removable(setup):
+    """Plans switch wrappers put around the blocks (and, compiled, around the model) once:
+    names, ``state_dict`` keys and attributes read through, nothing of the model replaced."""
     mcfg, tokens, costs = setup
     model = fresh(mcfg)
     blocks = list(model.layers.values())
     keys = list(model.state_dict())
-    for plan in plans(costs).values():
-        S.apply_plan(model, plan)
-        assert S.current_plan(model) is plan and list(model.state_dict()) == keys
-        S.remove_plan(model)
-        assert list(model.layers.values()) == blocks and "forward" not in model.__dict__
+    for compiled in (False, True):
+        regions = PlanRegions(model, compiled)
+        for plan in plans(costs).values():
+            if plan.compiled and not compiled:
+                with pytest.raises(ValueError, match="compiled=True"):
+                    regions.apply(plan)
+                continue
+            regions.apply(plan)
+            module = regions.module
+            assert regions.plan is plan and list(module.state_dict()) == keys
+            assert module.cfg is model.cfg and "forward" not in model.__dict__
+            assert [n for n, _ in module.named_parameters()] == [n for n, _ in model.named_parameters()]
+        assert regions.remove() is model
+        assert list(model.layers.values()) == blocks
     apply_recompute(model, "full")
     with pytest.raises(ValueError, match="apply_recompute"):
-        S.apply_plan(model, S.plan_full(costs))
+        PlanRegions(model)
 
 
 def test_a_plan_refuses_a_forward_it_was_not_measured_for(setup):
     mcfg, tokens, costs = setup
-    plan = S.plan_budget(costs, costs.none_bytes // 2, compiled=True)
-    model = S.apply_plan(fresh(mcfg), plan)
+    plan = P.plan_budget(costs, costs.none_bytes // 2, compiled=True)
+    model = planned(fresh(mcfg), plan)
     with pytest.raises(RuntimeError, match="measure the costs again"):
         model(tokens[:2, :-1], tokens[:2, 1:])
 
@@ -179,11 +231,11 @@ def test_a_plan_refuses_a_forward_it_was_not_measured_for(setup):
 def test_a_budget_below_the_minimum_names_the_minimum(setup):
     _, _, costs = setup
     for compiled in (False, True):
-        minimum = S.minimum_bytes(costs, compiled)
+        minimum = P.minimum_bytes(costs, compiled)
         with pytest.raises(BudgetBelowMinimum, match=f"{minimum / 2**20:.3f} MiB") as err:
-            S.plan_budget(costs, minimum - 1, compiled=compiled)
+            P.plan_budget(costs, minimum - 1, compiled=compiled)
         assert err.value.minimum_bytes == minimum
-        assert S.plan_budget(costs, minimum, compiled=compiled).predicted_bytes == minimum
+        assert P.plan_budget(costs, minimum, compiled=compiled).predicted_bytes == minimum
 
 
 def brute_force(groups, budget):
@@ -265,7 +317,7 @@ def test_op_technique_trains_like_none_within_its_budget(mode):
         op_cfg(f"recompute.mode={mode}", "recompute.granularity=op", f"recompute.budget_mb={budget_mb!r}"), data
     )
     planner = run.techniques.recompute
-    plan = planner.op_plan
+    plan = planner.current
     assert planner.granularity == "op" and plan.predicted_bytes <= budget_mb * 2**20
     assert len(plan.plain_blocks) < base.model.n_layer  # something is recomputed
     assert_close(torch.tensor(losses), torch.tensor(none_losses))
@@ -284,26 +336,22 @@ def test_op_budget_below_the_minimum_names_it(setup):
     ) as err:
         LocalRun.start(cfg, LocalData.random(cfg, steps=2), sample_steps=0)
     analytic = float(err.value.args[0].split("minimum achievable ")[1].split(" MB")[0]) * 2**20
-    measured = S.minimum_bytes(costs, compiled=False)
+    measured = P.minimum_bytes(costs, compiled=False)
     assert abs(analytic - measured) <= 0.10 * measured, (analytic, measured)
     compiled_floor, _ = activation_plan_bounds(
         op_cfg("recompute.mode=budget", "recompute.granularity=op", "recompute.budget_mb=1", "train.compile=default"),
         "cpu",
         "fp32",
     )
-    measured = S.minimum_bytes(costs, compiled=True)
+    measured = P.minimum_bytes(costs, compiled=True)
     assert abs(compiled_floor - measured) <= 0.10 * measured, (compiled_floor, measured)
     for compiled in (False, True):
-        minimum = S.minimum_bytes(costs, compiled)
-        below = op_cfg(
-            "recompute.mode=budget", "recompute.granularity=op", f"recompute.budget_mb={(minimum - 1) / 2**20!r}"
-        )
-        planner = OpRecompute(mcfg.n_layer, below.recompute, CPU, compiled, costs=costs)
+        minimum = P.minimum_bytes(costs, compiled)
+        planner = BudgetRecompute(mcfg.n_layer, OpGranularity(compiled, costs=costs), (minimum - 1) / 2**20)
         planner.apply(fresh(mcfg))
         with pytest.raises(ConfigError, match=f"below the minimum achievable {minimum / 2**20:.3f} MB"):
             planner.plan(0, tokens)
-        at = op_cfg("recompute.mode=budget", "recompute.granularity=op", f"recompute.budget_mb={minimum / 2**20!r}")
-        planner = OpRecompute(mcfg.n_layer, at.recompute, CPU, compiled, costs=costs)
+        planner = BudgetRecompute(mcfg.n_layer, OpGranularity(compiled, costs=costs), minimum / 2**20)
         planner.apply(fresh(mcfg))
         planner.plan(0, tokens)
         assert planner.plan_bytes() <= minimum
@@ -329,16 +377,18 @@ def test_compiled_plan_is_honoured_by_torch_compile(setup):
     keeps exactly the predicted bytes (the allocator's), within the budget."""
     mcfg, tokens, costs = setup
     budget = costs.none_bytes // 2
-    plan = S.plan_budget(costs, budget, compiled=True)
+    plan = P.plan_budget(costs, budget, compiled=True)
     model = fresh(mcfg)
     model.__class__ = type("GPT_compiled_plan_test", (GPT,), {})  # its own dynamo cache entry
+    regions = PlanRegions(model, compiled=True)
+    model = regions.module
     model.compile()
-    S.apply_plan(model, plan)  # after compile, as OpRecompute does at step 0
+    regions.apply(plan)  # after compile, as the planner does at step 0
     offset = saved_bytes(fresh(mcfg), tokens) - costs.none_bytes
     try:
         loss, grads = loss_and_grads(fresh(mcfg), tokens)
         loss_c, grads_c = loss_and_grads(model, tokens)
-        S.verify_plan(model)
+        regions.verify()
         assert_close(loss_c, loss, rtol=1e-4, atol=1e-5)
         for name in grads:
             assert_close(grads_c[name], grads[name], rtol=1e-3, atol=1e-5, msg=name)
@@ -359,26 +409,27 @@ def test_op_gates_resume_where_they_were(setup):
     )
 
     def planner():
-        p = OpRecompute(mcfg.n_layer, cfg.recompute, CPU, costs=costs)
-        p.apply(fresh(mcfg))
-        return p
+        p = GatedRecompute(mcfg.n_layer, OpGranularity(costs=costs), cfg.recompute, CPU)
+        return p, p.apply(fresh(mcfg))
 
-    a = planner()
-    a.plan(0, tokens)
-    for _ in range(3):
-        loss_and_grads(a.model, tokens)
+    a, model_a = planner()
+    for step in range(3):
+        a.plan(step, tokens)
+        loss_and_grads(model_a, tokens)
         a.after_step()
     state = torch.load(_roundtrip(a.state_dict()), weights_only=False)
-    b = planner()
+    b, model_b = planner()
     b.load_state_dict(state)
-    b.plan(0, tokens)
-    assert b.op_plan.saved == a.op_plan.saved
-    assert_close(b.gates.logits, a.gates.logits)
     for p in (a, b):
-        loss_and_grads(p.model, tokens)
-        p.after_step()
+        p.plan(3, tokens)
+    assert b.current.saved == a.current.saved
     assert_close(b.gates.logits, a.gates.logits)
-    assert b.op_plan.saved == a.op_plan.saved
+    for p, model in ((a, model_a), (b, model_b)):
+        loss_and_grads(model, tokens)
+        p.after_step()
+        p.plan(4, tokens)
+    assert_close(b.gates.logits, a.gates.logits)
+    assert b.current.saved == a.current.saved
 
 
 def _roundtrip(obj):

@@ -34,7 +34,6 @@ from raydrat.config import RaydratConfig, config_from_dict
 from raydrat.core.fit import Callback
 from raydrat.core.memory.estimate import activation_plan_bounds, estimate_memory
 from raydrat.core.model.build import build_model
-from raydrat.core.techniques.recompute.knapsack import solve_budget
 from raydrat.core.techniques.recompute.measure import (
     flop_counter,
     grad_bytes,
@@ -42,7 +41,6 @@ from raydrat.core.techniques.recompute.measure import (
     param_bytes,
     saved_activation_bytes,
 )
-from raydrat.core.techniques.recompute.planners import MeasuredPlanner
 from raydrat.tables import write_json
 from raydrat.tracking import Run
 
@@ -119,9 +117,7 @@ class Session:
         if more:
             t = self.run.techniques
             planner = t.recompute
-            self.flops.append(
-                float(planner.plan_recompute_flops() or 0) if isinstance(planner, MeasuredPlanner) else 0.0
-            )
+            self.flops.append(float(planner.plan_recompute_flops() or 0))
             self.active.append(float(self.cfg.model.n_layer if t.slots.active is None else len(t.slots.active)))
         return more
 
@@ -173,8 +169,8 @@ def measure_session(s: Session) -> dict:
     model, t = s.run.model, s.run.techniques
     report = s.run.state.last_report
     val_loss = report["val_loss"]
-    last_plan_bytes = t.recompute.plan_bytes() if isinstance(t.recompute, MeasuredPlanner) else None
-    last_plan_flops = t.recompute.plan_recompute_flops() if isinstance(t.recompute, MeasuredPlanner) else None
+    last_plan_bytes = t.recompute.plan_bytes()
+    last_plan_flops = t.recompute.plan_recompute_flops()
     worst = s.run.peak.worst_step()
     est = s.run.runtime.estimate
     step_est = estimate_memory(cfg, s.run.runtime.device_type, s.run.runtime.precision, worst.plan) if worst else est
@@ -220,18 +216,17 @@ def measure_session(s: Session) -> dict:
 def budget_record(cfg: RaydratConfig, planner, plan_bytes: int | None, plan_flops: int | None) -> dict:
     """For a run with an activation budget (gated at a budget, or the budget optimum): the
     budget, the last plan's bytes and recompute FLOPs (from the measured costs) and the
-    exact optimum at the same budget (``solve_budget`` over the same costs)."""
+    exact optimum at the same budget (the budget planner's knapsack over the same costs)."""
     budget_mb = cfg.recompute.budget_mb
-    if budget_mb is None or not isinstance(planner, MeasuredPlanner) or planner.costs is None or plan_bytes is None:
+    if budget_mb is None or planner.granularity != "branch" or planner.costs is None or plan_bytes is None:
         return {}
-    budget = int(budget_mb * 2**20)
-    best = solve_budget(planner.costs, budget - planner.outside_bytes)
+    best = planner.level.budget_plan(budget_mb)
     return {
-        "budget_bytes": budget,
+        "budget_bytes": int(budget_mb * 2**20),
         "plan_activation_bytes": plan_bytes,
         "plan_recompute_flops": plan_flops,
-        "optimum_activation_bytes": planner.outside_bytes + best.stored_bytes,
-        "optimum_recompute_flops": best.recompute_flops,
+        "optimum_activation_bytes": planner.level.plan_bytes(best, None),
+        "optimum_recompute_flops": planner.level.plan_recompute_flops(best, None),
     }
 
 

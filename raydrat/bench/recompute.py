@@ -52,7 +52,8 @@ from raydrat.bench.local import LocalData, LocalRun
 from raydrat.bench.report import load_average, print_table
 from raydrat.config import ConfigError, RaydratConfig, load_config
 from raydrat.core.model.build import build_model
-from raydrat.core.techniques.recompute import selective as S
+from raydrat.core.techniques.recompute.op_costs import OpCosts
+from raydrat.core.techniques.recompute.op_measure import measure_op_costs
 from raydrat.tables import write_json
 
 DEFAULT_FRACTIONS = (0.25, 0.5, 0.75)
@@ -160,7 +161,7 @@ def _isolate(run: LocalRun, name: str) -> None:
 
 
 class _Bench:
-    def __init__(self, name: str, steps: int, data: LocalData, costs: S.OpCosts, log):
+    def __init__(self, name: str, steps: int, data: LocalData, costs: OpCosts, log):
         self.name, self.steps, self.data, self.costs, self.log = name, steps, data, costs, log
         self.variants: list[Variant] = []
         self.infeasible: list[dict] = []
@@ -236,7 +237,7 @@ def run_model(name: str, fractions: Sequence[float], steps: int, compiled: bool,
     )
     probe = build_model(mc, seed=base.train.seed, device=torch.device("cpu"))
     tokens = data.train[0]
-    costs = S.measure_op_costs(probe.train(), tokens[:, :-1], tokens[:, 1:])
+    costs = measure_op_costs(probe.train(), tokens[:, :-1], tokens[:, 1:])
     del probe
     b = _Bench(name, total, data, costs, log)
     none = b.start("none", "torch", "none", None, False)

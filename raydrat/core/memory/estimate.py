@@ -24,8 +24,8 @@ from raydrat.config.model import ModelConfig
 from raydrat.config.run import RaydratConfig
 from raydrat.core.model.transformer import GPT, GQA_BACKENDS, SDPA_ENABLE_GQA, sdpa_grouped_heads
 from raydrat.core.techniques.base import StepPlan
+from raydrat.core.techniques.recompute.branch_costs import BranchCost
 from raydrat.core.techniques.recompute.knapsack import solve_budget
-from raydrat.core.techniques.recompute.measure import BranchCost
 
 COMPONENTS = ("params", "optimizer", "grads", "activations", "transient")
 """The estimate's components: what is alive at the predicted peak of a training step

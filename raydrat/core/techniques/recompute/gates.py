@@ -1,11 +1,13 @@
 """Learnable recomputation gates (``recompute.mode: gated``), applied to a GPT from outside.
 
-One gate per attention branch and per MLP branch. Gate ``i`` has a logit; its probability
-is ``p_i = sigmoid(logit_i / temperature)``. Each step a hard decision ``h_i`` (store the
-branch's activations, or recompute them in backward) is taken and set on the branch's
-:class:`~raydrat.core.techniques.recompute.wrapper.CheckpointWrapper` (``enabled = not h_i``). Recomputation
-is exact, so the task loss does not depend on the gates; they learn only from the
-resource loss, through the straight-through estimator ``s = h + p - p.detach()``.
+One gate per choice of the planner's granularity: per attention branch and per MLP branch,
+or per op-level choice (:func:`raydrat.core.techniques.recompute.op_plan.op_gates`). Gate
+``i`` has a logit; its probability is ``p_i = sigmoid(logit_i / temperature)``. Each step a
+hard decision ``h_i`` (store the activations, or recompute them in backward) is taken and
+becomes the step's plan (per branch: the branch's
+:class:`~raydrat.core.techniques.recompute.wrapper.CheckpointWrapper` is ``enabled = not h_i``).
+Recomputation is exact, so the task loss does not depend on the gates; they learn only from
+the resource loss, through the straight-through estimator ``s = h + p - p.detach()``.
 
 Plain form (``recompute.budget_mb`` unset): ``h_i = p_i >= 0.5`` (``threshold``) or
 Bernoulli(p_i) (``sample``), and

@@ -5,7 +5,7 @@ offers options ``(bytes, cost)`` and exactly one option is taken per group; take
 options with the least total cost whose bytes fit the budget. A plain 0/1 item is a group
 ``[(0, cost if not stored), (bytes, 0)]``; a transformer block planned op by op is a group
 whose options are "no region" and the block's own best plans at each size
-(:mod:`raydrat.core.techniques.recompute.selective`).
+(:mod:`raydrat.core.techniques.recompute.op_plan`).
 
 Solver: dynamic programme over the budget in buckets of ``resolution`` bytes, O(total
 options x budget / resolution) time, whatever the number of groups (never exponential in

@@ -1,16 +1,20 @@
-"""The recomputation wrapper, applied to a GPT's branches from outside (torchtitan style).
+"""The checkpoint wrapper, applied to a GPT's branches, blocks or the whole model from
+outside (torchtitan style), and the helpers that find and toggle the wrappers.
 
-``apply_recompute(model, "full")`` wraps the attention branch and the MLP branch of every
-block in a :class:`CheckpointWrapper`: the branch keeps only its input for backward and
-recomputes the rest. Each wrapper has a mutable ``enabled`` flag, so a per-step planner
-(the gates, the budget plan: :mod:`raydrat.core.techniques.recompute.planners`) can toggle branches
-one by one; :func:`iter_branches` finds them.
+A :class:`CheckpointWrapper` is applied once and switched per step: ``enabled`` turns its
+region on or off, ``context_fn`` makes the region selective (PyTorch's selective activation
+checkpointing). The branch planners toggle one wrapper per attention / MLP branch
+(:func:`apply_recompute`, :func:`iter_branches`); ``recompute.mode: full`` and op-level plans
+use one per block (:func:`wrap_blocks`); compiled op-level plans one around the whole model
+(:class:`~raydrat.core.techniques.recompute.op_apply.ModelRegion`). :func:`lifted` turns every
+wrapper of a model off for a measurement that needs the plain forward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Literal
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -21,41 +25,86 @@ from raydrat.core.model.transformer import GPT
 RecomputePolicy = Literal["none", "full"]
 BRANCHES = {"attn": "attn_branch", "mlp": "mlp_branch"}
 """Branch kind → attribute of :class:`~raydrat.core.model.transformer.Block`."""
+SHARED = (
+    "_parameters",
+    "_buffers",
+    "_non_persistent_buffers_set",
+    "_modules",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+)
+"""What a wrapper adopts from the module it wraps (shared, not copied)."""
 
 
 class CheckpointWrapper(nn.Module):
-    """Runs ``inner`` under non-reentrant activation checkpointing while ``enabled`` (and
-    the module is training with grad enabled); otherwise calls it directly.
+    """Runs ``inner``'s forward as one non-reentrant checkpoint region while ``enabled``
+    (and the module is training with grad enabled); otherwise runs it directly.
 
-    The wrapper is transparent to names: it adopts ``inner``'s parameter, buffer and
-    submodule dicts (shared, not copied) instead of registering ``inner`` as a child. So
+    ``context_fn``: a selective-checkpointing context (``torch.utils.checkpoint``'s argument
+    of that name): the region then stores the op outputs its policy marks and recomputes
+    the rest. ``hits``: the policy's record of the stored op calls it met, cleared before and
+    checked after each eager region call (an object with ``seen`` and ``check()``).
+
+    The wrapper stands in for ``inner``: it adopts ``inner``'s parameter, buffer and
+    submodule dicts and its forward hooks (shared, not copied) instead of registering
+    ``inner`` as a child, and reads any other attribute through from ``inner``. So
     ``named_parameters()`` and ``state_dict()`` keys are exactly those of the unwrapped
-    model, and checkpoints load across policies without any key rewriting. ``inner`` is
-    kept as a plain attribute; ``train()``/``eval()`` are forwarded to it.
+    model (checkpoints load across policies without any key rewriting), and forward hooks
+    run once per call, outside the region, whichever of the two they were registered on.
+    ``train()``/``eval()`` are forwarded to ``inner``.
     """
 
     def __init__(self, inner: nn.Module, enabled: bool = True):
         super().__init__()
         if isinstance(inner, CheckpointWrapper):
             raise ValueError("inner module is already a CheckpointWrapper")
-        for attr in ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules"):
+        for attr in SHARED:
             object.__setattr__(self, attr, getattr(inner, attr))
         object.__setattr__(self, "inner", inner)  # not a submodule: no "inner." key prefix
         self.enabled = enabled
+        self.context_fn: Callable | None = None
+        self.hits: Any = None
         self.train(inner.training)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("inner")
+            if inner is None:
+                raise
+            return getattr(inner, name)
 
     def train(self, mode: bool = True) -> CheckpointWrapper:
         self.inner.train(mode)
         return super().train(mode)
 
-    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
-        """``args``: what the wrapped module takes beside its input (a block's KV cache)."""
-        if self.enabled and self.training and torch.is_grad_enabled():
-            return checkpoint(self.inner, x, *args, use_reentrant=False, preserve_rng_state=True)
-        return self.inner(x, *args)
+    def active(self) -> bool:
+        """Whether a call now runs as a checkpoint region."""
+        return self.enabled and self.training and torch.is_grad_enabled()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """``args``: what the wrapped module takes (a block's KV cache beside its input)."""
+        if not self.active():
+            return self.inner.forward(*args, **kwargs)
+        return self.region(self.context_fn, *args, **kwargs)
+
+    def region(self, context_fn: Callable | None, *args: Any, **kwargs: Any) -> Any:
+        """``inner``'s forward as one checkpoint region (selective with ``context_fn``)."""
+        extra = {} if context_fn is None else {"context_fn": context_fn}
+        check = self.hits is not None and context_fn is not None and not torch.compiler.is_compiling()
+        if check:
+            self.hits.seen.clear()
+        out = checkpoint(self.inner.forward, *args, use_reentrant=False, preserve_rng_state=True, **extra, **kwargs)
+        if check:
+            self.hits.check()
+        return out
 
     def extra_repr(self) -> str:
-        return f"enabled={self.enabled}"
+        return f"enabled={self.enabled}" + (", selective" if self.context_fn is not None else "")
 
 
 def iter_branches(model: GPT) -> Iterator[tuple[int, str, nn.Module]]:
@@ -80,7 +129,7 @@ def wrap_blocks(model: GPT, enabled: bool = True) -> list[CheckpointWrapper]:
 
 
 def unwrap_blocks(model: GPT) -> GPT:
-    """Undo :func:`wrap_blocks` (block-level wrappers of any kind are removed)."""
+    """Undo :func:`wrap_blocks`."""
     for key, block in list(model.layers.items()):
         if isinstance(block, CheckpointWrapper):
             model.layers[key] = block.inner
@@ -88,7 +137,7 @@ def unwrap_blocks(model: GPT) -> GPT:
 
 
 def apply_recompute(model: GPT, policy: RecomputePolicy) -> GPT:
-    """Apply a recomputation policy in place and return the model. Idempotent.
+    """Apply a per-branch recomputation policy in place and return the model. Idempotent.
 
     ``full``: every branch is wrapped in an enabled :class:`CheckpointWrapper` (existing
     wrappers are re-enabled, never nested). ``none``: wrappers are removed again.
@@ -106,3 +155,23 @@ def apply_recompute(model: GPT, policy: RecomputePolicy) -> GPT:
         elif wrapped:
             setattr(block, attr, branch.inner)
     return model
+
+
+def branch_wrappers_enabled(model: GPT) -> bool:
+    """Whether any branch runs as its own checkpoint region."""
+    return any(isinstance(b, CheckpointWrapper) and b.enabled for *_, b in iter_branches(model))
+
+
+@contextlib.contextmanager
+def lifted(model: nn.Module) -> Iterator[None]:
+    """Every :class:`CheckpointWrapper` inside ``model`` switched off (the plain forward,
+    what cost measurements run), their switches restored afterwards."""
+    wrappers = [m for m in model.modules() if isinstance(m, CheckpointWrapper)]
+    flags = [w.enabled for w in wrappers]
+    for w in wrappers:
+        w.enabled = False
+    try:
+        yield
+    finally:
+        for w, flag in zip(wrappers, flags):
+            w.enabled = flag
