@@ -122,8 +122,9 @@ def test_logging_a_model_leaves_no_tracking_uri_for_child_processes(tmp_path, mo
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("x")).info.run_id
-    model_uri = tracking.log_model(uri, run_id, torch.nn.Linear(2, 2), "model")
+    run = Run.attach(uri, run_id)
+    model_uri = run.log_model(torch.nn.Linear(2, 2), "model")
     assert "MLFLOW_TRACKING_URI" not in os.environ
-    assert str(tracking.register_model(uri, model_uri, "reg")) == "1"
+    assert str(run.register_model(model_uri, "reg")) == "1"
     assert "MLFLOW_TRACKING_URI" not in os.environ
     assert client.get_run(run_id).info.status == "RUNNING"  # its status is left as it was
