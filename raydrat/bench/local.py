@@ -72,8 +72,9 @@ class LocalData:
 @dataclass
 class LocalRun:
     """``cfg`` built by the setup a Ray Train worker runs
-    (:func:`~raydrat.core.setup.build_fit_state`), training on ``data`` through :func:`iter_fit`. :meth:`step` advances one
-    optimizer step and times it (evaluation and checkpoint callbacks excluded)."""
+    (:func:`~raydrat.core.setup.build_fit_state`), training on ``data`` through
+    :func:`iter_fit`. :meth:`step` advances one optimizer step and times it (evaluation and
+    checkpoint callbacks excluded)."""
 
     cfg: RaydratConfig
     runtime: Runtime

@@ -14,8 +14,9 @@ stored activations) → one optimizer step (:class:`~raydrat.core.microbatch.Mic
 ``techniques.after_step`` (the gates' own update, the slots' feedback, the precision
 fallback) → the sync strategy's averaging. Every ``train.log_every`` steps the
 window's metrics go to ``on_log``; every ``train.eval_every`` steps (and at the end) it
-evaluates (:func:`raydrat.core.evaluate.evaluate`); at evaluations and every ``train.checkpoint_every`` steps the replicas are
-synchronised and ``on_save`` gets the full report (the Ray adapter checkpoints there).
+evaluates (:func:`raydrat.core.evaluate.evaluate`); at evaluations and every
+``train.checkpoint_every`` steps the replicas are synchronised and ``on_save`` gets the
+full report (the Ray adapter checkpoints there).
 
 :func:`iter_fit` is the same loop as a generator that yields after each step, so a
 benchmark can interleave several runs step by step under the same machine load.
