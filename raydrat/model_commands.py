@@ -21,11 +21,11 @@ from raydrat import tracking
 from raydrat.config import ConfigError
 from raydrat.config.data import SourceConfig
 from raydrat.core.checkpoint.export import export_hf, export_safetensors
-from raydrat.core.checkpoint.load import load_model
 from raydrat.core.data.blocks import iter_blocks_local
 from raydrat.core.data.tokenizer import load_tokenizer, resolve_tokenizer_file, tokenizer_special_ids
-from raydrat.core.evaluate import evaluate_blocks, token_byte_lengths
+from raydrat.core.evaluate import evaluate, token_byte_lengths
 from raydrat.core.model.generate import generate
+from raydrat.core.setup import load_model
 from raydrat.ray_train import resume
 
 
@@ -147,7 +147,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             sys.stderr.flush()
 
     batches = (b.to(args.device) for b in _eval_batches(cfg, args.data, args.batch_size or cfg.train.batch_size))
-    result = evaluate_blocks(
+    result = evaluate(
         loaded.model, batches, max_batches, token_byte_lengths(tok, cfg.model.vocab_size), on_batch=progress
     )
     if tty:

@@ -10,10 +10,11 @@ import torch
 from torch.testing import assert_close
 
 from raydrat.config import ConfigError, load_config
+from raydrat.core.evaluate import evaluate
 from raydrat.core.model.build import build_model
 from raydrat.core.optim import build_optimizer
 from raydrat.core.runtime import UnsupportedCombination, resolve
-from raydrat.core.step import evaluate, train_step
+from raydrat.core.step import train_step
 from raydrat.core.techniques.bundle import apply_techniques, build_techniques
 from raydrat.core.techniques.precision import Precision
 from raydrat.core.techniques.recompute.branch_costs import BranchCost, measure_branch_costs

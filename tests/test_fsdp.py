@@ -27,10 +27,10 @@ from raydrat.core.checkpoint.state import resumable_batches
 from raydrat.core.fit import Callback, FitState, fit
 from raydrat.core.memory.estimate import estimate_memory
 from raydrat.core.model.build import build_model
-from raydrat.core.optim import build_optimizer
+from raydrat.core.runtime import resolve
+from raydrat.core.setup import build_fit_state
 from raydrat.core.step import split_block
 from raydrat.core.techniques.base import unwrap
-from raydrat.core.techniques.bundle import apply_techniques, build_techniques
 from raydrat.core.techniques.sync.fsdp import DCP_DIR, worker_state_bytes
 from raydrat.ray_train.trainer import run_training
 from raydrat.tune import admission as A
@@ -81,15 +81,10 @@ class Record(Callback):
             dist.barrier()
 
 
-def _build(cfg: RaydratConfig, rank: int):
-    model = build_model(cfg.model, seed=cfg.train.seed)
-    keys = list(model.state_dict())
-    techniques = build_techniques(cfg, "fp32", torch.device("cpu"), WORLD)
-    model = apply_techniques(model, techniques)
-    optimizer = build_optimizer(model, cfg.optim)
-    techniques.sync.attach_optimizer(optimizer)
-    state = FitState(model, optimizer, techniques, cfg.train, cfg.optim, cfg.model.seq_len, rank, WORLD)
-    return state, keys
+def _build(cfg: RaydratConfig, rank: int) -> tuple[FitState, list[str]]:
+    """Rank ``rank``'s state as a Ray Train worker builds it, and the plain model's keys."""
+    state = build_fit_state(cfg, resolve(cfg, gpus=0), torch.device("cpu"), rank, WORLD)
+    return state, list(build_model(cfg.model).state_dict())
 
 
 def _data(cfg: RaydratConfig, rank: int):

@@ -17,19 +17,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from mlflow.tracking import MlflowClient
 
 from raydrat import tracking
 from raydrat.cli import main
 from raydrat.config import ConfigError, load_config
-from raydrat.core.checkpoint.load import initial_model, load_model
 from raydrat.core.checkpoint.state import DataPosition, save_checkpoint
 from raydrat.core.data.blocks import iter_blocks_local
 from raydrat.core.data.tokenizer import load_tokenizer
-from raydrat.core.evaluate import evaluate_blocks, token_byte_lengths
+from raydrat.core.evaluate import evaluate, token_byte_lengths
 from raydrat.core.model.build import build_model
 from raydrat.core.model.generate import generate
 from raydrat.core.optim import build_optimizer
-from raydrat.core.step import evaluate
+from raydrat.core.setup import initial_model, load_model
 from raydrat.core.techniques.bundle import build_techniques
 from raydrat.model_commands import _eval_batches, _Streamer
 from raydrat.ray_train import resume
@@ -126,10 +126,12 @@ def test_eval_equals_the_training_loops_val_loss_and_counts_bytes(run):
     tok = load_tokenizer(loaded.tokenizer_path, cfg.model.vocab_size)
     batches = list(itertools.islice(_eval_batches(cfg, None, cfg.train.batch_size), cfg.train.eval_batches))
     assert len(batches) == cfg.train.eval_batches
-    result = evaluate_blocks(
-        loaded.model, batches, cfg.train.eval_batches, token_byte_lengths(tok, cfg.model.vocab_size)
-    )
-    assert result.loss == pytest.approx(evaluate(loaded.model, batches, cfg.train.eval_batches), rel=1e-6)
+    result = evaluate(loaded.model, batches, cfg.train.eval_batches, token_byte_lengths(tok, cfg.model.vocab_size))
+    # the training loop's val loss: the mean of the batches' mean cross-entropy, computed here apart
+    with torch.no_grad():
+        logits = [loaded.model(b[:, :-1])[0] for b in batches]
+        means = [F.cross_entropy(lg.reshape(-1, lg.shape[-1]), b[:, 1:].reshape(-1)) for lg, b in zip(logits, batches)]
+    assert result.loss == pytest.approx(float(torch.stack(means).mean()), rel=1e-5)
     assert result.perplexity == pytest.approx(math.exp(result.loss))
 
     # bytes through transformers' own GPT-2 byte alphabet (an independent implementation)
@@ -289,7 +291,7 @@ def test_model_logged_loads_with_mlflow_pytorch_and_registers(run, tmp_path, mon
     try:
         os.chdir(tmp_path / "store")
         back = mlflow.pytorch.load_model(model_uri)
-        versions = tracking.client(uri).search_model_versions("name='raydrat-debug'")
+        versions = MlflowClient(uri).search_model_versions("name='raydrat-debug'")
         by_name = mlflow.pytorch.load_model("models:/raydrat-debug/1")
     finally:
         mlflow.set_tracking_uri("")
@@ -321,7 +323,7 @@ def test_a_run_logs_its_final_and_best_models_and_registers_the_best(demo_dir, t
         "train.eval_every=10",
     )
     summary = run_training(cfg, fit_callbacks=[faults.SpoilAt(12)])
-    c = tracking.client(uri)
+    c = MlflowClient(uri)
     models = {m.name: m for m in c.search_logged_models([summary.run.experiment_id()])}
     assert set(models) == {"model", "best_model"}
     assert all(m.source_run_id == summary.run.run_id for m in models.values())

@@ -14,14 +14,13 @@ import torch
 
 from raydrat.config import RaydratConfig
 from raydrat.core import metrics as M
-from raydrat.core.checkpoint.load import initial_model
 from raydrat.core.checkpoint.state import resumable_batches
 from raydrat.core.data.blocks import iter_blocks_local
 from raydrat.core.fit import Callback, FitState, iter_fit
 from raydrat.core.memory.peak import PeakMemory
-from raydrat.core.optim import build_optimizer
 from raydrat.core.runtime import Runtime, resolve
-from raydrat.core.techniques.bundle import Techniques, apply_techniques, build_techniques
+from raydrat.core.setup import build_fit_state
+from raydrat.core.techniques.bundle import Techniques
 
 
 def batches_of(blocks: list, batch_size: int) -> list[torch.Tensor]:
@@ -72,9 +71,10 @@ class LocalData:
 
 @dataclass
 class LocalRun:
-    """``cfg`` built exactly as a Ray Train worker builds it (model, techniques in order,
-    optimizer), training on ``data`` through :func:`iter_fit`. :meth:`step` advances one
-    optimizer step and times it (evaluation and checkpoint callbacks excluded)."""
+    """``cfg`` built by the setup a Ray Train worker runs
+    (:func:`~raydrat.core.setup.build_fit_state`), training on ``data`` through
+    :func:`iter_fit`. :meth:`step` advances one optimizer step and times it (evaluation and
+    checkpoint callbacks excluded)."""
 
     cfg: RaydratConfig
     runtime: Runtime
@@ -101,20 +101,9 @@ class LocalRun:
     ) -> LocalRun:
         """``sample_steps`` / ``sample_at``: the steps whose allocator peak is measured on
         CPU (:class:`~raydrat.core.memory.peak.PeakMemory`'s ``first_steps`` / ``at_steps``)."""
-        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
         runtime = runtime or resolve(cfg)
         device = runtime.device()
-        peak = PeakMemory(device, sample_steps, sample_at)  # before the model: its bytes count
-        with peak.region("build"):
-            model = initial_model(cfg.model, seed=cfg.train.seed, device=device)
-            peak.watch(model)
-            techniques = build_techniques(cfg, runtime.precision, device, world_size)
-            model = apply_techniques(model, techniques)
-            optimizer = build_optimizer(model, cfg.optim)
-            techniques.sync.attach_optimizer(optimizer)
-        state = FitState(
-            model, optimizer, techniques, cfg.train, cfg.optim, cfg.model.seq_len, rank, world_size, peak_memory=peak
-        )
+        state = build_fit_state(cfg, runtime, device, rank, world_size, sample_steps=sample_steps, sample_at=sample_at)
         return cls(cfg, runtime, state, data, callbacks)
 
     @property

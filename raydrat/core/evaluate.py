@@ -1,10 +1,13 @@
-"""Measuring a trained model on held-out blocks: loss, perplexity and bits per byte.
+"""The one evaluation: a model's loss on held-out blocks, and beside it perplexity and bits
+per byte.
 
-:func:`evaluate_blocks` computes, batch by batch, the loss the training loop's
-:func:`raydrat.core.step.evaluate` computes (the mean of the batches' mean losses), and
-beside it the summed negative log-likelihood and the UTF-8 bytes the predicted tokens
-stand for. Bits per byte (``nats / ln 2 / bytes``) is comparable across tokenizers, where
-loss and perplexity are not. Torch and tokenizers only.
+:func:`evaluate` is what the training loop's periodic validation
+(:func:`raydrat.core.fit.fit`) and ``raydrat eval`` both call. Its loss is the mean of the
+batches' mean cross-entropy; it also sums the negative log-likelihood and, given the bytes
+each token stands for (:func:`token_byte_lengths`), the UTF-8 bytes the predicted tokens
+cover. Bits per byte (``nats / ln 2 / bytes``) is comparable across tokenizers, where loss
+and perplexity are not. The sums stay on the device until the end (one transfer per
+evaluation). Torch and tokenizers only.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from tokenizers import Tokenizer
 
+from raydrat.core.data.errors import DataError
 from raydrat.core.model.transformer import IGNORE_INDEX
 from raydrat.core.step import split_block
 
@@ -80,18 +84,24 @@ def token_byte_lengths(tok: Tokenizer, vocab_size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_blocks(
+def evaluate(
     model: torch.nn.Module,
     batches: Iterable[torch.Tensor],
-    max_batches: int | None,
-    byte_lengths: torch.Tensor,
+    max_batches: int | None = None,
+    byte_lengths: torch.Tensor | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` on at most ``max_batches`` batches of ``(B, seq_len + 1)`` blocks
-    (``None``: all), with every layer active; ``on_batch(i)`` after each (a progress bar)."""
+    (``None``: all), in eval mode with every layer active (its mode is restored after).
+    ``byte_lengths`` (``int64[vocab_size]``, :func:`token_byte_lengths`): count the bytes
+    and give bits per byte (else it is ``nan``); ``on_batch(i)`` after each batch (a
+    progress bar)."""
     was_training = model.training
     model.eval()
-    losses, nats, tokens, nbytes = [], 0.0, 0, 0
+    losses: list[torch.Tensor] = []
+    nats: list[torch.Tensor] = []
+    tokens: list[torch.Tensor] = []
+    nbytes: list[torch.Tensor] = []
     try:
         for i, block in enumerate(batches):
             if max_batches is not None and i >= max_batches:
@@ -99,23 +109,31 @@ def evaluate_blocks(
             idx, targets = split_block(block)
             _, loss = model(idx, targets)
             valid = targets != IGNORE_INDEX
-            n = int(valid.sum())
+            n = valid.sum()
             losses.append(loss.float())
-            nats += float(loss) * n
-            tokens += n
-            nbytes += int(byte_lengths.to(targets.device)[targets[valid]].sum())
+            nats.append(loss.double() * n)
+            tokens.append(n)
+            if byte_lengths is not None:
+                nbytes.append(byte_lengths.to(targets.device)[targets[valid]].sum())
             if on_batch is not None:
                 on_batch(i)
     finally:
         model.train(was_training)
     if not losses:
-        raise ValueError("the evaluation data yielded no batch: lower the batch size or give more data")
-    mean = torch.stack(losses).mean().item()
+        raise DataError(
+            "the evaluation data yielded no full batch: lower the batch size (train.batch_size) or give more data"
+        )
+    mean = torch.stack(losses).mean().double()
+    sums = torch.stack([mean, torch.stack(nats).sum(), torch.stack(tokens).sum().double()])
+    if nbytes:
+        sums = torch.cat([sums, torch.stack(nbytes).sum().double().reshape(1)])
+    loss, total_nats, n_tokens, *n_bytes = sums.tolist()  # the one transfer to the host
+    n_bytes = int(n_bytes[0]) if n_bytes else 0
     return EvalResult(
-        loss=mean,
-        perplexity=math.exp(mean),
-        bits_per_byte=nats / math.log(2) / max(nbytes, 1),
-        tokens=tokens,
-        bytes=nbytes,
+        loss=loss,
+        perplexity=math.exp(loss),
+        bits_per_byte=total_nats / math.log(2) / n_bytes if n_bytes else float("nan"),
+        tokens=int(n_tokens),
+        bytes=n_bytes,
         batches=len(losses),
     )

@@ -4,7 +4,7 @@ Every way raydrat trains goes through it: the Ray Train worker
 (:mod:`raydrat.ray_train.worker`), the benchmarks, and any plain PyTorch script. It knows
 nothing of Ray or MLflow; what happens around the steps is a callback's job::
 
-    state = FitState(model, optimizer, techniques, cfg.train, cfg.optim, cfg.model.seq_len)
+    state = build_fit_state(cfg, resolve(cfg), torch.device("cpu"))  # raydrat.core.setup
     fit(state, batches, lambda: val_batches, [ConsoleLog()])
 
 Each step: set the learning rate → take ``grad_accum`` micro-batches →
@@ -14,8 +14,9 @@ stored activations) → one optimizer step (:class:`~raydrat.core.microbatch.Mic
 ``techniques.after_step`` (the gates' own update, the slots' feedback, the precision
 fallback) → the sync strategy's averaging. Every ``train.log_every`` steps the
 window's metrics go to ``on_log``; every ``train.eval_every`` steps (and at the end) it
-evaluates; at evaluations and every ``train.checkpoint_every`` steps the replicas are
-synchronised and ``on_save`` gets the full report (the Ray adapter checkpoints there).
+evaluates (:func:`raydrat.core.evaluate.evaluate`); at evaluations and every
+``train.checkpoint_every`` steps the replicas are synchronised and ``on_save`` gets the
+full report (the Ray adapter checkpoints there).
 
 :func:`iter_fit` is the same loop as a generator that yields after each step, so a
 benchmark can interleave several runs step by step under the same machine load.
@@ -34,10 +35,10 @@ from raydrat.config.optim import OptimConfig
 from raydrat.config.train import TrainConfig
 from raydrat.core import metrics as M
 from raydrat.core.checkpoint.state import DataPosition
+from raydrat.core.evaluate import evaluate
 from raydrat.core.memory.peak import PeakMemory
 from raydrat.core.microbatch import MicroBatchStep
 from raydrat.core.optim import lr_at, set_lr
-from raydrat.core.step import evaluate
 from raydrat.core.techniques.bundle import Techniques
 
 log = logging.getLogger("raydrat")
@@ -63,12 +64,14 @@ class Callback:
         pass
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FitState:
-    """What the loop works on, and where it is. Callbacks read it."""
+    """What the loop works on, and where it is. Callbacks read it. Built by
+    :func:`raydrat.core.setup.build_fit_state`."""
 
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None
+    """``None`` only for a model built for inference (it cannot be trained)."""
     techniques: Techniques
     train: TrainConfig
     optim: OptimConfig
@@ -98,6 +101,18 @@ class FitState:
         return self.techniques.precision.device
 
 
+def evaluates_at(train: TrainConfig, done: int) -> bool:
+    """Whether the loop evaluates after its ``done``-th step: every ``train.eval_every``
+    steps and at the last."""
+    return done % train.eval_every == 0 or done == train.steps
+
+
+def saves_at(train: TrainConfig, done: int) -> bool:
+    """Whether ``on_save`` runs after the ``done``-th step: at evaluations and every
+    ``train.checkpoint_every`` steps."""
+    return evaluates_at(train, done) or bool(train.checkpoint_every and done % train.checkpoint_every == 0)
+
+
 def iter_fit(
     state: FitState,
     batches: Iterator[torch.Tensor],
@@ -105,6 +120,8 @@ def iter_fit(
     callbacks: Sequence[Callback] = (),
 ) -> Iterator[FitState]:
     """:func:`fit`, yielding ``state`` after each optimizer step."""
+    if state.optimizer is None:
+        raise ValueError("this FitState was built for inference (no optimizer): build it with inference=False to train")
     tc, t, model, optimizer = state.train, state.techniques, state.model, state.optimizer
     state.step = state.start_step
     state.throughput = thr = M.Throughput(tc.steps - state.start_step, state.tokens_per_step)
@@ -138,8 +155,7 @@ def iter_fit(
             window_steps += 1
             done = state.step = step + 1
             last = done == tc.steps
-            evaluate_now = done % tc.eval_every == 0 or last
-            save_now = evaluate_now or bool(tc.checkpoint_every and done % tc.checkpoint_every == 0)
+            evaluate_now, save_now = evaluates_at(tc, done), saves_at(tc, done)
             t.sync.after_optimizer_step(done)
             if save_now:  # replicas agree before they are evaluated or saved
                 t.sync.synchronize()
@@ -160,7 +176,7 @@ def iter_fit(
                 values.update(t.metrics())
             if evaluate_now:
                 with state.clock.timing(M.EVAL_S):
-                    values[M.VAL_LOSS] = evaluate(model, val_batches(), tc.eval_batches)
+                    values[M.VAL_LOSS] = evaluate(model, val_batches(), tc.eval_batches).loss
             if values:
                 for cb in callbacks:
                     cb.on_log(state, values)

@@ -1,5 +1,5 @@
-"""One optimizer step and one evaluation, in plain PyTorch: what :func:`raydrat.core.fit.fit`
-calls, usable from any loop."""
+"""One optimizer step in plain PyTorch: what :func:`raydrat.core.fit.fit` calls, usable from
+any loop (the evaluation is :func:`raydrat.core.evaluate.evaluate`)."""
 
 from __future__ import annotations
 
@@ -66,21 +66,3 @@ def train_step(
     with record_function(ZERO_GRAD):
         optimizer.zero_grad(set_to_none=True)
     return total / n, grad_norm
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterable[torch.Tensor], max_batches: int) -> float:
-    """Mean loss over at most ``max_batches`` validation batches, with every layer active."""
-    was_training = model.training
-    model.eval()
-    losses = []
-    for i, tokens in enumerate(batches):
-        if i >= max_batches:
-            break
-        idx, targets = split_block(tokens)
-        _, loss = model(idx, targets)
-        losses.append(loss.float())
-    model.train(was_training)
-    if not losses:
-        raise RuntimeError("the validation set yielded no batch: lower train.batch_size")
-    return torch.stack(losses).mean().item()

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from raydrat.core import metrics as M
-from raydrat.core.fit import Callback, FitState
+from raydrat.core.fit import Callback, FitState, saves_at
 from raydrat.core.techniques.recompute.planners import GatedRecompute
 from raydrat.plots import gate_heatmap
 from raydrat.tracking import Run
@@ -25,16 +25,24 @@ REPORT_FIGURES = (M.PEAK_BYTES, M.HEAP_PEAK_BYTES, M.TOKENS_PER_S_AVG, M.TRAIN_T
 class RunMetrics(Callback):
     """Rank 0's metrics into ``run``, while the run is open: a sweep's driver closes the run
     of a trial its scheduler stopped, and the trial's workers, killed a moment later, log
-    nothing after that (the trial's figures are what it logged while it lived)."""
+    nothing into it after their next checkpoint (the trial's figures are what it logged
+    while it lived).
+
+    Whether the run is still open is read from the store where it matters, once per step
+    at most: at every checkpoint step, before that step's metrics (a scheduler decides at
+    the reports checkpoints make), and at the end; not at every log step."""
 
     def __init__(self, run: Run):
         self.run = run
+        self._checked_at: int | None = None
 
-    def _open(self, state: FitState) -> bool:
+    def _open(self, state: FitState, check: bool = True) -> bool:
         if state.rank != 0 or not self.run:
             return False
-        if self.run.status() != "RUNNING":
-            self.run = Run.off()
+        if check and self._checked_at != state.step:
+            self._checked_at = state.step
+            if self.run.status() != "RUNNING":
+                self.run = Run.off()
         return bool(self.run)
 
     def on_fit_start(self, state: FitState) -> None:
@@ -42,7 +50,7 @@ class RunMetrics(Callback):
             self.run.log_metrics({M.RESUMED_FROM_STEP: state.start_step}, state.start_step)
 
     def on_log(self, state: FitState, values: dict[str, float]) -> None:
-        if self._open(state):
+        if self._open(state, check=saves_at(state.train, state.step)):
             self.run.log_metrics(values, state.step)
 
     def on_save(self, state: FitState, report: dict[str, float]) -> None:
@@ -56,7 +64,7 @@ class RunMetrics(Callback):
 
     def on_fit_end(self, state: FitState) -> None:
         planner = state.techniques.recompute
-        if state.rank != 0 or not self.run or not isinstance(planner, GatedRecompute):
+        if not isinstance(planner, GatedRecompute) or not self._open(state):
             return
         with tempfile.TemporaryDirectory() as tmp:
             png = gate_heatmap(planner.history, planner.branches, Path(tmp) / Path(M.GATE_HEATMAP_ARTIFACT).name)

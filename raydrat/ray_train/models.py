@@ -14,7 +14,6 @@ from pathlib import Path
 
 import ray.train
 
-from raydrat import tracking
 from raydrat.config import RaydratConfig
 from raydrat.core import metrics as M
 from raydrat.core.checkpoint.state import load_state
@@ -73,14 +72,10 @@ def log_run_models(run: Run, cfg: RaydratConfig, result: ray.train.Result, regis
     return out
 
 
-def register_run_model(uri: str, run_id: str, name: str) -> str | None:
-    """Register the model logged to run ``run_id`` (its best by validation loss when it has
-    one, else its final model) as a new version of ``name``; the version, or ``None`` when
-    the run logged no model."""
-    c = tracking.client(uri)
-    exp = c.get_run(run_id).info.experiment_id
-    logged = {m.name: m for m in c.search_logged_models([exp], filter_string=f"source_run_id = '{run_id}'")}
+def register_run_model(run: Run, name: str) -> str | None:
+    """Register the model logged to ``run`` (its best by validation loss when it has one,
+    else its final model) as a new version of ``name``; the version, or ``None`` when the
+    run logged no model."""
+    logged = run.logged_models()
     chosen = logged.get(BEST) or logged.get(FINAL)
-    if chosen is None:
-        return None
-    return tracking.register_model(uri, chosen.model_uri, name)
+    return run.register_model(chosen, name) if chosen else None

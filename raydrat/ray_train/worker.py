@@ -1,9 +1,10 @@
 """The function every Ray Train worker runs: a thin wrapper around :func:`raydrat.core.fit.fit`.
 
 ``train_loop_per_worker(loop_config)`` → the resolved :class:`~raydrat.core.runtime.Runtime`
-from the driver, checked on this device → ``build_model`` → ``build_techniques`` →
-``apply_techniques`` → optimizer → restore the newest checkpoint → this worker's shard of
-the train stream and the whole val split → ``fit`` with the console, MLflow and
+from the driver → this worker's :class:`~raydrat.core.fit.FitState`, built by the one setup
+(:func:`raydrat.core.setup.build_fit_state`: threads, the runtime checked on this device,
+model, techniques, optimizer) → restore the newest checkpoint → this worker's shard of the
+train stream and the whole val split → ``fit`` with the console, MLflow and
 ``ray.train.report`` callbacks (plus any a test registers).
 """
 
@@ -15,13 +16,10 @@ import torch
 
 from raydrat.config.run import RaydratConfig
 from raydrat.core.callbacks import ConsoleLog
-from raydrat.core.checkpoint.load import initial_model
 from raydrat.core.checkpoint.state import resumable_batches
-from raydrat.core.fit import FitState, fit
-from raydrat.core.memory.peak import PeakMemory
-from raydrat.core.optim import build_optimizer
+from raydrat.core.fit import fit
 from raydrat.core.runtime import Runtime
-from raydrat.core.techniques.bundle import apply_techniques, build_techniques
+from raydrat.core.setup import build_fit_state
 from raydrat.ray_session import quiet_ray_data
 from raydrat.ray_train.callbacks import RunMetrics
 from raydrat.ray_train.checkpoints import RayReport, restore_latest
@@ -43,21 +41,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     tc = cfg.train
     world = ray.train.get_context()
     rank, world_size = world.get_world_rank(), world.get_world_size()
-    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     device = worker_device(runtime)
     quiet_ray_data()
-    runtime.verify(device, cfg.model.dropout)  # refuses what this device cannot run
-    peak = PeakMemory(device)  # before the model: the allocator's bytes for it count
-
-    with peak.region("build"):
-        model = initial_model(cfg.model, seed=tc.seed, device=device)
-        peak.watch(model)
-        techniques = build_techniques(cfg, runtime.precision, device, world_size)
-        model = apply_techniques(model, techniques)  # recompute, compile, sync
-        optimizer = build_optimizer(model, cfg.optim)
-        techniques.sync.attach_optimizer(optimizer)
-    state = FitState(model, optimizer, techniques, tc, cfg.optim, cfg.model.seq_len, rank, world_size, peak_memory=peak)
-    with peak.region("restore"):  # a restored optimizer state is allocated here
+    state = build_fit_state(cfg, runtime, device, rank, world_size)
+    with state.peak_memory.region("restore"):  # a restored optimizer state is allocated here
         own_state = restore_latest(state, loop_config["run_dir"], loop_config["checkpoints_since"])
     if not own_state:
         torch.manual_seed(tc.seed + 1000 * rank + state.start_step)

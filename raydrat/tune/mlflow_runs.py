@@ -19,10 +19,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from raydrat import tracking
 from raydrat.config import RaydratConfig
 from raydrat.core import metrics as M
-from raydrat.tracking import Run
+from raydrat.tracking import Run, run_params
 from raydrat.tune import report as R
 from raydrat.tune.space import Space
 
@@ -68,12 +67,12 @@ def start_parent(space: Space, uri: str | None, sweep_name: str, experiment: str
     )
     parent.log_artifact(space.path, "space")
     # the sweep's own view in the UI: its trials ranked by val loss, the loss charts first
-    tracking.share_view(uri, parent.experiment_id(), sweep_name, f"tags.`{SWEEP_TAG}` = '{sweep_name}'")
+    parent.share_view(sweep_name, f"tags.`{SWEEP_TAG}` = '{sweep_name}'")
     return parent
 
 
 def _trial_params(cfg: RaydratConfig | None, runtime: Any, name: str, params: dict, budget_gb: float | None) -> dict:
-    out = tracking.run_params(cfg, runtime) if cfg is not None else {}
+    out = run_params(cfg, runtime) if cfg is not None else {}
     out.update(
         {"sweep.trial": name, "sweep.memory_budget_gb": budget_gb, **{f"sweep.param.{k}": v for k, v in params.items()}}
     )
@@ -142,15 +141,8 @@ def find_trial_run(uri: str | None, parent_run_id: str | None, trial: str) -> Ru
     """A trial's child run, looked up by its tags (the trial opened it itself)."""
     if not uri or not parent_run_id:
         return Run.off()
-    c = tracking.client(uri)
-    exp = c.get_run(parent_run_id).info.experiment_id
-    runs = c.search_runs(
-        [exp],
-        filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return Run.attach(uri, runs[0].info.run_id) if runs else Run.off()
+    found = Run.attach(uri, parent_run_id).children(f"tags.`{TRIAL_TAG}` = '{trial}'")
+    return found[0] if found else Run.off()
 
 
 def last_logged_step(run: Run) -> int | None:
@@ -164,12 +156,7 @@ def interrupt_running_children(uri: str | None, parent_run_id: str | None) -> No
     again, each in a new run)."""
     if not uri or not parent_run_id:
         return
-    c = tracking.client(uri)
-    exp = c.get_run(parent_run_id).info.experiment_id
-    for r in c.search_runs(
-        [exp], filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
-    ):
-        run = Run.attach(uri, r.info.run_id)
+    for run in Run.attach(uri, parent_run_id).children("attributes.status = 'RUNNING'"):
         run.set_tags({STATUS_TAG: "interrupted"})
         run.end("KILLED")
 

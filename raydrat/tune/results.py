@@ -20,9 +20,9 @@ import math
 import time
 from typing import Any
 
-from raydrat import tracking
 from raydrat.core import metrics as M
 from raydrat.core.microbatch import is_oom
+from raydrat.tracking import Run
 from raydrat.tune import report as R
 from raydrat.tune.mlflow_runs import find_trial_run
 from raydrat.tune.space import Space
@@ -47,14 +47,14 @@ def _int(v):
 def logged_values(uri: str, run_id: str) -> tuple[dict[str, float], int | None, dict[str, float]]:
     """A child run's last metrics, the last step it logged a loss at, and its start and end
     (seconds since the epoch)."""
-    c = tracking.client(uri)
-    run = c.get_run(run_id)
-    steps = [h[-1].step for key in (M.TRAIN_LOSS, M.VAL_LOSS) if (h := c.get_metric_history(run_id, key))]
+    run = Run.attach(uri, run_id)
+    record = run.fetch()
+    steps = [h[-1][0] for key in (M.TRAIN_LOSS, M.VAL_LOSS) if (h := run.metric_history(key))]
     times = {
-        "start": run.info.start_time / 1000 if run.info.start_time else None,
-        "end": run.info.end_time / 1000 if run.info.end_time else None,
+        "start": record.info.start_time / 1000 if record.info.start_time else None,
+        "end": record.info.end_time / 1000 if record.info.end_time else None,
     }
-    return dict(run.data.metrics), (max(steps) if steps else None), times
+    return dict(record.data.metrics), (max(steps) if steps else None), times
 
 
 def settle(uri: str | None, run_ids: list[str], quiet_s: float = 2.0, limit_s: float = 30.0) -> None:
@@ -62,10 +62,10 @@ def settle(uri: str | None, run_ids: list[str], quiet_s: float = 2.0, limit_s: f
     stopped trial's worker may still be finishing a log it began before its run closed."""
     if not uri or not run_ids:
         return
-    c = tracking.client(uri)
+    runs = [Run.attach(uri, r) for r in run_ids]
 
     def marks():
-        return [tuple(len(c.get_metric_history(r, k)) for k in (M.TRAIN_LOSS, M.PEAK_BYTES)) for r in run_ids]
+        return [tuple(len(r.metric_history(k)) for k in (M.TRAIN_LOSS, M.PEAK_BYTES)) for r in runs]
 
     deadline, last = time.time() + limit_s, marks()
     while time.time() < deadline:

@@ -458,7 +458,7 @@ def _finish(space, records, parent_id, uri, sweep_dir, sweep_wall, concurrency, 
     )
     name = space.config_for({}, str(space.path)).tracking.register_model
     if name and best is not None and best.mlflow_run_id and uri:
-        version = register_run_model(uri, best.mlflow_run_id, name)
+        version = register_run_model(Run.attach(uri, best.mlflow_run_id), name)
         if version:
             M.setup_logging().info(f"registered trial {best.trial}'s model as {name} version {version}")
     return SweepSummary(

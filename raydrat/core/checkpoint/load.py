@@ -1,11 +1,12 @@
-"""A trained model from what the user points at: a checkpoint directory, a run directory
-(its newest complete checkpoint), a run name under ``train.storage_path``, or a directory
-written by ``raydrat export`` (hf or safetensors). Torch only (no Ray, no MLflow).
+"""A trained model's weights from what the user points at: a checkpoint directory, a run
+directory (its newest complete checkpoint), a run name under ``train.storage_path``, or a
+directory written by ``raydrat export`` (hf or safetensors). Torch only (no Ray, no MLflow).
 
-:func:`load_model` returns a :class:`LoadedModel`: the :class:`GPT` with its weights, the
-run's config when the source carries one, and the tokenizer the model was trained with.
-:func:`init_state` is ``model.init_from``: the weights of such a source for a given model
-config, every mismatch named with both values.
+:func:`load_saved` returns a :class:`SavedModel`: the weights, the model's config, the
+run's config when the source carries one, and the tokenizer the model was trained with
+(the model itself is built by :func:`raydrat.core.setup.load_model`). :func:`init_state` is
+``model.init_from``: the weights of such a source for a given model config, every mismatch
+named with both values.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ from raydrat.core.checkpoint.state import STATE_FILE, load_state, newest_complet
 from raydrat.core.data.demo import tokenizer_file
 from raydrat.core.data.spec import resolve_tokenizer_path
 from raydrat.core.data.tokenizer import HF_TOKENIZER_FILE
-from raydrat.core.model.build import build_model
-from raydrat.core.model.transformer import GPT
 
 CHECKPOINT_GLOB = "checkpoint_*"
 WHAT_TO_GIVE = (
@@ -35,8 +34,8 @@ WHAT_TO_GIVE = (
 
 
 @dataclass
-class LoadedModel:
-    model: GPT
+class SavedModel:
+    weights: dict[str, torch.Tensor]
     model_cfg: ModelConfig
     cfg: RaydratConfig | None
     """The run's whole config (a checkpoint or a safetensors export with it), else ``None``."""
@@ -111,10 +110,8 @@ def run_tokenizer(cfg: RaydratConfig, checkpoint: Path) -> Path:
     return resolve_tokenizer_path(cfg.data, cfg.model.vocab_size)
 
 
-def load_model(
-    where: str | Path, storage_path: str | Path = "ray_results", device: torch.device | str = "cpu"
-) -> LoadedModel:
-    """The model ``where`` names, in eval mode on ``device``, with its config and tokenizer."""
+def load_saved(where: str | Path, storage_path: str | Path = "ray_results") -> SavedModel:
+    """The weights ``where`` names, with the model's and the run's config and its tokenizer."""
     src = resolve_source(where, storage_path)
     if (src / STATE_FILE).is_file():
         try:
@@ -124,20 +121,14 @@ def load_model(
             raise ConfigError(
                 f"{src / STATE_FILE} is not a raydrat checkpoint ({type(exc).__name__}: {exc}): {WHAT_TO_GIVE}"
             ) from None
-        mcfg, weights, step = cfg.model, state["model"], state.get("step")
-        tok = run_tokenizer(cfg, src)
-    else:
-        mcfg, cfg = _export_configs(src)
-        weights, step = load_pretrained(src, mcfg), None
-        tok = (
-            src / HF_TOKENIZER_FILE
-            if (src / HF_TOKENIZER_FILE).is_file()
-            else (resolve_tokenizer_path(cfg.data, mcfg.vocab_size) if cfg is not None else None)
-        )
-    model = GPT(mcfg)
-    model.load_state_dict(weights)
-    model.to(device).eval()
-    return LoadedModel(model, mcfg, cfg, tok, src, step)
+        return SavedModel(state["model"], cfg.model, cfg, run_tokenizer(cfg, src), src, state.get("step"))
+    mcfg, cfg = _export_configs(src)
+    tok = (
+        src / HF_TOKENIZER_FILE
+        if (src / HF_TOKENIZER_FILE).is_file()
+        else (resolve_tokenizer_path(cfg.data, mcfg.vocab_size) if cfg is not None else None)
+    )
+    return SavedModel(load_pretrained(src, mcfg), mcfg, cfg, tok, src)
 
 
 def init_state(where: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -150,12 +141,3 @@ def init_state(where: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         check_shapes(state, cfg, str(src))
         return state
     return load_pretrained(src, cfg)
-
-
-def initial_model(cfg: ModelConfig, seed: int | None = None, device: torch.device | str | None = None) -> GPT:
-    """The model a run starts from: :func:`~raydrat.core.model.build.build_model`, then the
-    weights of ``cfg.init_from`` when set (:func:`init_state`)."""
-    model = build_model(cfg, seed=seed)
-    if cfg.init_from:
-        model.load_state_dict(init_state(cfg.init_from, cfg))
-    return model.to(device) if device is not None else model

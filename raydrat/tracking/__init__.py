@@ -1,0 +1,32 @@
+"""MLflow tracking: where runs are stored, what a run shows, and the :class:`Run` handle
+through which raydrat writes every metric, param, tag and artifact.
+
+* :mod:`raydrat.tracking.store`: the tracking URI (the embedded SQLite store by default),
+  how to browse it, one client per store, experiments and artifact locations;
+* :mod:`raydrat.tracking.views`: the view of an experiment the UI links open on;
+* :mod:`raydrat.tracking.content`: a run's tags, params and dataset inputs;
+* :mod:`raydrat.tracking.run`: :class:`Run`, the only writer (``Run.off()`` when tracking
+  is off), which redacts every text it writes.
+
+The driver creates the run and logs params and artifacts; the training worker of rank 0
+logs metrics into that run by id. Nothing here runs at import time.
+"""
+
+from raydrat.tracking.content import COMMAND_TAG, data_inputs, run_params, run_tags
+from raydrat.tracking.run import PARENT_TAG, Run
+from raydrat.tracking.store import artifact_repo, is_embedded, resolve_tracking_uri, store_dir, ui_command, ui_url
+
+__all__ = [
+    "COMMAND_TAG",
+    "PARENT_TAG",
+    "Run",
+    "artifact_repo",
+    "data_inputs",
+    "is_embedded",
+    "resolve_tracking_uri",
+    "run_params",
+    "run_tags",
+    "store_dir",
+    "ui_command",
+    "ui_url",
+]
