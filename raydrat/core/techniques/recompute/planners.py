@@ -16,7 +16,7 @@ the wrappers' flags before each step (:meth:`RecomputePlanner.plan`):
   same two planners over op-level choices (:mod:`raydrat.core.techniques.recompute.selective`: a
   store/recompute decision per op call through PyTorch's selective activation
   checkpointing, costs in measured op time and saved-tensor bytes), planned for the
-  compiled graph when ``train.compile`` is on.
+  compiled graph when ``compile.mode`` is not ``off``.
 
 Costs are measured on the first planned micro-batch (and re-measured every
 ``gates.refresh_every`` steps for the gates). Use :func:`build_recompute` to get the planner
@@ -348,7 +348,7 @@ class OpRecompute(RecomputePlanner):
     (:func:`~raydrat.core.techniques.recompute.selective.measure_op_costs`: time on this device, bytes
     of each saved tensor), plans within ``recompute.budget_mb`` (``budget``: the exact
     knapsack; ``gated``: the learnable gates over the same choices, after their warm-up)
-    and applies the plan to the model from outside. ``compiled`` (``train.compile`` on):
+    and applies the plan to the model from outside. ``compiled`` (``compile.mode`` not ``off``):
     the plan is made for the compiled graph (one SAC region whose tags the compiler's
     partitioner honours) and checked against the traced forward after the first step; the
     gates' plan is then kept fixed (a new plan would recompile). Eagerly the gates keep
@@ -480,7 +480,7 @@ def build_recompute(
 ) -> RecomputePlanner:
     """The planner ``cfg.mode`` names. ``autocast`` wraps the cost measurement's forward
     (the run's precision), so measured bytes are those training will keep; ``compiled``
-    (``train.compile`` on) makes op-level plans for the compiled graph."""
+    (``compile.mode`` not ``off``) makes op-level plans for the compiled graph."""
     if cfg.mode == "none":
         return NoRecompute(n_layer, autocast)
     if cfg.mode == "full":
