@@ -260,7 +260,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     if d.get("fsdp"):
         f, mib = d["fsdp"], 2**20
         print(
-            f"scaling.strategy=fsdp over {f['workers']} workers: each holds 1/{f['workers']} of the parameters "
+            f"sync.mode=fsdp over {f['workers']} workers: each holds 1/{f['workers']} of the parameters "
             f"({f['sharded']['params'] / mib:.2f} MiB with the replicated buffers), gradients "
             f"({f['sharded']['grads'] / mib:.2f}) and optimizer state ({f['sharded']['optimizer'] / mib:.2f}), plus "
             f"{f['gathered']['params'] / mib:.2f} MiB of gathered parameters (root group and two blocks) in forward "

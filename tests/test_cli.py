@@ -140,8 +140,8 @@ def test_dry_run_refuses_a_missing_source_in_one_line(tmp_path, capsys):
 
 
 def test_dry_run_refuses_what_the_machine_cannot_run(capsys):
-    assert main(["train", "debug", "--dry-run", "--set", "train.device=cpu", "--set", "train.precision=fp16"]) == 2
-    assert "train.precision=fp16" in _error_line(capsys)
+    assert main(["train", "debug", "--dry-run", "--set", "train.device=cpu", "--set", "precision.mode=fp16"]) == 2
+    assert "precision.mode=fp16" in _error_line(capsys)
 
 
 def test_tune_dry_run_screens_every_trial(capsys):

@@ -3,13 +3,16 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
+from raydrat.cli import main
 from raydrat.config import (
     RECIPES_DIR,
     ConfigError,
     RaydratConfig,
     config_from_dict,
     load_config,
+    loading,
     parse_override,
 )
 
@@ -85,3 +88,105 @@ def test_derived_shapes():
     cfg = load_config("debug", ["model.activation=gelu", "model.n_kv_head=null"])
     assert cfg.model.kv_heads == cfg.model.n_head
     assert cfg.model.ff_dim == 4 * cfg.model.d_model
+
+
+# -- sections that match the techniques, and the keys they replaced ------------------------
+
+OLD_KEYS = {**loading.RENAMED, **{k: None for k in loading.REMOVED}}
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_YAML = sorted(
+    p for d in ("raydrat/recipes", "raydrat/tune_spaces", "cluster", "jobs") for p in (REPO / d).glob("*.yaml")
+)
+
+
+def _old_key_line(old: str) -> str:
+    new = OLD_KEYS[old]
+    return f"{old}: renamed; use {new}" if new else f"{old}: removed; "
+
+
+@pytest.mark.parametrize("old", sorted(OLD_KEYS))
+def test_an_old_key_names_its_new_key_from_set_and_from_yaml(old, tmp_path):
+    with pytest.raises(ConfigError) as by_set:
+        load_config("debug", [f"{old}=1"])
+    assert _old_key_line(old) in str(by_set.value)
+    section, key = old.split(".", 1)
+    p = tmp_path / "old.yaml"
+    p.write_text(yaml.safe_dump({section: {key: 1}}))
+    with pytest.raises(ConfigError) as by_yaml:
+        load_config(p)
+    lines = str(by_yaml.value).splitlines()
+    assert lines[1:] == [f"  {loading.renamed_key(old)}"]  # one line, nothing else to fix
+
+
+def test_the_techniques_have_their_own_sections_and_print_config_shows_them(capsys):
+    assert main(["train", "debug", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["precision"] == {"mode": "fp32", "fallback": "none", "fallback_after": 3, "fallback_steps": 100}
+    assert printed["compile"] == {"mode": "off"}
+    assert printed["sync"]["mode"] == "ddp" and "latency_s" not in printed["sync"]
+    assert "strategy" not in printed["scaling"]
+    assert not {"precision", "precision_fallback", "compile"} & set(printed["train"])
+    fsdp = load_config("debug", ["sync.mode=fsdp", "precision.mode=bf16", "compile.mode=off"])
+    assert (fsdp.sync.mode, fsdp.precision.mode, fsdp.compile.enabled) == ("fsdp", "bf16", False)
+
+
+def test_yaml_off_is_compile_off(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("compile: {mode: off}\n")  # YAML 1.1 reads a bare off as false
+    assert load_config(p).compile.mode == "off"
+    with pytest.raises(ConfigError, match=r"compile\.mode: .*'off'"):
+        load_config("debug", ["compile.mode=true"])
+
+
+def test_an_old_key_in_a_sweep_names_its_new_key(tmp_path):
+    from raydrat.tune.space import load_space
+
+    def space(**body) -> Path:
+        p = tmp_path / "space.yaml"
+        p.write_text(yaml.safe_dump({"base": "debug", "space": {"optim.lr": {"choice": [1e-3]}}, **body}))
+        return p
+
+    cases = [
+        ({"space": {"train.precision": {"choice": ["fp32", "bf16"]}}}, "train.precision: renamed; use precision.mode"),
+        ({"overrides": {"train.compile": "default"}}, "train.compile: renamed; use compile.mode"),
+        (
+            {"space": {"optim.lr": {"choice": [1e-3], "when": {"scaling.strategy": "fsdp"}}}},
+            "space.optim.lr.when: scaling.strategy: renamed; use sync.mode",
+        ),
+    ]
+    for body, needle in cases:
+        with pytest.raises(ConfigError) as err:
+            load_space(space(**body))
+        assert needle in str(err.value), body
+
+
+def test_every_shipped_yaml_loads_and_uses_no_old_key():
+    from raydrat.tune.space import expand, load_space
+
+    assert SHIPPED_YAML
+    for p in SHIPPED_YAML:
+        text = p.read_text()
+        assert not [old for old in OLD_KEYS if old in text], p
+        if p.parent.name == "recipes":
+            load_config(p)
+        elif p.parent.name == "tune_spaces":
+            assert expand(load_space(p))
+
+
+def test_a_run_recorded_with_old_keys_resumes_under_the_new_ones():
+    from raydrat.ray_train.resume import config_differences
+
+    cfg = load_config("debug", ["sync.mode=fsdp", "precision.mode=bf16"])
+    old = cfg.to_dict()
+    old["train"].update(
+        precision="bf16", precision_fallback="none", precision_fallback_after=3, precision_fallback_steps=100
+    )
+    old["train"]["compile"] = "off"
+    old["scaling"]["strategy"] = "fsdp"
+    old["sync"].update(mode="ddp", latency_s=0.0)
+    del old["precision"], old["compile"]
+    assert config_differences(old, cfg) == []
+    old["train"]["precision"] = "fp32"
+    assert config_differences(old, cfg) == ["precision.mode: 'fp32' -> 'bf16'"]
+    old["scaling"]["strategy"] = "replicated"  # a replicated run: its sync.mode stands
+    assert "sync.mode: 'ddp' -> 'fsdp'" in config_differences(old, cfg)

@@ -294,6 +294,23 @@ def test_each_optimizer_trains_and_reports_its_state(name):
     assert eight_bit == name.endswith("8bit")
 
 
+def test_each_technique_is_built_from_its_own_section():
+    cfg = debug_cfg(
+        "precision.mode=bf16",
+        "precision.fallback=fp32",
+        "precision.fallback_after=2",
+        "precision.fallback_steps=5",
+        "compile.mode=reduce-overhead",
+        "slots.mode=layerdrop",
+    )
+    t = build_techniques(cfg, "bf16", CPU, world_size=2)
+    p = t.precision
+    assert (p.base, p.fallback, p.fallback_after, p.fallback_steps) == ("bf16", "fp32", 2, 5)
+    assert t.compile.mode == "reduce-overhead" and t.slots.cfg.mode == "layerdrop"
+    assert t.sync.mode == "ddp" and t.sync.cfg.find_unused_parameters  # slots skip layers: DDP must know
+    assert build_techniques(debug_cfg(), "fp32", CPU, world_size=1).sync.mode == "none"
+
+
 def test_fp16_overflow_falls_back_and_returns():
     pol = Precision("fp16", CPU, fallback="bf16", fallback_after=2, fallback_steps=3)
     w = torch.nn.Parameter(torch.ones(4))
@@ -334,7 +351,7 @@ def test_bad_config_is_refused_naming_the_key(overrides, match):
 @pytest.mark.parametrize(
     "overrides,match",
     [
-        (["train.precision=fp16"], r"train\.precision=fp16 needs a CUDA GPU"),
+        (["precision.mode=fp16"], r"precision\.mode=fp16 needs a CUDA GPU"),
         (["model.attention_backend=efficient"], r"efficient has no CPU kernel"),
         (["model.attention_backend=flash", "model.dropout=0.1"], r"flash has no CPU kernel with attention dropout"),
         (
@@ -357,7 +374,7 @@ def test_runtime_refuses_what_this_machine_cannot_run(overrides, match):
 
 
 def test_runtime_resolves_auto_choices_once():
-    rt = resolve(load_config("debug", ["train.precision=auto"]), gpus=0)
+    rt = resolve(load_config("debug", ["precision.mode=auto"]), gpus=0)
     assert (rt.device_type, rt.precision) == ("cpu", "fp32")
     assert rt.estimate.total_bytes > 0 and rt.estimate.detail["precision"] == "fp32"
     assert resolve(load_config("debug"), gpus=2).device_type == "cuda"  # a cluster with GPUs: auto uses them
@@ -368,7 +385,7 @@ def test_runtime_resolves_auto_choices_once():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fp16_and_flash_run_on_gpu():
-    cfg = load_config("debug", ["train.precision=fp16", "model.attention_backend=flash", "train.device=cuda"])
+    cfg = load_config("debug", ["precision.mode=fp16", "model.attention_backend=flash", "train.device=cuda"])
     dev = torch.device("cuda")
     model, t = built(cfg, dev)
     opt = build_optimizer(model, cfg.optim)

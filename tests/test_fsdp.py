@@ -1,4 +1,4 @@
-"""FSDP (``scaling.strategy: fsdp``) on two real CPU processes (gloo), against DDP in the
+"""FSDP (``sync.mode: fsdp``) on two real CPU processes (gloo), against DDP in the
 same run: the per-worker bytes of parameters, gradients and optimizer state (read from the
 tensors each process holds: a DTensor's local shard), the loss curve step by step, the
 state_dict keys, and a checkpoint saved through torch.distributed.checkpoint that resumes
@@ -39,11 +39,11 @@ from raydrat.tune.space import expand, load_space
 STEPS, SAVE_AT, WORLD = 6, 3, 2
 
 
-def _cfg(strategy: str) -> RaydratConfig:
+def _cfg(mode: str) -> RaydratConfig:
     return load_config(
         "debug",
         [
-            f"scaling.strategy={strategy}",
+            f"sync.mode={mode}",
             f"scaling.num_workers={WORLD}",
             f"train.steps={STEPS}",
             f"train.eval_every={SAVE_AT}",
@@ -101,10 +101,10 @@ def _worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     results = {}
-    for strategy in ("replicated", "fsdp"):
-        cfg = _cfg(strategy)
+    for mode in ("ddp", "fsdp"):
+        cfg = _cfg(mode)
         train, val = _data(cfg, rank)
-        ckpt = os.path.join(out, f"ckpt-{strategy}")
+        ckpt = os.path.join(out, f"ckpt-{mode}")
         state, keys = _build(cfg, rank)
         record = Record(ckpt, SAVE_AT, cfg.to_dict())
         fit(state, resumable_batches(lambda train=train: iter(train), state.position), lambda val=val: val, [record])
@@ -127,7 +127,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         )
         again = Record(None, 0, {})
         fit(resumed, resumable_batches(lambda train=train: iter(train), resumed.position), lambda val=val: val, [again])
-        results[strategy] = {
+        results[mode] = {
             "losses": record.losses,
             "resumed": again.losses,
             "held": held,
@@ -145,7 +145,7 @@ def _worker(rank: int, port: int, out: str) -> None:
                 with open(shard, "r+b") as f:
                     f.truncate(os.path.getsize(shard) // 2)
             dist.barrier()
-            results[strategy]["truncated"] = S.verify_checkpoint(ckpt)
+            results[mode]["truncated"] = S.verify_checkpoint(ckpt)
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -169,24 +169,24 @@ def fsdp_runs(tmp_path_factory) -> list[dict]:
     runs = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     for rank, r in enumerate(runs):  # shown with pytest -rP: the FSDP memory rows
         for part in ("params", "grads", "optimizer"):
-            ddp, fsdp = r["replicated"]["held"][part], r["fsdp"]["held"][part]
+            ddp, fsdp = r["ddp"]["held"][part], r["fsdp"]["held"][part]
             print(f"rank {rank} {part}: ddp {ddp:,} B, fsdp {fsdp:,} B, ratio {fsdp / ddp:.3f}")
     return runs
 
 
 def test_fsdp_holds_about_half_of_ddp_per_worker(fsdp_runs):
     for rank, runs in enumerate(fsdp_runs):
-        ddp, fsdp = runs["replicated"]["held"], runs["fsdp"]["held"]
+        ddp, fsdp = runs["ddp"]["held"], runs["fsdp"]["held"]
         for part in ("params", "grads", "optimizer"):
             assert ddp[part] > 0
             assert fsdp[part] <= 0.55 * ddp[part], (rank, part, fsdp[part], ddp[part])
     # the two shards add up to the whole model (padding aside)
     total = sum(r["fsdp"]["held"]["params"] for r in fsdp_runs)
-    assert fsdp_runs[0]["replicated"]["held"]["params"] <= total <= 1.02 * fsdp_runs[0]["replicated"]["held"]["params"]
+    assert fsdp_runs[0]["ddp"]["held"]["params"] <= total <= 1.02 * fsdp_runs[0]["ddp"]["held"]["params"]
 
 
 def test_fsdp_loss_curve_equals_ddp(fsdp_runs):
-    ddp, fsdp = fsdp_runs[0]["replicated"]["losses"], fsdp_runs[0]["fsdp"]["losses"]
+    ddp, fsdp = fsdp_runs[0]["ddp"]["losses"], fsdp_runs[0]["fsdp"]["losses"]
     assert sorted(fsdp) == list(range(1, STEPS + 1))
     for step in ddp:
         assert fsdp[step] == pytest.approx(ddp[step], rel=1e-4, abs=1e-5), step
@@ -202,7 +202,7 @@ def test_fsdp_keeps_state_dict_keys_and_resumes_from_dcp(fsdp_runs):
         # each rank's manifest lists its own shard (rank 0 also the metadata): a cut shard is caught
         own = {f"{DCP_DIR}/__{rank}_0.distcp"} | ({f"{DCP_DIR}/.metadata", "state.pt"} if rank == 0 else set())
         assert set(run["listed"]) == own | {f"rank{rank}.pt"}, run["listed"]
-        assert run["complete"] is None and runs["replicated"]["complete"] is None
+        assert run["complete"] is None and runs["ddp"]["complete"] is None
         assert run["truncated"] and "__1_0.distcp" in run["truncated"], run["truncated"]
         for step, loss in run["resumed"].items():
             assert loss == pytest.approx(run["losses"][step], rel=1e-5), (rank, step)
@@ -211,7 +211,7 @@ def test_fsdp_keeps_state_dict_keys_and_resumes_from_dcp(fsdp_runs):
 
 def test_estimate_divides_training_state_and_the_sweep_admits_accordingly(tmp_path):
     base = ["scaling.num_workers=4", "train.batch_size=1", "train.grad_accum=1"]
-    rep, fs = load_config("gpt2-small", base), load_config("gpt2-small", [*base, "scaling.strategy=fsdp"])
+    rep, fs = load_config("gpt2-small", base), load_config("gpt2-small", [*base, "sync.mode=fsdp"])
     a, b = estimate_memory(rep), estimate_memory(fs)
     buffers = b.detail["fsdp"]["replicated_buffers"]  # each worker keeps every buffer
     whole = {
@@ -227,19 +227,19 @@ def test_estimate_divides_training_state_and_the_sweep_admits_accordingly(tmp_pa
     assert all(b.phases[k] < a.phases[k] for k in a.phases), (a.phases, b.phases)
     assert b.total_bytes < a.total_bytes and max(b.phases.values()) == b.total_bytes
     # micro-batches before the last accumulate unsharded gradients (no reduce-scatter)
-    acc = estimate_memory(load_config("gpt2-small", [*base[:2], "train.grad_accum=4", "scaling.strategy=fsdp"]))
+    acc = estimate_memory(load_config("gpt2-small", [*base[:2], "train.grad_accum=4", "sync.mode=fsdp"]))
     assert acc.phases["forward"] - b.phases["forward"] == a.detail["grads_bytes"]
     budget_gb = (a.total_bytes + b.total_bytes) / 2 / 2**30
     space = tmp_path / "fsdp.yaml"
     space.write_text(
         f"name: fsdp-admission\nbase: gpt2-small\noverrides: {{scaling.num_workers: 4, train.batch_size: 1, train.grad_accum: 1}}\n"
-        f"space:\n  scaling.strategy: {{grid: [replicated, fsdp]}}\nmetric: val_loss\nmode: min\n"
+        f"space:\n  sync.mode: {{grid: [ddp, fsdp]}}\nmetric: val_loss\nmode: min\n"
         f"num_samples: 1\nmemory_budget_gb: {budget_gb:.4f}\n"
     )
     sp = load_space(space)
     trials = expand(sp)
     verdicts = A.screen_drawn(sp, trials, 0)
-    assert [v.spec.config.scaling.strategy for v in verdicts] == ["replicated", "fsdp"]
+    assert [v.spec.config.sync.mode for v in verdicts] == ["ddp", "fsdp"]
     assert [v.estimate for v in verdicts] == [a.total_bytes, b.total_bytes]
     assert [v.refused for v in verdicts] == ["infeasible", None], [v.reason for v in verdicts]
 
@@ -247,17 +247,19 @@ def test_estimate_divides_training_state_and_the_sweep_admits_accordingly(tmp_pa
 @pytest.mark.parametrize(
     "overrides, keys",
     [
-        (["sync.mode=local"], ["scaling.strategy=fsdp", "sync.mode=local"]),
-        (["sync.bucket_cap_mb=10"], ["scaling.strategy=fsdp", "sync.bucket_cap_mb"]),
-        (["slots.mode=layerdrop"], ["scaling.strategy=fsdp", "slots.mode=layerdrop"]),
-        (["train.compile=default"], ["scaling.strategy=fsdp", "train.compile=default"]),
-        (["optim.name=adamw8bit"], ["scaling.strategy=fsdp", "optim.name=adamw8bit"]),
-        (["train.precision=fp16"], ["scaling.strategy=fsdp", "train.precision=fp16"]),
+        (["sync.sync_steps=4"], ["sync.mode=fsdp", "sync.sync_steps", "sync.mode=local"]),
+        (["sync.bucket_cap_mb=10"], ["sync.mode=fsdp", "sync.bucket_cap_mb"]),
+        (["slots.mode=layerdrop"], ["sync.mode=fsdp", "slots.mode=layerdrop"]),
+        (["compile.mode=default"], ["sync.mode=fsdp", "compile.mode=default"]),
+        (["optim.name=adamw8bit"], ["sync.mode=fsdp", "optim.name=adamw8bit"]),
+        (["precision.mode=fp16"], ["sync.mode=fsdp", "precision.mode=fp16"]),
+        (["precision.fallback=bf16"], ["sync.mode=fsdp", "precision.fallback=bf16"]),
+        (["train.auto_microbatch=true"], ["sync.mode=fsdp", "train.auto_microbatch=true"]),
     ],
 )
 def test_fsdp_refuses_what_it_cannot_honour(overrides, keys):
     with pytest.raises(ConfigError) as err:
-        load_config("debug", ["scaling.strategy=fsdp", *overrides])
+        load_config("debug", ["sync.mode=fsdp", *overrides])
     for key in keys:
         assert key in str(err.value)
 
@@ -284,7 +286,7 @@ def test_fsdp_run_through_ray_train_resumes_from_its_sharded_checkpoint(ray_loca
             f"tracking.tracking_uri=sqlite:///{db}",
             "scaling.cpus_per_worker=0.5",
             "scaling.num_workers=2",
-            "scaling.strategy=fsdp",
+            "sync.mode=fsdp",
             "name=fsdp",
         ],
     )
@@ -306,12 +308,12 @@ def test_fsdp_run_through_ray_train_resumes_from_its_sharded_checkpoint(ray_loca
 
 
 def test_estimate_cli_shows_the_sharding_and_measure_refuses_fsdp(capsys):
-    fs = ["--set", "scaling.strategy=fsdp", "--set", "scaling.num_workers=4", "--set", "train.batch_size=1"]
+    fs = ["--set", "sync.mode=fsdp", "--set", "scaling.num_workers=4", "--set", "train.batch_size=1"]
     assert main(["estimate", "gpt2-small", *fs]) == 0
     out = capsys.readouterr().out
     est = estimate_memory(load_config("gpt2-small", [s for s in fs if s != "--set"]))
-    line = next(ln for ln in out.splitlines() if ln.startswith("scaling.strategy=fsdp over 4 workers"))
+    line = next(ln for ln in out.splitlines() if ln.startswith("sync.mode=fsdp over 4 workers"))
     assert f"({est.detail['fsdp']['sharded']['optimizer'] / 2**20:.2f})" in line
     assert "accumulate whole, unsharded gradients" in line  # gpt2-small accumulates 8 micro-batches
-    with pytest.raises(ConfigError, match=r"--measure with scaling.strategy=fsdp .*scaling.strategy=replicated"):
+    with pytest.raises(ConfigError, match=r"--measure with sync.mode=fsdp .*sync.mode=ddp"):
         measurable(load_config("gpt2-small", [s for s in fs if s != "--set"]))

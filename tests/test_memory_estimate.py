@@ -44,14 +44,14 @@ def measure(cfg) -> int:
         wrap_blocks(model)
     B, T, V = cfg.train.batch_size, cfg.model.seq_len, cfg.model.vocab_size
     idx, targets = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.train.precision == "bf16" else None
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.precision.mode == "bf16" else None
     return saved_activation_bytes(model, idx, targets, context=ctx)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("overrides", GRID, ids=lambda o: ",".join(o) or "debug")
 def test_estimate_within_10_percent_of_measured_activations(overrides, precision):
-    cfg = load_config("debug", [*overrides, f"train.precision={precision}", "train.device=cpu"])
+    cfg = load_config("debug", [*overrides, f"precision.mode={precision}", "train.device=cpu"])
     measured = measure(cfg)
     estimated = estimate_memory(cfg).saved_bytes
     assert abs(estimated - measured) <= 0.10 * measured, (estimated, measured)

@@ -46,7 +46,7 @@ def test_cpu_peak_sees_the_allocations_of_the_step_and_of_the_build():
 CONFIGS = {
     "debug": [],
     "full_recompute_wide": ["model.d_model=128", "model.seq_len=128", "train.batch_size=4", "recompute.mode=full"],
-    "bf16_accum_8bit": ["train.precision=bf16", "train.grad_accum=2", "optim.name=adamw8bit", "train.batch_size=4"],
+    "bf16_accum_8bit": ["precision.mode=bf16", "train.grad_accum=2", "optim.name=adamw8bit", "train.batch_size=4"],
 }
 
 

@@ -339,7 +339,7 @@ def test_op_budget_below_the_minimum_names_it(setup):
     measured = P.minimum_bytes(costs, compiled=False)
     assert abs(analytic - measured) <= 0.10 * measured, (analytic, measured)
     compiled_floor, _ = activation_plan_bounds(
-        op_cfg("recompute.mode=budget", "recompute.granularity=op", "recompute.budget_mb=1", "train.compile=default"),
+        op_cfg("recompute.mode=budget", "recompute.granularity=op", "recompute.budget_mb=1", "compile.mode=default"),
         "cpu",
         "fp32",
     )

@@ -22,14 +22,13 @@ from raydrat.config import ConfigError, load_config
 from raydrat.config.sync import SyncConfig
 from raydrat.core.data.demo import build_demo_corpus
 from raydrat.core.model.build import build_model
-from raydrat.core.techniques.sync.strategies import (
-    build_strategy,
-    dequantize,
-    exchange_mean,
-    model_checksum,
-    quantize,
-    split_fragments,
-)
+from raydrat.core.techniques.sync.build import build_strategy
+from raydrat.core.techniques.sync.codec import dequantize, exchange_mean, quantize
+from raydrat.core.techniques.sync.ddp import DDPStrategy
+from raydrat.core.techniques.sync.fragments import split_fragments
+from raydrat.core.techniques.sync.fsdp import FSDPStrategy
+from raydrat.core.techniques.sync.local import LocalStrategy
+from raydrat.core.techniques.sync.strategy import SyncStrategy, model_checksum
 
 BLOCK = 256
 
@@ -232,7 +231,8 @@ def _overlap_worker(rank: int, port: int, out: str) -> None:
     results = {}
     for delay in (0, 1):
         model = build_model(load_config("debug").model, seed=0)
-        strategy = build_strategy(SyncConfig(mode="local", sync_steps=2, delay=delay, latency_s=LINK_S), 2)
+        strategy = build_strategy(SyncConfig(mode="local", sync_steps=2, delay=delay), 2)
+        strategy.comm.latency_s = LINK_S
         strategy.apply(model)
         blocked = {}
         for done in range(1, 5):
@@ -309,6 +309,15 @@ def test_fragments_partition_every_parameter_once_and_evenly():
         split_fragments(model, 5)
 
 
+def test_sync_mode_picks_one_strategy_and_one_worker_trains_plainly():
+    for mode, cls in (("ddp", DDPStrategy), ("local", LocalStrategy), ("fsdp", FSDPStrategy)):
+        assert type(build_strategy(SyncConfig(mode=mode), 2)) is cls
+        assert type(build_strategy(SyncConfig(mode=mode), 1)) is SyncStrategy
+    assert not build_strategy(SyncConfig(), 2).cfg.find_unused_parameters
+    assert build_strategy(SyncConfig(), 2, skips_layers=True).cfg.find_unused_parameters
+    assert [build_strategy(SyncConfig(mode=m), 2).sharded for m in ("ddp", "local", "fsdp")] == [False, False, True]
+
+
 @pytest.mark.parametrize(
     "overrides, needles",
     [
@@ -328,6 +337,8 @@ def test_fragments_partition_every_parameter_once_and_evenly():
             ["sync.average_optimizer_state", "sync.fragments"],
         ),
         (["sync.mode=local", "sync.quantization=int4"], ["sync.quantization"]),
+        (["sync.mode=fsdp", "sync.fragments=2"], ["sync.fragments", "sync.mode=local, not sync.mode=fsdp"]),
+        (["sync.mode=fsdp", "sync.find_unused_parameters=true"], ["sync.find_unused_parameters", "sync.mode=ddp"]),
     ],
 )
 def test_bad_sync_settings(overrides, needles):

@@ -47,7 +47,7 @@ def test_params_are_the_sections_a_run_uses():
         "recompute.budget_mb",
         "slots.keep",
         "tracking.",
-        "train.precision_fallback_",
+        "precision.fallback_",
     )
     assert not [k for k in plain if k.startswith(unused)]
     assert len(plain) < len(load_config("debug").flat())

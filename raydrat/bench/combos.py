@@ -55,7 +55,7 @@ def combinations(cfg: RaydratConfig) -> list[tuple[str, list[str]]]:
     budget_low = f"{(lo + 0.35 * (hi - lo)) / 2**20:.4f}"
     return [
         ("baseline", []),
-        ("bf16", ["train.precision=bf16"]),
+        ("bf16", ["precision.mode=bf16"]),
         ("adamw_fused", ["optim.name=adamw_fused"]),
         ("adamw8bit", ["optim.name=adamw8bit"]),
         ("full_recompute", ["recompute.mode=full"]),
@@ -74,11 +74,11 @@ def combinations(cfg: RaydratConfig) -> list[tuple[str, list[str]]]:
         ("budget_low", ["recompute.mode=budget", f"recompute.budget_mb={budget_low}"]),
         ("layerdrop0.5", ["slots.mode=layerdrop", "slots.keep=0.5"]),
         ("progressive", ["slots.mode=progressive"]),
-        ("compile", ["train.compile=default"]),
+        ("compile", ["compile.mode=default"]),
         (
             "bf16+8bit+full+layerdrop",
             [
-                "train.precision=bf16",
+                "precision.mode=bf16",
                 "optim.name=adamw8bit",
                 "recompute.mode=full",
                 "slots.mode=layerdrop",
@@ -102,7 +102,7 @@ class Session:
         last = (cfg.train.steps - 1,) if cfg.train.steps >= 4 else ()
         self.run = LocalRun.start(cfg, data, callbacks, sample_at=last)
         model = self.run.model
-        self.timer = LayerStackTimer(model) if cfg.train.compile == "off" else None  # hooks break compiled graphs
+        self.timer = LayerStackTimer(model) if not cfg.compile.enabled else None  # hooks break compiled graphs
         self.flops: list[float] = []
         self.active: list[float] = []
 

@@ -134,7 +134,7 @@ class Bench:
             f"train.device={self.device}",
             f"scaling.use_gpu={str(self.device == 'cuda').lower()}",
             "tracking.enabled=false",
-            "train.precision=bf16",
+            "precision.mode=bf16",
             "model.attention_backend=auto",
         ]
         return load_config("gpt2-small", base + (TINY if self.tiny else []) + list(overrides))
@@ -227,7 +227,7 @@ def describe(cfg: RaydratConfig) -> dict:
 
 
 def estimate(cfg: RaydratConfig) -> int:
-    precision = cfg.train.precision if cfg.train.precision != "auto" else "bf16"
+    precision = cfg.precision.mode if cfg.precision.mode != "auto" else "bf16"
     return estimate_memory(cfg, "cuda", precision).total_bytes
 
 
@@ -366,7 +366,7 @@ class Reference:
             self.model.compile(mode=compile_mode)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.cfg, self.data, self.step_s, self.i = cfg, data, [], 0
-        self.dtype = DTYPES[cfg.train.precision]
+        self.dtype = DTYPES[cfg.precision.mode]
         self.tokens_per_step = cfg.train.batch_size * cfg.model.seq_len
 
     def step(self) -> bool:
@@ -393,7 +393,7 @@ class Reference:
 def case_throughput(b: Bench) -> list[dict]:
     steps, warm = b.steps(40, 20), (1 if b.tiny else 5)
     cfg = b.cfg(
-        f"train.compile={b.compile_mode}",
+        f"compile.mode={b.compile_mode}",
         f"model.attention_backend={'auto' if b.tiny else 'flash'}",
         "train.batch_size=16" if not b.tiny else "train.batch_size=2",
     )
@@ -466,7 +466,7 @@ def memory_configs(b: Bench) -> list[tuple[str, list[str]]]:
             "micro-batch-16" if not b.tiny else "micro-batch-4",
             ["train.batch_size=16" if not b.tiny else "train.batch_size=4"],
         ),
-        ("fp32", [mb, "train.precision=fp32"]),
+        ("fp32", [mb, "precision.mode=fp32"]),
     ]
 
 
@@ -540,7 +540,7 @@ def case_precision(b: Bench) -> list[dict]:
         if precision == "fp16" and b.device != "cuda":
             rows.append({"case": "precision", "precision": precision, "skipped": "fp16 with a GradScaler needs CUDA"})
             continue
-        run, losses = trained(b, steps, f"train.precision={precision}")
+        run, losses = trained(b, steps, f"precision.mode={precision}")
         row = {
             "case": "precision",
             "precision": precision,
@@ -669,9 +669,9 @@ def case_recompute(b: Bench) -> list[dict]:
 
 def case_layerdrop(b: Bench) -> list[dict]:
     drop = ["slots.mode=layerdrop", "slots.keep=0.5"]
-    variants = [("all layers, bf16", []), ("layerdrop 0.5, bf16", drop), ("all layers, fp32", ["train.precision=fp32"])]
+    variants = [("all layers, bf16", []), ("layerdrop 0.5, bf16", drop), ("all layers, fp32", ["precision.mode=fp32"])]
     if b.device == "cuda":
-        variants.append(("layerdrop 0.5, fp16", [*drop, "train.precision=fp16"]))
+        variants.append(("layerdrop 0.5, fp16", [*drop, "precision.mode=fp16"]))
     return compare_interleaved(b, "layerdrop", variants, b.steps(16, 10))
 
 

@@ -173,11 +173,11 @@ def _estimated_components(est: MemoryEstimate) -> dict[str, int]:
 def measurable(cfg: RaydratConfig, device: str | None = None) -> tuple[RaydratConfig, Runtime]:
     """``cfg`` on ``device`` (``cpu`` | ``cuda``; ``None``: the config's choice) and its
     runtime on this machine; refused (:class:`CannotMeasure`, one line) when it cannot run here."""
-    if cfg.scaling.strategy == "fsdp" and cfg.scaling.num_workers > 1:
+    if cfg.sync.mode == "fsdp" and cfg.scaling.num_workers > 1:
         raise CannotMeasure(
-            f"--measure with scaling.strategy=fsdp (scaling.num_workers={cfg.scaling.num_workers}): the "
+            f"--measure with sync.mode=fsdp (scaling.num_workers={cfg.scaling.num_workers}): the "
             "measurement trains one process, which holds the whole model, not one worker's shard: "
-            "drop --measure, or measure with scaling.strategy=replicated"
+            "drop --measure, or measure with sync.mode=ddp"
         )
     if device == "cuda" and not torch.cuda.is_available():
         check_measurable(cfg, None, device)  # type: ignore[arg-type]  (refuses before resolving)
@@ -295,7 +295,7 @@ def configurations(overrides: list[str] | None = None) -> list[tuple[str, str, l
         ("demo adamw8bit", "demo", ["optim.name=adamw8bit"]),
         ("demo grad_accum 4", "demo", ["train.grad_accum=4"]),
         ("demo layerdrop 0.5", "demo", ["slots.mode=layerdrop", "slots.keep=0.5"]),
-        ("demo bf16", "demo", ["train.precision=bf16"]),
+        ("demo bf16", "demo", ["precision.mode=bf16"]),
     ]
 
 

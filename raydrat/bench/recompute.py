@@ -9,7 +9,7 @@ process. Per model (the demo recipe's, and a 6-layer d_model 384 model):
   block (torch's ``full``, written the plain way around the blocks of a ``none`` run);
   raydrat ``recompute.mode: full``; raydrat op-level ``budget`` and ``gated``
   (``recompute.granularity: op``) at each budget fraction;
-* compiled (``train.compile: default``): torch's default partition (``none``) and with
+* compiled (``compile.mode: default``): torch's default partition (``none``) and with
   ``torch._functorch.config.activation_memory_budget`` at each fraction; raydrat ``full``;
   raydrat op-level ``budget`` at each fraction and at the bytes torch stored at that
   fraction (``@torch``).
@@ -169,7 +169,7 @@ class _Bench:
     def start(
         self, vname, planner, mode, fraction, compiled, overrides=(), torch_budget=None, budget=None, wrap_blocks=False
     ) -> Variant | None:
-        extra = [*overrides, *(["train.compile=default"] if compiled else [])]
+        extra = [*overrides, *(["compile.mode=default"] if compiled else [])]
         if budget is not None:
             extra += [f"recompute.budget_mb={budget / 2**20!r}"]
         cfg = model_config(self.name, self.steps, extra)

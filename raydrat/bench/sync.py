@@ -13,12 +13,13 @@ loop (techniques, sync strategy, evaluation) as ``raydrat train``.
 
 Per variant: bytes this worker sent per optimizer step (all of them, and only the
 scheduled syncs, without the flush before the final evaluation; see
-``raydrat.core.techniques.sync.strategies``), the most bytes launched in one step, communication
+``raydrat.core.techniques.sync.comm``), the most bytes launched in one step, communication
 share of step time, tokens/s over both workers (steady state: the first step is
 excluded; the slower worker sets the pace), and the validation loss at the end.
 ``--latency-ms 0,20`` repeats the table with each collective delayed by that latency (a
-simulated slow link). ``--link 1000,100,20`` runs the table on two Ray nodes joined by a
-real link limited to each rate in Mbit/s (``raydrat.bench.link``; rows gain
+simulated slow link: the strategy's ``comm.latency_s``, a benchmark setting, not a run's).
+``--link 1000,100,20`` runs the table on two Ray nodes joined by a real link limited to
+each rate in Mbit/s (``raydrat.bench.link``; rows gain
 ``link_mbit``, and the bytes each node's end of the link really transmitted,
 ``wire_bytes_per_step``, read from the kernel's interface counters) and reports where each
 variant overtakes DDP.
@@ -45,7 +46,7 @@ from raydrat.config import ConfigError, RaydratConfig
 from raydrat.core import metrics as M
 from raydrat.core.fit import Callback, FitState
 from raydrat.core.techniques.base import unwrap
-from raydrat.core.techniques.sync.strategies import model_checksum
+from raydrat.core.techniques.sync.strategy import model_checksum
 from raydrat.ray_session import ensure_ray
 from raydrat.tables import write_json
 
@@ -122,17 +123,12 @@ class SteadyComm(Callback):
 def run_variant(cfg: RaydratConfig, variant: dict, data: LocalData, rank: int, world: int) -> dict:
     """Train one variant through ``fit`` in this worker (inside a Ray Train worker group) and
     return its figures, identical on every rank (reduced across workers)."""
-    sync = cfg.sync.model_validate(
-        {
-            **cfg.sync.model_dump(),
-            **{k: v for k, v in variant.items() if k != "latency_ms"},
-            "latency_s": variant.get("latency_ms", 0) / 1000.0,
-        }
-    )
+    sync = cfg.sync.model_validate({**cfg.sync.model_dump(), **{k: v for k, v in variant.items() if k != "latency_ms"}})
     tc = cfg.train.model_copy(update={"log_every": cfg.train.steps, "eval_every": cfg.train.steps})
     c = cfg.model_copy(update={"sync": sync, "train": tc})
     comm = SteadyComm()
     run = LocalRun.start(c, data.shard(rank, world), [comm], rank=rank, world_size=world)
+    run.techniques.sync.comm.latency_s = variant.get("latency_ms", 0) / 1000.0  # the simulated slow link
     param_bytes = sum(p.numel() * p.element_size() for p in run.model.parameters())
     dist.barrier()
     wire_start = wire_tx_bytes()

@@ -1,9 +1,10 @@
 """Layer 1, the schemas: every raydrat setting, typed and validated once.
 
 One pydantic model per component, ``extra="forbid"``, each field documented where it is
-declared: ``model`` (:mod:`raydrat.config.model`), ``data``,
-``optim``, ``train``, ``scaling``, ``sync``, ``tracking``, ``recompute``, ``slots``, and
-``SweepConfig`` for ``tune_spaces/*.yaml``. These modules import nothing of raydrat but
+declared: ``model`` (:mod:`raydrat.config.model`, beside the model), ``data``,
+``optim``, ``train``, one section per technique (``precision``, ``compile``,
+``recompute``, ``slots``, ``sync``), ``scaling``, ``tracking``, and ``SweepConfig`` for
+``tune_spaces/*.yaml``. These modules import nothing of raydrat but
 each other; a check that needs a model or a machine lives in
 :func:`raydrat.core.runtime.resolve`, not here.
 
@@ -13,6 +14,7 @@ whose message names the key and what to do. This package is the only place defau
 """
 
 from raydrat.config.base import ConfigError, Section
+from raydrat.config.compile import CompileConfig
 from raydrat.config.data import DataConfig, SourceConfig
 from raydrat.config.dotted import flatten, parse_override, set_dotted
 from raydrat.config.loading import (
@@ -21,11 +23,14 @@ from raydrat.config.loading import (
     format_validation_error,
     load_config,
     read_yaml_mapping,
+    renamed_key,
     resolve_recipe,
     resolve_shipped_yaml,
+    upgrade_flat,
 )
 from raydrat.config.model import ModelConfig
 from raydrat.config.optim import OptimConfig
+from raydrat.config.precision import PrecisionConfig
 from raydrat.config.recompute import GatesConfig, RecomputeConfig
 from raydrat.config.run import RaydratConfig
 from raydrat.config.scaling import ScalingConfig
@@ -37,11 +42,13 @@ from raydrat.config.train import TrainConfig
 
 __all__ = [
     "RECIPES_DIR",
+    "CompileConfig",
     "ConfigError",
     "DataConfig",
     "GatesConfig",
     "ModelConfig",
     "OptimConfig",
+    "PrecisionConfig",
     "RaydratConfig",
     "RecomputeConfig",
     "SchedulerConfig",
@@ -60,7 +67,9 @@ __all__ = [
     "load_config",
     "parse_override",
     "read_yaml_mapping",
+    "renamed_key",
     "resolve_recipe",
     "resolve_shipped_yaml",
     "set_dotted",
+    "upgrade_flat",
 ]

@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from raydrat.config.base import ConfigError
-from raydrat.config.dotted import parse_override, set_dotted
+from raydrat.config.dotted import flatten, parse_override, set_dotted
 from raydrat.config.run import RaydratConfig
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
@@ -20,29 +20,77 @@ RENAMED: dict[str, str] = {
     "train.checkpointing": "recompute.mode",
     "gates.lam": "recompute.gates.memory_weight",
     "gates.mu": "recompute.gates.recompute_weight",
-    "gates.memory_budget_mb": "recompute.budget_mb (with recompute.mode: gated)",
+    "gates.memory_budget_mb": "recompute.budget_mb",
+    "train.precision": "precision.mode",
+    "train.precision_fallback": "precision.fallback",
+    "train.precision_fallback_after": "precision.fallback_after",
+    "train.precision_fallback_steps": "precision.fallback_steps",
+    "train.compile": "compile.mode",
+    "scaling.strategy": "sync.mode",
 }
 """Old dotted key → the key that replaced it."""
+RENAME_NOTES: dict[str, str] = {
+    "gates.memory_budget_mb": "with recompute.mode: gated",
+    "scaling.strategy": "scaling.strategy=fsdp is sync.mode=fsdp; replicated is sync.mode=ddp or local",
+}
+"""What to know beyond the new key's name."""
+CARRIED_VALUES: dict[str, dict[Any, Any]] = {"scaling.strategy": {"fsdp": "fsdp"}}
+"""Renamed keys whose old values do not all mean something under the new key: old value →
+new value (an old value not listed leaves the new key as it is)."""
+REMOVED: dict[str, str] = {
+    "sync.latency_s": "a simulated slow link is a benchmark setting: raydrat bench sync --latency-ms",
+}
+"""Old dotted key that has no config key any more → what to use instead."""
 MOVED_SECTIONS: dict[str, str] = {"gates": "recompute.gates"}
 """Old section → where its keys live now (keys not in :data:`RENAMED` keep their name)."""
+
+
+def _new_key(dotted: str) -> str | None:
+    if dotted in RENAMED:
+        return RENAMED[dotted]
+    section, _, key = dotted.partition(".")
+    return f"{MOVED_SECTIONS[section]}.{key}" if section in MOVED_SECTIONS and key else None
+
+
+def renamed_key(dotted: str) -> str | None:
+    """The line that says what replaced the old key ``dotted`` (``None``: not an old key)."""
+    if dotted in REMOVED:
+        return f"{dotted}: removed; {REMOVED[dotted]}"
+    new = _new_key(dotted)
+    if new is None:
+        return None
+    note = RENAME_NOTES.get(dotted)
+    return f"{dotted}: renamed; use {new}" + (f" ({note})" if note else "")
 
 
 def renamed_keys(data: dict[str, Any]) -> list[str]:
     """One line per old key found in ``data`` (a raw config mapping), naming its new key."""
     lines = []
     for section, new in MOVED_SECTIONS.items():
-        old = data.get(section)
-        if isinstance(old, dict):
-            for key in old:
-                dotted = f"{section}.{key}"
-                lines.append(f"  {dotted}: renamed; use {RENAMED.get(dotted, f'{new}.{key}')}")
-        elif section in data:
+        if section in data and not isinstance(data[section], dict):
             lines.append(f"  {section}: moved; its keys live under {new}")
-    for dotted, new in RENAMED.items():
-        section, key = dotted.split(".", 1)
-        if section not in MOVED_SECTIONS and isinstance(data.get(section), dict) and key in data[section]:
-            lines.append(f"  {dotted}: renamed; use {new}")
+    for dotted in flatten(data):
+        line = renamed_key(dotted)
+        if line is not None:
+            lines.append(f"  {line}")
     return lines
+
+
+def upgrade_flat(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flattened config written with old keys (a run's record), in today's keys: renamed
+    keys moved, removed ones dropped (so ``--resume`` compares like with like)."""
+    out: dict[str, Any] = {}
+    carried: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        new = _new_key(dotted)
+        if dotted in REMOVED:
+            continue
+        if dotted in CARRIED_VALUES:
+            if value in CARRIED_VALUES[dotted]:
+                carried[new] = CARRIED_VALUES[dotted][value]
+            continue
+        out[new or dotted] = value
+    return {**out, **carried}
 
 
 def _section_at(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:

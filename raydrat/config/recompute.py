@@ -71,7 +71,7 @@ class RecomputeConfig(Section):
     attention and MLP branch, costs in FLOPs) or ``op`` (store or recompute each op call's
     output through PyTorch's selective activation checkpointing, costs in measured op time
     on this device and the bytes of each saved tensor; planned for the compiled graph when
-    ``train.compile`` is on). ``op`` with ``gated`` needs ``budget_mb``."""
+    ``compile.mode`` is not ``off``). ``op`` with ``gated`` needs ``budget_mb``."""
 
     @model_validator(mode="after")
     def _check_mode(self) -> RecomputeConfig:

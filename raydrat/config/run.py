@@ -9,10 +9,12 @@ import yaml
 from pydantic import Field, model_validator
 
 from raydrat.config.base import Section
+from raydrat.config.compile import CompileConfig
 from raydrat.config.data import DataConfig
 from raydrat.config.dotted import flatten
 from raydrat.config.model import ModelConfig
 from raydrat.config.optim import OptimConfig
+from raydrat.config.precision import PrecisionConfig
 from raydrat.config.recompute import RecomputeConfig
 from raydrat.config.scaling import ScalingConfig
 from raydrat.config.slots import SlotsConfig
@@ -28,11 +30,13 @@ class RaydratConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
+    compile: CompileConfig = Field(default_factory=CompileConfig)
+    recompute: RecomputeConfig = Field(default_factory=RecomputeConfig)
+    slots: SlotsConfig = Field(default_factory=SlotsConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    recompute: RecomputeConfig = Field(default_factory=RecomputeConfig)
-    slots: SlotsConfig = Field(default_factory=SlotsConfig)
 
     @model_validator(mode="after")
     def _check_cross(self) -> RaydratConfig:
@@ -52,7 +56,7 @@ class RaydratConfig(Section):
                 f"sync.fragments ({self.sync.fragments}) exceeds the model's {self.model.n_layer} blocks "
                 f"(model.n_layer): a fragment is at least one block; lower sync.fragments"
             )
-        if self.scaling.strategy == "fsdp":
+        if self.sync.mode == "fsdp":
             _check_fsdp(self)
         return self
 
@@ -68,56 +72,48 @@ class RaydratConfig(Section):
 
 
 def _check_fsdp(cfg: RaydratConfig) -> None:
-    """What ``scaling.strategy=fsdp`` cannot honour, naming both keys."""
-    fix = "or set scaling.strategy=replicated"
-    if cfg.sync.mode != "ddp":
-        raise ValueError(
-            f"scaling.strategy=fsdp cannot be combined with sync.mode={cfg.sync.mode}: FSDP "
-            f"reduce-scatters the gradients every step; set sync.mode=ddp {fix}"
-        )
-    sync_set = [
-        k
-        for k in ("bucket_cap_mb", "find_unused_parameters", "latency_s")
-        if getattr(cfg.sync, k) != type(cfg.sync).model_fields[k].default
+    """What ``sync.mode=fsdp`` cannot honour in the other sections, naming both keys."""
+    conflicts = [
+        (
+            cfg.slots.mode != "all",
+            f"slots.mode={cfg.slots.mode}",
+            "a skipped block would leave its shards out of the gradient reduce-scatter",
+            "set slots.mode=all",
+        ),
+        (
+            cfg.compile.enabled,
+            f"compile.mode={cfg.compile.mode}",
+            "compiling a sharded model is not supported here",
+            "set compile.mode=off",
+        ),
+        (
+            cfg.optim.name in ("adamw8bit", "paged_adamw8bit"),
+            f"optim.name={cfg.optim.name}",
+            "bitsandbytes' 8-bit states do not take sharded (DTensor) parameters",
+            "use optim.name=adamw",
+        ),
+        (
+            cfg.precision.mode == "fp16",
+            "precision.mode=fp16",
+            "fp16 loss scaling is not supported on sharded gradients here",
+            "use precision.mode=bf16 or fp32",
+        ),
+        (
+            cfg.precision.fallback != "none",
+            f"precision.fallback={cfg.precision.fallback}",
+            "the precision fallback is not supported on sharded gradients here",
+            "set precision.fallback=none",
+        ),
+        (
+            cfg.train.auto_microbatch,
+            "train.auto_microbatch=true",
+            "a retry on one worker would desynchronise the shards' collectives",
+            "set train.auto_microbatch=false",
+        ),
     ]
-    if sync_set:
-        raise ValueError(
-            f"scaling.strategy=fsdp cannot honour sync.{sync_set[0]} (a DDP setting; FSDP runs its "
-            f"own collectives): remove sync.{sync_set[0]} {fix}"
-        )
-    if cfg.slots.mode != "all":
-        raise ValueError(
-            f"scaling.strategy=fsdp cannot be combined with slots.mode={cfg.slots.mode}: a skipped "
-            f"block would leave its shards out of the gradient reduce-scatter; set slots.mode=all {fix}"
-        )
-    if cfg.train.compile != "off":
-        raise ValueError(
-            f"scaling.strategy=fsdp cannot be combined with train.compile={cfg.train.compile}: "
-            f"compiling a sharded model is not supported here; set train.compile=off {fix}"
-        )
-    if cfg.optim.name in ("adamw8bit", "paged_adamw8bit"):
-        raise ValueError(
-            f"scaling.strategy=fsdp cannot be combined with optim.name={cfg.optim.name}: "
-            f"bitsandbytes' 8-bit states do not take sharded (DTensor) parameters; use optim.name=adamw "
-            f"{fix}"
-        )
-    if cfg.train.precision == "fp16" or cfg.train.precision_fallback != "none":
-        key = (
-            "train.precision=fp16"
-            if cfg.train.precision == "fp16"
-            else f"train.precision_fallback={cfg.train.precision_fallback}"
-        )
-        raise ValueError(
-            f"scaling.strategy=fsdp cannot be combined with {key}: fp16 loss scaling and the "
-            f"precision fallback are not supported on sharded gradients here; use train.precision=bf16 "
-            f"or fp32 {fix}"
-        )
-    if cfg.train.auto_microbatch:
-        raise ValueError(
-            "scaling.strategy=fsdp cannot be combined with train.auto_microbatch=true: a retry on "
-            f"one worker would desynchronise the shards' collectives; set train.auto_microbatch=false "
-            f"{fix}"
-        )
+    for hit, key, why, fix in conflicts:
+        if hit:
+            raise ValueError(f"sync.mode=fsdp cannot be combined with {key}: {why}; {fix} or set sync.mode=ddp")
 
 
 def _check_slots(sc: SlotsConfig, n: int) -> None:

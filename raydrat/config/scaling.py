@@ -19,14 +19,6 @@ class ScalingConfig(Section):
     worker_resources: dict[str, float] = Field(default_factory=dict)
     """Extra Ray resources each training worker requests, e.g. ``{raydrat_link_node: 1}``
     to place one worker on each node that advertises one (``ray start --resources``)."""
-    strategy: Literal["replicated", "fsdp"] = "replicated"
-    """How the model lives on the workers. ``replicated``: every worker holds the whole
-    model, gradients and optimizer state; ``sync.mode`` says how the replicas agree.
-    ``fsdp``: PyTorch's ``fully_shard`` (FSDP2) per transformer block: each worker holds
-    ``1 / num_workers`` of the parameters, gradients and optimizer state, gathers a block's
-    parameters for its forward and backward, and reduce-scatters its gradients every step
-    (so it needs ``sync.mode: ddp``, the default). For models whose training state does not
-    fit one worker (see docs/distributed.md)."""
     wait_for_resources: bool = False
     """Start even when the Ray cluster has fewer CPUs/GPUs than the workers need (an
     autoscaling cluster will add nodes); otherwise such a run is refused up front."""

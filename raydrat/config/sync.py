@@ -1,4 +1,5 @@
-"""How the workers synchronise (section ``sync:``)."""
+"""How the workers share the training: replicated (DDP, local updates) or sharded (FSDP)
+(section ``sync:``)."""
 
 from __future__ import annotations
 
@@ -22,16 +23,23 @@ LOCAL_ONLY = (
     "quant_block",
 )
 DDP_ONLY = ("bucket_cap_mb", "find_unused_parameters")
+ONLY_FOR = {"ddp": DDP_ONLY, "local": LOCAL_ONLY}
+"""The settings that mean something in one mode only (the others refuse them)."""
 
 
 class SyncConfig(Section):
     """How the Ray Train workers synchronise (see docs/distributed.md)."""
 
-    mode: Literal["ddp", "local"] = "ddp"
-    """``ddp``: gradients all-reduced every optimizer step (PyTorch DDP). ``local``: each
-    worker takes ``sync_steps`` optimizer steps on its own shard, then parameters are
-    averaged across workers (local SGD; DiLoCo with ``outer_optimizer``; streaming DiLoCo
-    with ``fragments``, ``delay`` and ``quantization``)."""
+    mode: Literal["ddp", "local", "fsdp"] = "ddp"
+    """``ddp``: every worker holds the whole model; gradients are all-reduced every optimizer
+    step (PyTorch DDP). ``local``: every worker holds the whole model and takes
+    ``sync_steps`` optimizer steps on its own shard, then the replicas are averaged (local
+    SGD; DiLoCo with ``outer_optimizer``; Streaming DiLoCo with ``fragments``, ``delay`` and
+    ``quantization``). ``fsdp``: PyTorch's ``fully_shard`` (FSDP2) per transformer block:
+    each worker holds ``1 / scaling.num_workers`` of the parameters, gradients and optimizer
+    state, gathers a block's parameters for its forward and backward, and reduce-scatters
+    its gradients every step; for models whose training state does not fit one worker (see
+    docs/distributed.md). With one worker every mode is plain training."""
     sync_steps: int = Field(1, ge=1)
     """``local`` only: optimizer steps between two syncs of the same parameters (H)."""
     average_optimizer_state: bool = False
@@ -76,25 +84,18 @@ class SyncConfig(Section):
     find_unused_parameters: bool = False
     """``ddp`` only: let DDP tolerate parameters without gradients in a step (always on
     when ``slots.mode`` is not ``all``: skipped layers get no gradients)."""
-    latency_s: float = Field(0.0, ge=0)
-    """Extra delay before each collective, simulating a slow link (benchmarks)."""
 
     @model_validator(mode="after")
     def _check_mode(self) -> SyncConfig:
+        for mode, keys in ONLY_FOR.items():
+            stray = changed_fields(self, keys) if self.mode != mode else []
+            if stray:
+                raise ValueError(
+                    f"sync.{', sync.'.join(stray)} only apply to sync.mode={mode}, not sync.mode={self.mode}: "
+                    f"set sync.mode={mode} or remove them"
+                )
         if self.mode == "local":
-            ddp_only = [k for k in changed_fields(self, DDP_ONLY) if k in self.model_fields_set]
-            if ddp_only:
-                raise ValueError(
-                    f"sync.{', sync.'.join(ddp_only)} only apply to sync.mode=ddp: remove them or set sync.mode=ddp"
-                )
             self._check_streaming()
-        else:
-            local_only = changed_fields(self, LOCAL_ONLY)
-            if local_only:
-                raise ValueError(
-                    f"sync.{', sync.'.join(local_only)} only apply to sync.mode=local: set "
-                    "sync.mode=local or remove them"
-                )
         return self
 
     def _check_streaming(self) -> None:

@@ -1,4 +1,4 @@
-"""Training length, batching, evaluation, checkpoints, precision and placement (section ``train:``)."""
+"""Training length, batching, evaluation, checkpoints and placement (section ``train:``)."""
 
 from __future__ import annotations
 
@@ -26,21 +26,6 @@ class TrainConfig(Section):
     """Save a checkpoint every this many steps; 0: only at evaluations."""
     checkpoints_to_keep: int = Field(2, ge=1)
     """Checkpoints kept on disk (best by validation loss)."""
-    precision: Literal["fp32", "bf16", "fp16", "auto"] = "fp32"
-    """Numeric precision of the forward/backward pass. Parameters, gradients and optimizer
-    states stay fp32; ``bf16``/``fp16`` run matmuls under ``torch.autocast``; ``fp16``
-    adds a ``GradScaler`` and needs a CUDA GPU. ``auto``: bf16 on a GPU that supports it,
-    else fp16 on a GPU, else fp32."""
-    precision_fallback: Literal["none", "bf16", "fp32"] = "none"
-    """Dynamic precision policy for fp16: after ``precision_fallback_after`` consecutive
-    overflow-skipped steps switch to this precision for ``precision_fallback_steps`` steps
-    (each switch is logged). ``none``: never switch."""
-    precision_fallback_after: int = Field(3, ge=1)
-    """Consecutive fp16 overflow steps (GradScaler skips) that trigger the fallback."""
-    precision_fallback_steps: int = Field(100, ge=1)
-    """Steps run in the fallback precision before fp16 is tried again."""
-    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
-    """``torch.compile`` mode for the model (``off``: eager)."""
     seed: int = 1337
     """Seed for model init and data order."""
     storage_path: str = "ray_results"

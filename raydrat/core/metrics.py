@@ -22,7 +22,7 @@ TOKENS_PER_S_AVG = "tokens_per_s_avg"
 GRAD_NORM = "grad_norm"
 STEP = "step"
 TOKENS_SEEN = "tokens_seen"
-# Communication (raydrat.core.techniques.sync.strategies), per optimizer step averaged over the logging window:
+# Communication (raydrat.core.techniques.sync.comm), per optimizer step averaged over the logging window:
 # bytes this worker sent in collectives (ring all-reduce: 2(W-1)/W x payload), seconds from
 # launch to completion of its collectives, and that time over the step time.
 COMM_BYTES_PER_STEP = "comm_bytes_per_step"

@@ -6,7 +6,7 @@ below (the workers, the techniques, the estimator). It decides:
 
 * the device type: ``train.device``, ``scaling.use_gpu`` and the GPUs a worker can get
   (the Ray cluster's, passed by the caller; else this machine's);
-* the precision (``train.precision: auto`` → bf16 on a GPU that has it, else fp16 on a
+* the precision (``precision.mode: auto`` → bf16 on a GPU that has it, else fp16 on a
   GPU, else fp32);
 * what this hardware cannot run (fp16 or the ``efficient`` SDPA kernel on CPU, flash with
   attention dropout on CPU, a kernel the local device refuses), each refused with a message
@@ -72,8 +72,8 @@ class Runtime:
             )
         if device.type == "cuda" and self.precision == "bf16" and not torch.cuda.is_bf16_supported():
             raise UnsupportedCombination(
-                f"train.precision=bf16: {torch.cuda.get_device_name(device)} has no bf16 support: "
-                "use train.precision=fp16 or auto"
+                f"precision.mode=bf16: {torch.cuda.get_device_name(device)} has no bf16 support: "
+                "use precision.mode=fp16 or auto"
             )
         probe_attention(self.attention_backend, device, self.dtype, dropout)
 
@@ -83,7 +83,7 @@ def resolve(cfg: RaydratConfig, gpus: float | None = None) -> Runtime:
     the cluster offers a worker (``None``: this machine's CUDA devices). Raises
     :class:`UnsupportedCombination` (a :class:`ConfigError`) for what cannot run."""
     device_type = resolve_device_type(cfg, gpus)
-    precision = resolve_precision(cfg.train.precision, device_type)
+    precision = resolve_precision(cfg.precision.mode, device_type)
     mc = cfg.model
     if device_type == "cpu":
         if mc.attention_backend == "efficient":
@@ -122,8 +122,8 @@ def resolve_precision(choice: str, device_type: str) -> str:
     if device_type != "cuda":
         if choice == "fp16":
             raise UnsupportedCombination(
-                "train.precision=fp16 needs a CUDA GPU (fp16 autocast with a GradScaler is not a CPU "
-                "training mode), but this run is on CPU: use train.precision=bf16, fp32 or auto"
+                "precision.mode=fp16 needs a CUDA GPU (fp16 autocast with a GradScaler is not a CPU "
+                "training mode), but this run is on CPU: use precision.mode=bf16, fp32 or auto"
             )
         return "fp32" if choice == "auto" else choice
     if choice == "auto":

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raydrat.config import ConfigError, RaydratConfig, flatten
+from raydrat.config import ConfigError, RaydratConfig, flatten, upgrade_flat
 from raydrat.core.checkpoint.state import checkpoint_step, newest_complete, verify_checkpoint
 from raydrat.redact import MASK, redact_obj, redact_uri
 
@@ -48,7 +48,6 @@ RESUMABLE_CHANGES = (
     "data.demo_dir",
     "scaling.cpus_per_worker",
     "scaling.wait_for_resources",
-    "sync.latency_s",
 )
 
 
@@ -174,8 +173,9 @@ def find_run(cfg: RaydratConfig, which: str | bool) -> Path:
 
 
 def config_differences(saved: dict[str, Any], cfg: RaydratConfig) -> list[str]:
-    """``key: saved -> now`` for every setting that differs and matters."""
-    old, new = flatten(saved), flatten(redact_obj(cfg.to_dict()))
+    """``key: saved -> now`` for every setting that differs and matters (a record written
+    before keys were renamed is read in today's keys)."""
+    old, new = upgrade_flat(flatten(saved)), flatten(redact_obj(cfg.to_dict()))
     out = []
     for key in sorted(set(old) | set(new)):
         if key.startswith(RESUMABLE_CHANGES):

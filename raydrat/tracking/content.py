@@ -95,8 +95,8 @@ def run_params(cfg: RaydratConfig, runtime: Any = None) -> dict[str, Any]:
         drop.append("recompute.gates.")
     if cfg.recompute.budget_mb is None:
         drop.append("recompute.budget_mb")
-    if cfg.train.precision_fallback == "none":
-        drop += ["train.precision_fallback_after", "train.precision_fallback_steps"]
+    if cfg.precision.fallback == "none":
+        drop += ["precision.fallback_after", "precision.fallback_steps"]
     if not cfg.train.auto_microbatch:
         drop.append("train.min_micro_batch")
     if cfg.data.prepared is None:

@@ -36,6 +36,7 @@ from raydrat.config import (
     config_from_dict,
     format_validation_error,
     read_yaml_mapping,
+    renamed_key,
     resolve_recipe,
     resolve_shipped_yaml,
     set_dotted,
@@ -198,7 +199,11 @@ def _validate_entries(space: Space) -> None:
     for d in space.dists:
         for cond in d.when:
             if cond not in base_flat and cond not in keys:
-                raise ConfigError(f"{space.path}: space.{d.key}.when refers to {cond!r}, which is not a config key")
+                old = renamed_key(cond)
+                where = f"{space.path}: space.{d.key}.when"
+                raise ConfigError(
+                    f"{where}: {old}" if old else f"{where} refers to {cond!r}, which is not a config key"
+                )
         for value in d.values():
             cond = {k: v[0] for k, v in d.when.items()}
             try:

@@ -280,8 +280,8 @@ def restore(
     if state.get("sharded"):
         if not getattr(getattr(techniques, "sync", None), "sharded", False) or directory is None:
             raise ValueError(
-                "this checkpoint holds FSDP shards (scaling.strategy=fsdp): restore it with "
-                "scaling.strategy=fsdp and the same checkpoint directory"
+                "this checkpoint holds FSDP shards (sync.mode=fsdp): restore it with "
+                "sync.mode=fsdp and the same checkpoint directory"
             )
         techniques.sync.load_sharded(directory, model, optimizer)
     else:

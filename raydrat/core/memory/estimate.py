@@ -236,7 +236,7 @@ def activation_plan_bounds(cfg: RaydratConfig, device: str, precision: str) -> t
     outside = sum(_outside_layers_bytes(cfg, precision))
     base = sum(c.input_bytes for c in costs) + outside
     top = base + sum(c.stored_bytes for c in costs)
-    if cfg.recompute.granularity == "op" and cfg.train.compile != "off":
+    if cfg.recompute.granularity == "op" and cfg.compile.enabled:
         # one SAC region over the compiled forward: every block's output stored, the rest
         # (embedding, head, the loss's log-softmax) may be recomputed
         base = sum(c.input_bytes for c in costs if c.kind == "attn")
@@ -446,7 +446,7 @@ def estimate_memory(
     persistent = {"params": params + buffers, "optimizer": optimizer}
     per_phase = {k: {**persistent, **v} for k, v in at.items()}
     fsdp = None
-    if cfg.scaling.strategy == "fsdp" and cfg.scaling.num_workers > 1:
+    if cfg.sync.mode == "fsdp" and cfg.scaling.num_workers > 1:
         per_phase, fsdp = _fsdp_phases(cfg, layout, params, buffers, optimizer, grads_all, at, accumulating)
 
     if cfg.recompute.mode != "none":
@@ -500,7 +500,7 @@ def _fsdp_phases(
     at: dict[str, dict[str, int]],
     accumulating: bool,
 ) -> tuple[dict[str, dict[str, int]], dict]:
-    """``scaling.strategy=fsdp`` (``fully_shard`` per block, then the root): each worker holds
+    """``sync.mode=fsdp`` (``fully_shard`` per block, then the root): each worker holds
     ``1 / W`` of the parameters, gradients and optimizer state (``W = scaling.num_workers``;
     buffers are replicated), plus, in forward and backward, the unsharded parameters of the
     root group (embedding, final norm: gathered at the first forward, held to the end of

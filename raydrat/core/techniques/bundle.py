@@ -1,7 +1,7 @@
 """The techniques of one run, built from their config sections, and the one function that
 applies them to a model in order (like torchtitan's ``parallelize_*``)::
 
-    techniques = build_techniques(cfg, runtime, world_size)
+    techniques = build_techniques(cfg, runtime.precision, device, world_size)
     model = apply_techniques(model, techniques)   # recompute, then compile, then sync
 
 :class:`Techniques` only holds them: the training step calls each one's own hooks
@@ -23,8 +23,8 @@ from raydrat.core.techniques.compile import Compile
 from raydrat.core.techniques.precision import Precision
 from raydrat.core.techniques.recompute.planners import NoRecompute, RecomputePlanner, build_recompute
 from raydrat.core.techniques.slots import SlotSchedule
-from raydrat.core.techniques.sync.fsdp import FSDPStrategy
-from raydrat.core.techniques.sync.strategies import SyncStrategy, build_strategy
+from raydrat.core.techniques.sync.build import build_strategy
+from raydrat.core.techniques.sync.strategy import SyncStrategy
 
 
 @dataclass
@@ -86,22 +86,22 @@ class Techniques:
 
 
 def build_techniques(cfg: RaydratConfig, precision: str, device: torch.device, world_size: int = 1) -> Techniques:
-    """Every technique ``cfg`` switches on, each from its own section. ``precision`` is the
-    resolved one (:attr:`raydrat.core.runtime.Runtime.precision`)."""
-    tc = cfg.train
-    prec = Precision(precision, device, tc.precision_fallback, tc.precision_fallback_after, tc.precision_fallback_steps)
+    """Every technique ``cfg`` switches on, each built from its own section only. ``precision``
+    is the resolved mode (:attr:`raydrat.core.runtime.Runtime.precision`).
+
+    This is the one place that reads the run config for the techniques; what one technique
+    needs of another is wired here and nowhere else: the recompute planner measures under
+    the precision's autocast and plans for the compiled graph when ``compile`` is on; DDP
+    looks for unused parameters when ``slots`` skips layers; the slot schedule and the
+    planners take the model's depth, the run's length and seed."""
+    n_layer, tc = cfg.model.n_layer, cfg.train
+    prec = Precision.from_config(cfg.precision, precision, device)
     return Techniques(
-        recompute=build_recompute(
-            cfg.recompute, cfg.model.n_layer, device, prec.autocast, compiled=tc.compile != "off"
-        ),
-        slots=SlotSchedule(cfg.slots, cfg.model.n_layer, tc.steps, seed=tc.seed),
+        recompute=build_recompute(cfg.recompute, n_layer, device, prec.autocast, compiled=cfg.compile.enabled),
+        slots=SlotSchedule(cfg.slots, n_layer, tc.steps, seed=tc.seed),
         precision=prec,
-        compile=Compile(tc.compile),
-        sync=(
-            FSDPStrategy(cfg.sync, world_size)
-            if cfg.scaling.strategy == "fsdp" and world_size > 1
-            else build_strategy(cfg.sync, world_size, skips_layers=cfg.slots.mode != "all")
-        ),
+        compile=Compile(cfg.compile),
+        sync=build_strategy(cfg.sync, world_size, skips_layers=cfg.slots.mode != "all"),
     )
 
 

@@ -2,9 +2,9 @@
 
 Parameters, gradients and optimizer states stay fp32; ``bf16``/``fp16`` run the forward
 under ``torch.autocast``. ``fp16`` scales the loss with a ``GradScaler``; a step whose
-gradients overflow is skipped by the scaler. With ``train.precision_fallback`` set, after
-``precision_fallback_after`` consecutive skipped steps the policy switches to the fallback
-precision for ``precision_fallback_steps`` steps, then tries fp16 again; each switch is
+gradients overflow is skipped by the scaler. With ``precision.fallback`` set, after
+``precision.fallback_after`` consecutive skipped steps the policy switches to the fallback
+precision for ``precision.fallback_steps`` steps, then tries fp16 again; each switch is
 recorded in ``switches``.
 """
 
@@ -14,6 +14,7 @@ import contextlib
 
 import torch
 
+from raydrat.config.precision import PrecisionConfig
 from raydrat.core import metrics as M
 from raydrat.core.techniques.base import Technique
 
@@ -43,6 +44,12 @@ class Precision(Technique):
         self.skipped_total = 0
         self._fallback_until: int | None = None
         self.switches: list[tuple[int, str, str]] = []
+
+    @classmethod
+    def from_config(cls, cfg: PrecisionConfig, resolved: str, device: torch.device) -> Precision:
+        """The ``precision:`` section's policy at ``resolved``, the mode the runtime resolved
+        ``cfg.mode`` to (:attr:`raydrat.core.runtime.Runtime.precision`: never ``auto``)."""
+        return cls(resolved, device, cfg.fallback, cfg.fallback_after, cfg.fallback_steps)
 
     def state_dict(self) -> dict:
         """The current precision, fallback counters and switches, and the GradScaler's state."""

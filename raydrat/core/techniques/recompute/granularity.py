@@ -260,7 +260,7 @@ class BranchGranularity:
 
 class OpGranularity:
     """Store or recompute each op call's output (a plan: :class:`~.op_plan.OpPlan`),
-    planned for the compiled graph with ``compiled`` (``train.compile`` on).
+    planned for the compiled graph with ``compiled`` (``compile.mode`` not ``off``).
 
     ``costs``: op costs measured beforehand (e.g. by a benchmark, away from the allocator
     profiler, which slows every op down), used instead of measuring on the first step.

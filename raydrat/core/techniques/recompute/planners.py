@@ -333,7 +333,7 @@ def build_recompute(
 ) -> RecomputePlanner:
     """The planner ``cfg.mode`` names, over ``cfg.granularity``. ``autocast`` wraps the cost
     measurement's forward (the run's precision), so measured bytes are those training will
-    keep; ``compiled`` (``train.compile`` on) makes op-level plans for the compiled graph."""
+    keep; ``compiled`` (``compile.mode`` not ``off``) makes op-level plans for the compiled graph."""
     if cfg.mode == "none":
         return NoRecompute(n_layer)
     if cfg.mode == "full":

@@ -1,4 +1,4 @@
-"""FSDP (``scaling.strategy: fsdp``): PyTorch's ``fully_shard`` (FSDP2) on every transformer
+"""FSDP (``sync.mode: fsdp``): PyTorch's ``fully_shard`` (FSDP2) on every transformer
 block and on the root, applied from outside like the other techniques, in the sync slot of
 the one order (recompute, compile, then sync or FSDP).
 
@@ -34,7 +34,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 from raydrat.core.techniques.base import unwrap
-from raydrat.core.techniques.sync.strategies import SyncStrategy
+from raydrat.core.techniques.sync.strategy import SyncStrategy
 
 DCP_DIR = "dcp"
 """Subdirectory of a checkpoint holding the DCP shards of model and optimizer."""
@@ -47,14 +47,13 @@ class FSDPStrategy(SyncStrategy):
 
     mode = "fsdp"
     sharded = True
-    """Checkpoints hold sharded model/optimizer state (:mod:`raydrat.core.checkpoint.state` asks)."""
 
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         bare = unwrap(model)
         layers = getattr(bare, "layers", None)
         if not isinstance(layers, torch.nn.ModuleDict):
             raise ValueError(
-                "scaling.strategy=fsdp shards per transformer block: the model needs a `layers` "
+                "sync.mode=fsdp shards per transformer block: the model needs a `layers` "
                 "ModuleDict (raydrat's GPT has one)"
             )
         for block in layers.values():
