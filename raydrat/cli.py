@@ -378,10 +378,17 @@ def _add_model_commands(sub: argparse._SubParsersAction, bench: argparse._SubPar
     p.add_argument("--out", required=True, metavar="DIR")
     p.set_defaults(func=cmd_export)
 
-    p = bench.add_parser("model", help="raydrat's model vs torchtitan's Llama and nanoGPT, eager training steps")
+    p = bench.add_parser(
+        "model", help="raydrat's model vs transformers, torchtitan, litgpt and nanoGPT, training steps"
+    )
     _add_config_args(p, required=False)
-    p.add_argument("--steps", type=int, default=30, help="timed steps per model and shape (default 30)")
-    p.add_argument("--json", help="write one record per shape and settings to this JSON file")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds, at least 5 (default 5)")
+    p.add_argument("--round-s", type=float, default=1.0, help="shortest round of each model, seconds (default 1)")
+    p.add_argument("--shapes", nargs="+", metavar="NAME", help="recipe, 6l, 12l (default: all three)")
+    p.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "compiled"], help="default: eager")
+    p.add_argument("--peers", nargs="+", metavar="NAME", help="transformers torchtitan litgpt nanogpt (default: all)")
+    p.add_argument("--profile", action="store_true", help="also the profiler's top ops vs the fastest peer")
+    p.add_argument("--json", help="write one record per shape, mode and peer to this JSON file")
     p.add_argument(
         "--ablate",
         action="store_true",

@@ -183,8 +183,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_bench_model(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    if args.ablate:
-        run_ablation(cfg, steps=args.steps, json_path=args.json)
-    else:
-        run_model_bench(cfg, json_path=args.json, steps=args.steps)
+    try:
+        if args.ablate:
+            run_ablation(cfg, rounds=args.rounds, round_s=args.round_s, shape_names=args.shapes, json_path=args.json)
+        else:
+            run_model_bench(
+                cfg,
+                json_path=args.json,
+                rounds=args.rounds,
+                round_s=args.round_s,
+                shape_names=args.shapes,
+                modes=tuple(args.modes),
+                peer_names=args.peers,
+                profile=args.profile,
+            )
+    except ValueError as e:
+        raise ConfigError(f"bench model: {e}") from None
     return 0
