@@ -209,7 +209,6 @@ def test_ablation_reverts_each_change_and_times_them_together(capsys):
         "without rope",
         "without gqa",
         "without loss",
-        "without fused",
         "none (before)",
     ]
     assert rows[0]["cpu_speed_vs_all"] == pytest.approx(1.0)

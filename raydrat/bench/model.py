@@ -380,12 +380,13 @@ class LossBefore(nn.Module):
         )
 
 
-ABLATIONS = ("rope", "gqa", "loss", "fused")
+ABLATIONS = ("rope", "gqa", "loss")
 """The speed changes that can be reverted one by one: RoPE's fused rotation, SDPA's
-grouped heads, the loss's in-place backward, the q/k/v and gate/up projections as one
-multiply each (:func:`~raydrat.core.model.transformer.fused_linear`). (A gated-unit
-backward writing into its saved tensors was measured too and dropped: no gain, and a
-backward that overwrites saved tensors is unsafe under op-level recomputation.)"""
+grouped heads, the loss's in-place backward. Measured and dropped (docs/efficiency.md):
+a gated-unit backward writing into its saved tensors (no gain; unsafe under op-level
+recomputation), and q/k/v and gate/up multiplied as one matrix each in training (no gain
+beyond the spread at the demo and 6-layer shapes, and autograd keeps the concatenated
+weights for backward: a copy of most of the layer weights as activation memory)."""
 
 
 def reverted(cfg: ModelConfig, changes: tuple[str, ...]) -> nn.Module:
@@ -397,8 +398,6 @@ def reverted(cfg: ModelConfig, changes: tuple[str, ...]) -> nn.Module:
             attn.rope.forward = _rope_before(attn.rope)
         if "gqa" in changes:
             attn.enable_gqa = False
-        if "fused" in changes:
-            attn.fuse_projections = block.mlp_branch.layer.fuse_projections = False
     return LossBefore(model) if "loss" in changes else model
 
 

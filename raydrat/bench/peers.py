@@ -51,7 +51,7 @@ from raydrat.core.model.transformer import NORM_EPS
 
 NANOGPT_DIFFERENCES = (
     "raydrat rotates q/k with RoPE where nanoGPT adds a learned position embedding (wpe); "
-    "raydrat keeps q, k and v as three matrices (multiplied as one in training) where nanoGPT has one c_attn"
+    "raydrat projects q, k and v with three matrices where nanoGPT uses one fused c_attn"
 )
 NANOGPT_PACKAGE = "raydrat nanogpt-reference"
 

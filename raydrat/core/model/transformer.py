@@ -115,29 +115,6 @@ class RotaryEmbedding(nn.Module):
 
 
 # --------------------------------------------------------------------------------------
-# projections of one input
-# --------------------------------------------------------------------------------------
-
-
-def fused_linear(x: torch.Tensor, layers: tuple[nn.Linear, ...], fuse: bool = True) -> tuple[torch.Tensor, ...]:
-    """``tuple(layer(x) for layer in layers)``, in training as one matrix multiply.
-
-    With gradients on, the weights (and biases) are concatenated and ``x`` is multiplied
-    once: forward one GEMM instead of ``len(layers)``, backward two instead of
-    ``2 * len(layers)`` and no sum of the input's gradients (the copy of the weights is
-    small beside the multiply). The outputs are views of one tensor. The parameters stay
-    separate, so their names, state_dict keys and initialisation do not change. Without
-    gradients (decoding) each layer is applied on its own: there the multiplies are
-    matrix-vector products, cheaper than copying the weights. ``fuse=False``: always on
-    its own (``raydrat bench model --ablate`` times the difference)."""
-    if not (fuse and torch.is_grad_enabled()):
-        return tuple(layer(x) for layer in layers)
-    weight = torch.cat([layer.weight for layer in layers])
-    bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
-    return F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
-
-
-# --------------------------------------------------------------------------------------
 # attention
 # --------------------------------------------------------------------------------------
 
@@ -208,17 +185,15 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.backend = cfg.attention_backend
         self.enable_gqa = SDPA_ENABLE_GQA and self.backend in GQA_BACKENDS
-        self.fuse_projections = True  # q, k, v in one multiply in training (fused_linear)
 
     def forward(self, x: torch.Tensor, kv: LayerKV | None = None) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
         """``kv``: incremental decoding: ``x`` continues the cached tokens; its keys and
         values are written into the cache and its queries attend to all of them."""
         B, T, _ = x.shape
         start = 0 if kv is None else kv.start
-        q, k, v = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj), self.fuse_projections)
-        q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
-        k = k.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, K, D)
-        v = v.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, K, D)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, K, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, K, D)
         q, k = self.rope(q, start), self.rope(k, start)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D), (B, K, T, D) x 2
         mask, causal = None, True
@@ -273,13 +248,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=cfg.bias) if cfg.gated_mlp else None
         self.up_proj = nn.Linear(cfg.d_model, cfg.ff_dim, bias=cfg.bias)
         self.down_proj = nn.Linear(cfg.ff_dim, cfg.d_model, bias=cfg.bias)
-        self.fuse_projections = True  # gate and up in one multiply in training (fused_linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
-        if self.gate_proj is None:
-            return self.down_proj(self.act(self.up_proj(x)))
-        gate, up = fused_linear(x, (self.gate_proj, self.up_proj), self.fuse_projections)  # (B, T, F) x 2
-        return self.down_proj(self.act(gate) * up)  # (B, T, C)
+        h = self.up_proj(x)  # (B, T, F)
+        h = self.act(self.gate_proj(x)) * h if self.gate_proj is not None else self.act(h)
+        return self.down_proj(h)  # (B, T, C)
 
 
 # --------------------------------------------------------------------------------------
