@@ -394,6 +394,11 @@ def _add_model_commands(sub: argparse._SubParsersAction, bench: argparse._SubPar
         action="store_true",
         help="instead: the model with each of its speed changes reverted alone, interleaved",
     )
+    p.add_argument(
+        "--learning",
+        action="store_true",
+        help="instead: val loss per token against the nanoGPT reference over the recipe's train.steps",
+    )
     p.set_defaults(func=cmd_bench_model)
 
 

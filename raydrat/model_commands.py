@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from raydrat import tracking
+from raydrat.bench.learning import run_learning
 from raydrat.bench.model import run_ablation, run_model_bench
 from raydrat.config import ConfigError, load_config
 from raydrat.config.data import SourceConfig
@@ -184,7 +185,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_bench_model(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     try:
-        if args.ablate:
+        if args.learning:
+            run_learning(cfg, json_path=args.json)
+        elif args.ablate:
             run_ablation(cfg, rounds=args.rounds, round_s=args.round_s, shape_names=args.shapes, json_path=args.json)
         else:
             run_model_bench(

@@ -11,6 +11,7 @@ import torch
 from torch.testing import assert_close
 
 from raydrat.bench import peers as P
+from raydrat.bench.learning import run_learning
 from raydrat.bench.model import run_ablation, run_model_bench, shapes
 from raydrat.bench.peers import NanoGPT, nanogpt_settings, recipe_settings
 from raydrat.config.loading import load_config
@@ -213,3 +214,24 @@ def test_ablation_reverts_each_change_and_times_them_together(capsys):
     ]
     assert rows[0]["cpu_speed_vs_all"] == pytest.approx(1.0)
     assert "speed vs all changes" in capsys.readouterr().out
+
+
+def test_learning_trains_both_on_the_same_tokens_and_compares_val_loss(tmp_path, capsys):
+    cfg = load_config(
+        "debug",
+        [
+            "train.steps=4",
+            "train.eval_every=2",
+            "train.batch_size=4",
+            "optim.warmup_steps=1",
+            "scaling.cpus_per_worker=1",
+        ],
+    )
+    rows = run_learning(cfg, json_path=str(tmp_path / "learning.json"))
+    assert [r["step"] for r in rows] == [2, 4]
+    assert rows[-1]["tokens"] == 4 * 4 * cfg.model.seq_len
+    for r in rows:
+        assert 0 < r["raydrat"] < 10 and 0 < r["nanogpt"] < 10
+    saved = json.loads((tmp_path / "learning.json").read_text())
+    assert saved["verdict"] == ("not worse" if rows[-1]["raydrat"] <= rows[-1]["nanogpt"] else "worse")
+    assert "learning per token" in capsys.readouterr().out

@@ -309,37 +309,38 @@ def run_model_bench(
     if not peers:
         raise ValueError("no peer to measure against: pip install 'raydrat[peers]', or name an installed one")
     chosen = shapes(cfg, shape_names)
+    where = torch.cuda.get_device_name(device) if use_cuda else f"CPU, {threads} thread(s)"
     load = R.Load()
     rows: list[dict] = []
     profiles: list[dict] = []
     for shape in chosen:
         for mode in modes:
             log(f"[bench model] {shape.label()} {mode}: {', '.join(p.name for p in peers)}; {rounds} rounds")
+            shape_load = R.Load()
             shape_rows = bench_shape(shape, peers, mode, rounds, round_s, device, log)
             rows += shape_rows
+            if len(chosen) * len(modes) > 1:  # a long run shows each part as it ends
+                print_rows(shape_rows, where, shape_load.finish())
             if profile and mode == "eager":
                 fastest = max((r for r in shape_rows if r["settings"] == "recipe"), key=_peer_speed, default=None)
                 if fastest is not None:
-                    profiles.append(
-                        profile_shape(shape, next(p for p in peers if p.name == fastest["reference"]), device)
-                    )
+                    prof = profile_shape(shape, next(p for p in peers if p.name == fastest["reference"]), device)
+                    profiles.append(prof)
+                    print_profile(prof)
+            if json_path:  # rewritten after each part: an interrupted run keeps what it measured
+                write_json(
+                    json_path,
+                    {
+                        "rows": rows,
+                        "profiles": profiles,
+                        "threads": threads,
+                        "load_average": load.as_list(),
+                        "nanogpt_differences": NANOGPT_DIFFERENCES,
+                        "torch": torch.__version__,
+                    },
+                )
     load.finish()
-    where = torch.cuda.get_device_name(device) if use_cuda else f"CPU, {threads} thread(s)"
     print_rows(rows, where, load)
-    for prof in profiles:
-        print_profile(prof)
-    if json_path:
-        write_json(
-            json_path,
-            {
-                "rows": rows,
-                "profiles": profiles,
-                "threads": threads,
-                "load_average": load.as_list(),
-                "nanogpt_differences": NANOGPT_DIFFERENCES,
-                "torch": torch.__version__,
-            },
-        )
     return rows
 
 
