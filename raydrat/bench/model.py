@@ -304,6 +304,7 @@ def run_model_bench(
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Measure every shape and mode, print the table, write ``json_path``; returns the rows."""
+    R.check_rounds(rounds)
     bad = sorted(set(modes) - set(MODES))
     if bad:
         raise ValueError(f"unknown mode(s) {bad}: choose from {list(MODES)}")
@@ -418,6 +419,7 @@ def run_ablation(
 ) -> list[dict]:
     """raydrat's model, it with each change reverted alone, and with all reverted, at each
     shape, timed together: each one's speed relative to the model with every change."""
+    R.check_rounds(rounds)
     threads = max(1, int(cfg.scaling.cpus_per_worker))
     torch.set_num_threads(threads)
     device = torch.device("cpu")

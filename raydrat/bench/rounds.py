@@ -112,6 +112,12 @@ class Series:
         return series
 
 
+def check_rounds(rounds: int) -> None:
+    """Refuse fewer than :data:`MIN_ROUNDS` rounds before any work starts."""
+    if rounds < MIN_ROUNDS:
+        raise ValueError(f"at least {MIN_ROUNDS} rounds make a ratio, got {rounds} (--rounds)")
+
+
 def run_rounds(
     work: Mapping[str, Callable[[], object]],
     rounds: int = MIN_ROUNDS,
@@ -126,8 +132,7 @@ def run_rounds(
     rounds; in round ``r`` the contenders start at the ``r``-th and take turns, each
     calling its work as many times as fill ``round_s`` seconds. ``sync`` (e.g.
     ``torch.cuda.synchronize``) is called before each clock reading."""
-    if rounds < MIN_ROUNDS:
-        raise ValueError(f"at least {MIN_ROUNDS} rounds make a ratio, got {rounds}")
+    check_rounds(rounds)
     wait = sync or (lambda: None)
     repeats: dict[str, int] = {}
     for name, fn in work.items():
