@@ -160,6 +160,11 @@ def test_nanogpt_settings_are_as_close_as_raydrat_goes():
     ours, nano = GPT(cfg), NanoGPT.like(cfg)
     # the same parameters but nanoGPT's learned position table
     assert sum(p.numel() for p in nano.parameters()) - ours.num_params() == cfg.seq_len * cfg.d_model
+    # nanoGPT's init: N(0, 0.02), the residual projections N(0, 0.02 / sqrt(2 * n_layer))
+    block = nano.transformer.h[0]
+    assert block.mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert block.mlp.c_proj.weight.std().item() == pytest.approx(0.01, rel=0.1)
+    assert block.attn.c_proj.weight.std().item() == pytest.approx(0.01, rel=0.2)
 
 
 def test_shapes_are_the_recipe_and_two_larger_ones():

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -304,6 +305,9 @@ class NanoGPT(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
+        for name, p in self.named_parameters():  # nanoGPT's scaled init of the residual projections
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layer))
 
     @classmethod
     def like(cls, cfg: ModelConfig) -> NanoGPT:
