@@ -16,8 +16,10 @@ and min-max, by this process's CPU time (on CPU: what other load on a shared mac
 disturbs least) and by wall time. A row's verdict (ahead of the peer, or behind) is printed
 only when the ratio's spread is narrower than its margin from 1.0.
 
-``--profile`` adds the PyTorch profiler's top operators of raydrat and of the fastest peer
-at each shape (eager), per training step.
+``--profile`` adds the PyTorch profiler's top operators of raydrat and of the fastest Llama
+peer at each shape (eager; each operator's least time over five profiled steps).
+``--ablate`` (:func:`run_ablation`) times the model with each of its speed changes reverted
+alone; ``--learning`` is :mod:`raydrat.bench.learning`.
 """
 
 from __future__ import annotations
