@@ -342,12 +342,27 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_bench_model(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    from raydrat.bench.learning import run_learning
     from raydrat.bench.model import run_ablation, run_model_bench
 
-    if args.ablate:
-        run_ablation(cfg, steps=args.steps, json_path=args.json)
-    else:
-        run_model_bench(cfg, json_path=args.json, steps=args.steps)
+    try:
+        if args.learning:
+            run_learning(cfg, json_path=args.json)
+        elif args.ablate:
+            run_ablation(cfg, rounds=args.rounds, round_s=args.round_s, shape_names=args.shapes, json_path=args.json)
+        else:
+            run_model_bench(
+                cfg,
+                json_path=args.json,
+                rounds=args.rounds,
+                round_s=args.round_s,
+                shape_names=args.shapes,
+                modes=tuple(args.modes),
+                peer_names=args.peers,
+                profile=args.profile,
+            )
+    except ValueError as e:
+        raise ConfigError(f"bench model: {e}") from None
     return 0
 
 
@@ -400,14 +415,26 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
 
 def _add_bench_model(bench: argparse._SubParsersAction) -> None:
     """bench model: raydrat.bench.model."""
-    p = bench.add_parser("model", help="raydrat's model vs torchtitan's Llama and nanoGPT, eager training steps")
+    p = bench.add_parser(
+        "model", help="raydrat's model vs transformers, torchtitan, litgpt and nanoGPT, training steps"
+    )
     _add_config_args(p, required=False)
-    p.add_argument("--steps", type=int, default=30, help="timed steps per model and shape (default 30)")
-    p.add_argument("--json", help="write one record per shape and settings to this JSON file")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds, at least 5 (default 5)")
+    p.add_argument("--round-s", type=float, default=1.0, help="shortest round of each model, seconds (default 1)")
+    p.add_argument("--shapes", nargs="+", metavar="NAME", help="recipe, 6l, 12l (default: all three)")
+    p.add_argument("--modes", nargs="+", default=["eager"], choices=["eager", "compiled"], help="default: eager")
+    p.add_argument("--peers", nargs="+", metavar="NAME", help="transformers torchtitan litgpt nanogpt (default: all)")
+    p.add_argument("--profile", action="store_true", help="also the profiler's top ops vs the fastest peer")
+    p.add_argument("--json", help="write one record per shape, mode and peer to this JSON file")
     p.add_argument(
         "--ablate",
         action="store_true",
         help="instead: the model with each of its speed changes reverted alone, interleaved",
+    )
+    p.add_argument(
+        "--learning",
+        action="store_true",
+        help="instead: val loss per token against the nanoGPT reference over the recipe's train.steps",
     )
     p.set_defaults(func=cmd_bench_model)
 

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from raydrat.bench.combos import combinations, run_interleaved, run_one
+from raydrat.bench.combos import combinations, run_interleaved, run_one, speed_vs_baseline
 from raydrat.bench.layertime import LayerStackTimer
 from raydrat.bench.local import LocalData
 from raydrat.config import config_from_dict, load_config
@@ -109,3 +109,23 @@ def test_combinations_train_in_turn_and_each_estimate_predicts_its_worst_step():
         assert rec["timed_steps"] == 1  # 4 steps: the first two and the last sampled, one timed
         assert abs(rec["estimate_error_peak"]) <= 0.10, (name, rec["estimated_bytes"], rec["peak_bytes"])
         assert rec["peak_bytes"] <= 1.01 * rec["estimated_worst_case_bytes"], name  # a few scalars are not modelled
+
+
+def test_speed_against_the_baseline_is_paired_by_round_with_a_verdict():
+    """Timed steps grouped into rounds of consecutive steps: each combination's round i
+    against the baseline's round i, median and min-max by CPU and wall time."""
+    cfg = small_cfg("train.steps=8")
+    shipped = dict(combinations(cfg))
+    names = ["baseline", "full_recompute"]
+    cfgs = [config_from_dict(cfg.to_dict(), shipped[n]) for n in names]
+    base, full = ({"name": n, **r} for n, r in zip(names, run_interleaved(cfgs, LocalData.load(cfg, 8), names)))
+    assert len(base["round_cpu_s"]) == len(full["round_cpu_s"]) == 5  # 8 steps: 3 sampled, 5 timed
+    got = speed_vs_baseline(full, base)
+    paired = sorted(b / f for f, b in zip(full["round_cpu_s"], base["round_cpu_s"]))
+    assert got["speed_vs_baseline"]["cpu"] == pytest.approx(
+        {"median": paired[2], "min": paired[0], "max": paired[-1], "rounds": 5}
+    )
+    assert got["verdict"] in (True, False, None)
+    assert got["verdict_text"].startswith(("faster", "slower", "no verdict"))
+    short = speed_vs_baseline({**full, "round_cpu_s": [1.0], "round_wall_s": [1.0]}, base)
+    assert short["speed_vs_baseline"] is None and "a ratio needs 5" in short["verdict_text"]

@@ -5,7 +5,10 @@ Every combination trains the same model on the same pre-tokenized batches for th
 steps in this process (the same ``fit`` as ``raydrat train``, with the combination's
 techniques), **all of them interleaved**: one step of each in turn, the order reversed every
 round (:func:`raydrat.bench.local.interleave`), so every tokens/s ratio is taken under the
-same machine load. Each reports: steady tokens/s (the first step and the steps the
+same machine load. The speed against the baseline is :mod:`raydrat.bench.rounds`': the timed
+steps grouped into rounds of consecutive steps, each combination's round paired with the
+baseline's, median and min-max by CPU and wall time, and a verdict (faster, slower) only
+where the spread is narrower than the margin. Each reports: steady tokens/s (the first step and the steps the
 allocator profiler sampled left out), measured parameter / gradient / optimizer-state /
 activation bytes (real tensors; activations as storages alive after forward), the peak
 bytes PyTorch's allocator held in its worst sampled step (``peak_bytes``) against the
@@ -27,9 +30,10 @@ from collections.abc import Sequence
 import torch
 
 from raydrat import tracking
+from raydrat.bench import rounds as R
 from raydrat.bench.layertime import LayerStackTimer
 from raydrat.bench.local import LocalData, LocalRun, interleave
-from raydrat.bench.report import load_average, print_table
+from raydrat.bench.report import print_table
 from raydrat.config import RaydratConfig, config_from_dict
 from raydrat.core.fit import Callback
 from raydrat.core.memory.estimate import activation_plan_bounds, estimate_memory
@@ -105,40 +109,82 @@ class Session:
         self.timer = LayerStackTimer(model) if not cfg.compile.enabled else None  # hooks break compiled graphs
         self.flops: list[float] = []
         self.active: list[float] = []
+        self.cpu_s: list[float] = []
+        """This process's CPU seconds in each optimizer step (beside ``run.step_s``, wall)."""
 
     def step(self) -> bool:
         """One training step; the layer timer skips the first (warm-up) and any step under
         the allocator profiler (slower), as the whole-step figures do."""
         if self.timer is not None:
             self.timer.enabled = len(self.run.step_s) > 0 and not self.run.peak.profiling
+        c0 = time.process_time()
         more = self.run.step()
+        cpu = time.process_time() - c0
         if self.timer is not None:
             self.timer.enabled = False
         if more:
+            self.cpu_s.append(cpu)
             t = self.run.techniques
             planner = t.recompute
             self.flops.append(float(planner.plan_recompute_flops() or 0))
             self.active.append(float(self.cfg.model.n_layer if t.slots.active is None else len(t.slots.active)))
         return more
 
+    def rounds(self) -> R.Series:
+        """The timed steps (:meth:`LocalRun.timed_steps`) in :data:`ROUNDS` rounds of
+        consecutive steps: every combination stepped in turn, so round ``i`` of each ran
+        side by side with round ``i`` of the others."""
+        timed = self.run.timed_steps()
+        wall, cpu = [self.run.step_s[i] for i in timed], [self.cpu_s[i] for i in timed]
+        return R.Series.from_steps(self.name, wall, cpu, rounds=ROUNDS)
+
     def throughput(self) -> dict:
-        """Steady tokens/s of the whole step and of the layer stack, seconds per step of each."""
+        """Steady tokens/s of the whole step and of the layer stack, seconds per step of each,
+        and the per-round seconds per step by wall and CPU time."""
         steady = len(self.run.timed_steps())
         tokens = self.run.state.tokens_per_step * steady
         steady_s = self.run.steady_s()
         layer_s = self.timer.total_s if self.timer is not None and steady > 0 else float("nan")
         nan = float("nan")
+        series = self.rounds()
         return {
             "tokens_per_s": tokens / steady_s if steady_s > 0 else nan,
             "layer_tokens_per_s": tokens / layer_s if layer_s > 0 else nan,
             "layer_s_per_step": layer_s / steady if steady > 0 else nan,
             "outside_layers_s_per_step": (steady_s - layer_s) / steady if steady > 0 else nan,
             "timed_steps": steady,
+            "round_wall_s": series.wall,
+            "round_cpu_s": series.cpu,
         }
 
     def close(self) -> None:
         if self.timer is not None:
             self.timer.remove()
+
+
+ROUNDS = 10
+"""Rounds the timed steps of ``bench combos`` are grouped into (fewer with fewer steps)."""
+
+
+def speed_vs_baseline(rec: dict, base: dict) -> dict:
+    """Each combination's speed over the baseline's, paired round by round, by CPU and wall
+    time, and the verdict by CPU time (faster, slower, or none where the spread is wider
+    than the margin, or there are too few rounds)."""
+    ours = R.Series(rec["name"], rec["round_wall_s"], rec["round_cpu_s"])
+    ref = R.Series(base["name"], base["round_wall_s"], base["round_cpu_s"])
+    if len(ours.wall) != len(ref.wall) or len(ours.wall) < R.MIN_ROUNDS:
+        return {
+            "speed_vs_baseline": None,
+            "verdict": None,
+            "verdict_text": f"no verdict: {len(ours.wall)} rounds, a ratio needs {R.MIN_ROUNDS} (more train.steps)",
+        }
+    ratio = {c: R.speed_ratio(ours, ref, c) for c in R.CLOCKS}
+    v = R.verdict(ratio["cpu"], 1.0, "faster", "slower")
+    return {
+        "speed_vs_baseline": {c: r.as_dict() for c, r in ratio.items()},
+        "verdict": v.holds,
+        "verdict_text": v.text if rec is not base else "",
+    }
 
 
 def run_one(cfg: RaydratConfig, data: LocalData) -> dict:
@@ -230,6 +276,14 @@ def budget_record(cfg: RaydratConfig, planner, plan_bytes: int | None, plan_flop
     }
 
 
+def _speed_text(r: dict) -> str:
+    ratio = r.get("speed_vs_baseline")
+    if not ratio:
+        return "-"
+    cpu = ratio["cpu"]
+    return f"{cpu['median']:.3f} ({cpu['min']:.3f}-{cpu['max']:.3f})"
+
+
 def layer_flops(cfg: RaydratConfig) -> tuple[float, float]:
     """(FLOPs of one training step outside the layers, FLOPs per active layer)."""
     model = build_model(cfg.model, seed=cfg.train.seed)
@@ -296,6 +350,7 @@ def run_combos(cfg: RaydratConfig, json_path: str | None = None, only: list[str]
         flush=True,
     )
     comparison = []
+    load = R.Load()
     try:
         records = [
             {"name": name, "overrides": overrides, **rec}
@@ -322,18 +377,21 @@ def run_combos(cfg: RaydratConfig, json_path: str | None = None, only: list[str]
                 "val_loss",
             ):
                 rec[f"{key}_ratio"] = rec[key] / base[key] if base[key] else float("nan")
+            rec.update(speed_vs_baseline(rec, base))
         by_name = {r["name"]: r for r in records}
         if "layerdrop0.5" in by_name:
             comparison = layerdrop_comparison(cfg, data, by_name["layerdrop0.5"], base)
     finally:
         parent.end()
     mib = 2**20
+    load.finish()
     print_table(
         f"combos: {cfg.name}, {cfg.train.steps} steps, batch {cfg.train.batch_size}x{cfg.model.seq_len}, ratios to baseline",
         [
             "combination",
             "tok/s",
-            "x",
+            "x (CPU time, per round)",
+            "verdict",
             "layer tok/s",
             "x",
             "params MiB",
@@ -354,7 +412,8 @@ def run_combos(cfg: RaydratConfig, json_path: str | None = None, only: list[str]
             [
                 r["name"],
                 f"{r['tokens_per_s']:,.0f}",
-                f"{r['tokens_per_s_ratio']:.2f}",
+                _speed_text(r),
+                r["verdict_text"],
                 f"{r['layer_tokens_per_s']:,.0f}",
                 f"{r['layer_tokens_per_s_ratio']:.2f}",
                 f"{r['param_bytes'] / mib:.2f}",
@@ -374,8 +433,10 @@ def run_combos(cfg: RaydratConfig, json_path: str | None = None, only: list[str]
             for r in records
         ],
         footer=f"all combinations trained in turn, one step each (order reversed every round); tokens/s over the "
-        f"{records[0]['timed_steps']} timed steps (first step and allocator-profiled steps left out); "
-        f"peak: PyTorch's allocator in the worst sampled step; load average {load_average()}",
+        f"{records[0]['timed_steps']} timed steps (first step and allocator-profiled steps left out); x: speed over "
+        f"the baseline's, median (min-max) over {len(records[0]['round_cpu_s'])} rounds of consecutive timed steps "
+        f"paired with the baseline's, by this process's CPU time (wall time in the JSON); "
+        f"{R.VERDICT_RULE.format(goal=1)}; peak: PyTorch's allocator in the worst sampled step; {load.text()}",
     )
     budgeted = [r for r in records if "budget_bytes" in r]
     if budgeted:
@@ -434,5 +495,7 @@ def run_combos(cfg: RaydratConfig, json_path: str | None = None, only: list[str]
             ],
         )
     if json_path:
-        write_json(json_path, {"combinations": records, "layerdrop_comparison": comparison, "loadavg": load_average()})
+        write_json(
+            json_path, {"combinations": records, "layerdrop_comparison": comparison, "load_average": load.as_list()}
+        )
     return records

@@ -1,36 +1,29 @@
-"""``raydrat bench model``: raydrat's model against its peers, in eager training steps.
+"""``raydrat bench model``: raydrat's model against the real peers, in training steps.
 
-The peers are built here from their published architectures (written for this benchmark,
-not copied from their repositories):
+The peers (:mod:`raydrat.bench.peers`) are transformers' Llama, torchtitan's llama3 and
+litgpt's GPT, installed packages built at raydrat's shape, and the nanoGPT reference. At
+each shape and mode (eager, or every model under ``torch.compile``) all of them train the
+same seeded random token batches (speed does not depend on the text) with the same step:
+forward, the peer's own cross-entropy, backward, gradient clipping at 1.0 and AdamW
+(torch's foreach implementation, weight decay on matrices), in this process on the training
+workers' thread count (``scaling.cpus_per_worker``), on the GPU when there is one (and
+``train.device`` is not ``cpu``).
 
-``torchtitan``
-    torchtitan's Llama 3 (``torchtitan/models/llama3/model.py``): ``nn.RMSNorm``; RoPE as a
-    complex multiply (``view_as_complex`` on adjacent feature pairs, a ``freqs_cis`` buffer);
-    grouped-query attention with the key/value heads repeated (``expand`` + ``reshape``)
-    before ``scaled_dot_product_attention``; SwiGLU ``w2(silu(w1(x)) * w3(x))``. Built at
-    raydrat's shape: the same widths, heads, MLP width and (as raydrat's recipes) a head
-    tied to the embedding, so the two models have the same parameters and the same function
-    (``tests/test_bench_model.py`` maps raydrat's weights into it and compares logits).
-``nanogpt``
-    nanoGPT's GPT-2 (``model.py``): learned position embeddings, LayerNorm, one fused
-    ``c_attn`` projection for q/k/v, multi-head SDPA, a 4x GELU MLP, tied head. raydrat is
-    configured as close as it goes (``norm: layernorm``, ``activation: gelu``, plain
-    multi-head attention, no biases, as nanoGPT's ``train.py``); what still differs is listed
-    in :data:`NANOGPT_DIFFERENCES`.
+The timing is :mod:`raydrat.bench.rounds`': after a warm-up (which compiles), every model
+runs in turn in each of ``rounds`` rounds, each round of a model long enough to dominate
+timer noise; each ratio is raydrat's speed over the peer's, paired round by round, median
+and min-max, by this process's CPU time (on CPU: what other load on a shared machine
+disturbs least) and by wall time. A row's verdict (ahead of the peer, or behind) is printed
+only when the ratio's spread is narrower than its margin from 1.0.
 
-Every model trains the same seeded random token batches (speed does not depend on the
-text) with the same step: forward, cross-entropy, backward, gradient clipping at 1.0 and
-AdamW (torch's foreach implementation; weight decay on matrices), in this process on the
-training workers' thread count (``scaling.cpus_per_worker``), on the GPU when there is one
-(and ``train.device`` is not ``cpu``). After a warm-up the models take turns one step at a
-time (round-robin, the order rotated each round), so every model sees the same machine load;
-tokens/s is the tokens per step over the median step time. On CPU the ratio is also given
-from CPU seconds per step, which other processes on a shared machine disturb less.
+``--profile`` adds the PyTorch profiler's top operators of raydrat and of the fastest Llama
+peer at each shape (eager; each operator's least time over five profiled steps).
+``--ablate`` (:func:`run_ablation`) times the model with each of its speed changes reverted
+alone; ``--learning`` is :mod:`raydrat.bench.learning`.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,145 +32,330 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raydrat.bench.peers import NANOGPT_DIFFERENCES, NanoGPT, TitanLlama, nanogpt_settings, recipe_settings
-from raydrat.bench.report import load_average, print_table
+from raydrat.bench import rounds as R
+from raydrat.bench.peers import NANOGPT_DIFFERENCES, Peer, available, recipe_settings, settings_for
+from raydrat.bench.report import print_table
 from raydrat.config.model import ModelConfig
 from raydrat.config.run import RaydratConfig
 from raydrat.core.model.transformer import GPT
 from raydrat.core.optim import param_groups
 from raydrat.tables import write_json
 
-LARGE_SHAPE = dict(n_layer=6, d_model=384, n_head=6, seq_len=256)
-"""The second shape: nanoGPT's shakespeare-char model (6 layers, 6 heads, d_model 384, 256 tokens)."""
-LARGE_BATCH = 8
 CLIP = 1.0
+MODES = ("eager", "compiled")
 
 
-# --------------------------------------------------------------------------------------
-# measurement
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Trainee:
-    """One model with its optimizer and a record of its step times."""
+@dataclass(frozen=True)
+class Shape:
+    """A model shape and batch to time at; ``name`` is how ``--shapes`` picks it."""
 
     name: str
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    times: list[float]
-    """Wall-clock seconds of each timed step."""
-    cpu_times: list[float]
-    """CPU seconds of this process in each timed step (all its threads): the work done,
-    whatever else the machine runs meanwhile."""
+    model: ModelConfig
+    batch_size: int
 
-    @classmethod
-    def build(
-        cls, name: str, make: Callable[[], nn.Module], seed: int = 0, device: torch.device = torch.device("cpu")
-    ) -> Trainee:
-        torch.manual_seed(seed)
-        model = make().to(device).train()
-        optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95), foreach=True)
-        return cls(name, model, optimizer, [], [])
+    def label(self) -> str:
+        m = self.model
+        return f"{m.n_layer}L d{m.d_model} h{m.n_head}/{m.kv_heads} T{m.seq_len} B{self.batch_size}"
 
-    def step(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
-        """One training step; returns its wall-clock and CPU seconds (on a GPU, the step
-        is waited for)."""
-        t0, c0 = time.perf_counter(), time.process_time()
-        _, loss = self.model(idx, targets)
+    @property
+    def tokens(self) -> int:
+        return self.batch_size * self.model.seq_len
+
+
+EXTRA_SHAPES = {
+    "6l": (dict(n_layer=6, d_model=384, n_head=6, seq_len=256), 8),
+    "12l": (dict(n_layer=12, d_model=768, n_head=12, seq_len=512), 2),
+}
+"""Beside the recipe's own shape: nanoGPT's shakespeare-char model (6 layers, d_model 384,
+256 tokens, batch 8) and the gpt2-small width and depth with fewer tokens (512, batch 2:
+one step is seconds on one CPU thread)."""
+
+
+def shapes(cfg: RaydratConfig, names: list[str] | None = None) -> list[Shape]:
+    """The recipe's shape (``recipe``) and :data:`EXTRA_SHAPES`, with the recipe's
+    vocabulary and its ratio of query heads to key/value heads."""
+    m = cfg.model
+    out = [Shape("recipe", m, cfg.train.batch_size)]
+    for name, (update, batch) in EXTRA_SHAPES.items():
+        kv = max(1, update["n_head"] * m.kv_heads // m.n_head)
+        while update["n_head"] % kv:
+            kv -= 1
+        out.append(Shape(name, m.model_copy(update={**update, "n_kv_head": kv, "d_ff": None}), batch))
+    if names:
+        unknown = sorted(set(names) - {s.name for s in out})
+        if unknown:
+            raise ValueError(f"unknown shape(s) {unknown}: choose from {[s.name for s in out]}")
+        out = [s for s in out if s.name in names]
+    return out
+
+
+def random_batch(cfg: ModelConfig, batch_size: int, device: torch.device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, cfg.vocab_size, (batch_size, cfg.seq_len + 1), generator=g).to(device)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+# --------------------------------------------------------------------------------------
+# one model's training step
+# --------------------------------------------------------------------------------------
+
+
+class Trainee:
+    """A model (its ``forward(idx, targets)`` returns ``(logits, loss)``), compiled or not,
+    with AdamW; :meth:`step` is one training step."""
+
+    def __init__(self, name: str, model: nn.Module, compiled: bool, batch):
+        self.name, self.model, self.batch = name, model, batch
+        self.optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95), foreach=True)
+        self.forward = torch.compile(model) if compiled else model
+
+    def step(self) -> None:
+        _, loss = self.forward(*self.batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if idx.is_cuda:
-            torch.cuda.synchronize(idx.device)
-        return time.perf_counter() - t0, time.process_time() - c0
 
     def params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
 
-def measure(trainees: list[Trainee], batches: list[tuple[torch.Tensor, torch.Tensor]], steps: int, warmup: int) -> None:
-    """``warmup`` untimed steps each, then ``steps`` timed rounds of one step per model,
-    the starting model rotated every round."""
-    for t in trainees:
-        for i in range(warmup):
-            t.step(*batches[i % len(batches)])
-    n = len(trainees)
-    for r in range(steps):
-        idx, targets = batches[r % len(batches)]
-        for j in range(n):
-            t = trainees[(r + j) % n]
-            wall, cpu = t.step(idx, targets)
-            t.times.append(wall)
-            t.cpu_times.append(cpu)
+def build(make: Callable[[], nn.Module], device: torch.device, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return make().to(device).train()
 
 
-def shapes(cfg: RaydratConfig) -> list[tuple[str, ModelConfig, int]]:
-    """``(name, model config, batch size)``: the recipe's shape and nanoGPT's shakespeare-char shape."""
-    m = cfg.model
-    kv = max(1, LARGE_SHAPE["n_head"] * m.kv_heads // m.n_head)
-    while LARGE_SHAPE["n_head"] % kv:
-        kv -= 1
-    large = m.model_copy(update={**LARGE_SHAPE, "n_kv_head": kv, "d_ff": None})
-    recipe = f"{cfg.name}: {m.n_layer}L d{m.d_model} h{m.n_head}/{m.kv_heads} T{m.seq_len} B{cfg.train.batch_size}"
-    big = f"6L d384 h6/{kv} T256 B{LARGE_BATCH}"
-    return [(recipe, m, cfg.train.batch_size), (big, large, LARGE_BATCH)]
-
-
-def random_batches(
-    cfg: ModelConfig, batch_size: int, n: int = 4, seed: int = 0, device: torch.device = torch.device("cpu")
-):
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, cfg.vocab_size, (n, batch_size, cfg.seq_len + 1), generator=g).to(device)
-    return [(t[:, :-1], t[:, 1:]) for t in tokens]
+# --------------------------------------------------------------------------------------
+# one shape, one mode
+# --------------------------------------------------------------------------------------
 
 
 def bench_shape(
-    name: str,
-    model_cfg: ModelConfig,
-    batch_size: int,
-    steps: int,
-    warmup: int,
-    device: torch.device = torch.device("cpu"),
+    shape: Shape,
+    peers: list[Peer],
+    mode: str,
+    rounds: int,
+    round_s: float,
+    device: torch.device,
+    log: Callable[[str], None] = print,
 ) -> list[dict]:
-    recipe, nano = recipe_settings(model_cfg), nanogpt_settings(model_cfg)
-    trainees = [
-        Trainee.build("raydrat", lambda: GPT(recipe), device=device),
-        Trainee.build("torchtitan", lambda: TitanLlama(recipe), device=device),
-        Trainee.build("raydrat_nanogpt", lambda: GPT(nano), device=device),
-        Trainee.build("nanogpt", lambda: NanoGPT.like(nano), device=device),
-    ]
-    measure(trainees, random_batches(model_cfg, batch_size, device=device), steps, warmup)
-    tokens = batch_size * model_cfg.seq_len
+    """Every peer and raydrat at each peer's settings, timed together; one row per peer."""
+    batch = random_batch(shape.model, shape.batch_size, device)
+    ours_cfg = {p.settings: settings_for(p, shape.model) for p in peers}
+    trainees: dict[str, Trainee] = {}
+    for settings, mc in ours_cfg.items():
+        trainees[f"raydrat@{settings}"] = Trainee(
+            "raydrat", build(lambda mc=mc: GPT(mc), device), mode == "compiled", batch
+        )
+    for p in peers:
+        mc = ours_cfg[p.settings]
+        trainees[p.name] = Trainee(p.name, build(lambda p=p, mc=mc: p.build(mc), device), mode == "compiled", batch)
+    t0 = time.perf_counter()
+    load = R.Load()
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    series = R.run_rounds(
+        {k: t.step for k, t in trainees.items()}, rounds=rounds, round_s=round_s, warmup=2, sync=sync, log=log
+    )
+    load.finish()
+    log(f"  {shape.label()} {mode}: {time.perf_counter() - t0:.0f}s with the warm-up, {load.text()}")
+    clock = "wall" if device.type == "cuda" else "cpu"
     rows = []
-    for settings, ours, ref in (("recipe", trainees[0], trainees[1]), ("nanogpt", trainees[2], trainees[3])):
-        wall, ref_wall = statistics.median(ours.times), statistics.median(ref.times)
-        cpu, ref_cpu = statistics.median(ours.cpu_times), statistics.median(ref.cpu_times)
+    for p in peers:
+        ours, ref = series[f"raydrat@{p.settings}"], series[p.name]
+        ratio = {c: R.speed_ratio(ours, ref, c) for c in R.CLOCKS}
+        v = R.verdict(ratio[clock], 1.0)
         rows.append(
             {
-                "shape": name,
-                "settings": settings,
-                "reference": ref.name,
-                "tokens_per_s": tokens / wall,
-                "reference_tokens_per_s": tokens / ref_wall,
-                "ratio": ref_wall / wall,
-                "cpu_tokens_per_s": tokens / cpu,
-                "reference_cpu_tokens_per_s": tokens / ref_cpu,
-                "cpu_ratio": ref_cpu / cpu,
-                "step_s_median": wall,
-                "reference_step_s_median": ref_wall,
-                "step_s_range": [min(ours.times), max(ours.times)],
-                "reference_step_s_range": [min(ref.times), max(ref.times)],
-                "params": ours.params(),
-                "reference_params": ref.params(),
-                "steps": steps,
-                "batch_size": batch_size,
-                "seq_len": model_cfg.seq_len,
+                "shape": shape.label(),
+                "mode": mode,
+                "settings": p.settings,
+                "reference": p.name,
+                "reference_package": p.package(),
+                "tokens_per_s": ours.rate(shape.tokens, "wall").median,
+                "reference_tokens_per_s": ref.rate(shape.tokens, "wall").median,
+                "cpu_tokens_per_s": ours.rate(shape.tokens, "cpu").median,
+                "reference_cpu_tokens_per_s": ref.rate(shape.tokens, "cpu").median,
+                "ratio": ratio["wall"].median,
+                "cpu_ratio": ratio["cpu"].median,
+                "ratio_range": [ratio["wall"].low, ratio["wall"].high],
+                "cpu_ratio_range": [ratio["cpu"].low, ratio["cpu"].high],
+                "verdict_clock": clock,
+                "verdict": v.holds,
+                "verdict_text": v.text,
+                "step_s": ours.spread("wall").as_dict(),
+                "reference_step_s": ref.spread("wall").as_dict(),
+                "cpu_step_s": ours.spread("cpu").as_dict(),
+                "reference_cpu_step_s": ref.spread("cpu").as_dict(),
+                "params": trainees[f"raydrat@{p.settings}"].params(),
+                "reference_params": trainees[p.name].params(),
+                "rounds": rounds,
+                "batch_size": shape.batch_size,
+                "seq_len": shape.model.seq_len,
                 "device": device.type,
+                "load_average": load.as_list(),
             }
         )
     return rows
+
+
+# --------------------------------------------------------------------------------------
+# profile: where the time goes, per operator
+# --------------------------------------------------------------------------------------
+
+
+def top_ops(trainee: Trainee, steps: int = 5, top: int = 12) -> list[dict]:
+    """The operators with the most self time in a training step (PyTorch profiler): each
+    step profiled on its own, each operator's time the least over the steps (an operator
+    preempted by another process on a shared machine reads long once, not every step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trainee.step()
+    per_step: list[dict[str, tuple[float, int]]] = []
+    for _ in range(steps):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            trainee.step()
+        per_step.append({e.key: (e.self_cpu_time_total, e.count) for e in prof.key_averages()})
+    ops = {k for step in per_step for k in step}
+    least = {k: min(step.get(k, (0.0, 0))[0] for step in per_step) for k in ops}
+    total = sum(least.values())
+    ranked = sorted(ops, key=lambda k: -least[k])[:top]
+    return [
+        {
+            "op": k,
+            "ms_per_step": least[k] / 1e3,
+            "share": least[k] / total if total else 0.0,
+            "calls_per_step": per_step[-1].get(k, (0.0, 0))[1],
+        }
+        for k in ranked
+    ]
+
+
+def profile_shape(shape: Shape, peer: Peer, device: torch.device) -> dict:
+    batch = random_batch(shape.model, shape.batch_size, device)
+    mc = settings_for(peer, shape.model)
+    ours = Trainee("raydrat", build(lambda: GPT(mc), device), False, batch)
+    ref = Trainee(peer.name, build(lambda: peer.build(mc), device), False, batch)
+    return {"shape": shape.label(), "raydrat": top_ops(ours), peer.name: top_ops(ref), "peer": peer.name}
+
+
+def print_profile(prof: dict) -> None:
+    peer = prof["peer"]
+    a, b = prof["raydrat"], prof[peer]
+    print_table(
+        f"profile, {prof['shape']}, eager: self time per training step (least of 5 profiled steps), top operators",
+        ["raydrat op", "ms", "calls", f"{peer} op", "ms", "calls"],
+        [
+            [
+                x["op"][:48],
+                f"{x['ms_per_step']:.1f}",
+                x["calls_per_step"],
+                y["op"][:48],
+                f"{y['ms_per_step']:.1f}",
+                y["calls_per_step"],
+            ]
+            for x, y in zip(a, b)
+        ],
+    )
+
+
+# --------------------------------------------------------------------------------------
+# the command
+# --------------------------------------------------------------------------------------
+
+
+def _ratio_text(r: dict, key: str) -> str:
+    low, high = r[f"{key}_range"]
+    return f"{r[key]:.3f}x ({low:.3f}-{high:.3f})"
+
+
+def print_rows(rows: list[dict], where: str, load: R.Load) -> None:
+    print_table(
+        f"training step (forward + backward + AdamW), fp32, {where}: raydrat's speed over each peer's",
+        ["shape", "mode", "peer", "raydrat tok/s", "peer tok/s", "ratio, CPU time", "ratio, wall", "verdict"],
+        [
+            [
+                r["shape"],
+                r["mode"],
+                r["reference_package"],
+                f"{r['cpu_tokens_per_s' if r['verdict_clock'] == 'cpu' else 'tokens_per_s']:,.0f}",
+                f"{r['reference_cpu_tokens_per_s' if r['verdict_clock'] == 'cpu' else 'reference_tokens_per_s']:,.0f}",
+                _ratio_text(r, "cpu_ratio"),
+                _ratio_text(r, "ratio"),
+                r["verdict_text"],
+            ]
+            for r in rows
+        ],
+        footer=(
+            "ratio: median (min-max) over the rounds of the peer's seconds per step over raydrat's, in the same "
+            "round; tok/s: tokens per step over the median seconds per step by the verdict's clock (CPU time on CPU: "
+            "this process's, which other load on the machine disturbs least; wall time on a GPU).\n"
+            f"raydrat is set as each peer: the Llama peers at the recipe's settings, nanogpt as close as raydrat goes "
+            f"({NANOGPT_DIFFERENCES}).\n{R.VERDICT_RULE.format(goal=1)}.\n{load.text()}"
+        ),
+    )
+
+
+def run_model_bench(
+    cfg: RaydratConfig,
+    json_path: str | None = None,
+    rounds: int = R.MIN_ROUNDS,
+    round_s: float = 1.0,
+    shape_names: list[str] | None = None,
+    modes: tuple[str, ...] = ("eager",),
+    peer_names: list[str] | None = None,
+    profile: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """Measure every shape and mode, print the table, write ``json_path``; returns the rows."""
+    R.check_rounds(rounds)
+    bad = sorted(set(modes) - set(MODES))
+    if bad:
+        raise ValueError(f"unknown mode(s) {bad}: choose from {list(MODES)}")
+    threads = max(1, int(cfg.scaling.cpus_per_worker))
+    torch.set_num_threads(threads)
+    use_cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
+    device = torch.device("cuda" if use_cuda else "cpu")
+    peers = available(peer_names, log)
+    if not peers:
+        raise ValueError("no peer to measure against: pip install 'raydrat[peers]', or name an installed one")
+    chosen = shapes(cfg, shape_names)
+    where = torch.cuda.get_device_name(device) if use_cuda else f"CPU, {threads} thread(s)"
+    load = R.Load()
+    rows: list[dict] = []
+    profiles: list[dict] = []
+    for shape in chosen:
+        for mode in modes:
+            log(f"[bench model] {shape.label()} {mode}: {', '.join(p.name for p in peers)}; {rounds} rounds")
+            shape_load = R.Load()
+            shape_rows = bench_shape(shape, peers, mode, rounds, round_s, device, log)
+            rows += shape_rows
+            if len(chosen) * len(modes) > 1:  # a long run shows each part as it ends
+                print_rows(shape_rows, where, shape_load.finish())
+            if profile and mode == "eager":
+                fastest = max((r for r in shape_rows if r["settings"] == "recipe"), key=_peer_speed, default=None)
+                if fastest is not None:
+                    prof = profile_shape(shape, next(p for p in peers if p.name == fastest["reference"]), device)
+                    profiles.append(prof)
+                    print_profile(prof)
+            if json_path:  # rewritten after each part: an interrupted run keeps what it measured
+                write_json(
+                    json_path,
+                    {
+                        "rows": rows,
+                        "profiles": profiles,
+                        "threads": threads,
+                        "load_average": load.as_list(),
+                        "nanogpt_differences": NANOGPT_DIFFERENCES,
+                        "torch": torch.__version__,
+                    },
+                )
+    load.finish()
+    print_rows(rows, where, load)
+    return rows
+
+
+def _peer_speed(row: dict) -> float:
+    return row["reference_cpu_tokens_per_s" if row["verdict_clock"] == "cpu" else "reference_tokens_per_s"]
 
 
 # --------------------------------------------------------------------------------------
@@ -215,9 +393,11 @@ class LossBefore(nn.Module):
 
 ABLATIONS = ("rope", "gqa", "loss")
 """The speed changes that can be reverted one by one: RoPE's fused rotation, SDPA's
-grouped heads, the loss's in-place backward. (A gated-unit/activation backward writing into
-its saved tensors was measured too and dropped: 0.996x / 1.000x CPU time reverted, no gain,
-and a backward that overwrites saved tensors is unsafe under op-level recomputation.)"""
+grouped heads, the loss's in-place backward. Measured and dropped (docs/efficiency.md):
+a gated-unit backward writing into its saved tensors (no gain; unsafe under op-level
+recomputation), and q/k/v and gate/up multiplied as one matrix each in training (no gain
+beyond the spread at the demo and 6-layer shapes, and autograd keeps the concatenated
+weights for backward: a copy of most of the layer weights as activation memory)."""
 
 
 def reverted(cfg: ModelConfig, changes: tuple[str, ...]) -> nn.Module:
@@ -232,100 +412,60 @@ def reverted(cfg: ModelConfig, changes: tuple[str, ...]) -> nn.Module:
     return LossBefore(model) if "loss" in changes else model
 
 
-def run_ablation(cfg: RaydratConfig, steps: int = 30, warmup: int = 3, json_path: str | None = None) -> list[dict]:
-    """Interleaved steps of raydrat's model, of it with each change reverted alone, and with
-    all reverted, at each shape; tokens/s relative to the model with every change."""
+def run_ablation(
+    cfg: RaydratConfig,
+    rounds: int = R.MIN_ROUNDS,
+    round_s: float = 1.0,
+    shape_names: list[str] | None = None,
+    json_path: str | None = None,
+    log: Callable[[str], None] = print,
+) -> list[dict]:
+    """raydrat's model, it with each change reverted alone, and with all reverted, at each
+    shape, timed together: each one's speed relative to the model with every change."""
+    R.check_rounds(rounds)
     threads = max(1, int(cfg.scaling.cpus_per_worker))
     torch.set_num_threads(threads)
-    load_before = load_average()
+    device = torch.device("cpu")
+    load = R.Load()
     rows = []
     variants = [("all changes", ()), *((f"without {c}", (c,)) for c in ABLATIONS), ("none (before)", ABLATIONS)]
-    for name, model_cfg, batch_size in shapes(cfg):
-        mc = recipe_settings(model_cfg)
-        trainees = [Trainee.build(v, lambda ch=ch, mc=mc: reverted(mc, ch)) for v, ch in variants]
-        print(f"[bench model ablation] {name}: {steps} interleaved steps per variant", flush=True)
-        measure(trainees, random_batches(mc, batch_size), steps, warmup)
-        base = statistics.median(trainees[0].times)
-        base_cpu = statistics.median(trainees[0].cpu_times)
-        for t in trainees:
-            wall, cpu = statistics.median(t.times), statistics.median(t.cpu_times)
+    for shape in shapes(cfg, shape_names):
+        mc = recipe_settings(shape.model)
+        batch = random_batch(mc, shape.batch_size, device)
+        trainees = {
+            v: Trainee(v, build(lambda ch=ch, mc=mc: reverted(mc, ch), device), False, batch) for v, ch in variants
+        }
+        log(f"[bench model ablation] {shape.label()}: {rounds} rounds")
+        series = R.run_rounds({k: t.step for k, t in trainees.items()}, rounds=rounds, round_s=round_s, log=log)
+        base = series["all changes"]
+        for name, _ in variants:
+            ratio = R.speed_ratio(series[name], base, "cpu")
             rows.append(
                 {
-                    "shape": name,
-                    "variant": t.name,
-                    "tokens_per_s": batch_size * mc.seq_len / wall,
-                    "speed_vs_all": base / wall,
-                    "cpu_speed_vs_all": base_cpu / cpu,
+                    "shape": shape.label(),
+                    "variant": name,
+                    "cpu_tokens_per_s": series[name].rate(shape.tokens, "cpu").median,
+                    "cpu_speed_vs_all": ratio.median,
+                    "cpu_speed_vs_all_range": [ratio.low, ratio.high],
+                    "verdict_text": "" if name == "all changes" else R.verdict(ratio, 1.0, "faster", "slower").text,
                 }
             )
-    load_after = load_average()
+    load.finish()
     print_table(
-        f"each speed change reverted alone (eager training step, fp32, CPU {threads} thread(s))",
-        ["shape", "variant", "tok/s", "speed vs all changes", "(CPU time)"],
+        f"each speed change reverted alone (eager training step, fp32, CPU {threads} thread(s)), by CPU time",
+        ["shape", "variant", "tok/s", "speed vs all changes", "verdict"],
         [
             [
                 r["shape"],
                 r["variant"],
-                f"{r['tokens_per_s']:,.0f}",
-                f"{r['speed_vs_all']:.3f}x",
-                f"{r['cpu_speed_vs_all']:.3f}x",
+                f"{r['cpu_tokens_per_s']:,.0f}",
+                _ratio_text(r, "cpu_speed_vs_all"),
+                r["verdict_text"],
             ]
             for r in rows
         ],
-        footer=f"below 1.000x: reverting the change is slower, so it pays. load average {load_before} (start), "
-        f"{load_after} (end)",
+        footer=f"below 1.000x: reverting the change is slower, so it pays. {load.text()}",
     )
     if json_path:
-        write_json(json_path, {"rows": rows, "threads": threads, "load_average": [load_before, load_after]})
-    return rows
-
-
-def run_model_bench(
-    cfg: RaydratConfig, json_path: str | None = None, steps: int = 30, warmup: int = 3, only_recipe: bool = False
-) -> list[dict]:
-    """Measure every shape, print the table, write ``json_path``; returns the rows."""
-    threads = max(1, int(cfg.scaling.cpus_per_worker))
-    torch.set_num_threads(threads)
-    use_cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
-    device = torch.device("cuda" if use_cuda else "cpu")
-    load_before = load_average()
-    rows: list[dict] = []
-    for name, model_cfg, batch_size in shapes(cfg)[: 1 if only_recipe else None]:
-        print(f"[bench model] {name}: {steps} interleaved steps per model after {warmup} warm-up", flush=True)
-        rows += bench_shape(name, model_cfg, batch_size, steps, warmup, device)
-    load_after = load_average()
-    where = torch.cuda.get_device_name(device) if use_cuda else f"CPU, {threads} thread(s)"
-    print_table(
-        f"eager training step (forward + backward + AdamW), fp32, {where}",
-        ["shape", "settings", "reference", "raydrat tok/s", "reference tok/s", "ratio", "ratio (CPU time)"],
-        [
-            [
-                r["shape"],
-                r["settings"],
-                r["reference"],
-                f"{r['tokens_per_s']:,.0f}",
-                f"{r['reference_tokens_per_s']:,.0f}",
-                f"{r['ratio']:.3f}x",
-                f"{r['cpu_ratio']:.3f}x",
-            ]
-            for r in rows
-        ],
-        footer=(
-            f"tok/s: tokens per step / median wall-clock step time; ratio (CPU time): the same from the "
-            f"process's CPU seconds per step, which other load on the machine disturbs less.\n"
-            f"load average {load_before} (start), {load_after} (end). "
-            f"At nanogpt settings: {NANOGPT_DIFFERENCES}."
-        ),
-    )
-    if json_path:
-        write_json(
-            json_path,
-            {
-                "rows": rows,
-                "threads": threads,
-                "load_average": [load_before, load_after],
-                "nanogpt_differences": NANOGPT_DIFFERENCES,
-                "torch": torch.__version__,
-            },
-        )
+        write_json(json_path, {"rows": rows, "threads": threads, "load_average": load.as_list()})
     return rows

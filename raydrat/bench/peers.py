@@ -1,179 +1,219 @@
-"""Peer models for raydrat's benchmarks, built here from their published architectures
-(written for raydrat, not copied from their repositories), so raydrat's model is timed
-against what its users would otherwise train, in the same process and settings.
+"""The models raydrat's model is timed against, in the same process and settings.
 
-``TitanLlama``
-    torchtitan's Llama 3 (``torchtitan/models/llama3/model.py``): ``nn.RMSNorm``; RoPE as a
-    complex multiply (``view_as_complex`` on adjacent feature pairs, a ``freqs_cis`` buffer);
-    grouped-query attention with the key/value heads repeated (``expand`` + ``reshape``)
-    before ``scaled_dot_product_attention``; SwiGLU ``w2(silu(w1(x)) * w3(x))``. Built at a
-    raydrat shape (the same widths, heads and MLP width; a head tied to the embedding as
-    raydrat's recipes), so the two models have the same parameters and the same function
-    (:func:`titan_state_dict` maps raydrat's weights into it).
-``NanoGPT``
-    nanoGPT's GPT-2 (``model.py``): learned position embeddings, LayerNorm, one fused
-    ``c_attn`` projection for q/k/v, multi-head SDPA, a 4x GELU MLP, tied head. raydrat is
-    configured as close as it goes by :func:`nanogpt_settings`; what still differs is
-    :data:`NANOGPT_DIFFERENCES`.
+The real peers are the installed packages of the ``[peers]`` extra, imported as they are
+and built at raydrat's shape from their own config classes, randomly initialised (nothing
+is downloaded); each trains with the loss its own training loop uses:
 
-Torch only: the GPU benchmark imports this on a machine without Ray or MLflow.
+``transformers``
+    ``LlamaForCausalLM`` with SDPA attention, from the ``LlamaConfig`` that
+    ``raydrat export --format hf`` writes for the same model (:func:`hf_config`); the loss
+    is the model's own (``labels`` with ``shift_labels``: every position predicts its target).
+``torchtitan``
+    the llama3 ``Llama3Model`` from torchtitan's config builders (fused ``wqkv``,
+    ``ComplexRoPE``, SwiGLU ``FeedForward``, ``RMSNorm``, its depth-scaled init) with
+    torchtitan's ``ScaledDotProductAttention`` inner attention; the loss is
+    ``torchtitan.components.loss.cross_entropy_loss`` over the tokens. (torchtitan's language
+    models default to FlexAttention with block-causal document masks, compiled with
+    ``max_autotune``; with one causal document per row SDPA computes the same attention.)
+``litgpt``
+    ``litgpt.GPT`` from a ``litgpt.Config`` (``LLaMAMLP``, ``RMSNorm``, fused ``qkv``,
+    rotate-half RoPE), its ``_init_weights``; the loss is ``litgpt.utils.chunked_cross_entropy``
+    as its ``pretrain`` uses it.
+
+All three are compared with raydrat's model at :func:`recipe_settings` (RMSNorm, SwiGLU,
+grouped-query attention), the same width, depth, heads, key/value heads, MLP width,
+vocabulary, sequence length and tied head, so every one has raydrat's parameter count
+(``tests/test_bench_model.py`` loads raydrat's weights into each and compares logits).
+
+``nanogpt``
+    the nanoGPT reference (:class:`NanoGPT`, written here from nanoGPT's ``model.py``;
+    measured at 1.00x the unmodified nanoGPT code), against raydrat at
+    :func:`nanogpt_settings`; what still differs is :data:`NANOGPT_DIFFERENCES`.
+
+A peer whose package is not installed is skipped (:func:`available`). Torch only at import:
+the GPU benchmark imports this module on a machine without Ray or MLflow.
 """
 
 from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from raydrat.config.model import ModelConfig
-from raydrat.core.model.transformer import GPT
+from raydrat.core.checkpoint.export import hf_config
+from raydrat.core.model.transformer import NORM_EPS
 
 NANOGPT_DIFFERENCES = (
     "raydrat rotates q/k with RoPE where nanoGPT adds a learned position embedding (wpe); "
     "raydrat projects q, k and v with three matrices where nanoGPT uses one fused c_attn"
 )
+NANOGPT_PACKAGE = "raydrat nanogpt-reference"
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A model to time raydrat's against: ``build(cfg)`` returns a module whose
+    ``forward(idx, targets)`` returns ``(logits, loss)``, as raydrat's ``GPT`` does."""
+
+    name: str
+    distribution: str | None
+    """The installed package it comes from (None: written in raydrat)."""
+    settings: str
+    """``recipe``: compared with raydrat at :func:`recipe_settings`; ``nanogpt``: at
+    :func:`nanogpt_settings`."""
+    build: Callable[[ModelConfig], nn.Module]
+
+    def package(self) -> str:
+        """``reference_package`` of a benchmark row: the distribution and its installed
+        version, e.g. ``transformers 5.25.0``."""
+        if self.distribution is None:
+            return NANOGPT_PACKAGE
+        return f"{self.distribution} {importlib.metadata.version(self.distribution)}"
+
+    def installed(self) -> bool:
+        return self.distribution is None or importlib.util.find_spec(self.distribution) is not None
 
 
 # --------------------------------------------------------------------------------------
-# torchtitan-style Llama
+# transformers: LlamaForCausalLM
 # --------------------------------------------------------------------------------------
 
 
-def precompute_freqs_cis(head_dim: int, end: int, theta: float) -> torch.Tensor:
-    """``exp(i * t * theta**(-2k/D))`` for positions ``t < end``: (end, D/2) complex64."""
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
-    angles = torch.outer(torch.arange(end).float(), freqs)
-    return torch.polar(torch.ones_like(angles), angles)
+class HFLlama(nn.Module):
+    """transformers' ``LlamaForCausalLM`` at a raydrat shape, trained with its own loss."""
 
-
-def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor):
-    """Rotate adjacent pairs (2k, 2k+1) of each head as complex numbers: (B, T, heads, D)."""
-    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))  # (B, T, H, D/2)
-    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
-    f = freqs_cis[: xq.shape[1]].view(1, xq.shape[1], 1, -1)  # (1, T, 1, D/2)
-    return (torch.view_as_real(xq_ * f).flatten(3).type_as(xq), torch.view_as_real(xk_ * f).flatten(3).type_as(xk))
-
-
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(B, T, K, D) -> (B, T, K * n_rep, D), each kv head repeated for its query heads."""
-    if n_rep == 1:
-        return x
-    B, T, K, D = x.shape
-    return x[:, :, :, None, :].expand(B, T, K, n_rep, D).reshape(B, T, K * n_rep, D)
-
-
-class TitanAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
-        self.n_rep = self.n_heads // self.n_kv_heads
-        self.wq = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+        import transformers
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        xq = self.wq(x).view(B, T, -1, self.head_dim)
-        xk = self.wk(x).view(B, T, -1, self.head_dim)
-        xv = self.wv(x).view(B, T, -1, self.head_dim)
-        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
-        keys, values = repeat_kv(xk, self.n_rep), repeat_kv(xv, self.n_rep)
-        out = F.scaled_dot_product_attention(
-            xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), is_causal=True
+        config = transformers.LlamaConfig(**hf_config(cfg))
+        self.model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="sdpa")
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        if targets is None:
+            return self.model(input_ids=idx, use_cache=False).logits, None
+        targets = targets.contiguous()  # its loss views them flat
+        out = self.model(input_ids=idx, labels=targets, shift_labels=targets, use_cache=False)
+        return out.logits, out.loss
+
+
+# --------------------------------------------------------------------------------------
+# torchtitan: llama3
+# --------------------------------------------------------------------------------------
+
+
+def titan_config(cfg: ModelConfig):
+    """torchtitan's ``Llama3Model.Config`` at ``cfg``'s shape, built as its llama3 flavours
+    are (``torchtitan.models.llama3``: fused wqkv, ComplexRoPE without scaling at
+    ``cfg.rope_theta``, depth-scaled init of ``wo``, ``w2``, ``w3``), with SDPA inside."""
+    from torchtitan.models import llama3 as tt
+    from torchtitan.models.common import ComplexRoPE, Embedding, Linear, RMSNorm
+    from torchtitan.models.common.attention import ScaledDotProductAttention
+    from torchtitan.models.common.config_utils import make_ffn_config, make_gqa_config
+
+    d, heads = cfg.d_model, cfg.n_head
+    norm = lambda: RMSNorm.Config(normalized_shape=d, eps=NORM_EPS, param_init=tt._NORM_INIT)
+    layers = [
+        tt.Llama3TransformerBlock.Config(
+            attention_norm=norm(),
+            ffn_norm=norm(),
+            attention=make_gqa_config(
+                dim=d,
+                n_heads=heads,
+                n_kv_heads=cfg.kv_heads,
+                wqkv_param_init=tt._LINEAR_INIT,
+                wo_param_init=tt._depth_init(i),
+                inner_attention=ScaledDotProductAttention.Config(),
+                fuse_qkv=True,
+                rope=ComplexRoPE.Config(dim=cfg.head_dim, max_seq_len=cfg.seq_len, theta=cfg.rope_theta),
+            ),
+            feed_forward=make_ffn_config(
+                dim=d, hidden_dim=cfg.ff_dim, w1_param_init=tt._LINEAR_INIT, w2w3_param_init=tt._depth_init(i)
+            ),
         )
-        return self.wo(out.transpose(1, 2).contiguous().view(B, T, -1))
+        for i in range(cfg.n_layer)
+    ]
+    return tt.Llama3Model.Config(
+        dim=d,
+        vocab_size=cfg.vocab_size,
+        enable_weight_tying=cfg.tie_embeddings,
+        tok_embeddings=Embedding.Config(
+            num_embeddings=cfg.vocab_size,
+            embedding_dim=d,
+            param_init=tt._EMBEDDING_SKIP_INIT if cfg.tie_embeddings else tt._EMBEDDING_INIT,
+        ),
+        norm=norm(),
+        lm_head=Linear.Config(in_features=d, out_features=cfg.vocab_size, param_init=tt._output_linear_init(d)),
+        layers=layers,
+    )
 
 
-class TitanFeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-class TitanBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.attention = TitanAttention(cfg)
-        self.feed_forward = TitanFeedForward(cfg.d_model, cfg.ff_dim)
-        self.attention_norm = nn.RMSNorm(cfg.d_model, eps=1e-5)
-        self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=1e-5)
-
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs_cis)
-        return h + self.feed_forward(self.ffn_norm(h))
-
-
-class TitanLlama(nn.Module):
-    """torchtitan's Llama 3 at a raydrat shape (RMSNorm, RoPE, GQA, SwiGLU)."""
+class TitanLlama3(nn.Module):
+    """torchtitan's llama3 at a raydrat shape, trained with torchtitan's loss (summed
+    cross-entropy over the tokens, divided by their number as its trainer does)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.norm != "rmsnorm" or cfg.activation != "swiglu" or cfg.bias:
-            raise ValueError("the torchtitan reference is RMSNorm + SwiGLU without biases")
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.register_buffer(
-            "freqs_cis", precompute_freqs_cis(cfg.head_dim, cfg.seq_len, cfg.rope_theta), persistent=False
+        self.model = titan_config(cfg).build()
+        self.model.init_states()
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        from torchtitan.components.loss import cross_entropy_loss
+
+        logits = self.model(idx)
+        loss = None if targets is None else cross_entropy_loss(logits, targets) / targets.numel()
+        return logits, loss
+
+
+# --------------------------------------------------------------------------------------
+# litgpt: GPT
+# --------------------------------------------------------------------------------------
+
+
+class LitGPT(nn.Module):
+    """litgpt's ``GPT`` at a raydrat shape (a Llama: ``LLaMAMLP``, ``RMSNorm``, fused
+    ``qkv``), trained with ``chunked_cross_entropy`` as litgpt's ``pretrain`` does."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        from litgpt.config import Config
+        from litgpt.model import GPT as LitgptGPT
+
+        config = Config(
+            block_size=cfg.seq_len,
+            vocab_size=cfg.vocab_size,
+            padded_vocab_size=cfg.vocab_size,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            n_embd=cfg.d_model,
+            n_query_groups=cfg.kv_heads,
+            head_size=cfg.head_dim,
+            rotary_percentage=1.0,
+            parallel_residual=False,
+            bias=False,
+            norm_class_name="RMSNorm",
+            norm_eps=NORM_EPS,
+            mlp_class_name="LLaMAMLP",
+            intermediate_size=cfg.ff_dim,
+            rope_base=int(cfg.rope_theta),
         )
-        self.layers = nn.ModuleDict({str(i): TitanBlock(cfg) for i in range(cfg.n_layer)})
-        self.norm = nn.RMSNorm(cfg.d_model, eps=1e-5)
-        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.model = LitgptGPT(config)
+        self.model.apply(self.model._init_weights)
         if cfg.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=cfg.init_std)
+            self.model.lm_head.weight = self.model.transformer.wte.weight
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None):
-        h = self.tok_embeddings(tokens)
-        for layer in self.layers.values():
-            h = layer(h, self.freqs_cis)
-        pred = self.output(self.norm(h)).float()
-        loss = None if targets is None else F.cross_entropy(pred.flatten(0, 1), targets.flatten(0, 1))
-        return pred, loss
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        from litgpt.utils import chunked_cross_entropy
 
-
-def rotate_half_to_pairs(n_heads: int, head_dim: int) -> torch.Tensor:
-    """Row order that turns a q/k projection from the rotate-half layout (raydrat, Hugging
-    Face Llama: feature i pairs with i + D/2) into adjacent pairs (torchtitan, Meta's Llama:
-    2k pairs with 2k + 1)."""
-    half = torch.arange(head_dim // 2)
-    per_head = torch.stack([half, half + head_dim // 2], dim=-1).flatten()  # 0, D/2, 1, D/2+1, ...
-    return (torch.arange(n_heads)[:, None] * head_dim + per_head).flatten()
-
-
-def titan_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """raydrat weights under the torchtitan reference's names (and q/k pair layout)."""
-    cfg, sd = model.cfg, model.state_dict()
-    q_rows = rotate_half_to_pairs(cfg.n_head, cfg.head_dim)
-    k_rows = rotate_half_to_pairs(cfg.kv_heads, cfg.head_dim)
-    out = {
-        "tok_embeddings.weight": sd["tok_emb.weight"],
-        "norm.weight": sd["norm.weight"],
-        "output.weight": sd["lm_head.weight"],
-    }
-    ours = {  # torchtitan name -> raydrat name, per layer
-        "attention.wq.weight": "attn_branch.layer.q_proj.weight",
-        "attention.wk.weight": "attn_branch.layer.k_proj.weight",
-        "attention.wv.weight": "attn_branch.layer.v_proj.weight",
-        "attention.wo.weight": "attn_branch.layer.out_proj.weight",
-        "feed_forward.w1.weight": "mlp_branch.layer.gate_proj.weight",
-        "feed_forward.w3.weight": "mlp_branch.layer.up_proj.weight",
-        "feed_forward.w2.weight": "mlp_branch.layer.down_proj.weight",
-        "attention_norm.weight": "attn_branch.norm.weight",
-        "ffn_norm.weight": "mlp_branch.norm.weight",
-    }
-    for i in range(cfg.n_layer):
-        for theirs, mine in ours.items():
-            out[f"layers.{i}.{theirs}"] = sd[f"layers.{i}.{mine}"]
-        out[f"layers.{i}.attention.wq.weight"] = out[f"layers.{i}.attention.wq.weight"][q_rows]
-        out[f"layers.{i}.attention.wk.weight"] = out[f"layers.{i}.attention.wk.weight"][k_rows]
-    return out
+        logits = self.model(idx)
+        return logits, None if targets is None else chunked_cross_entropy(logits, targets)
 
 
 # --------------------------------------------------------------------------------------
@@ -265,6 +305,9 @@ class NanoGPT(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
+        for name, p in self.named_parameters():  # nanoGPT's scaled init of the residual projections
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layer))
 
     @classmethod
     def like(cls, cfg: ModelConfig) -> NanoGPT:
@@ -293,5 +336,41 @@ def nanogpt_settings(cfg: ModelConfig) -> ModelConfig:
 
 
 def recipe_settings(cfg: ModelConfig) -> ModelConfig:
-    """The recipe's model as the torchtitan reference builds it (RMSNorm, SwiGLU, no biases)."""
+    """The recipe's model as the Llama peers are built: RMSNorm, SwiGLU, no biases, no dropout."""
     return cfg.model_copy(update=dict(norm="rmsnorm", activation="swiglu", bias=False, dropout=0.0))
+
+
+def _nanogpt(cfg: ModelConfig) -> nn.Module:
+    return NanoGPT.like(cfg)
+
+
+PEERS = (
+    Peer("transformers", "transformers", "recipe", HFLlama),
+    Peer("torchtitan", "torchtitan", "recipe", TitanLlama3),
+    Peer("litgpt", "litgpt", "recipe", LitGPT),
+    Peer("nanogpt", None, "nanogpt", _nanogpt),
+)
+"""Every peer, in the order of the benchmark's rows."""
+
+
+def available(
+    names: list[str] | None = None, log: Callable[[str], None] = print, peers: tuple[Peer, ...] = PEERS
+) -> list[Peer]:
+    """The ``peers`` (``names``: only these) whose package is installed; one line for each
+    one skipped."""
+    unknown = sorted(set(names or ()) - {p.name for p in peers})
+    if unknown:
+        raise ValueError(f"unknown peer(s) {unknown}: choose from {[p.name for p in peers]}")
+    chosen = [p for p in peers if names is None or p.name in names]
+    found = []
+    for p in chosen:
+        if p.installed():
+            found.append(p)
+        else:
+            log(f"[bench model] {p.name}: skipped, {p.distribution} is not installed (pip install 'raydrat[peers]')")
+    return found
+
+
+def settings_for(peer: Peer, cfg: ModelConfig) -> ModelConfig:
+    """raydrat's model as it is compared with ``peer``."""
+    return recipe_settings(cfg) if peer.settings == "recipe" else nanogpt_settings(cfg)
