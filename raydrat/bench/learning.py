@@ -23,9 +23,10 @@ from raydrat.bench.peers import NanoGPT, nanogpt_settings
 from raydrat.bench.report import print_table
 from raydrat.bench.rounds import Load
 from raydrat.config.run import RaydratConfig
+from raydrat.core.evaluate import evaluate
 from raydrat.core.model.transformer import GPT
 from raydrat.core.optim import build_optimizer, lr_at, set_lr
-from raydrat.core.step import evaluate, train_step
+from raydrat.core.step import train_step
 from raydrat.tables import write_json
 
 
@@ -52,7 +53,7 @@ def run_learning(cfg: RaydratConfig, json_path: str | None = None, log: Callable
             train_step(model, optimizer, [batch], oc.grad_clip)
         done = step + 1
         if done % tc.eval_every == 0 or done == tc.steps:
-            losses = {name: evaluate(m, data.val, tc.eval_batches) for name, (m, _) in models.items()}
+            losses = {name: evaluate(m, data.val, tc.eval_batches).loss for name, (m, _) in models.items()}
             rows.append({"step": done, "tokens": done * batch.shape[0] * (batch.shape[1] - 1), **losses})
             log(f"  step {done}: val raydrat {losses['raydrat']:.4f}, nanogpt {losses['nanogpt']:.4f}")
     load.finish()
