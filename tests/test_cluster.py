@@ -1,4 +1,8 @@
-"""Every shipped cluster config is valid YAML with the fields Ray / KubeRay require."""
+"""Every shipped cluster config is valid YAML with the fields Ray / KubeRay require; they run
+the stock rayproject/ray image (raydrat comes from each job's runtime_env), start MLflow on a
+PostgreSQL store with artifacts the nodes reach through the server, take every password from
+a Secret or a file made on the machine, and hold no placeholder that is not marked as the
+thing to set."""
 
 from __future__ import annotations
 
@@ -7,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster"
+IMAGE = "rayproject/ray:2.60.0-py311-gpu"
 
 
 @pytest.mark.parametrize("name", ["aws-gpu.yaml", "gcp-gpu.yaml"])
@@ -35,8 +41,24 @@ def test_cluster_launcher_configs(name):
         "GPU" in str(t["node_config"]) or "g5" in str(t["node_config"]) or "nvidia" in str(t["node_config"])
         for t in workers
     )
-    assert any("pip install" in c and "raydrat" in c for c in cfg["setup_commands"])
+    # the stock image; raydrat comes from each job's runtime_env, nothing installed or mounted for it
+    assert cfg["docker"]["image"] == IMAGE and cfg["setup_commands"] == []
+    assert not any("raydrat" in k for k in cfg["file_mounts"])
     assert any("--head" in c for c in cfg["head_start_ray_commands"])
+
+
+@pytest.mark.parametrize("name", ["aws-gpu.yaml", "gcp-gpu.yaml"])
+def test_launcher_head_runs_mlflow_on_postgresql_with_a_password_that_stays_on_the_head(name):
+    cfg = yaml.safe_load((CLUSTER / name).read_text())
+    head = cfg["head_setup_commands"]
+    (mlflow,) = [c for c in head if "mlflow server" in c]
+    assert "--backend-store-uri postgresql+psycopg://mlflow@127.0.0.1:5432/mlflow " in mlflow  # no password in it
+    assert "PGPASSWORD=$(cat /home/ray/postgres-password) " in mlflow and "--artifacts-destination " in mlflow
+    assert "sqlite" not in mlflow
+    made = [c for c in head if "secrets.token_urlsafe" in c]
+    assert made and "/home/ray/postgres-password" in made[0] and "umask 077" in made[0]
+    assert not any("postgres-password" in str(v) for v in cfg["file_mounts"].values())  # made there, not sent
+    assert any("listen_addresses=127.0.0.1" in c for c in head) and any("psycopg" in c for c in head)
 
 
 def _containers(template):
@@ -57,15 +79,75 @@ def test_kuberay_rayjob():
     doc = yaml.safe_load((CLUSTER / "kuberay-rayjob.yaml").read_text())
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
     spec = doc["spec"]
-    assert spec["entrypoint"].startswith("python jobs/train.py")
-    yaml.safe_load(spec["runtimeEnvYAML"])
+    assert spec["entrypoint"] == "python train.py cluster-gpt2-small.yaml"
+    assert (REPO / "jobs" / "cluster-gpt2-small.yaml").is_file()  # inside the job folder's zip
+    env = yaml.safe_load(spec["runtimeEnvYAML"])
+    shipped = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
+    assert env["pip"] == shipped["pip"]  # the same wheel as jobs/runtime_env.yaml installs
+    assert env["working_dir"].startswith("https://") and env["working_dir"].endswith(".zip")
     assert "headGroupSpec" in spec["rayClusterSpec"] and spec["rayClusterSpec"]["workerGroupSpecs"]
+
+
+def _docs(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((CLUSTER / name).read_text()) if d]
+
+
+def _containers_of(doc: dict) -> list[dict]:
+    return doc["spec"]["template"]["spec"]["containers"]
+
+
+def test_kuberay_mlflow_runs_on_postgresql_with_passwords_from_secrets():
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in _docs("kuberay-mlflow.yaml")}
+    assert {("Deployment", "raydrat-postgres"), ("Service", "postgres"), ("Deployment", "mlflow"),
+            ("Service", "mlflow")} <= set(docs)  # fmt: skip
+    assert all(d["spec"]["type"] == "ClusterIP" for (kind, _), d in docs.items() if kind == "Service")
+    assert not any(kind == "Secret" for kind, _ in docs)  # made with kubectl from generated passwords
+    (pg,) = _containers_of(docs["Deployment", "raydrat-postgres"])
+    (server,) = _containers_of(docs["Deployment", "mlflow"])
+    assert _from_secret(pg["env"], "POSTGRES_PASSWORD") and _from_secret(server["env"], "PGPASSWORD")
+    assert _from_secret(server["env"], "MLFLOW_ADMIN_PASSWORD")
+    for c in (pg, server):
+        assert not any("PASSWORD" in e["name"] and "value" in e for e in c["env"]), c["env"]
+    command = " ".join(server["command"])
+    assert "--backend-store-uri postgresql+psycopg://mlflow@postgres.default.svc:5432/mlflow" in command
+    assert "--artifacts-destination /data/mlartifacts" in command and "--app-name basic-auth" in command
+    # the Ray pods log to this server: the URI they are given is its Service's name and port
+    port = docs["Service", "mlflow"]["spec"]["ports"][0]["port"]
+    assert f"mlflow.default.svc:{port}" in command  # and the server accepts that Host header
+    url = f"http://mlflow.default.svc:{port}"
+    cluster = yaml.safe_load((CLUSTER / "kuberay-raycluster.yaml").read_text())["spec"]
+    for group in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"]):
+        assert {"name": "MLFLOW_TRACKING_URI", "value": url} in _pod_env(group)
+        assert all(c["image"] == IMAGE for c in group["template"]["spec"]["containers"])
+    job = yaml.safe_load((CLUSTER / "kuberay-rayjob.yaml").read_text())["spec"]
+    assert yaml.safe_load(job["runtimeEnvYAML"])["env_vars"]["MLFLOW_TRACKING_URI"] == url
+
+
+def test_placeholders_are_marked_as_the_thing_to_set():
+    """No `YOUR_ORG` left for the user to find: a value the user must give is marked on its line."""
+    files = [*CLUSTER.glob("*"), REPO / "jobs" / "runtime_env.yaml", REPO / "jobs" / "cluster-gpt2-small.yaml"]
+    for f in files:
+        for line in f.read_text().splitlines():
+            if any(m in line for m in ("YOUR", "SET-THIS", "<head private IP>")) and not line.lstrip().startswith("#"):
+                assert "set this" in line.lower(), f"{f.name}: {line}"
+    assert "YOUR_ORG" not in (CLUSTER / "kuberay-rayjob.yaml").read_text()
+
+
+def test_dockerfile_installs_the_wheel_on_the_stock_image_and_says_it_is_not_built_here():
+    text = (CLUSTER / "Dockerfile").read_text()
+    instructions = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+    assert instructions[0] == f"FROM {IMAGE}"
+    assert any(ln.startswith("COPY jobs/dist/raydrat-${RAYDRAT_VERSION}-py3-none-any.whl") for ln in instructions)
+    assert "Not built by this project's tests" in text and "python -m pip wheel --no-deps -w jobs/dist ." in text
 
 
 def test_local_single_gpu_notes():
     text = (CLUSTER / "local-single-gpu.md").read_text()
     for needle in ("ray start --head", "ray job submit", "ray job logs -f", "mlflow", "ray stop"):
         assert needle in text
+    # the `ray job` CLI needs RAY_AUTH_MODE=token against a head with token auth (docs/distributed.md)
+    assert "export RAY_AUTH_MODE=token" in text and "--runtime-env jobs/runtime_env.yaml" in text
+    assert "mlflow server --host 127.0.0.1 --port 5000 --workers 1" in text
 
 
 # ------------------------------------------------------------------ exposure

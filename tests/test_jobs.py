@@ -1,53 +1,169 @@
-"""`ray job submit` against a head started for this test only (loopback, its own temp dir
-and ports); the debug recipe runs as a job and its finished run is found in MLflow. The
-head is stopped by ending the processes of that Ray session only (never `ray stop`, which
-would stop every Ray instance on the machine)."""
+"""Ray Jobs, as a user submits them: the shipped ``jobs/runtime_env.yaml`` installs raydrat
+from the wheel built out of the checkout, through Ray's pip runtime env, on a head whose
+Python has every dependency but not raydrat.
+
+The head is started for these tests only (loopback, its own temp dir and ports) with a
+Python that sees the test environment's packages except raydrat's (a venv whose path file
+lists links to every entry of the environment's site-packages but raydrat's; a path file
+runs none of those entries' own ``.pth`` hooks, so the editable raydrat stays out): so the
+job runs raydrat only if Ray's pip runtime env installed it. Offline: every dependency is
+already there, so pip reads nothing but the wheel. The head is stopped by ending the
+processes of that Ray session only (never `ray stop`, which would stop every Ray instance on
+the machine)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 
-pytestmark = pytest.mark.slow
-
-
-def _job_server_available() -> bool:
-    """`ray job submit` needs Ray's dashboard (the job server), i.e. ``ray[default]``."""
-    import importlib.util
-
-    return all(importlib.util.find_spec(m) for m in ("aiohttp_cors", "grpc", "opencensus", "prometheus_client"))
-
-
-requires_job_server = pytest.mark.skipif(
-    not _job_server_available(),
-    reason="ray[default] (the job server: aiohttp_cors, grpcio, opencensus, prometheus_client) not installed;"
-    " raydrat depends on it, so this only skips in an environment installed without raydrat's dependencies",
-)
+from raydrat import __version__
+from raydrat.bench.pgserver import free_port
+from raydrat.config import ConfigError
+from raydrat.job_submit import BUILD_COMMAND, check_wheel, main, pinned_runtime_env, wheel_name
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
+SHIPPED = ("pyproject.toml", "README.md", "raydrat", "jobs")
+"""What a checkout needs to build the wheel and submit: copied for each test, so nothing is
+written into the repository."""
 
 
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
+def checkout_copy(dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in SHIPPED:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "dist"))
+        else:
+            shutil.copy(src, dest / name)
+    return dest
+
+
+def build_wheel(checkout: Path) -> Path:
+    """The documented build (``python -m pip wheel --no-deps -w jobs/dist .``), offline:
+    without build isolation (setuptools is here) and without an index."""
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q"]
+    subprocess.run([*cmd, "-w", "jobs/dist", "."], cwd=checkout, check=True, capture_output=True, timeout=300)
+    return checkout / "jobs" / "dist" / wheel_name()
+
+
+# ------------------------------------------------------------------ the shipped runtime env (fast)
+
+
+def test_runtime_env_installs_the_versioned_wheel_from_the_working_dir():
+    env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
+    assert env["working_dir"] == "jobs"
+    assert env["pip"]["packages"] == [f"${{RAY_RUNTIME_ENV_CREATE_WORKING_DIR}}/dist/{wheel_name(__version__)}"]
+    assert not any(k.endswith(("PASSWORD", "SECRET_ACCESS_KEY", "TOKEN")) for k in env.get("env_vars", {}))
+    assert "/jobs/dist/" in (REPO / ".gitignore").read_text().split()  # built, never committed
+
+
+def test_upload_carries_the_entrypoints_and_the_wheel_not_the_sources(tmp_path):
+    """Ray's own working-dir packaging (what `ray job submit` runs) of the shipped runtime
+    env: the entrypoints and the wheel go, and no copy of the package beside the wheel
+    (the repository's .gitignore, which drops /jobs/dist/ from git, is not read: it lies
+    above the working dir)."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import _zip_files
+
+    checkout = checkout_copy(tmp_path / "checkout")
+    shutil.copy(REPO / ".gitignore", checkout / ".gitignore")
+    build_wheel(checkout)
+    env = yaml.safe_load((checkout / "jobs" / "runtime_env.yaml").read_text())
+    out = tmp_path / "pkg.zip"
+    _zip_files(str(checkout / env["working_dir"]), env.get("excludes", []), str(out), include_gitignore=True)
+    names = set(zipfile.ZipFile(out).namelist())
+    assert {"train.py", "tune.py", "prepare.py", f"dist/{wheel_name()}"} <= names
+    assert not any(n.startswith("raydrat/") for n in names)
+
+
+def test_job_submit_refuses_a_missing_or_stale_wheel_naming_the_build_command(tmp_path, monkeypatch, capsys):
+    from raydrat.cli import main as cli
+
+    checkout = checkout_copy(tmp_path / "checkout")
+    monkeypatch.chdir(checkout)
+    assert cli(["job", "submit", "--", "python", "train.py", "debug"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"raydrat: error: jobs/runtime_env.yaml installs jobs/dist/{wheel_name()}, which is missing: "
+        f"build it with `{BUILD_COMMAND}`"
+    ]
+    wheel = build_wheel(checkout)
+    assert check_wheel(checkout) == wheel
+    (checkout / "raydrat" / "recipes" / "debug.yaml").write_text("name: changed\n")
+    with pytest.raises(ConfigError, match=r"does not hold the checkout's code .*raydrat/recipes/debug.yaml.*rebuild"):
+        check_wheel(checkout)
+    with pytest.raises(ConfigError, match="sets --runtime-env, --runtime-env-json, --working-dir itself"):
+        main(["--working-dir", ".", "--", "python", "train.py"], checkout)
+
+
+def test_the_pinned_requirement_is_what_pip_installs_and_verifies(tmp_path):
+    """The helper's requirement (``raydrat @ file://${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}/...
+    #sha256=...``), written into a requirements file as Ray's pip runtime env writes it and
+    read by pip as Ray runs it: the variable expanded, the file found, the digest checked."""
+    checkout = checkout_copy(tmp_path / "checkout")
+    build_wheel(checkout)
+    env = pinned_runtime_env(checkout)
+    (requirement,) = env["pip"]["packages"]
+    assert env["working_dir"] == str(checkout / "jobs")
+    for req, ok in ((requirement, True), (requirement[:-6] + "000000", False)):
+        (tmp_path / "requirements.txt").write_text(req + "\n")
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--dry-run",
+                "--no-deps",
+                "--no-index",
+                "--ignore-installed",
+                "-r",
+                str(tmp_path / "requirements.txt"),
+            ],  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "RAY_RUNTIME_ENV_CREATE_WORKING_DIR": env["working_dir"]},
+        )
+        if ok:
+            assert proc.returncode == 0 and f"Would install raydrat-{__version__}" in proc.stdout, proc.stderr
+        else:
+            assert proc.returncode != 0 and "THESE PACKAGES DO NOT MATCH THE HASHES" in proc.stderr
+
+
+# ------------------------------------------------------------------ a real head (slow)
+
+
+def bare_python(root: Path) -> Path:
+    """A venv (no pip of its own) that sees this environment's packages, raydrat's excepted."""
+    links = root / "site"
+    links.mkdir(parents=True)
+    purelib = Path(sysconfig.get_paths()["purelib"])
+    for entry in purelib.iterdir():
+        if "raydrat" in entry.name.lower():  # its dist-info and the editable install's hooks
+            continue
+        (links / entry.name).symlink_to(entry)
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    py = venv / "bin" / "python"
+    own = subprocess.check_output(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
+    )
+    (Path(own.strip()) / "_test_env.pth").write_text(f"{links}\n")
+    return py
 
 
 def _session_pids(marker: str) -> list[int]:
@@ -65,8 +181,7 @@ def _session_pids(marker: str) -> list[int]:
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env["PYTHONPATH"] = str(REPO)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "PYTHONPATH")}
     # A private loopback head for this test only: no token authentication, so the job
     # client needs no token file shared with other Ray instances on this machine.
     env["RAY_AUTH_MODE"] = "disabled"
@@ -77,108 +192,96 @@ def _env() -> dict:
 
 
 @pytest.fixture(scope="module")
-def ray_head():
+def ray_head(tmp_path_factory):
+    """A head on loopback with the job server, started by a Python without raydrat."""
+    root = tmp_path_factory.mktemp("bare")  # the head's working directory too: no raydrat folder there
+    py = bare_python(root)
+    missing = subprocess.run([str(py), "-c", "import raydrat"], capture_output=True, text=True, env=_env(), cwd=root)
+    assert missing.returncode != 0 and "No module named 'raydrat'" in missing.stderr  # the premise
     temp_dir = tempfile.mkdtemp(prefix="rdj", dir="/tmp")  # short: Ray's socket paths are limited
-    gcs, dash, nm, om, agent, metrics, agent_grpc, min_w = _free_ports(8)
-    cmd = [
-        RAY,
-        "start",
-        "--head",
-        "--node-ip-address=127.0.0.1",
-        f"--port={gcs}",
-        f"--dashboard-port={dash}",
-        "--dashboard-host=127.0.0.1",
-        f"--node-manager-port={nm}",
-        f"--object-manager-port={om}",
-        f"--dashboard-agent-listen-port={agent}",
-        f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--metrics-export-port={metrics}",
-        f"--min-worker-port={min_w}",
-        f"--max-worker-port={min_w + 100}",
-        "--num-cpus=2",
-        "--include-dashboard=true",
-        f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=180)
+    gcs, dash, nm, om, agent, metrics, agent_grpc, min_w = (free_port() for _ in range(8))
+    cmd = [str(py), "-m", "ray.scripts.scripts", "start", "--head", "--node-ip-address=127.0.0.1",
+           f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--node-manager-port={nm}",
+           f"--object-manager-port={om}", f"--dashboard-agent-listen-port={agent}",
+           f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+           f"--min-worker-port={min_w}", f"--max-worker-port={min_w + 100}", "--num-cpus=2",
+           "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300, cwd=root)
     try:
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        yield f"http://127.0.0.1:{dash}", temp_dir
+        yield f"http://127.0.0.1:{dash}", Path(temp_dir)
     finally:
-        pids = _session_pids(temp_dir)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + 5
-        while time.time() < deadline and _session_pids(temp_dir):
-            time.sleep(0.5)
-        for pid in _session_pids(temp_dir):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 0)):
+            for pid in _session_pids(temp_dir):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.time() + wait
+            while time.time() < deadline and _session_pids(temp_dir):
+                time.sleep(0.5)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@requires_job_server
-def test_job_submit_trains_debug_and_records_mlflow(ray_head, demo_dir, tmp_path):
-    """The user's path: `ray job submit` (waiting, logs tailed) of jobs/train.py with the debug
-    recipe on one parquet file of the demo corpus; the job runs on THIS head (its workers'
-    logs are in the head's temp dir: no nested local instance) and its run is in MLflow."""
+def _run(cmd: list[str], cwd: Path, timeout: int) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout, cwd=cwd)
+    for line in (proc.stdout + proc.stderr).splitlines():
+        print(f"  | {line}")  # the console of the test (pytest -s shows it)
+    return proc
+
+
+def _pip_envs(temp_dir: Path) -> list[Path]:
+    return sorted(temp_dir.glob("session_latest/runtime_resources/pip/*/virtualenv"))
+
+
+@pytest.mark.slow
+def test_job_submit_installs_raydrat_from_the_wheel_trains_debug_and_records_mlflow(ray_head, demo_dir, tmp_path):
+    """The documented lines, as they are: build the wheel, `ray job submit --runtime-env
+    jobs/runtime_env.yaml --no-wait -- python train.py debug ...`, `ray job logs -f`; the
+    job's raydrat is the wheel, installed by Ray's pip runtime env into a virtualenv of its
+    own; the run finished in MLflow with its val_loss history."""
     address, temp_dir = ray_head
+    checkout = checkout_copy(tmp_path / "checkout")
+    build_wheel(checkout)
     db = tmp_path / "mlruns.db"
     job_id = f"raydrat-test-{uuid.uuid4().hex[:8]}"
-    submit = [
-        RAY,
-        "job",
-        "submit",
-        "--address",
-        address,
-        "--submission-id",
-        job_id,
-        "--working-dir",
-        str(REPO),
-        "--runtime-env",
-        str(REPO / "jobs" / "runtime_env.yaml"),
-        "--",
-        sys.executable,
-        "jobs/train.py",
-        "debug",
-        "--set",
-        f"data.sources=[{{path: {demo_dir / 'corpus' / 'part-00000.parquet'}}}]",
-        "--set",
-        f"data.tokenizer_path={demo_dir / 'tokenizer-512.json'}",
-        "--set",
-        f"train.storage_path={tmp_path / 'rr'}",
-        "--set",
-        "train.steps=4",
-        "--set",
-        "train.eval_every=2",
-        "--set",
-        "train.eval_batches=1",
-        "--set",
-        "optim.warmup_steps=1",
-        "--set",
-        f"tracking.tracking_uri=sqlite:///{db}",
-        "--set",
-        "tracking.run_name=from-a-job",
-    ]
+    sets = {
+        "data.sources": f"[{{path: {demo_dir / 'corpus' / 'part-00000.parquet'}}}]",
+        "data.tokenizer_path": demo_dir / "tokenizer-512.json",
+        "train.storage_path": tmp_path / "rr",
+        "train.steps": 4,
+        "train.eval_every": 2,
+        "train.eval_batches": 1,
+        "optim.warmup_steps": 1,
+        "tracking.tracking_uri": f"sqlite:///{db}",
+        "tracking.run_name": "from-a-job",
+    }
+    entry = ["python", "train.py", "debug", *(a for k, v in sets.items() for a in ("--set", f"{k}={v}"))]
+    submit = [RAY, "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait",
+              "--runtime-env", "jobs/runtime_env.yaml", "--", *entry]  # fmt: skip
+    print(f"$ {' '.join(submit[:12])} -- python train.py debug ...")
+    proc = _run(submit, checkout, 600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    print(f"$ ray job logs -f {job_id}")
     try:
-        proc = subprocess.run(submit, capture_output=True, text=True, env=_env(), timeout=240, cwd=REPO)
+        logs = _run([RAY, "job", "logs", "-f", job_id, "--address", address], checkout, 900)
     except subprocess.TimeoutExpired:
         _stop_job(address, job_id)
         raise
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
+    out = logs.stdout + logs.stderr
 
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    assert JobSubmissionClient(address).get_job_status(job_id) == JobStatus.SUCCEEDED
+    status = JobSubmissionClient(address).get_job_status(job_id)
+    assert status == JobStatus.SUCCEEDED, out[-6000:]
     assert "final validation loss:" in out
-    # Ran on the submitted-to cluster: its Train worker wrote to this head's session logs.
-    worker_logs = Path(temp_dir, "session_latest", "logs").glob("worker-*")
+    # raydrat came from the wheel: installed into the pip runtime env's virtualenv
+    (venv,) = _pip_envs(temp_dir)
+    installed = list(venv.glob("lib/python*/site-packages/raydrat-*.dist-info"))
+    assert [p.name for p in installed] == [f"raydrat-{__version__}.dist-info"]
+    assert (installed[0].parent / "raydrat" / "recipes" / "debug.yaml").exists()
+    # ran on the submitted-to cluster: its Train worker wrote to this head's session logs
+    worker_logs = (temp_dir / "session_latest" / "logs").glob("worker-*")
     assert any("[raydrat] step 4/4" in f.read_text(errors="replace") for f in worker_logs)
 
     from mlflow.tracking import MlflowClient
@@ -186,8 +289,28 @@ def test_job_submit_trains_debug_and_records_mlflow(ray_head, demo_dir, tmp_path
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     runs = client.search_runs([client.get_experiment_by_name("raydrat").experiment_id])
     assert [r.info.run_name for r in runs] == ["from-a-job"]
-    assert runs[0].info.status == "FINISHED"
+    assert runs[0].info.status == "FINISHED" and runs[0].data.tags["mlflow.source.type"] == "JOB"
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_loss")] == [2, 4]
+
+
+@pytest.mark.slow
+def test_raydrat_job_submit_pins_the_wheel_so_a_rebuilt_one_gets_its_own_environment(ray_head, tmp_path):
+    """`raydrat job submit`: the same wheel name with other contents is a new pip
+    environment on the cluster (the shipped spec alone would reuse the one built before)."""
+    address, temp_dir = ray_head
+    checkout = checkout_copy(tmp_path / "checkout")
+    build_wheel(checkout)
+    before = set(_pip_envs(temp_dir))
+    cmd = [sys.executable, "-m", "raydrat.cli", "job", "submit", "--address", address, "--", "python", "-m",
+           "raydrat.cli", "--version"]  # fmt: skip
+    env = {**_env(), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=checkout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "[raydrat] ray job submit (runtime env jobs/runtime_env.yaml, wheel pinned) -- python -m" in out
+    assert f"raydrat {__version__}" in out and "succeeded" in out
+    (new,) = set(_pip_envs(temp_dir)) - before
+    assert list(new.glob("lib/python*/site-packages/raydrat/cli.py"))
 
 
 def _stop_job(address: str, job_id: str) -> None:
@@ -197,32 +320,3 @@ def _stop_job(address: str, job_id: str) -> None:
         JobSubmissionClient(address).stop_job(job_id)
     except Exception:  # the head is torn down by the fixture anyway
         pass
-
-
-def test_runtime_env_uploads_the_whole_package(tmp_path):
-    """Ray's own working-dir packaging (what `ray job submit --working-dir .` runs) with the
-    shipped jobs/runtime_env.yaml keeps every source file of the package and the entrypoints:
-    an unanchored exclude such as ``data/`` once dropped ``raydrat/data/`` from the upload."""
-    import zipfile
-
-    import yaml
-    from ray._private.runtime_env.packaging import _zip_files
-
-    excludes = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())["excludes"]
-    local_data = REPO / "data"  # a local output (`raydrat data demo`) the excludes must drop
-    created = not local_data.exists()
-    local_data.mkdir(exist_ok=True)
-    marker = local_data / "_upload_probe.txt"
-    marker.write_text("local data, not for upload")
-    try:
-        out = tmp_path / "pkg.zip"
-        _zip_files(str(REPO), excludes, str(out), include_gitignore=True)
-    finally:
-        marker.unlink()
-        if created:
-            local_data.rmdir()
-    names = set(zipfile.ZipFile(out).namelist())
-    sources = [p.relative_to(REPO).as_posix() for p in (REPO / "raydrat").rglob("*.py") if "__pycache__" not in p.parts]
-    missing = [s for s in sources + ["jobs/train.py", "raydrat/recipes/debug.yaml"] if s not in names]
-    assert sources and not missing, f"not uploaded: {missing[:10]}"
-    assert "data/_upload_probe.txt" not in names

@@ -25,7 +25,7 @@ from raydrat.plots import plot_curves
 from raydrat.ray_data.datasets import build_datasets
 from raydrat.ray_session import ensure_ray, expected_gpus
 from raydrat.ray_train import resume
-from raydrat.ray_train.fits import check_cluster_fits
+from raydrat.ray_train.fits import check_cluster_fits, check_corpus_reaches_workers
 from raydrat.ray_train.models import log_run_models
 from raydrat.ray_train.worker import train_loop_per_worker
 from raydrat.redact import redact_obj, redact_uri
@@ -202,6 +202,8 @@ def run_training(
         record["tracking_uri"] = resume.tracking_uri_for(record, tracking.resolve_tracking_uri(cfg.tracking))
     run_name = record["run_name"] if record is not None else resume.new_run_name(cfg)  # never reused
     runtime = resolve(cfg, gpus=expected_gpus())  # before Ray starts, when no cluster is named
+    if record is None and cfg.tracking.enabled:  # a store that cannot be reached: refused before any work
+        tracking.resolve_tracking_uri(cfg.tracking)
     ensure_ray()
     with interrupt.trapped():  # after Ray's own handlers: SIGINT/SIGTERM stop the run cleanly
         try:
@@ -234,6 +236,7 @@ def _train(
 ) -> TrainingSummary:
     log = M.setup_logging()
     check_cluster_fits(cfg, runtime.use_gpu, ray.cluster_resources())
+    check_corpus_reaches_workers(cfg, sum(1 for node in ray.nodes() if node.get("Alive")))
     bundle = build_datasets(
         cfg.data,
         cfg.model.seq_len,
