@@ -94,6 +94,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
             print("\n".join(describe(cfg)))
         return 0
+    from raydrat.tracking_store import check_config
+
+    check_config(cfg.tracking)  # a store that cannot be reached: refused before the heavy imports
     from raydrat.console import quiet_console
     from raydrat.ray_train.trainer import run_training
 

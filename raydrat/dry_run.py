@@ -13,7 +13,6 @@ sources."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from raydrat import tracking_store
@@ -50,9 +49,7 @@ def describe(cfg: RaydratConfig) -> list[str]:
     lines += _data_lines(cfg)
     lines.append(_tokenizer_line(cfg))
     tk = cfg.tracking
-    uri = tk.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if tk.enabled and tracking_store.is_postgres(uri):  # a login, as the run makes before any work
-        tracking_store.ready(uri, "tracking.tracking_uri" if tk.tracking_uri else "$MLFLOW_TRACKING_URI")
+    tracking_store.check_config(tk)  # a PostgreSQL store: a login, as the run makes before any work
     lines.append(
         f"tracking: MLflow experiment {tk.experiment!r} at "
         f"{redact_uri(tk.tracking_uri) or '$MLFLOW_TRACKING_URI or sqlite:///mlruns.db'}"

@@ -20,9 +20,11 @@ A password in the URI works, and is masked wherever raydrat writes (:mod:`raydra
 from __future__ import annotations
 
 import importlib.util
+import os
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from raydrat.config import ConfigError
+from raydrat.config.tracking import TrackingConfig
 from raydrat.redact import redact, redact_uri, remember_uri
 
 SCHEME = "postgresql"
@@ -121,6 +123,14 @@ def ready(uri: str, origin: str = "tracking.tracking_uri") -> str:
         check_reachable(uri, origin)
         _checked.add(uri)
     return uri
+
+
+def check_config(tk: TrackingConfig) -> None:
+    """The check :func:`ready` makes, for a run's tracking settings, before anything heavy is
+    imported (the CLI, the dry run): the store they name, if it is PostgreSQL."""
+    uri = tk.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if tk.enabled and is_postgres(uri):
+        ready(uri, "tracking.tracking_uri" if tk.tracking_uri else "$MLFLOW_TRACKING_URI")
 
 
 def ui_command(uri: str, mlflow_exe: str) -> str:

@@ -6,10 +6,22 @@ thing to set."""
 
 from __future__ import annotations
 
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
+
+from raydrat.bench.pgserver import SERVICE_USER, find_bin_dir, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -54,6 +66,7 @@ def test_launcher_head_runs_mlflow_on_postgresql_with_a_password_that_stays_on_t
     (mlflow,) = [c for c in head if "mlflow server" in c]
     assert "--backend-store-uri postgresql+psycopg://mlflow@127.0.0.1:5432/mlflow " in mlflow  # no password in it
     assert "PGPASSWORD=$(cat /home/ray/postgres-password) " in mlflow and "--artifacts-destination " in mlflow
+    assert "MLFLOW_FLASK_SERVER_SECRET_KEY=$(cat /home/ray/mlflow-flask-key) " in mlflow  # basic-auth needs one
     assert "sqlite" not in mlflow
     made = [c for c in head if "secrets.token_urlsafe" in c]
     assert made and "/home/ray/postgres-password" in made[0] and "umask 077" in made[0]
@@ -106,6 +119,7 @@ def test_kuberay_mlflow_runs_on_postgresql_with_passwords_from_secrets():
     (server,) = _containers_of(docs["Deployment", "mlflow"])
     assert _from_secret(pg["env"], "POSTGRES_PASSWORD") and _from_secret(server["env"], "PGPASSWORD")
     assert _from_secret(server["env"], "MLFLOW_ADMIN_PASSWORD")
+    assert _from_secret(server["env"], "MLFLOW_FLASK_SERVER_SECRET_KEY")
     for c in (pg, server):
         assert not any("PASSWORD" in e["name"] and "value" in e for e in c["env"]), c["env"]
     command = " ".join(server["command"])
@@ -230,3 +244,117 @@ def test_docs_recommend_tunnels_or_auth_and_say_what_the_metrics_port_does():
     notes = (CLUSTER / "local-single-gpu.md").read_text()
     assert "--node-ip-address=127.0.0.1" in notes and "mlflow server --host 127.0.0.1" in notes
     assert "0.0.0.0" not in notes.replace("never by binding `0.0.0.0`", "")
+
+
+# ------------------------------------------------------------------ the head's commands, run
+
+RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
+
+
+@pytest.mark.slow  # PostgreSQL and an MLflow server start (a minute on a loaded machine)
+def test_the_launcher_head_commands_start_mlflow_on_postgresql(tmp_path):
+    """aws-gpu.yaml's head_setup_commands as written (but the package installs, which this
+    machine has done: PostgreSQL's binaries, mlflow[auth], psycopg), with /home/ray a temp
+    folder and free ports for 5432 and 5000: the password is made, PostgreSQL initialised and
+    started, the database created, and `mlflow server` (basic auth) serves a run that lands
+    in PostgreSQL's tables. Run twice, as `ray up` does on a restart: the second pass keeps
+    the password and the data. PostgreSQL's commands run as the postgres user when the test
+    runs as root (PostgreSQL refuses root; in the image they run as the ray user)."""
+    cfg = yaml.safe_load((CLUSTER / "aws-gpu.yaml").read_text())
+    commands = [c for c in cfg["head_setup_commands"] if not c.startswith(("sudo apt-get", "pip install"))]
+    home = Path(tempfile.mkdtemp(prefix="raydrat-head-"))
+    bindir = home / "bin"  # `python` for the password line; PostgreSQL's tools on the PATH as in the image
+    bindir.mkdir()
+    (bindir / "python").symlink_to(shutil.which("python3", path="/usr/bin:/bin") or "/usr/bin/python3")
+    as_service = os.geteuid() == 0
+    if as_service:
+        account = pwd.getpwnam(SERVICE_USER)
+        for p in (home, bindir):
+            os.chown(p, account.pw_uid, account.pw_gid)
+    pg_port, http_port = free_port(), free_port()
+    password = "admin-" + os.urandom(6).hex()
+    (home / "mlflow-auth.ini").write_text(  # as docs/distributed.md makes it
+        f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{home}/mlflow-auth.db\n"
+        f"admin_username = raydrat\nadmin_password = {password}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    env = {**os.environ, "PGPORT": str(pg_port), "PATH": f"{bindir}:{find_bin_dir()}:/usr/bin:/bin"}
+
+    def run(command: str, server: bool = False) -> subprocess.Popen | None:
+        command = command.replace("/home/ray", str(home)).replace(":5000,", f":{http_port},")
+        command = command.replace("/home/ray", str(home)).replace(":5432/", f":{pg_port}/")
+        command = command.replace("/tmp/mlflow.log", f"{home}/mlflow.log").replace(
+            "/tmp/postgres.log", f"{home}/pg.log"
+        )
+        if server:  # the MLflow server: as root here (the venv's python), backgrounded as written
+            command = command.replace("--port 5000", f"--port {http_port}")
+            path = f"{Path(sys.executable).parent}:{env['PATH']}"
+            return subprocess.Popen(["bash", "-c", command], env={**env, "PATH": path}, start_new_session=True)
+        cmd = [RUNUSER, "-u", SERVICE_USER, "--", "bash", "-c", command] if as_service else ["bash", "-c", command]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=home)
+        assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+        return None
+
+    server = None
+    try:
+        for _ in range(2):
+            for c in commands:
+                if "mlflow server" not in c:
+                    run(c)
+        made = (home / "postgres-password").read_text().strip()
+        assert len(made) >= 24 and (home / "postgres-password").stat().st_mode & 0o077 == 0
+        (server_cmd,) = [c for c in commands if "mlflow server" in c]
+        server = run(server_cmd, server=True)
+        host = subprocess.check_output(["hostname", "-I"], text=True).split()[0]
+        url = f"http://{host}:{http_port}"
+        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = "raydrat", password
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                try:
+                    urllib.request.urlopen(f"{url}/health", timeout=5).read()
+                    break
+                except OSError:
+                    log = (home / "mlflow.log").read_text() if (home / "mlflow.log").exists() else ""
+                    try:
+                        os.killpg(server.pid, 0)  # its processes still there (the shell exited at once)
+                    except ProcessLookupError:
+                        pytest.fail(f"mlflow server on the head exited: {log[-3000:]}")
+                    assert time.monotonic() < deadline, f"mlflow server on the head did not serve: {log[-3000:]}"
+                    time.sleep(2)
+            client = MlflowClient(tracking_uri=url)
+            exp = client.create_experiment("head-check")
+            run_id = client.create_run(exp, run_name="on-postgres").info.run_id
+            client.log_metric(run_id, "val_loss", 1.5, step=3)
+        finally:
+            del os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+        rows = subprocess.run(
+            [
+                "psql",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "mlflow",
+                "-d",
+                "mlflow",
+                "-tAc",
+                f"SELECT r.name, m.key, m.value, m.step FROM runs r JOIN metrics m ON m.run_uuid = r.run_uuid "
+                f"WHERE r.run_uuid = '{run_id}'",
+            ],  # fmt: skip
+            env={**env, "PGPASSWORD": made},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert rows.stdout.strip() == "on-postgres|val_loss|1.5|3", rows.stderr
+    finally:
+        if server is not None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=60)
+        pg_ctl = f"{find_bin_dir()}/pg_ctl -D {home}/pgdata -m fast -w stop"
+        subprocess.run(
+            [RUNUSER, "-u", SERVICE_USER, "--", "bash", "-c", pg_ctl] if as_service else ["bash", "-c", pg_ctl],
+            capture_output=True,
+            timeout=120,
+        )
+        shutil.rmtree(home, ignore_errors=True)

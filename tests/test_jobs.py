@@ -3,22 +3,20 @@ from the wheel built out of the checkout, through Ray's pip runtime env, on a he
 Python has every dependency but not raydrat.
 
 The head is started for these tests only (loopback, its own temp dir and ports) with a
-Python that sees the test environment's packages except raydrat's (a venv whose path file
-lists links to every entry of the environment's site-packages but raydrat's; a path file
-runs none of those entries' own ``.pth`` hooks, so the editable raydrat stays out): so the
-job runs raydrat only if Ray's pip runtime env installed it. Offline: every dependency is
+Python that sees the test environment's packages except raydrat's (``envs.bare_python``):
+so the job runs raydrat only if Ray's pip runtime env installed it. Offline: every dependency is
 already there, so pip reads nothing but the wheel. The head is stopped by ending the
 processes of that Ray session only (never `ray stop`, which would stop every Ray instance on
 the machine)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 import uuid
@@ -26,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from envs import bare_python
 
 from raydrat import __version__
 from raydrat.bench.pgserver import free_port
@@ -147,25 +146,6 @@ def test_the_pinned_requirement_is_what_pip_installs_and_verifies(tmp_path):
 # ------------------------------------------------------------------ a real head (slow)
 
 
-def bare_python(root: Path) -> Path:
-    """A venv (no pip of its own) that sees this environment's packages, raydrat's excepted."""
-    links = root / "site"
-    links.mkdir(parents=True)
-    purelib = Path(sysconfig.get_paths()["purelib"])
-    for entry in purelib.iterdir():
-        if "raydrat" in entry.name.lower():  # its dist-info and the editable install's hooks
-            continue
-        (links / entry.name).symlink_to(entry)
-    venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    py = venv / "bin" / "python"
-    own = subprocess.check_output(
-        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True
-    )
-    (Path(own.strip()) / "_test_env.pth").write_text(f"{links}\n")
-    return py
-
-
 def _session_pids(marker: str) -> list[int]:
     pids = []
     for d in Path("/proc").iterdir():
@@ -259,7 +239,7 @@ def test_job_submit_installs_raydrat_from_the_wheel_trains_debug_and_records_mlf
     entry = ["python", "train.py", "debug", *(a for k, v in sets.items() for a in ("--set", f"{k}={v}"))]
     submit = [RAY, "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait",
               "--runtime-env", "jobs/runtime_env.yaml", "--", *entry]  # fmt: skip
-    print(f"$ {' '.join(submit[:12])} -- python train.py debug ...")
+    print(f"$ {' '.join(submit[: submit.index('--')])} -- python train.py debug --set ...")
     proc = _run(submit, checkout, 600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     print(f"$ ray job logs -f {job_id}")
@@ -304,13 +284,50 @@ def test_raydrat_job_submit_pins_the_wheel_so_a_rebuilt_one_gets_its_own_environ
     cmd = [sys.executable, "-m", "raydrat.cli", "job", "submit", "--address", address, "--", "python", "-m",
            "raydrat.cli", "--version"]  # fmt: skip
     env = {**_env(), "PYTHONPATH": str(REPO)}
+    print("$ raydrat job submit --address ... -- python -m raydrat.cli --version")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=checkout)
     out = proc.stdout + proc.stderr
+    for line in out.splitlines():
+        print(f"  | {line}")
     assert proc.returncode == 0, out[-4000:]
     assert "[raydrat] ray job submit (runtime env jobs/runtime_env.yaml, wheel pinned) -- python -m" in out
     assert f"raydrat {__version__}" in out and "succeeded" in out
     (new,) = set(_pip_envs(temp_dir)) - before
     assert list(new.glob("lib/python*/site-packages/raydrat/cli.py"))
+
+
+@pytest.mark.slow
+def test_the_rayjob_runtime_env_runs_the_job_folder_from_a_zip_at_a_url(ray_head, tmp_path):
+    """cluster/kuberay-rayjob.yaml's runtimeEnvYAML and entrypoint as they are, but for the
+    URL to set: a zip of jobs/ made as its header says, served on loopback. The entrypoint's
+    config (cluster-gpt2-small.yaml, `base: gpt2-small`) loads from the zip through the
+    installed wheel: a dry run (no GPU here), which says the corpus is still the demo one."""
+    address, _ = ray_head
+    checkout = checkout_copy(tmp_path / "checkout")
+    build_wheel(checkout)
+    site = tmp_path / "site"
+    zipped = shutil.make_archive(str(site / f"raydrat-jobs-{__version__}"), "zip", checkout, "jobs")  # top dir: jobs/
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port := free_port()), "--bind", "127.0.0.1", "-d", str(site)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        spec = yaml.safe_load((REPO / "cluster" / "kuberay-rayjob.yaml").read_text())["spec"]
+        env = yaml.safe_load(spec["runtimeEnvYAML"])
+        env["working_dir"] = f"http://127.0.0.1:{port}/{Path(zipped).name}"
+        del env["env_vars"]["MLFLOW_TRACKING_URI"]  # no MLflow server here; a dry run logs nothing
+        entry = [*spec["entrypoint"].split(), "--dry-run", "--set", "scaling.use_gpu=false"]
+        cmd = [RAY, "job", "submit", "--address", address, "--runtime-env-json", json.dumps(env), "--", *entry]
+        print(f"$ ray job submit --runtime-env-json <the RayJob's, at {env['working_dir']}> -- {' '.join(entry)}")
+        proc = _run(cmd, tmp_path, 600)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "dry run of gpt2-small: config valid" in out and "2 worker(s)" in out
+    assert "sources[0] demo: absent from" in out
 
 
 def _stop_job(address: str, job_id: str) -> None:

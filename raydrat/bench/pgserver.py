@@ -136,6 +136,11 @@ class LocalPostgres:
                         str(self.port), "-U", "postgres", "-d", database, stdin=sql)  # fmt: skip
         return out
 
+    def dump(self, database: str | None = None) -> str:
+        """Everything the database holds, as SQL text (``pg_dump``)."""
+        return self._run("pg_dump", "-h", str(self.root), "-p", str(self.port), "-U", "postgres",
+                         database or self.database)  # fmt: skip
+
     def log_text(self) -> str:
         try:
             return (self.root / "server.log").read_text(errors="replace")

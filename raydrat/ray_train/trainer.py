@@ -153,6 +153,23 @@ def log_data(run: Run, bundle) -> None:
         run.log_inputs(tracking.data_inputs(bundle.lineage, profile))
 
 
+EPOCHS_TAG = "raydrat.data.epochs"
+MAX_TAG_CHARS = 8000
+"""MLflow's limit on a tag's value."""
+
+
+def log_epochs(run: Run, bundle) -> None:
+    """The per-epoch data counts (not constant charts): ``data/epochs.json``, and the tag
+    ``raydrat.data.epochs`` (compact JSON), which the store can be queried on
+    (``tags.key = 'raydrat.data.epochs'`` in SQL, ``search_runs`` filters) when it fits a tag."""
+    epochs = bundle.epoch_metrics()
+    if epochs:
+        run.log_text(json.dumps(epochs, indent=2), "data/epochs.json")
+        compact = json.dumps(epochs, separators=(",", ":"))
+        if len(compact) <= MAX_TAG_CHARS:
+            run.set_tag(EPOCHS_TAG, compact)
+
+
 def _log_loss_curve(run: Run, title: str, out_dir: Path) -> None:
     curves = {"train": run.metric_history(M.TRAIN_LOSS), "val": run.metric_history(M.VAL_LOSS)}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -272,9 +289,7 @@ def _train(
         models = log_run_models(run, cfg, result)
         if models:
             log.info("MLflow models: " + ", ".join(f"{k} {v}" for k, v in models.items()))
-        epochs = bundle.epoch_metrics()  # per-epoch data counts: an artifact, not constant charts
-        if epochs:
-            run.log_text(json.dumps(epochs, indent=2), "data/epochs.json")
+        log_epochs(run, bundle)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
