@@ -147,6 +147,28 @@ def test_placeholders_are_marked_as_the_thing_to_set():
     assert "YOUR_ORG" not in (CLUSTER / "kuberay-rayjob.yaml").read_text()
 
 
+def test_the_cluster_config_is_gpt2_small_with_the_corpus_named_in_one_place(tmp_path):
+    """jobs/cluster-gpt2-small.yaml extends the recipe (`base:`): the model, optimizer and
+    schedule are gpt2-small's, the corpus is its one `data.sources` line (marked), two GPU
+    workers; a `base:` chain merges section by section, and a loop is one error."""
+    from raydrat.config import ConfigError, load_config
+
+    cluster, recipe = load_config(str(REPO / "jobs" / "cluster-gpt2-small.yaml")), load_config("gpt2-small")
+    assert cluster.model == recipe.model and cluster.optim == recipe.optim and cluster.name == "gpt2-small"
+    assert cluster.train.steps == recipe.train.steps and cluster.train.storage_path != recipe.train.storage_path
+    assert [s.path for s in cluster.data.sources] == ["demo"] and cluster.scaling.num_workers == 2
+    (line,) = [ln for ln in (REPO / "jobs" / "cluster-gpt2-small.yaml").read_text().splitlines() if "- path:" in ln]
+    assert "SET THIS" in line and "s3://" in line
+    (tmp_path / "a.yaml").write_text("base: b.yaml\ntrain: {steps: 7}\n")
+    (tmp_path / "b.yaml").write_text("base: debug\ntrain: {batch_size: 3}\ndata: {sources: [{path: x}]}\n")
+    a = load_config(str(tmp_path / "a.yaml"), ["train.eval_every=2"])
+    assert (a.train.steps, a.train.batch_size, a.train.eval_every, a.model.d_model) == (7, 3, 2, 64)
+    assert [s.path for s in a.data.sources] == ["x"]  # lists are replaced, not merged
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(str(tmp_path / "a.yaml"))
+
+
 def test_dockerfile_installs_the_wheel_on_the_stock_image_and_says_it_is_not_built_here():
     text = (CLUSTER / "Dockerfile").read_text()
     instructions = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]

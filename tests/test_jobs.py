@@ -11,6 +11,7 @@ the machine)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -171,25 +172,31 @@ def _env() -> dict:
     return env
 
 
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """A head on loopback with the job server, started by a Python without raydrat."""
-    root = tmp_path_factory.mktemp("bare")  # the head's working directory too: no raydrat folder there
-    py = bare_python(root)
-    missing = subprocess.run([str(py), "-c", "import raydrat"], capture_output=True, text=True, env=_env(), cwd=root)
-    assert missing.returncode != 0 and "No module named 'raydrat'" in missing.stderr  # the premise
+@contextlib.contextmanager
+def private_cluster(py: Path, cwd: Path, extra_nodes: int = 0):
+    """A head on loopback with the job server (its own temp dir and ports), and
+    ``extra_nodes`` more nodes on this machine joined to it; yields the dashboard's URL, the
+    GCS address and the temp dir; ends every process of that Ray session after."""
     temp_dir = tempfile.mkdtemp(prefix="rdj", dir="/tmp")  # short: Ray's socket paths are limited
-    gcs, dash, nm, om, agent, metrics, agent_grpc, min_w = (free_port() for _ in range(8))
-    cmd = [str(py), "-m", "ray.scripts.scripts", "start", "--head", "--node-ip-address=127.0.0.1",
-           f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--node-manager-port={nm}",
-           f"--object-manager-port={om}", f"--dashboard-agent-listen-port={agent}",
-           f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-           f"--min-worker-port={min_w}", f"--max-worker-port={min_w + 100}", "--num-cpus=2",
-           "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300, cwd=root)
+    ray_start = [str(py), "-m", "ray.scripts.scripts", "start", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+
+    def node_ports() -> list[str]:
+        nm, om, agent, agent_grpc, metrics, min_w = (free_port() for _ in range(6))
+        return [f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--dashboard-agent-listen-port={agent}",
+                f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+                f"--min-worker-port={min_w}", f"--max-worker-port={min_w + 100}"]  # fmt: skip
+
+    gcs, dash = free_port(), free_port()
+    head = [*ray_start, "--head", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+            "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp_dir}", *node_ports()]  # fmt: skip
     try:
+        proc = subprocess.run(head, capture_output=True, text=True, env=_env(), timeout=300, cwd=cwd)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        yield f"http://127.0.0.1:{dash}", Path(temp_dir)
+        for _ in range(extra_nodes):
+            node = [*ray_start, f"--address=127.0.0.1:{gcs}", "--num-cpus=2", *node_ports()]
+            proc = subprocess.run(node, capture_output=True, text=True, env=_env(), timeout=300, cwd=cwd)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+        yield f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}", Path(temp_dir)
     finally:
         for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 0)):
             for pid in _session_pids(temp_dir):
@@ -201,6 +208,17 @@ def ray_head(tmp_path_factory):
             while time.time() < deadline and _session_pids(temp_dir):
                 time.sleep(0.5)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A head on loopback with the job server, started by a Python without raydrat."""
+    root = tmp_path_factory.mktemp("bare")  # the head's working directory too: no raydrat folder there
+    py = bare_python(root)
+    missing = subprocess.run([str(py), "-c", "import raydrat"], capture_output=True, text=True, env=_env(), cwd=root)
+    assert missing.returncode != 0 and "No module named 'raydrat'" in missing.stderr  # the premise
+    with private_cluster(py, root) as (address, _, temp_dir):
+        yield address, temp_dir
 
 
 def _run(cmd: list[str], cwd: Path, timeout: int) -> subprocess.CompletedProcess:
@@ -328,6 +346,30 @@ def test_the_rayjob_runtime_env_runs_the_job_folder_from_a_zip_at_a_url(ray_head
     assert proc.returncode == 0, out[-4000:]
     assert "dry run of gpt2-small: config valid" in out and "2 worker(s)" in out
     assert "sources[0] demo: absent from" in out
+
+
+@pytest.mark.slow
+def test_the_cluster_config_left_at_the_demo_corpus_is_refused_on_two_nodes(tmp_path):
+    """jobs/cluster-gpt2-small.yaml as shipped (the corpus left at `demo`), its two workers
+    on a Ray cluster of two nodes: one line naming data.sources, before any work (no corpus
+    built, nothing stored). The nodes are two raylets of this machine joined by loopback."""
+    with private_cluster(Path(sys.executable), tmp_path, extra_nodes=1) as (_, gcs, temp_dir):
+        env = {**_env(), "RAY_ADDRESS": gcs, "PYTHONPATH": str(REPO)}
+        cmd = [sys.executable, "-m", "raydrat.cli", "train", str(REPO / "jobs" / "cluster-gpt2-small.yaml"),
+               "--set", "scaling.use_gpu=false", "--set", "scaling.cpus_per_worker=0.5",
+               "--set", f"train.storage_path={tmp_path / 'store'}", "--set", "tracking.enabled=false"]  # fmt: skip
+        work = tmp_path / "work"
+        work.mkdir()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=work)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("raydrat: error:")]
+    assert proc.returncode == 2 and lines, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert lines == [
+        "raydrat: error: data.sources[0].path is 'demo', the small embedded corpus built on the driver's disk, "
+        "but scaling.num_workers=2 Train workers on a Ray cluster of 2 nodes read the corpus from every node: set "
+        "data.sources to a parquet prefix every node reads (s3://bucket/corpus/ or a shared path such as "
+        "/mnt/shared/corpus/; for the cluster examples, in jobs/cluster-gpt2-small.yaml)"
+    ]
+    assert list(work.iterdir()) == [] and not (tmp_path / "store").exists()
 
 
 def _stop_job(address: str, job_id: str) -> None:
