@@ -1,15 +1,16 @@
-"""`ray job submit` entrypoint for training.
+"""`ray job submit` entrypoint for training (run from the root of a raydrat checkout, the
+wheel built into jobs/dist/ first: jobs/runtime_env.yaml says how):
 
-    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
-        python jobs/train.py --config raydrat/recipes/debug.yaml --set train.steps=50
+    ray job submit --runtime-env jobs/runtime_env.yaml -- \
+        python train.py debug --set train.steps=50
 
-Inside a job, RAY_ADDRESS is set, so the run joins the cluster the job was submitted to.
+The job's working directory is jobs/ (so the entrypoint is `train.py`, and a config file
+placed in jobs/, like cluster-gpt2-small.yaml, is found by its name); raydrat itself is the
+wheel Ray's pip runtime env installed. Inside a job, RAY_ADDRESS is set, so the run joins the
+cluster the job was submitted to.
 """
 
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raydrat.cli import main
 

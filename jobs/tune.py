@@ -1,15 +1,13 @@
-"""`ray job submit` entrypoint for sweeps.
+"""`ray job submit` entrypoint for sweeps (see train.py and runtime_env.yaml):
 
-    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \\
-        python jobs/tune.py tune_spaces/smoke.yaml [--resume] [--json sweep.json]
+    ray job submit --runtime-env jobs/runtime_env.yaml -- \
+        python tune.py smoke [--resume] [--json sweep.json]
 
+SPACE is a shipped space name (smoke, lambda_sweep, ...) or a YAML file placed in jobs/.
 Inside a job, RAY_ADDRESS is set, so the sweep's trials run on the cluster it was submitted to.
 """
 
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raydrat.cli import main
 

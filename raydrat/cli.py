@@ -15,8 +15,10 @@
     raydrat bench combos [CONFIG] [--json PATH] [--only NAME ...]
     raydrat bench memory [--json PATH] [--only NAME ...]
     raydrat bench recompute [--models NAME ...] [--fractions F ...] [--steps N] [--no-compile] [--json PATH]
-    raydrat bench model [CONFIG] [--steps N] [--ablate] [--json PATH]
+    raydrat bench model [CONFIG] [--modes eager compiled] [--shapes NAME ...] [--rounds N] [--profile] [--ablate] [--learning] [--json PATH]
     raydrat bench gpu [--dry-run] [--quick] [--tiny] [--out DIR] [--json PATH]
+    raydrat job submit [RAY JOB SUBMIT OPTIONS] -- ENTRYPOINT
+    raydrat bench tracking [--writers N,...] [--steps N] [--keys N] [--server-workers N] [--json PATH]
 
 Known problems (bad config, bad data) end with one line naming the culprit and exit status 2.
 
@@ -106,6 +108,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
             print("\n".join(describe(cfg)))
         return 0
+    from raydrat.tracking_store import check_config
+
+    check_config(cfg.tracking)  # a store that cannot be reached: refused before the heavy imports
     from raydrat.console import quiet_console
     from raydrat.ray_train.trainer import run_training
 
@@ -322,6 +327,34 @@ def cmd_bench_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def _counts(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise UserError(f"{flag} {text!r}: give positive counts like 1,4,8")
+    return values
+
+
+def cmd_bench_tracking(args: argparse.Namespace) -> int:
+    from raydrat.bench.pgserver import PostgresUnavailable
+    from raydrat.bench.tracking import run_tracking_bench
+
+    writers = _counts(args.writers, "--writers")
+    try:
+        run_tracking_bench(writers, args.steps, args.keys, args.server_workers, json_path=args.json)
+    except PostgresUnavailable as exc:
+        raise UserError(f"bench tracking needs a PostgreSQL server: {exc}") from None
+    return 0
+
+
+def cmd_job_submit(args: argparse.Namespace) -> int:
+    from raydrat.job_submit import main as submit
+
+    return submit(args.ray_args)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from raydrat.model_commands import cmd_generate as run
 
@@ -517,6 +550,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_tune)
 
+    job = sub.add_parser("job", help="Ray Jobs").add_subparsers(dest="job_command", required=True)
+    p = job.add_parser(
+        "submit",
+        help="ray job submit with jobs/runtime_env.yaml, its wheel checked and pinned (run from a checkout's root)",
+        description="raydrat job submit [RAY JOB SUBMIT OPTIONS] -- ENTRYPOINT: `ray job submit` with "
+        "jobs/runtime_env.yaml; the wheel it installs must exist and hold the checkout's code, and is pinned by "
+        "its sha256. Every other option goes to `ray job submit` unchanged.",
+    )
+    p.set_defaults(func=cmd_job_submit, ray_args=[])
+
     bench = sub.add_parser(
         "bench", help="benchmarks: overhead, ingest, sync, techniques, memory, model, GPU"
     ).add_subparsers(dest="bench_command", required=True)
@@ -615,6 +658,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_sync)
 
     _add_bench_model(bench)
+    p = bench.add_parser(
+        "tracking",
+        help="metrics/s, errors and lost metrics of concurrent writers: mlflow server on SQLite vs PostgreSQL",
+    )
+    p.add_argument("--writers", default="1,4,8", metavar="N[,N...]", help="concurrent writer processes (default 1,4,8)")
+    p.add_argument("--steps", type=int, default=100, help="log_batch calls per writer (default 100)")
+    p.add_argument("--keys", type=int, default=10, help="metrics per log_batch call (default 10)")
+    p.add_argument("--server-workers", type=int, default=4, help="mlflow server --workers (default 4, its own default)")
+    p.add_argument("--json", help="write one record per row to this JSON file")
+    p.set_defaults(func=cmd_bench_tracking)
+
     # listed here; its arguments are raydrat.bench.gpu's own parser (main dispatches to it)
     bench.add_parser("gpu", help="the CUDA figures in one command (see `raydrat bench gpu --help`)")
 
@@ -647,7 +701,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from raydrat.bench.gpu import main as bench_gpu
 
         return bench_gpu(argv[2:], prog="raydrat bench gpu")
-    args = build_parser().parse_args(argv)
+    if argv[:2] == ["job", "submit"] and not {"-h", "--help"} & set(argv[2:3]):  # the rest is ray's
+        args = argparse.Namespace(command="job", func=cmd_job_submit, ray_args=argv[2:])
+    else:
+        args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -5,17 +5,20 @@ precision, attention kernel: the same :func:`raydrat.core.runtime.resolve` the r
 the memory estimated, and the data planned from metadata alone (listings, parquet footers,
 a prepared manifest), so a bad source fails here with the error the run would give.
 
-No Ray instance is started (with ``RAY_ADDRESS`` set the cluster is asked for its GPUs),
-no MLflow run is created and no tokenizer is trained; the demo corpus is written if it is
-absent (a fraction of a second: the plan lists its files)."""
+It writes nothing: no Ray instance is started (with ``RAY_ADDRESS`` set the cluster is
+asked for its GPUs), no MLflow run is created, no tokenizer is trained, and the demo corpus is
+read through its manifest when it is there; when it is not, the dry run says what the run
+would build (the standard library's documents, counted in memory) and plans the other
+sources."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from raydrat import tracking_store
 from raydrat.config import RaydratConfig
-from raydrat.core.data.demo import tokenizer_file
-from raydrat.core.data.plan import plan_corpus
+from raydrat.core.data.demo import read_manifest, stdlib_documents, tokenizer_file
+from raydrat.core.data.plan import DEMO_SOURCE, plan_corpus
 from raydrat.core.data.prepared import read_manifest_at
 from raydrat.core.data.sources import fs_path, location_for
 from raydrat.core.data.tokenizer import load_tokenizer
@@ -46,6 +49,7 @@ def describe(cfg: RaydratConfig) -> list[str]:
     lines += _data_lines(cfg)
     lines.append(_tokenizer_line(cfg))
     tk = cfg.tracking
+    tracking_store.check_config(tk)  # a PostgreSQL store: a login, as the run makes before any work
     lines.append(
         f"tracking: MLflow experiment {tk.experiment!r} at "
         f"{redact_uri(tk.tracking_uri) or '$MLFLOW_TRACKING_URI or sqlite:///mlruns.db'}"
@@ -64,22 +68,39 @@ def _data_lines(cfg: RaydratConfig) -> list[str]:
             f"data: prepared {d.prepared}: {c['train_blocks']:,} train blocks, "
             f"{c['train_tokens']:,} tokens, {c['val_stored_blocks']:,} val blocks"
         ]
-    plan = plan_corpus(d)
-    total = sum(plan.source_bytes)
+    demo_dir = Path(d.demo_dir).absolute()
+    absent = read_manifest(demo_dir) is None  # present: planned like any parquet folder, read only
+    planned = [i for i, src in enumerate(d.sources) if not (absent and src.path == DEMO_SOURCE)]
+    plan = plan_corpus(d.model_copy(update={"sources": [d.sources[i] for i in planned]})) if planned else None
+    total = sum(plan.source_bytes) if plan else 0
+    to_build = " and the demo corpus, to build" if len(planned) < len(d.sources) else ""
+    what = (
+        f"{len(plan.units)} units of work, {len(plan.files)} files, {total / 1e6:,.1f} MB of text{to_build}"
+        if plan
+        else "the demo corpus, to build"
+    )
     lines = [
-        f"data: {len(plan.units)} units of work, {len(plan.files)} files, {total / 1e6:,.1f} MB of text; "
-        f"val: {d.val_fraction:.0%} of documents by hash (seed {d.split_seed}), from at most "
+        f"data: {what}; val: {d.val_fraction:.0%} of documents by hash (seed {d.split_seed}), from at most "
         f"{d.val_max_units} units"
     ]
     for i, src in enumerate(d.sources):
-        units = sum(1 for u in plan.units if u.source == i)
-        rows = "rows" if plan.source_formats[i] in ("parquet", "jsonl", "hf") else "files"
+        if i not in planned:
+            docs, _ = stdlib_documents()
+            size = sum(len(text.encode("utf-8")) for _, text in docs)
+            lines.append(
+                f"  sources[{i}] demo: absent from {demo_dir}: the run builds it first from this Python's standard "
+                f"library ({len(docs):,} documents, {size / 1e6:,.1f} MB; `raydrat data demo` builds it now)"
+            )
+            continue
+        j = planned.index(i)  # its index in the plan
+        units = sum(1 for u in plan.units if u.source == j)
+        rows = "rows" if plan.source_formats[j] in ("parquet", "jsonl", "hf") else "files"
         share = f", weight {src.weight:g}" if src.weight else ""
         lines.append(
-            f"  sources[{i}] {src.path} ({plan.source_formats[i]}): {plan.source_rows[i]:,} {rows}, "
-            f"{plan.source_bytes[i] / 1e6:,.1f} MB, {units} units{share}"
+            f"  sources[{i}] {src.path} ({plan.source_formats[j]}): {plan.source_rows[j]:,} {rows}, "
+            f"{plan.source_bytes[j] / 1e6:,.1f} MB, {units} units{share}"
         )
-    for skipped in plan.skipped_files:
+    for skipped in plan.skipped_files if plan else []:
         lines.append(f"  skipped (data.on_corrupt = skip): {skipped}")
     return lines
 

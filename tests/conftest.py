@@ -64,6 +64,21 @@ def demo_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server in a temp dir of its own (raydrat.bench.pgserver), started for
+    the session and stopped after it. Without PostgreSQL's binaries the tests that use it
+    fail, naming what to install (`.ci/run` installs it): they are never skipped."""
+    from raydrat.bench.pgserver import LocalPostgres, PostgresUnavailable
+
+    try:
+        server = LocalPostgres().start()
+    except PostgresUnavailable as exc:
+        pytest.fail(f"these tests need a PostgreSQL server: {exc}")
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     import ray

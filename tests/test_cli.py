@@ -133,6 +133,36 @@ def test_dry_run_resolves_estimates_and_plans(demo_dir, tmp_path, capsys, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet"]
 
 
+def test_dry_run_writes_nothing_and_reads_the_demo_manifest_or_says_what_it_would_build(
+    demo_dir, tmp_path, capsys, monkeypatch
+):
+    """The demo corpus absent: the dry run says what the run would build and the folder stays
+    empty (it used to write the 11 MB corpus there); present: planned from its manifest and
+    files, none of them touched."""
+    from raydrat.core.data.demo import read_manifest, stdlib_documents
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["train", "debug", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+    docs, _ = stdlib_documents()
+    assert "data: the demo corpus, to build;" in out
+    assert (
+        f"sources[0] demo: absent from {tmp_path / 'data' / 'demo'}: the run builds it first from this Python's "
+        f"standard library ({len(docs):,} documents, "
+    ) in out
+    assert "tokenizer-512.json absent: the run trains it on the demo corpus first" in out
+
+    before = {p: p.stat().st_mtime_ns for p in demo_dir.rglob("*")}
+    assert main(["train", "debug", "--dry-run", "--set", f"data.demo_dir={demo_dir}"]) == 0
+    out = capsys.readouterr().out
+    assert f"sources[0] demo (parquet): {read_manifest(demo_dir)['n_docs']:,} rows" in out
+    assert {p: p.stat().st_mtime_ns for p in demo_dir.rglob("*")} == before
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_dry_run_refuses_a_missing_source_in_one_line(tmp_path, capsys):
     assert main(["train", "debug", "--dry-run", "--set", f"data.sources=[{{path: {tmp_path}/nope}}]"]) == 2
     line = _error_line(capsys)

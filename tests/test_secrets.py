@@ -29,6 +29,15 @@ def test_redaction_masks_uri_passwords_and_known_secrets(monkeypatch):
     assert R.redact_uri("http://ann:s3cr%40t@host:5000/x") == "http://ann:***@host:5000/x"
     assert R.redact_uri("http://host:5000/path@x") == "http://host:5000/path@x"  # no user info
     assert R.redact_uri("sqlite:////tmp/mlruns.db") == "sqlite:////tmp/mlruns.db"
+    # a PostgreSQL store (the form raydrat rewrites it to, the driver named, too)
+    assert (
+        R.redact_uri("postgresql://ann:s3cr3t@db.internal:5432/mlflow")
+        == "postgresql://ann:***@db.internal:5432/mlflow"
+    )
+    assert (
+        R.redact_uri("postgresql+psycopg://ann:s3cr3t@db:5432/mlflow") == "postgresql+psycopg://ann:***@db:5432/mlflow"
+    )
+    assert R.redact("store postgresql://ann:s3cr3t@db/mlflow failed") == "store postgresql://ann:***@db/mlflow failed"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMIK7MDENG")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://bob:hunter2hunter2@mlflow.example")
     text = "key wJalrXUtnFEMIK7MDENG, uri https://bob:hunter2hunter2@mlflow.example, raw hunter2hunter2"

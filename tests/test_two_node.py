@@ -139,6 +139,9 @@ def _train(demo_dir: Path, tmp: Path, *extra: str) -> list[str]:
     # as null in its checkpoint-manager snapshot, and a resumed run's controller then fails
     # ranking the next save (TypeError: float * None)
     sets = [
+        # a path both nodes read (one machine's disk): the demo corpus by name is refused on two nodes
+        f"data.sources=[{{path: {demo_dir / 'corpus'}}}]",
+        f"data.tokenizer_path={demo_dir / 'tokenizer-512.json'}",
         f"data.demo_dir={demo_dir}",
         f"train.storage_path={tmp / 'store'}",
         f"train.steps={STEPS}",

@@ -184,7 +184,34 @@ def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None, o
         raise ConfigError(format_validation_error(exc, origin)) from None
 
 
+BASE_KEY = "base"
+"""A config's first key may name the recipe it extends (``base: gpt2-small``)."""
+
+
+def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``: sections merged key by key, any other value (a list too) replaced."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_config_mapping(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's mapping with its ``base:`` applied: the recipe it names (a path
+    relative to the file, else a shipped recipe) read first, then this file's keys over it."""
+    data = read_yaml_mapping(path)
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: give one recipe name or path (got {base!r})")
+    base_path = path.parent / base if (path.parent / base).is_file() else resolve_recipe(base)
+    if base_path.resolve() in seen:
+        raise ConfigError(f"{path}: base: {base} extends itself ({' -> '.join(str(p) for p in seen)})")
+    return _merged(read_config_mapping(base_path, (*seen, path.resolve())), data)
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RaydratConfig:
-    """Load a YAML recipe (a path or a shipped recipe name) and apply overrides."""
+    """Load a YAML recipe (a path or a shipped recipe name; ``base:`` applied) and apply overrides."""
     p = resolve_recipe(path)
-    return config_from_dict(read_yaml_mapping(p), overrides, origin=str(p))
+    return config_from_dict(read_config_mapping(p), overrides, origin=str(p))

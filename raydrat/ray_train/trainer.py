@@ -25,7 +25,7 @@ from raydrat.plots import plot_curves
 from raydrat.ray_data.datasets import build_datasets
 from raydrat.ray_session import ensure_ray, expected_gpus
 from raydrat.ray_train import resume
-from raydrat.ray_train.fits import check_cluster_fits
+from raydrat.ray_train.fits import check_cluster_fits, check_corpus_reaches_workers
 from raydrat.ray_train.models import log_run_models
 from raydrat.ray_train.worker import train_loop_per_worker
 from raydrat.redact import redact_obj, redact_uri
@@ -153,6 +153,23 @@ def log_data(run: Run, bundle) -> None:
         run.log_inputs(tracking.data_inputs(bundle.lineage, profile))
 
 
+EPOCHS_TAG = "raydrat.data.epochs"
+MAX_TAG_CHARS = 8000
+"""MLflow's limit on a tag's value."""
+
+
+def log_epochs(run: Run, bundle) -> None:
+    """The per-epoch data counts (not constant charts): ``data/epochs.json``, and the tag
+    ``raydrat.data.epochs`` (compact JSON), which the store can be queried on
+    (``tags.key = 'raydrat.data.epochs'`` in SQL, ``search_runs`` filters) when it fits a tag."""
+    epochs = bundle.epoch_metrics()
+    if epochs:
+        run.log_text(json.dumps(epochs, indent=2), "data/epochs.json")
+        compact = json.dumps(epochs, separators=(",", ":"))
+        if len(compact) <= MAX_TAG_CHARS:
+            run.set_tag(EPOCHS_TAG, compact)
+
+
 def _log_loss_curve(run: Run, title: str, out_dir: Path) -> None:
     curves = {"train": run.metric_history(M.TRAIN_LOSS), "val": run.metric_history(M.VAL_LOSS)}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -202,6 +219,8 @@ def run_training(
         record["tracking_uri"] = resume.tracking_uri_for(record, tracking.resolve_tracking_uri(cfg.tracking))
     run_name = record["run_name"] if record is not None else resume.new_run_name(cfg)  # never reused
     runtime = resolve(cfg, gpus=expected_gpus())  # before Ray starts, when no cluster is named
+    if record is None and cfg.tracking.enabled:  # a store that cannot be reached: refused before any work
+        tracking.resolve_tracking_uri(cfg.tracking)
     ensure_ray()
     with interrupt.trapped():  # after Ray's own handlers: SIGINT/SIGTERM stop the run cleanly
         try:
@@ -234,6 +253,7 @@ def _train(
 ) -> TrainingSummary:
     log = M.setup_logging()
     check_cluster_fits(cfg, runtime.use_gpu, ray.cluster_resources())
+    check_corpus_reaches_workers(cfg, sum(1 for node in ray.nodes() if node.get("Alive")))
     bundle = build_datasets(
         cfg.data,
         cfg.model.seq_len,
@@ -269,9 +289,7 @@ def _train(
         models = log_run_models(run, cfg, result)
         if models:
             log.info("MLflow models: " + ", ".join(f"{k} {v}" for k, v in models.items()))
-        epochs = bundle.epoch_metrics()  # per-epoch data counts: an artifact, not constant charts
-        if epochs:
-            run.log_text(json.dumps(epochs, indent=2), "data/epochs.json")
+        log_epochs(run, bundle)
     except KeyboardInterrupt:
         status = "KILLED"
         raise

@@ -28,6 +28,7 @@ from urllib.parse import urlparse
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
+from raydrat import tracking_store
 from raydrat.config.tracking import TrackingConfig
 from raydrat.redact import redact, redact_uri, remember_uri
 from raydrat.tracking.views import VIEW_KEY, VIEW_TAG, view_state
@@ -42,14 +43,15 @@ charts) instead of the GenAI one (traces)."""
 def resolve_tracking_uri(cfg: TrackingConfig, workdir: str | Path | None = None) -> str:
     """The tracking URI to use: config, then ``$MLFLOW_TRACKING_URI``, then the embedded
     SQLite file (made absolute so Ray workers with another cwd write to the same store).
-    A password in the URI is registered as a secret (:mod:`raydrat.redact`)."""
+    A password in the URI is registered as a secret (:mod:`raydrat.redact`); a PostgreSQL
+    store gets its driver and is checked once (:func:`raydrat.tracking_store.ready`)."""
     if cfg.tracking_uri:
         remember_uri(cfg.tracking_uri)
-        return cfg.tracking_uri
+        return tracking_store.ready(cfg.tracking_uri, "tracking.tracking_uri")
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         remember_uri(env)
-        return env
+        return tracking_store.ready(env, "$MLFLOW_TRACKING_URI")
     base = Path(workdir or os.getcwd()).resolve()
     return f"sqlite:///{base / DEFAULT_DB}"
 
@@ -69,7 +71,9 @@ def ui_command(uri: str) -> str:
     if is_embedded(uri):
         db = Path(uri.removeprefix("sqlite:///")).resolve()
         exe = shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow")
-        return f"cd {shlex.quote(str(db.parent))} && {exe} ui --backend-store-uri sqlite:///{db.name} --port 5000"
+        return f"cd {shlex.quote(str(db.parent))} && {exe} ui --backend-store-uri sqlite:///{db.name} --workers 1 --port 5000"
+    if tracking_store.is_postgres(uri):
+        return tracking_store.ui_command(uri, shutil.which("mlflow") or str(Path(sys.executable).parent / "mlflow"))
     return f"open {redact_uri(uri)} in a browser"
 
 

@@ -35,6 +35,7 @@ from raydrat.config import (
     SweepConfig,
     config_from_dict,
     format_validation_error,
+    read_config_mapping,
     read_yaml_mapping,
     renamed_key,
     resolve_recipe,
@@ -182,7 +183,7 @@ def load_space(path: str | Path) -> Space:
     except ValidationError as exc:  # the sweep's own keys (and a nested section's) are listed
         raise ConfigError(format_validation_error(exc, str(p), root=SweepConfig)) from None
     base_path = p.parent / sweep.base if (p.parent / sweep.base).exists() else resolve_recipe(sweep.base)
-    base = read_yaml_mapping(base_path)
+    base = read_config_mapping(base_path)
     if not sweep.space:
         raise ConfigError(f"{p}: the space is empty: add at least one entry under `space:`")
     dists = [_parse_dist(k, v, str(p)) for k, v in sweep.space.items()]

@@ -221,13 +221,13 @@ def run_sweep(
         verdicts = []
         A.check_budget(space, A.corners(space, gpus), what="corner of the space")
         total, launch_specs = sweep.num_samples, [TrialSpec(0, {}, base)]
+    uri = tracking.resolve_tracking_uri(base.tracking) if base.tracking.enabled else None  # checked before Ray
     ensure_ray(log_to_driver=verbose)
     concurrency, warnings = A.check_resources(space, launch_specs, ray.cluster_resources())
     for w in warnings:
         log.warning(f"warning: {w}")
     use_gpu = (verdicts[0].runtime if verdicts else resolve(base, gpus)).use_gpu
     gpu_bytes = A.gpu_memory_bytes(space) if use_gpu else None
-    uri = tracking.resolve_tracking_uri(base.tracking) if base.tracking.enabled else None
 
     if resume:
         sweep_dir = _latest_unfinished(space)

@@ -23,7 +23,7 @@ from raydrat.core.microbatch import is_oom
 from raydrat.ray_data.datasets import build_datasets
 from raydrat.ray_session import quiet_ray_data
 from raydrat.ray_train.models import log_run_models
-from raydrat.ray_train.trainer import fit_in_run, log_data
+from raydrat.ray_train.trainer import fit_in_run, log_data, log_epochs
 from raydrat.tune.mlflow_runs import end_trial_run, start_trial_run
 
 STATUS = "status"
@@ -66,6 +66,7 @@ def trial_fn(config: dict, tracking_uri: str | None = None) -> None:
             fit_callbacks=payload.get("fit_callbacks", ()),
         )
         final.update(result.metrics or {})
+        log_epochs(run, bundle)
         log_run_models(run, cfg, result, register=False)  # the sweep registers its best trial's
     except Exception as exc:
         if not is_oom(exc):
