@@ -19,7 +19,7 @@ from raydrat.bench.local import LocalData, LocalRun
 from raydrat.config import ConfigError, load_config
 from raydrat.core import metrics as M
 from raydrat.core.fit import Callback
-from raydrat.core.memory.estimate import activation_plan_bounds
+from raydrat.core.memory.activations import activation_plan_bounds
 from raydrat.core.memory.peak import PeakMemory
 from raydrat.core.model.transformer import GPT
 from raydrat.core.step import train_step

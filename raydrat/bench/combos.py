@@ -36,7 +36,8 @@ from raydrat.bench.local import LocalData, LocalRun, interleave
 from raydrat.bench.report import print_table
 from raydrat.config import RaydratConfig, config_from_dict
 from raydrat.core.fit import Callback
-from raydrat.core.memory.estimate import activation_plan_bounds, estimate_memory
+from raydrat.core.memory.activations import activation_plan_bounds
+from raydrat.core.memory.estimate import estimate_memory
 from raydrat.core.model.build import build_model
 from raydrat.core.techniques.recompute.measure import (
     flop_counter,

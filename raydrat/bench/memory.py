@@ -22,7 +22,8 @@ import torch
 from raydrat.bench.local import LocalData, LocalRun
 from raydrat.bench.report import load_average, print_table
 from raydrat.config import RaydratConfig, load_config
-from raydrat.core.memory.estimate import MemoryEstimate, activation_plan_bounds, estimate_memory
+from raydrat.core.memory.activations import activation_plan_bounds
+from raydrat.core.memory.estimate import MemoryEstimate, estimate_memory
 from raydrat.core.memory.peak import BACKWARD, FORWARD, OPTIMIZER, ZERO_GRAD, PeakMemory, StepMemory
 from raydrat.core.runtime import Runtime, UnsupportedCombination, resolve
 from raydrat.tables import write_json

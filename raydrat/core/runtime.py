@@ -27,7 +27,8 @@ import torch
 
 from raydrat.config.base import ConfigError
 from raydrat.config.run import RaydratConfig
-from raydrat.core.memory.estimate import MemoryEstimate, activation_plan_bounds, estimate_memory
+from raydrat.core.memory.activations import activation_plan_bounds
+from raydrat.core.memory.estimate import MemoryEstimate, estimate_memory
 from raydrat.core.model.transformer import sdpa_backend
 from raydrat.core.techniques.precision import DTYPES
 
