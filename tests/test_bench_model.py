@@ -16,7 +16,7 @@ from raydrat.bench.model import run_ablation, run_model_bench, shapes
 from raydrat.bench.peers import NanoGPT, nanogpt_settings, recipe_settings
 from raydrat.config.loading import load_config
 from raydrat.config.model import ModelConfig
-from raydrat.core.checkpoint.export import to_hf_state_dict
+from raydrat.core.checkpoint.hf import to_hf_state_dict
 from raydrat.core.model.transformer import GPT
 
 TINY = dict(vocab_size=96, seq_len=16, d_model=32, n_layer=2, n_head=4, activation="swiglu")

@@ -14,7 +14,8 @@ from torch.testing import assert_close
 
 from raydrat.config.base import ConfigError
 from raydrat.config.model import ModelConfig
-from raydrat.core.checkpoint.export import LLAMA, NEOX, export_hf, export_safetensors, hf_architecture, load_pretrained
+from raydrat.core.checkpoint.export import export_hf, export_safetensors, load_pretrained
+from raydrat.core.checkpoint.hf import LLAMA, NEOX, hf_architecture
 from raydrat.core.data.tokenizer import load_tokenizer, train_tokenizer
 from raydrat.core.model.generate import generate
 from raydrat.core.model.transformer import GPT

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raydrat.config.model import ModelConfig
-from raydrat.core.checkpoint.export import hf_config
+from raydrat.core.checkpoint.hf import hf_config
 from raydrat.core.model.transformer import NORM_EPS
 
 NANOGPT_DIFFERENCES = (

@@ -20,7 +20,8 @@ import torch
 from raydrat.config.base import ConfigError
 from raydrat.config.model import ModelConfig
 from raydrat.config.run import RaydratConfig
-from raydrat.core.checkpoint.export import RAYDRAT_CONFIG, RAYDRAT_MODEL_KEY, check_shapes, load_pretrained
+from raydrat.core.checkpoint.export import RAYDRAT_CONFIG, load_pretrained
+from raydrat.core.checkpoint.hf import RAYDRAT_MODEL_KEY, check_shapes
 from raydrat.core.checkpoint.state import STATE_FILE, load_state, newest_complete, verify_checkpoint
 from raydrat.core.data.demo import tokenizer_file
 from raydrat.core.data.spec import resolve_tokenizer_path
