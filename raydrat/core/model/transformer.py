@@ -4,7 +4,8 @@ Reads top to bottom. Every setting comes from :class:`~raydrat.config.model.Mode
 Techniques are applied from outside: activation recomputation wraps the blocks' branches
 (:mod:`raydrat.core.techniques.recompute.planners`), layer skipping is the ``active_slots`` argument of
 :meth:`GPT.forward`. Incremental decoding passes a :class:`KVCache` to :meth:`GPT.forward`.
-The model knows nothing of Ray, MLflow or the data pipeline.
+The model knows nothing of Ray, MLflow or the data pipeline. It is one file on purpose, like
+nanoGPT's ``model.py``: one cohesive definition a reader follows from the norm to the loss.
 
 Shape legend: B batch, T tokens, C d_model, H query heads, K key/value heads, D head_dim,
 F MLP hidden width, V vocabulary.
