@@ -80,6 +80,18 @@ def quiet_console(verbose: bool = False) -> Iterator[None]:
         _quiet = saved
 
 
+QUIET_RAY_LOGGERS = ("ray._private.authentication",)
+"""Ray's loggers whose warnings no user can act on: the token-authentication notice a new
+local instance prints (token authentication is on by default)."""
+
+
+def quiet_ray_start() -> None:
+    """Before ``ray.init``: in a quiet console the warnings of :data:`QUIET_RAY_LOGGERS` stay out
+    (``--verbose``: they are printed)."""
+    for name in QUIET_RAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR if _quiet else logging.NOTSET)
+
+
 def ray_log_level() -> int:
     """The level ``ray.init`` gives Ray's driver-side loggers."""
     return logging.ERROR if _quiet else logging.WARNING

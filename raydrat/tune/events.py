@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import re
 
+from ray import cloudpickle
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
@@ -19,9 +22,27 @@ from raydrat.tune import report as R
 from raydrat.tune.mlflow_runs import end_trial_run, find_trial_run, last_logged_step
 from raydrat.tune.trial import ERROR, STATUS, root_cause
 
+ERROR_LINE = re.compile(r"^(\w+(?:Error|Exception|Interrupt)\b.*)$", re.M)
 
-def _name(trial: Trial) -> str:
-    return trial.config["trial"]["name"]
+
+def trial_error(trial: Trial) -> str | None:
+    """Why ``trial`` failed, in one line. Tune writes the error into the trial's local folder
+    before it calls back (its copy in storage, which ``Trial.get_pickled_error`` reads, comes
+    later), so the local files are read first."""
+    pickled, text = trial.pickled_error_file, trial.error_file
+    if pickled and os.path.exists(pickled):
+        with open(pickled, "rb") as f:
+            return root_cause(cloudpickle.load(f))
+    if text and os.path.exists(text):
+        with open(text) as f:
+            return _last_error_line(f.read())
+    error = trial.get_pickled_error() or trial.get_error()
+    return root_cause(error) if isinstance(error, BaseException) else _last_error_line(error or "")
+
+
+def _last_error_line(text: str) -> str | None:
+    lines = ERROR_LINE.findall(text)
+    return lines[-1][:500] if lines else None
 
 
 def figures(result: dict, metric: str) -> str:
@@ -80,8 +101,7 @@ class TrialEvents(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info) -> None:
         p = trial.config["trial"]
-        error = trial.get_pickled_error() or trial.get_error()
-        cause = root_cause(error) if error is not None else "the trial's process ended"
+        cause = trial_error(trial) or "the trial's process ended (Tune recorded no error)"
         run = find_trial_run(reveal_uri(self.uri), self.parent_run_id, p["name"])
         if run and run.status() == "RUNNING":
             end_trial_run(run, "failed", cause)

@@ -30,6 +30,7 @@ from raydrat.core import metrics as M
 from raydrat.core.data.demo import build_demo_corpus
 from raydrat.core.fit import Callback
 from raydrat.core.runtime import resolve
+from raydrat.crash import secondary
 from raydrat.envvars import env_set
 from raydrat.ray_session import ensure_ray, expected_gpus
 from raydrat.ray_train.models import register_run_model
@@ -47,7 +48,14 @@ from raydrat.tune.mlflow_runs import (
     record_refused,
     start_parent,
 )
-from raydrat.tune.results import best_trial, full_length_command, memory_figures, overhead_figures, trial_records
+from raydrat.tune.results import (
+    best_trial,
+    full_length_command,
+    launched_info,
+    memory_figures,
+    overhead_figures,
+    trial_records,
+)
 from raydrat.tune.search import AdmittingSearcher, build_searcher
 from raydrat.tune.space import Space, TrialSpec, expand, load_space
 from raydrat.tune.trial import STATUS, trial_fn
@@ -55,6 +63,7 @@ from raydrat.tune.trial import STATUS, trial_fn
 STATE_FILE = "raydrat_sweep.json"
 STATUSES = ("completed", "stopped_early", "infeasible", "oom", "failed")
 NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
+PRINT_TRIAL_ERRORS_ENV = "TUNE_PRINT_ALL_TRIAL_ERRORS"
 SweepError = A.SweepError
 
 
@@ -133,7 +142,7 @@ class Launcher:
 
     def launch(self, v: A.Verdict) -> dict:
         cfg = _trial_config(v.spec, self.sweep_dir)
-        return {
+        payload = {
             "trial": {
                 # Tune writes this payload (params.json, result.json, experiment state): no secret in it;
                 # the real tracking URI reaches the trial through tune.with_parameters (see _fit)
@@ -156,6 +165,10 @@ class Launcher:
                 "fit_callbacks": list(self.fit_callbacks),
             }
         }
+        state = _load_state(self.sweep_dir)  # what the report needs if the trial dies before it reports
+        state.setdefault("launched", {})[v.name] = launched_info(payload["trial"])
+        _save_state(self.sweep_dir, state)
+        return payload
 
     def refuse(self, v: A.Verdict) -> None:
         experiment = (v.spec.config if v.spec else self.space.config_for({}, str(self.space.path))).tracking.experiment
@@ -232,7 +245,8 @@ def run_sweep(
     if resume:
         sweep_dir = _latest_unfinished(space)
         state = _load_state(sweep_dir)
-        interrupt_running_children(uri, state.get("parent_run_id"))
+        interrupt_running_children(uri, state.get("parent_run_id"))  # a driver that died left them open
+        Run.attach(uri, state.get("parent_run_id")).set_status("RUNNING")
         log.info(f"resuming sweep {sweep_dir}")
     else:
         sweep_dir = _new_sweep_dir(space)
@@ -278,16 +292,25 @@ def run_sweep(
     sweep_wall = time.time() - t0
     unfinished = _unfinished_trials(sweep_dir, grid)
     if unfinished:
+        with secondary("closing the interrupted sweep's MLflow runs"):
+            interrupt_running_children(uri, parent_id)
+            Run.attach(uri, parent_id).set_status("KILLED")
         raise A.SweepError(
             f"sweep {sweep_dir.name} interrupted with {unfinished} of {len(grid)} launched trials "
             f"unfinished; continue it with: raydrat tune {space.path} --resume"
         )
 
-    state = _load_state(sweep_dir)
-    records = trial_records(space, grid, state.get("refused", []), uri, parent_id)
-    if records and not any(r.launched for r in records):
-        _refuse_all_infeasible(space, records, uri, parent_id, sweep_dir, state)
-    summary = _finish(space, records, parent_id, uri, sweep_dir, sweep_wall, concurrency, warnings)
+    try:  # whatever goes wrong here, the parent run does not stay RUNNING
+        state = _load_state(sweep_dir)
+        records = trial_records(space, grid, state, uri, parent_id)
+        if records and not any(r.launched for r in records):
+            _refuse_all_infeasible(space, records, uri, parent_id, sweep_dir, state)
+        summary = _finish(space, records, parent_id, uri, sweep_dir, sweep_wall, concurrency, warnings)
+    except BaseException:
+        with secondary("ending the sweep's MLflow run"):
+            if Run.attach(uri, parent_id).status() == "RUNNING":
+                Run.attach(uri, parent_id).end("FAILED")
+        raise
     state["finished"] = True
     _save_state(sweep_dir, state)
     if json_path:
@@ -417,8 +440,10 @@ def _fit(
 @contextlib.contextmanager
 def _tune_console(verbose: bool):
     """Without ``verbose``, Tune prints nothing (its newer console engine prints the
-    experiment's table even when silent; its older one is silent at ``verbose=0``)."""
-    with env_set(NEW_OUTPUT_ENV, None if verbose else "0"):
+    experiment's table even when silent; its older one is silent at ``verbose=0``), not even
+    a failed trial's traceback: the trial's line says its root cause (the traceback is in the
+    trial's ``error.txt``)."""
+    with env_set(NEW_OUTPUT_ENV, None if verbose else "0"), env_set(PRINT_TRIAL_ERRORS_ENV, None if verbose else "0"):
         yield
 
 
