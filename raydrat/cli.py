@@ -288,8 +288,13 @@ def cmd_estimate(args: argparse.Namespace) -> int:
             f"{d['planning_peak_bytes'] / 2**20:.2f} MiB"
         )
     if args.measure:
-        from raydrat.bench.memory import measure, print_measurement
+        from raydrat.bench.memory import STEPS, measure, print_measurement
 
+        print(
+            f"\nmeasuring: training {STEPS} steps of {cfg.name} on this machine's {args.device or 'device'}, every "
+            "step under the allocator's profiler (a minute or more on a CPU)...",
+            flush=True,
+        )
         print_measurement(measure(cfg, device=args.device))
     return 0
 

@@ -33,6 +33,9 @@ from collections.abc import Iterator
 import ray._private.worker as ray_worker  # Ray internal (the log dispatcher): used only here
 
 RAYDRAT_MARK = "[raydrat]"
+RAYLET_NOISE = ("will be retried", "worker processes have been started on node")
+"""The raylet's events no user acts on: a task retry Ray makes by itself, and its notice that
+it started more worker processes than it expected (a sweep's trials each start several)."""
 RAY_HANDLER = "ray_print_logs"
 _quiet = False
 
@@ -40,11 +43,11 @@ _quiet = False
 def keep_line(data: dict, line: str) -> bool:
     """Whether a quiet console prints ``line`` of a worker's output batch ``data``: raydrat's
     own lines, the autoscaler's warnings and errors, and the raylet's error events (a worker
-    killed, out of memory) except a task retry Ray makes by itself."""
+    killed, out of memory) except :data:`RAYLET_NOISE`."""
     if data.get("pid") == "autoscaler":
         return "Error" in line or "Warning" in line
     if data.get("pid") == "raylet":
-        return "will be retried" not in line
+        return not any(noise in line for noise in RAYLET_NOISE)
     return RAYDRAT_MARK in line
 
 

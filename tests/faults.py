@@ -102,9 +102,14 @@ class KillTrial(Callback):
     def on_fit_start(self, state: FitState) -> None:
         if state.rank != 0 or _trial(state) != self.trial:
             return
+        import ray
         from ray.util.state import list_actors
 
-        actors = list_actors(filters=[("class_name", "=", "ImplicitFunc"), ("state", "=", "ALIVE")], detail=True)
+        actors = list_actors(
+            address=ray.get_runtime_context().gcs_address,  # this cluster's (others may run on the machine)
+            filters=[("class_name", "=", "ImplicitFunc"), ("state", "=", "ALIVE")],
+            detail=True,
+        )
         pids = [a.pid for a in actors if Path(f"/proc/{a.pid}/cwd").resolve().name == self.trial]
         assert len(pids) == 1, (self.trial, [(a.pid, Path(f"/proc/{a.pid}/cwd").resolve()) for a in actors])
         os.kill(pids[0], signal.SIGKILL)

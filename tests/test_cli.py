@@ -175,6 +175,12 @@ def test_tune_dry_run_of_a_missing_space_is_one_line(capsys):
         ({"pid": 7}, "Reporting training result 1: TrainingReport(checkpoint=None, metrics={})", False),
         ({"pid": 7}, "Progress bars disabled. To enable, set ...", False),
         ({"pid": "raylet"}, "Task X failed. There are infinite retries remaining, so the task will be retried.", False),
+        (
+            {"pid": "raylet"},
+            "WARNING: 8 PYTHON worker processes have been started on node: a0db with address: 192.0.2.2, which is "
+            "4x the maximum expected startup concurrency (2).",
+            False,
+        ),
         ({"pid": "raylet"}, "A worker died or was killed while executing a task", True),
         ({"pid": "autoscaler"}, "Warning: The following resource request cannot be scheduled", True),
     ],

@@ -21,13 +21,29 @@ from pathlib import Path
 import pytest
 from conftest import cli_env, raydrat_cmd, run_cli
 
+from raydrat import interrupt
 from raydrat.core.checkpoint.state import checkpoint_step, verify_checkpoint
 from raydrat.ray_train.resume import checkpoint_dirs
 
-pytestmark = pytest.mark.slow
-
 STEPS = 40
 RUN = "sig"
+
+
+def test_a_closed_terminal_stops_the_run_like_ctrl_c_unless_nohup_ignores_it():
+    """SIGHUP (the terminal closed) is caught like SIGINT and SIGTERM (exit 129); a SIGHUP
+    ignored when the run started, as under ``nohup``, stays ignored."""
+    with pytest.raises(interrupt.Interrupted) as stopped, interrupt.trapped():
+        os.kill(os.getpid(), signal.SIGHUP)
+        time.sleep(5)
+    assert stopped.value.signame == "SIGHUP" and stopped.value.exit_code == 129
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with interrupt.trapped():
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.5)
+        assert interrupt.received() is None
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def _start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
@@ -58,6 +74,7 @@ def _status(db: Path) -> str:
     return run.info.status, run.info.run_id, client
 
 
+@pytest.mark.slow
 def test_sigint_and_sigterm_stop_cleanly_and_the_run_resumes(demo_dir: Path, tmp_path: Path):
     db, storage = tmp_path / "mlruns.db", tmp_path / "ray_results"
     args = [
@@ -147,6 +164,7 @@ def _train_args(demo_dir: Path, tmp: Path, storage: Path, *sets: str) -> list[st
     return ["train", "debug", *(a for s in base for a in ("--set", s))]
 
 
+@pytest.mark.slow
 def test_two_runs_started_at_once_with_one_name_give_one_run_and_one_refusal(demo_dir, tmp_path):
     args = _train_args(demo_dir, tmp_path, tmp_path / "rr", "train.steps=4", "tracking.run_name=twin")
     procs = [
@@ -156,6 +174,7 @@ def test_two_runs_started_at_once_with_one_name_give_one_run_and_one_refusal(dem
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=600) for p in procs]
+    print(*(err for _, err in outs), sep="\n-----\n")  # the consoles, for the record (pytest -rA)
     codes = [p.returncode for p in procs]
     assert sorted(codes) == [0, 2], outs
     refused = outs[codes.index(2)][1].strip().splitlines()
@@ -187,11 +206,13 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.slow
 def test_a_disk_that_fills_during_a_checkpoint_is_one_line_and_the_run_resumes(demo_dir, tmp_path, small_disk):
     storage = small_disk / "rr"
     args = _train_args(demo_dir, tmp_path, storage, "train.steps=8", "tracking.run_name=full")
     fill = [["FillDiskAt", {"step": 5, "path": str(small_disk), "leave": 64 * 1024}]]
     crashed = run_cli(args, cwd=tmp_path, faults_spec=fill)
+    print(crashed.stderr)  # the console, for the record (pytest -rA)
     err = crashed.stderr.strip().splitlines()
     assert crashed.returncode == 1, crashed.stderr[-5000:]
     errors = [ln for ln in err if ln.startswith("raydrat: error:")]

@@ -189,7 +189,8 @@ def fit_in_run(
     )
     result = trainer.fit()
     if run:
-        _log_loss_curve(run, run_name, Path(cfg.train.storage_path) / run_name)
+        with crash.secondary("logging the loss curve to MLflow"):
+            _log_loss_curve(run, run_name, Path(cfg.train.storage_path) / run_name)
     return result
 
 

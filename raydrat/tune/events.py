@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Callable
 
 from ray import cloudpickle
 from ray.tune import Callback
@@ -61,9 +62,18 @@ def figures(result: dict, metric: str) -> str:
 class TrialEvents(Callback):
     """``started``, each report, and how the trial ended, for each trial."""
 
-    def __init__(self, log: logging.Logger, metric: str, uri: str | None, parent_run_id: str | None):
+    def __init__(
+        self,
+        log: logging.Logger,
+        metric: str,
+        uri: str | None,
+        parent_run_id: str | None,
+        ended: Callable[[str, str], None] | None = None,
+    ):
         self.log, self.metric = log, metric
         self.uri, self.parent_run_id = uri, parent_run_id
+        self.ended = ended
+        """``ended(trial, status)``: keeps how Tune ended the trial (``TERMINATED``, ``ERROR``)."""
         self.last_step: dict[str, int] = {}
 
     def on_trial_start(self, iteration: int, trials: list, trial: Trial, **info) -> None:
@@ -83,6 +93,8 @@ class TrialEvents(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info) -> None:
         p, last = trial.config["trial"], trial.last_result or {}
+        if self.ended:
+            self.ended(p["name"], "TERMINATED")
         if STATUS in last:
             tail = (
                 f": {last[ERROR]}"
@@ -101,6 +113,8 @@ class TrialEvents(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info) -> None:
         p = trial.config["trial"]
+        if self.ended:
+            self.ended(p["name"], "ERROR")
         cause = trial_error(trial) or "the trial's process ended (Tune recorded no error)"
         run = find_trial_run(reveal_uri(self.uri), self.parent_run_id, p["name"])
         if run and run.status() == "RUNNING":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -59,11 +60,13 @@ from raydrat.tune.results import (
 from raydrat.tune.search import AdmittingSearcher, build_searcher
 from raydrat.tune.space import Space, TrialSpec, expand, load_space
 from raydrat.tune.trial import STATUS, trial_fn
+from raydrat.tune.tune_state import ENDED, mark_ended, saved_trials
 
 STATE_FILE = "raydrat_sweep.json"
 STATUSES = ("completed", "stopped_early", "infeasible", "oom", "failed")
 NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
 PRINT_TRIAL_ERRORS_ENV = "TUNE_PRINT_ALL_TRIAL_ERRORS"
+TUNE_LOGGER = "ray.tune.tune"
 SweepError = A.SweepError
 
 
@@ -191,6 +194,19 @@ class Launcher:
         M.logger.info(f"{v.name} {v.refused}, not launched: {v.reason} ({R.params_text(v.params)})")
 
 
+@dataclass
+class Ended:
+    """``ended(trial, status)``: how Tune ended a trial, kept in the sweep's state (a resume
+    writes it into Tune's own: :func:`raydrat.tune.tune_state.mark_ended`)."""
+
+    sweep_dir: Path
+
+    def __call__(self, trial: str, status: str) -> None:
+        state = _load_state(self.sweep_dir)
+        state.setdefault("ended", {})[trial] = status
+        _save_state(self.sweep_dir, state)
+
+
 def _trial_config(t: TrialSpec, sweep_dir: Path):
     """The trial's config with paths made absolute (Tune runs trials in their own dirs)."""
     cfg = t.config.model_copy(deep=True)
@@ -285,7 +301,7 @@ def run_sweep(
         concurrency,
         resume,
         verbose,
-        TrialEvents(log, sweep.metric, redact_uri(uri), parent_id),
+        TrialEvents(log, sweep.metric, redact_uri(uri), parent_id, Ended(sweep_dir)),
         max_steps(space, launch_specs),
         uri,
     )
@@ -361,13 +377,8 @@ def _unfinished_trials(sweep_dir: Path, grid) -> int:
     trials still RUNNING and returns normally (they read TERMINATED in memory), so: a trial is
     unfinished when Tune's last saved state does not have it TERMINATED/ERROR and it neither
     sent its own final status nor errored (the last snapshot can lag a normal finish)."""
-    states = sorted(sweep_dir.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
-    if not states:
-        return 0
     done = {Path(r.path).name for r in grid if r.error is not None or STATUS in (r.metrics or {})}
-    trial_data = json.loads(states[-1].read_text()).get("trial_data", [])
-    meta = [json.loads(entry[0]) for entry in trial_data]
-    return sum(m.get("status") not in ("TERMINATED", "ERROR") and m.get("relative_logdir") not in done for m in meta)
+    return sum(t.get("status") not in ENDED and t.get("relative_logdir") not in done for t in saved_trials(sweep_dir))
 
 
 def _prepare_demo_data(trials: list[TrialSpec]) -> None:
@@ -401,6 +412,9 @@ def _fit(
         tune.with_parameters(trial_fn, tracking_uri=tracking_uri), {"CPU": sweep.resources.trial_cpu}
     )
     if resume:
+        repaired = mark_ended(sweep_dir, _load_state(sweep_dir).get("ended", {}))
+        if repaired:
+            M.logger.info(f"{', '.join(repaired)}: ended before the sweep was interrupted, not run again")
         tuner = tune.Tuner.restore(
             str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
         )
@@ -442,9 +456,21 @@ def _tune_console(verbose: bool):
     """Without ``verbose``, Tune prints nothing (its newer console engine prints the
     experiment's table even when silent; its older one is silent at ``verbose=0``), not even
     a failed trial's traceback: the trial's line says its root cause (the traceback is in the
-    trial's ``error.txt``)."""
-    with env_set(NEW_OUTPUT_ENV, None if verbose else "0"), env_set(PRINT_TRIAL_ERRORS_ENV, None if verbose else "0"):
-        yield
+    trial's ``error.txt``), nor its closing list of the trials that did not complete."""
+    quiet = None if verbose else "0"
+    tune_log = logging.getLogger(TUNE_LOGGER)
+    if not verbose:
+        tune_log.addFilter(_no_incomplete_trials_line)
+    try:
+        with env_set(NEW_OUTPUT_ENV, quiet), env_set(PRINT_TRIAL_ERRORS_ENV, quiet):
+            yield
+    finally:
+        tune_log.removeFilter(_no_incomplete_trials_line)
+
+
+def _no_incomplete_trials_line(record: logging.LogRecord) -> bool:
+    """Tune's closing ``Trials did not complete: [...]``: the report gives every trial's status."""
+    return not record.getMessage().startswith("Trials did not complete")
 
 
 def _finish(space, records, parent_id, uri, sweep_dir, sweep_wall, concurrency, warnings) -> SweepSummary:
