@@ -149,8 +149,10 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     from raydrat.core.data.sources import check_writable, fs_path, location_for
     from raydrat.ray_data.prepare import prepare
     from raydrat.ray_session import ensure_ray
+    from raydrat.ray_train.preflight import check_sources
 
     check_writable(location_for(args.out, args.endpoint_url), fs_path(args.out), f"--out {args.out}")  # before Ray
+    check_sources(cfg)
     with quiet_console(args.verbose):
         ensure_ray()
         m = prepare(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, args.out, args.endpoint_url, keep=args.keep)

@@ -102,18 +102,20 @@ def ray_log_level() -> int:
 
 def install() -> bool:
     """After ``ray.init``: in a quiet console, print only the worker lines :func:`keep_line`
-    keeps. Returns whether the filter is in place."""
+    keeps (the raylet's events too when the workers' output is not forwarded at all,
+    ``log_to_driver=False``, as in a sweep). Returns whether the filter is in place."""
     if not _quiet:
         return False
     dispatcher = getattr(ray_worker, "global_worker_stdstream_dispatcher", None)
     printer = getattr(ray_worker, "print_to_stdstream", None)
-    if dispatcher is None or printer is None or not any(n == RAY_HANDLER for n, _ in dispatcher.handlers):
+    if dispatcher is None or printer is None:
         return False
     printer = getattr(printer, "__wrapped__", printer)  # installed before: wrap Ray's own again
     kept = functools.wraps(printer)(functools.partial(_print_kept, printer))
-    ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
-    dispatcher.remove_handler(RAY_HANDLER)
-    dispatcher.add_handler(RAY_HANDLER, functools.partial(kept, ignore_prefix=ignore_prefix))
+    if any(n == RAY_HANDLER for n, _ in dispatcher.handlers):  # the workers' output is forwarded
+        ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
+        dispatcher.remove_handler(RAY_HANDLER)
+        dispatcher.add_handler(RAY_HANDLER, functools.partial(kept, ignore_prefix=ignore_prefix))
     ray_worker.print_to_stdstream = kept  # the raylet's error events are printed through it
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -141,6 +141,7 @@ def test_sigint_and_sigterm_stop_cleanly_and_the_run_resumes(demo_dir: Path, tmp
     proc = _start(args + ["--resume", RUN], tmp_path, log)
     assert proc.wait(timeout=300) == 0, log.read_text()[-4000:]
     out = log.read_text()
+    print(out)  # the console, for the record (pytest -rA)
     assert re.search(
         rf"run {RUN}: its last driver \(pid {killed} on \S+\) ended without closing it \(killed\?\)", out
     ), out[-3000:]

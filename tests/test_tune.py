@@ -569,7 +569,8 @@ def _interrupt_when(args: list[str], cwd: Path, log: Path, what: str, ready, fau
                 proc.kill()
     text = log.read_text()
     assert proc.returncode == 2, text[-5000:]
-    assert text.strip().splitlines()[-1].endswith(" --resume"), text[-3000:]
+    errors = [ln for ln in text.splitlines() if ln.startswith("raydrat: error:")]
+    assert len(errors) == 1 and errors[0].endswith(" --resume"), text[-3000:]
     return text
 
 
@@ -620,7 +621,8 @@ def test_a_sweep_survives_dead_trials_and_two_interrupts(demo_dir: Path, tmp_pat
     assert "t001 failed: RuntimeError: injected fault at step 2 (test)" in first, first[-4000:]
     for text in (first, second, out):  # Ray's own lines stay out of the quiet console
         assert "Traceback" not in text and "Token authentication" not in text, text[-4000:]
-        assert "Trials did not complete" not in text and "worker processes have been started" not in text
+        assert "Trials did not complete" not in text and "will be retried" not in text
+        assert "worker processes have been started" not in text
     # a resume runs only the unfinished trials: the failed ones never start again
     for text in (second, out):
         assert "t000 started" not in text and "t001 started" not in text, text[-4000:]

@@ -1,4 +1,5 @@
-"""The checks a run makes before it starts Ray: the data it will read and its tokenizer.
+"""The checks a run (and ``raydrat data prepare``) makes before it starts Ray: the data it will
+read and its tokenizer.
 
 A wrong ``data.sources`` path, a prepared directory without a complete manifest, a
 tokenizer of the wrong vocabulary or one prepared for another tokenizer or sequence length
@@ -22,11 +23,19 @@ def check_data(cfg: RaydratConfig) -> None:
     """Raise :class:`DataError` (or ``ConfigError``) when the run's data or tokenizer cannot
     serve it."""
     d = cfg.data
-    _, tok_path = make_spec(d, cfg.model.seq_len, cfg.model.vocab_size)
-    if d.prepared:
-        manifest = read_manifest_at(location_for(d.prepared, d.prepared_endpoint_url), fs_path(d.prepared))
-        check_manifest(manifest, f"data.prepared = {d.prepared!r}", tokenizer_hash(tok_path), cfg.model.seq_len)
+    if not d.prepared:
+        check_sources(cfg)
         return
+    _, tok_path = make_spec(d, cfg.model.seq_len, cfg.model.vocab_size)
+    manifest = read_manifest_at(location_for(d.prepared, d.prepared_endpoint_url), fs_path(d.prepared))
+    check_manifest(manifest, f"data.prepared = {d.prepared!r}", tokenizer_hash(tok_path), cfg.model.seq_len)
+
+
+def check_sources(cfg: RaydratConfig) -> None:
+    """``data.sources`` can be read and hold documents, and the tokenizer fits the model (what
+    ``raydrat data prepare`` reads too)."""
+    d = cfg.data
+    make_spec(d, cfg.model.seq_len, cfg.model.vocab_size)
     plan = plan_corpus(d)
     if not plan.units or plan.rows == 0:
         corpus = ", ".join(src.path for src in d.sources)
