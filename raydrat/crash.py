@@ -82,7 +82,7 @@ class RunCrashed(Exception):
 
 def first_line(exc: BaseException) -> str:
     text = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
-    return f"{type(exc).__name__}: {text}"[:400] if text else type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__
 
 
 def innermost(exc: BaseException) -> BaseException:
