@@ -21,6 +21,9 @@
     raydrat bench tracking [--writers N,...] [--steps N] [--keys N] [--server-workers N] [--json PATH]
 
 Known problems (bad config, bad data) end with one line naming the culprit and exit status 2.
+A run that crashes while training (a full disk, a worker killed, a node lost) and Ray failing
+to start end with one ``raydrat: error:`` line naming the cause and the place, and for a
+run, its newest complete checkpoint and the command that resumes it (exit status 1).
 
 Each command imports what it needs when it runs (so ``raydrat --help`` stays fast): those
 are the only imports inside functions in raydrat. What ``raydrat --help`` prints is
@@ -40,6 +43,7 @@ from raydrat import __version__
 from raydrat.config import ConfigError, load_config
 from raydrat.core.data.errors import DataError
 from raydrat.core.exceptions import walk_exceptions
+from raydrat.crash import RayStartError, RunCrashed
 from raydrat.interrupt import Interrupted, as_interrupted
 
 DESCRIPTION = """\
@@ -146,11 +150,17 @@ def cmd_data_tokenizer(args: argparse.Namespace) -> int:
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
+    from raydrat.console import quiet_console
+    from raydrat.core.data.sources import check_writable, fs_path, location_for
     from raydrat.ray_data.prepare import prepare
     from raydrat.ray_session import ensure_ray
+    from raydrat.ray_train.preflight import check_sources
 
-    ensure_ray()
-    m = prepare(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, args.out, args.endpoint_url, keep=args.keep)
+    check_writable(location_for(args.out, args.endpoint_url), fs_path(args.out), f"--out {args.out}")  # before Ray
+    check_sources(cfg)
+    with quiet_console(args.verbose):
+        ensure_ray()
+        m = prepare(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, args.out, args.endpoint_url, keep=args.keep)
     c = m["counts"]
     print(
         f"prepared {args.out} in {m['seconds']}s: {c['docs']:,} documents "
@@ -224,9 +234,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print("\n".join(describe_sweep(args.space)))
         return 0
     from raydrat import tracking
+    from raydrat.console import quiet_console
     from raydrat.tune.sweep import run_sweep
 
-    summary = run_sweep(args.space, resume=args.resume, json_path=args.json, verbose=args.verbose)
+    with quiet_console(args.verbose):
+        summary = run_sweep(args.space, resume=args.resume, json_path=args.json, verbose=args.verbose)
     print(summary.report)
     if summary.tracking_uri and summary.parent_run_id:
         parent = tracking.Run.attach(summary.tracking_uri, summary.parent_run_id)
@@ -283,8 +295,13 @@ def cmd_estimate(args: argparse.Namespace) -> int:
             f"{d['planning_peak_bytes'] / 2**20:.2f} MiB"
         )
     if args.measure:
-        from raydrat.bench.memory import measure, print_measurement
+        from raydrat.bench.memory import STEPS, measure, print_measurement
 
+        print(
+            f"\nmeasuring: training {STEPS} steps of {cfg.name} on this machine's {args.device or 'device'}, every "
+            "step under the allocator's profiler (a minute or more on a CPU)...",
+            flush=True,
+        )
         print_measurement(measure(cfg, device=args.device))
     return 0
 
@@ -526,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="published generations to keep (default 2); older ones go once no running reader holds them",
     )
+    p.add_argument(
+        "--verbose", action="store_true", help="show Ray's own console output (default: raydrat's lines only)"
+    )
     p.set_defaults(func=cmd_data_prepare)
     p = data.add_parser("gc", help="remove prepared generations no reader can be using, and crashed prepares' shards")
     p.add_argument("out", help="a `data prepare` output directory or s3://bucket/prefix")
@@ -676,14 +696,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _train_command(args: argparse.Namespace) -> str:
+    """The ``raydrat train`` command the user ran, without ``--resume``."""
+    return " ".join(
+        ["raydrat", "train", shlex.quote(args.config), *(f"--set {shlex.quote(o)}" for o in args.overrides)]
+    )
+
+
 def _interrupted_message(args: argparse.Namespace, stopped: Interrupted) -> str:
     """What a stopped command says: for ``train``, how to resume the run (or that it
     stopped before its first complete checkpoint and has nothing to resume)."""
     if args.command != "train" or not stopped.run_name:
         return f"raydrat: interrupted by {stopped.signame}"
-    again = " ".join(
-        ["raydrat", "train", shlex.quote(args.config), *(f"--set {shlex.quote(o)}" for o in args.overrides)]
-    )
+    again = _train_command(args)
     if not stopped.resumable:
         return (
             f"raydrat: interrupted by {stopped.signame} before run {stopped.run_name} saved a complete "
@@ -693,6 +718,23 @@ def _interrupted_message(args: argparse.Namespace, stopped: Interrupted) -> str:
         f"raydrat: interrupted by {stopped.signame}: run {stopped.run_name} stopped (MLflow run KILLED), "
         f"its complete checkpoints kept; resume it with:\n  {again} --resume {shlex.quote(stopped.run_name)}"
     )
+
+
+def _crash_message(args: argparse.Namespace, crashed: RunCrashed) -> str:
+    """What a run that crashed while training says: the cause in one ``raydrat: error:`` line,
+    then the incomplete checkpoints removed, the newest complete one and how to resume."""
+    lines = [f"raydrat: error: run {crashed.run_name}: {crashed.cause}"]
+    if crashed.removed:
+        lines.append(f"  removed the incomplete checkpoint(s) it left: {', '.join(crashed.removed)}")
+    again = _train_command(args)
+    if crashed.checkpoint:
+        lines.append(f"  newest complete checkpoint: {crashed.checkpoint}; resume with:")
+        lines.append(f"  {again} --resume {shlex.quote(crashed.run_name)}")
+    else:
+        lines.append(f"  no complete checkpoint: nothing to resume; start it again with: {again}")
+    if crashed.details:
+        lines.append(f"  the full traceback: {crashed.details}")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -712,7 +754,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         stopped = as_interrupted(exc)
         print(_interrupted_message(args, stopped), file=sys.stderr)
         return stopped.exit_code
-
+    except RunCrashed as crashed:
+        print(_crash_message(args, crashed), file=sys.stderr)
+        return 1
+    except RayStartError as failed:
+        print(f"raydrat: error: {failed}", file=sys.stderr)
+        return 1
     except Exception as exc:
         root = _root_cause(exc)
         if isinstance(root, KNOWN_ERRORS):

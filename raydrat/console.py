@@ -33,6 +33,9 @@ from collections.abc import Iterator
 import ray._private.worker as ray_worker  # Ray internal (the log dispatcher): used only here
 
 RAYDRAT_MARK = "[raydrat]"
+RAYLET_NOISE = ("will be retried", "worker processes have been started on node")
+"""The raylet's events no user acts on: a task retry Ray makes by itself, and its notice that
+it started more worker processes than it expected (a sweep's trials each start several)."""
 RAY_HANDLER = "ray_print_logs"
 _quiet = False
 
@@ -40,11 +43,11 @@ _quiet = False
 def keep_line(data: dict, line: str) -> bool:
     """Whether a quiet console prints ``line`` of a worker's output batch ``data``: raydrat's
     own lines, the autoscaler's warnings and errors, and the raylet's error events (a worker
-    killed, out of memory) except a task retry Ray makes by itself."""
+    killed, out of memory) except :data:`RAYLET_NOISE`."""
     if data.get("pid") == "autoscaler":
         return "Error" in line or "Warning" in line
     if data.get("pid") == "raylet":
-        return "will be retried" not in line
+        return not any(noise in line for noise in RAYLET_NOISE)
     return RAYDRAT_MARK in line
 
 
@@ -80,6 +83,18 @@ def quiet_console(verbose: bool = False) -> Iterator[None]:
         _quiet = saved
 
 
+QUIET_RAY_LOGGERS = ("ray._private.authentication",)
+"""Ray's loggers whose warnings no user can act on: the token-authentication notice a new
+local instance prints (token authentication is on by default)."""
+
+
+def quiet_ray_start() -> None:
+    """Before ``ray.init``: in a quiet console the warnings of :data:`QUIET_RAY_LOGGERS` stay out
+    (``--verbose``: they are printed)."""
+    for name in QUIET_RAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR if _quiet else logging.NOTSET)
+
+
 def ray_log_level() -> int:
     """The level ``ray.init`` gives Ray's driver-side loggers."""
     return logging.ERROR if _quiet else logging.WARNING
@@ -87,18 +102,20 @@ def ray_log_level() -> int:
 
 def install() -> bool:
     """After ``ray.init``: in a quiet console, print only the worker lines :func:`keep_line`
-    keeps. Returns whether the filter is in place."""
+    keeps (the raylet's events too when the workers' output is not forwarded at all,
+    ``log_to_driver=False``, as in a sweep). Returns whether the filter is in place."""
     if not _quiet:
         return False
     dispatcher = getattr(ray_worker, "global_worker_stdstream_dispatcher", None)
     printer = getattr(ray_worker, "print_to_stdstream", None)
-    if dispatcher is None or printer is None or not any(n == RAY_HANDLER for n, _ in dispatcher.handlers):
+    if dispatcher is None or printer is None:
         return False
     printer = getattr(printer, "__wrapped__", printer)  # installed before: wrap Ray's own again
     kept = functools.wraps(printer)(functools.partial(_print_kept, printer))
-    ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
-    dispatcher.remove_handler(RAY_HANDLER)
-    dispatcher.add_handler(RAY_HANDLER, functools.partial(kept, ignore_prefix=ignore_prefix))
+    if any(n == RAY_HANDLER for n, _ in dispatcher.handlers):  # the workers' output is forwarded
+        ignore_prefix = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
+        dispatcher.remove_handler(RAY_HANDLER)
+        dispatcher.add_handler(RAY_HANDLER, functools.partial(kept, ignore_prefix=ignore_prefix))
     ray_worker.print_to_stdstream = kept  # the raylet's error events are printed through it
     for name in ("ray", "ray.data", "ray.train", "ray.tune"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -1,4 +1,6 @@
-"""Ctrl-C (SIGINT) and SIGTERM during ``raydrat train``: stop cleanly, say how to resume.
+"""Ctrl-C (SIGINT), SIGTERM and SIGHUP (the terminal closed) during ``raydrat train``: stop
+cleanly, say how to resume. (A SIGHUP ignored when the run started, as under ``nohup``, stays
+ignored; a SIGKILL cannot be caught: the next ``--resume`` says the last driver died.)
 
 Ray installs its own handlers: ``ray.init`` makes SIGTERM ``sys.exit`` (which escapes Ray's
 C++ wait loops as a crash, exit 134), and Ray Train's ``fit`` makes SIGINT abort the run
@@ -7,7 +9,7 @@ second thread (Ray Train installs no handler off the main thread, as under Tune)
 main thread waits with raydrat's handlers installed: a signal raises :class:`Interrupted`
 in the main thread, where the caller ends the MLflow run as KILLED, stops Ray, leaves only
 complete checkpoints, and the CLI prints the resume command and exits ``128 + signal``
-(130 for SIGINT, 143 for SIGTERM). Only the standard library is used here.
+(130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP). Only the standard library is used here.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 T = TypeVar("T")
 
 
@@ -59,8 +61,8 @@ def as_interrupted(exc: BaseException) -> Interrupted:
 
 @contextmanager
 def trapped() -> Iterator[None]:
-    """SIGINT and SIGTERM raise :class:`Interrupted` in the main thread while inside (the
-    previous handlers come back on exit). Off the main thread it does nothing."""
+    """SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` in the main thread while inside
+    (the previous handlers come back on exit). Off the main thread it does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -72,7 +74,8 @@ def trapped() -> Iterator[None]:
             raise Interrupted(signum)
 
     _received.clear()
-    previous = {s: signal.signal(s, handler) for s in SIGNALS}
+    caught = [s for s in SIGNALS if s != signal.SIGHUP or signal.getsignal(s) is not signal.SIG_IGN]  # nohup's stays
+    previous = {s: signal.signal(s, handler) for s in caught}
     try:
         yield
     finally:

@@ -1,5 +1,9 @@
 """Connecting to Ray: an existing cluster (``RAY_ADDRESS`` / ``ray job submit``) or a new
-local instance, with Ray Data's console output kept quiet."""
+local instance, with Ray Data's console output kept quiet.
+
+Starting (or joining) is tried twice: a loaded machine can make Ray's local node miss its
+fixed start-up wait once. The second failure is :class:`raydrat.crash.RayStartError`, one
+line naming the load average and how to join a running cluster instead."""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ import ray
 import ray.data
 import torch
 
-from raydrat import console
+from raydrat import console, crash
+from raydrat.core import metrics as M
 
 
 def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
@@ -28,9 +33,37 @@ def ensure_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
             # The dashboard stays on: Ray Train V2 queries actor state through it.
             kwargs.update(num_cpus=num_cpus)
-        ray.init(address=address, **kwargs)
+        console.quiet_ray_start()
+        _init_twice(address, kwargs)
     quiet_ray_data()
     console.install()  # a quiet console (raydrat train without --verbose): raydrat's lines only
+
+
+def _init_twice(address: str, kwargs: dict) -> None:
+    for attempt in (1, 2):
+        try:
+            ray.init(address=address, **kwargs)
+            return
+        except Exception as exc:  # Ray raises several types here (RuntimeError, ConnectionError, OSError...)
+            ray.shutdown()  # what the failed start left running
+            if attempt == 2:
+                raise crash.RayStartError(start_failure(address, exc)) from exc
+            M.setup_logging().warning(f"warning: Ray did not start ({crash.first_line(exc)}); trying once more")
+
+
+def start_failure(address: str, exc: BaseException) -> str:
+    """The one line a second failed start says."""
+    cause = crash.first_line(crash.innermost(exc))
+    if address != "local":
+        return (
+            f"could not join the Ray cluster at RAY_ADDRESS={address} (tried twice): {cause}; check that the "
+            "cluster is up (`ray status` on its head node) and the address, or unset RAY_ADDRESS to start a local "
+            "instance"
+        )
+    return (
+        f"Ray did not start a local instance (tried twice): {cause}; {crash.load_average()}. On a busy machine, "
+        "try again when it is quieter, or start Ray once (`ray start --head`) and join it with RAY_ADDRESS=auto"
+    )
 
 
 def quiet_ray_data() -> None:

@@ -4,6 +4,7 @@ tests that need it, and global torch state restored after every test."""
 from __future__ import annotations
 
 import gc
+import json
 import os
 import subprocess
 import sys
@@ -25,10 +26,25 @@ def raydrat_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "raydrat.cli", *args]
 
 
-def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+def faulty_raydrat_cmd(faults_spec: list, *args: str) -> list[str]:
+    """``raydrat ARGS`` with the fit callbacks of ``faults_spec`` (see :func:`faults.main`)."""
+    return [sys.executable, "-c", "import sys, faults; sys.exit(faults.main())", json.dumps(faults_spec), *args]
+
+
+def cli_env(env: dict | None = None) -> dict:
+    """The environment of a raydrat subprocess: unbuffered, this checkout and the tests'
+    fault callbacks importable, a local Ray instance of its own."""
+    path = os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **(env or {})}
     full_env.pop("RAY_ADDRESS", None)
-    return subprocess.run(raydrat_cmd(*args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return full_env
+
+
+def run_cli(
+    args: list[str], cwd: Path, timeout: int = 600, env: dict | None = None, faults_spec: list | None = None
+) -> subprocess.CompletedProcess:
+    cmd = faulty_raydrat_cmd(faults_spec, *args) if faults_spec else raydrat_cmd(*args)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=cli_env(env))
 
 
 @pytest.fixture(autouse=True)

@@ -1,11 +1,17 @@
 """Faults injected from outside production code, as ``fit`` callbacks a test registers
-(they travel to Ray workers by value: ``conftest`` registers this module with cloudpickle)."""
+(they travel to Ray workers by value: ``conftest`` registers this module with cloudpickle),
+and :func:`main`, raydrat's real command line with such callbacks added to the runs and
+sweeps it starts (what a test's subprocess runs)."""
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import signal
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -76,3 +82,85 @@ class SpoilAt(Callback):
             with torch.no_grad():
                 for p in unwrap(state.model).parameters():
                     p.add_(torch.randn(p.shape, generator=g).to(p) * self.scale)
+
+
+def _trial(state: FitState) -> str:
+    """The sweep trial a Ray Train worker trains for (its Ray Train run is ``<sweep>-<trial>``)."""
+    import ray.train  # inside: this module travels to Ray workers by value
+
+    return ray.train.get_context().get_experiment_name().rsplit("-", 1)[-1]
+
+
+class KillTrial(Callback):
+    """As trial ``trial``'s training starts (before its first report), SIGKILL the trial's own
+    process, as the kernel's OOM killer would: the Tune trial actor of this Ray cluster whose
+    working directory is the trial's (Tune moves each trial's actor there)."""
+
+    def __init__(self, trial: str):
+        self.trial = trial
+
+    def on_fit_start(self, state: FitState) -> None:
+        if state.rank != 0 or _trial(state) != self.trial:
+            return
+        import ray
+        from ray.util.state import list_actors
+
+        actors = list_actors(
+            address=ray.get_runtime_context().gcs_address,  # this cluster's (others may run on the machine)
+            filters=[("class_name", "=", "ImplicitFunc"), ("state", "=", "ALIVE")],
+            detail=True,
+        )
+        pids = [a.pid for a in actors if Path(f"/proc/{a.pid}/cwd").resolve().name == self.trial]
+        assert len(pids) == 1, (self.trial, [(a.pid, Path(f"/proc/{a.pid}/cwd").resolve()) for a in actors])
+        os.kill(pids[0], signal.SIGKILL)
+        time.sleep(120)  # this worker goes with its trial
+
+
+class RaiseAt(Callback):
+    """After optimizer step ``step`` of trial ``trial`` (or of any run when ``trial`` is None),
+    raise ``RuntimeError``."""
+
+    def __init__(self, step: int, trial: str | None = None):
+        self.step, self.trial = step, trial
+
+    def on_step_end(self, state: FitState) -> None:
+        if state.step == self.step and (self.trial is None or _trial(state) == self.trial):
+            raise RuntimeError(f"injected fault at step {self.step} (test)")
+
+
+class FillDiskAt(Callback):
+    """After optimizer step ``step`` (rank 0, in a run that did not start from a checkpoint),
+    fill the file system of ``path`` with ``path/filler``, leaving ``leave`` bytes free: the
+    next checkpoint does not fit."""
+
+    def __init__(self, step: int, path: str, leave: int):
+        self.step, self.path, self.leave = step, path, leave
+
+    def on_step_end(self, state: FitState) -> None:
+        if state.step != self.step or state.rank != 0 or state.restored:
+            return
+        import shutil
+
+        free = shutil.disk_usage(self.path).free
+        with open(os.path.join(self.path, "filler"), "wb") as f:
+            f.write(b"\0" * max(0, free - self.leave))
+
+
+FAULTS = {c.__name__: c for c in (KillTrial, RaiseAt, FillDiskAt, KillAt)}
+
+
+def main() -> int:
+    """``python -c 'import faults; faults.main()' SPEC ARGS...``: ``raydrat ARGS`` with the
+    fit callbacks ``SPEC`` names (JSON: ``[["KillTrial", {"trial": "t000"}], ...]``) in every
+    run and sweep it starts."""
+    import ray.cloudpickle
+
+    import raydrat.ray_train.trainer as trainer
+    import raydrat.tune.sweep as sweep
+    from raydrat.cli import main as cli
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    callbacks = [FAULTS[name](**kwargs) for name, kwargs in json.loads(sys.argv[1])]
+    sweep.run_sweep = functools.partial(sweep.run_sweep, fit_callbacks=callbacks)
+    trainer.run_training = functools.partial(trainer.run_training, fit_callbacks=callbacks)
+    return cli(sys.argv[2:])

@@ -1,6 +1,7 @@
-"""Checkpoints count only when complete, run names are never silently reused, and a run
-that would wait forever for the data stream's CPU is refused. Pure files and functions, no
-Ray: the process-level checks (signals, resume, retries) are in test_signals.py and
+"""Checkpoints count only when complete, run names are never silently reused nor shared by
+two drivers, a finished run is not resumed, a run that would wait forever for the data
+stream's CPU is refused, and a crash is told in one line. Pure files and functions, no Ray:
+the process-level checks (signals, resume, retries, a full disk) are in test_signals.py and
 test_resume.py."""
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from raydrat import crash
+from raydrat.cli import main
 from raydrat.config import ConfigError, load_config
 from raydrat.config.model import ModelConfig
 from raydrat.core.checkpoint.state import DataPosition, load_state, save_checkpoint, verify_checkpoint
@@ -155,3 +158,62 @@ def test_the_fit_check_counts_the_data_streams_cpu():
     with pytest.raises(ConfigError, match=r"give Ray at least 2 CPUs"):
         check_cluster_fits(cfg(), False, {"CPU": 1.0})
     check_cluster_fits(cfg("scaling.num_workers=2", "scaling.wait_for_resources=true"), False, {"CPU": 2.0})
+
+
+def test_a_run_folder_is_one_drivers_and_a_refused_start_leaves_nothing(tmp_path):
+    cfg = load_config("debug", [f"train.storage_path={tmp_path}", "tracking.run_name=mine"])
+    with resume.claim(cfg, "mine", new=True):
+        with pytest.raises(ConfigError, match=r"run 'mine' is in use: pid \d+ on \S+ is writing to .*--resume mine"):
+            with resume.claim(cfg, "mine", new=False):  # a second driver (or a second --resume)
+                pass
+        resume.write_run_record(cfg, "mine", None, None)
+    with resume.claim(cfg, "mine", new=True):  # let go: a run without checkpoints may be started again
+        pass
+    with pytest.raises(RuntimeError), resume.claim(cfg, "fresh", new=True):
+        raise RuntimeError("refused before it wrote anything")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # the fresh folder went with it
+    _save(tmp_path / "mine" / "checkpoint_2026-01-01_00-00-00.000000", 2)
+    with pytest.raises(ConfigError, match=r"run name 'mine' is already used .*--resume mine"):
+        with resume.claim(cfg, "mine", new=True):
+            pass
+
+
+def test_a_finished_run_is_not_resumed_and_says_how_to_train_it_further(run_dir, capsys):
+    storage = run_dir.parent
+    cfg = load_config("debug", [f"train.storage_path={storage}"])
+    resume.write_run_record(cfg, "run", None, None)
+    assert resume.previous_driver(resume.read_run_record(run_dir)).startswith("pid ")  # left running: killed
+    resume.mark_run(run_dir, "finished")
+    assert resume.previous_driver(resume.read_run_record(run_dir)) is None
+    assert main(["train", "debug", "--set", f"train.storage_path={storage}", "--resume", "run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("raydrat: error: --resume run: the run finished (all 20 steps"), err
+    assert f"--set model.init_from={run_dir.resolve()}" in err[0]
+
+
+def test_a_crash_is_told_by_its_cause_and_place(tmp_path):
+    import ray.exceptions
+
+    full = OSError(28, "No space left on device")
+    try:
+        raise RuntimeError("Training failed") from full
+    except RuntimeError as exc:
+        line = crash.describe(exc, tmp_path)
+    assert line.startswith(f"disk full: no space left on device writing to {tmp_path} (") and " free of " in line
+    # the raylet's account of a kill by Ray's memory monitor, as a task's error carries it
+    oom = ray.exceptions.OutOfMemoryError(
+        "Task was killed due to the node running low on memory.\nMemory on the node (IP: 10.0.0.5, ID: 3f2a) was "
+        "7.5GB used / 7.77GB limit (0.965284)\nRay killed 1 worker(s) based on the killing policy"
+    )
+    assert crash.describe(oom, tmp_path).startswith(
+        "out of memory: Ray's memory monitor killed a training worker on node 10.0.0.5: memory in use 7.5GB of its "
+        "7.77GB limit (97%"
+    )
+    died = RuntimeError(
+        "The actor died unexpectedly before finishing this task.\n\tclass_name: RayTrainWorker\n\tactor_id: ab\n"
+        "\tpid: 4242\n\tip: 10.0.0.7\nThe actor is dead because its worker process has died."
+    )
+    assert crash.describe(died, tmp_path).startswith(
+        "a training worker's process (pid 4242 on node 10.0.0.7) died: killed (the kernel's OOM killer, or a kill -9)"
+    )
+    assert crash.describe(ValueError("bad\nmore"), tmp_path) == "training failed: ValueError: bad"

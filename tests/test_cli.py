@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, run_cli
 
 from raydrat import __version__, console
 from raydrat.cli import main
@@ -205,6 +205,12 @@ def test_tune_dry_run_of_a_missing_space_is_one_line(capsys):
         ({"pid": 7}, "Reporting training result 1: TrainingReport(checkpoint=None, metrics={})", False),
         ({"pid": 7}, "Progress bars disabled. To enable, set ...", False),
         ({"pid": "raylet"}, "Task X failed. There are infinite retries remaining, so the task will be retried.", False),
+        (
+            {"pid": "raylet"},
+            "WARNING: 8 PYTHON worker processes have been started on node: a0db with address: 192.0.2.2, which is "
+            "4x the maximum expected startup concurrency (2).",
+            False,
+        ),
         ({"pid": "raylet"}, "A worker died or was killed while executing a task", True),
         ({"pid": "autoscaler"}, "Warning: The following resource request cannot be scheduled", True),
     ],
@@ -257,3 +263,31 @@ def test_quiet_console_on_real_ray(tmp_path):
     assert "[raydrat] step 1/2" in out["quiet"]
     assert "Reporting training result" not in out["quiet"] and "Progress bars disabled" not in out["quiet"]
     assert "\x1b[" not in out["quiet"] and "\x1b[" not in out["verbose"]
+
+
+def test_ray_failing_to_start_is_one_line_after_one_retry(demo_dir, tmp_path):
+    """Ray's start made to fail (its temporary folder is a file): it is tried twice, then one
+    line names the load average and how to join a running cluster instead; the run's folder
+    is not left behind."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    sets = [f"data.demo_dir={demo_dir}", f"train.storage_path={tmp_path / 'rr'}", "tracking.enabled=false"]
+    done = run_cli(
+        ["train", "debug", *(a for s in sets for a in ("--set", s))], tmp_path, 300, {"RAY_TMPDIR": str(blocker)}
+    )
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert [ln for ln in err if "raydrat: error:" in ln] == err[-1:] and "Traceback" not in done.stderr, err
+    assert err[-1].startswith("raydrat: error: Ray did not start a local instance (tried twice): NotADirectoryError")
+    assert "load average" in err[-1] and "RAY_ADDRESS=auto" in err[-1]
+    assert sum("trying once more" in ln for ln in err) == 1
+    assert not list((tmp_path / "rr").glob("*"))
+
+
+def test_data_prepare_checks_its_output_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    (tmp_path / "file").write_text("")
+    assert main(["data", "prepare", "debug", "--out", str(tmp_path / "file" / "out")]) == 2
+    assert f"--out {tmp_path / 'file' / 'out'}: cannot write" in _error_line(capsys)
+    assert not ray.is_initialized()

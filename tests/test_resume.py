@@ -1,7 +1,8 @@
 """Checkpoints and resume through Ray Train: an interrupted run resumed with --resume ends
 where an uninterrupted run ends; a worker killed mid-run (SIGKILL of its process) is
-replaced under max_failures=1 and training continues from the latest checkpoint. Plus the
---resume and cluster-size errors."""
+replaced under max_failures=1 and training continues from the latest checkpoint; every
+checkpoint's manifests reached storage after the files they list. Plus the --resume and
+cluster-size errors."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from faults import KillAt
 
 from raydrat.cli import main
 from raydrat.config import load_config
+from raydrat.core.checkpoint.state import MANIFEST_FILE, verify_checkpoint
 from raydrat.core.techniques.slots import SlotSchedule
-from raydrat.ray_train.resume import choose_checkpoint, write_run_record
+from raydrat.ray_train.resume import checkpoint_dirs, choose_checkpoint, write_run_record
 from raydrat.ray_train.trainer import run_training
 
 pytestmark = pytest.mark.slow
@@ -92,7 +94,20 @@ def test_resume_continues_same_run_and_curve(runs):
         assert a[step] == pytest.approx(b[step], rel=1e-3), step
     assert resumed.final_val_loss == pytest.approx(plain.final_val_loss, rel=1e-3)
     record = json.loads((runs["tmp"] / "rr" / resumed.run_name / "raydrat_run.json").read_text())
-    assert record["mlflow_run_id"] == resumed.mlflow_run_id
+    assert record["mlflow_run_id"] == resumed.mlflow_run_id and record["state"] == "finished"
+
+
+def test_every_manifest_reached_storage_after_the_files_it_lists(runs):
+    """Ray Train copies a reported directory in no set order (the small manifest first, as
+    often as not): each rank's manifest is written into storage once its files are there."""
+    saves = [d for name in ("resumed", "plain") for d in checkpoint_dirs(runs["tmp"] / "rr" / runs[name].run_name)]
+    assert len(saves) >= 4
+    for d in saves:
+        assert verify_checkpoint(d) is None
+        for manifest in d.glob(MANIFEST_FILE.format(rank="*")):
+            files = json.loads(manifest.read_text())["files"]
+            latest = max((d / f).stat().st_mtime_ns for f in files)
+            assert manifest.stat().st_mtime_ns >= latest, (d.name, manifest.name)
 
 
 def test_resume_errors_name_the_problem(runs, capsys, demo_dir):

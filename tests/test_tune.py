@@ -8,21 +8,25 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import ray
 import torch
 import yaml
-from conftest import run_cli
+from conftest import cli_env, faulty_raydrat_cmd, raydrat_cmd, run_cli
 from faults import OOMAbove, oom_above
 from mlflow.tracking import MlflowClient
 from ray.tune.search import Searcher
 
 from raydrat.cli import main
 from raydrat.config import ConfigError, SweepConfig, load_config
-from raydrat.core.checkpoint.state import load_state
+from raydrat.core.checkpoint.state import checkpoint_step, load_state, verify_checkpoint
 from raydrat.core.microbatch import MicroBatchStep
 from raydrat.core.model.build import build_model
 from raydrat.core.optim import build_optimizer
@@ -540,56 +544,117 @@ def summary_grid(sweep_dir: Path):
     return list(ray.tune.Tuner.restore(str(sweep_dir), trainable=trial_fn).get_results())
 
 
+def _until(proc, what: str, ready, out_path: Path, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"the sweep ended before {what}: {out_path.read_text()[-5000:]}"
+        if ready():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no {what} in {timeout}s: {out_path.read_text()[-5000:]}")
+
+
+def _interrupt_when(args: list[str], cwd: Path, log: Path, what: str, ready, faults_spec=None) -> str:
+    """Run ``raydrat ARGS`` (with ``faults_spec``'s callbacks), send it SIGINT (Ctrl-C) once
+    ``ready()``, and return its console."""
+    cmd = faulty_raydrat_cmd(faults_spec, *args) if faults_spec else raydrat_cmd(*args)
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=cli_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
+        try:
+            _until(proc, what, ready, log)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text()
+    assert proc.returncode == 2, text[-5000:]
+    errors = [ln for ln in text.splitlines() if ln.startswith("raydrat: error:")]
+    assert len(errors) == 1 and errors[0].endswith(" --resume"), text[-3000:]
+    return text
+
+
 @pytest.mark.slow
-def test_resume_after_interrupt_runs_only_the_remaining_trials(demo_dir: Path, tmp_path: Path):
-    import os
-    import signal
-    import subprocess
-    import time
-
-    from conftest import raydrat_cmd
-
+def test_a_sweep_survives_dead_trials_and_two_interrupts(demo_dir: Path, tmp_path: Path):
+    """Four trials, one at a time: t000's process is killed (SIGKILL, as the OOM killer does)
+    before its first report, t001 raises at step 2. The sweep is interrupted (Ctrl-C) just
+    after t002 saved its last step, resumed, interrupted again as t003 starts training, and
+    resumed again:
+    it finishes with every trial counted once (its own Ray Train run, MLflow child and
+    record), each failed trial's root cause on the console, in its child run and in the
+    JSON, t002's figures kept, and no MLflow run left RUNNING."""
     p = _space(
         tmp_path,
-        name="resumetest",
+        name="deadtrials",
         max_concurrent=1,
         scheduler={"type": "none"},
         overrides={**SHORT, "data.demo_dir": str(demo_dir)},
-        space={"optim.lr": {"grid": [1e-3, 2e-3]}},
+        space={"optim.lr": {"grid": [1e-3, 2e-3, 3e-3, 4e-3]}},
     )
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(
-        raydrat_cmd("tune", str(p)), cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    faults = [["KillTrial", {"trial": "t000"}], ["RaiseAt", {"trial": "t001", "step": 2}]]
+    root = tmp_path / "ray_results" / "tune"
+
+    def sweep_dir() -> Path:
+        (d,) = root.glob("deadtrials-*")
+        return d
+
+    def saved(trial: str, step: int) -> bool:
+        dirs = list(root.glob(f"deadtrials-*/train/deadtrials-*-{trial}/checkpoint_*"))
+        return any(checkpoint_step(d) == step and verify_checkpoint(d, checksums=False) is None for d in dirs)
+
+    def training(trial: str) -> bool:  # its Ray Train run started: well before its first report
+        return bool(list(root.glob(f"deadtrials-*/train/deadtrials-*-{trial}")))
+
+    first = _interrupt_when(
+        ["tune", str(p)], tmp_path, tmp_path / "run1.log", "t002's last save", lambda: saved("t002", 6), faults
     )
-    deadline = time.time() + 400
-    done_marker = None
-    while time.time() < deadline and proc.poll() is None:
-        results = list((tmp_path / "ray_results" / "tune").glob("resumetest-*/t000/result.json"))
-        if results and '"completed"' in results[0].read_text():
-            done_marker = results[0]
-            break
-        time.sleep(1)
-    assert done_marker is not None, "the first trial never completed"
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0, out[-3000:]
-    assert "--resume" in out, out[-3000:]
+    second = _interrupt_when(
+        ["tune", str(p), "--resume"], tmp_path, tmp_path / "run2.log", "t003's training", lambda: training("t003")
+    )
+    third = run_cli(["tune", str(p), "--resume", "--json", "sweep.json"], cwd=tmp_path)
+    out = third.stdout + third.stderr
+    print(first, second, out, sep="\n-----\n")  # the consoles, for the record (pytest -rA)
+    assert third.returncode == 0, out[-5000:]
 
-    resumed = run_cli(["tune", str(p), "--resume", "--json", "sweep.json"], cwd=tmp_path)
-    out2 = resumed.stdout + resumed.stderr
-    assert resumed.returncode == 0, out2[-5000:]
-    records = json.loads((tmp_path / "sweep.json").read_text())["trials"]
-    assert [r["status"] for r in records] == ["completed"] * 2
-    # t000 was not run again: its Ray Train run and its MLflow metrics exist once
-    from mlflow.tracking import MlflowClient
+    # the console: each failed trial's root cause in its line, no traceback, no Ray warning
+    assert re.search(r"t000 failed: the trial's process \(pid \d+ on node [\d.]+\) died: killed", first), first[-4000:]
+    assert "t001 failed: RuntimeError: injected fault at step 2 (test)" in first, first[-4000:]
+    for text in (first, second, out):  # Ray's own lines stay out of the quiet console
+        assert "Traceback" not in text and "Token authentication" not in text, text[-4000:]
+        assert "Trials did not complete" not in text and "will be retried" not in text
+        assert "worker processes have been started" not in text
+    # a resume runs only the unfinished trials: the failed ones never start again
+    for text in (second, out):
+        assert "t000 started" not in text and "t001 started" not in text, text[-4000:]
 
+    records = {r["trial"]: r for r in json.loads((tmp_path / "sweep.json").read_text())["trials"]}
+    assert {t: r["status"] for t, r in records.items()} == {
+        "t000": "failed",
+        "t001": "failed",
+        "t002": "completed",
+        "t003": "completed",
+    }
+    assert "the trial's process" in records["t000"]["error"] and "injected fault" in records["t001"]["error"]
+    assert "Statuses: completed 2, failed 2" in out
+
+    # every trial once: one Ray Train run each, one MLflow child each, and they agree
+    d = sweep_dir()
+    assert sorted(x.name.rsplit("-", 1)[-1] for x in (d / "train").iterdir()) == ["t000", "t001", "t002", "t003"]
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
-    first = next(r for r in records if r["trial"] == "t000")
-    assert [m.step for m in client.get_metric_history(first["mlflow_run_id"], "val_loss")] == [3, 6]
-    sweep_dirs = list((tmp_path / "ray_results" / "tune").glob("resumetest-*"))
-    assert len(sweep_dirs) == 1
-    assert len(list((sweep_dirs[0] / "train").glob("resumetest-*-t000"))) == 1
+    runs = client.search_runs([client.get_experiment_by_name("raydrat").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(runs) == 5 and sorted(c.data.tags["raydrat.trial"] for c in children) == sorted(records)
+    assert parent.info.status == "FINISHED"
+    for child in children:
+        r = records[child.data.tags["raydrat.trial"]]
+        assert child.info.status == ("FINISHED" if r["status"] == "completed" else "FAILED"), r
+        assert child.data.tags["raydrat.status"] == r["status"] and child.info.run_id == r["mlflow_run_id"]
+        if r["status"] == "completed":  # its figures are its own run's, whatever interrupts came in between
+            assert r["val_loss"] == child.data.metrics["val_loss"] and r["tokens_per_s"] and r["peak_bytes"]
+            assert r["steps"] == 6
+        else:
+            assert child.data.tags["raydrat.error"] == r["error"]
 
 
 def test_best_trial_follows_the_sweep_metric_and_mode():

@@ -1,11 +1,22 @@
 """Checkpoints through Ray Train: reporting them, and finding the one a worker group starts
 from. The files themselves, their manifests and the completeness check are
-:mod:`raydrat.core.checkpoint.state`'s."""
+:mod:`raydrat.core.checkpoint.state`'s.
+
+A checkpoint is complete by construction: each rank's manifest reaches storage after every
+file it lists. Ray Train copies a reported directory in no set order, so the manifest is held
+back from the directory Ray copies and written into storage by the upload function once the
+copy is done (:class:`ManifestLast`): a save cut off at any point (a kill, a full disk) leaves
+files without their manifest, which :func:`~raydrat.core.checkpoint.state.verify_checkpoint`
+rejects."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
+import pyarrow.fs
 import ray.train
 import ray.util
 
@@ -38,7 +49,38 @@ class RayReport(Callback):
             state.world_size,
             rank_extra=where,
         ) as d:
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
+            with tempfile.TemporaryDirectory(prefix="raydrat-manifest-") as held:
+                name = S.MANIFEST_FILE.format(rank=state.rank)
+                os.replace(os.path.join(d, name), os.path.join(held, name))
+                ray.train.report(
+                    report,
+                    checkpoint=ray.train.Checkpoint.from_directory(d),
+                    checkpoint_upload_fn=ManifestLast(os.path.join(held, name)),
+                )
+
+
+class ManifestLast:
+    """Ray Train's upload of one rank's part of a checkpoint: its files (Ray's own copy, with
+    its check that the storage is reachable from this node), then its manifest, written under
+    a temporary name and renamed."""
+
+    def __init__(self, manifest: str):
+        self.manifest = manifest
+
+    def __call__(self, checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+        persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, dir_name)
+        write_last(self.manifest, persisted.path, persisted.filesystem)
+        return persisted
+
+
+def write_last(local_file: str, directory: str, fs: pyarrow.fs.FileSystem) -> None:
+    """Copy ``local_file`` into ``directory`` of ``fs`` whole or not at all (a temporary name,
+    then a rename)."""
+    name = os.path.basename(local_file)
+    tmp, final = f"{directory}/.{name}.tmp", f"{directory}/{name}"
+    with open(local_file, "rb") as src, fs.open_output_stream(tmp) as out:
+        shutil.copyfileobj(src, out)
+    fs.move(tmp, final)
 
 
 def restore_latest(state: FitState, run_dir: str | None, since: float) -> bool | None:

@@ -11,8 +11,14 @@ latest checkpoint directory, which Ray Train may not have recorded when the run 
 right after a save), and metrics go on into the same MLflow run.
 Nothing is written before these checks pass.
 
-A run name is used once: a new run whose name already has a directory there is refused
-(resume it, or pick another name), and default names carry a random suffix. A checkpoint
+A run name is used once: a new run whose name already has checkpoints there is refused
+(resume it, or pick another name), and default names carry a random suffix. One driver at a
+time writes into a run's directory (:func:`claim`: a lock held while it runs,
+:mod:`raydrat.ray_train.run_lock`): a second start with the same name, or a second
+``--resume`` of a running run, is refused at once. The record says how the run ended
+(``state``: ``running``, ``finished``, ``failed``, ``interrupted``): a finished run is not
+resumed (start a new one from its weights with ``model.init_from``), and a ``running``
+record whose lock is free belongs to a driver that was killed. A checkpoint
 counts only when complete (:func:`raydrat.core.checkpoint.state.verify_checkpoint`): resume takes the
 newest complete one and says why newer ones were skipped. The record holds no secret: the
 tracking URI's password is masked (``user:***@host``) and must be given again on resume
@@ -21,16 +27,20 @@ tracking URI's password is masked (``user:***@host``) and must be given again on
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import secrets
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from raydrat.config import ConfigError, RaydratConfig, flatten, upgrade_flat
 from raydrat.core.checkpoint.state import checkpoint_step, newest_complete, verify_checkpoint
+from raydrat.ray_train.run_lock import RunFolderBusy, RunLock, acquire, driver
 from raydrat.redact import MASK, redact_obj, redact_uri
 
 RUN_FILE = "raydrat_run.json"
@@ -66,14 +76,40 @@ def new_run_name(cfg: RaydratConfig) -> str:
     them) is refused: a new run never starts from another run's checkpoints. (A run that
     stopped before its first checkpoint left nothing to continue: its name may be reused.)"""
     name = cfg.tracking.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-    d = storage_root(cfg) / name
+    _check_unused(storage_root(cfg) / name)
+    return name
+
+
+def _check_unused(d: Path) -> None:
     if checkpoint_dirs(d) or (d / RAY_SNAPSHOT).exists():
         raise ResumeError(
-            f"run name {name!r} is already used by the run in {d}: continue that run with "
-            f"`--resume {name}`, or pick another name (--set tracking.run_name=NEW_NAME, or leave "
+            f"run name {d.name!r} is already used by the run in {d}: continue that run with "
+            f"`--resume {d.name}`, or pick another name (--set tracking.run_name=NEW_NAME, or leave "
             "tracking.run_name unset for a fresh default name)"
         )
-    return name
+
+
+@contextlib.contextmanager
+def claim(cfg: RaydratConfig, run_name: str, new: bool) -> Iterator[RunLock]:
+    """Hold the run's directory for this driver while inside (see
+    :mod:`raydrat.ray_train.run_lock`); a ``new`` run's name is checked again under the lock.
+    Leaving with an error before anything was written removes the directory it made."""
+    d = storage_root(cfg) / run_name
+    try:
+        lock = acquire(d)
+    except RunFolderBusy as busy:
+        raise ResumeError(
+            f"run {run_name!r} is in use: {busy.holder} is writing to {d}; pick another name "
+            f"(--set tracking.run_name=NEW_NAME), or once that run stops continue it with `--resume {run_name}`"
+        ) from None
+    ok = False
+    try:
+        if new:
+            _check_unused(d)
+        yield lock
+        ok = True
+    finally:
+        lock.release(keep=ok)
 
 
 def write_run_record(cfg: RaydratConfig, run_name: str, tracking_uri: str | None, run_id: str | None) -> Path:
@@ -84,11 +120,32 @@ def write_run_record(cfg: RaydratConfig, run_name: str, tracking_uri: str | None
         "tracking_uri": redact_uri(tracking_uri),
         "mlflow_run_id": run_id,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "state": "running",
+        "driver": driver(),
         "config": redact_obj(cfg.to_dict()),
     }
-    path = d / RUN_FILE
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    return _write_record(d, record)
+
+
+def _write_record(run_dir: Path, record: dict[str, Any]) -> Path:
+    """The record, replaced whole (a temporary file, then a rename)."""
+    path = run_dir / RUN_FILE
+    tmp = run_dir / f".{RUN_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
     return path
+
+
+def mark_run(run_dir: Path, state: str) -> None:
+    """Record how the run's driver left it: ``running`` (with this driver), ``finished``,
+    ``failed`` or ``interrupted``."""
+    record = read_run_record(run_dir)
+    record["state"] = state
+    if state == "running":
+        record["driver"] = driver()
+    else:
+        record["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    _write_record(run_dir, record)
 
 
 def read_run_record(run_dir: Path) -> dict[str, Any]:
@@ -196,6 +253,7 @@ def prepare_resume(cfg: RaydratConfig, which: str | bool) -> dict[str, Any]:
             f"{len(diffs)} setting(s): {'; '.join(diffs)}. Use the run's config (saved in "
             f"{run_dir / RUN_FILE}) or start a new run without --resume"
         )
+    _refuse_finished(record, run_dir)
     chosen, skipped = choose_checkpoint(run_dir)
     if chosen is None:
         why = f" ({describe_choice(None, skipped).split('; ', 1)[1]})" if skipped else ""
@@ -206,3 +264,20 @@ def prepare_resume(cfg: RaydratConfig, which: str | bool) -> dict[str, Any]:
         )
     record["checkpoint"] = describe_choice(chosen, skipped)
     return record
+
+
+def _refuse_finished(record: dict[str, Any], run_dir: Path) -> None:
+    if record.get("state") != "finished":
+        return
+    steps = record.get("config", {}).get("train", {}).get("steps")
+    raise ResumeError(
+        f"--resume {record['run_name']}: the run finished (all {steps} steps, {record.get('ended', 'at its end')}): "
+        f"there is nothing to resume. To train it further, start a new run from its weights: "
+        f"--set model.init_from={run_dir} (with the train.steps you want), without --resume"
+    )
+
+
+def previous_driver(record: dict[str, Any]) -> str | None:
+    """The driver a resumed run's record still calls running (it was killed: the lock was
+    free), or None."""
+    return record.get("driver") if record.get("state") == "running" else None

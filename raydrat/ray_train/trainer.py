@@ -16,9 +16,11 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from raydrat import interrupt, tracking
-from raydrat.config import RaydratConfig
+from raydrat import crash, interrupt, tracking
+from raydrat.config import ConfigError, RaydratConfig
 from raydrat.core import metrics as M
+from raydrat.core.data.errors import DataError
+from raydrat.core.exceptions import walk_exceptions
 from raydrat.core.fit import Callback
 from raydrat.core.runtime import Runtime, resolve
 from raydrat.plots import plot_curves
@@ -27,6 +29,7 @@ from raydrat.ray_session import ensure_ray, expected_gpus
 from raydrat.ray_train import resume
 from raydrat.ray_train.fits import check_cluster_fits, check_corpus_reaches_workers
 from raydrat.ray_train.models import log_run_models
+from raydrat.ray_train.preflight import check_data
 from raydrat.ray_train.worker import train_loop_per_worker
 from raydrat.redact import redact_obj, redact_uri
 from raydrat.tracking import Run
@@ -203,7 +206,8 @@ def fit_in_run(
     )
     result = trainer.fit()
     if run:
-        _log_loss_curve(run, run_name, Path(cfg.train.storage_path) / run_name)
+        with crash.secondary("logging the loss curve to MLflow"):
+            _log_loss_curve(run, run_name, Path(cfg.train.storage_path) / run_name)
     return result
 
 
@@ -212,7 +216,10 @@ def run_training(
 ) -> TrainingSummary:
     """Train ``cfg`` through Ray Train on the current (or a new local) Ray instance.
     ``resume_run``: continue the newest interrupted run of ``cfg.name`` (or the named run)
-    from its latest checkpoint, in the same Ray Train run and MLflow run."""
+    from its latest checkpoint, in the same Ray Train run and MLflow run. The checks that
+    need no Ray (config, run name, data plan, tokenizer) come first; the run's directory is
+    this driver's while it runs. A crash while training is :class:`raydrat.crash.RunCrashed`
+    (one line of cause, the newest complete checkpoint; incomplete ones removed)."""
     t0 = time.perf_counter()
     record = resume.prepare_resume(cfg, resume_run) if resume_run else None
     if record is not None:  # the recorded URI has no password: the one to use, checked before any work
@@ -221,12 +228,17 @@ def run_training(
     runtime = resolve(cfg, gpus=expected_gpus())  # before Ray starts, when no cluster is named
     if record is None and cfg.tracking.enabled:  # a store that cannot be reached: refused before any work
         tracking.resolve_tracking_uri(cfg.tracking)
-    ensure_ray()
-    with interrupt.trapped():  # after Ray's own handlers: SIGINT/SIGTERM stop the run cleanly
-        try:
-            return _train(cfg, runtime, record, run_name, fit_callbacks, t0)
-        except KeyboardInterrupt as exc:
-            raise _interrupted(cfg, run_name, exc) from None
+    check_data(cfg)
+    with resume.claim(cfg, run_name, new=record is None):
+        gone = resume.previous_driver(record) if record is not None else None
+        if gone:
+            M.setup_logging().info(f"run {run_name}: its last driver ({gone}) ended without closing it (killed?)")
+        ensure_ray()
+        with interrupt.trapped():  # after Ray's own handlers: SIGINT/SIGTERM stop the run cleanly
+            try:
+                return _train(cfg, runtime, record, run_name, fit_callbacks, t0)
+            except KeyboardInterrupt as exc:
+                raise _interrupted(cfg, run_name, exc) from None
 
 
 def _interrupted(cfg: RaydratConfig, run_name: str, exc: KeyboardInterrupt) -> interrupt.Interrupted:
@@ -241,6 +253,30 @@ def _interrupted(cfg: RaydratConfig, run_name: str, exc: KeyboardInterrupt) -> i
     stopped.run_name = run_name
     stopped.resumable = resume.latest_checkpoint(run_dir) is not None
     return stopped
+
+
+def _crashed(cfg: RaydratConfig, run_name: str, exc: BaseException) -> crash.RunCrashed:
+    """The crash of a run that was training: the workers are gone (Ray Train stopped them),
+    so the incomplete checkpoints the crash left (a save cut off by a full disk or a killed
+    worker) are removed, and the newest complete one is named."""
+    run_dir = resume.storage_root(cfg) / run_name
+    cause = crash.describe(exc, run_dir)  # before the clean-up: the free space the crash met
+    removed: list[str] = []
+    with crash.secondary(f"removing incomplete checkpoints in {run_dir}"):
+        removed = resume.prune_incomplete(run_dir)
+    chosen = resume.latest_checkpoint(run_dir)
+    return crash.RunCrashed(
+        cause,
+        run_name,
+        resume.describe_choice(chosen, []) if chosen else None,
+        removed,
+        crash.write_details(exc, run_name),
+    )
+
+
+def _bad_input(exc: BaseException) -> bool:
+    """A config or data error (its own message is the story, the CLI's one line)."""
+    return any(isinstance(e, (ConfigError, DataError)) for e in walk_exceptions(exc))
 
 
 def _train(
@@ -277,8 +313,11 @@ def _train(
         log_data(run, bundle)
         run.log_metrics({M.ESTIMATED_BYTES: runtime.estimate.total_bytes}, 0)
         log.info(f"MLflow run {run.run_id} in {redact_uri(run.uri)}")
+    run_dir = resume.storage_root(cfg) / run_name
     if record is None:
         resume.write_run_record(cfg, run_name, run.uri, run.run_id)
+    else:
+        resume.mark_run(run_dir, "running")
 
     status = "FAILED"
     try:
@@ -286,15 +325,23 @@ def _train(
             fit_in_run, cfg, runtime, bundle, run, run_name, resume=record is not None, fit_callbacks=fit_callbacks
         )
         status = "FINISHED"
-        models = log_run_models(run, cfg, result)
-        if models:
-            log.info("MLflow models: " + ", ".join(f"{k} {v}" for k, v in models.items()))
-        log_epochs(run, bundle)
+        with crash.secondary("logging the run's models to MLflow"):
+            models = log_run_models(run, cfg, result)
+            if models:
+                log.info("MLflow models: " + ", ".join(f"{k} {v}" for k, v in models.items()))
+            log_epochs(run, bundle)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
-    finally:
-        run.end(status)
+    except Exception as exc:
+        if _bad_input(exc):
+            raise
+        raise _crashed(cfg, run_name, exc) from exc
+    finally:  # the run's own outcome is what the user sees, whatever tracking or the disk do here
+        with crash.secondary(f"setting MLflow run {run.run_id} to {status}"):
+            run.end(status)
+        with crash.secondary(f"recording the run's end in {run_dir / resume.RUN_FILE}"):
+            resume.mark_run(run_dir, {"FINISHED": "finished", "KILLED": "interrupted"}.get(status, "failed"))
 
     final = dict(result.metrics or {})
 

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import re
+from collections.abc import Callable
 
+from ray import cloudpickle
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
@@ -19,9 +23,27 @@ from raydrat.tune import report as R
 from raydrat.tune.mlflow_runs import end_trial_run, find_trial_run, last_logged_step
 from raydrat.tune.trial import ERROR, STATUS, root_cause
 
+ERROR_LINE = re.compile(r"^(\w+(?:Error|Exception|Interrupt)\b.*)$", re.M)
 
-def _name(trial: Trial) -> str:
-    return trial.config["trial"]["name"]
+
+def trial_error(trial: Trial) -> str | None:
+    """Why ``trial`` failed, in one line. Tune writes the error into the trial's local folder
+    before it calls back (its copy in storage, which ``Trial.get_pickled_error`` reads, comes
+    later), so the local files are read first."""
+    pickled, text = trial.pickled_error_file, trial.error_file
+    if pickled and os.path.exists(pickled):
+        with open(pickled, "rb") as f:
+            return root_cause(cloudpickle.load(f))
+    if text and os.path.exists(text):
+        with open(text) as f:
+            return _last_error_line(f.read())
+    error = trial.get_pickled_error() or trial.get_error()
+    return root_cause(error) if isinstance(error, BaseException) else _last_error_line(error or "")
+
+
+def _last_error_line(text: str) -> str | None:
+    lines = ERROR_LINE.findall(text)
+    return lines[-1][:500] if lines else None
 
 
 def figures(result: dict, metric: str) -> str:
@@ -40,9 +62,18 @@ def figures(result: dict, metric: str) -> str:
 class TrialEvents(Callback):
     """``started``, each report, and how the trial ended, for each trial."""
 
-    def __init__(self, log: logging.Logger, metric: str, uri: str | None, parent_run_id: str | None):
+    def __init__(
+        self,
+        log: logging.Logger,
+        metric: str,
+        uri: str | None,
+        parent_run_id: str | None,
+        ended: Callable[[str, str], None] | None = None,
+    ):
         self.log, self.metric = log, metric
         self.uri, self.parent_run_id = uri, parent_run_id
+        self.ended = ended
+        """``ended(trial, status)``: keeps how Tune ended the trial (``TERMINATED``, ``ERROR``)."""
         self.last_step: dict[str, int] = {}
 
     def on_trial_start(self, iteration: int, trials: list, trial: Trial, **info) -> None:
@@ -62,6 +93,8 @@ class TrialEvents(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Trial, **info) -> None:
         p, last = trial.config["trial"], trial.last_result or {}
+        if self.ended:
+            self.ended(p["name"], "TERMINATED")
         if STATUS in last:
             tail = (
                 f": {last[ERROR]}"
@@ -80,8 +113,9 @@ class TrialEvents(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Trial, **info) -> None:
         p = trial.config["trial"]
-        error = trial.get_pickled_error() or trial.get_error()
-        cause = root_cause(error) if error is not None else "the trial's process ended"
+        if self.ended:
+            self.ended(p["name"], "ERROR")
+        cause = trial_error(trial) or "the trial's process ended (Tune recorded no error)"
         run = find_trial_run(reveal_uri(self.uri), self.parent_run_id, p["name"])
         if run and run.status() == "RUNNING":
             end_trial_run(run, "failed", cause)

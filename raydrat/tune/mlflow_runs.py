@@ -9,6 +9,9 @@ report), and one child run per trial that lives as long as the trial does.
 * A refused proposal (``infeasible``, or a config this hardware cannot run) gets a child
   run that never ran: tagged with why, with its estimate and the budget, and no end time,
   so the UI shows no duration (:func:`record_refused`).
+* A sweep that is interrupted ends its running children ``KILLED`` and its parent
+  ``KILLED``; resumed, the parent runs again, and each trial started again reopens its own
+  child (:func:`start_trial_run`).
 * When the sweep ends, each child's ``raydrat.status`` tag is set to the status the report
   gives (:func:`finalize_trial_runs`): a trial the scheduler stopped after its last step
   has ``completed``.
@@ -82,9 +85,15 @@ def _trial_params(cfg: RaydratConfig | None, runtime: Any, name: str, params: di
 def start_trial_run(p: dict, cfg: RaydratConfig, started_s: float) -> Run:
     """In the trial function, as the trial starts (at ``started_s``): its child run, with the
     sections it uses as params, the estimate it was admitted with, and its full config as
-    ``config.yaml``."""
+    ``config.yaml``. A trial started again (a resumed sweep runs its unfinished trials again)
+    reopens the child run it had: one run per trial, holding what it trained before."""
     if not p["tracking_uri"] or not p["parent_run_id"]:
         return Run.off()
+    before = find_trial_run(p["tracking_uri"], p["parent_run_id"], p["name"])
+    if before:
+        before.set_tags({STATUS_TAG: "resumed"})
+        before.set_status("RUNNING")
+        return before
     run = Run.start(
         p["tracking_uri"],
         cfg.tracking.experiment,
@@ -152,8 +161,9 @@ def last_logged_step(run: Run) -> int | None:
 
 
 def interrupt_running_children(uri: str | None, parent_run_id: str | None) -> None:
-    """On resume: the runs of trials an interrupt cut off end ``KILLED`` (the trials start
-    again, each in a new run)."""
+    """When a sweep is interrupted (and again on resume, for a driver that died): the runs of
+    trials the interrupt cut off end ``KILLED`` (a resumed sweep starts those trials again,
+    each in its own run)."""
     if not uri or not parent_run_id:
         return
     for run in Run.attach(uri, parent_run_id).children("attributes.status = 'RUNNING'"):

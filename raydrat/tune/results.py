@@ -8,6 +8,9 @@ step it logged. Tune's view can lag behind: a trial the scheduler stops goes on 
 until its process is killed, and Tune drops what it reports meanwhile. Without tracking,
 the figures are the last results Tune received.
 
+A trial that died before its first report (its process killed) has no config in Tune's
+result: its payload comes from the sweep's state, where the launcher kept it.
+
 Statuses: ``completed`` (trained every step), ``stopped_early`` (stopped by the scheduler
 before its last step; ``steps`` is the step it stopped at), ``oom``, ``failed`` (with the
 root cause), and for proposals never launched ``infeasible`` (estimate over the budget) or
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 from raydrat.core import metrics as M
@@ -83,9 +87,25 @@ def tune_values(df) -> tuple[dict[str, float], int | None]:
     return values, _int(values.get(M.STEP))
 
 
-def launched_record(space: Space, result, uri: str | None, parent_run_id: str | None) -> R.TrialRecord:
-    """The record of a trial Tune ran, from its child run (or Tune's results)."""
-    p = result.config["trial"]
+def launched_info(payload: dict) -> dict[str, Any]:
+    """What the report needs of a launched trial's payload (the sweep's state keeps it for
+    each launch: a trial that died before its first report has no config in Tune's result)."""
+    return {
+        "name": payload["name"],
+        "params": payload["params"],
+        "steps": payload["steps"],
+        "estimated_bytes": payload["estimated_bytes"],
+        "budget_bytes": payload["budget_bytes"],
+        "batch_size": payload["config"]["train"]["batch_size"],
+    }
+
+
+def launched_record(
+    space: Space, result, uri: str | None, parent_run_id: str | None, launched: dict[str, dict]
+) -> R.TrialRecord:
+    """The record of a trial Tune ran, from its child run (or Tune's results). ``launched``:
+    each launched trial's :func:`launched_info`, by trial name."""
+    p = launched_info(result.config["trial"]) if result.config else launched[Path(result.path).name]
     final = result.metrics or {}
     df = result.metrics_dataframe
     run_id = final.get(RUN_ID) or find_trial_run(uri, parent_run_id, p["name"]).run_id
@@ -119,7 +139,7 @@ def launched_record(space: Space, result, uri: str | None, parent_run_id: str | 
         tokens_per_s=values.get(M.TOKENS_PER_S_AVG),
         steps=steps,
         train_steps=p["steps"],
-        micro_batch_size=_int(values.get(M.MICRO_BATCH, p["config"]["train"]["batch_size"])),
+        micro_batch_size=_int(values.get(M.MICRO_BATCH, p["batch_size"])),
         train_time_s=values.get(M.TRAIN_TIME_S),
         phase_s={k: v for k in (M.LOOP_S, *M.PHASES) if (v := values.get(k)) is not None}
         | ({DATA_SETUP_S: data_setup} if data_setup is not None else {}),
@@ -145,18 +165,18 @@ def refused_record(rec: dict) -> R.TrialRecord:
     )
 
 
-def trial_records(
-    space: Space, grid, refused: list[dict], uri: str | None, parent_run_id: str | None
-) -> list[R.TrialRecord]:
-    """One record per proposed trial, launched or not, in the order they were proposed."""
+def trial_records(space: Space, grid, state: dict, uri: str | None, parent_run_id: str | None) -> list[R.TrialRecord]:
+    """One record per proposed trial, launched or not, in the order they were proposed
+    (``state``: the sweep's state, with the launched trials' payloads and the refused ones)."""
+    launched = state.get("launched", {})
     stopped = [
-        (r.metrics or {}).get(RUN_ID) or find_trial_run(uri, parent_run_id, r.config["trial"]["name"]).run_id
+        (r.metrics or {}).get(RUN_ID) or find_trial_run(uri, parent_run_id, Path(r.path).name).run_id
         for r in grid
         if STATUS not in (r.metrics or {}) and r.error is None
     ]
     settle(uri, [r for r in stopped if r])
-    records = [launched_record(space, r, uri, parent_run_id) for r in grid]
-    records += [refused_record(r) for r in refused]
+    records = [launched_record(space, r, uri, parent_run_id, launched) for r in grid]
+    records += [refused_record(r) for r in state.get("refused", [])]
     return sorted(records, key=lambda r: r.trial)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from raydrat.core import metrics as M
 from raydrat.core.data.demo import build_demo_corpus
 from raydrat.core.fit import Callback
 from raydrat.core.runtime import resolve
+from raydrat.crash import secondary
 from raydrat.envvars import env_set
 from raydrat.ray_session import ensure_ray, expected_gpus
 from raydrat.ray_train.models import register_run_model
@@ -47,14 +49,24 @@ from raydrat.tune.mlflow_runs import (
     record_refused,
     start_parent,
 )
-from raydrat.tune.results import best_trial, full_length_command, memory_figures, overhead_figures, trial_records
+from raydrat.tune.results import (
+    best_trial,
+    full_length_command,
+    launched_info,
+    memory_figures,
+    overhead_figures,
+    trial_records,
+)
 from raydrat.tune.search import AdmittingSearcher, build_searcher
 from raydrat.tune.space import Space, TrialSpec, expand, load_space
 from raydrat.tune.trial import STATUS, trial_fn
+from raydrat.tune.tune_state import ENDED, mark_ended, saved_trials
 
 STATE_FILE = "raydrat_sweep.json"
 STATUSES = ("completed", "stopped_early", "infeasible", "oom", "failed")
 NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
+PRINT_TRIAL_ERRORS_ENV = "TUNE_PRINT_ALL_TRIAL_ERRORS"
+TUNE_LOGGER = "ray.tune.tune"
 SweepError = A.SweepError
 
 
@@ -133,7 +145,7 @@ class Launcher:
 
     def launch(self, v: A.Verdict) -> dict:
         cfg = _trial_config(v.spec, self.sweep_dir)
-        return {
+        payload = {
             "trial": {
                 # Tune writes this payload (params.json, result.json, experiment state): no secret in it;
                 # the real tracking URI reaches the trial through tune.with_parameters (see _fit)
@@ -156,6 +168,10 @@ class Launcher:
                 "fit_callbacks": list(self.fit_callbacks),
             }
         }
+        state = _load_state(self.sweep_dir)  # what the report needs if the trial dies before it reports
+        state.setdefault("launched", {})[v.name] = launched_info(payload["trial"])
+        _save_state(self.sweep_dir, state)
+        return payload
 
     def refuse(self, v: A.Verdict) -> None:
         experiment = (v.spec.config if v.spec else self.space.config_for({}, str(self.space.path))).tracking.experiment
@@ -176,6 +192,19 @@ class Launcher:
         )
         _save_state(self.sweep_dir, state)
         M.logger.info(f"{v.name} {v.refused}, not launched: {v.reason} ({R.params_text(v.params)})")
+
+
+@dataclass
+class Ended:
+    """``ended(trial, status)``: how Tune ended a trial, kept in the sweep's state (a resume
+    writes it into Tune's own: :func:`raydrat.tune.tune_state.mark_ended`)."""
+
+    sweep_dir: Path
+
+    def __call__(self, trial: str, status: str) -> None:
+        state = _load_state(self.sweep_dir)
+        state.setdefault("ended", {})[trial] = status
+        _save_state(self.sweep_dir, state)
 
 
 def _trial_config(t: TrialSpec, sweep_dir: Path):
@@ -232,7 +261,8 @@ def run_sweep(
     if resume:
         sweep_dir = _latest_unfinished(space)
         state = _load_state(sweep_dir)
-        interrupt_running_children(uri, state.get("parent_run_id"))
+        interrupt_running_children(uri, state.get("parent_run_id"))  # a driver that died left them open
+        Run.attach(uri, state.get("parent_run_id")).set_status("RUNNING")
         log.info(f"resuming sweep {sweep_dir}")
     else:
         sweep_dir = _new_sweep_dir(space)
@@ -271,23 +301,32 @@ def run_sweep(
         concurrency,
         resume,
         verbose,
-        TrialEvents(log, sweep.metric, redact_uri(uri), parent_id),
+        TrialEvents(log, sweep.metric, redact_uri(uri), parent_id, Ended(sweep_dir)),
         max_steps(space, launch_specs),
         uri,
     )
     sweep_wall = time.time() - t0
     unfinished = _unfinished_trials(sweep_dir, grid)
     if unfinished:
+        with secondary("closing the interrupted sweep's MLflow runs"):
+            interrupt_running_children(uri, parent_id)
+            Run.attach(uri, parent_id).set_status("KILLED")
         raise A.SweepError(
             f"sweep {sweep_dir.name} interrupted with {unfinished} of {len(grid)} launched trials "
             f"unfinished; continue it with: raydrat tune {space.path} --resume"
         )
 
-    state = _load_state(sweep_dir)
-    records = trial_records(space, grid, state.get("refused", []), uri, parent_id)
-    if records and not any(r.launched for r in records):
-        _refuse_all_infeasible(space, records, uri, parent_id, sweep_dir, state)
-    summary = _finish(space, records, parent_id, uri, sweep_dir, sweep_wall, concurrency, warnings)
+    try:  # whatever goes wrong here, the parent run does not stay RUNNING
+        state = _load_state(sweep_dir)
+        records = trial_records(space, grid, state, uri, parent_id)
+        if records and not any(r.launched for r in records):
+            _refuse_all_infeasible(space, records, uri, parent_id, sweep_dir, state)
+        summary = _finish(space, records, parent_id, uri, sweep_dir, sweep_wall, concurrency, warnings)
+    except BaseException:
+        with secondary("ending the sweep's MLflow run"):
+            if Run.attach(uri, parent_id).status() == "RUNNING":
+                Run.attach(uri, parent_id).end("FAILED")
+        raise
     state["finished"] = True
     _save_state(sweep_dir, state)
     if json_path:
@@ -338,13 +377,8 @@ def _unfinished_trials(sweep_dir: Path, grid) -> int:
     trials still RUNNING and returns normally (they read TERMINATED in memory), so: a trial is
     unfinished when Tune's last saved state does not have it TERMINATED/ERROR and it neither
     sent its own final status nor errored (the last snapshot can lag a normal finish)."""
-    states = sorted(sweep_dir.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
-    if not states:
-        return 0
     done = {Path(r.path).name for r in grid if r.error is not None or STATUS in (r.metrics or {})}
-    trial_data = json.loads(states[-1].read_text()).get("trial_data", [])
-    meta = [json.loads(entry[0]) for entry in trial_data]
-    return sum(m.get("status") not in ("TERMINATED", "ERROR") and m.get("relative_logdir") not in done for m in meta)
+    return sum(t.get("status") not in ENDED and t.get("relative_logdir") not in done for t in saved_trials(sweep_dir))
 
 
 def _prepare_demo_data(trials: list[TrialSpec]) -> None:
@@ -378,6 +412,9 @@ def _fit(
         tune.with_parameters(trial_fn, tracking_uri=tracking_uri), {"CPU": sweep.resources.trial_cpu}
     )
     if resume:
+        repaired = mark_ended(sweep_dir, _load_state(sweep_dir).get("ended", {}))
+        if repaired:
+            M.logger.info(f"{', '.join(repaired)}: ended before the sweep was interrupted, not run again")
         tuner = tune.Tuner.restore(
             str(sweep_dir), trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
         )
@@ -417,9 +454,23 @@ def _fit(
 @contextlib.contextmanager
 def _tune_console(verbose: bool):
     """Without ``verbose``, Tune prints nothing (its newer console engine prints the
-    experiment's table even when silent; its older one is silent at ``verbose=0``)."""
-    with env_set(NEW_OUTPUT_ENV, None if verbose else "0"):
-        yield
+    experiment's table even when silent; its older one is silent at ``verbose=0``), not even
+    a failed trial's traceback: the trial's line says its root cause (the traceback is in the
+    trial's ``error.txt``), nor its closing list of the trials that did not complete."""
+    quiet = None if verbose else "0"
+    tune_log = logging.getLogger(TUNE_LOGGER)
+    if not verbose:
+        tune_log.addFilter(_no_incomplete_trials_line)
+    try:
+        with env_set(NEW_OUTPUT_ENV, quiet), env_set(PRINT_TRIAL_ERRORS_ENV, quiet):
+            yield
+    finally:
+        tune_log.removeFilter(_no_incomplete_trials_line)
+
+
+def _no_incomplete_trials_line(record: logging.LogRecord) -> bool:
+    """Tune's closing ``Trials did not complete: [...]``: the report gives every trial's status."""
+    return not record.getMessage().startswith("Trials did not complete")
 
 
 def _finish(space, records, parent_id, uri, sweep_dir, sweep_wall, concurrency, warnings) -> SweepSummary:

@@ -3,7 +3,8 @@ train`` (datasets → ``build_trainer`` → ``fit``, via :func:`raydrat.ray_trai
 with ``TuneReportCallback`` forwarding every ``ray.train.report`` to Tune (Train V2 pattern).
 
 The trial opens its MLflow child run when it starts and closes it when it ends, before its
-last report (a scheduler may stop the trial at any report). An out-of-memory error inside
+last report (a scheduler may stop the trial at any report); a trial started again by a
+resumed sweep continues in the child run it had. An out-of-memory error inside
 training ends the trial with status ``oom`` (a result: the sweep goes on); any other
 exception closes the run ``FAILED`` with its root cause and fails the trial.
 """
@@ -18,8 +19,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from raydrat.config import RaydratConfig
 from raydrat.core import metrics as M
-from raydrat.core.exceptions import walk_exceptions
 from raydrat.core.microbatch import is_oom
+from raydrat.crash import first_line, innermost, process_death, secondary
 from raydrat.ray_data.datasets import build_datasets
 from raydrat.ray_session import quiet_ray_data
 from raydrat.ray_train.models import log_run_models
@@ -70,7 +71,8 @@ def trial_fn(config: dict, tracking_uri: str | None = None) -> None:
         log_run_models(run, cfg, result, register=False)  # the sweep registers its best trial's
     except Exception as exc:
         if not is_oom(exc):
-            end_trial_run(run, "failed", root_cause(exc))
+            with secondary(f"closing the trial's MLflow run {run.run_id}"):  # the trial's own error wins
+                end_trial_run(run, "failed", root_cause(exc))
             raise
         status, error = "oom", oom_line(exc)
     end = time.time()
@@ -93,16 +95,6 @@ def oom_line(exc: BaseException) -> str:
 
 
 def root_cause(exc: BaseException) -> str:
-    """The innermost error Ray's wrappers carry, as ``Type: first line``."""
-    leaves = [
-        e
-        for e in walk_exceptions(exc)
-        if e.__cause__ is None
-        and e.__context__ is None
-        and getattr(e, "cause", None) is None
-        and not getattr(e, "worker_failures", None)
-        and not getattr(e, "errors", None)
-    ]
-    root = next((e for e in leaves if not type(e).__module__.startswith("ray")), leaves[-1] if leaves else exc)
-    text = next((ln.strip() for ln in str(root).splitlines() if ln.strip()), "")
-    return f"{type(root).__name__}: {text}"[:500] if text else type(root).__name__
+    """Why a trial failed, in one line: whose process died (a trial's, a training worker's),
+    else the innermost error Ray's wrappers carry, as ``Type: first line``."""
+    return (process_death(exc) or first_line(innermost(exc)))[:500]
