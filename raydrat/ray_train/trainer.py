@@ -70,7 +70,9 @@ class TrainingSummary:
         if self.run:
             out.append(f"MLflow run {self.run.run_id}; browse with:")
             out.append(f"  {tracking.ui_command(self.run.uri)}")
-            out.append(f"  then open {tracking.ui_url(self.run.uri, self.run.experiment_id())}")
+            experiment = self.run.experiment_id()  # None: the store is away
+            if experiment is not None:
+                out.append(f"  then open {tracking.ui_url(self.run.uri, experiment)}")
         return out
 
 
@@ -154,7 +156,10 @@ def log_data(run: Run, bundle) -> None:
 
 
 def _log_loss_curve(run: Run, title: str, out_dir: Path) -> None:
-    curves = {"train": run.metric_history(M.TRAIN_LOSS), "val": run.metric_history(M.VAL_LOSS)}
+    try:
+        curves = {"train": run.metric_history(M.TRAIN_LOSS), "val": run.metric_history(M.VAL_LOSS)}
+    except tracking.TrackingUnavailable:
+        return  # the store is away (the writers said so): the curves are in the store later, no plot
     out_dir.mkdir(parents=True, exist_ok=True)
     run.log_artifact(plot_curves(curves, out_dir / "loss_curve.png", title), "plots")
 
@@ -242,9 +247,12 @@ def _train(
     )
 
     run = Run.off()
+    backlog = tracking.backlog_in(resume.storage_root(cfg) / run_name)
     if record is not None:
-        run = Run.attach(record["tracking_uri"], record["mlflow_run_id"])
+        run = Run.attach(record["tracking_uri"], record["mlflow_run_id"], backlog)
+        run.settle(quiet=True)  # what the interrupted run left undelivered
         run.set_status("RUNNING")
+        run.claim()
         log.info(f"resuming run {run_name} (MLflow run {run.run_id}) from {record['checkpoint']}")
     elif cfg.tracking.enabled:
         run = Run.start(
@@ -252,7 +260,9 @@ def _train(
             cfg.tracking.experiment,
             run_name,
             params=tracking.run_params(cfg, runtime),
+            backlog=backlog,
         )
+        run.claim()
         _log_run_artifacts(run, cfg, bundle.tokenizer_path)
         log_data(run, bundle)
         run.log_metrics({M.ESTIMATED_BYTES: runtime.estimate.total_bytes}, 0)
@@ -266,7 +276,7 @@ def _train(
             fit_in_run, cfg, runtime, bundle, run, run_name, resume=record is not None, fit_callbacks=fit_callbacks
         )
         status = "FINISHED"
-        models = log_run_models(run, cfg, result)
+        models = {k: v for k, v in log_run_models(run, cfg, result).items() if v}  # None: kept in the backlog
         if models:
             log.info("MLflow models: " + ", ".join(f"{k} {v}" for k, v in models.items()))
         epochs = bundle.epoch_metrics()  # per-epoch data counts: an artifact, not constant charts
@@ -276,7 +286,7 @@ def _train(
         status = "KILLED"
         raise
     finally:
-        run.end(status)
+        run.end(status)  # never raises: a store that is away keeps the status in the run's backlog
 
     final = dict(result.metrics or {})
 

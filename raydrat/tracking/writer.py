@@ -1,0 +1,275 @@
+"""A run's writes from one process, off the caller's thread: training hands a record over
+and goes on, whatever the store does.
+
+:class:`Writer` holds one run's records in order, in memory (at most
+:data:`MEMORY_RECORDS`), and delivers them from a thread of its own, one at a time. When the
+store cannot be reached (or falls that far behind), every record from the undelivered one
+on goes to the run's backlog on disk (:mod:`raydrat.tracking.journal`) instead, so memory
+stays bounded however long the outage lasts; the thread retries the oldest record (every
+second at first, then every :data:`RETRY_MAX_S`) and, once the store takes it, delivers the
+backlog in order, each record acknowledged in the journal as it goes, so none is sent
+twice. An outage prints one line when it starts and one when its backlog is delivered.
+
+A record the store refuses (a 4xx answer) is dropped with one line. :meth:`Writer.close`
+waits a short while for what is pending and leaves the rest in the backlog, which the next
+command that touches the run delivers (:func:`raydrat.tracking.delivery.deliver_left`).
+MLflow's own HTTP retries are off (:func:`raydrat.tracking.store.client`): the writer
+retries, on its own thread.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import raydrat.tracking.journal as J
+from raydrat.core import metrics as M
+from raydrat.redact import redact_uri
+from raydrat.tracking.delivery import is_end, reason, refused, send, transient
+
+MEMORY_RECORDS = 1000
+"""Records held in memory before the rest wait on disk (a store falling behind)."""
+RETRY_MAX_S = 10.0
+"""The longest wait between two tries while the store is unreachable."""
+IDLE_EXIT_S = 30.0
+"""A writer's thread ends after this long with nothing to deliver (the next record starts one)."""
+CLOSE_JOIN_S = 15.0
+"""How long closing waits for a request in flight (MLflow's HTTP timeout, set in store.py, is 10 s)."""
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{s:02d}s" if minutes else f"{s}s"
+
+
+class Writer:
+    """The records of run ``run_id`` in store ``uri`` from this process (see the module)."""
+
+    def __init__(self, uri: str, run_id: str, folder: Path):
+        self.uri, self.run_id, self.folder = uri, run_id, folder
+        self._cv = threading.Condition()
+        self._memory: collections.deque[dict[str, Any]] = collections.deque()
+        self._journal: J.Journal | None = None
+        self._current: dict[str, Any] | None = None  # the journal record being delivered
+        self._busy = False  # a record is being sent
+        self._seq = 0
+        self._generation = 0  # closing starts a new one: a thread of an older one stops
+        self._thread: threading.Thread | None = None
+        self._down_since: float | None = None
+        self._retry_at = 0.0
+        self._end_pending = False
+
+    # ------------------------------------------------------------------ the caller's side
+
+    def put(self, record: dict[str, Any]) -> None:
+        """Hand ``record`` over (never waits on the store)."""
+        with self._cv:
+            self._seq += 1
+            record["seq"] = self._seq
+            self._end_pending = self._end_pending or is_end(record)
+            if self._journal is None and len(self._memory) >= MEMORY_RECORDS:
+                self._spill("is slower than training")
+            if self._journal is not None:
+                self._journal.append(record)
+            else:
+                self._memory.append(record)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._deliver,
+                    args=(self._generation,),
+                    name=f"raydrat-tracking-{self.run_id[:8]}",
+                    daemon=True,
+                )
+                self._thread.start()
+            self._cv.notify_all()
+
+    @property
+    def down(self) -> bool:
+        """Whether the store is known to be unreachable (an outage is under way)."""
+        return self._down_since is not None
+
+    def pending(self) -> int:
+        """Records handed over and not delivered yet."""
+        with self._cv:
+            return self._pending()
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every record handed over to be delivered (a
+        writer waiting to retry tries at once); whether it was."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            self._retry_at = 0.0
+            self._cv.notify_all()
+            while self._pending():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(left)
+            return True
+
+    def close(self, timeout: float) -> int:
+        """Deliver what is pending within ``timeout`` seconds, then stop; what is left stays
+        in the backlog (one line says where). Returns how many records are left there."""
+        self.flush(timeout)
+        with self._cv:
+            self._generation += 1
+            thread, self._thread = self._thread, None
+            self._cv.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(CLOSE_JOIN_S)
+        with self._cv:
+            left, ending = self._pending(), self._end_pending
+            if left and self._journal is None:
+                self._spill(None)
+            folder = self.folder
+            if self._journal is not None:
+                self._journal.close(remove=not left)
+                self._journal = None
+            J.remove_if_empty(folder)
+            self._memory.clear()
+            self._current, self._down_since, self._end_pending = None, None, False
+        if left:
+            status = ", its final status among them," if ending else ""
+            M.setup_logging().warning(
+                f"MLflow at {redact_uri(self.uri)} unreachable: {left} record(s) of run {self.run_id}{status} wait "
+                f"in {folder}; `raydrat tracking sync {folder}` delivers them, as does the next resume or eval "
+                "of the run"
+            )
+        return left
+
+    # ------------------------------------------------------------------ under the lock
+
+    def _pending(self) -> int:
+        n = len(self._memory)
+        if self._journal is not None:
+            n += self._journal.appended - self._journal.acknowledged
+        return n
+
+    def _spill(self, why: str | None) -> None:
+        """From now on every record waits in the journal: the ones in memory first."""
+        J.prepare(self.folder, redact_uri(self.uri), self.run_id)
+        self._journal = J.Journal.create(self.folder)
+        if self._busy and self._memory:  # in flight: it may arrive, so it is checked before it is sent again
+            self._memory[0]["tried"] = True
+        for record in self._memory:
+            self._journal.append(record)
+        self._memory.clear()
+        if why:
+            M.setup_logging().warning(
+                f"MLflow at {redact_uri(self.uri)} {why}: training goes on; {self._journal.appended} record(s) "
+                f"of run {self.run_id} wait in {self._journal.path} until it takes them"
+            )
+
+    def _head(self) -> dict[str, Any] | None:
+        """The next record to send (the same one until it is delivered); a journal all
+        delivered is removed (the end of an outage)."""
+        if self._current is not None:
+            return self._current
+        if self._journal is not None:
+            self._current = self._journal.next_pending()
+            if self._current is not None:
+                return self._current
+            if self._journal.appended == self._journal.acknowledged:
+                self._caught_up()
+        return self._memory[0] if self._memory else None
+
+    def _caught_up(self) -> None:
+        journal, self._journal = self._journal, None
+        journal.close(remove=True)
+        J.remove_if_empty(self.folder)
+        if self._down_since is not None:
+            took = _duration(time.monotonic() - self._down_since)
+            M.setup_logging().warning(
+                f"MLflow at {redact_uri(self.uri)} reachable again after {took}: the {journal.appended} record(s) "
+                f"of run {self.run_id} kept meanwhile are delivered"
+            )
+            self._down_since = None
+
+    def _delivered(self, record: dict[str, Any]) -> None:
+        if self._memory and self._memory[0] is record:
+            self._memory.popleft()
+        else:  # it was in the journal (read from it, or moved there while in flight)
+            self._journal.ack(record["seq"])
+            if self._current is record:
+                self._current = None
+        self._end_pending = self._end_pending and not is_end(record)
+        J.unstage(self.folder, record)
+        if record.get("file") and self._journal is None and not self._memory:
+            J.remove_if_empty(self.folder)
+
+    # ------------------------------------------------------------------ the writer's thread
+
+    def _next(self, generation: int) -> dict[str, Any] | None:
+        """The record to send once its time has come; ``None`` when this thread should end
+        (closed, or idle)."""
+        while generation == self._generation:
+            record = self._head()
+            wait = self._retry_at - time.monotonic()
+            if record is not None and wait <= 0:
+                self._busy = True
+                return record
+            if not self._cv.wait(wait if record is not None else IDLE_EXIT_S) and record is None:
+                if self._head() is None and generation == self._generation:
+                    self._thread = None
+                    return None
+        return None
+
+    def _deliver(self, generation: int) -> None:
+        backoff = 0.0
+        while True:
+            with self._cv:
+                record = self._next(generation)
+                if record is None:
+                    return
+            error: BaseException | None = None
+            try:
+                send(self.uri, self.run_id, self.folder, record, maybe_sent=record.get("tried", False))
+            except Exception as exc:
+                error = exc
+            with self._cv:
+                self._busy = False
+                if generation != self._generation:  # closed meanwhile: the backlog keeps the record
+                    return
+                if error is not None and transient(error):
+                    record["tried"] = True
+                    if self._journal is None:
+                        self._spill(None)
+                    if self._down_since is None:
+                        self._down_since = time.monotonic()
+                        M.setup_logging().warning(
+                            f"MLflow at {redact_uri(self.uri)} unreachable ({reason(error)}): training goes on; "
+                            f"the records of run {self.run_id} wait in {self._journal.path} until it returns"
+                        )
+                    backoff = min(RETRY_MAX_S, max(1.0, 2 * backoff))
+                    self._retry_at = time.monotonic() + backoff
+                    continue
+                if error is not None:
+                    refused(self.run_id, record, error)
+                self._delivered(record)
+                backoff = 0.0
+                self._cv.notify_all()
+
+
+_writers: dict[tuple[str, str], Writer] = {}
+_lock = threading.Lock()
+
+
+def writer(uri: str, run_id: str, folder: Path) -> Writer:
+    """The one writer of run ``run_id`` in this process (made on first use)."""
+    with _lock:
+        found = _writers.get((uri, run_id))
+        if found is None:
+            found = _writers[(uri, run_id)] = Writer(uri, run_id, folder)
+        return found
+
+
+@atexit.register
+def _close_all() -> None:
+    """At exit, every writer delivers within a few seconds or leaves its backlog on disk."""
+    for w in list(_writers.values()):
+        if w.pending():
+            w.close(timeout=2.0)
