@@ -49,7 +49,7 @@ from mlflow.entities import Run as MlflowRun
 import raydrat.tracking.delivery as D
 import raydrat.tracking.journal as J
 from raydrat.core import metrics as M
-from raydrat.redact import redact, redact_obj, redact_uri
+from raydrat.redact import redact, redact_obj, redact_uri, remember_uri
 from raydrat.tracking.content import run_tags
 from raydrat.tracking.delivery import TrackingUnavailable
 from raydrat.tracking.store import client, get_or_create_experiment, set_experiment_tag
@@ -113,6 +113,7 @@ class Run:
 
     def __init__(self, uri: str | None = None, run_id: str | None = None, backlog: str | Path | None = None):
         self.uri, self.run_id = (uri, run_id) if uri and run_id else (None, None)
+        remember_uri(self.uri)  # its password is masked in everything written from here
         self._backlog = Path(backlog) if backlog and self.run_id else None
         self._experiment_id: str | None = None
 
