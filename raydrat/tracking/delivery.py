@@ -63,17 +63,21 @@ def transient(exc: BaseException) -> bool:
     return isinstance(exc, OSError) or type(exc).__name__ in ("OperationalError", "TimeoutError")
 
 
-_ERRNO = re.compile(r"\[Errno -?\d+\] ([^\"')\]]+)")
+_REASONS = (
+    re.compile(r"\[Errno -?\d+\] ([^\"')\]]+)"),  # Connection refused, Name or service not known
+    re.compile(r"(Connection (?:broken|aborted|reset)[^(\"']*)"),
+    re.compile(r"((?:Read|Connect) timed out)"),
+    re.compile(r"((?:database|table) is locked)"),
+)
 
 
 def reason(exc: BaseException) -> str:
     """A few words on why the store could not be reached (``Connection refused``)."""
     text = redact(str(exc))
-    found = _ERRNO.findall(text)
-    if found:
-        return found[-1].strip()
-    if "timed out" in text.lower():
-        return "timed out"
+    for pattern in _REASONS:
+        found = pattern.findall(text)
+        if found:
+            return found[-1].strip().rstrip(":,")
     return (text.strip().splitlines() or [type(exc).__name__])[0][:120]
 
 
@@ -120,6 +124,25 @@ def status_record(status: str, ended: bool, end_ms: int | None) -> dict[str, Any
 
 def is_end(record: dict[str, Any]) -> bool:
     return record["op"] == "status" and record["ended"]
+
+
+def metrics_only(record: dict[str, Any]) -> bool:
+    """A batch of metrics alone (training's records): consecutive ones are sent as one."""
+    return record["op"] == "batch" and not record["params"] and not record["tags"]
+
+
+def merged(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record for ``records`` (one, or consecutive :func:`metrics_only` ones), sent in as
+    few requests as MLflow's limits allow; it may have been sent if any of them may."""
+    if len(records) == 1:
+        return records[0]
+    return {
+        "op": "batch",
+        "metrics": [m for r in records for m in r["metrics"]],
+        "params": [],
+        "tags": [],
+        "tried": any(r.get("tried") for r in records),
+    }
 
 
 # ----------------------------------------------------------------------------- sending

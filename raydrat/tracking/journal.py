@@ -176,6 +176,13 @@ class Journal:
             if "seq" in record and record["seq"] not in self._acked:
                 return record
 
+    def peek(self) -> dict[str, Any] | None:
+        """The record :meth:`next_pending` would return, left unread."""
+        pos = self._in.tell()
+        record = self.next_pending()
+        self._in.seek(pos)
+        return record
+
     def pending(self) -> list[dict[str, Any]]:
         """Every unacknowledged record from the last one read on (reads to the end)."""
         out = []

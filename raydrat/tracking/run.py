@@ -63,8 +63,6 @@ END_TIMEOUT_S = 10.0
 """How long a run's end waits for its records and final status to reach the store."""
 READ_FLUSH_S = 10.0
 """How long a read waits for this process's records to arrive first (read your writes)."""
-STATUS_FLUSH_S = 1.0
-"""How long a status read waits for this process's records first (it may be on the training thread)."""
 T = TypeVar("T")
 
 
@@ -354,14 +352,12 @@ class Run:
         return self._read(lambda: client(self.uri).get_run(self.run_id)) if self else None
 
     def status(self) -> str | None:
-        """The run's status in the store (one read: call it where it matters), once this
-        process's records of the run are delivered (waiting :data:`STATUS_FLUSH_S` at
-        most); ``None`` when the store cannot say (not read at all while this process's
-        writer knows the store is unreachable)."""
-        w = self._writer() if self else None
-        if w is None or w.down:
+        """The run's status in the store (one read: call it where it matters; it does not
+        wait for this process's records, so it can be called from the training thread);
+        ``None`` when the store cannot say (not read at all while this process's writer
+        knows the store is unreachable)."""
+        if not self or self._writer().down:
             return None
-        w.flush(STATUS_FLUSH_S)
         try:
             return client(self.uri).get_run(self.run_id).info.status
         except Exception as exc:

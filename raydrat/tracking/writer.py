@@ -29,7 +29,7 @@ from typing import Any
 import raydrat.tracking.journal as J
 from raydrat.core import metrics as M
 from raydrat.redact import redact_uri
-from raydrat.tracking.delivery import is_end, reason, refused, send, transient
+from raydrat.tracking.delivery import BATCH_LIMITS, is_end, merged, metrics_only, reason, refused, send, transient
 
 MEMORY_RECORDS = 1000
 """Records held in memory before the rest wait on disk (a store falling behind)."""
@@ -54,7 +54,7 @@ class Writer:
         self._cv = threading.Condition()
         self._memory: collections.deque[dict[str, Any]] = collections.deque()
         self._journal: J.Journal | None = None
-        self._current: dict[str, Any] | None = None  # the journal record being delivered
+        self._current: list[dict[str, Any]] = []  # the journal records being delivered
         self._busy = False  # a record is being sent
         self._seq = 0
         self._generation = 0  # closing starts a new one: a thread of an older one stops
@@ -131,7 +131,7 @@ class Writer:
                 self._journal = None
             J.remove_if_empty(folder)
             self._memory.clear()
-            self._current, self._down_since, self._end_pending = None, None, False
+            self._current, self._down_since, self._end_pending = [], None, False
         if left:
             status = ", its final status among them," if ending else ""
             M.setup_logging().warning(
@@ -151,10 +151,11 @@ class Writer:
 
     def _spill(self, why: str | None) -> None:
         """From now on every record waits in the journal: the ones in memory first."""
+        if self._busy and self._journal is None:  # in flight, they may arrive: checked before they are sent again
+            for record in self._head():
+                record["tried"] = True
         J.prepare(self.folder, redact_uri(self.uri), self.run_id)
         self._journal = J.Journal.create(self.folder)
-        if self._busy and self._memory:  # in flight: it may arrive, so it is checked before it is sent again
-            self._memory[0]["tried"] = True
         for record in self._memory:
             self._journal.append(record)
         self._memory.clear()
@@ -164,18 +165,42 @@ class Writer:
                 f"of run {self.run_id} wait in {self._journal.path} until it takes them"
             )
 
-    def _head(self) -> dict[str, Any] | None:
-        """The next record to send (the same one until it is delivered); a journal all
-        delivered is removed (the end of an outage)."""
-        if self._current is not None:
+    def _head(self) -> list[dict[str, Any]]:
+        """The next records to send (the same until they are delivered): one, or consecutive
+        batches of metrics alone, sent as one request (a backlog is delivered at the pace
+        of requests, not of training's steps); a journal all delivered is removed (the end
+        of an outage)."""
+        if self._current:
             return self._current
         if self._journal is not None:
-            self._current = self._journal.next_pending()
-            if self._current is not None:
+            self._current = self._group(self._journal.peek, self._journal.next_pending)
+            if self._current:
                 return self._current
             if self._journal.appended == self._journal.acknowledged:
                 self._caught_up()
-        return self._memory[0] if self._memory else None
+        memory = iter(self._memory)
+        ahead: list[dict[str, Any]] = []
+
+        def peek() -> dict[str, Any] | None:
+            if not ahead:
+                ahead.append(next(memory, None))
+            return ahead[0]
+
+        return self._group(peek, lambda: ahead.pop())
+
+    @staticmethod
+    def _group(peek, take) -> list[dict[str, Any]]:
+        group: list[dict[str, Any]] = []
+        metrics = 0
+        while (record := peek()) is not None:
+            fits = metrics_only(record) and metrics + len(record["metrics"]) <= BATCH_LIMITS["metrics"]
+            if group and not (fits and metrics_only(group[0])):
+                break
+            group.append(take())
+            metrics += len(record["metrics"]) if record["op"] == "batch" else 0
+            if not metrics_only(record):
+                break
+        return group
 
     def _caught_up(self) -> None:
         journal, self._journal = self._journal, None
@@ -189,42 +214,45 @@ class Writer:
             )
             self._down_since = None
 
-    def _delivered(self, record: dict[str, Any]) -> None:
-        if self._memory and self._memory[0] is record:
-            self._memory.popleft()
-        else:  # it was in the journal (read from it, or moved there while in flight)
-            self._journal.ack(record["seq"])
-            if self._current is record:
-                self._current = None
-        self._end_pending = self._end_pending and not is_end(record)
-        J.unstage(self.folder, record)
-        if record.get("file") and self._journal is None and not self._memory:
+    def _delivered(self, group: list[dict[str, Any]]) -> None:
+        if self._memory and self._memory[0] is group[0]:
+            for _ in group:
+                self._memory.popleft()
+        else:  # they were in the journal (read from it, or moved there while in flight)
+            for record in group:
+                self._journal.ack(record["seq"])
+            self._current = []
+        self._end_pending = self._end_pending and not any(is_end(r) for r in group)
+        for record in group:
+            J.unstage(self.folder, record)
+        if any(r.get("file") for r in group) and self._journal is None and not self._memory:
             J.remove_if_empty(self.folder)
 
     # ------------------------------------------------------------------ the writer's thread
 
-    def _next(self, generation: int) -> dict[str, Any] | None:
-        """The record to send once its time has come; ``None`` when this thread should end
+    def _next(self, generation: int) -> list[dict[str, Any]]:
+        """The records to send once their time has come; none when this thread should end
         (closed, or idle)."""
         while generation == self._generation:
-            record = self._head()
+            group = self._head()
             wait = self._retry_at - time.monotonic()
-            if record is not None and wait <= 0:
+            if group and wait <= 0:
                 self._busy = True
-                return record
-            if not self._cv.wait(wait if record is not None else IDLE_EXIT_S) and record is None:
-                if self._head() is None and generation == self._generation:
+                return group
+            if not self._cv.wait(wait if group else IDLE_EXIT_S) and not group:
+                if not self._head() and generation == self._generation:
                     self._thread = None
-                    return None
-        return None
+                    return []
+        return []
 
     def _deliver(self, generation: int) -> None:
         backoff = 0.0
         while True:
             with self._cv:
-                record = self._next(generation)
-                if record is None:
+                group = self._next(generation)
+                if not group:
                     return
+            record = merged(group)
             error: BaseException | None = None
             try:
                 send(self.uri, self.run_id, self.folder, record, maybe_sent=record.get("tried", False))
@@ -232,10 +260,11 @@ class Writer:
                 error = exc
             with self._cv:
                 self._busy = False
-                if generation != self._generation:  # closed meanwhile: the backlog keeps the record
+                if generation != self._generation:  # closed meanwhile: the backlog keeps the records
                     return
                 if error is not None and transient(error):
-                    record["tried"] = True
+                    for r in group:
+                        r["tried"] = True
                     if self._journal is None:
                         self._spill(None)
                     if self._down_since is None:
@@ -249,7 +278,7 @@ class Writer:
                     continue
                 if error is not None:
                     refused(self.run_id, record, error)
-                self._delivered(record)
+                self._delivered(group)
                 backoff = 0.0
                 self._cv.notify_all()
 
