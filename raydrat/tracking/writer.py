@@ -62,21 +62,28 @@ class Writer:
         self._down_since: float | None = None
         self._retry_at = 0.0
         self._end_pending = False
+        self._notes: list[str] = []  # lines to print, once the lock is let go
+        self._dropped = 0
+        self._cannot_write = False
 
     # ------------------------------------------------------------------ the caller's side
 
     def put(self, record: dict[str, Any]) -> None:
-        """Hand ``record`` over (never waits on the store)."""
+        """Hand ``record`` over (never waits on the store, never raises: a record that cannot
+        be kept, the disk being full, is dropped with one line)."""
         with self._cv:
             self._seq += 1
             record["seq"] = self._seq
-            self._end_pending = self._end_pending or is_end(record)
-            if self._journal is None and len(self._memory) >= MEMORY_RECORDS:
-                self._spill("is slower than training")
-            if self._journal is not None:
-                self._journal.append(record)
-            else:
-                self._memory.append(record)
+            try:
+                if self._journal is None and len(self._memory) >= MEMORY_RECORDS:
+                    self._spill("is slower than training")
+                if self._journal is not None:
+                    self._journal.append(record)
+                else:
+                    self._memory.append(record)
+                self._end_pending = self._end_pending or is_end(record)
+            except OSError as exc:
+                self._lost(exc, record)
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._deliver,
@@ -86,6 +93,7 @@ class Writer:
                 )
                 self._thread.start()
             self._cv.notify_all()
+        self._say()
 
     @property
     def down(self) -> bool:
@@ -121,8 +129,9 @@ class Writer:
             self._cv.notify_all()
         if thread is not None and thread is not threading.current_thread():
             thread.join(CLOSE_JOIN_S)
+        self._say()
         with self._cv:
-            left, ending = self._pending(), self._end_pending
+            left, ending, down = self._pending(), self._end_pending, self._down_since is not None
             if left and self._journal is None:
                 self._spill(None)
             folder = self.folder
@@ -135,13 +144,34 @@ class Writer:
         if left:
             status = ", its final status among them," if ending else ""
             M.setup_logging().warning(
-                f"MLflow at {redact_uri(self.uri)} unreachable: {left} record(s) of run {self.run_id}{status} wait "
+                f"MLflow at {redact_uri(self.uri)} {'unreachable' if down else 'too slow'}: {left} record(s) of run "
+                f"{self.run_id}{status} wait "
                 f"in {folder}; `raydrat tracking sync {folder}` delivers them, as does the next resume or eval "
                 "of the run"
             )
         return left
 
+    def _say(self) -> None:
+        """Print the lines noted under the lock (never while holding it: a console that
+        blocks must not block the callers)."""
+        with self._cv:
+            notes, self._notes = self._notes, []
+        for note in notes:
+            M.setup_logging().warning(note)
+
     # ------------------------------------------------------------------ under the lock
+
+    def _lost(self, exc: OSError, record: dict[str, Any] | None = None) -> None:
+        """The backlog cannot be written: ``record`` (if given) is dropped; one line says so."""
+        if record is not None:
+            self._dropped += 1
+            J.unstage(self.folder, record)
+        if not self._cannot_write:
+            self._cannot_write = True
+            self._notes.append(
+                f"MLflow records of run {self.run_id} cannot wait on disk ({reason(exc)} in {self.folder}): "
+                "while the store is away, the newest ones are dropped"
+            )
 
     def _pending(self) -> int:
         n = len(self._memory)
@@ -160,7 +190,7 @@ class Writer:
             self._journal.append(record)
         self._memory.clear()
         if why:
-            M.setup_logging().warning(
+            self._notes.append(
                 f"MLflow at {redact_uri(self.uri)} {why}: training goes on; {self._journal.appended} record(s) "
                 f"of run {self.run_id} wait in {self._journal.path} until it takes them"
             )
@@ -208,7 +238,7 @@ class Writer:
         J.remove_if_empty(self.folder)
         if self._down_since is not None:
             took = _duration(time.monotonic() - self._down_since)
-            M.setup_logging().warning(
+            self._notes.append(
                 f"MLflow at {redact_uri(self.uri)} reachable again after {took}: the {journal.appended} record(s) "
                 f"of run {self.run_id} kept meanwhile are delivered"
             )
@@ -230,28 +260,34 @@ class Writer:
 
     # ------------------------------------------------------------------ the writer's thread
 
-    def _next(self, generation: int) -> list[dict[str, Any]]:
-        """The records to send once their time has come; none when this thread should end
-        (closed, or idle)."""
+    def _next(self, generation: int) -> list[dict[str, Any]] | None:
+        """The records to send once their time has come; none when there are lines to print
+        first; ``None`` when this thread should end (closed, or idle)."""
         while generation == self._generation:
             group = self._head()
             wait = self._retry_at - time.monotonic()
             if group and wait <= 0:
                 self._busy = True
                 return group
+            if self._notes:
+                return []
             if not self._cv.wait(wait if group else IDLE_EXIT_S) and not group:
-                if not self._head() and generation == self._generation:
+                if not self._head() and not self._notes and generation == self._generation:
                     self._thread = None
-                    return []
-        return []
+                    return None
+        return None
 
     def _deliver(self, generation: int) -> None:
         backoff = 0.0
         while True:
+            self._say()
             with self._cv:
                 group = self._next(generation)
-                if not group:
-                    return
+            if group is None:
+                self._say()
+                return
+            if not group:
+                continue
             record = merged(group)
             error: BaseException | None = None
             try:
@@ -263,24 +299,32 @@ class Writer:
                 if generation != self._generation:  # closed meanwhile: the backlog keeps the records
                     return
                 if error is not None and transient(error):
-                    for r in group:
-                        r["tried"] = True
-                    if self._journal is None:
-                        self._spill(None)
-                    if self._down_since is None:
-                        self._down_since = time.monotonic()
-                        M.setup_logging().warning(
-                            f"MLflow at {redact_uri(self.uri)} unreachable ({reason(error)}): training goes on; "
-                            f"the records of run {self.run_id} wait in {self._journal.path} until it returns"
-                        )
                     backoff = min(RETRY_MAX_S, max(1.0, 2 * backoff))
                     self._retry_at = time.monotonic() + backoff
+                    self._failed(group, error)
                     continue
                 if error is not None:
                     refused(self.run_id, record, error)
                 self._delivered(group)
                 backoff = 0.0
                 self._cv.notify_all()
+
+    def _failed(self, group: list[dict[str, Any]], error: BaseException) -> None:
+        """The store could not be reached: the records wait in the journal from now on."""
+        for r in group:
+            r["tried"] = True
+        if self._journal is None:
+            try:
+                self._spill(None)
+            except OSError as exc:  # no journal: they wait in memory (new ones are dropped once it is full)
+                self._lost(exc)
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            where = self._journal.path if self._journal is not None else "memory"
+            self._notes.append(
+                f"MLflow at {redact_uri(self.uri)} unreachable ({reason(error)}): training goes on; the records of "
+                f"run {self.run_id} wait in {where} until it returns"
+            )
 
 
 _writers: dict[tuple[str, str], Writer] = {}
