@@ -116,6 +116,29 @@ def test_a_backlog_is_delivered_in_order_exactly_once_even_the_record_that_may_h
     assert run.settle() == []  # nothing twice
 
 
+def test_a_backlog_goes_at_the_pace_of_requests_not_of_steps(tmp_path, monkeypatch):
+    """300 steps kept while the store was away reach it in one request (MLflow takes 1000
+    metrics per request), counted at the real client."""
+    store = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    run_id = Run.start(store, "raydrat", "r").run_id
+    down = Run.attach(_closed_store(), run_id, tmp_path / "backlog")
+    for step in range(1, 301):
+        down.log_metrics({M.TRAIN_LOSS: 1.0 / step, M.LR: 0.01}, step)
+    down.close()
+    requests: list[int] = []
+    real_log_batch = MlflowClient.log_batch
+
+    def counting_log_batch(self, run_id, metrics=(), *args, **kwargs):
+        requests.append(len(metrics))
+        return real_log_batch(self, run_id, metrics, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", counting_log_batch)
+    run = Run.attach(store, run_id, tmp_path / "backlog")
+    run.settle()
+    assert requests == [600]
+    assert [s for s, _ in run.metric_history(M.TRAIN_LOSS)] == list(range(1, 301))
+
+
 DRIVER = """
 import sys, time
 from raydrat.tracking import Run

@@ -28,7 +28,7 @@ import functools
 import math
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,23 @@ def is_end(record: dict[str, Any]) -> bool:
 def metrics_only(record: dict[str, Any]) -> bool:
     """A batch of metrics alone (training's records): consecutive ones are sent as one."""
     return record["op"] == "batch" and not record["params"] and not record["tags"]
+
+
+def group_of(peek: Callable[[], dict | None], take: Callable[[], dict]) -> list[dict[str, Any]]:
+    """The next records to send together, taken from a queue read with ``peek`` and
+    ``take``: one record, or consecutive :func:`metrics_only` ones up to MLflow's limit of
+    metrics per request (a backlog goes at the pace of requests, not of training's steps)."""
+    group: list[dict[str, Any]] = []
+    metrics = 0
+    while (record := peek()) is not None:
+        fits = metrics_only(record) and metrics + len(record["metrics"]) <= BATCH_LIMITS["metrics"]
+        if group and not (fits and metrics_only(group[0])):
+            break
+        group.append(take())
+        metrics += len(record["metrics"]) if record["op"] == "batch" else 0
+        if not metrics_only(record):
+            break
+    return group
 
 
 def merged(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -301,15 +318,15 @@ def deliver_left(uri: str, run_id: str, folder: Path) -> int:
     try:
         for journal in adopted:
             first = True
-            while (record := journal.next_pending()) is not None:
-                if is_end(record):
-                    ends.append((journal, record))
+            while group := group_of(journal.peek, journal.next_pending):
+                if is_end(group[0]):
+                    ends.append((journal, group))
                     continue
-                _deliver(uri, run_id, folder, journal, record, maybe_sent=first or record.get("tried", False))
+                _deliver(uri, run_id, folder, journal, group, maybe_sent=first)
                 first = False
-                delivered += 1
-        for journal, record in sorted(ends, key=lambda jr: jr[1]["end_ms"] or 0):
-            _deliver(uri, run_id, folder, journal, record, maybe_sent=True)
+                delivered += len(group)
+        for journal, group in sorted(ends, key=lambda jg: jg[1][0]["end_ms"] or 0):
+            _deliver(uri, run_id, folder, journal, group, maybe_sent=True)
             delivered += 1
         complete = adopted
     except Exception as exc:
@@ -322,15 +339,18 @@ def deliver_left(uri: str, run_id: str, folder: Path) -> int:
     return delivered
 
 
-def _deliver(uri: str, run_id: str, folder: Path, journal: J.Journal, record: dict, maybe_sent: bool) -> None:
+def _deliver(uri: str, run_id: str, folder: Path, journal: J.Journal, group: list[dict], maybe_sent: bool) -> None:
+    """Send ``group`` (as one record), then acknowledge each of its records."""
+    record = merged(group)
     try:
-        send(uri, run_id, folder, record, maybe_sent=maybe_sent)
+        send(uri, run_id, folder, record, maybe_sent=maybe_sent or record.get("tried", False))
     except Exception as exc:
         if transient(exc):
             raise
         refused(run_id, record, exc)
-    journal.ack(record["seq"])
-    J.unstage(folder, record)
+    for r in group:
+        journal.ack(r["seq"])
+        J.unstage(folder, r)
 
 
 def refused(run_id: str, record: dict[str, Any], exc: BaseException) -> None:

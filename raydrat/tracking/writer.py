@@ -29,7 +29,7 @@ from typing import Any
 import raydrat.tracking.journal as J
 from raydrat.core import metrics as M
 from raydrat.redact import redact_uri
-from raydrat.tracking.delivery import BATCH_LIMITS, is_end, merged, metrics_only, reason, refused, send, transient
+from raydrat.tracking.delivery import group_of, is_end, merged, reason, refused, send, transient
 
 MEMORY_RECORDS = 1000
 """Records held in memory before the rest wait on disk (a store falling behind)."""
@@ -203,7 +203,7 @@ class Writer:
         if self._current:
             return self._current
         if self._journal is not None:
-            self._current = self._group(self._journal.peek, self._journal.next_pending)
+            self._current = group_of(self._journal.peek, self._journal.next_pending)
             if self._current:
                 return self._current
             if self._journal.appended == self._journal.acknowledged:
@@ -216,21 +216,7 @@ class Writer:
                 ahead.append(next(memory, None))
             return ahead[0]
 
-        return self._group(peek, lambda: ahead.pop())
-
-    @staticmethod
-    def _group(peek, take) -> list[dict[str, Any]]:
-        group: list[dict[str, Any]] = []
-        metrics = 0
-        while (record := peek()) is not None:
-            fits = metrics_only(record) and metrics + len(record["metrics"]) <= BATCH_LIMITS["metrics"]
-            if group and not (fits and metrics_only(group[0])):
-                break
-            group.append(take())
-            metrics += len(record["metrics"]) if record["op"] == "batch" else 0
-            if not metrics_only(record):
-                break
-        return group
+        return group_of(peek, lambda: ahead.pop())
 
     def _caught_up(self) -> None:
         journal, self._journal = self._journal, None
