@@ -77,7 +77,7 @@ def reason(exc: BaseException) -> str:
     for pattern in _REASONS:
         found = pattern.findall(text)
         if found:
-            return found[-1].strip().rstrip(":,")
+            return found[-1].strip().rstrip(":,.")
     return (text.strip().splitlines() or [type(exc).__name__])[0][:120]
 
 

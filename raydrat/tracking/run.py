@@ -292,7 +292,7 @@ class Run:
         lines = []
         delivered = D.deliver_left(self.uri, self.run_id, folder)
         if delivered:
-            lines.append(f"delivered the {delivered} record(s) of MLflow run {self.run_id} kept in {folder}")
+            lines.append(self._delivered_line(delivered))
         lock = folder / J.DRIVER_LOCK
         if lock.exists() and not J.held(lock) and (self.uri, self.run_id) not in _claims:
             status = self._now(lambda: client(self.uri).get_run(self.run_id).info.status)
@@ -428,7 +428,12 @@ class Run:
         folder = self.backlog
         if J.journals(folder):
             with contextlib.suppress(TrackingUnavailable):
-                D.deliver_left(self.uri, self.run_id, folder)
+                delivered = D.deliver_left(self.uri, self.run_id, folder)
+                if delivered:
+                    M.setup_logging().info(self._delivered_line(delivered))
+
+    def _delivered_line(self, delivered: int) -> str:
+        return f"delivered the {delivered} record(s) of MLflow run {self.run_id} kept in {self.backlog}"
 
     def _release(self) -> None:
         fd = _claims.pop((self.uri, self.run_id), None)

@@ -143,6 +143,7 @@ class Writer:
             self._current, self._down_since, self._end_pending = [], None, False
         if left:
             status = ", its final status among them," if ending else ""
+            left = max(left, J.count_pending(folder))  # with what the run's other processes left there
             M.setup_logging().warning(
                 f"MLflow at {redact_uri(self.uri)} {'unreachable' if down else 'too slow'}: {left} record(s) of run "
                 f"{self.run_id}{status} wait "
@@ -191,8 +192,8 @@ class Writer:
         self._memory.clear()
         if why:
             self._notes.append(
-                f"MLflow at {redact_uri(self.uri)} {why}: training goes on; {self._journal.appended} record(s) "
-                f"of run {self.run_id} wait in {self._journal.path} until it takes them"
+                f"MLflow at {redact_uri(self.uri)} {why}: {self._journal.appended} record(s) of run {self.run_id} "
+                f"wait in {self._journal.path} until it takes them (nothing waits for it)"
             )
 
     def _head(self) -> list[dict[str, Any]]:
@@ -308,8 +309,8 @@ class Writer:
             self._down_since = time.monotonic()
             where = self._journal.path if self._journal is not None else "memory"
             self._notes.append(
-                f"MLflow at {redact_uri(self.uri)} unreachable ({reason(error)}): training goes on; the records of "
-                f"run {self.run_id} wait in {where} until it returns"
+                f"MLflow at {redact_uri(self.uri)} unreachable ({reason(error)}): the records of run {self.run_id} "
+                f"wait in {where} until it returns (nothing waits for it)"
             )
 
 
