@@ -95,7 +95,9 @@ def test_a_backlog_is_delivered_in_order_exactly_once_even_the_record_that_may_h
     for step in range(1, 11):
         down.log_metrics({M.TRAIN_LOSS: 1.0 / step, M.LR: 0.01}, step)
         down.set_tag("phase", f"after step {step}")
-    assert down.end("FINISHED", end_time_s=1_700_000_000) == 21
+    down.log_text("hello\n", "notes/hello.txt")  # its copy waits in the backlog too
+    assert down.end("FINISHED", end_time_s=1_700_000_000) == 22
+    assert len(list((folder / J.FILES).glob("*/hello.txt"))) == 1
 
     # the first record was on its way when the store went away: it arrived, unacknowledged
     [path] = J.journals(folder)
@@ -106,7 +108,8 @@ def test_a_backlog_is_delivered_in_order_exactly_once_even_the_record_that_may_h
     assert len(client.get_metric_history(run_id, M.TRAIN_LOSS)) == 1
 
     run = Run.attach(file_store, run_id, folder)
-    assert run.settle() == [f"delivered the 21 record(s) of MLflow run {run_id} kept in {folder}"]
+    assert run.settle() == [f"delivered the 22 record(s) of MLflow run {run_id} kept in {folder}"]
+    assert [a.path for a in client.list_artifacts(run_id, "notes")] == ["notes/hello.txt"]
     for key in (M.TRAIN_LOSS, M.LR):
         assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(1, 11)), key
     back = client.get_run(run_id)

@@ -252,7 +252,6 @@ def _train(
         run = Run.attach(record["tracking_uri"], record["mlflow_run_id"], backlog)
         run.settle(quiet=True)  # what the interrupted run left undelivered
         run.set_status("RUNNING")
-        run.claim()
         log.info(f"resuming run {run_name} (MLflow run {run.run_id}) from {record['checkpoint']}")
     elif cfg.tracking.enabled:
         run = Run.start(
@@ -262,13 +261,13 @@ def _train(
             params=tracking.run_params(cfg, runtime),
             backlog=backlog,
         )
-        run.claim()
         _log_run_artifacts(run, cfg, bundle.tokenizer_path)
         log_data(run, bundle)
         run.log_metrics({M.ESTIMATED_BYTES: runtime.estimate.total_bytes}, 0)
         log.info(f"MLflow run {run.run_id} in {redact_uri(run.uri)}")
     if record is None:
         resume.write_run_record(cfg, run_name, run.uri, run.run_id)
+    run.claim()  # this process drives the run: a later command ends it KILLED if the process dies
 
     status = "FAILED"
     try:

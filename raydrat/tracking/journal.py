@@ -8,7 +8,8 @@ A backlog is a folder (the run directory's ``tracking-backlog/``, else one per r
   each a record (``{"seq": N, "op": ...}``) or the acknowledgement of one (``{"ack": N}``),
   written once the store took it. The pending records are the unacknowledged ones, in
   order; a journal whose records are all acknowledged is removed;
-* ``files/``: the copies of the files that upload records name (removed once uploaded);
+* ``files/``: the copies of the files that waiting records name (removed once delivered;
+  while the store answers they wait in a temporary folder instead);
 * ``driver.lock``: held (``flock``) by the process that drives the run while it lives.
 
 The process that writes a journal holds an exclusive ``flock`` on it, so another process
@@ -65,27 +66,35 @@ def prepare(folder: Path, uri_shown: str | None, run_id: str) -> None:
         store.write_text(json.dumps({"tracking_uri": uri_shown, "run_id": run_id}, indent=2) + "\n")
 
 
-def staging(folder: Path, name: str) -> tuple[Path, str]:
-    """A new place for a file named ``name`` under ``folder/files/``: its path, and the
-    path relative to ``folder`` (what a record names)."""
+def staging(folder: Path, name: str) -> Path:
+    """A new place for a file named ``name`` under ``folder/files/``."""
     target = folder / FILES / uuid.uuid4().hex / name
     target.parent.mkdir(parents=True, exist_ok=True)
-    return target, str(target.relative_to(folder))
+    return target
 
 
-def stage(folder: Path, source: Path) -> str:
-    """A copy of the file or folder ``source`` under ``folder/files/``; its path relative
-    to ``folder`` (what an upload record names)."""
-    target, rel = staging(folder, source.name)
+def stage(folder: Path, source: Path) -> Path:
+    """A copy of the file or folder ``source`` under ``folder/files/``."""
+    target = staging(folder, source.name)
     if source.is_dir():
         shutil.copytree(source, target)
     else:
         shutil.copyfile(source, target)
-    return rel
+    return target
+
+
+def keep(folder: Path, staged: Path) -> str:
+    """Move a copy staged elsewhere (by :func:`staging`) into ``folder/files/``; its path
+    relative to ``folder`` (what a record in the folder's journals names)."""
+    target = folder / FILES / staged.parent.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(staged.parent), str(target))
+    return str((target / staged.name).relative_to(folder))
 
 
 def unstage(folder: Path, record: dict[str, Any]) -> None:
-    """Remove the staged copy a delivered record named (if any), and ``files/`` once empty."""
+    """Remove the staged copy a delivered record named (if any: relative to ``folder``, or
+    absolute), and ``folder/files/`` once empty."""
     rel = record.get("file")
     if not rel:
         return

@@ -327,10 +327,9 @@ class Run:
             except Exception as exc:
                 if not D.transient(exc):
                     raise
-        J.prepare(self.backlog, redact_uri(self.uri), self.run_id)
-        path, rel = J.staging(self.backlog, f"{name}.pt")
-        torch.save(model, path)
-        w.put(dict(zip(("name", "registered_model_name", "metadata", "step"), args), op="model", file=rel))
+        staged = w.stage(name=f"{name}.pt")
+        torch.save(model, self.backlog / staged)  # a relative place is in the backlog, an absolute one stays so
+        w.put(dict(zip(("name", "registered_model_name", "metadata", "step"), args), op="model", file=staged))
         return None
 
     def register_model(self, model_uri: str, name: str) -> str | None:
@@ -413,7 +412,7 @@ class Run:
         """A file or folder into the run's artifacts (a copy, redacted where it holds a
         secret, waits in the backlog folder until it is uploaded)."""
         with _redacted(path) as local:
-            staged = J.stage(self.backlog, local)
+            staged = self._writer().stage(local)
         self._writer().put({"op": "upload", "file": staged, "artifact_path": artifact_path})
 
     def _set_status(self, status: str, ended: bool = False, end_time_s: float | None = None) -> None:

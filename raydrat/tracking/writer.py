@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import atexit
 import collections
+import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -65,6 +67,7 @@ class Writer:
         self._notes: list[str] = []  # lines to print, once the lock is let go
         self._dropped = 0
         self._cannot_write = False
+        self._staging: Path | None = None  # copies of files waiting in memory records
 
     # ------------------------------------------------------------------ the caller's side
 
@@ -94,6 +97,21 @@ class Writer:
                 self._thread.start()
             self._cv.notify_all()
         self._say()
+
+    def stage(self, source: Path | None = None, name: str | None = None) -> str:
+        """A copy of ``source`` (or an empty place for a file named ``name``) that stays until
+        the record naming it is delivered: in the backlog folder while records wait there,
+        else in a temporary folder of this writer (moved to the backlog if they come to wait).
+        What a record names as its ``file``."""
+        with self._cv:
+            if self._journal is not None:
+                base = self.folder
+            else:
+                if self._staging is None or not self._staging.is_dir():
+                    self._staging = Path(tempfile.mkdtemp(prefix="raydrat-tracking-"))
+                base = self._staging
+        path = J.stage(base, source) if source is not None else J.staging(base, name)
+        return str(path.relative_to(self.folder)) if base == self.folder else str(path)
 
     @property
     def down(self) -> bool:
@@ -140,6 +158,9 @@ class Writer:
                 self._journal = None
             J.remove_if_empty(folder)
             self._memory.clear()
+            if self._staging is not None:
+                shutil.rmtree(self._staging, ignore_errors=True)
+                self._staging = None
             self._current, self._down_since, self._end_pending = [], None, False
         if left:
             status = ", its final status among them," if ending else ""
@@ -188,6 +209,8 @@ class Writer:
         J.prepare(self.folder, redact_uri(self.uri), self.run_id)
         self._journal = J.Journal.create(self.folder)
         for record in self._memory:
+            if record.get("file") and Path(record["file"]).is_absolute():
+                record["file"] = J.keep(self.folder, Path(record["file"]))
             self._journal.append(record)
         self._memory.clear()
         if why:
