@@ -10,6 +10,7 @@ so a delivery that sent one twice would show) and `mlflow server` (tests/mlflow_
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import statistics
@@ -244,7 +245,7 @@ def _only_once(client: MlflowClient, run_id: str, steps: int) -> dict[str, list[
 
 @pytest.mark.slow
 def test_a_server_killed_and_restarted_mid_run_costs_training_nothing_and_loses_nothing(
-    tmp_path, demo_dir, capfd, monkeypatch
+    ray_local, tmp_path, demo_dir, capfd, monkeypatch
 ):
     from raydrat.config import load_config
     from raydrat.ray_train.trainer import run_training
@@ -290,7 +291,7 @@ def test_a_server_killed_and_restarted_mid_run_costs_training_nothing_and_loses_
     assert during < 3 * others + 0.05, f"a step took {during:.3f}s during the outage, {others:.3f}s otherwise"
     console = capfd.readouterr()
     text = console.out + console.err
-    assert text.count("unreachable (Connection refused): the records of run") == 1, text
+    assert len(re.findall(r"unreachable \([^)]+\): the records of run", text)) == 1, text  # refused, reset...
     assert text.count("reachable again after") == 1, text
     assert SECRET not in text and _files_holding(tmp_path / "ray_results", SECRET) == []
     assert not (tmp_path / "ray_results" / "outage" / J.BACKLOG_DIR).exists()
@@ -298,7 +299,7 @@ def test_a_server_killed_and_restarted_mid_run_costs_training_nothing_and_loses_
 
 @pytest.mark.slow
 def test_a_server_down_through_the_end_leaves_a_backlog_that_a_later_command_delivers(
-    tmp_path, demo_dir, capfd, monkeypatch
+    ray_local, tmp_path, demo_dir, capfd, monkeypatch
 ):
     """Down from step 5 on: the run ends normally (the CLI would exit 0 and print these
     lines), says where its backlog is, and `raydrat tracking sync` delivers it later."""
