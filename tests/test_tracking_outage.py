@@ -143,6 +143,30 @@ def test_a_backlog_goes_at_the_pace_of_requests_not_of_steps(tmp_path, monkeypat
     assert [s for s, _ in run.metric_history(M.TRAIN_LOSS)] == list(range(1, 301))
 
 
+def test_tracking_sync_says_in_one_line_what_it_needs(tmp_path, capsys, monkeypatch):
+    from raydrat.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    def error(*argv: str) -> str:
+        assert main(["tracking", "sync", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("raydrat: error:") == 1 and err.startswith("raydrat: error:"), err
+        return err
+
+    assert "no run there" in error("nope", "--storage", str(tmp_path))
+    folder = tmp_path / "r" / J.BACKLOG_DIR
+    closed = _closed_store()
+    down = Run.attach(closed, "0123abcd", folder)
+    down.log_metrics({"loss": 1.0}, 1)
+    down.close()
+    capsys.readouterr()
+    assert "whose password is not kept" in error("r", "--storage", str(tmp_path))
+    err = error("r", "--storage", str(tmp_path), "--tracking-uri", closed)
+    assert "unreachable (Connection refused)" in err and f"the backlog stays in {folder}" in err
+    assert SECRET not in err and J.count_pending(folder) == 1
+
+
 DRIVER = """
 import sys, time
 from raydrat.tracking import Run
