@@ -9,6 +9,7 @@
     raydrat data prepare CONFIG --out PATH [--endpoint-url URL] [--keep N]
     raydrat data gc OUT [--keep N] [--dry-run]
     raydrat generate | eval | export RUN|CHECKPOINT ...   (raydrat.model_commands)
+    raydrat tracking sync RUN ... [--storage DIR] [--tracking-uri URI]
     raydrat bench overhead [CONFIG] [--json PATH]
     raydrat bench ingest [CONFIG] [--mb N ...] [--json PATH]
     raydrat bench sync [CONFIG] [--latency-ms MS,...] [--sync-steps H,...] [--link MBIT,...] [--json PATH]
@@ -390,6 +391,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_tracking_sync(args: argparse.Namespace) -> int:
+    from raydrat.tracking.sync import sync
+
+    for run in args.runs:
+        for line in sync(run, args.storage, args.tracking_uri):
+            print(line)
+    return 0
+
+
 def cmd_bench_model(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from raydrat.bench.learning import run_learning
@@ -461,6 +471,22 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=["hf", "safetensors"], required=True)
     p.add_argument("--out", required=True, metavar="DIR")
     p.set_defaults(func=cmd_export)
+
+
+def _add_tracking_commands(sub: argparse._SubParsersAction) -> None:
+    """tracking sync: raydrat.tracking.sync."""
+    tracking = sub.add_parser("tracking", help="MLflow records kept while the store was unreachable").add_subparsers(
+        dest="tracking_command", required=True
+    )
+    p = tracking.add_parser("sync", help="deliver what a run kept while its MLflow store was unreachable")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="a backlog folder, a run directory, or a run name")
+    p.add_argument("--storage", default="ray_results", help="where run names are looked up (train.storage_path)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="the store's URI with its password, when the backlog names it masked (default $MLFLOW_TRACKING_URI)",
+    )
+    p.set_defaults(func=cmd_tracking_sync)
 
 
 def _add_bench_model(bench: argparse._SubParsersAction) -> None:
@@ -693,6 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_parser("gpu", help="the CUDA figures in one command (see `raydrat bench gpu --help`)")
 
     _add_model_commands(sub)
+    _add_tracking_commands(sub)
     return parser
 
 

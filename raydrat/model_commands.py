@@ -123,8 +123,10 @@ def _log_to_run(loaded, metrics: dict[str, float]) -> str | None:
     if not record.get("mlflow_run_id"):
         return None
     uri = resume.tracking_uri_for(record, tracking.resolve_tracking_uri(loaded.cfg.tracking))
-    run = tracking.Run.attach(uri, record["mlflow_run_id"])
+    run = tracking.Run.attach(uri, record["mlflow_run_id"], tracking.backlog_in(run_dir))
+    run.settle(quiet=True)  # what the run left undelivered, first
     run.log_metrics(metrics, step=loaded.step or 0)
+    run.close()
     return run.run_id
 
 

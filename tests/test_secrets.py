@@ -3,21 +3,18 @@ with `tracking.tracking_uri`, `raydrat tune` with `$MLFLOW_TRACKING_URI`) agains
 `mlflow server` on loopback, and AWS keys in the environment. The test then greps the
 server's store and artifacts, ray_results (checkpoints, raydrat_run.json, Tune's trial
 params/results and experiment state), Ray's session logs and the console for the secret
-strings. Plus the redaction functions themselves."""
+strings (the `raydrat.command` tag holds the command line that named the URI). Plus the
+redaction functions themselves."""
 
 from __future__ import annotations
 
 import os
 import secrets
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from mlflow_server import MlflowServer
 
 from raydrat import redact as R
 
@@ -48,57 +45,13 @@ def test_redaction_masks_uri_passwords_and_known_secrets(monkeypatch):
     assert R.describe_aws_credentials() == "access key id AKIA…MPLE from AWS_ACCESS_KEY_ID"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real `mlflow server` on 127.0.0.1 with its own store and artifact root; clients
     reach it as http://raydrat:SECRET@127.0.0.1:PORT (the password travels as basic auth)."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{root / 'store.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--workers",
-            "1",
-        ],
-        cwd=root,
-        stdout=(root / "server.log").open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                os.killpg(proc.pid, signal.SIGKILL)
-                raise RuntimeError(
-                    f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}"
-                ) from None
-            time.sleep(0.5)
-    yield {"root": root, "uri": f"http://raydrat:{SECRET}@127.0.0.1:{port}"}
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    yield {"root": server.root, "uri": server.url.replace("://", f"://raydrat:{SECRET}@")}
+    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -144,32 +97,31 @@ def test_no_secret_in_the_store_artifacts_ray_results_session_logs_or_console(
     from test_tune import _space
 
     from raydrat.cli import main
+    from raydrat.tracking import COMMAND_TAG
 
     monkeypatch.chdir(tmp_path)
     uri = mlflow_server["uri"]
-    assert (
-        main(
-            [
-                "train",
-                "debug",
-                "--set",
-                f"data.demo_dir={demo_dir}",
-                "--set",
-                "train.steps=4",
-                "--set",
-                "train.eval_every=2",
-                "--set",
-                "optim.warmup_steps=1",
-                "--set",
-                "scaling.cpus_per_worker=0.5",
-                "--set",
-                f"train.storage_path={tmp_path / 'ray_results'}",
-                "--set",
-                f"tracking.tracking_uri={uri}",
-            ]
-        )
-        == 0
-    )
+    train_args = [
+        "train",
+        "debug",
+        "--set",
+        f"data.demo_dir={demo_dir}",
+        "--set",
+        "train.steps=4",
+        "--set",
+        "train.eval_every=2",
+        "--set",
+        "optim.warmup_steps=1",
+        "--set",
+        "scaling.cpus_per_worker=0.5",
+        "--set",
+        f"train.storage_path={tmp_path / 'ray_results'}",
+        "--set",
+        f"tracking.tracking_uri={uri}",
+    ]
+    # the command line as a user types it: the run's `raydrat.command` tag records it
+    monkeypatch.setattr(sys, "argv", ["raydrat", *train_args])
+    assert main(train_args) == 0
     space = _space(
         tmp_path,
         name="secret",
@@ -186,6 +138,7 @@ def test_no_secret_in_the_store_artifacts_ray_results_session_logs_or_console(
         },
     )
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(sys, "argv", ["raydrat", "tune", str(space)])
     assert main(["tune", str(space)]) == 0
     console = capfd.readouterr()
     console_text = console.out + console.err
@@ -196,6 +149,9 @@ def test_no_secret_in_the_store_artifacts_ray_results_session_logs_or_console(
     assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs), [r.info.status for r in runs]
     trained = [r for r in runs if "val_loss" in r.data.metrics]
     assert len(trained) == 2
+    # the command line is there, its password masked (the grep below reads the database's bytes)
+    commands = [r.data.tags[COMMAND_TAG] for r in runs]
+    assert any(f"tracking.tracking_uri={R.redact_uri(uri)}" in c for c in commands), commands
     # the URI is a param only where it is recorded at all, and then masked
     assert {r.data.params.get("tracking.tracking_uri") for r in trained} <= {None, R.redact_uri(uri)}
 

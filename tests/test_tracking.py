@@ -110,7 +110,7 @@ def test_the_data_is_a_dataset_input_per_split(store: Path):
     uri = f"sqlite:///{store / 'mlruns.db'}"
     run = Run.start(uri, "raydrat", "r2")
     run.log_inputs(inputs)
-    logged = MlflowClient(uri).get_run(run.run_id).inputs.dataset_inputs
+    logged = run.fetch().inputs.dataset_inputs  # read through the run: once its records are in
     assert {(i.dataset.name, i.tags[0].value) for i in logged} == {
         ("corpus:train", "training"),
         ("corpus:val", "validation"),

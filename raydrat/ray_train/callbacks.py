@@ -30,10 +30,14 @@ class RunMetrics(Callback):
 
     Whether the run is still open is read from the store where it matters, once per step
     at most: at every checkpoint step, before that step's metrics (a scheduler decides at
-    the reports checkpoints make), and at the end; not at every log step."""
+    the reports checkpoints make), and at the end; not at every log step. A store that
+    cannot say (unreachable) leaves the run open. No call waits on the store: the run's
+    writer delivers from its own thread, and at the end gets a short while to deliver what
+    is pending (what it cannot stays in the run's backlog)."""
 
     def __init__(self, run: Run):
         self.run = run
+        self._given = run
         self._checked_at: int | None = None
 
     def _open(self, state: FitState, check: bool = True) -> bool:
@@ -41,7 +45,7 @@ class RunMetrics(Callback):
             return False
         if check and self._checked_at != state.step:
             self._checked_at = state.step
-            if self.run.status() != "RUNNING":
+            if self.run.status() not in ("RUNNING", None):
                 self.run = Run.off()
         return bool(self.run)
 
@@ -64,9 +68,10 @@ class RunMetrics(Callback):
 
     def on_fit_end(self, state: FitState) -> None:
         planner = state.techniques.recompute
-        if not isinstance(planner, GatedRecompute) or not self._open(state):
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            png = gate_heatmap(planner.history, planner.branches, Path(tmp) / Path(M.GATE_HEATMAP_ARTIFACT).name)
-            if png is not None:
-                self.run.log_artifact(png, str(Path(M.GATE_HEATMAP_ARTIFACT).parent))
+        if isinstance(planner, GatedRecompute) and self._open(state):
+            with tempfile.TemporaryDirectory() as tmp:
+                png = gate_heatmap(planner.history, planner.branches, Path(tmp) / Path(M.GATE_HEATMAP_ARTIFACT).name)
+                if png is not None:
+                    self.run.log_artifact(png, str(Path(M.GATE_HEATMAP_ARTIFACT).parent))
+        if state.rank == 0:
+            self._given.close()

@@ -73,7 +73,9 @@ class TrainingSummary:
         if self.run:
             out.append(f"MLflow run {self.run.run_id}; browse with:")
             out.append(f"  {tracking.ui_command(self.run.uri)}")
-            out.append(f"  then open {tracking.ui_url(self.run.uri, self.run.experiment_id())}")
+            experiment = self.run.experiment_id()  # None: the store is away
+            if experiment is not None:
+                out.append(f"  then open {tracking.ui_url(self.run.uri, experiment)}")
         return out
 
 
@@ -174,7 +176,10 @@ def log_epochs(run: Run, bundle) -> None:
 
 
 def _log_loss_curve(run: Run, title: str, out_dir: Path) -> None:
-    curves = {"train": run.metric_history(M.TRAIN_LOSS), "val": run.metric_history(M.VAL_LOSS)}
+    try:
+        curves = {"train": run.metric_history(M.TRAIN_LOSS), "val": run.metric_history(M.VAL_LOSS)}
+    except tracking.TrackingUnavailable:
+        return  # the store is away (the writers said so): the curves are in the store later, no plot
     out_dir.mkdir(parents=True, exist_ok=True)
     run.log_artifact(plot_curves(curves, out_dir / "loss_curve.png", title), "plots")
 
@@ -298,8 +303,10 @@ def _train(
     )
 
     run = Run.off()
+    backlog = tracking.backlog_in(resume.storage_root(cfg) / run_name)
     if record is not None:
-        run = Run.attach(record["tracking_uri"], record["mlflow_run_id"])
+        run = Run.attach(record["tracking_uri"], record["mlflow_run_id"], backlog)
+        run.settle(quiet=True)  # what the interrupted run left undelivered
         run.set_status("RUNNING")
         log.info(f"resuming run {run_name} (MLflow run {run.run_id}) from {record['checkpoint']}")
     elif cfg.tracking.enabled:
@@ -308,6 +315,7 @@ def _train(
             cfg.tracking.experiment,
             run_name,
             params=tracking.run_params(cfg, runtime),
+            backlog=backlog,
         )
         _log_run_artifacts(run, cfg, bundle.tokenizer_path)
         log_data(run, bundle)
@@ -318,6 +326,7 @@ def _train(
         resume.write_run_record(cfg, run_name, run.uri, run.run_id)
     else:
         resume.mark_run(run_dir, "running")
+    run.claim()  # this process drives the run: a later command ends it KILLED if the process dies
 
     status = "FAILED"
     try:
@@ -326,7 +335,7 @@ def _train(
         )
         status = "FINISHED"
         with crash.secondary("logging the run's models to MLflow"):
-            models = log_run_models(run, cfg, result)
+            models = {k: v for k, v in log_run_models(run, cfg, result).items() if v}  # None: kept in the backlog
             if models:
                 log.info("MLflow models: " + ", ".join(f"{k} {v}" for k, v in models.items()))
             log_epochs(run, bundle)
@@ -339,7 +348,7 @@ def _train(
         raise _crashed(cfg, run_name, exc) from exc
     finally:  # the run's own outcome is what the user sees, whatever tracking or the disk do here
         with crash.secondary(f"setting MLflow run {run.run_id} to {status}"):
-            run.end(status)
+            run.end(status)  # never raises: a store that is away keeps the status in the backlog
         with crash.secondary(f"recording the run's end in {run_dir / resume.RUN_FILE}"):
             resume.mark_run(run_dir, {"FINISHED": "finished", "KILLED": "interrupted"}.get(status, "failed"))
 

@@ -92,9 +92,19 @@ def ui_url(uri: str, experiment_id: str, key: str = VIEW_KEY) -> str:
     )
 
 
+HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+"""MLflow's HTTP client in a raydrat process: no retries of its own (its back-off sleeps for
+minutes; raydrat's writer retries on its own thread, and a read on the training thread must
+fail at once), and 10 s without an answer is a failure. Set for the whole process (MLflow
+reads them from the environment at every request); a timeout the user set is kept."""
+
+
 @functools.cache
 def client(uri: str) -> MlflowClient:
     """The one client of store ``uri`` in this process (made on first use)."""
+    if not is_embedded(uri):
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = HTTP_SETTINGS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_SETTINGS["MLFLOW_HTTP_REQUEST_TIMEOUT"])
     # the store's "Creating initial MLflow database tables..." lines are not the run's news
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     # its warning on every pickled model: raydrat chooses pickle knowingly (Run.log_model)
