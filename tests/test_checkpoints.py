@@ -137,21 +137,22 @@ def test_a_used_run_name_is_refused_and_default_names_never_collide(tmp_path):
     assert len(names) == 50 and all(n.startswith("debug-") for n in names)
 
 
-def test_the_fit_check_counts_the_data_streams_cpu():
+def test_the_fit_check_counts_the_workers_cpus():
     def cfg(*sets):
         return load_config("debug", list(sets))
 
-    two = cfg("scaling.num_workers=2")
+    three = cfg("scaling.num_workers=3")
     with pytest.raises(
         ConfigError,
         match=(
-            r"2 CPUs for the Train workers, plus 1 for the training data stream .* needs 3 CPUs but the Ray "
-            r"cluster has 2 CPUs and 0 GPUs.*set scaling.cpus_per_worker=0.5"
+            r"scaling.num_workers=3 x scaling.cpus_per_worker=1 needs 3 CPUs for the Train workers but the Ray "
+            r"cluster has 2 CPUs and 0 GPUs.*set scaling.cpus_per_worker=0.66"
         ),
     ):
-        check_cluster_fits(two, False, {"CPU": 2.0})
-    check_cluster_fits(cfg("scaling.num_workers=2", "scaling.cpus_per_worker=0.5"), False, {"CPU": 2.0})
+        check_cluster_fits(three, False, {"CPU": 2.0})
+    check_cluster_fits(cfg("scaling.num_workers=2"), False, {"CPU": 2.0})  # the data needs no CPU of its own
+    check_cluster_fits(cfg("scaling.num_workers=[2, 8]"), False, {"CPU": 2.0})  # elastic: its minimum fits
     check_cluster_fits(cfg(), False, {"CPU": 2.0})  # the debug recipe on 2 CPUs
-    with pytest.raises(ConfigError, match=r"give Ray at least 2 CPUs"):
-        check_cluster_fits(cfg(), False, {"CPU": 1.0})
+    with pytest.raises(ConfigError, match=r"give Ray at least 1 CPUs"):
+        check_cluster_fits(cfg("scaling.cpus_per_worker=1"), False, {"CPU": 0.0})
     check_cluster_fits(cfg("scaling.num_workers=2", "scaling.wait_for_resources=true"), False, {"CPU": 2.0})

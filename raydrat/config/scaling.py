@@ -41,7 +41,8 @@ class ScalingConfig(Section):
         low, high = (value, value) if isinstance(value, int) else value
         if low < 1 or high < low:
             raise ValueError(
-                f"scaling.num_workers={value}: give a number of workers >= 1, or [min, max] with 1 <= min <= max"
+                f"scaling.num_workers={value if isinstance(value, int) else list(value)}: give a number of "
+                "workers >= 1, or [min, max] with 1 <= min <= max"
             )
         return low if low == high else (low, high)
 

@@ -26,7 +26,6 @@ from raydrat.config import DataConfig
 from raydrat.core.data.check import check_stats
 from raydrat.core.data.errors import DataError
 from raydrat.core.data.mixing import mixing_report, with_measured_rates
-from raydrat.core.data.order import stream_count
 from raydrat.core.data.plan import plan_corpus, sample_units
 from raydrat.core.data.prepared import Lease, check_manifest, read_manifest_at, table_blocks
 from raydrat.core.data.sources import Location, filesystem, fs_path, location_for, uri
@@ -101,9 +100,7 @@ def _from_sources(data_cfg: DataConfig, spec: PackSpec, tokenizer_sha256: str, s
                 for i, s in enumerate(sources)
             )
         )
-    source = TrainSource(
-        tuple(plan.units), spec, stream_count(data_cfg.streams, len(plan.units)), max(1, data_cfg.shuffle_buffer)
-    )
+    source = TrainSource.of(tuple(plan.units), spec, data_cfg)
     lineage = {
         "kind": "sources",
         "sources": [s.model_dump(mode="json") for s in data_cfg.sources],
@@ -153,7 +150,7 @@ def _from_prepared(
         PreparedUnit(int(f.rsplit("unit-", 1)[1].split(".")[0]), f"{root}/{f}", loc) for f in manifest["train_files"]
     )
     return {
-        "train": TrainSource(units, spec, stream_count(data_cfg.streams, len(units)), max(1, data_cfg.shuffle_buffer)),
+        "train": TrainSource.of(units, spec, data_cfg),
         "val": dataset(manifest["val_files"]).materialize(),
         "stats": None,
         "lineage": {"kind": "prepared", "prepared": data_cfg.prepared, "manifest": manifest},

@@ -142,7 +142,7 @@ def train_stream(
     long tensors on ``device``) in the global order from ``position``, read
     ``prefetch`` micro-batches ahead in a thread. ``position`` is kept at the world's place
     after the last micro-batch handed out (what a checkpoint saves: no block in flight), and
-    gets each one's ``(position, block_id)`` pairs when ``position.trace`` is a list.
+    gets each block's ``(position, block_id, epoch)`` when ``position.trace`` is a list.
     ``counter`` (a :class:`DataCounter`) gets each unit's counts once it is read whole."""
     os.environ.setdefault("RAYON_NUM_THREADS", "1")  # the tokenizer's own pool: one thread beside training
     on_unit = None if counter is None else (lambda epoch, unit, counts: counter.add.remote(epoch, unit, counts))
@@ -178,7 +178,7 @@ def train_stream(
             position.blocks, position.streams = mb.position.blocks, mb.position.streams
             position.stream_count, position.units = mb.position.stream_count, mb.position.units
             if position.trace is not None:
-                position.trace.extend(zip(mb.positions.tolist(), mb.ids.tolist(), strict=True))
+                position.trace.extend(zip(mb.positions.tolist(), mb.ids.tolist(), mb.epochs.tolist(), strict=True))
             yield torch.from_numpy(mb.tokens).to(device=device, dtype=torch.long)
     finally:
         stop.set()

@@ -59,8 +59,8 @@ class DataPosition:
     """Units of the corpus this position is in (0: not known yet, any)."""
     first_epoch: int = 0
     trace: list | None = field(default=None, compare=False, repr=False)
-    """When a list, the stream appends ``(position, block_id)`` of every block it hands to
-    training (not saved): how tests and ``raydrat bench resume`` see what was consumed."""
+    """When a list, the stream appends ``(position, block_id, epoch)`` of every block it hands
+    to training (not saved): how tests and ``raydrat bench resume`` see what was consumed."""
 
     @property
     def epoch(self) -> int:

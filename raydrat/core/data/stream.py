@@ -23,15 +23,16 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pyarrow.parquet as pq
 
-from raydrat.core.data.blocks import Run, UnitStart, unit_runs
+from raydrat.config.data import DataConfig
+from raydrat.core.data.blocks import Run, UnitStart, plan_local, unit_runs
 from raydrat.core.data.errors import DataError
-from raydrat.core.data.order import records_stream, stream_units, window_order
+from raydrat.core.data.order import records_stream, stream_count, stream_units, window_order
 from raydrat.core.data.plan import Unit
 from raydrat.core.data.position import DataPosition, StreamCursor, worker_slice
 from raydrat.core.data.prepared import table_blocks
 from raydrat.core.data.read import Mark
 from raydrat.core.data.sources import Location, filesystem
-from raydrat.core.data.spec import PackSpec
+from raydrat.core.data.spec import PackSpec, make_spec
 
 OnUnit = Callable[[int, int, dict], None]
 """``(epoch, unit_id, counts)``, called when a stream has read a unit from start to end."""
@@ -56,6 +57,11 @@ class TrainSource:
     """Streams in use (:func:`~raydrat.core.data.order.stream_count`)."""
     window: int
     """Blocks per shuffle window (``data.shuffle_buffer``; at least 1)."""
+
+    @classmethod
+    def of(cls, units: tuple, spec: PackSpec, data_cfg: DataConfig) -> TrainSource:
+        """The source of ``units`` under ``data.streams`` and ``data.shuffle_buffer``."""
+        return cls(units, spec, stream_count(data_cfg.streams, len(units)), max(1, data_cfg.shuffle_buffer))
 
     def runs(self, unit: Unit | PreparedUnit, start: UnitStart, counts: dict) -> Iterator[Run]:
         """The unit's training blocks from ``start``."""
@@ -90,6 +96,7 @@ class StreamReader:
         self._raw = self._raw_blocks(cursor)
         self._ids: np.ndarray | None = None
         self._blocks: np.ndarray | None = None
+        self._epochs: np.ndarray | None = None
 
     def _raw_blocks(self, cur: StreamCursor) -> Iterator[tuple[int, np.ndarray, tuple]]:
         """The stream's blocks before shuffling, each with the place it starts at."""
@@ -123,24 +130,26 @@ class StreamReader:
             epoch, first = epoch + 1, 0
 
     def _fill(self, window: int, taken: int) -> None:
-        ids, blocks, place = [], [], None
+        ids, blocks, epochs, place = [], [], [], None
         for block_id, block, where in itertools.islice(self._raw, self.source.window):
             place = place or where
             ids.append(block_id)
             blocks.append(block)
+            epochs.append(where[0])
         perm = window_order(self.seed, self.stream, window, len(ids))
         self._ids, self._blocks = np.asarray(ids, dtype=np.int64)[perm], np.stack(blocks)[perm]
+        self._epochs = np.asarray(epochs, dtype=np.int64)[perm]
         self.cursor = StreamCursor(*place, window=window, taken=taken)
 
-    def next(self) -> tuple[int, np.ndarray]:
-        """The stream's next block ``(block_id, tokens)``."""
+    def next(self) -> tuple[int, np.ndarray, int]:
+        """The stream's next block: ``(block_id, tokens, epoch)``."""
         if self._ids is None:
             self._fill(self.cursor.window, self.cursor.taken)
         elif self.cursor.taken == len(self._ids):
             self._fill(self.cursor.window + 1, 0)
         i = self.cursor.taken
         self.cursor.taken += 1
-        return int(self._ids[i]), self._blocks[i]
+        return int(self._ids[i]), self._blocks[i], int(self._epochs[i])
 
 
 @dataclass
@@ -151,6 +160,8 @@ class MicroBatch:
     """``int32[batch_size, seq_len + 1]``."""
     positions: np.ndarray
     """Their global positions."""
+    epochs: np.ndarray
+    """The epoch each block belongs to."""
     position: DataPosition
     """The world's position once every worker has taken its part of this micro-round (this
     worker's streams only: what it writes into a checkpoint)."""
@@ -177,21 +188,22 @@ class WorkerBlocks:
         self.start = self.next_position = part.start
         self.recorded = [c for c in self.readers if records_stream(source.stream_count, c, rank, world, part.start)]
 
-    def _pass(self, end: int) -> tuple[list[int], list[np.ndarray], list[int]]:
+    def _pass(self, end: int) -> tuple[list[int], list[np.ndarray], list[int], list[int]]:
         """Walk the global positions up to ``end``, keeping this worker's."""
-        ids, blocks, positions = [], [], []
+        ids, blocks, positions, epochs = [], [], [], []
         n = self.source.stream_count
         for p in range(self.next_position, end):
             reader = self.readers.get(p % n)
             if reader is None:
                 continue
-            block_id, block = reader.next()
+            block_id, block, epoch = reader.next()
             if (p - self.start) % self.world == self.rank:
                 ids.append(block_id)
                 blocks.append(block)
                 positions.append(p)
+                epochs.append(epoch)
         self.next_position = end
-        return ids, blocks, positions
+        return ids, blocks, positions, epochs
 
     def position(self) -> DataPosition:
         """The world's position after the positions walked so far (this worker's streams)."""
@@ -208,8 +220,37 @@ class WorkerBlocks:
         return self
 
     def __next__(self) -> MicroBatch:
-        ids, blocks, positions = self._pass(self.next_position + self.world * self.batch_size)
-        return MicroBatch(np.asarray(ids, dtype=np.int64), np.stack(blocks), np.asarray(positions), self.position())
+        ids, blocks, positions, epochs = self._pass(self.next_position + self.world * self.batch_size)
+        return MicroBatch(
+            np.asarray(ids, dtype=np.int64),
+            np.stack(blocks),
+            np.asarray(positions),
+            np.asarray(epochs),
+            self.position(),
+        )
+
+
+def epoch_blocks(source: TrainSource, seed: int, epoch: int = 0) -> list[tuple[int, np.ndarray]]:
+    """``(block_id, tokens)`` of every block of ``epoch`` in the global order (read by one
+    worker from the start until every stream has passed that epoch)."""
+    walk = WorkerBlocks(source, seed, DataPosition(), batch_size=source.stream_count)
+    out = []
+    while True:
+        batch = next(walk)
+        out += [
+            (i, b)
+            for i, b, e in zip(batch.ids.tolist(), batch.tokens, batch.epochs.tolist(), strict=True)
+            if e == epoch
+        ]
+        if all(r.cursor.epoch > epoch for r in walk.readers.values()):
+            return out
+
+
+def local_source(data_cfg: DataConfig, seq_len: int, vocab_size: int) -> TrainSource:
+    """The training source of ``data_cfg`` built in this process, without Ray (mixing rates
+    measured as :func:`raydrat.ray_data.datasets.build_datasets` measures them)."""
+    spec, _ = make_spec(data_cfg, seq_len, vocab_size)
+    return TrainSource.of(tuple(plan_local(data_cfg, spec).units), spec, data_cfg)
 
 
 def position_at(source: TrainSource, seed: int, blocks: int) -> DataPosition:
