@@ -36,7 +36,7 @@ def _save(directory: Path, step: int, world_size: int = 2) -> Path:
             step,
             {"name": "t"},
             Techniques.plain(TINY.n_layer),
-            DataPosition(0, step * 3 + rank),
+            DataPosition(blocks=step * 16),
             rank,
             world_size,
         )
@@ -56,8 +56,12 @@ def test_a_checkpoint_is_complete_only_with_every_rank_manifest_and_matching_fil
     newest = sorted(run_dir.iterdir())[-1]
     assert verify_checkpoint(newest) is None
     manifest = json.loads((newest / "manifest-rank1.json").read_text())
-    assert manifest["world_size"] == 2 and set(manifest["files"]) == {"rank1.pt"}
-    assert set(json.loads((newest / "manifest-rank0.json").read_text())["files"]) == {"state.pt", "rank0.pt"}
+    assert manifest["world_size"] == 2 and set(manifest["files"]) == {"rank1.pt", "data-rank1.json"}
+    assert set(json.loads((newest / "manifest-rank0.json").read_text())["files"]) == {
+        "state.pt",
+        "rank0.pt",
+        "data-rank0.json",
+    }
 
     # the faults a kill or a disk leaves: each is named
     broken = run_dir / "broken"

@@ -148,8 +148,15 @@ def test_s3_token_stream_equals_local(s3):
 
 def test_s3_bad_inputs(s3):
     missing_bucket = cfg_for(s3, "s3", sources=[{"path": "s3://no-such-bucket/x", "endpoint_url": s3["endpoint"]}])
-    with pytest.raises(DataError, match=r"data.sources\[0\].path = 's3://no-such-bucket/x'"):
+    with pytest.raises(
+        DataError,
+        match=r"data.sources\[0\].path = 's3://no-such-bucket/x': bucket 'no-such-bucket' does not exist .*"
+        r"fix the bucket name in data.sources",
+    ):
         build_datasets(missing_bucket, SEQ_LEN, VOCAB)
+    globbed = cfg_for(s3, "s3", sources=[{"path": "s3://no-such-bucket/*.parquet", "endpoint_url": s3["endpoint"]}])
+    with pytest.raises(DataError, match=r"bucket 'no-such-bucket' does not exist"):
+        build_datasets(globbed, SEQ_LEN, VOCAB)
     missing_key = cfg_for(s3, "s3", sources=[{"path": f"s3://{BUCKET}/nope/", "endpoint_url": s3["endpoint"]}])
     with pytest.raises(DataError, match=r"s3://corpus/nope does not exist"):
         build_datasets(missing_key, SEQ_LEN, VOCAB)

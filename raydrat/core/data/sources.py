@@ -202,6 +202,7 @@ def list_files(path: str, loc: Location, suffix: str | tuple[str, ...] | None, w
             f"{where}: {exc}: fix data.sources, or use `path: demo` (`raydrat data demo` builds the demo corpus)"
         ) from None
     except OSError as exc:
+        _check_bucket(fs, loc, p, where)
         raise describe_os_error(where, exc) from None
     files = sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
     if not files:

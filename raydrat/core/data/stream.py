@@ -212,9 +212,11 @@ class WorkerBlocks:
             self.next_position, cursors, self.source.stream_count, len(self.source.units), self.first_epoch
         )
 
-    def advance(self, end: int) -> None:
-        """Pass the positions up to ``end`` without keeping any (a reference walk)."""
-        self._pass(end)
+    def advance(self, end: int) -> list[tuple[int, int]]:
+        """Walk the positions up to ``end`` (a reference walk); ``(block_id, epoch)`` of the
+        blocks this worker passed that are its own."""
+        ids, _, _, epochs = self._pass(end)
+        return list(zip(ids, epochs, strict=True))
 
     def __iter__(self) -> Iterator[MicroBatch]:
         return self
