@@ -598,9 +598,20 @@ def test_weighted_mixing_is_met_in_tokens_whatever_the_parquet_encoding(corpus, 
             tokens[unit.source] += blocks.size
     assert abs(tokens[0] / sum(tokens) - 0.5) < 0.05, tokens
     source_of = {u.unit_id: u.source for u in plan.units}
-    rows = train_rows(build_datasets(cfg, SEQ_LEN, VOCAB))
+    bundle = build_datasets(cfg, SEQ_LEN, VOCAB)
+    rows = train_rows(bundle)
     share_a = sum(1 for r in rows if source_of[r["block_id"] >> 32] == 0) / len(rows)
     assert abs(share_a - 0.5) < 0.05, share_a
+    # what the run reports is measured too: each source's text bytes, and shares that fit them
+    truth = [
+        sum(len(t.encode()) for t in pq.read_table(tmp_path / n / f"{n}.parquet")["text"].to_pylist()) for n in "ab"
+    ]
+    for got, want in zip(bundle.lineage["source_text_bytes"], truth, strict=True):
+        assert abs(got - want) / want < 0.1, (bundle.lineage["source_text_bytes"], truth)
+    sizes = bundle.lineage["source_sizes"]
+    assert [s["token_share_target"] for s in sizes] == [0.5, 0.5]
+    assert all(abs(s["token_share_planned"] - 0.5) < 1e-9 for s in sizes)
+    assert abs(sizes[0]["token_share_natural"] - 0.5) < 0.1  # the footers alone said about 0.2
 
 
 def test_prepare_keeps_generations_a_reader_holds_and_cleans_crashed_prefixes(corpus, tmp_path):

@@ -181,6 +181,7 @@ def run_resume_bench(
             f"train.storage_path={tmp / 'runs'}",
             "train.eval_every=1000",
             "train.log_every=1",
+            "optim.warmup_steps=1",
         ]
         cfg = load_config(config, [*base, f"train.steps={1 + RESUMED_STEPS}"])
         source = local_source(cfg.data, cfg.model.seq_len, cfg.model.vocab_size)
