@@ -82,7 +82,9 @@ def _drive(code: Path, tmp: Path, config: str, overrides: list[str], resume: str
     env = {**os.environ, "PYTHONPATH": str(code), "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     args = json.dumps({"config": config, "overrides": overrides, "resume": resume, "out": str(out)})
-    res = subprocess.run([sys.executable, str(script), args], cwd=tmp, env=env, capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, str(script), args], cwd=tmp, env=env, capture_output=True, text=True, timeout=3600
+    )
     if res.returncode != 0:
         raise RuntimeError(f"the driver failed ({code}):\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])["t0"]
@@ -140,6 +142,39 @@ def _walk(source: TrainSource, seed: int, targets: list[int], batch: int) -> dic
         out[n] = {"position": position, "before": set(seen), "next": following}
         seen.update(following.values())
     return out
+
+
+def _resume_row(
+    code: Path,
+    tmp: Path,
+    config: str,
+    base: list[str],
+    name: str,
+    label: str,
+    walked: dict,
+    n: int,
+    w0: int,
+    w1: int,
+    batch: int,
+) -> dict:
+    """One resume of the code at ``code`` from position ``n``, ``w0`` workers then ``w1``."""
+    cpus = "1" if w0 < 3 else "0.66"
+    first = [*base, f"scaling.num_workers={w0}", f"scaling.cpus_per_worker={cpus}", "train.steps=1"]
+    _drive(code, tmp, config, [*first, f"tracking.run_name={name}"], False, tmp / f"{name}-first")
+    _set_position(tmp / "runs" / name, label == "after", walked["position"], n // (w0 * batch), w0)
+    cpus = "1" if w1 < 3 else "0.66"
+    again = [*base, f"scaling.num_workers={w1}", f"scaling.cpus_per_worker={cpus}", f"train.steps={1 + RESUMED_STEPS}"]
+    out = tmp / f"{name}-resumed"
+    t0 = _drive(code, tmp, config, again, name, out)
+    steps = _steps(out)
+    result = {"resume_s": min(s["time"] for s in steps if s["step"] == 2) - t0}
+    if label == "after":
+        got = [tuple(b) for s in steps for b in s.get("blocks", [])]
+        kept = {p: (i, e) for p, i, e in got}
+        result["blocks"] = len(got)
+        result["repeated"] = sum(1 for _, i, e in got if (i, e) in walked["before"])
+        result["skipped"] = sum(1 for p in range(n, n + len(got)) if kept.get(p) != walked["next"].get(p))
+    return result
 
 
 def _epoch_blocks(source: TrainSource, sample: int = 6) -> int:
@@ -200,42 +235,27 @@ def run_resume_bench(
                 if label == "before" and w0 != w1:
                     row[label] = {"refused": "a changed scaling.num_workers is refused by --resume"}
                     continue
-                name = f"r{k}-{label}"
-                cpus = "1" if w0 < 3 else "0.66"
-                first = [*base, f"scaling.num_workers={w0}", f"scaling.cpus_per_worker={cpus}", "train.steps=1"]
-                _drive(code, tmp, config, [*first, f"tracking.run_name={name}"], False, tmp / f"{name}-first")
-                _set_position(tmp / "runs" / name, label == "after", walked[n]["position"], n // (w0 * batch), w0)
-                cpus = "1" if w1 < 3 else "0.66"
-                again = [
-                    *base,
-                    f"scaling.num_workers={w1}",
-                    f"scaling.cpus_per_worker={cpus}",
-                    f"train.steps={1 + RESUMED_STEPS}",
-                ]
-                out = tmp / f"{name}-resumed"
-                t0 = _drive(code, tmp, config, again, name, out)
-                steps = _steps(out)
-                first_step = min(s["time"] for s in steps if s["step"] == 2)
-                row[label] = {"resume_s": first_step - t0}
-                if label == "after":
-                    got = [tuple(b) for s in steps for b in s.get("blocks", [])]
-                    want = walked[n]["next"]
-                    row[label]["blocks"] = len(got)
-                    row[label]["repeated"] = sum(1 for _, i, e in got if (i, e) in walked[n]["before"])
-                    kept = {p: (i, e) for p, i, e in got}
-                    row[label]["skipped"] = sum(1 for p in range(n, n + len(got)) if kept.get(p) != want.get(p))
+                try:
+                    row[label] = _resume_row(
+                        code, tmp, config, base, f"r{k}-{label}", label, walked[n], n, w0, w1, batch
+                    )
+                except Exception as exc:  # one row's failure is reported, the others still run
+                    row[label] = {"error": str(exc).strip().splitlines()[-1][:300]}
             rows.append(row)
             print(f"bench resume: {row}", flush=True)
+            if json_path:
+                write_json(json_path, {"config": config, "mb": mb, "rows": rows, "partial": True})
     load_end = load_average()
     table = []
     for r in rows:
-        b = r.get("before", {})
-        a = r["after"]
+        b, a = r.get("before", {}), r["after"]
+        if "error" in a:
+            a = {"resume_s": float("nan"), "repeated": a["error"], "skipped": "-", "blocks": "-"}
         table.append(
             [
                 f"{r['position']:.0%} ({r['blocks']:,} of ~{r['epoch_blocks']:,})",
                 r["workers"],
-                b.get("refused", f"{b['resume_s']:.1f}") if b else "-",
+                (b.get("refused") or b.get("error") or f"{b['resume_s']:.1f}") if b else "-",
                 f"{a['resume_s']:.1f}",
                 a["repeated"],
                 a["skipped"],
