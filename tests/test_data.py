@@ -28,6 +28,7 @@ from raydrat.core.data.demo import build_demo_corpus, read_manifest
 from raydrat.core.data.errors import DataError
 from raydrat.core.data.pack import pack_tokens
 from raydrat.core.data.plan import plan_units, resolve_sources
+from raydrat.core.data.position import DataPosition
 from raydrat.core.data.read import read_unit
 from raydrat.core.data.spec import make_spec
 from raydrat.core.data.split import is_val_document
@@ -35,6 +36,7 @@ from raydrat.core.data.stream import epoch_blocks
 from raydrat.core.data.tokenizer import load_tokenizer, special_ids, tokenizer_hash, train_tokenizer
 from raydrat.ray_data import prepare as prep
 from raydrat.ray_data.datasets import build_datasets
+from raydrat.ray_data.stream import train_stream
 
 SEQ_LEN = 16
 BLOCK_LEN = SEQ_LEN + 1
@@ -612,6 +614,14 @@ def test_weighted_mixing_is_met_in_tokens_whatever_the_parquet_encoding(corpus, 
     assert [s["token_share_target"] for s in sizes] == [0.5, 0.5]
     assert all(abs(s["token_share_planned"] - 0.5) < 1e-9 for s in sizes)
     assert abs(sizes[0]["token_share_natural"] - 0.5) < 0.1  # the footers alone said about 0.2
+    # the worker's stream (train_stream) reports each unit it read whole: the achieved shares
+    position = DataPosition()
+    for _ in train_stream(bundle.train, position, 0, 1, 8, 0, counter=bundle.counter):
+        if position.epoch >= 1:
+            break
+    (line,) = bundle.achieved_shares()
+    shares = [float(x) for x in re.findall(r"achieved ([0-9.]+)%", line)]
+    assert line.startswith("data: epoch 0: sources[0] target 50.0%") and abs(shares[0] - 50) < 5, line
 
 
 def test_prepare_keeps_generations_a_reader_holds_and_cleans_crashed_prefixes(corpus, tmp_path):

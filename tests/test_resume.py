@@ -266,3 +266,20 @@ def test_resume_starts_from_the_newer_of_ray_trains_record_and_the_latest_direct
     late = tmp_path.parent / "elsewhere" / "checkpoint_2026-11-23_13-10-55.000000"
     _save(late, 15)
     assert choose_checkpoint(tmp_path, also=(str(late),))[0] == late  # Ray's record is newer
+
+
+def test_an_elastic_run_trains_on_the_global_order(ray_local, demo_dir, tmp_path):
+    """``scaling.num_workers: [1, 2]`` runs as Ray Train's elastic ``ScalingConfig(num_workers=
+    (1, 2))``: it starts with as many workers as the cluster has room for, and whatever that
+    number, every global position is trained once, with the block the order holds there."""
+    cfg = _cfg(demo_dir, tmp_path / "rr", tmp_path / "mlruns.db", "scaling.num_workers=[1, 2]", "train.steps=6")
+    assert cfg.scaling.num_workers == (1, 2)
+    summary = run_training(cfg, fit_callbacks=[TraceBlocks(tmp_path, "elastic")])
+    assert summary.steps == 6
+    steps = read_traces(tmp_path, "elastic")
+    world = len(steps[1]) // 8
+    assert 1 <= world <= 2 and all(len(steps[s]) == 8 * world for s in steps)
+    kept = effective(tmp_path, [("elastic", 1, 6)])
+    source = local_source(cfg.data, cfg.model.seq_len, cfg.model.vocab_size)
+    batch = next(WorkerBlocks(source, cfg.train.seed, DataPosition(), batch_size=len(kept)))
+    assert kept == dict(zip(batch.positions.tolist(), zip(batch.ids.tolist(), batch.epochs.tolist(), strict=True)))

@@ -60,6 +60,21 @@ class DatasetBundle:
             epochs = []
         return [{f"data_epoch_{k}": float(v) for k, v in e.items()} for e in epochs]
 
+    def achieved_shares(self) -> list[str]:
+        """With several sources: per epoch the stream read whole, each source's target and
+        achieved share of the training tokens (blocks are all ``seq_len + 1`` tokens)."""
+        sizes = self.lineage.get("source_sizes") or []
+        if len(sizes) < 2 or self.counter is None:
+            return []
+        return [
+            f"data: epoch {int(e['epoch'])}: "
+            + "; ".join(
+                f"sources[{i}] target {s['token_share_target']:.1%}, achieved {e.get(f'source{i}_block_share', 0.0):.1%}"
+                for i, s in enumerate(sizes)
+            )
+            for e in ray.get(self.counter.epochs.remote())
+        ]
+
     def metrics(self) -> dict[str, float]:
         """The data counts as run metrics (``data_*``): the manifest's exact counts for
         prepared data, the checked sample's otherwise (``data_sampled_units`` of

@@ -273,6 +273,8 @@ def _train(
         epochs = bundle.epoch_metrics()  # per-epoch data counts: an artifact, not constant charts
         if epochs:
             run.log_text(json.dumps(epochs, indent=2), "data/epochs.json")
+        for line in bundle.achieved_shares():
+            log.info(line)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
