@@ -37,7 +37,7 @@ from raydrat.core.data.blocks import UnitStart
 from raydrat.core.data.position import DataPosition
 from raydrat.core.data.sample import train_tokenizer_on_sources
 from raydrat.core.data.stream import TrainSource, WorkerBlocks, local_source
-from raydrat.ray_train.resume import CHECKPOINT_GLOB, RUN_FILE
+from raydrat.ray_train.resume import RUN_FILE, checkpoint_dirs
 
 RESUMED_STEPS = 2
 """Steps each resumed run trains (the first is timed)."""
@@ -108,7 +108,7 @@ def _rewrite_manifest(ckpt: Path, rank: int, world: int, step: int, extra: list[
 def _set_position(run_dir: Path, after: bool, position: DataPosition, batches: int, world: int) -> None:
     """Set the data position of the run's one checkpoint: this code's global position (all
     its streams in rank 0's file), or the earlier code's per-rank micro-batch count."""
-    (ckpt,) = sorted(run_dir.glob(CHECKPOINT_GLOB))
+    (ckpt,) = checkpoint_dirs(run_dir)
     for rank in range(world):
         if after:
             part = position if rank == 0 else DataPosition(position.blocks, {}, position.stream_count, position.units)
