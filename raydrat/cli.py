@@ -10,8 +10,10 @@
     raydrat data gc OUT [--keep N] [--dry-run]
     raydrat generate | eval | export RUN|CHECKPOINT ...   (raydrat.model_commands)
     raydrat tracking sync RUN ... [--storage DIR] [--tracking-uri URI]
+    raydrat bench resume [CONFIG] [--mb N] [--before DIR] [--json PATH]
+    raydrat bench shuffle [CONFIG] [--json PATH]
     raydrat bench overhead [CONFIG] [--json PATH]
-    raydrat bench ingest [CONFIG] [--mb N ...] [--json PATH]
+    raydrat bench ingest [CONFIG] [--mb N ...] [--huge-mb N ...] [--json PATH]
     raydrat bench sync [CONFIG] [--latency-ms MS,...] [--sync-steps H,...] [--link MBIT,...] [--json PATH]
     raydrat bench combos [CONFIG] [--json PATH] [--only NAME ...]
     raydrat bench memory [--json PATH] [--only NAME ...]
@@ -195,7 +197,32 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from raydrat.bench.ingest import run_ingest
 
-    run_ingest(cfg, sizes_mb=args.mb, json_path=args.json, workdir=args.workdir)
+    run_ingest(cfg, sizes_mb=args.mb, huge_mb=args.huge_mb, json_path=args.json, workdir=args.workdir)
+    return 0
+
+
+def cmd_bench_resume(args: argparse.Namespace) -> int:
+    from raydrat.bench.resume import run_resume_bench
+
+    if args.mb < 100:
+        raise UserError(f"--mb {args.mb:g}: the resume benchmark needs a corpus of at least 100 MB of text")
+    run_resume_bench(
+        args.config,
+        args.overrides,
+        mb=args.mb,
+        positions=tuple(args.positions),
+        before=args.before,
+        json_path=args.json,
+        workdir=args.workdir,
+    )
+    return 0
+
+
+def cmd_bench_shuffle(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from raydrat.bench.shuffle import run_shuffle_bench
+
+    run_shuffle_bench(cfg, json_path=args.json)
     return 0
 
 
@@ -623,8 +650,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="generated corpus sizes in MB of text (default: 50 100)",
     )
     p.add_argument("--workdir", default=None, help="where to generate the corpora (default: a temp dir)")
+    p.add_argument(
+        "--huge-mb",
+        type=float,
+        nargs="*",
+        default=[70.0],
+        help="also a corpus of one one-line document of each size in MB (default: 70; none: leave it out)",
+    )
     p.add_argument("--json", help="write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_ingest)
+
+    p = bench.add_parser("resume", help="time from --resume to the first resumed step, by data position")
+    p.add_argument("config", nargs="?", default="debug", help="recipe name or YAML path (default: debug)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--mb", type=float, default=100.0, help="generated corpus size in MB of text (at least 100)")
+    p.add_argument(
+        "--positions",
+        type=float,
+        nargs="+",
+        default=[0.1, 0.5, 0.9],
+        help="fractions of an epoch (default 0.1 0.5 0.9)",
+    )
+    p.add_argument("--before", default=None, metavar="DIR", help="a checkout of the earlier code to time beside it")
+    p.add_argument("--workdir", default=None, help="where to generate the corpus (default: a temp dir)")
+    p.add_argument("--json", help="write the figures to this JSON file")
+    p.set_defaults(func=cmd_bench_resume)
+
+    p = bench.add_parser("shuffle", help="how well the training order mixes the corpus, before and after")
+    _add_config_args(p, required=False)
+    p.add_argument("--json", help="write the figures to this JSON file")
+    p.set_defaults(func=cmd_bench_shuffle)
 
     p = bench.add_parser("combos", help="efficiency techniques alone and combined, vs a baseline")
     _add_config_args(p, required=False)
