@@ -40,6 +40,7 @@ from raydrat.core.techniques.recompute.granularity import (
     OpGranularity,
     branch_mask,
 )
+from raydrat.core.techniques.recompute.plan_cache import plan_cache
 from raydrat.core.techniques.recompute.wrapper import apply_recompute, wrap_blocks
 
 
@@ -193,6 +194,8 @@ class BudgetRecompute(RecomputePlanner):
 
     def plan(self, step: int, tokens: torch.Tensor | None = None, active_slots: list[int] | None = None) -> list[bool]:
         self.active = active_slots
+        if self.current is None:
+            self.current = self.level.recall_plan(self.budget_mb, tokens)
         if self.level.measure_due(step, tokens):
             self.level.measure(step, tokens)
             self.current = None
@@ -339,7 +342,7 @@ def build_recompute(
     if cfg.mode == "full":
         return FullRecompute(n_layer, autocast)
     if cfg.granularity == "op":
-        level = OpGranularity(compiled, autocast)
+        level = OpGranularity(compiled, autocast, plans=plan_cache(cfg.plan_cache) if cfg.mode == "budget" else None)
     else:
         level = BranchGranularity(autocast, cfg.gates.refresh_every if cfg.mode == "gated" else None)
     if cfg.mode == "budget":
