@@ -194,7 +194,7 @@ def test_the_cache_is_turned_off_by_the_env_or_the_config(tmp_path, monkeypatch)
 
 
 def test_plan_cache_without_an_op_budget_is_refused():
-    with pytest.raises(ConfigError, match=r"recompute\.plan_cache has no effect with recompute\.mode=none"):
+    with pytest.raises(ConfigError, match=r"recompute\.plan_cache=false has no effect with recompute\.mode=none"):
         load_config("debug", ["recompute.plan_cache=false"])
     cfg = load_config(
         "debug",

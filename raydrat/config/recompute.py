@@ -93,9 +93,9 @@ class RecomputeConfig(Section):
                 f"recompute.granularity=op has no effect with recompute.mode={self.mode}: "
                 "set recompute.mode=budget (or gated), or remove recompute.granularity"
             )
-        if "plan_cache" in self.model_fields_set and (self.granularity != "op" or self.mode != "budget"):
+        if not self.plan_cache and (self.granularity != "op" or self.mode != "budget"):
             raise ValueError(
-                f"recompute.plan_cache has no effect with recompute.mode={self.mode}, "
+                f"recompute.plan_cache=false has no effect with recompute.mode={self.mode}, "
                 f"recompute.granularity={self.granularity}: plans are kept for granularity=op with mode=budget; "
                 "remove recompute.plan_cache"
             )

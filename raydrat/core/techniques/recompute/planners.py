@@ -7,7 +7,8 @@ per op call) that measures the costs, makes the plans and applies them:
 * :class:`FullRecompute` (``full``): every transformer block one checkpoint region (it
   keeps only the block's input, like ``torch.utils.checkpoint`` per block).
 * :class:`BudgetRecompute` (``budget``): the exact optimum (a knapsack over the measured
-  costs) that fits ``recompute.budget_mb``, planned once.
+  costs) that fits ``recompute.budget_mb``, planned once (op-level: or recalled from the
+  plan cache, :mod:`.plan_cache`, with no measurement).
 * :class:`GatedRecompute` (``gated``): learnable gates decide each step; after the
   optimizer step they take their own update from the resource loss (:meth:`after_step`),
   which depends on nothing but the gates and the measured costs.
