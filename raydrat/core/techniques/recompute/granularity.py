@@ -323,7 +323,9 @@ class OpGranularity:
         if tokens is None:
             raise RuntimeError("recompute.granularity=op: pass a micro-batch to the first plan() to measure costs")
         self._batch = tokens
-        self.costs = measure_op_costs(self.regions.model, tokens[:, :-1], tokens[:, 1:], self.autocast())
+        self.costs = measure_op_costs(
+            self.regions.model, tokens[:, :-1], tokens[:, 1:], self.autocast(), sac_overheads=not self.compiled
+        )
 
     def _plan_key(self, budget_mb: float) -> dict:
         idx = self._batch[:, :-1]
