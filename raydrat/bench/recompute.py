@@ -275,7 +275,7 @@ def run_model(
     probe = build_model(mc, seed=base.train.seed, device=torch.device("cpu"))
     tokens = data.train[0]
     c0 = tree_cpu_s()
-    costs = measure_op_costs(probe.train(), tokens[:, :-1], tokens[:, 1:])
+    costs = measure_op_costs(probe.train(), tokens[:, :-1], tokens[:, 1:], sac_overheads=eager)
     measure_cpu_s = tree_cpu_s() - c0
     log(f"  op costs measured in {measure_cpu_s:.1f}s CPU")
     del probe
