@@ -17,7 +17,7 @@
     raydrat bench sync [CONFIG] [--latency-ms MS,...] [--sync-steps H,...] [--link MBIT,...] [--json PATH]
     raydrat bench combos [CONFIG] [--json PATH] [--only NAME ...]
     raydrat bench memory [--json PATH] [--only NAME ...]
-    raydrat bench recompute [--models NAME ...] [--fractions F ...] [--steps N] [--no-compile] [--json PATH]
+    raydrat bench recompute [--models NAME ...] [--fractions F ...] [--steps N] [--no-compile | --no-eager] [--json PATH]
     raydrat bench model [CONFIG] [--modes eager compiled] [--shapes NAME ...] [--rounds N] [--profile] [--ablate] [--learning] [--json PATH]
     raydrat bench gpu [--dry-run] [--quick] [--tiny] [--out DIR] [--json PATH]
     raydrat job submit [RAY JOB SUBMIT OPTIONS] -- ENTRYPOINT
@@ -243,6 +243,7 @@ def cmd_bench_recompute(args: argparse.Namespace) -> int:
         steps=args.steps,
         compiled=not args.no_compile,
         json_path=args.json,
+        eager=not args.no_eager,
     )
     return 0
 
@@ -705,6 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=6, help="timed interleaved rounds after 2 untimed steps (default 6)")
     p.add_argument("--no-compile", action="store_true", help="eager rows only (compiling is slow on a small CPU)")
+    p.add_argument(
+        "--no-eager", action="store_true", help="compiled rows only (and eager none, the reference of the ratios)"
+    )
     p.add_argument("--json", help="write one record per row to this JSON file")
     p.set_defaults(func=cmd_bench_recompute)
 
