@@ -543,13 +543,8 @@ def _add_bench_model(bench: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench_model)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="raydrat", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--version", action="version", version=f"raydrat {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    """``train``."""
     p = sub.add_parser("train", help="train a config through Ray Train")
     _add_config_args(p)
     p.add_argument(
@@ -574,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    """``data demo | tokenizer | prepare | gc``."""
     data = sub.add_parser("data", help="the demo corpus, a tokenizer, packed shards").add_subparsers(
         dest="data_command", required=True
     )
@@ -608,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
     p.set_defaults(func=cmd_data_gc)
 
+
+def _add_tune_and_estimate(sub: argparse._SubParsersAction) -> None:
+    """``tune`` and ``estimate``."""
     p = sub.add_parser("tune", help="run a Ray Tune sweep from a tune_spaces/*.yaml file")
     p.add_argument("space", help="space YAML path or shipped space name (smoke, lambda_sweep, ...)")
     p.add_argument("--resume", action="store_true", help="continue the latest unfinished sweep of this space")
@@ -624,6 +625,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_tune)
 
+    p = sub.add_parser("estimate", help="predict peak training memory per worker, by component")
+    _add_config_args(p)
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="device the estimate is for (default: from the config, else this machine)",
+    )
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="also train a few steps on this machine's device and print measured against predicted",
+    )
+    p.set_defaults(func=cmd_estimate)
+
+
+def _add_job(sub: argparse._SubParsersAction) -> None:
+    """``job submit`` (its options are ``ray job submit``'s: :func:`main` passes them on)."""
     job = sub.add_parser("job", help="Ray Jobs").add_subparsers(dest="job_command", required=True)
     p = job.add_parser(
         "submit",
@@ -634,9 +653,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_job_submit, ray_args=[])
 
-    bench = sub.add_parser(
-        "bench", help="benchmarks: overhead, ingest, sync, techniques, memory, model, GPU"
-    ).add_subparsers(dest="bench_command", required=True)
+
+def _add_bench_data(bench: argparse._SubParsersAction) -> None:
+    """The data benchmarks: ``bench overhead | ingest | resume | shuffle``."""
     p = bench.add_parser("overhead", help="Ray Train loop vs a bare PyTorch loop")
     _add_config_args(p, required=False)
     p.add_argument("--json", help="write the figures to this JSON file")
@@ -682,6 +701,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_shuffle)
 
+
+def _add_bench_techniques(bench: argparse._SubParsersAction) -> None:
+    """The technique benchmarks: ``bench combos | recompute | memory``."""
     p = bench.add_parser("combos", help="efficiency techniques alone and combined, vs a baseline")
     _add_config_args(p, required=False)
     p.add_argument("--json", help="write one record per combination to this JSON file")
@@ -712,21 +734,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write one record per row to this JSON file")
     p.set_defaults(func=cmd_bench_recompute)
 
-    p = sub.add_parser("estimate", help="predict peak training memory per worker, by component")
-    _add_config_args(p)
-    p.add_argument(
-        "--device",
-        choices=["cpu", "cuda"],
-        default=None,
-        help="device the estimate is for (default: from the config, else this machine)",
-    )
-    p.add_argument(
-        "--measure",
-        action="store_true",
-        help="also train a few steps on this machine's device and print measured against predicted",
-    )
-    p.set_defaults(func=cmd_estimate)
-
     p = bench.add_parser("memory", help="estimated vs allocator-measured peak memory on shipped configurations")
     p.add_argument("--json", help="write one record per configuration to this JSON file")
     p.add_argument(
@@ -740,6 +747,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", metavar="NAME", help="measure only these configurations")
     p.set_defaults(func=cmd_bench_memory)
 
+
+def _add_bench_sync_and_tracking(bench: argparse._SubParsersAction) -> None:
+    """``bench sync`` and ``bench tracking``."""
     p = bench.add_parser("sync", help="ddp vs local-update sync on 2 CPU workers, same token budget")
     _add_config_args(p, required=False)
     p.add_argument(
@@ -762,7 +772,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write one record per row to this JSON file")
     p.set_defaults(func=cmd_bench_sync)
 
-    _add_bench_model(bench)
     p = bench.add_parser(
         "tracking",
         help="metrics/s, errors and lost metrics of concurrent writers: mlflow server on SQLite vs PostgreSQL",
@@ -774,6 +783,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write one record per row to this JSON file")
     p.set_defaults(func=cmd_bench_tracking)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raydrat", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"raydrat {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_train(sub)
+    _add_data(sub)
+    _add_tune_and_estimate(sub)
+    _add_job(sub)
+    bench = sub.add_parser(
+        "bench", help="benchmarks: overhead, ingest, sync, techniques, memory, model, GPU"
+    ).add_subparsers(dest="bench_command", required=True)
+    _add_bench_data(bench)
+    _add_bench_techniques(bench)
+    _add_bench_sync_and_tracking(bench)
+    _add_bench_model(bench)
     # listed here; its arguments are raydrat.bench.gpu's own parser (main dispatches to it)
     bench.add_parser("gpu", help="the CUDA figures in one command (see `raydrat bench gpu --help`)")
 
