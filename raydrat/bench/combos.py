@@ -331,61 +331,41 @@ def layerdrop_comparison(cfg: RaydratConfig, data: LocalData, ld: dict, base: di
     return rows
 
 
-def run_combos(cfg: RaydratConfig, json_path: str | None = None, only: list[str] | None = None) -> list[dict]:
-    cfg = cfg.model_copy(deep=True)
-    base_dict = cfg.to_dict()
-    combos = [c for c in combinations(cfg) if not only or c[0] in only or c[0] == "baseline"]
-    data = LocalData.load(cfg)
-    parent = Run.off()
-    if cfg.tracking.enabled:
-        parent = Run.start(
-            tracking.resolve_tracking_uri(cfg.tracking),
-            "raydrat-bench",
-            f"combos-{time.strftime('%Y%m%d-%H%M%S')}",
-            params=cfg.flat(),
+RATIO_KEYS = (
+    "tokens_per_s",
+    "layer_tokens_per_s",
+    "param_bytes",
+    "grad_bytes",
+    "optimizer_bytes",
+    "activation_bytes",
+    "estimated_bytes",
+    "loss",
+    "val_loss",
+)
+
+
+def _log_children(parent: Run, records: list[dict], configs: list[RaydratConfig]) -> None:
+    """One child MLflow run per combination, its figures as metrics at its last step."""
+    for rec, c in zip(records, configs):
+        child = Run.start(parent.uri, "raydrat-bench", rec["name"], params=c.flat(), parent=parent)
+        child.log_metrics(
+            {k: v for k, v in rec.items() if isinstance(v, (int, float)) and v is not None}, c.train.steps
         )
-    configs = [config_from_dict(base_dict, overrides, origin=f"combination {name}") for name, overrides in combos]
-    print(
-        f"[combos] {len(configs)} combinations, {cfg.train.steps} steps each, trained in turn step by step: "
-        + ", ".join(name for name, _ in combos),
-        flush=True,
-    )
-    comparison = []
-    load = R.Load()
-    try:
-        records = [
-            {"name": name, "overrides": overrides, **rec}
-            for (name, overrides), rec in zip(combos, run_interleaved(configs, data, [n for n, _ in combos]))
-        ]
-        if parent:
-            for rec, c in zip(records, configs):
-                child = Run.start(parent.uri, "raydrat-bench", rec["name"], params=c.flat(), parent=parent)
-                child.log_metrics(
-                    {k: v for k, v in rec.items() if isinstance(v, (int, float)) and v is not None}, c.train.steps
-                )
-                child.end()
-        base = records[0]
-        for rec in records:
-            for key in (
-                "tokens_per_s",
-                "layer_tokens_per_s",
-                "param_bytes",
-                "grad_bytes",
-                "optimizer_bytes",
-                "activation_bytes",
-                "estimated_bytes",
-                "loss",
-                "val_loss",
-            ):
-                rec[f"{key}_ratio"] = rec[key] / base[key] if base[key] else float("nan")
-            rec.update(speed_vs_baseline(rec, base))
-        by_name = {r["name"]: r for r in records}
-        if "layerdrop0.5" in by_name:
-            comparison = layerdrop_comparison(cfg, data, by_name["layerdrop0.5"], base)
-    finally:
-        parent.end()
+        child.end()
+
+
+def _add_ratios(records: list[dict]) -> None:
+    """Each record's ratios to the baseline (the first record) and its speed verdict."""
+    base = records[0]
+    for rec in records:
+        for key in RATIO_KEYS:
+            rec[f"{key}_ratio"] = rec[key] / base[key] if base[key] else float("nan")
+        rec.update(speed_vs_baseline(rec, base))
+
+
+def _print_records(cfg: RaydratConfig, records: list[dict], load: R.Load) -> None:
+    """The main table: speed, memory by component against the estimate, loss."""
     mib = 2**20
-    load.finish()
     print_table(
         f"combos: {cfg.name}, {cfg.train.steps} steps, batch {cfg.train.batch_size}x{cfg.model.seq_len}, ratios to baseline",
         [
@@ -439,6 +419,11 @@ def run_combos(cfg: RaydratConfig, json_path: str | None = None, only: list[str]
         f"paired with the baseline's, by this process's CPU time (wall time in the JSON); "
         f"{R.VERDICT_RULE.format(goal=1)}; peak: PyTorch's allocator in the worst sampled step; {load.text()}",
     )
+
+
+def _print_budgeted(records: list[dict]) -> None:
+    """Runs at a memory budget: the plan against the exact optimum."""
+    mib = 2**20
     budgeted = [r for r in records if "budget_bytes" in r]
     if budgeted:
         print_table(
@@ -471,6 +456,10 @@ def run_combos(cfg: RaydratConfig, json_path: str | None = None, only: list[str]
                 for r in budgeted
             ],
         )
+
+
+def _print_layer_time(records: list[dict]) -> None:
+    """Time in the layer stack against the rest of the step."""
     print_table(
         "time in the transformer layer stack (forward + backward, recomputation included) vs the rest of the step, steady steps",
         ["combination", "layer s/step", "other s/step", "layer share", "layer tok/s", "x base"],
@@ -486,6 +475,46 @@ def run_combos(cfg: RaydratConfig, json_path: str | None = None, only: list[str]
             for r in records
         ],
     )
+
+
+def run_combos(cfg: RaydratConfig, json_path: str | None = None, only: list[str] | None = None) -> list[dict]:
+    cfg = cfg.model_copy(deep=True)
+    base_dict = cfg.to_dict()
+    combos = [c for c in combinations(cfg) if not only or c[0] in only or c[0] == "baseline"]
+    data = LocalData.load(cfg)
+    parent = Run.off()
+    if cfg.tracking.enabled:
+        parent = Run.start(
+            tracking.resolve_tracking_uri(cfg.tracking),
+            "raydrat-bench",
+            f"combos-{time.strftime('%Y%m%d-%H%M%S')}",
+            params=cfg.flat(),
+        )
+    configs = [config_from_dict(base_dict, overrides, origin=f"combination {name}") for name, overrides in combos]
+    print(
+        f"[combos] {len(configs)} combinations, {cfg.train.steps} steps each, trained in turn step by step: "
+        + ", ".join(name for name, _ in combos),
+        flush=True,
+    )
+    comparison = []
+    load = R.Load()
+    try:
+        records = [
+            {"name": name, "overrides": overrides, **rec}
+            for (name, overrides), rec in zip(combos, run_interleaved(configs, data, [n for n, _ in combos]))
+        ]
+        if parent:
+            _log_children(parent, records, configs)
+        _add_ratios(records)
+        by_name = {r["name"]: r for r in records}
+        if "layerdrop0.5" in by_name:
+            comparison = layerdrop_comparison(cfg, data, by_name["layerdrop0.5"], records[0])
+    finally:
+        parent.end()
+    load.finish()
+    _print_records(cfg, records, load)
+    _print_budgeted(records)
+    _print_layer_time(records)
     if comparison:
         print_table(
             "layer dropping vs a baseline whose LR fully decays in the same budget",

@@ -27,6 +27,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from raydrat import tracking
+from raydrat.config import RaydratConfig
 from raydrat.core import metrics as M
 from raydrat.core.data.demo import build_demo_corpus
 from raydrat.core.fit import Callback
@@ -242,14 +243,7 @@ def run_sweep(
     base = space.config_for({}, f"{space.path} (base + overrides)")
     drawn = expand(space) if sweep.search in ("random", "grid") else None
     inner = build_searcher(space, drawn)  # a missing searcher package is refused first
-    if drawn is not None:  # every trial known: all admitted now, before Ray starts
-        verdicts = A.screen_drawn(space, drawn, gpus)
-        A.check_budget(space, verdicts)
-        total, launch_specs = len(drawn), [v.spec for v in verdicts if v.refused is None]
-    else:
-        verdicts = []
-        A.check_budget(space, A.corners(space, gpus), what="corner of the space")
-        total, launch_specs = sweep.num_samples, [TrialSpec(0, {}, base)]
+    verdicts, total, launch_specs = _admit(space, drawn, base, gpus)
     uri = tracking.resolve_tracking_uri(base.tracking) if base.tracking.enabled else None  # checked before Ray
     ensure_ray(log_to_driver=verbose)
     concurrency, warnings = A.check_resources(space, launch_specs, ray.cluster_resources())
@@ -258,23 +252,7 @@ def run_sweep(
     use_gpu = (verdicts[0].runtime if verdicts else resolve(base, gpus)).use_gpu
     gpu_bytes = A.gpu_memory_bytes(space) if use_gpu else None
 
-    if resume:
-        sweep_dir = _latest_unfinished(space)
-        state = _load_state(sweep_dir)
-        interrupt_running_children(uri, state.get("parent_run_id"))  # a driver that died left them open
-        Run.attach(uri, state.get("parent_run_id")).set_status("RUNNING")
-        log.info(f"resuming sweep {sweep_dir}")
-    else:
-        sweep_dir = _new_sweep_dir(space)
-        sweep_dir.mkdir(parents=True)
-        parent = start_parent(space, uri, sweep_dir.name, base.tracking.experiment)
-        state = {
-            "parent_run_id": parent.run_id,
-            "space_path": str(space.path.resolve()),
-            "source_tags": tracking.run_tags(),
-            "refused": [],
-        }
-        _save_state(sweep_dir, state)
+    sweep_dir, state = _open_sweep(space, uri, resume, base.tracking.experiment, log)
     parent_id = state.get("parent_run_id")
     # what Tune pickles (the searcher, its callbacks) holds the URI redacted; reveal_uri gives
     # the real one back in this process
@@ -305,7 +283,58 @@ def run_sweep(
         max_steps(space, launch_specs),
         uri,
     )
-    sweep_wall = time.time() - t0
+    return _conclude(space, sweep_dir, grid, uri, parent_id, time.time() - t0, concurrency, warnings, json_path)
+
+
+def _admit(space: Space, drawn, base: RaydratConfig, gpus) -> tuple[list, int, list[TrialSpec]]:
+    """The admission verdicts, the trial count and the trials to launch: every drawn trial
+    screened now (random, grid), before Ray starts; for a model-based search, the corners of
+    the space checked against the budget."""
+    if drawn is not None:
+        verdicts = A.screen_drawn(space, drawn, gpus)
+        A.check_budget(space, verdicts)
+        return verdicts, len(drawn), [v.spec for v in verdicts if v.refused is None]
+    A.check_budget(space, A.corners(space, gpus), what="corner of the space")
+    return [], space.sweep.num_samples, [TrialSpec(0, {}, base)]
+
+
+def _open_sweep(space: Space, uri: str | None, resume: bool, experiment: str, log) -> tuple[Path, dict]:
+    """The sweep's folder and state: the latest unfinished one of this space (its parent
+    MLflow run RUNNING again, children a dead driver left open ended), or a new one with
+    its parent run."""
+    if resume:
+        sweep_dir = _latest_unfinished(space)
+        state = _load_state(sweep_dir)
+        interrupt_running_children(uri, state.get("parent_run_id"))  # a driver that died left them open
+        Run.attach(uri, state.get("parent_run_id")).set_status("RUNNING")
+        log.info(f"resuming sweep {sweep_dir}")
+        return sweep_dir, state
+    sweep_dir = _new_sweep_dir(space)
+    sweep_dir.mkdir(parents=True)
+    parent = start_parent(space, uri, sweep_dir.name, experiment)
+    state = {
+        "parent_run_id": parent.run_id,
+        "space_path": str(space.path.resolve()),
+        "source_tags": tracking.run_tags(),
+        "refused": [],
+    }
+    _save_state(sweep_dir, state)
+    return sweep_dir, state
+
+
+def _conclude(
+    space: Space,
+    sweep_dir: Path,
+    grid,
+    uri: str | None,
+    parent_id: str | None,
+    sweep_wall: float,
+    concurrency: int,
+    warnings: list[str],
+    json_path: str | Path | None,
+) -> SweepSummary:
+    """After Tune: an interrupted sweep refused with the resume command; else the records,
+    the report and the parent run ended (never left RUNNING), the state marked finished."""
     unfinished = _unfinished_trials(sweep_dir, grid)
     if unfinished:
         with secondary("closing the interrupted sweep's MLflow runs"):
