@@ -195,6 +195,20 @@ def _write_generation(
     counts, then the manifest, last)."""
     fs = filesystem(out_loc)
     prefix = f"{root}/{run}"
+    rows = _write_shards(data_cfg, spec, plan, out, out_loc, prefix)
+    counts = _counts(rows, plan, corpus, spec)
+    with fs.open_output_stream(f"{prefix}/tokenizer.json") as f:
+        f.write(Path(tok_path).read_bytes())
+    manifest = _manifest(data_cfg, spec, tok_path, plan, rows, counts, root, run, seq_len, vocab_size, t0)
+    previous = (old or {}).get("published") or ([old["shards"]] if old and old.get("shards") else [])
+    manifest["published"] = [run, *(g for g in previous if g != run)][: max(keep, 1)]
+    publish_manifest(out_loc, root, manifest)
+    return manifest
+
+
+def _write_shards(data_cfg: DataConfig, spec: PackSpec, plan, out: str, out_loc: Location, prefix: str) -> list[dict]:
+    """Every unit's train and val shards under ``prefix``, written by an actor pool: one row
+    of counts per unit, in unit order. A worker's error is raised as this process's."""
     val_units = {u.unit_id for u in sample_units(plan.units, data_cfg.val_max_units)}
     ds = units_dataset(plan.units).map_batches(
         ShardWriter,
@@ -211,14 +225,20 @@ def _write_generation(
     errors = [r["error"] for r in rows if r["error"]]
     if errors:
         raise DataError(errors[0])
+    return rows
 
-    def total(key: str, source: int | None = None) -> int:
-        return int(sum(r[key] for r in rows if source is None or r["source"] == source))
 
-    counts = {k: total(k) for k in COUNT_KEYS}
-    counts.update({f"train_{k}": total(f"train_{k}") for k in SPLIT_KEYS})
-    counts.update({f"val_{k}": total(f"val_{k}") for k in SPLIT_KEYS})
-    counts["val_stored_blocks"] = total("val_stored_blocks")
+def _total(rows: list[dict], key: str, source: int | None = None) -> int:
+    return int(sum(r[key] for r in rows if source is None or r["source"] == source))
+
+
+def _counts(rows: list[dict], plan, corpus: str, spec: PackSpec) -> dict:
+    """The generation's counts; a corpus with no text, or too little for a train and a val
+    block, is refused (nothing is published)."""
+    counts = {k: _total(rows, k) for k in COUNT_KEYS}
+    counts.update({f"train_{k}": _total(rows, f"train_{k}") for k in SPLIT_KEYS})
+    counts.update({f"val_{k}": _total(rows, f"val_{k}") for k in SPLIT_KEYS})
+    counts["val_stored_blocks"] = _total(rows, "val_stored_blocks")
     counts["skipped_files"] += len(plan.skipped_files)
     if counts["docs"] == 0:
         raise DataError(
@@ -231,8 +251,27 @@ def _write_generation(
             f"{counts['val_stored_blocks']} val blocks of seq_len+1 = {spec.block_len} tokens: "
             "add documents, raise data.val_fraction or lower model.seq_len (nothing was published)"
         )
-    with fs.open_output_stream(f"{prefix}/tokenizer.json") as f:
-        f.write(Path(tok_path).read_bytes())
+    return counts
+
+
+def _manifest(
+    data_cfg: DataConfig,
+    spec: PackSpec,
+    tok_path: Path,
+    plan,
+    rows: list[dict],
+    counts: dict,
+    root: str,
+    run: str,
+    seq_len: int,
+    vocab_size: int,
+    t0: float,
+) -> dict:
+    """The manifest of generation ``run`` (without ``published``, which the caller adds)."""
+
+    def total(key: str, source: int | None = None) -> int:
+        return _total(rows, key, source)
+
     manifest = {
         "format": MANIFEST_FORMAT,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -273,7 +312,4 @@ def _write_generation(
         "replaced": {"invalid_utf8_docs": counts["invalid_utf8_docs"]},
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    previous = (old or {}).get("published") or ([old["shards"]] if old and old.get("shards") else [])
-    manifest["published"] = [run, *(g for g in previous if g != run)][: max(keep, 1)]
-    publish_manifest(out_loc, root, manifest)
     return manifest
