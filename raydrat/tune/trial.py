@@ -73,8 +73,9 @@ def trial_fn(config: dict, tracking_uri: str | None = None) -> None:
             fit_callbacks=payload.get("fit_callbacks", ()),
         )
         final.update(result.metrics or {})
-        with secondary(f"logging the trial's data counts and models to MLflow run {run.run_id}"):
+        with secondary(f"logging the per-epoch data counts to MLflow run {run.run_id}"):
             log_epochs(run, bundle)
+        with secondary(f"logging the trial's models to MLflow run {run.run_id}"):
             log_run_models(run, cfg, result, register=False)  # the sweep registers its best trial's
     except Exception as exc:
         if not is_oom(exc):
