@@ -21,7 +21,7 @@
     raydrat bench model [CONFIG] [--modes eager compiled] [--shapes NAME ...] [--rounds N] [--profile] [--ablate] [--learning] [--json PATH]
     raydrat bench gpu [--dry-run] [--quick] [--tiny] [--out DIR] [--json PATH]
     raydrat job submit [RAY JOB SUBMIT OPTIONS] -- ENTRYPOINT
-    raydrat bench tracking [--writers N,...] [--steps N] [--keys N] [--server-workers N] [--json PATH]
+    raydrat bench tracking [--writers N,...] [--steps N] [--keys N] [--step-ms MS] [--server-workers N] [--json PATH]
 
 Known problems (bad config, bad data) end with one line naming the culprit and exit status 2.
 A run that crashes while training (a full disk, a worker killed, a node lost) and Ray failing
@@ -389,7 +389,9 @@ def cmd_bench_tracking(args: argparse.Namespace) -> int:
 
     writers = _counts(args.writers, "--writers")
     try:
-        run_tracking_bench(writers, args.steps, args.keys, args.server_workers, json_path=args.json)
+        run_tracking_bench(
+            writers, args.steps, args.keys, args.step_ms / 1000, args.server_workers, json_path=args.json
+        )
     except PostgresUnavailable as exc:
         raise UserError(f"bench tracking needs a PostgreSQL server: {exc}") from None
     return 0
@@ -774,11 +776,15 @@ def _add_bench_sync_and_tracking(bench: argparse._SubParsersAction) -> None:
 
     p = bench.add_parser(
         "tracking",
-        help="metrics/s, errors and lost metrics of concurrent writers: mlflow server on SQLite vs PostgreSQL",
+        help="metrics/s, failed requests and lost metrics of concurrent writers (raydrat runs): mlflow server on "
+        "SQLite vs PostgreSQL",
     )
-    p.add_argument("--writers", default="1,4,8", metavar="N[,N...]", help="concurrent writer processes (default 1,4,8)")
-    p.add_argument("--steps", type=int, default=100, help="log_batch calls per writer (default 100)")
-    p.add_argument("--keys", type=int, default=10, help="metrics per log_batch call (default 10)")
+    p.add_argument(
+        "--writers", default="1,4,8", metavar="N[,N...]", help="concurrent writers, each a run (default 1,4,8)"
+    )
+    p.add_argument("--steps", type=int, default=100, help="training steps each writer logs (default 100)")
+    p.add_argument("--keys", type=int, default=10, help="metrics logged per step (default 10)")
+    p.add_argument("--step-ms", type=float, default=20.0, help="a step's time, in milliseconds (default 20)")
     p.add_argument("--server-workers", type=int, default=4, help="mlflow server --workers (default 4, its own default)")
     p.add_argument("--json", help="write one record per row to this JSON file")
     p.set_defaults(func=cmd_bench_tracking)

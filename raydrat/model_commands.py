@@ -4,6 +4,12 @@
 RUN|CHECKPOINT is a checkpoint directory, a run directory or a run name under
 ``--storage`` (default ``ray_results``, as ``train.storage_path``), or for generate and eval
 also a directory written by ``raydrat export``.
+
+Work that lasts more than a few seconds prints its progress on stderr
+(:mod:`raydrat.progress`): eval's batches, and generate's tokens when its text goes to a file
+or a pipe (on a terminal the streamed text is the progress). ``eval`` logs its figures into
+the MLflow run that trained the checkpoint and says which run, in which store (the URI's
+password masked), or that the checkpoint's run was not tracked. ``generate`` logs nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ from raydrat.core.data.tokenizer import load_tokenizer, resolve_tokenizer_file, 
 from raydrat.core.evaluate import evaluate, token_byte_lengths
 from raydrat.core.model.generate import generate
 from raydrat.core.setup import load_model
+from raydrat.progress import Progress
 from raydrat.ray_train import resume
+from raydrat.redact import redact_uri
 
 
 def _tokenizer(loaded):
@@ -77,6 +85,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = tok.encode(args.prompt).ids or [eod]
     sys.stdout.write(args.prompt)
     stream = _Streamer(tok)
+    # on a terminal the streamed text is the progress; into a file or a pipe, lines on stderr
+    progress = None if sys.stdout.isatty() else Progress("generate", "tokens", args.max_new_tokens)
+
+    def on_token(token: int) -> None:
+        stream(token)
+        if progress is not None:
+            progress.update(len(stream.ids))
+
     generate(
         loaded.model,
         prompt[-loaded.model_cfg.seq_len :],
@@ -86,9 +102,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         eos_id=None if args.no_stop else eod,
-        on_token=stream,
+        on_token=on_token,
     )
     stream.finish()
+    if progress is not None:
+        progress.finish()
     return 0
 
 
@@ -113,21 +131,31 @@ def _eval_batches(cfg, data: str | None, batch_size: int):
         yield torch.from_numpy(np.stack(chunk)).long()
 
 
-def _log_to_run(loaded, metrics: dict[str, float]) -> str | None:
-    """Log ``metrics`` into the MLflow run that trained the checkpoint; its run id or None."""
-
+def _tracked_run(loaded) -> tracking.Run:
+    """The MLflow run that trained the checkpoint (what it left undelivered is delivered
+    first), or ``Run.off()`` when no tracked run wrote it."""
     run_dir = Path(loaded.source).parent
     if loaded.cfg is None or not (run_dir / resume.RUN_FILE).is_file():
-        return None
+        return tracking.Run.off()
     record = resume.read_run_record(run_dir)
     if not record.get("mlflow_run_id"):
-        return None
+        return tracking.Run.off()
     uri = resume.tracking_uri_for(record, tracking.resolve_tracking_uri(loaded.cfg.tracking))
     run = tracking.Run.attach(uri, record["mlflow_run_id"], tracking.backlog_in(run_dir))
-    run.settle(quiet=True)  # what the run left undelivered, first
-    run.log_metrics(metrics, step=loaded.step or 0)
-    run.close()
-    return run.run_id
+    run.settle(quiet=True)
+    return run
+
+
+def _log_to_run(run: tracking.Run, metrics: dict[str, float], step: int) -> str:
+    """Log ``metrics`` into ``run``; the line that says where they went."""
+    if not run:
+        return "not logged to MLflow: the checkpoint's run was not tracked"
+    run.log_metrics(metrics, step=step)
+    left = run.close()
+    where = f"MLflow run {run.run_id} in {redact_uri(run.uri)}"
+    if left:
+        return f"kept for {where} in {run.backlog} (the store is unreachable; it is delivered later)"
+    return f"logged to {where}"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -139,29 +167,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     cfg = loaded.cfg
     tok, _ = _tokenizer(loaded)
+    run = _tracked_run(loaded)  # before the work: a store it cannot name is refused now
     max_batches = args.batches or (cfg.train.eval_batches if args.data is None else None)
-    total = f"/{max_batches}" if max_batches else ""
-    tty = sys.stderr.isatty()
-
-    def progress(i: int) -> None:
-        if tty:
-            sys.stderr.write(f"\reval: {i + 1}{total} batches")
-            sys.stderr.flush()
-
-    batches = (b.to(args.device) for b in _eval_batches(cfg, args.data, args.batch_size or cfg.train.batch_size))
+    batch_size = args.batch_size or cfg.train.batch_size
+    progress = Progress("eval", "batches", max_batches, tokens_per_unit=batch_size * cfg.model.seq_len)
+    batches = (b.to(args.device) for b in _eval_batches(cfg, args.data, batch_size))
     result = evaluate(
-        loaded.model, batches, max_batches, token_byte_lengths(tok, cfg.model.vocab_size), on_batch=progress
+        loaded.model,
+        batches,
+        max_batches,
+        token_byte_lengths(tok, cfg.model.vocab_size),
+        on_batch=lambda i: progress.update(i + 1),
     )
-    if tty:
-        sys.stderr.write("\n")
+    progress.finish()
     where = "validation split" if args.data is None else args.data
     print(f"{loaded.source} (step {loaded.step}) on the {where}:")
     for line in result.lines():
         print(f"  {line}")
     prefix = "eval/" if args.data is None else "eval/data/"
-    run_id = _log_to_run(loaded, result.metrics(prefix))
-    if run_id:
-        print(f"  logged to MLflow run {run_id}")
+    print(f"  {_log_to_run(run, result.metrics(prefix), loaded.step or 0)}")
     return 0
 
 

@@ -183,6 +183,20 @@ def test_a_run_folder_is_one_drivers_and_a_refused_start_leaves_nothing(tmp_path
             pass
 
 
+def test_a_refused_start_removes_the_storage_folders_its_lock_made(tmp_path):
+    store = tmp_path / "store" / "runs"
+    cfg = load_config("debug", [f"train.storage_path={store}"])
+    with pytest.raises(RuntimeError), resume.claim(cfg, "first", new=True):
+        assert (store / "first").is_dir()
+        raise RuntimeError("refused before it wrote anything")
+    assert list(tmp_path.iterdir()) == []  # the storage root and its parent too: the lock made them
+    with resume.claim(cfg, "kept", new=True):
+        resume.write_run_record(cfg, "kept", None, None)
+    with pytest.raises(RuntimeError), resume.claim(cfg, "second", new=True):
+        raise RuntimeError("refused before it wrote anything")
+    assert [p.name for p in store.iterdir()] == ["kept"]  # another run's folder: the root stays
+
+
 def test_a_finished_run_is_not_resumed_and_says_how_to_train_it_further(run_dir, capsys):
     storage = run_dir.parent
     cfg = load_config("debug", [f"train.storage_path={storage}"])

@@ -37,6 +37,7 @@ from raydrat.core.data.tokenizer import load_tokenizer, special_ids, tokenizer_h
 from raydrat.ray_data import prepare as prep
 from raydrat.ray_data.datasets import build_datasets
 from raydrat.ray_data.stream import train_stream
+from raydrat.ray_train.preflight import check_sources
 
 SEQ_LEN = 16
 BLOCK_LEN = SEQ_LEN + 1
@@ -662,3 +663,32 @@ def test_prepare_keeps_generations_a_reader_holds_and_cleans_crashed_prefixes(co
     # `raydrat data gc` keeps only what is asked for
     assert main(["data", "gc", str(out), "--keep", "1"]) == 0
     assert sorted(p.name for p in out.glob("shards-*")) == [fourth["shards"]]
+
+
+def test_the_checks_before_ray_build_no_demo_corpus_and_still_check_the_other_sources(tmp_path, demo_dir):
+    """`path: demo` not built yet is left to the run (built after the cluster checks, which may
+    refuse it); the other sources and a named tokenizer are still checked, a built demo corpus
+    and its tokenizer too."""
+    from raydrat.config import load_config
+
+    absent = tmp_path / "demo"
+    cfg = load_config("debug", [f"data.demo_dir={absent}"])
+    check_sources(cfg)
+    assert not absent.exists() and list(tmp_path.iterdir()) == []
+    wrong = load_config(
+        "debug", [f"data.demo_dir={absent}", f"data.sources=[{{path: demo}}, {{path: {tmp_path / 'nope'}}}]"]
+    )
+    with pytest.raises(DataError, match="nope"):
+        check_sources(wrong)
+    assert not absent.exists()
+    small = load_config("debug", [f"data.demo_dir={demo_dir}", "model.vocab_size=300"])  # no tokenizer of 300 there
+    check_sources(small)
+    assert not (demo_dir / "tokenizer-300.json").exists()
+    named = [
+        f"data.demo_dir={absent}",
+        f"data.tokenizer_path={demo_dir / 'tokenizer-512.json'}",
+        "model.vocab_size=300",
+    ]
+    with pytest.raises(DataError, match="has 512 tokens but model.vocab_size is 300"):
+        check_sources(load_config("debug", named))
+    assert not absent.exists()

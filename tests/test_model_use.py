@@ -161,15 +161,67 @@ def test_eval_cli_prints_and_logs_to_the_runs_mlflow_record(demo_dir, tmp_path, 
     ckpt = save_run(cfg, "tracked")
     mlrun = tracking.Run.start(uri, "t", "tracked")
     resume.write_run_record(cfg, "tracked", uri, mlrun.run_id)
-    code, out, _ = cli(capsys, "eval", str(ckpt.parent))
+    code, out, err = cli(capsys, "eval", str(ckpt.parent))
     assert code == 0
     logged = mlrun.metric_history("eval/loss")
     assert len(logged) == 1 and f"loss: {logged[0][1]:.4f}" in out
     assert mlrun.metric_history("eval/bits_per_byte")[0][1] > 0
-    assert f"logged to MLflow run {mlrun.run_id}" in out
+    assert f"logged to MLflow run {mlrun.run_id} in {uri}" in out  # the store it logged to
+    assert "eval:" not in err  # a short evaluation prints no progress
     # --data: every block of a source (here the demo corpus again: more batches than val)
     code, out, _ = cli(capsys, "eval", str(ckpt), "--data", "demo", "--batches", "3")
     assert code == 0 and "3 batches" in out and len(mlrun.metric_history("eval/data/loss")) == 1
+
+
+def test_eval_names_the_store_with_its_password_masked_or_says_the_run_was_not_tracked(
+    demo_dir, tmp_path, capsys, monkeypatch
+):
+    """The store named as `train` names it (a server's password masked); a checkpoint of an
+    untracked run says so; an evaluation that lasts prints its progress on stderr (here every
+    batch: the interval set to 0), with the rate and the totals at the end."""
+    from raydrat import progress
+
+    cfg = debug_cfg(demo_dir, tmp_path / "runs", "tracking.enabled=false")
+    ckpt = save_run(cfg, "untracked")
+    resume.write_run_record(cfg, "untracked", None, None)
+    monkeypatch.setattr(progress, "EVERY_S", 0.0)
+    code, out, err = cli(capsys, "eval", str(ckpt), "--batches", "3")
+    assert code == 0 and "  not logged to MLflow: the checkpoint's run was not tracked" in out.splitlines()
+    lines = [ln for ln in err.splitlines() if ln.startswith("eval: ")]
+    tokens = cfg.train.batch_size * cfg.model.seq_len
+    assert [ln.split(",")[0] for ln in lines[:3]] == ["eval: 1/3 batches", "eval: 2/3 batches", "eval: 3/3 batches"]
+    assert (
+        lines[-1].startswith("eval: 3 batches in ") and " batches/s, " in lines[-1] and lines[-1].endswith(" tokens/s")
+    )
+    rate, token_rate = (float(x.split()[0].replace(",", "")) for x in lines[-1].split(", ")[-2:])
+    assert token_rate == pytest.approx(rate * tokens, rel=0.05)  # the batch rate is printed to 0.1
+
+    # a server's URI with a password: the line masks it (the store is away: the figures wait)
+    cfg = debug_cfg(demo_dir, tmp_path / "runs2")
+    ckpt = save_run(cfg, "served")
+    uri = "http://alice:s3cret@127.0.0.1:9"  # the discard port: nothing answers
+    resume.write_run_record(cfg, "served", uri, "0" * 32)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    code, out, err = cli(capsys, "eval", str(ckpt), "--batches", "1")
+    assert code == 0, err
+    line = out.splitlines()[-1]
+    assert line.startswith(f"  kept for MLflow run {'0' * 32} in http://alice:***@127.0.0.1:9 in "), line
+    assert "s3cret" not in out + err
+
+
+def test_generate_into_a_pipe_prints_its_progress_on_stderr_and_the_text_alone_on_stdout(run, capsys, monkeypatch):
+    from raydrat import progress
+
+    _, ckpt = run
+    args = ("generate", str(ckpt), "--prompt", "def ", "--max-new-tokens", "6", "--no-stop", "--seed", "1")
+    code, quiet, err = cli(capsys, *args)
+    assert code == 0 and "generate:" not in err  # a short generation prints no progress
+    monkeypatch.setattr(progress, "EVERY_S", 0.0)
+    code, out, err = cli(capsys, *args)
+    assert code == 0 and out == quiet  # the text is the same, and alone on stdout
+    lines = [ln for ln in err.splitlines() if ln.startswith("generate: ")]
+    assert [ln.split(",")[0] for ln in lines[:-1]] == [f"generate: {i}/6 tokens" for i in range(1, 7)]
+    assert lines[-1].startswith("generate: 6 tokens in ") and lines[-1].endswith(" tokens/s")
 
 
 # ----------------------------------------------------------------------------- export

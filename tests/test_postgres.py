@@ -148,6 +148,56 @@ def test_the_printed_mlflow_ui_command_serves_with_one_worker(postgres, tmp_path
             proc.wait(timeout=60)
 
 
+def test_a_dataset_another_writer_creates_at_the_same_moment_is_linked_not_refused(postgres, capfd):
+    """Two trials log their common corpus at once: each looks the dataset up, finds none and
+    inserts it; the second INSERT waits on the first writer's open transaction, then violates
+    the dataset's key. Played here deterministically: the other writer is a transaction of our
+    own holding the same dataset row uncommitted while the run's writer inserts it, committed
+    once the run's INSERT waits on it. The run's input is linked to that dataset, at once,
+    with no line saying the store is unreachable."""
+    import psycopg
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    run = tracking.Run.start(postgres.uri(), "pg-dataset-race", "racer")
+    dataset = Dataset("corpus", "d1g3st", "local", '{"uris": ["/data/corpus"]}', None, '{"docs": 8}')
+    other = psycopg.connect(postgres.uri(driver="postgresql"))
+    try:
+        other.execute(
+            "INSERT INTO datasets (dataset_uuid, experiment_id, name, digest, dataset_source_type, dataset_source, "
+            "dataset_profile) VALUES ('0ther', %s, %s, %s, %s, %s, %s)",
+            (
+                int(run.experiment_id()),
+                dataset.name,
+                dataset.digest,
+                dataset.source_type,
+                dataset.source,
+                dataset.profile,
+            ),
+        )  # uncommitted: the run's writer does not see it, and its INSERT of the same key waits on it
+        t0 = time.monotonic()
+        run.log_inputs([DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO datasets%'"
+        while postgres.psql(waiting, database=postgres.database).strip() != "1":
+            assert time.monotonic() - t0 < 60, "the run's writer never reached its INSERT of the dataset"
+            time.sleep(0.05)
+        other.commit()  # the other writer's dataset exists now: the run's INSERT violates its key
+    finally:
+        other.close()
+    assert run.end() == 0  # delivered, nothing left in a backlog
+    linked = run.fetch().inputs.dataset_inputs
+    assert [(i.dataset.name, i.dataset.digest, i.dataset.profile) for i in linked] == [
+        ("corpus", "d1g3st", '{"docs": 8}')
+    ]
+    rows = postgres.psql(
+        f"SELECT d.dataset_uuid FROM inputs i JOIN datasets d ON d.dataset_uuid = i.source_id "
+        f"WHERE i.destination_id = '{run.run_id}'",
+        database=postgres.database,
+    )
+    assert rows.split() == ["0ther"]  # the other writer's dataset, one row of it
+    err = capfd.readouterr().err
+    assert "unreachable" not in err and "refused" not in err, err
+
+
 def _sql_json(postgres, query: str):
     out = postgres.psql(query, database=postgres.database).strip()
     return json.loads(out) if out else None
@@ -208,6 +258,7 @@ def test_a_sweep_logs_its_concurrent_trials_into_mlflow_on_postgresql(postgres, 
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1 and len(children) == 2 and len(runs) == 3
     assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    assert "unreachable" not in console and "MLflow refused" not in console, console[-6000:]
     for child in children:  # every metric the trial logged is there
         assert [m.step for m in client.get_metric_history(child.info.run_id, "val_loss")] == [3, 6]
         assert [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")] == [3, 6]
@@ -234,7 +285,7 @@ def test_a_sweep_logs_its_concurrent_trials_into_mlflow_on_postgresql(postgres, 
         "SELECT json_agg(json_build_object('run', r.name, 'epochs', t.value)) FROM runs r "
         "JOIN tags t ON t.run_uuid = r.run_uuid WHERE t.key = 'raydrat.data.epochs'",
     )
-    assert {x["run"] for x in epochs} == names
+    assert {x["run"] for x in epochs} == names, console[-6000:]
     for x in epochs:  # each epoch read every document of the file once
         counts = json.loads(x["epochs"])
         assert counts and all(e["data_epoch_docs"] == len(docs) and e["data_epoch_blocks"] > 0 for e in counts), counts

@@ -104,6 +104,31 @@ def test_every_run_carries_source_git_and_user_tags(store: Path):
     assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"] and tags["mlflow.user"]
 
 
+def test_a_runs_deliveries_count_requests_refusals_and_failed_tries(store: Path, tmp_path):
+    """What `raydrat bench tracking` reports of each writer: the requests the store took
+    (consecutive steps of metrics as one), the records it refused, the tries that failed."""
+    from raydrat.bench.pgserver import free_port
+
+    uri = f"sqlite:///{store / 'mlruns.db'}"
+    run = Run.start(uri, "raydrat", "deliveries")
+    for step in range(5):
+        run.log_metrics({"loss": 1.0 / (step + 1)}, step)
+    run.log_params({"lr": 0.1})
+    run.log_params({"lr": 0.2})  # a param never changes: the store refuses it
+    assert run.close() == 0
+    done = run.deliveries()
+    assert 2 <= done.requests <= 6 and done.refused == 1 and done.failed == 0, done
+    assert "param" in done.first_error.lower(), done.first_error
+    assert [s for s, _ in run.metric_history("loss")] == [0, 1, 2, 3, 4]
+
+    away = Run.attach(f"http://127.0.0.1:{free_port()}", "0" * 32, tmp_path / "backlog")
+    away.log_metrics({"loss": 1.0}, 0)
+    assert away.close(2.0) == 1  # kept in the backlog
+    done = away.deliveries()
+    assert done.requests == 0 and done.failed >= 1 and "Connection refused" in done.first_error, done
+    assert Run.off().deliveries().requests == 0
+
+
 def test_the_data_is_a_dataset_input_per_split(store: Path):
     lineage = {"kind": "sources", "sources": [{"path": "corpus/"}], "tokenizer_sha256": "ab", "seq_len": 64}
     inputs = tracking.data_inputs(lineage, {"docs": 10.0, "text_bytes": 1234.0})

@@ -674,3 +674,21 @@ def test_best_trial_follows_the_sweep_metric_and_mode():
     assert best_trial(records, "max").trial == "t000"  # e.g. metric: tokens_per_s, mode: max
     assert best_trial(records, "min").trial == "t001"
     assert best_trial([rec("t000", 3.0, None)], "min") is None  # a trial that never reported the metric
+
+
+def test_a_store_that_cannot_open_a_trials_run_leaves_the_trial_untracked_not_failed(capsys):
+    """Tracking never fails a trial: a store that is away when the trial opens its child run
+    is one warning line (no password), and the trial trains with ``Run.off()``."""
+    from raydrat.bench.pgserver import free_port
+    from raydrat.core.metrics import setup_logging
+    from raydrat.tune.trial import _open_run
+
+    setup_logging()  # the console's handler, as the trial's process has it
+
+    uri = f"http://raydrat:secretpw@127.0.0.1:{free_port()}"
+    payload = {"tracking_uri": uri, "parent_run_id": "0123abcd", "name": "t000"}
+    run = _open_run(payload, load_config("debug"), time.time())
+    assert not run and run.run_id is None
+    err = capsys.readouterr().err
+    assert "opening the trial's MLflow run in http://raydrat:***@127.0.0.1:" in err and "Connection refused" in err, err
+    assert "secretpw" not in err

@@ -31,18 +31,33 @@ class RunFolderBusy(Exception):
 class RunLock:
     run_dir: Path
     fd: int
-    created: bool
-    """The folder did not exist before this lock made it."""
+    made: Path | None
+    """The outermost folder this lock made (``run_dir`` or a parent of it, such as the storage
+    root), or None when ``run_dir`` existed."""
 
     def release(self, keep: bool = True) -> None:
-        """Let the folder go. ``keep=False``: remove it too when this lock made it and it holds
-        nothing but the lock file (a run refused before it wrote anything)."""
+        """Let the folder go. ``keep=False``: remove what this lock made too (the run folder and
+        the parents it made) when the run folder holds nothing but the lock file (a run refused
+        before it wrote anything)."""
         if self.fd < 0:
             return
-        if not keep and self.created and {p.name for p in self.run_dir.iterdir()} <= {LOCK_FILE}:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+        if not keep and self.made is not None and {p.name for p in self.run_dir.iterdir()} <= {LOCK_FILE}:
+            _remove_made(self.run_dir, self.made)
         os.close(self.fd)
         self.fd = -1
+
+
+def _remove_made(run_dir: Path, made: Path) -> None:
+    """Remove ``run_dir``, then each parent up to ``made`` that is left empty (another driver
+    may have put its own run folder beside this one meanwhile)."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    folder = run_dir
+    while folder != made:
+        folder = folder.parent
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: another run's folder is there
+            return
 
 
 def driver() -> str:
@@ -52,7 +67,7 @@ def driver() -> str:
 
 def acquire(run_dir: Path) -> RunLock:
     """Lock ``run_dir`` (made if absent) for this process, or raise :class:`RunFolderBusy`."""
-    created = not run_dir.exists()
+    made = next((d for d in reversed([run_dir, *run_dir.parents]) if not d.exists()), None)
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -63,4 +78,4 @@ def acquire(run_dir: Path) -> RunLock:
         raise RunFolderBusy(run_dir, holder) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{driver()}\n".encode(), 0)
-    return RunLock(run_dir, fd, created)
+    return RunLock(run_dir, fd, made)

@@ -7,7 +7,8 @@ A record is a plain dict (JSON, so a backlog can hold it):
   "tags": [[k, v]]}``: MLflow's ``log_batch``, in chunks within its limits;
 * ``{"op": "upload", "file": PATH, "artifact_path": ...}``: a staged (already redacted) copy
   of a file or folder, relative to the backlog folder;
-* ``{"op": "inputs", "datasets": [...]}``: dataset inputs;
+* ``{"op": "inputs", "datasets": [...]}``: dataset inputs (a dataset another writer
+  creates at the same moment is linked, not refused: :func:`created_meanwhile`);
 * ``{"op": "status", "status": ..., "ended": bool, "end_ms": ...}``: the run's status (its
   end time is the time the run ended, not the time the record is delivered);
 * ``{"op": "model", "file": PATH, "name": ..., ...}``: a model logged while the store was
@@ -197,7 +198,12 @@ def send(uri: str, run_id: str, folder: Path, record: dict[str, Any], maybe_sent
             )
             for d in record["datasets"]
         ]
-        c.log_inputs(run_id, datasets=datasets)
+        try:
+            c.log_inputs(run_id, datasets=datasets)
+        except MlflowException as exc:
+            if not created_meanwhile(exc):
+                raise
+            c.log_inputs(run_id, datasets=datasets)  # the dataset exists now: this links it to the run
     elif op == "status":
         if record["ended"]:
             with no_printed_urls():
@@ -213,6 +219,20 @@ def send(uri: str, run_id: str, folder: Path, record: dict[str, Any], maybe_sent
         )
     else:
         raise ValueError(f"unknown tracking record {op!r}")
+
+
+_UNIQUE_VIOLATION = re.compile(
+    r"duplicate key value violates unique constraint|UNIQUE constraint failed|Duplicate entry|IntegrityError"
+)
+"""What PostgreSQL, SQLite and MySQL (through SQLAlchemy, or a tracking server's answer)
+say when a row another writer inserted meanwhile has the same key."""
+
+
+def created_meanwhile(exc: MlflowException) -> bool:
+    """Whether the store refused a dataset because another writer created the same one at
+    the same moment (two trials of a sweep logging their common corpus: each looks for the
+    dataset, finds none, and inserts it). Tried again, the write finds it and links it."""
+    return bool(_UNIQUE_VIOLATION.search(str(exc)))
 
 
 def _metric_row(key: str, value: float, timestamp: int, step: int) -> tuple:

@@ -54,7 +54,7 @@ from raydrat.tracking.content import run_tags
 from raydrat.tracking.delivery import TrackingUnavailable
 from raydrat.tracking.store import client, get_or_create_experiment, set_experiment_tag
 from raydrat.tracking.views import VIEW_TAG, view_state
-from raydrat.tracking.writer import Writer, writer
+from raydrat.tracking.writer import Deliveries, Writer, writer
 
 PARENT_TAG = "mlflow.parentRunId"
 MAX_PARAM_LEN = 6000
@@ -254,6 +254,11 @@ class Run:
         """Deliver this process's records of the run within ``timeout`` seconds; what the
         store does not take by then stays in the backlog. Returns how many records stay."""
         return self._writer().close(timeout) if self else 0
+
+    def deliveries(self) -> Deliveries:
+        """What this process's writer of the run has done with the store so far: requests
+        the store took, sends that failed and were tried again, records it refused."""
+        return self._writer().deliveries if self else Deliveries()
 
     def claim(self) -> None:
         """This process drives the run: its backlog folder says so while the process lives

@@ -33,6 +33,7 @@ import shutil
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,21 @@ IDLE_EXIT_S = 30.0
 """A writer's thread ends after this long with nothing to deliver (the next record starts one)."""
 CLOSE_JOIN_S = 15.0
 """How long closing waits for a request in flight (MLflow's HTTP timeout, set in store.py, is 10 s)."""
+
+
+@dataclass(frozen=True)
+class Deliveries:
+    """What a writer's thread has done with the store so far (``raydrat bench tracking``
+    reports it)."""
+
+    requests: int = 0
+    """Sends the store took: one record, or consecutive batches of metrics as one request."""
+    failed: int = 0
+    """Sends that failed on a store unreachable or overloaded (each tried again later)."""
+    refused: int = 0
+    """Records the store refused (dropped, one warning line each)."""
+    first_error: str = ""
+    """Why the first failed or refused send failed, in a few words."""
 
 
 def _duration(seconds: float) -> str:
@@ -76,6 +92,7 @@ class Writer:
         self._dropped = 0
         self._cannot_write = False
         self._staging: Path | None = None  # copies of files waiting in memory records
+        self._deliveries = Deliveries()
 
     # ------------------------------------------------------------------ the caller's side
 
@@ -125,6 +142,12 @@ class Writer:
     def down(self) -> bool:
         """Whether the store is known to be unreachable (an outage is under way)."""
         return self._down_since is not None
+
+    @property
+    def deliveries(self) -> Deliveries:
+        """What this writer's thread has done with the store so far."""
+        with self._cv:
+            return self._deliveries
 
     def pending(self) -> int:
         """Records handed over and not delivered yet."""
@@ -316,6 +339,7 @@ class Writer:
                 self._busy = False
                 if generation != self._generation:  # closed meanwhile: the backlog keeps the records
                     return
+                self._count(group, error)
                 if error is not None and transient(error):
                     backoff = min(RETRY_MAX_S, max(1.0, 2 * backoff))
                     self._retry_at = time.monotonic() + backoff
@@ -326,6 +350,17 @@ class Writer:
                 self._delivered(group)
                 backoff = 0.0
                 self._cv.notify_all()
+
+    def _count(self, group: list[dict[str, Any]], error: BaseException | None) -> None:
+        d = self._deliveries
+        if error is None:
+            self._deliveries = replace(d, requests=d.requests + 1)
+            return
+        first = d.first_error or reason(error)
+        if transient(error):
+            self._deliveries = replace(d, failed=d.failed + 1, first_error=first)
+        else:
+            self._deliveries = replace(d, refused=d.refused + len(group), first_error=first)
 
     def _failed(self, group: list[dict[str, Any]], error: BaseException) -> None:
         """The store could not be reached: the records wait in the journal from now on."""

@@ -6,7 +6,10 @@ The trial opens its MLflow child run when it starts and closes it when it ends, 
 last report (a scheduler may stop the trial at any report); a trial started again by a
 resumed sweep continues in the child run it had. An out-of-memory error inside
 training ends the trial with status ``oom`` (a result: the sweep goes on); any other
-exception closes the run ``FAILED`` with its root cause and fails the trial.
+exception closes the run ``FAILED`` with its root cause and fails the trial. Tracking never
+fails a trial: a store that cannot open the child run, or refuses the data's lineage or the
+models, is one warning line, and the trial trains on (its records wait in the backlog when
+the store is away, see :mod:`raydrat.tracking.writer`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from raydrat.ray_data.datasets import build_datasets
 from raydrat.ray_session import quiet_ray_data
 from raydrat.ray_train.models import log_run_models
 from raydrat.ray_train.trainer import fit_in_run, log_data, log_epochs
+from raydrat.redact import redact_uri
+from raydrat.tracking import Run
 from raydrat.tune.mlflow_runs import end_trial_run, start_trial_run
 
 STATUS = "status"
@@ -42,7 +47,7 @@ def trial_fn(config: dict, tracking_uri: str | None = None) -> None:
     t0 = time.time()
     payload = {**config["trial"], "tracking_uri": tracking_uri or config["trial"]["tracking_uri"]}
     cfg = RaydratConfig.model_validate(payload["config"])
-    run = start_trial_run(payload, cfg, t0)
+    run = _open_run(payload, cfg, t0)
     final: dict = {}
     status, error = "completed", None
     try:
@@ -50,7 +55,8 @@ def trial_fn(config: dict, tracking_uri: str | None = None) -> None:
         bundle = build_datasets(cfg.data, cfg.model.seq_len, cfg.model.vocab_size)
         final[DATA_SETUP_S] = time.time() - t0
         run.log_metrics({DATA_SETUP_S: final[DATA_SETUP_S]}, 0)
-        log_data(run, bundle)
+        with secondary(f"logging the data's lineage to MLflow run {run.run_id}"):
+            log_data(run, bundle)
         result = fit_in_run(
             cfg,
             payload["runtime"],
@@ -62,8 +68,10 @@ def trial_fn(config: dict, tracking_uri: str | None = None) -> None:
             fit_callbacks=payload.get("fit_callbacks", ()),
         )
         final.update(result.metrics or {})
-        log_epochs(run, bundle)
-        log_run_models(run, cfg, result, register=False)  # the sweep registers its best trial's
+        with secondary(f"logging the per-epoch data counts to MLflow run {run.run_id}"):
+            log_epochs(run, bundle)
+        with secondary(f"logging the trial's models to MLflow run {run.run_id}"):
+            log_run_models(run, cfg, result, register=False)  # the sweep registers its best trial's
     except Exception as exc:
         if not is_oom(exc):
             with secondary(f"closing the trial's MLflow run {run.run_id}"):  # the trial's own error wins
@@ -79,6 +87,14 @@ def trial_fn(config: dict, tracking_uri: str | None = None) -> None:
         {STATUS: status, ERROR: error, RUN_ID: run.run_id, TRIAL_WALL_S: end - t0, TRIAL_START: t0, TRIAL_END: end}
     )
     ray.tune.report(final)
+
+
+def _open_run(payload: dict, cfg: RaydratConfig, started_s: float) -> Run:
+    """The trial's child run, or ``Run.off()`` (one warning line) when the store cannot open
+    it: the trial trains untracked rather than fail."""
+    with secondary(f"opening the trial's MLflow run in {redact_uri(payload['tracking_uri'])}"):
+        return start_trial_run(payload, cfg, started_s)
+    return Run.off()
 
 
 def oom_line(exc: BaseException) -> str:
