@@ -210,7 +210,8 @@ def test_a_sweep_logs_its_concurrent_trials_into_mlflow_on_postgresql(postgres, 
     metric histories whole, their times overlapping; the lineage (dataset inputs with the
     data counts, per-epoch counts) read back with SQL; the password nowhere it wrote."""
     uri = postgres.uri(driver="postgresql")
-    # a corpus small enough that 6 steps of 4 blocks train on it more than once (whole epochs)
+    # a corpus small enough (about 36 train blocks) that 16 steps of 4 blocks read it whole at
+    # least once: an epoch counts once every unit of it was read whole
     texts = pq.read_table(demo_dir / "corpus" / "part-00000.parquet").column("text").to_pylist()
     docs = [t[:600] for t in texts if len(t) >= 600][:8]
     part = tmp_path / "tiny.parquet"
@@ -219,9 +220,9 @@ def test_a_sweep_logs_its_concurrent_trials_into_mlflow_on_postgresql(postgres, 
         "name": "pgsweep",
         "base": "debug",
         "overrides": {
-            "train.steps": 6,
-            "train.eval_every": 3,
-            "train.log_every": 3,
+            "train.steps": 16,
+            "train.eval_every": 8,
+            "train.log_every": 8,
             "train.eval_batches": 1,
             "train.batch_size": 4,
             "optim.warmup_steps": 2,
@@ -260,8 +261,8 @@ def test_a_sweep_logs_its_concurrent_trials_into_mlflow_on_postgresql(postgres, 
     assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
     assert "unreachable" not in console and "MLflow refused" not in console, console[-6000:]
     for child in children:  # every metric the trial logged is there
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_loss")] == [3, 6]
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")] == [3, 6]
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "val_loss")] == [8, 16]
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "train_loss")] == [8, 16]
     starts = [c.info.start_time for c in children]
     ends = [c.info.end_time for c in children]
     assert max(starts) < min(ends), "the two trials did not run at once"
