@@ -83,7 +83,7 @@ def judge(r: dict, rows: Sequence[dict]) -> dict | None:
     short = [
         *([] if bytes_ok else [f"stores {(r['saved_bytes'] - peer['saved_bytes']) / 2**20:.2f} MiB more"]),
         *([] if compile_ok else [f"compiles in {compile_ratio:.2f}x torch's CPU time (goal <= {COMPILE_GOAL:g}x)"]),
-        *([f"slower: {speed_verdict.text}"] if speed_verdict is not None and speed_verdict.holds is False else []),
+        *([speed_verdict.text] if speed_verdict is not None and speed_verdict.holds is False else []),
     ]
     if speed_verdict is None:
         undecided = f"step time: {rounds} rounds, a ratio needs at least {MIN_ROUNDS}"
