@@ -728,7 +728,9 @@ def _add_bench_techniques(bench: argparse._SubParsersAction) -> None:
         default=[0.25, 0.5, 0.75],
         help="activation budgets as fractions of the no-recompute saved bytes (default: 0.25 0.5 0.75)",
     )
-    p.add_argument("--steps", type=int, default=6, help="timed interleaved rounds after 2 untimed steps (default 6)")
+    p.add_argument(
+        "--steps", type=int, default=6, help="timed interleaved rounds after 2 untimed steps (at least 5; default 6)"
+    )
     p.add_argument("--no-compile", action="store_true", help="eager rows only (compiling is slow on a small CPU)")
     p.add_argument(
         "--no-eager", action="store_true", help="compiled rows only (and eager none, the reference of the ratios)"

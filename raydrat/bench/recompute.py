@@ -33,12 +33,18 @@ peak (parameters and optimizer states included), both from PyTorch's allocator
 round, median over the timed rounds (wall clock), and ``cpu_time_ratio``, the same with this
 thread's CPU time (one intra-op thread: the whole step runs on the calling thread, so
 other processes competing for the cores do not inflate it; the verdicts use it on CPU),
-with its min–max over the rounds and the step's own CPU time (median, min–max);
+each with its min–max over the rounds (``time_ratio_range``, ``cpu_time_ratio_range``), and
+the step's own CPU time (median, min–max; ``round_cpu_s`` / ``round_wall_s``: every round);
 ``compile_cpu_s`` / ``compile_s``, step 0's CPU time (this process and the compile workers
 and compilers it starts, :mod:`raydrat.bench.compile_time`) and wall clock, with
 ``inductor_cache``: whether inductor's FX graph cache served the compile (``hit``) or it
 compiled from scratch (``miss``). Steps 0 and 1 (compile, planning, allocator sampling) are
-not timed; the timed rounds interleave every run step by step, the order reversed each round.
+not timed; the timed rounds (at least :data:`~raydrat.bench.rounds.MIN_ROUNDS`) interleave
+every run step by step, the order reversed each round.
+
+``goal`` (raydrat compiled budget rows): the judgement against torch's budget at the same
+fraction, :func:`raydrat.bench.recompute_report.judge` (bytes, step 0's CPU time within 2x,
+step time paired per round with a verdict only where the spread allows one).
 """
 
 from __future__ import annotations
@@ -57,7 +63,8 @@ from torch.utils.checkpoint import checkpoint
 
 from raydrat.bench.compile_time import CompileClock, CompileTime, tree_cpu_s
 from raydrat.bench.local import LocalData, LocalRun
-from raydrat.bench.report import load_average, print_table
+from raydrat.bench.recompute_report import judge, mib, own, per_round, print_rows
+from raydrat.bench.rounds import MIN_ROUNDS, Load
 from raydrat.config import ConfigError, RaydratConfig, load_config
 from raydrat.core.model.build import build_model
 from raydrat.core.techniques.recompute.op_costs import OpCosts
@@ -70,8 +77,6 @@ SIX_LAYER = "6l-d384"
 DEFAULT_MODELS = ("demo", SIX_LAYER)
 WARM_STEPS = 2
 """Untimed steps per run first: compile, planning, the allocator's sampled steps."""
-COMPILE_GOAL = 2.0
-"""raydrat's compiled plan compiles (planning included) within this factor of torch's budget."""
 
 
 def model_config(name: str, steps: int, extra: Sequence[str] = ()) -> RaydratConfig:
@@ -228,7 +233,7 @@ class _Bench:
         plan = "" if v.plan_source is None else f", plan {v.plan_source}"
         self.log(
             f"  {vname}: ready in {time.perf_counter() - t0:.1f}s (step 0: {v.compile.cpu_s:.1f}s CPU, "
-            f"{v.compile.wall_s:.1f}s wall, inductor cache {v.compile.cache}{plan}), saved {_mib(v.saved)} MiB"
+            f"{v.compile.wall_s:.1f}s wall, inductor cache {v.compile.cache}{plan}), saved {mib(v.saved)} MiB"
         )
         self.variants.append(v)
         return v
@@ -309,15 +314,14 @@ def run_model(
                 b.start(label, "raydrat", "budget", f, True, ["recompute.mode=budget", *op], budget=budget)
 
     variants = b.variants
-    load_before = load_average()
-    log(f"  timing {len(variants)} runs, {steps} interleaved rounds (load average {load_before})")
+    load = Load()
+    log(f"  timing {len(variants)} runs, {steps} interleaved rounds (load average {load.start})")
     forward = True
     for _ in range(steps):
         for v in variants if forward else variants[::-1]:
             v.step(timed=True)
         forward = not forward
-    load_after = load_average()
-    log(f"  timed (load average {load_after})")
+    log(f"  timed (load average {load.finish().end})")
 
     rows = []
     for v in variants:
@@ -344,171 +348,32 @@ def run_model(
                 "plan": v.plan_source,
                 "plan_cpu_s": v.plan_cpu_s,
                 "note": note,
-                "load_average": [load_before, load_after],
+                "load_average": load.as_list(),
             }
         )
-    return rows + b.infeasible
-
-
-def spread(xs: Sequence[float]) -> tuple[float, float, float] | None:
-    """Median, min and max over rounds (``None`` without rounds)."""
-    return (statistics.median(xs), min(xs), max(xs)) if xs else None
+    rows += b.infeasible
+    for r in rows:
+        r["goal"] = judge(r, rows)
+    return rows
 
 
 def timings(v: Variant, reference: Variant) -> dict:
     """A row's step times over the timed rounds: its own (wall, and this thread's CPU time)
-    and per round over ``reference``'s in the same round; medians, and min–max of the CPU ones."""
-    wall = spread([a / r for a, r in zip(v.wall, reference.wall) if r > 0])
-    cpu = spread([a / r for a, r in zip(v.cpu, reference.cpu) if r > 0])
-    step = spread(v.cpu)
+    and per round over ``reference``'s in the same round; medians, and min-max."""
+    wall = per_round(v.wall, reference.wall)
+    cpu = per_round(v.cpu, reference.cpu)
+    step = own(v.cpu)
     return {
-        "time_ratio": None if wall is None else wall[0],
-        "cpu_time_ratio": None if cpu is None else cpu[0],
-        "cpu_time_ratio_range": None if cpu is None else list(cpu[1:]),
-        "step_s": statistics.median(v.wall),
-        "cpu_step_s": step[0],
-        "cpu_step_range_s": list(step[1:]),
+        "time_ratio": None if wall is None else wall.median,
+        "time_ratio_range": None if wall is None else [wall.low, wall.high],
+        "cpu_time_ratio": None if cpu is None else cpu.median,
+        "cpu_time_ratio_range": None if cpu is None else [cpu.low, cpu.high],
+        "step_s": None if not v.wall else statistics.median(v.wall),
+        "cpu_step_s": None if step is None else step.median,
+        "cpu_step_range_s": None if step is None else [step.low, step.high],
         "round_cpu_s": v.cpu,
         "round_wall_s": v.wall,
     }
-
-
-def _mib(b) -> str:
-    return "-" if b is None else f"{b / 2**20:.2f}"
-
-
-def _ratio(x) -> str:
-    return "-" if x is None else f"{x:.3f}"
-
-
-def _ratio_range(median, lo_hi) -> str:
-    return "-" if median is None else f"{median:.3f} ({lo_hi[0]:.3f}-{lo_hi[1]:.3f})"
-
-
-def _ms(median, lo_hi) -> str:
-    return "-" if median is None else f"{1e3 * median:.0f} ({1e3 * lo_hi[0]:.0f}-{1e3 * lo_hi[1]:.0f})"
-
-
-def _compile(r: dict) -> str:
-    if r.get("compile_cpu_s") is None:
-        return "-"
-    plan = f" + {r['plan_cpu_s']:.1f}" if r.get("plan_cpu_s") else ""
-    return f"{r['compile_cpu_s']:.1f}{plan} / {r['compile_s']:.1f}"
-
-
-def _compile_cpu(r: dict) -> float:
-    return r["compile_cpu_s"] + (r.get("plan_cpu_s") or 0.0)
-
-
-def print_rows(rows: list[dict]) -> None:
-    for model in dict.fromkeys(r["model"] for r in rows):
-        mine = [r for r in rows if r["model"] == model]
-        print_table(
-            f"{model}: saved bytes (allocator, forward phase of step 1), step peak, step 0 (compile, planning), "
-            "step time (this thread's CPU time) and step time / eager none (wall clock, and CPU time)",
-            [
-                "variant",
-                "planner",
-                "mode",
-                "fraction",
-                "compiled",
-                "budget MiB",
-                "predicted MiB",
-                "saved MiB",
-                "peak MiB",
-                "step 0 s (cpu [+ plan] / wall)",
-                "inductor cache",
-                "plan",
-                "cpu ms/step (min-max)",
-                "time ratio",
-                "cpu time ratio (min-max)",
-                "note",
-            ],
-            [
-                [
-                    r["variant"],
-                    r["planner"],
-                    r["mode"],
-                    "-" if r["budget_fraction"] is None else f"{r['budget_fraction']:g}",
-                    "yes" if r["compiled"] else "no",
-                    _mib(r["budget_bytes"]),
-                    _mib(r["predicted_bytes"]),
-                    _mib(r["saved_bytes"]),
-                    _mib(r["peak_bytes"]),
-                    _compile(r),
-                    r.get("inductor_cache") or "-",
-                    r.get("plan") or "-",
-                    _ms(r.get("cpu_step_s"), r.get("cpu_step_range_s")),
-                    _ratio(r["time_ratio"]),
-                    _ratio_range(r["cpu_time_ratio"], r.get("cpu_time_ratio_range")),
-                    r["note"],
-                ]
-                for r in mine
-            ],
-            "load average before and after the timed rounds: "
-            + ", ".join(dict.fromkeys(" / ".join(r["load_average"]) for r in mine if r.get("load_average"))),
-        )
-        goal = [_goal_row(r, mine) for r in mine]
-        goal = [g for g in goal if g is not None]
-        if goal:
-            print_table(
-                f"{model}: raydrat compiled plan vs torch.compile activation_memory_budget at the same fraction "
-                f"(goal: no more bytes, no slower, compiled within {COMPILE_GOAL:g}x torch's CPU time)",
-                [
-                    "raydrat variant",
-                    "fraction",
-                    "raydrat MiB",
-                    "torch MiB",
-                    "raydrat peak MiB",
-                    "torch peak MiB",
-                    "step 0 cpu s raydrat / torch",
-                    "raydrat / torch step (paired, min-max)",
-                    "goal",
-                ],
-                goal,
-                "step 0: compile and planning, CPU seconds of this process and its compile workers (raydrat: "
-                "with the cost measurement when the plan was not cached); paired: raydrat's step CPU time over "
-                "torch's in the same round, median and min-max over rounds",
-            )
-
-
-def _goal_row(r: dict, rows: list[dict]) -> list | None:
-    """The goal table's row for a raydrat compiled budget row (``None`` for any other row)."""
-    if r["planner"] != "raydrat" or r["mode"] != "budget" or not r["compiled"] or r["saved_bytes"] is None:
-        return None
-    peer = next(
-        (
-            p
-            for p in rows
-            if p["planner"] == "torch"
-            and p["mode"] == "budget"
-            and p["compiled"]
-            and p["budget_fraction"] == r["budget_fraction"]
-            and p["saved_bytes"] is not None
-        ),
-        None,
-    )
-    if peer is None:
-        return None
-    paired = spread([a / b for a, b in zip(r["round_cpu_s"], peer["round_cpu_s"])])
-    compile_ratio = _compile_cpu(r) / max(_compile_cpu(peer), 1e-9)
-    checks = (
-        ("more bytes", r["saved_bytes"] <= peer["saved_bytes"]),
-        ("slower", paired[0] <= 1.0),
-        ("slower to compile", compile_ratio <= COMPILE_GOAL),
-    )
-    verdict = "meets" if all(ok for _, ok in checks) else "short: " + ", ".join(w for w, ok in checks if not ok)
-    return [
-        r["variant"],
-        f"{r['budget_fraction']:g}",
-        _mib(r["saved_bytes"]),
-        _mib(peer["saved_bytes"]),
-        _mib(r["peak_bytes"]),
-        _mib(peer["peak_bytes"]),
-        f"{_compile_cpu(r):.1f} / {_compile_cpu(peer):.1f} ({compile_ratio:.2f}x)",
-        _ratio_range(paired[0], paired[1:]),
-        verdict,
-    ]
 
 
 def run_recompute(
@@ -523,8 +388,8 @@ def run_recompute(
     bad = [f for f in fractions if not 0 < f <= 1]
     if bad:
         raise ConfigError(f"--fractions {bad}: budget fractions must be in (0, 1], e.g. 0.25 0.5 0.75")
-    if steps < 1:
-        raise ConfigError(f"--steps {steps}: at least 1 timed round")
+    if steps < MIN_ROUNDS:
+        raise ConfigError(f"--steps {steps}: a ratio needs at least {MIN_ROUNDS} timed rounds, e.g. --steps 6")
     if not (compiled or eager):
         raise ConfigError("--no-compile with --no-eager leaves no rows: give at most one of them")
     old_threads = torch.get_num_threads()
@@ -532,7 +397,7 @@ def run_recompute(
     old_limits = (dyn.cache_size_limit, dyn.accumulated_cache_size_limit)
     # every run compiles nn.Module._call_impl for its own class: one cache entry each
     dyn.cache_size_limit, dyn.accumulated_cache_size_limit = 256, 4096
-    load_start = load_average()
+    load = Load()
     rows: list[dict] = []
     try:
         for name in models:
@@ -542,7 +407,7 @@ def run_recompute(
         dyn.cache_size_limit, dyn.accumulated_cache_size_limit = old_limits
     print_rows(rows)
     print(
-        f"\nload average at start {load_start}, at end {load_average()}; 1 thread; torch {torch.__version__}; "
+        f"\n{load.finish().text()}; 1 thread; torch {torch.__version__}; "
         f"{steps} timed rounds after {WARM_STEPS} untimed steps per run"
     )
     if json_path:
