@@ -12,7 +12,7 @@
     raydrat tracking sync RUN ... [--storage DIR] [--tracking-uri URI]
     raydrat bench resume [CONFIG] [--mb N] [--before DIR] [--json PATH]
     raydrat bench shuffle [CONFIG] [--json PATH]
-    raydrat bench overhead [CONFIG] [--json PATH]
+    raydrat bench overhead [CONFIG] [--rounds N] [--steps N] [--from-step N] [--json PATH] [--verbose]
     raydrat bench ingest [CONFIG] [--mb N ...] [--huge-mb N ...] [--json PATH]
     raydrat bench sync [CONFIG] [--latency-ms MS,...] [--sync-steps H,...] [--link MBIT,...] [--json PATH]
     raydrat bench combos [CONFIG] [--json PATH] [--only NAME ...]
@@ -228,9 +228,17 @@ def cmd_bench_shuffle(args: argparse.Namespace) -> int:
 
 def cmd_bench_overhead(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from raydrat.bench.overhead import run_overhead
+    from raydrat.bench.overhead import check_window, run_overhead
+    from raydrat.bench.rounds import check_rounds
+    from raydrat.console import quiet_console
 
-    run_overhead(cfg, json_path=args.json)
+    try:  # before any run starts
+        check_rounds(args.rounds)
+        check_window(args.steps, args.from_step)
+    except ValueError as e:
+        raise ConfigError(f"bench overhead: {e}") from None
+    with quiet_console(args.verbose):
+        run_overhead(cfg, rounds=args.rounds, steps=args.steps, start=args.from_step, json_path=args.json)
     return 0
 
 
@@ -637,9 +645,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", help="benchmarks: overhead, ingest, sync, techniques, memory, model, GPU"
     ).add_subparsers(dest="bench_command", required=True)
-    p = bench.add_parser("overhead", help="Ray Train loop vs a bare PyTorch loop")
+    p = bench.add_parser("overhead", help="Ray Train loop vs a bare PyTorch loop, in interleaved rounds")
     _add_config_args(p, required=False)
+    p.add_argument("--rounds", type=int, default=5, help="rounds, each a Ray Train run and a bare run (at least 5)")
+    p.add_argument("--steps", type=int, default=100, help="steps of each run (replaces train.steps)")
+    p.add_argument(
+        "--from-step", type=int, default=10, help="the step whose end starts the measuring window (past data start-up)"
+    )
     p.add_argument("--json", help="write the figures to this JSON file")
+    p.add_argument(
+        "--verbose", action="store_true", help="show Ray's own console output (default: raydrat's lines only)"
+    )
     p.set_defaults(func=cmd_bench_overhead)
     p = bench.add_parser("ingest", help="Ray Data ingest vs a single-process tokenizer baseline")
     _add_config_args(p, required=False)
