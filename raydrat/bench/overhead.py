@@ -4,10 +4,13 @@ Same model, same evaluation, checkpoint and logging schedule, same thread count:
 
 (a) ``raydrat train``'s loop on one Ray Train worker (its training stream read in a thread
     of the worker, ``ray.train.report`` with checkpoints, MLflow metrics from rank 0);
-(b) the same ``fit`` loop in this process over blocks tokenized beforehand (loading them is
-    not timed), evaluating and ``torch.save``-ing a checkpoint at the same steps.
+(b) the same ``fit`` loop over blocks tokenized beforehand (loading them is not timed),
+    evaluating and ``torch.save``-ing a checkpoint at the same steps, with no Ray Train, no
+    data stream, no report and no MLflow: run in a plain Ray task, so that both loops run in
+    the same kind of process (Ray starts its workers at niceness 15, with its own thread
+    settings, and a loaded machine's scheduler treats such a process unlike the driver).
 
-Both run :func:`raydrat.core.fit.fit`; the difference is only what Ray adds around it.
+Both run :func:`raydrat.core.fit.fit`; the difference is only what Ray Train adds around it.
 
 **Rounds.** A round is one run of each, in alternating order (Ray first in even rounds,
 the bare loop first in odd ones), so both see the same machine load; the ratio is taken
@@ -67,6 +70,17 @@ def bare_run(cfg: RaydratConfig, data: LocalData, start: int) -> dict:
     return {**window.figures, "run_wall_s": time.perf_counter() - t0, "val_loss": run.state.last_report[M.VAL_LOSS]}
 
 
+@ray.remote(max_retries=0)
+def _bare_task(config: dict, data: LocalData, start: int) -> dict:
+    return bare_run(RaydratConfig.model_validate(config), data, start)
+
+
+def bare_in_worker(cfg: RaydratConfig, data, start: int) -> dict:
+    """:func:`bare_run` in a Ray worker process holding the CPUs a Ray Train worker holds."""
+    task = _bare_task.options(num_cpus=cfg.scaling.cpus_per_worker)
+    return ray.get(task.remote(cfg.to_dict(), data, start))
+
+
 def ray_run(cfg: RaydratConfig, start: int, sink, key: str) -> dict:
     """One ``raydrat train`` run of ``cfg`` on Ray Train, its window read in the worker."""
     summary = run_training(cfg, fit_callbacks=[Window(start, sink, key)])
@@ -99,8 +113,8 @@ def run_overhead(
         f"overhead: {cfg.name}, {rounds} rounds of a Ray Train run and a bare run, {steps} steps each, "
         f"measured from the end of step {start} (past both loops' data start-up) to the end of step {steps}"
     )
-    data = LocalData.load(cfg)
     ensure_ray()
+    data = ray.put(LocalData.load(cfg))
     sink = WindowSink.remote()
     load = R.Load()
     t0 = time.perf_counter()
@@ -112,7 +126,7 @@ def run_overhead(
                 cfg.tracking.run_name = f"overhead-{stamp}-r{r}"
                 runs[RAY].append(ray_run(cfg, start, sink, f"r{r}"))
             else:
-                runs[BARE].append(bare_run(cfg, data, start))
+                runs[BARE].append(bare_in_worker(cfg, data, start))
         ray_tps, bare_tps = (runs[n][-1]["tokens"] / runs[n][-1]["wall_s"] for n in (RAY, BARE))
         log(
             f"  round {r + 1}/{rounds} ({' then '.join(order)}): {ray_tps:,.0f} vs {bare_tps:,.0f} tokens/s, "
@@ -138,7 +152,10 @@ def summarise(runs: dict[str, list[dict]], cfg: RaydratConfig, rounds: int, star
     tokens = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.seq_len
     series = {name: series_of(name, rs) for name, rs in runs.items()}
     ratio = {c: R.speed_ratio(series[RAY], series[BARE], c) for c in R.CLOCKS}
-    v = R.verdict(ratio["wall"], GOAL, f"within {1 - GOAL:.0%} of the bare loop", f"more than {1 - GOAL:.0%} slower")
+    verdicts = {
+        c: R.verdict(ratio[c], GOAL, f"within {1 - GOAL:.0%} of the bare loop", f"more than {1 - GOAL:.0%} slower")
+        for c in R.CLOCKS
+    }
     loops = {}
     for name, rs in runs.items():
         loops[name] = {
@@ -163,8 +180,10 @@ def summarise(runs: dict[str, list[dict]], cfg: RaydratConfig, rounds: int, star
         "cpu_ratio": ratio["cpu"].median,
         "cpu_ratio_range": [ratio["cpu"].low, ratio["cpu"].high],
         "goal": GOAL,
-        "verdict": v.holds,
-        "verdict_text": v.text,
+        "verdict": verdicts["wall"].holds,
+        "verdict_text": verdicts["wall"].text,
+        "cpu_verdict": verdicts["cpu"].holds,
+        "cpu_verdict_text": verdicts["cpu"].text,
         "loops": loops,
         "load_average": load.as_list(),
         "load_text": load.text(),
@@ -208,7 +227,7 @@ def print_summary(f: dict) -> None:
             "step, log line, evaluation and checkpoint after it counted. Median (min-max) over the rounds; a "
             "round is one run of each loop, in alternating order.\n"
             f"ratio Ray/bare tokens/s, wall: {wall}; CPU time of the loop's process: {cpu} (goal >= {f['goal']:g})\n"
-            f"verdict (wall): {f['verdict_text']}\n"
+            f"verdict (wall): {f['verdict_text']}; (CPU time): {f['cpu_verdict_text']}\n"
             f"{R.VERDICT_RULE.format(goal=f['goal'])}.\n{f['load_text']}; {f['bench_s']:.0f}s in all"
         ),
     )
