@@ -39,6 +39,7 @@ def test_the_window_starts_after_its_step_and_ends_with_the_last():
     assert 0 < f["wall_s"] < total and 0 < f["cpu_s"]
     assert f["data_wait_before_s"] >= 0.2 and f["data_wait_s"] < 0.2  # the slow start is before the window
     assert f["before_s"] >= 0.2
+    assert 0 <= f["other_threads_cpu_s"] < f["cpu_s"]  # the loop runs in this thread
 
 
 @pytest.mark.parametrize("steps, start", [(10, 0), (10, 10), (5, 7)])

@@ -163,6 +163,7 @@ def summarise(runs: dict[str, list[dict]], cfg: RaydratConfig, rounds: int, star
             "cpu_tokens_per_s": series[name].rate(tokens, "cpu").as_dict(),
             "data_wait_s": R.Spread.of([x["data_wait_s"] for x in rs]).as_dict(),
             "data_wait_before_s": R.Spread.of([x["data_wait_before_s"] for x in rs]).as_dict(),
+            "other_threads_cpu_s": R.Spread.of([x["other_threads_cpu_s"] for x in rs]).as_dict(),
             "run_wall_s": R.Spread.of([x["run_wall_s"] for x in rs]).as_dict(),
             "val_loss": statistics.median(x["val_loss"] for x in rs),
             "runs": rs,
@@ -202,6 +203,7 @@ def print_summary(f: dict) -> None:
             spread(loop["cpu_tokens_per_s"]),
             spread(loop["data_wait_s"], "{:.1f}"),
             spread(loop["data_wait_before_s"], "{:.1f}"),
+            spread(loop["other_threads_cpu_s"], "{:.1f}"),
             spread(loop["run_wall_s"], "{:.1f}"),
             f"{loop['val_loss']:.4f}",
         ]
@@ -217,6 +219,7 @@ def print_summary(f: dict) -> None:
             "tokens/s, CPU time",
             "data wait s (window)",
             "data wait s (before it)",
+            "CPU s of other threads (window)",
             "run wall s (with start-up)",
             "val loss",
         ],
@@ -225,7 +228,8 @@ def print_summary(f: dict) -> None:
             f"measured from the end of step {f['from_step']}: past both loops' data start-up (Ray: the worker's "
             "set-up and its stream's first shuffle windows; bare: blocks tokenized before the run), every "
             "step, log line, evaluation and checkpoint after it counted. Median (min-max) over the rounds; a "
-            "round is one run of each loop, in alternating order.\n"
+            "round is one run of each loop, in alternating order. CPU s of other threads: the loop process's "
+            "CPU time outside its training thread (Ray: the stream's reader, the MLflow writer, Ray's own threads).\n"
             f"ratio Ray/bare tokens/s, wall: {wall}; CPU time of the loop's process: {cpu} (goal >= {f['goal']:g})\n"
             f"verdict (wall): {f['verdict_text']}; (CPU time): {f['cpu_verdict_text']}\n"
             f"{R.VERDICT_RULE.format(goal=f['goal'])}.\n{f['load_text']}; {f['bench_s']:.0f}s in all"
