@@ -228,17 +228,19 @@ def cmd_bench_shuffle(args: argparse.Namespace) -> int:
 
 def cmd_bench_overhead(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from raydrat.bench.overhead import check_window, run_overhead
+    from raydrat.bench.overhead import FROM_STEP, STEPS, check_window, run_overhead
     from raydrat.bench.rounds import check_rounds
     from raydrat.console import quiet_console
 
+    steps = STEPS if args.steps is None else args.steps
+    start = FROM_STEP if args.from_step is None else args.from_step
     try:  # before any run starts
         check_rounds(args.rounds)
-        check_window(args.steps, args.from_step)
+        check_window(steps, start)
     except ValueError as e:
         raise ConfigError(f"bench overhead: {e}") from None
     with quiet_console(args.verbose):
-        run_overhead(cfg, rounds=args.rounds, steps=args.steps, start=args.from_step, json_path=args.json)
+        run_overhead(cfg, rounds=args.rounds, steps=steps, start=start, json_path=args.json)
     return 0
 
 
@@ -648,9 +650,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("overhead", help="Ray Train loop vs a bare PyTorch loop, in interleaved rounds")
     _add_config_args(p, required=False)
     p.add_argument("--rounds", type=int, default=5, help="rounds, each a Ray Train run and a bare run (at least 5)")
-    p.add_argument("--steps", type=int, default=100, help="steps of each run (replaces train.steps)")
+    p.add_argument("--steps", type=int, help="steps of each run, replacing train.steps (default 100)")
     p.add_argument(
-        "--from-step", type=int, default=10, help="the step whose end starts the measuring window (past data start-up)"
+        "--from-step", type=int, help="the step whose end starts the measuring window, past data start-up (default 10)"
     )
     p.add_argument("--json", help="write the figures to this JSON file")
     p.add_argument(

@@ -61,7 +61,7 @@ RAY, BARE = "Ray Train (1 worker)", "bare PyTorch"
 
 
 def bare_run(cfg: RaydratConfig, data: LocalData, start: int) -> dict:
-    """The baseline: the same ``fit`` in this process, over blocks tokenized beforehand,
+    """The baseline: the same ``fit`` in the calling process, over blocks tokenized beforehand,
     checkpointing with ``torch.save`` at the same steps."""
     window = Window(start)
     t0 = time.perf_counter()
