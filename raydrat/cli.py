@@ -12,7 +12,7 @@
     raydrat tracking sync RUN ... [--storage DIR] [--tracking-uri URI]
     raydrat bench resume [CONFIG] [--mb N] [--before DIR] [--json PATH]
     raydrat bench shuffle [CONFIG] [--json PATH]
-    raydrat bench overhead [CONFIG] [--json PATH]
+    raydrat bench overhead [CONFIG] [--rounds N] [--steps N] [--from-step N] [--json PATH] [--verbose]
     raydrat bench ingest [CONFIG] [--mb N ...] [--huge-mb N ...] [--json PATH]
     raydrat bench sync [CONFIG] [--latency-ms MS,...] [--sync-steps H,...] [--link MBIT,...] [--json PATH]
     raydrat bench combos [CONFIG] [--json PATH] [--only NAME ...]
@@ -228,9 +228,19 @@ def cmd_bench_shuffle(args: argparse.Namespace) -> int:
 
 def cmd_bench_overhead(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from raydrat.bench.overhead import run_overhead
+    from raydrat.bench.overhead import FROM_STEP, STEPS, check_window, run_overhead
+    from raydrat.bench.rounds import check_rounds
+    from raydrat.console import quiet_console
 
-    run_overhead(cfg, json_path=args.json)
+    steps = STEPS if args.steps is None else args.steps
+    start = FROM_STEP if args.from_step is None else args.from_step
+    try:  # before any run starts
+        check_rounds(args.rounds)
+        check_window(steps, start)
+    except ValueError as e:
+        raise ConfigError(f"bench overhead: {e}") from None
+    with quiet_console(args.verbose):
+        run_overhead(cfg, rounds=args.rounds, steps=steps, start=start, json_path=args.json)
     return 0
 
 
@@ -658,9 +668,17 @@ def _add_job(sub: argparse._SubParsersAction) -> None:
 
 def _add_bench_data(bench: argparse._SubParsersAction) -> None:
     """The data benchmarks: ``bench overhead | ingest | resume | shuffle``."""
-    p = bench.add_parser("overhead", help="Ray Train loop vs a bare PyTorch loop")
+    p = bench.add_parser("overhead", help="Ray Train loop vs a bare PyTorch loop, in interleaved rounds")
     _add_config_args(p, required=False)
+    p.add_argument("--rounds", type=int, default=5, help="rounds, each a Ray Train run and a bare run (at least 5)")
+    p.add_argument("--steps", type=int, help="steps of each run, replacing train.steps (default 100)")
+    p.add_argument(
+        "--from-step", type=int, help="the step whose end starts the measuring window, past data start-up (default 10)"
+    )
     p.add_argument("--json", help="write the figures to this JSON file")
+    p.add_argument(
+        "--verbose", action="store_true", help="show Ray's own console output (default: raydrat's lines only)"
+    )
     p.set_defaults(func=cmd_bench_overhead)
     p = bench.add_parser("ingest", help="Ray Data ingest vs a single-process tokenizer baseline")
     _add_config_args(p, required=False)
