@@ -279,6 +279,16 @@ def test_empty_corpus(corpus, tmp_path, docs, match):
         build_datasets(data_cfg(corpus, path), SEQ_LEN, VOCAB)
 
 
+def test_prepare_of_all_null_input_says_so_and_publishes_nothing(corpus, tmp_path):
+    path = write_parquet(tmp_path / "nulls.parquet", [None, None, ""])
+    out = tmp_path / "prepared"
+    with pytest.raises(
+        DataError, match=r"all 3 documents are empty or null: point data.sources at some text \(nothing was published\)"
+    ):
+        prep.prepare(data_cfg(corpus, path), SEQ_LEN, VOCAB, str(out))
+    assert not (out / "manifest.json").exists()
+
+
 def test_corpus_too_small_for_val(corpus, tmp_path):
     train_only = [d for d in corpus["docs"][:60] if d and not is_val_document(d, 0, 0.1)]
     path = write_parquet(tmp_path / "small.parquet", train_only)

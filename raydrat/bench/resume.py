@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from raydrat.bench.ingest import generate_corpus
-from raydrat.bench.report import load_average, print_table, write_json
+from raydrat.bench.report import load_average, print_table
 from raydrat.config import RaydratConfig, load_config
 from raydrat.core.checkpoint.state import POSITION_FILE, write_manifest
 from raydrat.core.data.blocks import UnitStart
@@ -38,6 +38,7 @@ from raydrat.core.data.position import DataPosition
 from raydrat.core.data.sample import train_tokenizer_on_sources
 from raydrat.core.data.stream import TrainSource, WorkerBlocks, local_source
 from raydrat.ray_train.resume import RUN_FILE, checkpoint_dirs
+from raydrat.tables import write_json
 
 RESUMED_STEPS = 2
 """Steps each resumed run trains (the first is timed)."""

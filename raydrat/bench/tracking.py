@@ -38,7 +38,8 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from raydrat.bench.pgserver import LocalPostgres, free_port
-from raydrat.bench.report import load_average, print_table, write_json
+from raydrat.bench.report import load_average, print_table
+from raydrat.tables import write_json
 
 BACKENDS = ("sqlite", "postgresql")
 RETRIES = 3
