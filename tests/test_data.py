@@ -304,7 +304,7 @@ def test_invalid_utf8_is_replaced_and_counted(corpus, tmp_path):
     bundle = build_datasets(cfg, SEQ_LEN, VOCAB)
     # bad.txt, and lines.txt as one document (file mode): both kept, replaced, counted
     assert bundle.stats.invalid_utf8_docs == 2 and bundle.stats.docs == 3
-    assert bundle.metrics()["data_invalid_utf8_docs"] == 2.0
+    assert bundle.counts()["invalid_utf8_docs"] == 2.0
     lines = data_cfg(corpus, sources=[{"path": str(tmp_path / "lines.txt"), "format": "text", "text_mode": "line"}])
     docs, counts = read_unit(plan_units(lines)[0], make_spec(lines, SEQ_LEN, VOCAB)[0])
     assert sorted(docs["train"] + docs["val"]) == sorted(["good line", "bad \ufffd line", "last"])

@@ -353,4 +353,4 @@ def test_s3_bad_jsonl_line_through_ray_is_refused_or_counted(s3):
         build_datasets(DataConfig(**common), SEQ_LEN, VOCAB)
     bundle = build_datasets(DataConfig(**common, on_corrupt="skip"), SEQ_LEN, VOCAB)
     assert bundle.stats.corrupt_lines == 1 and bundle.stats.docs == len(docs) - 1
-    assert bundle.metrics()["data_corrupt_lines"] == 1.0
+    assert bundle.counts()["corrupt_lines"] == 1.0
