@@ -22,7 +22,7 @@ from raydrat.core.checkpoint.state import DataPosition, load_state, save_checkpo
 from raydrat.core.model.build import build_model
 from raydrat.core.techniques.bundle import Techniques
 from raydrat.ray_train import resume
-from raydrat.ray_train.fits import check_cluster_fits
+from raydrat.ray_train.fits import check_cluster_fits, check_corpus_reaches_workers
 
 TINY = ModelConfig(vocab_size=64, seq_len=8, d_model=16, n_layer=2, n_head=2, n_kv_head=1)
 
@@ -163,6 +163,13 @@ def test_the_fit_check_counts_the_workers_cpus():
     with pytest.raises(ConfigError, match=r"give Ray at least 1 CPUs"):
         check_cluster_fits(cfg("scaling.cpus_per_worker=1"), False, {"CPU": 0.0})
     check_cluster_fits(cfg("scaling.num_workers=2", "scaling.wait_for_resources=true"), False, {"CPU": 2.0})
+    # the demo corpus (on the driver's disk) for workers on several nodes: an elastic run by its maximum
+    check_corpus_reaches_workers(cfg("scaling.num_workers=[1, 2]"), 1)
+    check_corpus_reaches_workers(cfg("scaling.num_workers=[1, 1]"), 3)
+    with pytest.raises(
+        ConfigError, match=r"but scaling.num_workers=\[1, 2\] Train workers on a Ray cluster of 2 nodes"
+    ):
+        check_corpus_reaches_workers(cfg("scaling.num_workers=[1, 2]"), 2)
 
 
 def test_a_run_folder_is_one_drivers_and_a_refused_start_leaves_nothing(tmp_path):

@@ -64,6 +64,18 @@ def test_invalid_combination_names_keys():
         load_config("debug", ["optim.warmup_steps=500"])
 
 
+def test_an_elastic_worker_count_loads_and_is_refused_with_fsdp():
+    cfg = load_config("debug", ["scaling.num_workers=[1, 3]"])
+    assert cfg.scaling.elastic and (cfg.scaling.min_workers, cfg.scaling.max_workers) == (1, 3)
+    assert not load_config("debug", ["scaling.num_workers=[2, 2]"]).scaling.elastic  # [n, n] is n
+    with pytest.raises(
+        ConfigError,
+        match=r"sync.mode=fsdp cannot be combined with scaling.num_workers=\[1, 3\] \(elastic\): its shards "
+        r"are laid out for one worker count; give scaling.num_workers a fixed number",
+    ):
+        load_config("debug", ["scaling.num_workers=[1, 3]", "sync.mode=fsdp"])
+
+
 def test_missing_recipe_lists_shipped_ones():
     with pytest.raises(ConfigError, match=r"not found \(shipped recipes: .*debug"):
         load_config("no-such-recipe")

@@ -280,6 +280,16 @@ def test_empty_corpus(corpus, tmp_path, docs, match):
         build_datasets(data_cfg(corpus, path), SEQ_LEN, VOCAB)
 
 
+def test_prepare_of_all_null_input_says_so_and_publishes_nothing(corpus, tmp_path):
+    path = write_parquet(tmp_path / "nulls.parquet", [None, None, ""])
+    out = tmp_path / "prepared"
+    with pytest.raises(
+        DataError, match=r"all 3 documents are empty or null: point data.sources at some text \(nothing was published\)"
+    ):
+        prep.prepare(data_cfg(corpus, path), SEQ_LEN, VOCAB, str(out))
+    assert not (out / "manifest.json").exists()
+
+
 def test_corpus_too_small_for_val(corpus, tmp_path):
     train_only = [d for d in corpus["docs"][:60] if d and not is_val_document(d, 0, 0.1)]
     path = write_parquet(tmp_path / "small.parquet", train_only)
@@ -295,7 +305,7 @@ def test_invalid_utf8_is_replaced_and_counted(corpus, tmp_path):
     bundle = build_datasets(cfg, SEQ_LEN, VOCAB)
     # bad.txt, and lines.txt as one document (file mode): both kept, replaced, counted
     assert bundle.stats.invalid_utf8_docs == 2 and bundle.stats.docs == 3
-    assert bundle.metrics()["data_invalid_utf8_docs"] == 2.0
+    assert bundle.counts()["invalid_utf8_docs"] == 2.0
     lines = data_cfg(corpus, sources=[{"path": str(tmp_path / "lines.txt"), "format": "text", "text_mode": "line"}])
     docs, counts = read_unit(plan_units(lines)[0], make_spec(lines, SEQ_LEN, VOCAB)[0])
     assert sorted(docs["train"] + docs["val"]) == sorted(["good line", "bad \ufffd line", "last"])

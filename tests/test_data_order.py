@@ -101,7 +101,8 @@ def test_every_epoch_has_its_own_order_and_the_seed_reproduces_it(corpus):
 
 def test_a_resume_reads_a_bounded_amount_whatever_the_position(corpus, monkeypatch):
     """Resuming reads, per stream, the units from the chunk its window starts in: the
-    characters read to produce the first micro-batch do not grow with the position."""
+    characters the world reads to produce its first micro-batch do not grow with the
+    position, at the same worker count or another."""
     source = make_source(corpus)
     read = {"chars": 0}
     real = read_module.unit_pieces
@@ -113,15 +114,18 @@ def test_a_resume_reads_a_bounded_amount_whatever_the_position(corpus, monkeypat
 
     monkeypatch.setattr("raydrat.core.data.blocks.unit_pieces", counting)
     corpus_chars = sum(len(d) for d in corpus["docs"] if d)
-    costs = {}
-    for micro_batches in (3, 150, 400):  # early, in the second epoch, in the seventh
-        _, position = run(source, 1, micro_batches)
-        read["chars"] = 0
-        next(WorkerBlocks(source, SEED, position, 0, 1, BATCH))
-        costs[micro_batches] = read["chars"]
-    # at most the 6 streams' current units (corpus / 8 each) and the units their windows reach
-    assert max(costs.values()) < corpus_chars, (costs, corpus_chars)
-    assert costs[400] < 2 * max(costs[3], corpus_chars / 4), costs
+    for before, after in ((1, 1), (2, 1), (1, 2), (2, 3)):
+        costs = {}
+        for rounds in (3, 150, 400):  # early, in the second epoch, in the seventh (one worker's count)
+            _, position = run(source, before, rounds // before)
+            read["chars"] = 0
+            for w in [WorkerBlocks(source, SEED, position, r, after, BATCH) for r in range(after)]:
+                next(w)  # every worker of the new group to its first micro-batch
+            costs[rounds] = read["chars"]
+        # the world reads at most the 6 streams' current units (corpus / 8 each) and the
+        # units their windows reach, whatever the position and the worker counts
+        assert max(costs.values()) < corpus_chars, (before, after, costs, corpus_chars)
+        assert costs[400] < 2 * max(costs[3], corpus_chars / 4), (before, after, costs)
 
 
 def test_positions_round_trip_through_the_checkpoint_files(corpus, tmp_path: Path):

@@ -154,9 +154,11 @@ def test_s3_bad_inputs(s3):
         r"fix the bucket name in data.sources",
     ):
         build_datasets(missing_bucket, SEQ_LEN, VOCAB)
-    globbed = cfg_for(s3, "s3", sources=[{"path": "s3://no-such-bucket/*.parquet", "endpoint_url": s3["endpoint"]}])
-    with pytest.raises(DataError, match=r"bucket 'no-such-bucket' does not exist"):
-        build_datasets(globbed, SEQ_LEN, VOCAB)
+    for path in ("s3://no-such-bucket/*.parquet", "s3://no-such-bucket/", "s3://no-such-bucket/corpus/"):
+        elsewhere = cfg_for(s3, "s3", sources=[{"path": path, "endpoint_url": s3["endpoint"]}])
+        with pytest.raises(DataError, match=r"bucket 'no-such-bucket' does not exist") as err:
+            build_datasets(elsewhere, SEQ_LEN, VOCAB)
+        assert "no-such-bucket" in str(err.value) and "prefix" not in str(err.value), path
     missing_key = cfg_for(s3, "s3", sources=[{"path": f"s3://{BUCKET}/nope/", "endpoint_url": s3["endpoint"]}])
     with pytest.raises(DataError, match=r"s3://corpus/nope does not exist"):
         build_datasets(missing_key, SEQ_LEN, VOCAB)
@@ -351,4 +353,4 @@ def test_s3_bad_jsonl_line_through_ray_is_refused_or_counted(s3):
         build_datasets(DataConfig(**common), SEQ_LEN, VOCAB)
     bundle = build_datasets(DataConfig(**common, on_corrupt="skip"), SEQ_LEN, VOCAB)
     assert bundle.stats.corrupt_lines == 1 and bundle.stats.docs == len(docs) - 1
-    assert bundle.metrics()["data_corrupt_lines"] == 1.0
+    assert bundle.counts()["corrupt_lines"] == 1.0

@@ -269,3 +269,22 @@ def test_core_imports_where_ray_and_mlflow_are_missing():
     )
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_every_module_imports():
+    """Every raydrat module imports, so a name moved between modules (say a shared helper
+    moved to raydrat.tables) breaks here and not first in a command that is rarely run, such
+    as a benchmark. The import graph above checks which modules are imported, not the names."""
+    modules = sorted(module_name(p) for p in PKG.rglob("*.py") if p.name != "__main__.py")
+    script = (
+        "import importlib\n"
+        "failed = []\n"
+        f"for m in {modules!r}:\n"
+        "    try:\n"
+        "        importlib.import_module(m)\n"
+        "    except Exception as e:\n"
+        "        failed.append(f'{m}: {e!r}')\n"
+        "print('\\n'.join(failed))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and not proc.stdout.strip(), proc.stdout[-3000:] + proc.stderr[-3000:]

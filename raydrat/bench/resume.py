@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from raydrat.bench.ingest import generate_corpus
-from raydrat.bench.report import load_average, print_table, write_json
+from raydrat.bench.report import load_average, print_table
 from raydrat.config import RaydratConfig, load_config
 from raydrat.core.checkpoint.state import POSITION_FILE, write_manifest
 from raydrat.core.data.blocks import UnitStart
@@ -38,6 +38,7 @@ from raydrat.core.data.position import DataPosition
 from raydrat.core.data.sample import train_tokenizer_on_sources
 from raydrat.core.data.stream import TrainSource, WorkerBlocks, local_source
 from raydrat.ray_train.resume import RUN_FILE, checkpoint_dirs
+from raydrat.tables import write_json
 
 RESUMED_STEPS = 2
 """Steps each resumed run trains (the first is timed)."""
@@ -87,7 +88,10 @@ def _drive(code: Path, tmp: Path, config: str, overrides: list[str], resume: str
     )
     if res.returncode != 0:
         raise RuntimeError(f"the driver failed ({code}):\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])["t0"]
+    for line in reversed(res.stdout.splitlines()):  # Ray may print workers' lines after the driver's own
+        if line.startswith('{"t0": '):
+            return json.loads(line)["t0"]
+    raise RuntimeError(f"the driver ({code}) printed no start time; its output ends:\n{res.stdout[-1000:]}")
 
 
 def _steps(out: Path) -> list[dict]:
@@ -123,6 +127,7 @@ def _set_position(run_dir: Path, after: bool, position: DataPosition, batches: i
             _rewrite_manifest(ckpt, rank, world, 1, [])
     record = json.loads((run_dir / RUN_FILE).read_text())
     record["config"]["train"]["steps"] = 1 + RESUMED_STEPS
+    record["state"] = "interrupted"  # a finished run is not resumed
     (run_dir / RUN_FILE).write_text(json.dumps(record, indent=2))
 
 
@@ -183,6 +188,28 @@ def _epoch_blocks(source: TrainSource, sample: int = 6) -> int:
     picks = [units[i * len(units) // sample] for i in range(sample)]
     per_unit = [sum(len(r.ids) for r in source.runs(u, UnitStart(), {})) for u in picks]
     return round(sum(per_unit) / len(per_unit) * len(units))
+
+
+def table_rows(rows: list[dict]) -> list[list]:
+    """The printed table's rows from the figures' ``rows`` (also for figures read back from
+    ``--json``)."""
+    table = []
+    for r in rows:
+        b, a = r.get("before", {}), r["after"]
+        if "error" in a:
+            a = {"resume_s": float("nan"), "repeated": a["error"], "skipped": "-", "blocks": "-"}
+        table.append(
+            [
+                f"{r['position']:.0%} ({r['blocks']:,} of ~{r['epoch_blocks']:,})",
+                r["workers"],
+                (b.get("refused") or b.get("error") or f"{b['resume_s']:.1f}") if b else "-",
+                f"{a['resume_s']:.1f}",
+                a["repeated"],
+                a["skipped"],
+                a["blocks"],
+            ]
+        )
+    return table
 
 
 def run_resume_bench(
@@ -246,22 +273,7 @@ def run_resume_bench(
             if json_path:
                 write_json(json_path, {"config": config, "mb": mb, "rows": rows, "partial": True})
     load_end = load_average()
-    table = []
-    for r in rows:
-        b, a = r.get("before", {}), r["after"]
-        if "error" in a:
-            a = {"resume_s": float("nan"), "repeated": a["error"], "skipped": "-", "blocks": "-"}
-        table.append(
-            [
-                f"{r['position']:.0%} ({r['blocks']:,} of ~{r['epoch_blocks']:,})",
-                r["workers"],
-                (b.get("refused") or b.get("error") or f"{b['resume_s']:.1f}") if b else "-",
-                f"{a['resume_s']:.1f}",
-                a["repeated"],
-                a["skipped"],
-                a["blocks"],
-            ]
-        )
+    table = table_rows(rows)
     print_table(
         f"resume: {config}, {mb:g} MB corpus, batch {batch} x seq_len {cfg.model.seq_len}; load average "
         f"{load_start} (start), {load_end} (end)",

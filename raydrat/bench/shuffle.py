@@ -23,12 +23,13 @@ from __future__ import annotations
 import numpy as np
 import ray
 
-from raydrat.bench.report import load_average, print_table, write_json
+from raydrat.bench.report import load_average, print_table
 from raydrat.config import RaydratConfig
 from raydrat.core.data.blocks import UnitStart
 from raydrat.core.data.position import DataPosition
 from raydrat.core.data.stream import TrainSource, WorkerBlocks, local_source
 from raydrat.ray_session import ensure_ray
+from raydrat.tables import write_json
 
 OLD_BUFFER = 2048
 """``data.shuffle_buffer`` of the order this replaced (its default)."""

@@ -105,6 +105,12 @@ def _check_fsdp(cfg: RaydratConfig) -> None:
             "set precision.fallback=none",
         ),
         (
+            cfg.scaling.elastic,
+            f"scaling.num_workers={list(cfg.scaling.num_workers) if cfg.scaling.elastic else ''} (elastic)",
+            "its shards are laid out for one worker count",
+            "give scaling.num_workers a fixed number",
+        ),
+        (
             cfg.train.auto_microbatch,
             "train.auto_microbatch=true",
             "a retry on one worker would desynchronise the shards' collectives",

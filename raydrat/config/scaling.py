@@ -51,15 +51,6 @@ class ScalingConfig(Section):
         return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
 
     @model_validator(mode="after")
-    def _check_elastic(self) -> ScalingConfig:
-        if self.elastic and self.strategy == "fsdp":
-            raise ValueError(
-                f"scaling.num_workers={list(self.num_workers)} (elastic) cannot be combined with "
-                "scaling.strategy=fsdp: its shards are laid out for one worker count; give a fixed number"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _check_worker_resources(self) -> ScalingConfig:
         for key, value in self.worker_resources.items():
             if key in ("CPU", "GPU"):

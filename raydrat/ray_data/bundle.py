@@ -75,12 +75,12 @@ class DatasetBundle:
             for e in ray.get(self.counter.epochs.remote())
         ]
 
-    def metrics(self) -> dict[str, float]:
-        """The data counts as run metrics (``data_*``): the manifest's exact counts for
-        prepared data, the checked sample's otherwise (``data_sampled_units`` of
-        ``data_units``)."""
+    def counts(self) -> dict[str, float]:
+        """The data counts, the profile of the run's MLflow dataset inputs (not metrics: a
+        constant is not a chart): the manifest's exact counts for prepared data, the checked
+        sample's otherwise (``sampled_units`` of ``units``)."""
         if self.lineage.get("kind") == "prepared":
             counts = self.lineage["manifest"]["counts"]
         else:
             counts = {k: v for k, v in asdict(self.stats).items() if not isinstance(v, bool)}
-        return {f"data_{k}": float(v) for k, v in counts.items()}
+        return {k: float(v) for k, v in counts.items()}

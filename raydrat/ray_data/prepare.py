@@ -242,7 +242,7 @@ def _counts(rows: list[dict], plan, corpus: str, spec: PackSpec) -> dict:
     counts["skipped_files"] += len(plan.skipped_files)
     if counts["docs"] == 0:
         raise DataError(
-            f"corpus {corpus}: all {counts['empty_docs']} documents are empty: "
+            f"corpus {corpus}: all {counts['empty_docs']} documents are empty or null: "
             "point data.sources at some text (nothing was published)"
         )
     if counts["train_blocks"] == 0 or counts["val_stored_blocks"] == 0:

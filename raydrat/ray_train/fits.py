@@ -54,14 +54,15 @@ def check_corpus_reaches_workers(cfg: RaydratConfig, nodes: int) -> None:
     """Refuse the demo corpus for several Train workers on a cluster of several nodes: it is
     built on the driver's own disk (``data.demo_dir``), which the other nodes' read tasks and
     workers do not see. A corpus every node reads is an ``s3://`` prefix or a shared path."""
-    n = cfg.scaling.num_workers
+    n = cfg.scaling.max_workers  # an elastic run may grow to its maximum
     if cfg.data.prepared or n <= 1 or nodes <= 1:
         return
+    workers = list(cfg.scaling.num_workers) if cfg.scaling.elastic else n
     demo = [i for i, src in enumerate(cfg.data.sources) if src.path == DEMO_SOURCE]
     if demo:
         raise ConfigError(
             f"data.sources[{demo[0]}].path is {DEMO_SOURCE!r}, the small embedded corpus built on the driver's disk, "
-            f"but scaling.num_workers={n} Train workers on a Ray cluster of {nodes} nodes read the corpus from every "
+            f"but scaling.num_workers={workers} Train workers on a Ray cluster of {nodes} nodes read the corpus from every "
             "node: set data.sources to a parquet prefix every node reads (s3://bucket/corpus/ or a shared path such as "
             "/mnt/shared/corpus/; for the cluster examples, in jobs/cluster-gpt2-small.yaml)"
         )

@@ -158,8 +158,7 @@ def log_data(run: Run, bundle) -> None:
     ``data/lineage.json`` and as MLflow dataset inputs, whose profile holds the data counts."""
     if bundle.lineage:
         run.log_text(json.dumps(bundle.lineage, indent=2, default=str), "data/lineage.json")
-        profile = {k.removeprefix("data_"): v for k, v in bundle.metrics().items()}
-        run.log_inputs(tracking.data_inputs(bundle.lineage, profile))
+        run.log_inputs(tracking.data_inputs(bundle.lineage, bundle.counts()))
 
 
 EPOCHS_TAG = "raydrat.data.epochs"
