@@ -9,7 +9,6 @@ so a run's last metrics are its last report, and a sweep's report reads them fro
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
 import threading
 from pathlib import Path
@@ -56,13 +55,9 @@ class RunMetrics(Callback):
             return
         # The store's client is made on its first read (for SQLite, about a second of CPU):
         # made here, beside the data stream's start-up, not inside the first checkpoint step.
-        threading.Thread(target=self._read_status, name="raydrat-tracking-client", daemon=True).start()
+        threading.Thread(target=self.run.connect, name="raydrat-tracking-client", daemon=True).start()
         if state.restored and self._open(state):
             self.run.log_metrics({M.RESUMED_FROM_STEP: state.start_step}, state.start_step)
-
-    def _read_status(self) -> None:
-        with contextlib.suppress(Exception):  # only a first read: the checks that matter raise
-            self.run.status()
 
     def on_log(self, state: FitState, values: dict[str, float]) -> None:
         if self._open(state, check=saves_at(state.train, state.step)):

@@ -355,6 +355,14 @@ class Run:
         """The run as the store holds it now (MLflow's ``Run``: info, data, inputs)."""
         return self._read(lambda: client(self.uri).get_run(self.run_id)) if self else None
 
+    def connect(self) -> None:
+        """Make this process's connection to the store now (one small read; about a second
+        of CPU on SQLite the first time), so that a later read in a timed place is cheap.
+        Never raises: the reads that matter say what went wrong."""
+        if self and not self._writer().down:
+            with contextlib.suppress(Exception):
+                client(self.uri).search_experiments(max_results=1)
+
     def status(self) -> str | None:
         """The run's status in the store (one read: call it where it matters; it does not
         wait for this process's records, so it can be called from the training thread);
