@@ -3,9 +3,11 @@ gates' heat-map) through a :class:`~raydrat.tracking.Run`, which does nothing wh
 is off.
 
 At every logging step it records that step's figures; at every checkpoint, the report's own
-figures too (the allocator's peak memory, the malloc heap's apart, steady tokens/s, where the time went, and the micro-batch
-when ``train.auto_microbatch`` may change it), the same values ``ray.train.report`` sends:
-so a run's last metrics are its last report, and a sweep's report reads them from here."""
+figures too (the allocator's peak memory, steady tokens/s, where the time went, and the
+micro-batch when ``train.auto_microbatch`` may change it), the same values
+``ray.train.report`` sends: so a run's last metrics are its last report, and a sweep's
+report reads them from here. Each batch goes out as :func:`raydrat.core.metrics.for_tracking`
+lays it out (the losses first, system figures rounded)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from raydrat.core.techniques.recompute.planners import GatedRecompute
 from raydrat.plots import gate_heatmap
 from raydrat.tracking import Run
 
-REPORT_FIGURES = (M.PEAK_BYTES, M.HEAP_PEAK_BYTES, M.TOKENS_PER_S_AVG, M.TRAIN_TIME_S, M.LOOP_S, *M.PHASES)
+REPORT_FIGURES = (M.PEAK_MIB, M.TOKENS_PER_S_AVG, M.TRAIN_TIME_S, M.LOOP_S, *M.PHASES)
 """What a checkpoint's report adds to the logging step's metrics."""
 
 
@@ -55,16 +57,16 @@ class RunMetrics(Callback):
 
     def on_log(self, state: FitState, values: dict[str, float]) -> None:
         if self._open(state, check=saves_at(state.train, state.step)):
-            self.run.log_metrics(values, state.step)
+            self.run.log_metrics(M.for_tracking(values), state.step)
 
     def on_save(self, state: FitState, report: dict[str, float]) -> None:
         if not self._open(state):
             return
         keys = [*REPORT_FIGURES, *([M.MICRO_BATCH] if state.train.auto_microbatch else [])]
         figures = {k: report[k] for k in keys if k in report}
-        if not figures.get(M.PEAK_BYTES):  # nothing measured (no allocator on this device)
-            figures.pop(M.PEAK_BYTES, None)
-        self.run.log_metrics(figures, state.step)
+        if not figures.get(M.PEAK_MIB):  # nothing measured (no allocator on this device)
+            figures.pop(M.PEAK_MIB, None)
+        self.run.log_metrics(M.for_tracking(figures), state.step)
 
     def on_fit_end(self, state: FitState) -> None:
         planner = state.techniques.recompute

@@ -54,7 +54,7 @@ def trial_fn(config: dict, tracking_uri: str | None = None) -> None:
             reserved_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker,
         )
         final[DATA_SETUP_S] = time.time() - t0
-        run.log_metrics({DATA_SETUP_S: final[DATA_SETUP_S]}, 0)
+        run.log_metrics(M.for_tracking({DATA_SETUP_S: final[DATA_SETUP_S]}), 0)
         log_data(run, bundle)
         result = fit_in_run(
             cfg,
