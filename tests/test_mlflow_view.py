@@ -62,9 +62,12 @@ def test_a_training_runs_metrics_follow_the_naming_rules_and_lead_with_the_loss(
         assert values and all(v == round(v, M.SYSTEM_DECIMALS) for v in values), (key, values)
     # the peak as measured: the allocator's bytes, in MiB
     assert abs(stored.data.metrics[M.PEAK_MIB] - local.peak.peak() / M.MIB) <= 0.001
-    # the training curves lead: the first model metric is the training loss
+    # the losses lead the run's metrics (the other figures waited for the first val_loss),
+    # and nothing was lost by waiting: every log step of every figure is there
     model = [k for k in keys if not k.startswith(M.SYSTEM)]
-    assert model[0] == M.TRAIN_LOSS, model
+    assert model[:2] == [M.TRAIN_LOSS, M.VAL_LOSS], model
+    for key in (M.TRAIN_LOSS, M.LR, M.GRAD_NORM, M.TOKENS_PER_S):
+        assert [m.step for m in client.get_metric_history(run.run_id, key)] == [2, 4, 6, 8], key
     # the estimate is known before the first step: a param, in MiB
     estimate = float(stored.data.params[M.ESTIMATED_PEAK_PARAM])
     assert estimate == round(local.runtime.estimate.total_bytes / M.MIB, 3) > 0

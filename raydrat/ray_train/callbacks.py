@@ -35,12 +35,19 @@ class RunMetrics(Callback):
     the reports checkpoints make), and at the end; not at every log step. A store that
     cannot say (unreachable) leaves the run open. No call waits on the store: the run's
     writer delivers from its own thread, and at the end gets a short while to deliver what
-    is pending (what it cannot stays in the run's backlog)."""
+    is pending (what it cannot stays in the run's backlog).
+
+    The run page lists a run's metrics in the order they were first logged: in a run that
+    starts from scratch, the figures other than the losses wait (with their steps) until
+    the first ``val_loss`` is logged, so the list begins with ``train_loss`` and
+    ``val_loss``. ``train_loss`` is logged at once."""
 
     def __init__(self, run: Run):
         self.run = run
         self._given = run
         self._checked_at: int | None = None
+        self._held: list[tuple[dict[str, float], int]] | None = None
+        """A new run's figures that wait for its first ``val_loss``; ``None``: none wait."""
 
     def _open(self, state: FitState, check: bool = True) -> bool:
         if state.rank != 0 or not self.run:
@@ -54,10 +61,31 @@ class RunMetrics(Callback):
     def on_fit_start(self, state: FitState) -> None:
         if state.restored and self._open(state):
             self.run.log_metrics({M.RESUMED_FROM_STEP: state.start_step}, state.start_step)
+        elif not state.restored:
+            self._held = []
+
+    def _log(self, values: dict[str, float], step: int) -> None:
+        values = M.for_tracking(values)
+        if self._held is None:
+            self.run.log_metrics(values, step)
+            return
+        leading = {k: values[k] for k in M.LEADING if k in values}
+        if leading:
+            self.run.log_metrics(leading, step)
+        rest = {k: v for k, v in values.items() if k not in leading}
+        if rest:
+            self._held.append((rest, step))
+        if M.VAL_LOSS in leading:
+            self._release_held()
+
+    def _release_held(self) -> None:
+        held, self._held = self._held or [], None
+        for figures, step in held:
+            self.run.log_metrics(figures, step)
 
     def on_log(self, state: FitState, values: dict[str, float]) -> None:
         if self._open(state, check=saves_at(state.train, state.step)):
-            self.run.log_metrics(M.for_tracking(values), state.step)
+            self._log(values, state.step)
 
     def on_save(self, state: FitState, report: dict[str, float]) -> None:
         if not self._open(state):
@@ -66,9 +94,11 @@ class RunMetrics(Callback):
         figures = {k: report[k] for k in keys if k in report}
         if not figures.get(M.PEAK_MIB):  # nothing measured (no allocator on this device)
             figures.pop(M.PEAK_MIB, None)
-        self.run.log_metrics(M.for_tracking(figures), state.step)
+        self._log(figures, state.step)
 
     def on_fit_end(self, state: FitState) -> None:
+        if self._open(state, check=False):
+            self._release_held()  # a loop that never evaluated (the last step always does)
         planner = state.techniques.recompute
         if isinstance(planner, GatedRecompute) and self._open(state):
             with tempfile.TemporaryDirectory() as tmp:
