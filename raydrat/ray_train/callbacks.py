@@ -38,9 +38,10 @@ class RunMetrics(Callback):
     is pending (what it cannot stays in the run's backlog).
 
     The run page lists a run's metrics in the order they were first logged: in a run that
-    starts from scratch, the figures other than the losses wait (with their steps) until
-    the first ``val_loss`` is logged, so the list begins with ``train_loss`` and
-    ``val_loss``. ``train_loss`` is logged at once."""
+    starts from scratch, the model figures other than the losses wait (with their steps)
+    until the first ``val_loss`` is logged, so the list begins with ``train_loss`` and
+    ``val_loss``. ``train_loss`` and the system figures (listed apart, drawn over time) are
+    logged at once."""
 
     def __init__(self, run: Run):
         self.run = run
@@ -69,13 +70,13 @@ class RunMetrics(Callback):
         if self._held is None:
             self.run.log_metrics(values, step)
             return
-        leading = {k: values[k] for k in M.LEADING if k in values}
-        if leading:
-            self.run.log_metrics(leading, step)
-        rest = {k: v for k, v in values.items() if k not in leading}
+        now = {k: v for k, v in values.items() if k in M.LEADING or k.startswith(M.SYSTEM)}
+        if now:
+            self.run.log_metrics(now, step)
+        rest = {k: v for k, v in values.items() if k not in now}
         if rest:
             self._held.append((rest, step))
-        if M.VAL_LOSS in leading:
+        if M.VAL_LOSS in now:
             self._release_held()
 
     def _release_held(self) -> None:
