@@ -6,6 +6,7 @@ UI's model-training view. Runs logged under the old names read the same."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -19,6 +20,7 @@ from raydrat.core.runtime import resolve
 from raydrat.ray_train.callbacks import RunMetrics
 from raydrat.ray_train.trainer import TrainingSummary
 from raydrat.tracking import Run
+from raydrat.tracking.views import VIEW_KEY, VIEW_TAG, view_state
 from raydrat.tune.results import logged_values
 
 OVERRIDES = [
@@ -88,6 +90,12 @@ def test_the_pages_raydrat_prints_open_the_training_view(tmp_path: Path):
     ]
     assert all("workflowType=machine_learning" in p for p in pages)
     run.end()
+    # an experiment whose view an older raydrat made (other column names) gets today's
+    client = MlflowClient(tracking_uri=uri)
+    client.set_experiment_tag(exp.experiment_id, VIEW_TAG + VIEW_KEY, '{"selectedColumns": ["metrics.`peak_bytes`"]}')
+    Run.start(uri, "raydrat", "again").end()
+    view = json.loads(client.get_experiment(exp.experiment_id).tags[VIEW_TAG + VIEW_KEY])
+    assert view == view_state() and f"metrics.`{M.PEAK_MIB}`" in view["selectedColumns"]
 
 
 def test_runs_logged_under_the_old_names_read_the_same(tmp_path: Path):

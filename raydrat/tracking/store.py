@@ -146,8 +146,9 @@ def get_or_create_experiment(uri: str, name: str) -> str:
         exp = c.get_experiment(exp_id)
     if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
         set_experiment_tag(uri, exp.experiment_id, *EXPERIMENT_KIND)
-    if VIEW_TAG + VIEW_KEY not in exp.tags:
-        set_experiment_tag(uri, exp.experiment_id, VIEW_TAG + VIEW_KEY, json.dumps(view_state()))
+    view = json.dumps(view_state())
+    if exp.tags.get(VIEW_TAG + VIEW_KEY) != view:  # made by an older raydrat: today's names
+        set_experiment_tag(uri, exp.experiment_id, VIEW_TAG + VIEW_KEY, view)
     return exp.experiment_id
 
 
