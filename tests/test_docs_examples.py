@@ -25,7 +25,7 @@ def test_plain_loop_example_runs(tmp_path):
         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "memory/activation_bytes" in proc.stdout and "resource_loss" in proc.stdout
+    assert "memory/activation_mib" in proc.stdout and "resource_loss" in proc.stdout
 
 
 def _slug(heading: str) -> str:

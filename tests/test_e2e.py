@@ -48,12 +48,12 @@ def test_train_debug_through_ray_records_mlflow_run(demo_dir: Path, tmp_path: Pa
     assert [m.step for m in history] == [10, 20]
     train_loss = client.get_metric_history(run.info.run_id, "train_loss")
     assert len(train_loss) == 4 and train_loss[-1].value < train_loss[0].value
-    for key in ("lr", "tokens_per_s", "grad_norm"):
+    for key in ("lr", "system/tokens_per_s", "grad_norm"):
         assert client.get_metric_history(run.info.run_id, key), key
     # the MLflow view: measured and estimated peak, the data as dataset inputs (its counts in
     # their profile, not as constant metrics), source tags, no params of unused sections
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "peak_bytes")] == [10, 20]
-    assert run.data.metrics["peak_bytes"] > 0 and run.data.metrics["estimated_bytes"] > 0
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "system/peak_mib")] == [10, 20]
+    assert run.data.metrics["system/peak_mib"] > 0 and float(run.data.params["runtime.estimated_peak_mib"]) > 0
     assert not [k for k in run.data.metrics if k.startswith("data_")]
     assert {i.tags[0].value for i in run.inputs.dataset_inputs} == {"training", "validation"}
     assert run.data.tags["mlflow.source.name"].startswith("raydrat train debug")

@@ -259,7 +259,7 @@ def test_killed_worker_is_replaced_and_run_completes(ray_local, demo_dir, tmp_pa
     assert summary.steps == STEPS
     assert _history(db, summary.mlflow_run_id, "resumed_from_step") == {EVAL: EVAL}
     assert sorted(_history(db, summary.mlflow_run_id, "val_loss")) == [EVAL, STEPS]
-    comm = _history(db, summary.mlflow_run_id, "comm_bytes_per_step")
+    comm = _history(db, summary.mlflow_run_id, "system/comm_mib_per_step")
     assert comm and max(comm.values()) > 0  # local/2 logged every step: bytes on sync steps only
 
 

@@ -260,7 +260,7 @@ def test_the_run_status_is_read_at_checkpoints_and_at_the_end_not_at_every_log_s
     LocalRun.start(cfg, LocalData.random(cfg, cfg.train.steps), [RunMetrics(closed), CloseAt()]).run()
     steps = [s for s, _ in closed.metric_history(M.TRAIN_LOSS)]
     assert steps[:5] == [1, 2, 3, 4, 5] and max(steps) < 8
-    assert [s for s, _ in closed.metric_history(M.PEAK_BYTES)] == [4]
+    assert [s for s, _ in closed.metric_history(M.PEAK_MIB)] == [4]
 
 
 def test_only_the_tracking_package_talks_to_mlflow():

@@ -35,6 +35,7 @@ from raydrat.bench.layertime import LayerStackTimer
 from raydrat.bench.local import LocalData, LocalRun, interleave
 from raydrat.bench.report import print_table
 from raydrat.config import RaydratConfig, config_from_dict
+from raydrat.core import metrics as M
 from raydrat.core.fit import Callback
 from raydrat.core.memory.activations import activation_plan_bounds
 from raydrat.core.memory.estimate import estimate_memory
@@ -345,11 +346,19 @@ RATIO_KEYS = (
 
 
 def _log_children(parent: Run, records: list[dict], configs: list[RaydratConfig]) -> None:
-    """One child MLflow run per combination, its figures as metrics at its last step."""
+    """One child MLflow run per combination, its figures as metrics at its last step (byte
+    figures in MiB, the unit in the name)."""
     for rec, c in zip(records, configs):
         child = Run.start(parent.uri, "raydrat-bench", rec["name"], params=c.flat(), parent=parent)
         child.log_metrics(
-            {k: v for k, v in rec.items() if isinstance(v, (int, float)) and v is not None}, c.train.steps
+            {
+                (f"{k.removesuffix('_bytes')}_mib" if k.endswith("_bytes") else k): (
+                    v / M.MIB if k.endswith("_bytes") else v
+                )
+                for k, v in rec.items()
+                if isinstance(v, (int, float)) and v is not None
+            },
+            c.train.steps,
         )
         child.end()
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from raydrat.config.base import Section
+from raydrat.core import metrics as M
 
 
 class SchedulerConfig(Section):
@@ -50,8 +51,9 @@ class SweepConfig(Section):
     from the results so far (``grid`` entries become categorical; ``bohb`` needs the
     ``hpbandster`` and ``ConfigSpace`` packages). Every suggestion is admitted against
     ``memory_budget_gb`` before it is launched."""
-    metric: str = "val_loss"
-    """Metric the scheduler, the searcher and the "best" trial use."""
+    metric: str = M.VAL_LOSS
+    """Metric the scheduler, the searcher and the "best" trial use (a name a metric had
+    before it was renamed, e.g. ``tokens_per_s_avg``, means today's)."""
     mode: Literal["min", "max"] = "min"
     num_samples: int = Field(1, ge=1)
     """``random`` and ``grid``: draws per grid point (trials = num_samples x grid size).
@@ -69,3 +71,8 @@ class SweepConfig(Section):
     resources: TrialResourcesConfig = Field(default_factory=TrialResourcesConfig)
     storage_path: str = "ray_results/tune"
     """Where the Tune experiment (and its trials' Ray Train runs) are stored."""
+
+    @field_validator("metric")
+    @classmethod
+    def _current_name(cls, value: str) -> str:
+        return M.RENAMED[value][0] if value in M.RENAMED else value

@@ -128,7 +128,6 @@ def iter_fit(
     state.micro = state.micro or MicroBatchStep(tc)
     if state.peak_memory is None:  # counts from here: build it before the model to count the model too
         state.peak_memory = PeakMemory(state.device)
-        state.peak_memory.watch(model)
     peak = state.peak_memory
     try:
         for cb in callbacks:
@@ -185,13 +184,11 @@ def iter_fit(
                     **values,
                     M.STEP: done,
                     M.TOKENS_PER_S_AVG: thr.steady_rate(),
-                    M.PEAK_BYTES: peak.peak() or 0,
+                    M.PEAK_MIB: (peak.peak() or 0) / M.MIB,
                     M.MICRO_BATCH: state.micro.micro_batch,
                     M.TRAIN_TIME_S: state.micro.train_time_s,
                     **state.clock.snapshot(),
                 }
-                if peak.heap_peak() is not None:
-                    report[M.HEAP_PEAK_BYTES] = peak.heap_peak()
                 report[M.CHECKPOINT_SCORE] = report.get(M.VAL_LOSS, M.UNSCORED)
                 report.setdefault(M.VAL_LOSS, float("inf"))  # every report has the sweep metric
                 state.last_report = report

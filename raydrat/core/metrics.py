@@ -12,31 +12,40 @@ import sys
 import time
 from contextlib import contextmanager
 
+# The naming rules, as the MLflow UI shows them: the training curves (losses, learning rate,
+# gradient norm) have plain names and make up the run page's "Model metrics"; how fast and
+# how much memory ("system/", the UI's System metrics) are apart; a figure of bytes names
+# its unit (MiB). A run's metrics are logged losses first (LEADING), the order the run
+# page's overview lists them in.
+SYSTEM = "system/"
+MIB = 2**20
+
 # Mean training loss over the optimizer steps since the previous log line.
 TRAIN_LOSS = "train_loss"
 VAL_LOSS = "val_loss"
+LEADING = (TRAIN_LOSS, VAL_LOSS)
 LR = "lr"
-TOKENS_PER_S = "tokens_per_s"
+TOKENS_PER_S = "system/tokens_per_s"
 # Steady-state tokens/s over the whole run so far (first step excluded).
-TOKENS_PER_S_AVG = "tokens_per_s_avg"
+TOKENS_PER_S_AVG = "system/tokens_per_s_avg"
 GRAD_NORM = "grad_norm"
 STEP = "step"
 TOKENS_SEEN = "tokens_seen"
 # Communication (raydrat.core.techniques.sync.comm), per optimizer step averaged over the logging window:
-# bytes this worker sent in collectives (ring all-reduce: 2(W-1)/W x payload), seconds from
+# MiB this worker sent in collectives (ring all-reduce: 2(W-1)/W x payload), seconds from
 # launch to completion of its collectives, and that time over the step time.
-COMM_BYTES_PER_STEP = "comm_bytes_per_step"
-COMM_S_PER_STEP = "comm_s_per_step"
-COMM_FRACTION = "comm_fraction"
-COMM_BYTES_TOTAL = "comm_bytes_total"
+COMM_MIB_PER_STEP = "system/comm_mib_per_step"
+COMM_S_PER_STEP = "system/comm_s_per_step"
+COMM_FRACTION = "system/comm_fraction"
+COMM_MIB_TOTAL = "system/comm_mib_total"
 # Logged once when a worker group starts from a checkpoint (after a failure or --resume).
 RESUMED_FROM_STEP = "resumed_from_step"
 
 # Efficiency techniques (raydrat.core.techniques): reported only by the techniques a run uses.
 ACTIVE_SLOTS = "active_slots"
 STORED_FRACTION = "gates/stored_fraction"
-# Saved activation bytes of the step's plan, from the per-branch costs last measured.
-ACTIVATION_BYTES = "memory/activation_bytes"
+# Saved activation MiB of the step's plan, from the per-branch costs last measured.
+ACTIVATION_MIB = "memory/activation_mib"
 RECOMPUTE_FLOPS = "recompute_flops"
 RESOURCE_LOSS = "resource_loss"
 # memory_budget form of the gates: the Lagrange multiplier of the budget constraint.
@@ -51,20 +60,17 @@ def gate_prob_name(layer: int, kind: str) -> str:
     return f"gates/p/L{layer}.{kind}"
 
 
-# Peak bytes PyTorch's allocator holds for the worker's training steps (forward, backward,
+# Peak MiB PyTorch's allocator holds for the worker's training steps (forward, backward,
 # optimizer step, accumulation), parameters and optimizer states included: CUDA
 # max_memory_allocated over every step; CPU the profiler's allocator events on a few
 # sampled steps (raydrat.core.memory.peak).
-PEAK_BYTES = "peak_bytes"
-# The predicted peak per worker (the resolved Runtime's estimate), logged once per run.
-ESTIMATED_BYTES = "estimated_bytes"
-# Growth of the whole process's malloc heap (glibc mallinfo2; CPU only): Python objects,
-# Ray's buffers and every library's mallocs included. Not the model's memory alone.
-HEAP_PEAK_BYTES = "heap_peak_bytes"
+PEAK_MIB = "system/peak_mib"
+# The predicted peak per worker (the resolved Runtime's estimate): a param of the run, it is
+# known before the first step.
+ESTIMATED_PEAK_PARAM = "runtime.estimated_peak_mib"
 # Micro-batch in use (train.auto_microbatch may have shrunk it).
 MICRO_BATCH = "micro_batch_size"
-# Overhead accounting, under MLflow's "system/" prefix (the run page's System metrics, not
-# among the training curves). Seconds spent inside optimizer steps so far:
+# Overhead accounting. Seconds spent inside optimizer steps so far:
 TRAIN_TIME_S = "system/train_time_s"
 # Where else a worker's loop spent its time, in seconds since the loop started (each is
 # reported with every checkpoint, so the last one's own save is not in it).
@@ -73,6 +79,41 @@ EVAL_S = "system/eval_s"
 CHECKPOINT_S = "system/checkpoint_s"
 LOOP_S = "system/loop_s"
 PHASES = (DATA_WAIT_S, EVAL_S, CHECKPOINT_S)
+SYSTEM_DECIMALS = 3
+"""System figures are logged rounded to this many decimals (a millisecond, a KiB)."""
+
+# Names runs logged before the rules above, and the factor into today's unit: what reads a
+# run back (a sweep's report over trials that ran before) reads them through ``current``.
+RENAMED = {
+    "peak_bytes": (PEAK_MIB, 1 / MIB),
+    "tokens_per_s": (TOKENS_PER_S, 1.0),
+    "tokens_per_s_avg": (TOKENS_PER_S_AVG, 1.0),
+    "comm_bytes_per_step": (COMM_MIB_PER_STEP, 1 / MIB),
+    "comm_bytes_total": (COMM_MIB_TOTAL, 1 / MIB),
+    "comm_s_per_step": (COMM_S_PER_STEP, 1.0),
+    "comm_fraction": (COMM_FRACTION, 1.0),
+    "memory/activation_bytes": (ACTIVATION_MIB, 1 / MIB),
+}
+
+
+def current(values: dict[str, float]) -> dict[str, float]:
+    """``values`` under today's names: a figure logged under an old name (:data:`RENAMED`)
+    is converted, unless today's is there too."""
+    out = dict(values)
+    for old, (new, factor) in RENAMED.items():
+        if old in out:
+            value = out.pop(old)
+            out.setdefault(new, value * factor if value is not None else None)
+    return out
+
+
+def for_tracking(values: dict[str, float]) -> dict[str, float]:
+    """``values`` as a run logs them: the losses first (the order the run page lists a run's
+    metrics in is the order they were first logged), system figures rounded."""
+    first = {k: values[k] for k in LEADING if k in values}
+    rest = {k: round(v, SYSTEM_DECIMALS) if k.startswith(SYSTEM) else v for k, v in values.items() if k not in first}
+    return first | rest
+
 
 # The attribute Ray Train ranks checkpoints by: the save's val_loss, or UNSCORED for a save
 # without evaluation (``train.checkpoint_every``). It must be finite: Ray Train writes an inf

@@ -103,7 +103,6 @@ def build_fit_state(
     peak = PeakMemory(device, sample_steps, sample_at)
     with peak.region("build"):
         model = initial_model(cfg.model, seed=cfg.train.seed, device=device, weights=weights)
-        peak.watch(model)
         techniques = build_techniques(cfg, runtime.precision, device, world_size)
         model = apply_techniques(model, techniques)  # recompute, compile, sync
         optimizer = build_optimizer(model, cfg.optim)

@@ -3,9 +3,11 @@ gates' heat-map) through a :class:`~raydrat.tracking.Run`, which does nothing wh
 is off.
 
 At every logging step it records that step's figures; at every checkpoint, the report's own
-figures too (the allocator's peak memory, the malloc heap's apart, steady tokens/s, where the time went, and the micro-batch
-when ``train.auto_microbatch`` may change it), the same values ``ray.train.report`` sends:
-so a run's last metrics are its last report, and a sweep's report reads them from here."""
+figures too (the allocator's peak memory, steady tokens/s, where the time went, and the
+micro-batch when ``train.auto_microbatch`` may change it), the same values
+``ray.train.report`` sends: so a run's last metrics are its last report, and a sweep's
+report reads them from here. Each batch goes out as :func:`raydrat.core.metrics.for_tracking`
+lays it out (the losses first, system figures rounded)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from raydrat.core.techniques.recompute.planners import GatedRecompute
 from raydrat.plots import gate_heatmap
 from raydrat.tracking import Run
 
-REPORT_FIGURES = (M.PEAK_BYTES, M.HEAP_PEAK_BYTES, M.TOKENS_PER_S_AVG, M.TRAIN_TIME_S, M.LOOP_S, *M.PHASES)
+REPORT_FIGURES = (M.PEAK_MIB, M.TOKENS_PER_S_AVG, M.TRAIN_TIME_S, M.LOOP_S, *M.PHASES)
 """What a checkpoint's report adds to the logging step's metrics."""
 
 
@@ -34,12 +36,20 @@ class RunMetrics(Callback):
     the reports checkpoints make), and at the end; not at every log step. A store that
     cannot say (unreachable) leaves the run open. No call waits on the store: the run's
     writer delivers from its own thread, and at the end gets a short while to deliver what
-    is pending (what it cannot stays in the run's backlog)."""
+    is pending (what it cannot stays in the run's backlog).
+
+    The run page lists a run's metrics in the order they were first logged: in a run that
+    starts from scratch, the model figures other than the losses wait (with their steps)
+    until the first ``val_loss`` is logged, so the list begins with ``train_loss`` and
+    ``val_loss``. ``train_loss`` and the system figures (listed apart, drawn over time) are
+    logged at once."""
 
     def __init__(self, run: Run):
         self.run = run
         self._given = run
         self._checked_at: int | None = None
+        self._held: list[tuple[dict[str, float], int]] | None = None
+        """A new run's figures that wait for its first ``val_loss``; ``None``: none wait."""
 
     def _open(self, state: FitState, check: bool = True) -> bool:
         if state.rank != 0 or not self.run:
@@ -58,21 +68,44 @@ class RunMetrics(Callback):
         threading.Thread(target=self.run.connect, name="raydrat-tracking-client", daemon=True).start()
         if state.restored and self._open(state):
             self.run.log_metrics({M.RESUMED_FROM_STEP: state.start_step}, state.start_step)
+        elif not state.restored:
+            self._held = []
+
+    def _log(self, values: dict[str, float], step: int) -> None:
+        values = M.for_tracking(values)
+        if self._held is None:
+            self.run.log_metrics(values, step)
+            return
+        now = {k: v for k, v in values.items() if k in M.LEADING or k.startswith(M.SYSTEM)}
+        if now:
+            self.run.log_metrics(now, step)
+        rest = {k: v for k, v in values.items() if k not in now}
+        if rest:
+            self._held.append((rest, step))
+        if M.VAL_LOSS in now:
+            self._release_held()
+
+    def _release_held(self) -> None:
+        held, self._held = self._held or [], None
+        for figures, step in held:
+            self.run.log_metrics(figures, step)
 
     def on_log(self, state: FitState, values: dict[str, float]) -> None:
         if self._open(state, check=saves_at(state.train, state.step)):
-            self.run.log_metrics(values, state.step)
+            self._log(values, state.step)
 
     def on_save(self, state: FitState, report: dict[str, float]) -> None:
         if not self._open(state):
             return
         keys = [*REPORT_FIGURES, *([M.MICRO_BATCH] if state.train.auto_microbatch else [])]
         figures = {k: report[k] for k in keys if k in report}
-        if not figures.get(M.PEAK_BYTES):  # nothing measured (no allocator on this device)
-            figures.pop(M.PEAK_BYTES, None)
-        self.run.log_metrics(figures, state.step)
+        if not figures.get(M.PEAK_MIB):  # nothing measured (no allocator on this device)
+            figures.pop(M.PEAK_MIB, None)
+        self._log(figures, state.step)
 
     def on_fit_end(self, state: FitState) -> None:
+        if self._open(state, check=False):
+            self._release_held()  # a loop that never evaluated (the last step always does)
         planner = state.techniques.recompute
         if isinstance(planner, GatedRecompute) and self._open(state):
             with tempfile.TemporaryDirectory() as tmp:

@@ -64,10 +64,10 @@ class TrainingSummary:
             out.append(f"final validation loss: {self.final_val_loss:.4f}")
         if self.tokens_per_s is not None:
             out.append(f"training throughput: {self.tokens_per_s:,.0f} tokens/s")
-        peak = self.metrics.get(M.PEAK_BYTES)
+        peak = self.metrics.get(M.PEAK_MIB)
         if peak:
-            est = f" (estimated {self.estimated_bytes / 2**20:,.1f} MiB)" if self.estimated_bytes else ""
-            out.append(f"peak memory per worker (PyTorch's allocator, training steps): {peak / 2**20:,.1f} MiB{est}")
+            est = f" (estimated {self.estimated_bytes / M.MIB:,.1f} MiB)" if self.estimated_bytes else ""
+            out.append(f"peak memory per worker (PyTorch's allocator, training steps): {peak:,.1f} MiB{est}")
         if self.checkpoint_path:
             out.append(f"checkpoint: {self.checkpoint_path}")
         if self.run:
@@ -76,6 +76,7 @@ class TrainingSummary:
             experiment = self.run.experiment_id()  # None: the store is away
             if experiment is not None:
                 out.append(f"  then open {tracking.ui_url(self.run.uri, experiment)}")
+                out.append(f"  this run: {tracking.ui_run_url(self.run.uri, experiment, self.run.run_id)}")
         return out
 
 
@@ -319,7 +320,6 @@ def _train(
         )
         _log_run_artifacts(run, cfg, bundle.tokenizer_path)
         log_data(run, bundle)
-        run.log_metrics({M.ESTIMATED_BYTES: runtime.estimate.total_bytes}, 0)
         log.info(f"MLflow run {run.run_id} in {redact_uri(run.uri)}")
     run_dir = resume.storage_root(cfg) / run_name
     if record is None:

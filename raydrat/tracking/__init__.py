@@ -22,7 +22,15 @@ from raydrat.tracking.content import COMMAND_TAG, data_inputs, run_params, run_t
 from raydrat.tracking.delivery import TrackingUnavailable
 from raydrat.tracking.journal import BACKLOG_DIR, backlog_in
 from raydrat.tracking.run import PARENT_TAG, Run
-from raydrat.tracking.store import artifact_repo, is_embedded, resolve_tracking_uri, store_dir, ui_command, ui_url
+from raydrat.tracking.store import (
+    artifact_repo,
+    is_embedded,
+    resolve_tracking_uri,
+    store_dir,
+    ui_command,
+    ui_run_url,
+    ui_url,
+)
 
 __all__ = [
     "BACKLOG_DIR",
@@ -39,5 +47,6 @@ __all__ = [
     "run_tags",
     "store_dir",
     "ui_command",
+    "ui_run_url",
     "ui_url",
 ]

@@ -23,6 +23,7 @@ from typing import Any
 from mlflow.entities import Dataset, DatasetInput, InputTag
 
 from raydrat.config.run import RaydratConfig
+from raydrat.core import metrics as M
 
 DATA_CONTEXT_TAG = "mlflow.data.context"
 
@@ -84,7 +85,8 @@ def run_params(cfg: RaydratConfig, runtime: Any = None) -> dict[str, Any]:
     """The params of a run: the config sections the run uses (``sync`` only with several
     workers, ``slots`` settings only when slots are on, ``recompute.gates`` only when gated,
     no ``tracking``; the rest is in ``config.yaml``) and, given a
-    :class:`~raydrat.core.runtime.Runtime`, what it resolved to (``runtime.*``)."""
+    :class:`~raydrat.core.runtime.Runtime`, what it resolved to (``runtime.*``, its memory
+    estimate per worker in MiB among them)."""
     flat = cfg.flat()
     drop = ["tracking."]
     if cfg.scaling.max_workers == 1:
@@ -108,6 +110,7 @@ def run_params(cfg: RaydratConfig, runtime: Any = None) -> dict[str, Any]:
                 "runtime.device": runtime.device_type,
                 "runtime.precision": runtime.precision,
                 "runtime.attention_backend": runtime.attention_backend,
+                M.ESTIMATED_PEAK_PARAM: round(runtime.estimate.total_bytes / M.MIB, 3),
             }
         )
     return params

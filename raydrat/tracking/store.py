@@ -36,8 +36,11 @@ from raydrat.tracking.views import VIEW_KEY, VIEW_TAG, view_state
 DEFAULT_DB = "mlruns.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
-"""The experiment tag that opens the MLflow UI in its model-training view (runs, metric
-charts) instead of the GenAI one (traces)."""
+"""The experiment tag that marks the experiment as model training (runs, metric charts)
+rather than GenAI (traces): what MLflow UIs that read it open on. The 3.x UI picks its view
+from the page's ``workflowType`` instead (else the browser's last choice, GenAI at first):
+every page raydrat prints carries :data:`TRAINING_VIEW`."""
+TRAINING_VIEW = "workflowType=machine_learning"
 
 
 def resolve_tracking_uri(cfg: TrackingConfig, workdir: str | Path | None = None) -> str:
@@ -77,19 +80,27 @@ def ui_command(uri: str) -> str:
     return f"open {redact_uri(uri)} in a browser"
 
 
-def ui_url(uri: str, experiment_id: str, key: str = VIEW_KEY) -> str:
-    """The page that opens the experiment in the UI's model-training view (MLflow 3 opens
-    its GenAI view otherwise), on the shared view ``key``, its charts first. Never with
-    credentials: the browser asks for them."""
+def _ui_base(uri: str) -> str:
+    """Where the UI of store ``uri`` is served: the server itself, else the address
+    :func:`ui_command` serves on. Never with credentials: the browser asks for them."""
     if uri.startswith(("http://", "https://")):
         parts = urlparse(uri.rstrip("/"))
-        base = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
-    else:
-        base = "http://127.0.0.1:5000"
+        return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    return "http://127.0.0.1:5000"
+
+
+def ui_url(uri: str, experiment_id: str, key: str = VIEW_KEY) -> str:
+    """The page that opens the experiment in the UI's model-training view (MLflow 3 opens
+    its GenAI view otherwise), on the shared view ``key``, its charts first."""
     return (
-        f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+        f"{_ui_base(uri)}/#/experiments/{experiment_id}/runs?{TRAINING_VIEW}"
         f"&viewStateShareKey={key}&compareRunsMode=CHART"
     )
+
+
+def ui_run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's own page, in the UI's model-training view."""
+    return f"{_ui_base(uri)}/#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_VIEW}"
 
 
 HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -135,8 +146,9 @@ def get_or_create_experiment(uri: str, name: str) -> str:
         exp = c.get_experiment(exp_id)
     if exp.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
         set_experiment_tag(uri, exp.experiment_id, *EXPERIMENT_KIND)
-    if VIEW_TAG + VIEW_KEY not in exp.tags:
-        set_experiment_tag(uri, exp.experiment_id, VIEW_TAG + VIEW_KEY, json.dumps(view_state()))
+    view = json.dumps(view_state())
+    if exp.tags.get(VIEW_TAG + VIEW_KEY) != view:  # made by an older raydrat: today's names
+        set_experiment_tag(uri, exp.experiment_id, VIEW_TAG + VIEW_KEY, view)
     return exp.experiment_id
 
 

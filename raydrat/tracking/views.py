@@ -1,5 +1,6 @@
 """The view of an experiment's runs that raydrat's links open in the MLflow UI: the loss
-charts first, raydrat's columns in the table.
+charts first, raydrat's columns in the table (val/train loss, measured and estimated peak
+MiB, tokens/s).
 
 The MLflow UI (3.x) shares views as an experiment tag ``mlflow.sharedViewState.<key>``,
 opened with ``?viewStateShareKey=<key>``. Every experiment raydrat creates holds the view
@@ -14,7 +15,15 @@ from raydrat.core import metrics as M
 
 VIEW_TAG = "mlflow.sharedViewState."
 VIEW_KEY = "raydrat"
-TABLE_METRICS = (M.VAL_LOSS, M.TRAIN_LOSS, M.PEAK_BYTES, M.ESTIMATED_BYTES, M.TOKENS_PER_S_AVG)
+TABLE_COLUMNS = (
+    f"metrics.`{M.VAL_LOSS}`",
+    f"metrics.`{M.TRAIN_LOSS}`",
+    f"metrics.`{M.PEAK_MIB}`",
+    f"params.`{M.ESTIMATED_PEAK_PARAM}`",
+    f"metrics.`{M.TOKENS_PER_S_AVG}`",
+    "tags.`raydrat.status`",
+    "attributes.`Source`",
+)
 
 
 def _line_chart(key: str, section: str) -> dict:
@@ -47,7 +56,7 @@ def view_state(search_filter: str | None = None) -> dict[str, Any]:
     loss, measured and estimated peak, tokens/s and raydrat's status; with
     ``search_filter``, only those runs, ranked by val loss (which lists a sweep's trials
     rather than folding them under it)."""
-    columns = [f"metrics.`{k}`" for k in TABLE_METRICS] + ["tags.`raydrat.status`", "attributes.`Source`"]
+    columns = list(TABLE_COLUMNS)
     state: dict[str, Any] = {
         "selectedColumns": columns,
         "columnOrder": columns,

@@ -54,8 +54,8 @@ def figures(result: dict, metric: str) -> str:
             parts.append(f"{key} {v:.4f}")
     if result.get(M.TOKENS_PER_S_AVG):
         parts.append(f"{result[M.TOKENS_PER_S_AVG]:,.0f} tokens/s")
-    if result.get(M.PEAK_BYTES):
-        parts.append(f"peak {R.fmt_bytes(result[M.PEAK_BYTES])}")
+    if result.get(M.PEAK_MIB):
+        parts.append(f"peak {R.fmt_bytes(result[M.PEAK_MIB] * M.MIB)}")
     return ", ".join(parts)
 
 

@@ -103,7 +103,6 @@ def start_trial_run(p: dict, cfg: RaydratConfig, started_s: float) -> Run:
         parent=Run.attach(p["tracking_uri"], p["parent_run_id"]),
         start_time_s=started_s,
     )
-    run.log_metrics({M.ESTIMATED_BYTES: p["estimated_bytes"]}, 0)
     run.log_text(cfg.to_yaml(), "config.yaml")
     return run
 
@@ -138,8 +137,6 @@ def record_refused(
         },
         parent=Run.attach(uri, parent_run_id),
     )
-    if verdict.estimate is not None:
-        run.log_metrics({M.ESTIMATED_BYTES: verdict.estimate}, 0)
     if cfg is not None:
         run.log_text(cfg.to_yaml(), "config.yaml")
     run.set_status(REFUSED_STATUS)

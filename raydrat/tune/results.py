@@ -49,7 +49,8 @@ def _int(v):
 
 
 def logged_values(uri: str, run_id: str) -> tuple[dict[str, float], int | None, dict[str, float]]:
-    """A child run's last metrics, the last step it logged a loss at, and its start and end
+    """A child run's last metrics (under today's names: a trial that ran before a metric was
+    renamed reads the same), the last step it logged a loss at, and its start and end
     (seconds since the epoch)."""
     run = Run.attach(uri, run_id)
     record = run.fetch()
@@ -58,7 +59,7 @@ def logged_values(uri: str, run_id: str) -> tuple[dict[str, float], int | None, 
         "start": record.info.start_time / 1000 if record.info.start_time else None,
         "end": record.info.end_time / 1000 if record.info.end_time else None,
     }
-    return dict(record.data.metrics), (max(steps) if steps else None), times
+    return M.current(dict(record.data.metrics)), (max(steps) if steps else None), times
 
 
 def settle(uri: str | None, run_ids: list[str], quiet_s: float = 2.0, limit_s: float = 30.0) -> None:
@@ -69,7 +70,7 @@ def settle(uri: str | None, run_ids: list[str], quiet_s: float = 2.0, limit_s: f
     runs = [Run.attach(uri, r) for r in run_ids]
 
     def marks():
-        return [tuple(len(r.metric_history(k)) for k in (M.TRAIN_LOSS, M.PEAK_BYTES)) for r in runs]
+        return [tuple(len(r.metric_history(k)) for k in (M.TRAIN_LOSS, M.PEAK_MIB)) for r in runs]
 
     deadline, last = time.time() + limit_s, marks()
     while time.time() < deadline:
@@ -84,7 +85,7 @@ def tune_values(df) -> tuple[dict[str, float], int | None]:
     """The last value Tune received of each key (no tracking)."""
     keys = [c for c in (df.columns if df is not None else []) if isinstance(c, str)]
     values = {k: v for k in keys if isinstance(v := _last(df, k), (int, float)) and not isinstance(v, bool)}
-    return values, _int(values.get(M.STEP))
+    return M.current(values), _int(values.get(M.STEP))
 
 
 def launched_info(payload: dict) -> dict[str, Any]:
@@ -126,7 +127,7 @@ def launched_record(
         start = float(df["timestamp"].iloc[0] - df["time_total_s"].iloc[0])  # Tune's clock
         end = float(df["timestamp"].iloc[-1])
     data_setup = final.get(DATA_SETUP_S, values.get(DATA_SETUP_S))
-    peak = values.get(M.PEAK_BYTES)
+    peak = values.get(M.PEAK_MIB)
     return R.TrialRecord(
         trial=p["name"],
         params=p["params"],
@@ -135,7 +136,7 @@ def launched_record(
         budget_bytes=p["budget_bytes"],
         val_loss=values.get(M.VAL_LOSS),
         metric_value=values.get(space.sweep.metric),
-        peak_bytes=int(peak) if peak else None,
+        peak_bytes=round(peak * M.MIB) if peak else None,
         tokens_per_s=values.get(M.TOKENS_PER_S_AVG),
         steps=steps,
         train_steps=p["steps"],

@@ -54,7 +54,7 @@ def trial_fn(config: dict, tracking_uri: str | None = None) -> None:
         quiet_ray_data()
         bundle = build_datasets(cfg.data, cfg.model.seq_len, cfg.model.vocab_size)
         final[DATA_SETUP_S] = time.time() - t0
-        run.log_metrics({DATA_SETUP_S: final[DATA_SETUP_S]}, 0)
+        run.log_metrics(M.for_tracking({DATA_SETUP_S: final[DATA_SETUP_S]}), 0)
         with secondary(f"logging the data's lineage to MLflow run {run.run_id}"):
             log_data(run, bundle)
         result = fit_in_run(

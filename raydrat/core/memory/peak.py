@@ -30,10 +30,6 @@ profiling started": expected), and bytes allocated outside the regions (the data
 are not the run's. A region outside the sampled steps is taken to leave the persistent
 bytes unchanged, which holds for a steady training loop.
 
-A second, coarser figure, glibc's malloc heap growth over the process (``mallinfo2``:
-Python objects, Ray's buffers and every library's mallocs included, so not the model's
-memory alone), is :meth:`PeakMemory.heap_peak`, reported separately (``heap_peak_bytes``).
-
 Phase markers: :func:`raydrat.core.step.train_step` opens ``record_function`` regions
 ``raydrat/forward``, ``raydrat/backward``, ``raydrat/optimizer`` and
 ``raydrat/zero_grad``; on a sampled step :class:`StepMemory` holds the allocator's level
@@ -45,7 +41,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import ctypes
 import itertools
 import os
 import weakref
@@ -208,40 +203,6 @@ class StepMemory:
         return spans[0][1] if spans else None
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        )
-    ]
-
-
-def _malloc_in_use_fn():
-    """glibc's ``mallinfo2`` (bytes handed out by malloc, mmap'd blocks included);
-    ``None`` where it is not available."""
-    try:
-        fn = ctypes.CDLL(None).mallinfo2
-    except (OSError, AttributeError):
-        return None
-    fn.restype = _MallInfo2
-
-    def in_use() -> int:
-        info = fn()
-        return int(info.uordblks + info.hblkhd)
-
-    return in_use
-
-
 class PeakMemory:
     """Peak bytes PyTorch's allocator holds for one run over its training steps (see the
     module docstring). Construct it before building the model (the build is then part of
@@ -275,30 +236,9 @@ class PeakMemory:
         """Steps whose ``train`` region ran while the shared profiler was on (any run's)."""
         self._holding = False
         self._plans: dict[int, StepPlan | None] = {}
-        self.in_use = None if self.cuda else _malloc_in_use_fn()
-        self.heap_baseline = self.in_use() if self.in_use else 0
-        self.heap_max = self.heap_baseline
         if not self.cuda and first_steps > 0:
             self._holding = SESSION.acquire(self)
         weakref.finalize(self, SESSION.release, self.uid)  # a run dropped mid-window lets the session go
-
-    # --- the process's malloc heap (heap_peak_bytes) ------------------------------------
-
-    def watch(self, model: torch.nn.Module) -> None:
-        """Sample the malloc heap at the end of every forward pass of ``model``."""
-        if self.in_use is not None:
-            model.register_forward_hook(lambda *_: self._sample_heap())
-
-    def _sample_heap(self) -> None:
-        self.heap_max = max(self.heap_max, self.in_use())
-
-    def heap_peak(self) -> int | None:
-        """Peak growth of glibc's malloc heap since construction (CPU; ``None`` on CUDA):
-        the whole process's, not the allocator's."""
-        if self.in_use is None:
-            return None
-        self._sample_heap()
-        return self.heap_max - self.heap_baseline
 
     # --- regions ------------------------------------------------------------------------
 

@@ -108,7 +108,7 @@ class RecomputePlanner(Technique):
         out: dict[str, float] = {}
         nbytes, flops = self.plan_bytes(), self.plan_recompute_flops()
         if nbytes is not None:
-            out[M.ACTIVATION_BYTES] = float(nbytes)
+            out[M.ACTIVATION_MIB] = nbytes / M.MIB
         if flops is not None:
             out[M.RECOMPUTE_FLOPS] = float(flops)
         return out

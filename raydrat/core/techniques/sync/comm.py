@@ -126,13 +126,13 @@ class CommMeter:
         self._step_s += step_s
 
     def window(self) -> dict[str, float]:
-        """Mean bytes and seconds per step and the comm share of step time; resets."""
+        """Mean MiB and seconds per step and the comm share of step time; resets."""
         n = max(1, self._steps)
         out = {
-            M.COMM_BYTES_PER_STEP: self._bytes / n,
+            M.COMM_MIB_PER_STEP: self._bytes / n / M.MIB,
             M.COMM_S_PER_STEP: self._comm_s / n,
             M.COMM_FRACTION: self._comm_s / self._step_s if self._step_s > 0 else 0.0,
-            M.COMM_BYTES_TOTAL: float(self.comm.total_bytes),
+            M.COMM_MIB_TOTAL: self.comm.total_bytes / M.MIB,
         }
         self._steps, self._bytes, self._comm_s, self._step_s = 0, 0, 0.0, 0.0
         return out
