@@ -58,6 +58,12 @@ class RaydratConfig(Section):
             )
         if self.sync.mode == "fsdp":
             _check_fsdp(self)
+        if self.sync.engine == "torchft" and self.scaling.num_workers < 2:
+            raise ValueError(
+                f"sync.engine=torchft with scaling.num_workers={self.scaling.num_workers}: a replica "
+                "alone has no peer to sync with or to recover from; set scaling.num_workers to 2 or "
+                "more, or remove sync.engine"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from raydrat.core.setup import build_fit_state
 from raydrat.ray_session import quiet_ray_data
 from raydrat.ray_train.callbacks import RunMetrics
 from raydrat.ray_train.checkpoints import RayReport, restore_latest
+from raydrat.ray_train.replicas import ReplicaLog, join_replicas
 from raydrat.tracking import Run
 
 
@@ -48,6 +49,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         own_state = restore_latest(state, loop_config["run_dir"], loop_config["checkpoints_since"])
     if not own_state:
         torch.manual_seed(tc.seed + 1000 * rank + state.start_step)
+    join_replicas(state, rank, device)  # sync.engine=torchft: a replacement takes a live peer's state
 
     def torch_batches(shard, local_shuffle: int = 0):
         return shard.iter_torch_batches(
@@ -66,5 +68,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     stream = resumable_batches(
         lambda: (b["tokens"] for b in torch_batches(train_shard, cfg.data.shuffle_buffer)), state.position
     )
-    callbacks = [ConsoleLog(), RunMetrics(run), RayReport(cfg.to_dict()), *loop_config.get("callbacks", [])]
+    callbacks = [
+        ConsoleLog(),
+        RunMetrics(run),
+        RayReport(cfg.to_dict()),
+        ReplicaLog(run),
+        *loop_config.get("callbacks", []),
+    ]
     fit(state, stream, lambda: (b["tokens"] for b in torch_batches(val_shard)), callbacks)

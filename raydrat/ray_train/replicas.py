@@ -1,0 +1,69 @@
+"""Ray Train's side of ``sync.engine: torchft``: each Train worker is a torchft replica group.
+
+* :func:`torch_config`: the ``TorchftConfig`` that runs the torchft Lighthouse as a Ray
+  actor, gives every worker its own process group, and lets Ray Train replace a failing
+  worker alone while the others go on (refused in one line when torchft is not installed);
+* :func:`join_replicas`: in a worker, after its checkpoint is restored and before its first
+  step, connect the worker's ``Manager`` and take part in one sync
+  (:meth:`~raydrat.core.techniques.sync.torchft_local.TorchftStrategy.join`); a replacement
+  comes out of it with a live peer's weights, optimizer states, step and data position;
+* :class:`ReplicaLog`: a replacement's rejoin into the MLflow run, and the ``Manager``
+  closed at the end.
+"""
+
+from __future__ import annotations
+
+import ray.train
+import torch
+from ray.train.v2.torch.torchft_config import TorchftConfig
+
+from raydrat.config import ConfigError, RaydratConfig
+from raydrat.core import metrics as M
+from raydrat.core.fit import Callback, FitState
+from raydrat.core.techniques.sync.torchft_local import TORCHFT_MISSING, TorchftStrategy, torchft_available
+from raydrat.tracking import Run
+
+LIGHTHOUSE = {"min_replicas": 1, "join_timeout_ms": 5000, "heartbeat_timeout_ms": 5000}
+"""The Lighthouse's quorum rules: one live replica is a quorum (the survivors of a death go
+on); a replica that is heartbeating but not yet in the quorum is waited for up to 5 s; one
+silent for 5 s is dead."""
+
+
+def torch_config(cfg: RaydratConfig, use_gpu: bool) -> ray.train.torch.TorchConfig | None:
+    """``TorchftConfig`` for ``sync.engine: torchft``, else ``None`` (Ray Train's default)."""
+    if cfg.sync.engine != "torchft":
+        return None
+    if not torchft_available():
+        raise ConfigError(TORCHFT_MISSING)
+    return TorchftConfig(lighthouse_kwargs=dict(LIGHTHOUSE), backend="nccl" if use_gpu else "gloo")
+
+
+def join_replicas(state: FitState, rank: int, device: torch.device) -> None:
+    """Connect this worker's replica group and join the others (see the module docstring);
+    a worker that was behind starts from the step it took on. Nothing for other engines."""
+    sync = state.techniques.sync
+    if not isinstance(sync, TorchftStrategy):
+        return
+    sync.connect(rank, device=device)
+    if sync.join():
+        state.start_step = sync.done
+        M.setup_logging().info(f"replica {rank} joined the others at step {sync.done} (healed from a live peer)")
+
+
+class ReplicaLog(Callback):
+    """A replica that healed from a peer logs the step it took on (``replicas/healed_at_step``,
+    the rejoin event; the others log the quorum's size and who left or joined it with their
+    sync metrics); every replica leaves the quorum when its loop ends."""
+
+    def __init__(self, run: Run):
+        self.run = run
+
+    def on_fit_start(self, state: FitState) -> None:
+        sync = state.techniques.sync
+        if isinstance(sync, TorchftStrategy) and sync.healed_at is not None and self.run:
+            self.run.log_metrics({M.HEALED_AT_STEP: float(sync.healed_at)}, sync.healed_at)
+
+    def on_fit_end(self, state: FitState) -> None:
+        sync = state.techniques.sync
+        if isinstance(sync, TorchftStrategy):
+            sync.close()
