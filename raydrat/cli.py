@@ -10,12 +10,14 @@
     raydrat data gc OUT [--keep N] [--dry-run]
     raydrat generate | eval | export RUN|CHECKPOINT ...   (raydrat.model_commands)
     raydrat tracking sync RUN ... [--storage DIR] [--tracking-uri URI]
+    raydrat bench resume [CONFIG] [--mb N] [--before DIR] [--json PATH]
+    raydrat bench shuffle [CONFIG] [--json PATH]
     raydrat bench overhead [CONFIG] [--json PATH]
-    raydrat bench ingest [CONFIG] [--mb N ...] [--json PATH]
+    raydrat bench ingest [CONFIG] [--mb N ...] [--huge-mb N ...] [--json PATH]
     raydrat bench sync [CONFIG] [--latency-ms MS,...] [--sync-steps H,...] [--link MBIT,...] [--json PATH]
     raydrat bench combos [CONFIG] [--json PATH] [--only NAME ...]
     raydrat bench memory [--json PATH] [--only NAME ...]
-    raydrat bench recompute [--models NAME ...] [--fractions F ...] [--steps N] [--no-compile] [--json PATH]
+    raydrat bench recompute [--models NAME ...] [--fractions F ...] [--steps N] [--no-compile | --no-eager] [--json PATH]
     raydrat bench model [CONFIG] [--modes eager compiled] [--shapes NAME ...] [--rounds N] [--profile] [--ablate] [--learning] [--json PATH]
     raydrat bench gpu [--dry-run] [--quick] [--tiny] [--out DIR] [--json PATH]
     raydrat job submit [RAY JOB SUBMIT OPTIONS] -- ENTRYPOINT
@@ -195,7 +197,32 @@ def cmd_bench_ingest(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     from raydrat.bench.ingest import run_ingest
 
-    run_ingest(cfg, sizes_mb=args.mb, json_path=args.json, workdir=args.workdir)
+    run_ingest(cfg, sizes_mb=args.mb, huge_mb=args.huge_mb, json_path=args.json, workdir=args.workdir)
+    return 0
+
+
+def cmd_bench_resume(args: argparse.Namespace) -> int:
+    from raydrat.bench.resume import run_resume_bench
+
+    if args.mb < 100:
+        raise UserError(f"--mb {args.mb:g}: the resume benchmark needs a corpus of at least 100 MB of text")
+    run_resume_bench(
+        args.config,
+        args.overrides,
+        mb=args.mb,
+        positions=tuple(args.positions),
+        before=args.before,
+        json_path=args.json,
+        workdir=args.workdir,
+    )
+    return 0
+
+
+def cmd_bench_shuffle(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from raydrat.bench.shuffle import run_shuffle_bench
+
+    run_shuffle_bench(cfg, json_path=args.json)
     return 0
 
 
@@ -216,6 +243,7 @@ def cmd_bench_recompute(args: argparse.Namespace) -> int:
         steps=args.steps,
         compiled=not args.no_compile,
         json_path=args.json,
+        eager=not args.no_eager,
     )
     return 0
 
@@ -515,13 +543,8 @@ def _add_bench_model(bench: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench_model)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="raydrat", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--version", action="version", version=f"raydrat {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    """``train``."""
     p = sub.add_parser("train", help="train a config through Ray Train")
     _add_config_args(p)
     p.add_argument(
@@ -546,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    """``data demo | tokenizer | prepare | gc``."""
     data = sub.add_parser("data", help="the demo corpus, a tokenizer, packed shards").add_subparsers(
         dest="data_command", required=True
     )
@@ -580,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
     p.set_defaults(func=cmd_data_gc)
 
+
+def _add_tune_and_estimate(sub: argparse._SubParsersAction) -> None:
+    """``tune`` and ``estimate``."""
     p = sub.add_parser("tune", help="run a Ray Tune sweep from a tune_spaces/*.yaml file")
     p.add_argument("space", help="space YAML path or shipped space name (smoke, lambda_sweep, ...)")
     p.add_argument("--resume", action="store_true", help="continue the latest unfinished sweep of this space")
@@ -596,6 +625,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_tune)
 
+    p = sub.add_parser("estimate", help="predict peak training memory per worker, by component")
+    _add_config_args(p)
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="device the estimate is for (default: from the config, else this machine)",
+    )
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="also train a few steps on this machine's device and print measured against predicted",
+    )
+    p.set_defaults(func=cmd_estimate)
+
+
+def _add_job(sub: argparse._SubParsersAction) -> None:
+    """``job submit`` (its options are ``ray job submit``'s: :func:`main` passes them on)."""
     job = sub.add_parser("job", help="Ray Jobs").add_subparsers(dest="job_command", required=True)
     p = job.add_parser(
         "submit",
@@ -606,9 +653,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_job_submit, ray_args=[])
 
-    bench = sub.add_parser(
-        "bench", help="benchmarks: overhead, ingest, sync, techniques, memory, model, GPU"
-    ).add_subparsers(dest="bench_command", required=True)
+
+def _add_bench_data(bench: argparse._SubParsersAction) -> None:
+    """The data benchmarks: ``bench overhead | ingest | resume | shuffle``."""
     p = bench.add_parser("overhead", help="Ray Train loop vs a bare PyTorch loop")
     _add_config_args(p, required=False)
     p.add_argument("--json", help="write the figures to this JSON file")
@@ -623,9 +670,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="generated corpus sizes in MB of text (default: 50 100)",
     )
     p.add_argument("--workdir", default=None, help="where to generate the corpora (default: a temp dir)")
+    p.add_argument(
+        "--huge-mb",
+        type=float,
+        nargs="*",
+        default=[70.0],
+        help="also a corpus of one one-line document of each size in MB (default: 70; none: leave it out)",
+    )
     p.add_argument("--json", help="write the figures to this JSON file")
     p.set_defaults(func=cmd_bench_ingest)
 
+    p = bench.add_parser("resume", help="time from --resume to the first resumed step, by data position")
+    p.add_argument("config", nargs="?", default="debug", help="recipe name or YAML path (default: debug)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--mb", type=float, default=100.0, help="generated corpus size in MB of text (at least 100)")
+    p.add_argument(
+        "--positions",
+        type=float,
+        nargs="+",
+        default=[0.1, 0.5, 0.9],
+        help="fractions of an epoch (default 0.1 0.5 0.9)",
+    )
+    p.add_argument("--before", default=None, metavar="DIR", help="a checkout of the earlier code to time beside it")
+    p.add_argument("--workdir", default=None, help="where to generate the corpus (default: a temp dir)")
+    p.add_argument("--json", help="write the figures to this JSON file")
+    p.set_defaults(func=cmd_bench_resume)
+
+    p = bench.add_parser("shuffle", help="how well the training order mixes the corpus, before and after")
+    _add_config_args(p, required=False)
+    p.add_argument("--json", help="write the figures to this JSON file")
+    p.set_defaults(func=cmd_bench_shuffle)
+
+
+def _add_bench_techniques(bench: argparse._SubParsersAction) -> None:
+    """The technique benchmarks: ``bench combos | recompute | memory``."""
     p = bench.add_parser("combos", help="efficiency techniques alone and combined, vs a baseline")
     _add_config_args(p, required=False)
     p.add_argument("--json", help="write one record per combination to this JSON file")
@@ -650,23 +728,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=6, help="timed interleaved rounds after 2 untimed steps (default 6)")
     p.add_argument("--no-compile", action="store_true", help="eager rows only (compiling is slow on a small CPU)")
+    p.add_argument(
+        "--no-eager", action="store_true", help="compiled rows only (and eager none, the reference of the ratios)"
+    )
     p.add_argument("--json", help="write one record per row to this JSON file")
     p.set_defaults(func=cmd_bench_recompute)
-
-    p = sub.add_parser("estimate", help="predict peak training memory per worker, by component")
-    _add_config_args(p)
-    p.add_argument(
-        "--device",
-        choices=["cpu", "cuda"],
-        default=None,
-        help="device the estimate is for (default: from the config, else this machine)",
-    )
-    p.add_argument(
-        "--measure",
-        action="store_true",
-        help="also train a few steps on this machine's device and print measured against predicted",
-    )
-    p.set_defaults(func=cmd_estimate)
 
     p = bench.add_parser("memory", help="estimated vs allocator-measured peak memory on shipped configurations")
     p.add_argument("--json", help="write one record per configuration to this JSON file")
@@ -681,6 +747,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", metavar="NAME", help="measure only these configurations")
     p.set_defaults(func=cmd_bench_memory)
 
+
+def _add_bench_sync_and_tracking(bench: argparse._SubParsersAction) -> None:
+    """``bench sync`` and ``bench tracking``."""
     p = bench.add_parser("sync", help="ddp vs local-update sync on 2 CPU workers, same token budget")
     _add_config_args(p, required=False)
     p.add_argument(
@@ -703,7 +772,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write one record per row to this JSON file")
     p.set_defaults(func=cmd_bench_sync)
 
-    _add_bench_model(bench)
     p = bench.add_parser(
         "tracking",
         help="metrics/s, errors and lost metrics of concurrent writers: mlflow server on SQLite vs PostgreSQL",
@@ -715,6 +783,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write one record per row to this JSON file")
     p.set_defaults(func=cmd_bench_tracking)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raydrat", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"raydrat {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_train(sub)
+    _add_data(sub)
+    _add_tune_and_estimate(sub)
+    _add_job(sub)
+    bench = sub.add_parser(
+        "bench", help="benchmarks: overhead, ingest, sync, techniques, memory, model, GPU"
+    ).add_subparsers(dest="bench_command", required=True)
+    _add_bench_data(bench)
+    _add_bench_techniques(bench)
+    _add_bench_sync_and_tracking(bench)
+    _add_bench_model(bench)
     # listed here; its arguments are raydrat.bench.gpu's own parser (main dispatches to it)
     bench.add_parser("gpu", help="the CUDA figures in one command (see `raydrat bench gpu --help`)")
 

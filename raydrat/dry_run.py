@@ -17,11 +17,12 @@ from pathlib import Path
 
 from raydrat import tracking_store
 from raydrat.config import RaydratConfig
-from raydrat.core.data.demo import read_manifest, stdlib_documents, tokenizer_file
+from raydrat.core.data.demo import read_manifest, stdlib_documents
+from raydrat.core.data.order import stream_count
 from raydrat.core.data.plan import DEMO_SOURCE, plan_corpus
 from raydrat.core.data.prepared import read_manifest_at
 from raydrat.core.data.sources import fs_path, location_for
-from raydrat.core.data.tokenizer import load_tokenizer
+from raydrat.core.data.spec import check_tokenizer, tokenizer_location
 from raydrat.core.runtime import resolve
 from raydrat.ray_session import expected_gpus
 from raydrat.redact import redact_uri
@@ -35,13 +36,15 @@ def describe(cfg: RaydratConfig) -> list[str]:
     runtime = resolve(cfg, gpus=expected_gpus())
     est = runtime.estimate
     sc, tr = cfg.scaling, cfg.train
+    workers = f"{sc.min_workers}-{sc.max_workers} (elastic)" if sc.elastic else f"{sc.num_workers}"
     lines = [
         f"dry run of {cfg.name}: config valid; nothing trained",
-        f"runtime: {sc.num_workers} worker(s) x {sc.cpus_per_worker:g} CPU, device {runtime.device_type}, "
+        f"runtime: {workers} worker(s) x {sc.cpus_per_worker:g} CPU, device {runtime.device_type}, "
         f"precision {runtime.precision}, attention {runtime.attention_backend}",
         f"training: {tr.steps} steps x batch {tr.batch_size} x {cfg.model.seq_len} tokens"
         f"{f' x {tr.grad_accum} micro-batches' if tr.grad_accum > 1 else ''} = "
-        f"{tr.steps * tr.batch_size * tr.grad_accum * cfg.model.seq_len * sc.num_workers:,} tokens; evaluate every "
+        f"{tr.steps * tr.batch_size * tr.grad_accum * cfg.model.seq_len * sc.max_workers:,} tokens"
+        f"{' at most' if sc.elastic else ''}; evaluate every "
         f"{tr.eval_every} steps",
         f"memory: estimated peak {est.total_bytes / 2**20:,.2f} MiB per worker "
         f"(in the {est.detail['peak_phase']}; `raydrat estimate` gives the breakdown)",
@@ -75,7 +78,7 @@ def _data_lines(cfg: RaydratConfig) -> list[str]:
     total = sum(plan.source_bytes) if plan else 0
     to_build = " and the demo corpus, to build" if len(planned) < len(d.sources) else ""
     what = (
-        f"{len(plan.units)} units of work, {len(plan.files)} files, {total / 1e6:,.1f} MB of text{to_build}"
+        f"{len(plan.units)} units of work, {len(plan.files)} files, {total / 1e6:,.1f} MB by the files' metadata{to_build}"
         if plan
         else "the demo corpus, to build"
     )
@@ -102,19 +105,38 @@ def _data_lines(cfg: RaydratConfig) -> list[str]:
         )
     for skipped in plan.skipped_files if plan else []:
         lines.append(f"  skipped (data.on_corrupt = skip): {skipped}")
+    streams = stream_count(d.streams, len(plan.units) if plan else d.streams)  # a corpus still to build: data.streams
+    readers = _stream_readers(streams, cfg.scaling.min_workers, cfg.scaling.max_workers)
+    lines.append(
+        f"order: units in a seeded order per epoch (train.seed {cfg.train.seed}), read by {streams} streams "
+        f"(data.streams {d.streams}) in windows of {max(1, d.shuffle_buffer)} blocks; {readers}"
+    )
     return lines
 
 
+def _stream_readers(streams: int, low: int, high: int) -> str:
+    """What the worker count(s) do to the reading: every unit read once when the count
+    divides the streams, else some units read by several workers."""
+    shared = [w for w in range(low, high + 1) if streams % w]
+    if not shared:
+        return "every unit is read by one worker"
+    return (
+        f"with {', '.join(map(str, shared))} worker(s), which do not divide {streams}, some units are read by "
+        "several workers (same order; set data.streams to a multiple of the worker count)"
+    )
+
+
 def _tokenizer_line(cfg: RaydratConfig) -> str:
-    d = cfg.data
-    if d.tokenizer_path:
-        path = Path(d.tokenizer_path).expanduser().absolute()
-    else:  # the demo tokenizer of this vocab size, trained on first use
-        path = Path(d.demo_dir).absolute() / tokenizer_file(cfg.model.vocab_size)
-        if not path.exists():
-            return f"tokenizer: {path} absent: the run trains it on the demo corpus first"
-    tok = load_tokenizer(path, cfg.model.vocab_size)
-    return f"tokenizer: {path} ({tok.get_vocab_size()} tokens)"
+    """The tokenizer training would use, found and checked by the same functions
+    (``data.eod_token`` included); the demo tokenizer of a vocab size not trained yet is
+    said to be trained first."""
+    path = tokenizer_location(cfg.data, cfg.model.vocab_size)
+    if not cfg.data.tokenizer_path and not path.exists():
+        return f"tokenizer: {path} absent: the run trains it on the demo corpus first"
+    tok, eod_id = check_tokenizer(cfg.data, path, cfg.model.vocab_size)
+    return (
+        f"tokenizer: {path} ({tok.get_vocab_size()} tokens; end of document {tok.id_to_token(eod_id)!r}, id {eod_id})"
+    )
 
 
 def describe_sweep(space_path: str | Path) -> list[str]:

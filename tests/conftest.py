@@ -17,6 +17,10 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
+# no test reads or writes the user's op-level plan cache (the tests that exercise it give
+# their own folder); set before any Ray worker starts, so the workers inherit it
+os.environ["RAYDRAT_PLAN_CACHE"] = "off"
+
 
 # test callbacks travel to Ray workers by value (the workers cannot import the tests)
 ray.cloudpickle.register_pickle_by_value(faults)

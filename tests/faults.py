@@ -1,7 +1,7 @@
-"""Faults injected from outside production code, as ``fit`` callbacks a test registers
-(they travel to Ray workers by value: ``conftest`` registers this module with cloudpickle),
-and :func:`main`, raydrat's real command line with such callbacks added to the runs and
-sweeps it starts (what a test's subprocess runs)."""
+"""Faults injected from outside production code, and probes that record what a worker did,
+as ``fit`` callbacks a test registers (they travel to Ray workers by value: ``conftest``
+registers this module with cloudpickle), and :func:`main`, raydrat's real command line with
+such callbacks added to the runs and sweeps it starts (what a test's subprocess runs)."""
 
 from __future__ import annotations
 
@@ -78,6 +78,49 @@ class StepTrace(Callback):
         self._write(state, step=state.step)
         if self.pace_s:
             time.sleep(self.pace_s)
+
+
+class StopAt(Callback):
+    """After optimizer step ``step``, rank ``rank`` kills its own process (SIGKILL), whether
+    or not its worker group started from a checkpoint: each leg of a chain of resumes stops
+    at its own step."""
+
+    def __init__(self, step: int, rank: int = 0):
+        self.step, self.rank = step, rank
+
+    def on_step_end(self, state: FitState) -> None:
+        if state.step == self.step and state.rank == self.rank:
+            time.sleep(1.0)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class TraceBlocks(Callback):
+    """Every rank appends, after each step, ``[step, world_size, [[position, block_id, epoch],
+    ...]]`` of the blocks it trained on in that step to ``directory/{tag}-rank{r}.jsonl``
+    (the training stream's trace: ``state.position.trace``)."""
+
+    def __init__(self, directory, tag: str):
+        self.directory, self.tag = str(directory), tag
+
+    def on_fit_start(self, state: FitState) -> None:
+        state.position.trace = []
+
+    def on_step_end(self, state: FitState) -> None:
+        trace = state.position.trace
+        line = json.dumps([state.step, state.world_size, [list(t) for t in trace]])
+        with open(Path(self.directory) / f"{self.tag}-rank{state.rank}.jsonl", "a") as f:
+            f.write(line + "\n")
+        trace.clear()
+
+
+def read_traces(directory, tag: str) -> dict[int, list[tuple[int, int, int]]]:
+    """``{step: [(position, block_id, epoch), ...]}`` of every rank's trace of ``tag``."""
+    steps: dict[int, list] = {}
+    for path in sorted(Path(directory).glob(f"{tag}-rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            step, _, blocks = json.loads(line)
+            steps.setdefault(step, []).extend(tuple(b) for b in blocks)
+    return steps
 
 
 def corrupt_data_page(path, row_group: int) -> None:

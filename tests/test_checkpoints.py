@@ -39,7 +39,7 @@ def _save(directory: Path, step: int, world_size: int = 2) -> Path:
             step,
             {"name": "t"},
             Techniques.plain(TINY.n_layer),
-            DataPosition(0, step * 3 + rank),
+            DataPosition(blocks=step * 16),
             rank,
             world_size,
         )
@@ -59,8 +59,12 @@ def test_a_checkpoint_is_complete_only_with_every_rank_manifest_and_matching_fil
     newest = sorted(run_dir.iterdir())[-1]
     assert verify_checkpoint(newest) is None
     manifest = json.loads((newest / "manifest-rank1.json").read_text())
-    assert manifest["world_size"] == 2 and set(manifest["files"]) == {"rank1.pt"}
-    assert set(json.loads((newest / "manifest-rank0.json").read_text())["files"]) == {"state.pt", "rank0.pt"}
+    assert manifest["world_size"] == 2 and set(manifest["files"]) == {"rank1.pt", "data-rank1.json"}
+    assert set(json.loads((newest / "manifest-rank0.json").read_text())["files"]) == {
+        "state.pt",
+        "rank0.pt",
+        "data-rank0.json",
+    }
 
     # the faults a kill or a disk leaves: each is named
     broken = run_dir / "broken"
@@ -140,23 +144,24 @@ def test_a_used_run_name_is_refused_and_default_names_never_collide(tmp_path):
     assert len(names) == 50 and all(n.startswith("debug-") for n in names)
 
 
-def test_the_fit_check_counts_the_data_streams_cpu():
+def test_the_fit_check_counts_the_workers_cpus():
     def cfg(*sets):
         return load_config("debug", list(sets))
 
-    two = cfg("scaling.num_workers=2")
+    three = cfg("scaling.num_workers=3")
     with pytest.raises(
         ConfigError,
         match=(
-            r"2 CPUs for the Train workers, plus 1 for the training data stream .* needs 3 CPUs but the Ray "
-            r"cluster has 2 CPUs and 0 GPUs.*set scaling.cpus_per_worker=0.5"
+            r"scaling.num_workers=3 x scaling.cpus_per_worker=1 needs 3 CPUs for the Train workers but the Ray "
+            r"cluster has 2 CPUs and 0 GPUs.*set scaling.cpus_per_worker=0.66"
         ),
     ):
-        check_cluster_fits(two, False, {"CPU": 2.0})
-    check_cluster_fits(cfg("scaling.num_workers=2", "scaling.cpus_per_worker=0.5"), False, {"CPU": 2.0})
+        check_cluster_fits(three, False, {"CPU": 2.0})
+    check_cluster_fits(cfg("scaling.num_workers=2"), False, {"CPU": 2.0})  # the data needs no CPU of its own
+    check_cluster_fits(cfg("scaling.num_workers=[2, 8]"), False, {"CPU": 2.0})  # elastic: its minimum fits
     check_cluster_fits(cfg(), False, {"CPU": 2.0})  # the debug recipe on 2 CPUs
-    with pytest.raises(ConfigError, match=r"give Ray at least 2 CPUs"):
-        check_cluster_fits(cfg(), False, {"CPU": 1.0})
+    with pytest.raises(ConfigError, match=r"give Ray at least 1 CPUs"):
+        check_cluster_fits(cfg("scaling.cpus_per_worker=1"), False, {"CPU": 0.0})
     check_cluster_fits(cfg("scaling.num_workers=2", "scaling.wait_for_resources=true"), False, {"CPU": 2.0})
 
 

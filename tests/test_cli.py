@@ -128,7 +128,8 @@ def test_dry_run_resolves_estimates_and_plans(demo_dir, tmp_path, capsys, monkey
     assert f"estimated peak {est.total_bytes / 2**20:,.2f} MiB" in out
     assert "device cpu, precision fp32" in out
     assert f"sources[0] {tmp_path} (parquet): 50 rows" in out and "3 units" in out  # 3 row groups
-    assert "tokenizer-512.json (512 tokens)" in out
+    assert "tokenizer-512.json (512 tokens; end of document '<|endoftext|>', id 0)" in out
+    assert "read by 3 streams (data.streams 12)" in out and "every unit is read by one worker" in out
     assert not ray.is_initialized()  # nothing started, nothing trained or tracked
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet"]
 

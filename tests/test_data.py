@@ -28,12 +28,15 @@ from raydrat.core.data.demo import build_demo_corpus, read_manifest
 from raydrat.core.data.errors import DataError
 from raydrat.core.data.pack import pack_tokens
 from raydrat.core.data.plan import plan_units, resolve_sources
+from raydrat.core.data.position import DataPosition
 from raydrat.core.data.read import read_unit
 from raydrat.core.data.spec import make_spec
 from raydrat.core.data.split import is_val_document
+from raydrat.core.data.stream import epoch_blocks
 from raydrat.core.data.tokenizer import load_tokenizer, special_ids, tokenizer_hash, train_tokenizer
 from raydrat.ray_data import prepare as prep
 from raydrat.ray_data.datasets import build_datasets
+from raydrat.ray_data.stream import train_stream
 
 SEQ_LEN = 16
 BLOCK_LEN = SEQ_LEN + 1
@@ -59,6 +62,11 @@ def write_parquet(path: Path, docs: list, column: str = "text", row_group_size: 
 
 def blocks_of(ds: ray.data.Dataset) -> list[tuple[int, ...]]:
     return sorted(tuple(row["tokens"].tolist()) for row in ds.take_all())
+
+
+def train_rows(bundle) -> list[dict]:
+    """The first epoch of a bundle's training stream, in the global order (seed 0), as rows."""
+    return [{"tokens": b, "block_id": i} for i, b in epoch_blocks(bundle.train, 0, 0)]
 
 
 def as_multiset(blocks) -> list[tuple[int, ...]]:
@@ -186,7 +194,7 @@ def test_local_blocks_follow_the_documented_rule(corpus):
 def test_ray_pipeline_equals_local_and_is_deterministic(corpus):
     cfg = data_cfg(corpus)
     bundle = build_datasets(cfg, SEQ_LEN, VOCAB)
-    train, val = bundle.train.take_all(), bundle.val.take_all()
+    train, val = train_rows(bundle), bundle.val.take_all()
     for rows in (train, val):
         assert all(r["tokens"].dtype == np.int32 and r["tokens"].shape == (BLOCK_LEN,) for r in rows)
         assert len({r["block_id"] for r in rows}) == len(rows)
@@ -205,7 +213,7 @@ def test_ray_pipeline_equals_local_and_is_deterministic(corpus):
     assert bundle.tokenizer_sha256 == tokenizer_hash(corpus["tokenizer"])
 
     again = build_datasets(cfg, SEQ_LEN, VOCAB)
-    assert blocks_of(again.train) == as_multiset(r["tokens"] for r in train)
+    assert [r["block_id"] for r in train_rows(again)] == [r["block_id"] for r in train]
     assert blocks_of(again.val) == as_multiset(r["tokens"] for r in val)
 
 
@@ -223,7 +231,9 @@ def test_text_files_and_gzip(corpus, tmp_path):
     assert len(resolve_sources(cfg)) == len(docs)
     bundle = build_datasets(cfg, SEQ_LEN, VOCAB)
     assert bundle.stats.docs == len(docs)
-    assert blocks_of(bundle.train) == as_multiset(iter_blocks_local(cfg, SEQ_LEN, VOCAB, "train"))
+    assert as_multiset(r["tokens"] for r in train_rows(bundle)) == as_multiset(
+        iter_blocks_local(cfg, SEQ_LEN, VOCAB, "train")
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -385,7 +395,7 @@ def test_weighted_mixing_gives_the_expected_proportions(corpus, tmp_path):
     source_of = {u.unit_id: u.source for u in plan}
     rates = {u.source: u.rate for u in plan}
     assert rates[0] < 1 < rates[1]
-    rows = build_datasets(cfg, SEQ_LEN, VOCAB).train.take_all()
+    rows = train_rows(build_datasets(cfg, SEQ_LEN, VOCAB))
     share_b = sum(source_of[r["block_id"] >> 32] for r in rows) / len(rows)
     assert abs(share_b - 0.75) < 0.05, share_b
     natural = data_cfg(corpus, sources=[{"path": str(tmp_path / "a")}, {"path": str(tmp_path / "b")}])
@@ -508,12 +518,12 @@ def test_corrupt_data_page_is_named_with_its_row_group_and_honours_on_corrupt(co
     with pytest.raises(DataError, match=want):
         list(iter_blocks_local(cfg, SEQ_LEN, VOCAB, "train"))
     bundle = build_datasets(cfg, SEQ_LEN, VOCAB)
-    with pytest.raises(Exception) as info:  # on Ray: what the CLI prints is the same one line
-        bundle.train.take_all()
+    with pytest.raises(Exception) as info:  # the training stream: what the CLI prints is the same one line
+        train_rows(bundle)
     assert re.fullmatch(f".*{want}", error_message(info.value)), error_message(info.value)[:3000]
 
     skip = data_cfg(corpus, bad.parent, val_max_units=1, on_corrupt="skip")
-    rows = build_datasets(skip, SEQ_LEN, VOCAB).train.take_all()
+    rows = train_rows(build_datasets(skip, SEQ_LEN, VOCAB))
     local = list(iter_blocks_local(skip, SEQ_LEN, VOCAB, "train"))
     assert as_multiset(r["tokens"] for r in rows) == as_multiset(local) and local
     good = write_checked_parquet(tmp_path / "g" / "good.parquet", docs[:120], row_group_size=60)
@@ -590,9 +600,28 @@ def test_weighted_mixing_is_met_in_tokens_whatever_the_parquet_encoding(corpus, 
             tokens[unit.source] += blocks.size
     assert abs(tokens[0] / sum(tokens) - 0.5) < 0.05, tokens
     source_of = {u.unit_id: u.source for u in plan.units}
-    rows = build_datasets(cfg, SEQ_LEN, VOCAB).train.take_all()
+    bundle = build_datasets(cfg, SEQ_LEN, VOCAB)
+    rows = train_rows(bundle)
     share_a = sum(1 for r in rows if source_of[r["block_id"] >> 32] == 0) / len(rows)
     assert abs(share_a - 0.5) < 0.05, share_a
+    # what the run reports is measured too: each source's text bytes, and shares that fit them
+    truth = [
+        sum(len(t.encode()) for t in pq.read_table(tmp_path / n / f"{n}.parquet")["text"].to_pylist()) for n in "ab"
+    ]
+    for got, want in zip(bundle.lineage["source_text_bytes"], truth, strict=True):
+        assert abs(got - want) / want < 0.1, (bundle.lineage["source_text_bytes"], truth)
+    sizes = bundle.lineage["source_sizes"]
+    assert [s["token_share_target"] for s in sizes] == [0.5, 0.5]
+    assert all(abs(s["token_share_planned"] - 0.5) < 1e-9 for s in sizes)
+    assert abs(sizes[0]["token_share_natural"] - 0.5) < 0.1  # the footers alone said about 0.2
+    # the worker's stream (train_stream) reports each unit it read whole: the achieved shares
+    position = DataPosition()
+    for _ in train_stream(bundle.train, position, 0, 1, 8, 0, counter=bundle.counter):
+        if position.epoch >= 1:
+            break
+    (line,) = bundle.achieved_shares()
+    shares = [float(x) for x in re.findall(r"achieved ([0-9.]+)%", line)]
+    assert line.startswith("data: epoch 0: sources[0] target 50.0%") and abs(shares[0] - 50) < 5, line
 
 
 def test_prepare_keeps_generations_a_reader_holds_and_cleans_crashed_prefixes(corpus, tmp_path):
@@ -610,7 +639,7 @@ def test_prepare_keeps_generations_a_reader_holds_and_cleans_crashed_prefixes(co
     second = prep.prepare(cfg, SEQ_LEN, VOCAB, str(out), keep=1)
     third = prep.prepare(cfg, SEQ_LEN, VOCAB, str(out), keep=1)
     # the reader's generation survived two prepares with keep=1; the unread middle one did not
-    assert as_multiset(r["tokens"] for r in reader.train.take_all()) == as_multiset(
+    assert as_multiset(r["tokens"] for r in train_rows(reader)) == as_multiset(
         prepared.iter_prepared_blocks(str(out), "train")
     )
     assert (out / first["shards"]).is_dir() and not (out / second["shards"]).exists()

@@ -18,7 +18,7 @@ import boto3
 import numpy as np
 import pytest
 import ray
-from test_data import SEQ_LEN, VOCAB, as_multiset, make_docs, write_parquet
+from test_data import SEQ_LEN, VOCAB, as_multiset, make_docs, train_rows, write_parquet
 
 from raydrat.config import DataConfig, load_config
 from raydrat.core.data.blocks import iter_blocks_local
@@ -137,7 +137,7 @@ def test_s3_token_stream_equals_local(s3):
         assert want, split
         assert [b.tolist() for b in iter_blocks_local(remote, SEQ_LEN, VOCAB, split)] == want
     bundle = build_datasets(remote, SEQ_LEN, VOCAB)
-    assert as_multiset(r["tokens"] for r in bundle.train.take_all()) == as_multiset(
+    assert as_multiset(r["tokens"] for r in train_rows(bundle)) == as_multiset(
         iter_blocks_local(local, SEQ_LEN, VOCAB, "train")
     )
     assert as_multiset(r["tokens"] for r in bundle.val.take_all()) == as_multiset(
@@ -148,8 +148,15 @@ def test_s3_token_stream_equals_local(s3):
 
 def test_s3_bad_inputs(s3):
     missing_bucket = cfg_for(s3, "s3", sources=[{"path": "s3://no-such-bucket/x", "endpoint_url": s3["endpoint"]}])
-    with pytest.raises(DataError, match=r"data.sources\[0\].path = 's3://no-such-bucket/x'"):
+    with pytest.raises(
+        DataError,
+        match=r"data.sources\[0\].path = 's3://no-such-bucket/x': bucket 'no-such-bucket' does not exist .*"
+        r"fix the bucket name in data.sources",
+    ):
         build_datasets(missing_bucket, SEQ_LEN, VOCAB)
+    globbed = cfg_for(s3, "s3", sources=[{"path": "s3://no-such-bucket/*.parquet", "endpoint_url": s3["endpoint"]}])
+    with pytest.raises(DataError, match=r"bucket 'no-such-bucket' does not exist"):
+        build_datasets(globbed, SEQ_LEN, VOCAB)
     missing_key = cfg_for(s3, "s3", sources=[{"path": f"s3://{BUCKET}/nope/", "endpoint_url": s3["endpoint"]}])
     with pytest.raises(DataError, match=r"s3://corpus/nope does not exist"):
         build_datasets(missing_key, SEQ_LEN, VOCAB)
@@ -320,7 +327,7 @@ def test_s3_jsonl_and_saved_dataset_equal_local_parquet(s3, tmp_path):
             want = [b.tolist() for b in iter_blocks_local(ref, SEQ_LEN, VOCAB, split)]
             assert want and [b.tolist() for b in iter_blocks_local(remote, SEQ_LEN, VOCAB, split)] == want
         bundle = build_datasets(remote, SEQ_LEN, VOCAB)
-        assert as_multiset(r["tokens"] for r in bundle.train.take_all()) == as_multiset(
+        assert as_multiset(r["tokens"] for r in train_rows(bundle)) == as_multiset(
             iter_blocks_local(ref, SEQ_LEN, VOCAB, "train")
         )
         assert bundle.stats.empty_docs == sum(1 for d in make_docs(120, seed=5) if not d)

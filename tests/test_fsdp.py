@@ -201,7 +201,7 @@ def test_fsdp_keeps_state_dict_keys_and_resumes_from_dcp(fsdp_runs):
         assert ".metadata" in run["dcp"] and {f"__{r}_0.distcp" for r in range(WORLD)} <= set(run["dcp"])
         # each rank's manifest lists its own shard (rank 0 also the metadata): a cut shard is caught
         own = {f"{DCP_DIR}/__{rank}_0.distcp"} | ({f"{DCP_DIR}/.metadata", "state.pt"} if rank == 0 else set())
-        assert set(run["listed"]) == own | {f"rank{rank}.pt"}, run["listed"]
+        assert set(run["listed"]) == own | {f"rank{rank}.pt", f"data-rank{rank}.json"}, run["listed"]
         assert run["complete"] is None and runs["ddp"]["complete"] is None
         assert run["truncated"] and "__1_0.distcp" in run["truncated"], run["truncated"]
         for step, loss in run["resumed"].items():

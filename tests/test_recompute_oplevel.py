@@ -228,6 +228,17 @@ def test_a_plan_refuses_a_forward_it_was_not_measured_for(setup):
         model(tokens[:2, :-1], tokens[:2, 1:])
 
 
+def test_a_compiled_plans_measurement_leaves_out_eager_sacs_own_time(setup):
+    """Only eager plans weigh SAC's per-op time: a compiled granularity does not measure it."""
+    mcfg, tokens, _ = setup
+    for compiled in (False, True):
+        level = OpGranularity(compiled)
+        level.wrap(fresh(mcfg))
+        level.measure(0, tokens)
+        overheads = level.costs.sac_op_overhead_s + level.costs.sac_save_overhead_s
+        assert (overheads > 0) is not compiled
+
+
 def test_a_budget_below_the_minimum_names_the_minimum(setup):
     _, _, costs = setup
     for compiled in (False, True):

@@ -1,7 +1,9 @@
 """Checkpoints and resume through Ray Train: an interrupted run resumed with --resume ends
-where an uninterrupted run ends; a worker killed mid-run (SIGKILL of its process) is
-replaced under max_failures=1 and training continues from the latest checkpoint; every
-checkpoint's manifests reached storage after the files they list. Plus the --resume and
+where an uninterrupted run ends, block for block (the block ids every worker trained on are
+recorded); a chain of resumes at 2 -> 1 -> 2 -> 3 workers trains on exactly the global order
+of an uninterrupted run; a worker killed mid-run (SIGKILL of its process) is replaced under
+max_failures=1 and training continues from the latest checkpoint; every checkpoint's
+manifests reached storage after the files they list. Plus the --resume and
 cluster-size errors."""
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ import json
 from pathlib import Path
 
 import pytest
-from faults import KillAt
+from faults import KillAt, StopAt, TraceBlocks, read_traces
 
 from raydrat.cli import main
 from raydrat.config import load_config
 from raydrat.core.checkpoint.state import MANIFEST_FILE, verify_checkpoint
+from raydrat.core.data.position import DataPosition
+from raydrat.core.data.stream import WorkerBlocks, local_source
 from raydrat.core.techniques.slots import SlotSchedule
 from raydrat.ray_train.resume import checkpoint_dirs, choose_checkpoint, write_run_record
 from raydrat.ray_train.trainer import run_training
@@ -67,9 +71,10 @@ def runs(ray_local, demo_dir: Path, tmp_path_factory):
     every = f"train.checkpoint_every={SAVE}"
     cfg = _cfg(demo_dir, tmp / "rr", db, "name=resumable", every, *LAYERDROP_DDP)
     with pytest.raises(Exception):  # noqa: B017 (the killed worker surfaces as Ray Train's error)
-        run_training(cfg, fit_callbacks=[KillAt(7)])
-    resumed = run_training(cfg, resume_run=True)
-    plain = run_training(_cfg(demo_dir, tmp / "rr", db, "name=plain", every, *LAYERDROP_DDP))
+        run_training(cfg, fit_callbacks=[KillAt(7), TraceBlocks(tmp, "interrupted")])
+    resumed = run_training(cfg, resume_run=True, fit_callbacks=[TraceBlocks(tmp, "resumed")])
+    plain_cfg = _cfg(demo_dir, tmp / "rr", db, "name=plain", every, *LAYERDROP_DDP)
+    plain = run_training(plain_cfg, fit_callbacks=[TraceBlocks(tmp, "plain")])
     return {"tmp": tmp, "db": db, "cfg": cfg, "resumed": resumed, "plain": plain}
 
 
@@ -108,6 +113,75 @@ def test_every_manifest_reached_storage_after_the_files_it_lists(runs):
             files = json.loads(manifest.read_text())["files"]
             latest = max((d / f).stat().st_mtime_ns for f in files)
             assert manifest.stat().st_mtime_ns >= latest, (d.name, manifest.name)
+
+
+def effective(tmp: Path, legs: list[tuple[str, int, int]]) -> dict[int, tuple[int, int]]:
+    """``{global position: (block_id, epoch)}`` of what the run kept: of each leg ``(tag,
+    first step, last step)``, the steps a checkpoint kept (a leg's steps after the checkpoint
+    the next leg resumed from were trained again there). A position twice fails."""
+    out: dict[int, tuple[int, int]] = {}
+    for tag, first, last in legs:
+        steps = read_traces(tmp, tag)
+        assert min(steps) == first, (tag, sorted(steps))
+        for step in range(first, last + 1):
+            for position, block_id, epoch in steps[step]:
+                assert position not in out, f"position {position} trained twice ({tag}, step {step})"
+                out[position] = (block_id, epoch)
+    return out
+
+
+def test_the_resumed_run_trains_on_the_uninterrupted_runs_blocks(runs):
+    """Killed after step 7, resumed from the step-6 checkpoint: the blocks of steps 1-6 and
+    7-10 are those of the plain run, position for position, and no block is in flight."""
+    tmp = runs["tmp"]
+    kept = effective(tmp, [("interrupted", 1, 2 * SAVE), ("resumed", 2 * SAVE + 1, STEPS)])
+    plain = effective(tmp, [("plain", 1, STEPS)])
+    assert len(plain) == STEPS * 8 * 2 and kept == plain
+
+
+CHAIN_STEPS = 12
+CHAIN = [(2, 3), (1, 5), (2, 7), (3, None)]
+"""Legs of one run: (workers, the step after which a worker is killed); checkpoints every 2
+steps, so the legs resume from steps 2, 4 and 6: 2 -> 1, 1 -> 2 and 2 -> 3 workers."""
+
+
+@pytest.fixture(scope="module")
+def chain(ray_local, demo_dir: Path, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("chain")
+    db = tmp / "mlruns.db"
+    base = (f"train.steps={CHAIN_STEPS}", "train.eval_every=6", "train.checkpoint_every=2", "sync.mode=ddp")
+
+    def cfg(name: str, workers: int):
+        return _cfg(demo_dir, tmp / "rr", db, f"name={name}", f"scaling.num_workers={workers}", *base)
+
+    for leg, (workers, stop) in enumerate(CHAIN):
+        callbacks = [TraceBlocks(tmp, f"leg{leg}"), *([StopAt(stop)] if stop else [])]
+        if stop:
+            with pytest.raises(Exception):  # noqa: B017 (the killed worker surfaces as Ray Train's error)
+                run_training(cfg("chain", workers), resume_run=leg > 0, fit_callbacks=callbacks)
+        else:
+            last = run_training(cfg("chain", workers), resume_run=True, fit_callbacks=callbacks)
+    plain = run_training(cfg("chain-plain", 2), fit_callbacks=[TraceBlocks(tmp, "plain")])
+    return {"tmp": tmp, "cfg": cfg("chain", 1), "last": last, "plain": plain}
+
+
+def test_resumes_across_worker_counts_train_on_the_global_order_exactly(chain):
+    """2 -> 1 -> 2 -> 3 workers: every global position trained exactly once, none skipped,
+    each holding the very block an uninterrupted 2-worker run trained on there, and the
+    block the order computed without Ray puts there."""
+    tmp, cfg = chain["tmp"], chain["cfg"]
+    assert chain["last"].steps == CHAIN_STEPS
+    kept = effective(tmp, [("leg0", 1, 2), ("leg1", 3, 4), ("leg2", 5, 6), ("leg3", 7, CHAIN_STEPS)])
+    n = 2 * 8 * 2 + 2 * 8 * 1 + 2 * 8 * 2 + 6 * 8 * 3  # blocks: steps x batch x workers per leg
+    assert sorted(kept) == list(range(n))  # no position twice (checked in effective), none skipped
+    plain = effective(tmp, [("plain", 1, CHAIN_STEPS)])
+    assert len(plain) == CHAIN_STEPS * 8 * 2
+    assert {p: kept[p] for p in plain} == plain
+    # the whole of it (past what the plain run reached) against the order computed locally
+    source = local_source(cfg.data, cfg.model.seq_len, cfg.model.vocab_size)
+    walk = WorkerBlocks(source, cfg.train.seed, DataPosition(), batch_size=n)
+    batch = next(walk)
+    assert kept == dict(zip(batch.positions.tolist(), zip(batch.ids.tolist(), batch.epochs.tolist())))
 
 
 def test_resume_errors_name_the_problem(runs, capsys, demo_dir):
@@ -150,15 +224,15 @@ def test_resume_errors_name_the_problem(runs, capsys, demo_dir):
     expect(
         [*base, "--set", "scaling.num_workers=9"],
         "scaling.num_workers=9",
-        "needs 5.5 CPUs",
+        "needs 4.5 CPUs",
         "the Ray cluster has 2 CPUs and 0 GPUs",
     )
-    # every CPU for the workers leaves none for the data stream: refused, not left hanging
+    # more workers than the cluster holds: refused, not left hanging (an elastic run: its minimum)
     expect(
-        [*base, "--set", "scaling.num_workers=2", "--set", "scaling.cpus_per_worker=1"],
-        "plus 1 for the training data stream",
-        "needs 3 CPUs but the Ray cluster has 2 CPUs",
-        "set scaling.cpus_per_worker=0.5",
+        [*base, "--set", "scaling.num_workers=[3, 4]", "--set", "scaling.cpus_per_worker=1"],
+        "the minimum of scaling.num_workers, 3,",
+        "needs 3 CPUs for the Train workers but the Ray cluster has 2 CPUs",
+        "set scaling.cpus_per_worker=0.66",
     )
     # a used run name is never continued by a new run
     expect(
@@ -207,3 +281,20 @@ def test_resume_starts_from_the_newer_of_ray_trains_record_and_the_latest_direct
     late = tmp_path.parent / "elsewhere" / "checkpoint_2026-11-23_13-10-55.000000"
     _save(late, 15)
     assert choose_checkpoint(tmp_path, also=(str(late),))[0] == late  # Ray's record is newer
+
+
+def test_an_elastic_run_trains_on_the_global_order(ray_local, demo_dir, tmp_path):
+    """``scaling.num_workers: [1, 2]`` runs as Ray Train's elastic ``ScalingConfig(num_workers=
+    (1, 2))``: it starts with as many workers as the cluster has room for, and whatever that
+    number, every global position is trained once, with the block the order holds there."""
+    cfg = _cfg(demo_dir, tmp_path / "rr", tmp_path / "mlruns.db", "scaling.num_workers=[1, 2]", "train.steps=6")
+    assert cfg.scaling.num_workers == (1, 2)
+    summary = run_training(cfg, fit_callbacks=[TraceBlocks(tmp_path, "elastic")])
+    assert summary.steps == 6
+    steps = read_traces(tmp_path, "elastic")
+    world = len(steps[1]) // 8
+    assert 1 <= world <= 2 and all(len(steps[s]) == 8 * world for s in steps)
+    kept = effective(tmp_path, [("elastic", 1, 6)])
+    source = local_source(cfg.data, cfg.model.seq_len, cfg.model.vocab_size)
+    batch = next(WorkerBlocks(source, cfg.train.seed, DataPosition(), batch_size=len(kept)))
+    assert kept == dict(zip(batch.positions.tolist(), zip(batch.ids.tolist(), batch.epochs.tolist(), strict=True)))

@@ -151,3 +151,20 @@ def test_tokenizer_bad_inputs(tmp_path, gpt2_file):
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(DataError, match="has no tokenizer.json: save a fast tokenizer"):
         load_tokenizer(tmp_path / "empty_dir", 512)
+
+
+def test_the_dry_run_resolves_the_tokenizer_as_training_does(tmp_path, corpus):
+    """``data.eod_token`` names the end-of-text token of a tokenizer without
+    ``<|endoftext|>``: the dry run accepts what training accepts and names the token it
+    uses; without it, both refuse with the same line."""
+    from raydrat.config import load_config
+    from raydrat.dry_run import describe
+
+    path = tmp_path / "eos.json"
+    gpt2_style(["</s>"]).save(str(path))
+    sets = [f"data.sources=[{{path: {corpus}}}]", f"data.tokenizer_path={path}", "model.vocab_size=512"]
+    lines = describe(load_config("debug", [*sets, "data.eod_token=</s>"]))
+    eod = load_tokenizer(path, 512, "</s>").token_to_id("</s>")
+    assert any(f"end of document '</s>', id {eod}" in line for line in lines), lines
+    with pytest.raises(DataError, match=r"no end-of-text token <\|endoftext\|>: set data.eod_token"):
+        describe(load_config("debug", sets))

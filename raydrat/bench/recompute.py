@@ -20,7 +20,10 @@ torch.compile default's as the allocator measured them (what ``activation_memory
 1.0 means), so at one fraction raydrat's compiled budget and torch's are the same bytes.
 
 Op costs are measured once per model on a probe model before any run starts (the
-allocator profiler, which slows every op, is off) and given to raydrat's planners.
+allocator profiler, which slows every op, is off) and given to raydrat's planners, which
+use them unless their plan cache (:mod:`raydrat.core.techniques.recompute.plan_cache`)
+holds a plan for that model, batch and budget: a row says which (``plan``: ``cached``, or
+``measured`` with the measurement's CPU seconds, which count towards its compile time).
 
 Columns (the same instruments for every row): ``saved_bytes``, the bytes the forward phase
 of a steady step (step 1) leaves allocated for backward, and ``peak_bytes``, that step's
@@ -29,9 +32,13 @@ peak (parameters and optimizer states included), both from PyTorch's allocator
 ``memory_allocated`` on CUDA); ``time_ratio``, step time over eager ``none``'s in the same
 round, median over the timed rounds (wall clock), and ``cpu_time_ratio``, the same with this
 thread's CPU time (one intra-op thread: the whole step runs on the calling thread, so
-other processes competing for the cores do not inflate it; the verdicts use it on CPU).
-Steps 0 and 1 (compile, planning, allocator sampling) are not timed; the timed rounds
-interleave every run step by step, the order reversed each round.
+other processes competing for the cores do not inflate it; the verdicts use it on CPU),
+with its min–max over the rounds and the step's own CPU time (median, min–max);
+``compile_cpu_s`` / ``compile_s``, step 0's CPU time (this process and the compile workers
+and compilers it starts, :mod:`raydrat.bench.compile_time`) and wall clock, with
+``inductor_cache``: whether inductor's FX graph cache served the compile (``hit``) or it
+compiled from scratch (``miss``). Steps 0 and 1 (compile, planning, allocator sampling) are
+not timed; the timed rounds interleave every run step by step, the order reversed each round.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ import torch._functorch.config
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from raydrat.bench.compile_time import CompileClock, CompileTime, tree_cpu_s
 from raydrat.bench.local import LocalData, LocalRun
 from raydrat.bench.report import load_average, print_table
 from raydrat.config import ConfigError, RaydratConfig, load_config
@@ -58,10 +66,12 @@ from raydrat.tables import write_json
 
 DEFAULT_FRACTIONS = (0.25, 0.5, 0.75)
 SIX_LAYER = "6l-d384"
-"""The larger shape: the demo model at 6 layers, d_model 384 (6 heads, 2 kv heads), seq 256, batch 4."""
+"""The larger shape: the demo model at 6 layers, d_model 384 (6 heads, 2 kv heads), seq 256, batch 8."""
 DEFAULT_MODELS = ("demo", SIX_LAYER)
 WARM_STEPS = 2
 """Untimed steps per run first: compile, planning, the allocator's sampled steps."""
+COMPILE_GOAL = 2.0
+"""raydrat's compiled plan compiles (planning included) within this factor of torch's budget."""
 
 
 def model_config(name: str, steps: int, extra: Sequence[str] = ()) -> RaydratConfig:
@@ -77,7 +87,7 @@ def model_config(name: str, steps: int, extra: Sequence[str] = ()) -> RaydratCon
                 "model.n_head=6",
                 "model.n_kv_head=2",
                 "model.seq_len=256",
-                "train.batch_size=4",
+                "train.batch_size=8",
             ],
         )
     return load_config(
@@ -121,6 +131,12 @@ class Variant:
     note: str = ""
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
+    compile: CompileTime = field(default_factory=CompileTime)
+    """Step 0: compile (compiled rows) and planning."""
+    plan_source: str | None = None
+    """raydrat op-level rows: ``cached`` (the plan cache's) or ``measured`` (planned from the costs)."""
+    plan_cpu_s: float = 0.0
+    """CPU seconds of the cost measurement the plan came from (0 for a cached plan)."""
 
     def context(self) -> contextlib.AbstractContextManager:
         if self.torch_budget is None:
@@ -151,6 +167,11 @@ class Variant:
         rec = self.run.techniques.recompute
         return rec.plan_bytes() if rec.granularity == "op" else None
 
+    @property
+    def setup_cpu_s(self) -> float:
+        """What this row costs before its first timed step: compile and planning."""
+        return self.compile.cpu_s + self.plan_cpu_s
+
 
 def _isolate(run: LocalRun, name: str) -> None:
     """Dynamo reuses one compiled graph for every GPT instance it can (the module is not
@@ -161,8 +182,9 @@ def _isolate(run: LocalRun, name: str) -> None:
 
 
 class _Bench:
-    def __init__(self, name: str, steps: int, data: LocalData, costs: OpCosts, log):
+    def __init__(self, name: str, steps: int, data: LocalData, costs: OpCosts, measure_cpu_s: float, log):
         self.name, self.steps, self.data, self.costs, self.log = name, steps, data, costs, log
+        self.measure_cpu_s = measure_cpu_s
         self.variants: list[Variant] = []
         self.infeasible: list[dict] = []
 
@@ -187,15 +209,27 @@ class _Bench:
             run.techniques.recompute.costs = self.costs  # measured away from the allocator profiler
         v = Variant(vname, planner, mode, fraction, compiled, run, torch_budget, budget)
         t0 = time.perf_counter()
+        clock = CompileClock()
         try:
-            for _ in range(WARM_STEPS):
+            with clock:
+                v.step(timed=False)
+            for _ in range(WARM_STEPS - 1):
                 v.step(timed=False)
         except ConfigError as err:
             self._infeasible(vname, planner, mode, fraction, compiled, budget, str(err))
             run.peak.finish()
             return None
         run.peak.finish()
-        self.log(f"  {vname}: ready in {time.perf_counter() - t0:.1f}s, saved {_mib(v.saved)} MiB")
+        v.compile = clock.time
+        level = run.techniques.recompute.level
+        if run.techniques.recompute.granularity == "op":
+            v.plan_source = "measured" if getattr(level, "recalled", None) is None else "cached"
+            v.plan_cpu_s = self.measure_cpu_s if v.plan_source == "measured" else 0.0
+        plan = "" if v.plan_source is None else f", plan {v.plan_source}"
+        self.log(
+            f"  {vname}: ready in {time.perf_counter() - t0:.1f}s (step 0: {v.compile.cpu_s:.1f}s CPU, "
+            f"{v.compile.wall_s:.1f}s wall, inductor cache {v.compile.cache}{plan}), saved {_mib(v.saved)} MiB"
+        )
         self.variants.append(v)
         return v
 
@@ -220,7 +254,10 @@ class _Bench:
         )
 
 
-def run_model(name: str, fractions: Sequence[float], steps: int, compiled: bool, log=print) -> list[dict]:
+def run_model(
+    name: str, fractions: Sequence[float], steps: int, compiled: bool, log=print, eager: bool = True
+) -> list[dict]:
+    """Every row of one model (``eager`` off: of the eager rows only ``none``, the reference)."""
     # one step more than is taken: the loop evaluates at its last step (a compiled model
     # would compile its eval graph there), which no timed step should include
     total = WARM_STEPS + steps + 1
@@ -237,18 +274,21 @@ def run_model(name: str, fractions: Sequence[float], steps: int, compiled: bool,
     )
     probe = build_model(mc, seed=base.train.seed, device=torch.device("cpu"))
     tokens = data.train[0]
-    costs = measure_op_costs(probe.train(), tokens[:, :-1], tokens[:, 1:])
+    c0 = tree_cpu_s()
+    costs = measure_op_costs(probe.train(), tokens[:, :-1], tokens[:, 1:], sac_overheads=eager)
+    measure_cpu_s = tree_cpu_s() - c0
+    log(f"  op costs measured in {measure_cpu_s:.1f}s CPU")
     del probe
-    b = _Bench(name, total, data, costs, log)
+    b = _Bench(name, total, data, costs, measure_cpu_s, log)
     none = b.start("none", "torch", "none", None, False)
-    b.start("checkpoint/block", "torch", "full", None, False, wrap_blocks=True)
-    b.start("full", "raydrat", "full", None, False, ["recompute.mode=full"])
     op = ["recompute.granularity=op"]
-    eager_none = costs.none_bytes
-    for f in fractions:
-        budget = int(f * eager_none)
-        b.start(f"budget{f:g}", "raydrat", "budget", f, False, ["recompute.mode=budget", *op], budget=budget)
-        b.start(f"gated{f:g}", "raydrat", "gated", f, False, ["recompute.mode=gated", *op], budget=budget)
+    if eager:
+        b.start("checkpoint/block", "torch", "full", None, False, wrap_blocks=True)
+        b.start("full", "raydrat", "full", None, False, ["recompute.mode=full"])
+        for f in fractions:
+            budget = int(f * costs.none_bytes)
+            b.start(f"budget{f:g}", "raydrat", "budget", f, False, ["recompute.mode=budget", *op], budget=budget)
+            b.start(f"gated{f:g}", "raydrat", "gated", f, False, ["recompute.mode=gated", *op], budget=budget)
     if compiled:
         cnone = b.start("compile", "torch", "none", None, True)
         torch_rows = {}
@@ -269,16 +309,15 @@ def run_model(name: str, fractions: Sequence[float], steps: int, compiled: bool,
                 b.start(label, "raydrat", "budget", f, True, ["recompute.mode=budget", *op], budget=budget)
 
     variants = b.variants
-    log(f"  timing {len(variants)} runs, {steps} interleaved rounds (load average {load_average()})")
+    load_before = load_average()
+    log(f"  timing {len(variants)} runs, {steps} interleaved rounds (load average {load_before})")
     forward = True
     for _ in range(steps):
         for v in variants if forward else variants[::-1]:
             v.step(timed=True)
         forward = not forward
-
-    def ratio(xs: list[float], ref: list[float]) -> float | None:
-        pairs = [a / r for a, r in zip(xs, ref) if r > 0]
-        return statistics.median(pairs) if pairs else None
+    load_after = load_average()
+    log(f"  timed (load average {load_after})")
 
     rows = []
     for v in variants:
@@ -295,19 +334,43 @@ def run_model(name: str, fractions: Sequence[float], steps: int, compiled: bool,
                 "compiled": v.compiled,
                 "saved_bytes": v.saved,
                 "peak_bytes": v.peak_bytes,
-                "time_ratio": ratio(v.wall, none.wall),
-                "cpu_time_ratio": ratio(v.cpu, none.cpu),
+                **timings(v, none),
                 "variant": v.name,
                 "budget_bytes": v.budget_bytes,
                 "predicted_bytes": pred,
-                "step_s": statistics.median(v.wall),
-                "cpu_step_s": statistics.median(v.cpu),
+                "compile_s": v.compile.wall_s,
+                "compile_cpu_s": v.compile.cpu_s,
+                "inductor_cache": v.compile.cache,
+                "plan": v.plan_source,
+                "plan_cpu_s": v.plan_cpu_s,
                 "note": note,
-                "round_cpu_s": v.cpu,
-                "round_wall_s": v.wall,
+                "load_average": [load_before, load_after],
             }
         )
     return rows + b.infeasible
+
+
+def spread(xs: Sequence[float]) -> tuple[float, float, float] | None:
+    """Median, min and max over rounds (``None`` without rounds)."""
+    return (statistics.median(xs), min(xs), max(xs)) if xs else None
+
+
+def timings(v: Variant, reference: Variant) -> dict:
+    """A row's step times over the timed rounds: its own (wall, and this thread's CPU time)
+    and per round over ``reference``'s in the same round; medians, and min–max of the CPU ones."""
+    wall = spread([a / r for a, r in zip(v.wall, reference.wall) if r > 0])
+    cpu = spread([a / r for a, r in zip(v.cpu, reference.cpu) if r > 0])
+    step = spread(v.cpu)
+    return {
+        "time_ratio": None if wall is None else wall[0],
+        "cpu_time_ratio": None if cpu is None else cpu[0],
+        "cpu_time_ratio_range": None if cpu is None else list(cpu[1:]),
+        "step_s": statistics.median(v.wall),
+        "cpu_step_s": step[0],
+        "cpu_step_range_s": list(step[1:]),
+        "round_cpu_s": v.cpu,
+        "round_wall_s": v.wall,
+    }
 
 
 def _mib(b) -> str:
@@ -318,12 +381,31 @@ def _ratio(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
+def _ratio_range(median, lo_hi) -> str:
+    return "-" if median is None else f"{median:.3f} ({lo_hi[0]:.3f}-{lo_hi[1]:.3f})"
+
+
+def _ms(median, lo_hi) -> str:
+    return "-" if median is None else f"{1e3 * median:.0f} ({1e3 * lo_hi[0]:.0f}-{1e3 * lo_hi[1]:.0f})"
+
+
+def _compile(r: dict) -> str:
+    if r.get("compile_cpu_s") is None:
+        return "-"
+    plan = f" + {r['plan_cpu_s']:.1f}" if r.get("plan_cpu_s") else ""
+    return f"{r['compile_cpu_s']:.1f}{plan} / {r['compile_s']:.1f}"
+
+
+def _compile_cpu(r: dict) -> float:
+    return r["compile_cpu_s"] + (r.get("plan_cpu_s") or 0.0)
+
+
 def print_rows(rows: list[dict]) -> None:
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
         print_table(
-            f"{model}: saved bytes (allocator, forward phase of step 1), step peak, step time / eager none "
-            "(wall clock, and this thread's CPU time)",
+            f"{model}: saved bytes (allocator, forward phase of step 1), step peak, step 0 (compile, planning), "
+            "step time (this thread's CPU time) and step time / eager none (wall clock, and CPU time)",
             [
                 "variant",
                 "planner",
@@ -334,8 +416,12 @@ def print_rows(rows: list[dict]) -> None:
                 "predicted MiB",
                 "saved MiB",
                 "peak MiB",
+                "step 0 s (cpu [+ plan] / wall)",
+                "inductor cache",
+                "plan",
+                "cpu ms/step (min-max)",
                 "time ratio",
-                "cpu time ratio",
+                "cpu time ratio (min-max)",
                 "note",
             ],
             [
@@ -349,69 +435,80 @@ def print_rows(rows: list[dict]) -> None:
                     _mib(r["predicted_bytes"]),
                     _mib(r["saved_bytes"]),
                     _mib(r["peak_bytes"]),
+                    _compile(r),
+                    r.get("inductor_cache") or "-",
+                    r.get("plan") or "-",
+                    _ms(r.get("cpu_step_s"), r.get("cpu_step_range_s")),
                     _ratio(r["time_ratio"]),
-                    _ratio(r["cpu_time_ratio"]),
+                    _ratio_range(r["cpu_time_ratio"], r.get("cpu_time_ratio_range")),
                     r["note"],
                 ]
                 for r in mine
             ],
+            "load average before and after the timed rounds: "
+            + ", ".join(dict.fromkeys(" / ".join(r["load_average"]) for r in mine if r.get("load_average"))),
         )
-        goal = []
-        for r in mine:
-            if r["planner"] != "raydrat" or r["mode"] != "budget" or not r["compiled"] or r["saved_bytes"] is None:
-                continue
-            peer = next(
-                (
-                    p
-                    for p in mine
-                    if p["planner"] == "torch"
-                    and p["mode"] == "budget"
-                    and p["compiled"]
-                    and p["budget_fraction"] == r["budget_fraction"]
-                    and p["saved_bytes"] is not None
-                ),
-                None,
-            )
-            if peer is None:
-                continue
-            fewer = r["saved_bytes"] <= peer["saved_bytes"]
-            paired = statistics.median(a / b for a, b in zip(r["round_cpu_s"], peer["round_cpu_s"]))
-            faster = paired <= 1.0
-            verdict = (
-                "meets"
-                if fewer and faster
-                else "short: " + ", ".join(w for w, ok in (("more bytes", fewer), ("slower", faster)) if not ok)
-            )
-            goal.append(
-                [
-                    r["variant"],
-                    f"{r['budget_fraction']:g}",
-                    _mib(r["saved_bytes"]),
-                    _mib(peer["saved_bytes"]),
-                    _ratio(r["cpu_time_ratio"]),
-                    _ratio(peer["cpu_time_ratio"]),
-                    f"{paired:.3f}",
-                    verdict,
-                ]
-            )
+        goal = [_goal_row(r, mine) for r in mine]
+        goal = [g for g in goal if g is not None]
         if goal:
             print_table(
                 f"{model}: raydrat compiled plan vs torch.compile activation_memory_budget at the same fraction "
-                "(goal: no more bytes, no slower)",
+                f"(goal: no more bytes, no slower, compiled within {COMPILE_GOAL:g}x torch's CPU time)",
                 [
                     "raydrat variant",
                     "fraction",
                     "raydrat MiB",
                     "torch MiB",
-                    "raydrat cpu time",
-                    "torch cpu time",
-                    "raydrat / torch (paired)",
+                    "raydrat peak MiB",
+                    "torch peak MiB",
+                    "step 0 cpu s raydrat / torch",
+                    "raydrat / torch step (paired, min-max)",
                     "goal",
                 ],
                 goal,
-                "times: this thread's CPU time per step over eager none's, per round, median; paired: raydrat's "
-                "over torch's in the same round, median over rounds",
+                "step 0: compile and planning, CPU seconds of this process and its compile workers (raydrat: "
+                "with the cost measurement when the plan was not cached); paired: raydrat's step CPU time over "
+                "torch's in the same round, median and min-max over rounds",
             )
+
+
+def _goal_row(r: dict, rows: list[dict]) -> list | None:
+    """The goal table's row for a raydrat compiled budget row (``None`` for any other row)."""
+    if r["planner"] != "raydrat" or r["mode"] != "budget" or not r["compiled"] or r["saved_bytes"] is None:
+        return None
+    peer = next(
+        (
+            p
+            for p in rows
+            if p["planner"] == "torch"
+            and p["mode"] == "budget"
+            and p["compiled"]
+            and p["budget_fraction"] == r["budget_fraction"]
+            and p["saved_bytes"] is not None
+        ),
+        None,
+    )
+    if peer is None:
+        return None
+    paired = spread([a / b for a, b in zip(r["round_cpu_s"], peer["round_cpu_s"])])
+    compile_ratio = _compile_cpu(r) / max(_compile_cpu(peer), 1e-9)
+    checks = (
+        ("more bytes", r["saved_bytes"] <= peer["saved_bytes"]),
+        ("slower", paired[0] <= 1.0),
+        ("slower to compile", compile_ratio <= COMPILE_GOAL),
+    )
+    verdict = "meets" if all(ok for _, ok in checks) else "short: " + ", ".join(w for w, ok in checks if not ok)
+    return [
+        r["variant"],
+        f"{r['budget_fraction']:g}",
+        _mib(r["saved_bytes"]),
+        _mib(peer["saved_bytes"]),
+        _mib(r["peak_bytes"]),
+        _mib(peer["peak_bytes"]),
+        f"{_compile_cpu(r):.1f} / {_compile_cpu(peer):.1f} ({compile_ratio:.2f}x)",
+        _ratio_range(paired[0], paired[1:]),
+        verdict,
+    ]
 
 
 def run_recompute(
@@ -420,6 +517,7 @@ def run_recompute(
     steps: int = 6,
     compiled: bool = True,
     json_path: str | None = None,
+    eager: bool = True,
 ) -> list[dict]:
     """Run the benchmark for ``models``; print the tables; write JSON rows to ``json_path``."""
     bad = [f for f in fractions if not 0 < f <= 1]
@@ -427,6 +525,8 @@ def run_recompute(
         raise ConfigError(f"--fractions {bad}: budget fractions must be in (0, 1], e.g. 0.25 0.5 0.75")
     if steps < 1:
         raise ConfigError(f"--steps {steps}: at least 1 timed round")
+    if not (compiled or eager):
+        raise ConfigError("--no-compile with --no-eager leaves no rows: give at most one of them")
     old_threads = torch.get_num_threads()
     dyn = torch._dynamo.config
     old_limits = (dyn.cache_size_limit, dyn.accumulated_cache_size_limit)
@@ -436,7 +536,7 @@ def run_recompute(
     rows: list[dict] = []
     try:
         for name in models:
-            rows += run_model(name, fractions, steps, compiled)
+            rows += run_model(name, fractions, steps, compiled, eager=eager)
     finally:
         torch.set_num_threads(old_threads)
         dyn.cache_size_limit, dyn.accumulated_cache_size_limit = old_limits

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import codecs
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from raydrat.config.base import Section
 
@@ -67,32 +68,37 @@ class DataConfig(Section):
     split_seed: int = 0
     """Seed of the train/val split hash."""
     tokenize_batch_size: int = Field(64, ge=1)
-    """Documents per ``map_batches`` call when tokenizing."""
+    """Documents (pieces of documents) per ``encode_batch`` call when tokenizing."""
     pack_rows: int = Field(256, ge=1)
     """Documents per packing group (and plain-text files per unit of work): a group's
     documents are concatenated (each followed by the end-of-document token) and cut into
-    ``seq_len + 1`` blocks; the group's last partial block is dropped and counted."""
-    shuffle_buffer: int = Field(2048, ge=0)
-    """Local shuffle buffer (in blocks) when iterating the training shard; 0 disables.
-    Blocks arrive grouped by source file, so some shuffling keeps batches varied."""
-    preserve_order: bool = True
-    """Deliver the training blocks in the same order on every run (Ray Data's
-    ``preserve_order``), so that, with the seeded local shuffle, a run resumed with
-    ``--resume`` trains on exactly the batches an uninterrupted run would have. Turning it
-    off lets a slow tokenizer task be overtaken (slightly higher ingest throughput on a busy
-    cluster) at the price of run-to-run batch order. With several Train workers, Ray 2.60's
-    ``streaming_split`` then deals each block to the worker that has received the fewest rows
-    so far (not to whichever asks first), so each worker's stream is the same on every run
-    too (an implementation property of Ray, not an API promise: docs/distributed.md)."""
+    ``seq_len + 1`` blocks; the group's last partial block is dropped and counted. A group
+    also ends once it holds 2**20 characters (a long document spans several groups)."""
+    streams: int = Field(12, ge=1)
+    """Canonical streams the global training order interleaves (docs/data.md): the order is
+    a function of ``train.seed`` and the epoch alone, the same for any number of workers. A
+    worker count that divides it reads every unit once (12: 1, 2, 3, 4, 6 or 12 workers);
+    another count still trains on the same order, some units being read by several workers.
+    A corpus of fewer units uses the largest divisor of it that is at most its units."""
+    shuffle_buffer: int = Field(256, ge=0)
+    """Blocks per window of each stream's seeded local shuffle: a stream's blocks are cut
+    into windows of this many, each emitted in its own seeded order (0 or 1: no local
+    shuffle). The world mixes ``streams`` windows at any time; a resume re-reads at most one
+    window's start per stream."""
     prefetch_batches: int = Field(2, ge=0)
-    """Batches each Train worker fetches ahead of the one it trains on."""
+    """Micro-batches each Train worker reads ahead (in a thread) of the one it trains on."""
     tokenize_actors: int = Field(0, ge=0)
-    """Size of the tokenizer actor pool (each actor loads the tokenizer once). 0: the
-    cluster's CPUs minus one per Train worker (at least 1)."""
+    """``raydrat data prepare``: size of its tokenizer actor pool (each actor loads the
+    tokenizer once). 0: the cluster's CPUs."""
+    encoding: str = "utf-8"
+    """How text files without a byte order mark are decoded (a Python codec name:
+    ``utf-16-le``, ``latin-1``, ``cp1252``...). A file's byte order mark (UTF-8, UTF-16 or
+    UTF-32) overrides it."""
     on_corrupt: Literal["error", "skip"] = "error"
     """A parquet, Arrow or gzip file that cannot be read, or a JSON Lines line that is not
-    JSON: ``error`` stops before training and names it; ``skip`` leaves it out and counts it
-    (``skipped_files`` / ``corrupt_lines`` in the metrics and the manifest)."""
+    JSON: ``error`` stops and names it; ``skip`` leaves it out and counts it
+    (``skipped_files`` / ``corrupt_lines`` in the metrics and the manifest). Bytes after a
+    gzip file's last member are never fatal: logged and counted (``corrupt_bytes``)."""
     val_max_units: int = Field(32, ge=1)
     """The val split is drawn from at most this many units of work (parquet row groups or
     groups of text files), spread evenly over the corpus, so building it costs the same for
@@ -106,6 +112,17 @@ class DataConfig(Section):
     """S3-compatible endpoint for ``prepared`` (see ``sources[].endpoint_url``)."""
     tokenizer_sample_docs: int = Field(20000, ge=1)
     """``raydrat data tokenizer``: documents sampled (evenly over the units) to train the BPE."""
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(
+                f"unknown encoding {value!r}: give a Python codec name like utf-8, utf-16-le or latin-1"
+            ) from None
+        return value
 
     @model_validator(mode="after")
     def _check_weights(self) -> DataConfig:

@@ -72,6 +72,12 @@ class RecomputeConfig(Section):
     output through PyTorch's selective activation checkpointing, costs in measured op time
     on this device and the bytes of each saved tensor; planned for the compiled graph when
     ``compile.mode`` is not ``off``). ``op`` with ``gated`` needs ``budget_mb``."""
+    plan_cache: bool = True
+    """``granularity: op`` with ``budget``: keep each plan on disk, keyed by the model config,
+    micro-batch shape, budget, device, dtype and torch and raydrat code, and use it again
+    instead of measuring and planning (the console says so): the same plan again is the same
+    compiled graph, so ``torch.compile`` is served from its own caches. ``$RAYDRAT_PLAN_CACHE``
+    names the folder (default ``~/.cache/raydrat/plans``) or turns it off (``off``)."""
 
     @model_validator(mode="after")
     def _check_mode(self) -> RecomputeConfig:
@@ -86,6 +92,12 @@ class RecomputeConfig(Section):
             raise ValueError(
                 f"recompute.granularity=op has no effect with recompute.mode={self.mode}: "
                 "set recompute.mode=budget (or gated), or remove recompute.granularity"
+            )
+        if not self.plan_cache and (self.granularity != "op" or self.mode != "budget"):
+            raise ValueError(
+                f"recompute.plan_cache=false has no effect with recompute.mode={self.mode}, "
+                f"recompute.granularity={self.granularity}: plans are kept for granularity=op with mode=budget; "
+                "remove recompute.plan_cache"
             )
         if self.granularity == "op" and self.mode == "gated" and self.budget_mb is None:
             raise ValueError(

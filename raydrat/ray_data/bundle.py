@@ -8,12 +8,14 @@ from dataclasses import asdict, dataclass, field
 import ray
 
 from raydrat.core.data.check import DataStats
+from raydrat.core.data.stream import TrainSource
 
 
 @dataclass
 class DatasetBundle:
-    train: ray.data.Dataset
-    """Lazy: rows ``{"tokens": int32[seq_len + 1], "block_id": int64}``, order not fixed."""
+    train: TrainSource
+    """What each worker reads its part of the global training order from
+    (:func:`raydrat.ray_data.stream.train_stream`)."""
     val: ray.data.Dataset
     """Same rows, materialized in the object store."""
     tokenizer_path: str
@@ -39,8 +41,9 @@ class DatasetBundle:
 
     def epoch_metrics(self) -> list[dict[str, float]]:
         """Per completed epoch of the train stream: documents read, training documents,
-        tokens, blocks, packing-group tails, empty / invalid-UTF-8 documents and skipped
-        files (``data_epoch_*``; prepared data: the manifest's counts, every epoch alike)."""
+        tokens, blocks, packing-group tails, empty / invalid-UTF-8 documents, skipped files
+        and, with several sources, each source's share of the blocks (``data_epoch_*``;
+        prepared data: the manifest's counts, every epoch alike)."""
         if self.counter is not None:
             epochs = ray.get(self.counter.epochs.remote())
         elif self.lineage.get("kind") == "prepared":
@@ -56,6 +59,21 @@ class DatasetBundle:
         else:
             epochs = []
         return [{f"data_epoch_{k}": float(v) for k, v in e.items()} for e in epochs]
+
+    def achieved_shares(self) -> list[str]:
+        """With several sources: per epoch the stream read whole, each source's target and
+        achieved share of the training tokens (blocks are all ``seq_len + 1`` tokens)."""
+        sizes = self.lineage.get("source_sizes") or []
+        if len(sizes) < 2 or self.counter is None:
+            return []
+        return [
+            f"data: epoch {int(e['epoch'])}: "
+            + "; ".join(
+                f"sources[{i}] target {s['token_share_target']:.1%}, achieved {e.get(f'source{i}_block_share', 0.0):.1%}"
+                for i, s in enumerate(sizes)
+            )
+            for e in ray.get(self.counter.epochs.remote())
+        ]
 
     def metrics(self) -> dict[str, float]:
         """The data counts as run metrics (``data_*``): the manifest's exact counts for

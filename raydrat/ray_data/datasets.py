@@ -3,14 +3,16 @@
 
 From sources, the corpus is checked cheaply before training: metadata for every file
 (listings, parquet footers), then a read of at most ``data.val_max_units`` units spread over
-the corpus, which also hold the (materialized, bounded) val split. Train stays lazy: it
-streams through a tokenizer actor pool while training runs, and a
+the corpus, which also hold the (materialized, bounded) val split. Train stays lazy: a
+:class:`~raydrat.core.data.stream.TrainSource` each worker reads its part of the global order
+from (:func:`raydrat.ray_data.stream.train_stream`), and a
 :class:`~raydrat.ray_data.stream.DataCounter` actor counts what each epoch read. Weighted
-mixing repeats or skips training blocks by a per-source rate
-(:func:`raydrat.core.data.plan.mixing_rates`).
+mixing repeats or skips training blocks by a per-source rate set from measured sizes
+(:mod:`raydrat.core.data.mixing`); the log line and the lineage state each source's
+measured size, target share and planned share.
 
 From a prepared directory, the manifest is read first and checked against the run's
-tokenizer and ``model.seq_len``; train and val read its shards."""
+tokenizer and ``model.seq_len``; the training stream reads its shards, val is read whole."""
 
 from __future__ import annotations
 
@@ -23,30 +25,24 @@ import ray
 from raydrat.config import DataConfig
 from raydrat.core.data.check import check_stats
 from raydrat.core.data.errors import DataError
-from raydrat.core.data.mixing import with_measured_rates
+from raydrat.core.data.mixing import mixing_report, with_measured_rates
 from raydrat.core.data.plan import plan_corpus, sample_units
 from raydrat.core.data.prepared import Lease, check_manifest, read_manifest_at, table_blocks
 from raydrat.core.data.sources import Location, filesystem, fs_path, location_for, uri
 from raydrat.core.data.spec import PackSpec, make_spec
 from raydrat.core.data.split import split_rule
+from raydrat.core.data.stream import PreparedUnit, TrainSource
 from raydrat.core.data.tokenizer import tokenizer_hash
 from raydrat.ray_data.bundle import DatasetBundle
-from raydrat.ray_data.stream import (
-    DataCounter,
-    pack_dataset,
-    pool_size,
-    scan_sample,
-    units_dataset,
-    val_dataset,
-)
+from raydrat.ray_data.stream import DataCounter, scan_sample, units_dataset, val_dataset
 
 log = logging.getLogger(__name__)
 
 
-def build_datasets(data_cfg: DataConfig, seq_len: int, vocab_size: int, reserved_cpus: float = 0) -> DatasetBundle:
-    """Check the corpus cheaply and return the train (lazy, streaming) and val
-    (materialized) datasets of ``seq_len + 1`` token blocks. ``reserved_cpus``: CPUs the
-    Train workers will hold (the tokenizer pool sizes itself to the rest)."""
+def build_datasets(data_cfg: DataConfig, seq_len: int, vocab_size: int) -> DatasetBundle:
+    """Check the corpus cheaply and return the training source (read lazily by each worker:
+    no Ray CPU of its own) and the val dataset (materialized) of ``seq_len + 1`` token
+    blocks."""
     # A prepared directory's manifest is read first: an incomplete output says so before
     # anything else is looked at.
     prepared = _read_prepared(data_cfg) if data_cfg.prepared else None
@@ -55,7 +51,7 @@ def build_datasets(data_cfg: DataConfig, seq_len: int, vocab_size: int, reserved
     if prepared is not None:
         parts = _from_prepared(data_cfg, *prepared, spec, tokenizer_sha256, seq_len)
     else:
-        parts = _from_sources(data_cfg, spec, tokenizer_sha256, seq_len, reserved_cpus)
+        parts = _from_sources(data_cfg, spec, tokenizer_sha256, seq_len)
     return DatasetBundle(
         tokenizer_path=str(tok_path),
         tokenizer_sha256=tokenizer_sha256,
@@ -65,9 +61,7 @@ def build_datasets(data_cfg: DataConfig, seq_len: int, vocab_size: int, reserved
     )
 
 
-def _from_sources(
-    data_cfg: DataConfig, spec: PackSpec, tokenizer_sha256: str, seq_len: int, reserved_cpus: float
-) -> dict:
+def _from_sources(data_cfg: DataConfig, spec: PackSpec, tokenizer_sha256: str, seq_len: int) -> dict:
     """train, val, stats, lineage and counter of the streamed sources."""
     plan = plan_corpus(data_cfg)
     corpus = ", ".join(src.path for src in data_cfg.sources)
@@ -80,9 +74,10 @@ def _from_sources(
     stats, scans = scan_sample(sample, spec, len(plan.units), len(plan.skipped_files))
     check_stats(stats, spec, corpus, data_cfg.val_fraction)
     plan = with_measured_rates(data_cfg, plan, scans)  # weights met in tokens, not in footer sizes
+    sources = mixing_report(data_cfg, plan, scans)
     log.info(
         "data: %d units (%d checked): %d documents (%d empty, %d with invalid UTF-8), %.1f MB; "
-        "val: %d documents, %d blocks; %d files skipped%s",
+        "val: %d documents, %d blocks; %d files skipped%s%s",
         stats.units,
         stats.sampled_units,
         stats.docs,
@@ -93,22 +88,36 @@ def _from_sources(
         stats.val_blocks,
         stats.skipped_files,
         f", {stats.corrupt_lines} JSON Lines lines that are not JSON skipped" if stats.corrupt_lines else "",
+        f", {stats.corrupt_bytes} bytes after gzip members ignored" if stats.corrupt_bytes else "",
     )
+    if len(sources) > 1:
+        log.info(
+            "data mixing (shares of training tokens, from the sizes measured on the checked units): "
+            + "; ".join(
+                f"sources[{i}] {s['path']}: ~{s['tokens_estimated'] / 1e6:.2f}M tokens, natural "
+                f"{s['token_share_natural']:.1%}, target {s['token_share_target']:.1%}, planned "
+                f"{s['token_share_planned']:.1%} (rate {s['rate']:.3g})"
+                for i, s in enumerate(sources)
+            )
+        )
+    source = TrainSource.of(tuple(plan.units), spec, data_cfg)
     lineage = {
         "kind": "sources",
         "sources": [s.model_dump(mode="json") for s in data_cfg.sources],
-        "source_text_bytes": plan.source_bytes,
-        "mixing_rates": sorted({(u.source, u.rate) for u in plan.units}),
+        "source_sizes": sources,
+        "source_text_bytes": [s["text_bytes_estimated"] for s in sources],
+        "mixing_rates": [s["rate"] for s in sources],
         "files": [{"path": uri(loc, i.path), "size": i.size} for loc, i in plan.files],
         "skipped_files": plan.skipped_files,
         "tokenizer_sha256": tokenizer_sha256,
         "seq_len": seq_len,
         "split": split_rule(data_cfg),
+        "order": {"units": len(plan.units), "streams": source.stream_count, "shuffle_window": source.window},
         "checked_sample": asdict(stats),
     }
-    counter = DataCounter.remote(len(plan.units))
+    counter = DataCounter.remote(len(plan.units), [u.source for u in plan.units])
     return {
-        "train": pack_dataset(plan.units, spec, "train", pool_size(data_cfg, reserved_cpus), counter),
+        "train": source,
         "val": val_dataset(sample, spec),
         "stats": stats,
         "lineage": lineage,
@@ -137,8 +146,11 @@ def _from_prepared(
         ds = ray.data.read_parquet(paths, filesystem=fs)
         return ds.map_batches(table_blocks, batch_format="pyarrow", fn_kwargs={"block_len": spec.block_len})
 
+    units = tuple(
+        PreparedUnit(int(f.rsplit("unit-", 1)[1].split(".")[0]), f"{root}/{f}", loc) for f in manifest["train_files"]
+    )
     return {
-        "train": dataset(manifest["train_files"]),
+        "train": TrainSource.of(units, spec, data_cfg),
         "val": dataset(manifest["val_files"]).materialize(),
         "stats": None,
         "lineage": {"kind": "prepared", "prepared": data_cfg.prepared, "manifest": manifest},

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import ray
 
 from raydrat.config import DataConfig
-from raydrat.core.data.blocks import unit_blocks
+from raydrat.core.data.blocks import VAL_TOKENS_PER_UNIT, unit_runs
 from raydrat.core.data.errors import DataError
 from raydrat.core.data.mixing import with_measured_rates
 from raydrat.core.data.plan import Unit, plan_corpus, sample_units
@@ -39,6 +39,7 @@ from raydrat.core.data.prepared import (
     COUNT_KEYS,
     DEFAULT_KEEP,
     MANIFEST_FORMAT,
+    SHARD_ROW_GROUP,
     SPLIT_KEYS,
     Lease,
     block_table,
@@ -73,18 +74,25 @@ class ShardWriter:
         self.spec, self.loc, self.prefix, self.val_units = spec, out_loc, prefix, val_units
 
     def _write(self, unit: Unit, split: str, counts: dict) -> str | None:
-        ids, blocks = [], []
-        for i, b in unit_blocks(unit, self.spec, split, counts):
-            ids.append(i)
-            blocks.append(b)
-        if not blocks:
-            return None
+        """The unit's blocks of ``split`` written as they are made (a chunk at a time, in row
+        groups of :data:`~raydrat.core.data.prepared.SHARD_ROW_GROUP`): memory stays bounded
+        whatever the unit holds. ``None`` when it holds none."""
         fs = filesystem(self.loc)
         path = shard_path(self.prefix, split, unit.unit_id)
-        if self.loc.kind == "local":
-            fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        pq.write_table(block_table(ids, blocks, self.spec.block_len), path, filesystem=fs)
-        return path
+        writer = None
+        max_tokens = VAL_TOKENS_PER_UNIT if split == "val" else None
+        try:
+            for run in unit_runs(unit, self.spec, split, counts=counts, max_tokens=max_tokens):
+                table = block_table([run.ids], [run.blocks], self.spec.block_len)
+                if writer is None:
+                    if self.loc.kind == "local":
+                        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+                    writer = pq.ParquetWriter(path, table.schema, filesystem=fs)
+                writer.write_table(table, row_group_size=SHARD_ROW_GROUP)
+        finally:
+            if writer is not None:
+                writer.close()
+        return path if writer is not None else None
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
         rows = []
@@ -98,7 +106,7 @@ class ShardWriter:
                 if unit.unit_id in self.val_units:
                     val_path = self._write(unit, "val", val)
                 else:  # held out, counted, not stored
-                    for _ in unit_blocks(unit, self.spec, "val", val):
+                    for _ in unit_runs(unit, self.spec, "val", counts=val):
                         pass
                     val_path = None
                 out.update({k: train[k] for k in COUNT_KEYS})
@@ -242,7 +250,7 @@ def _write_generation(
         "sources": [
             {
                 **s.model_dump(mode="json"),
-                "text_bytes": plan.source_bytes[i],
+                "text_bytes": total("text_bytes", i),
                 "mixing_rate": next((u.rate for u in plan.units if u.source == i), 1.0),
                 "docs": total("docs", i),
                 "train_tokens": total("train_tokens", i),

@@ -1,24 +1,33 @@
-"""The core blocks streamed on Ray Data. A dataset of unit rows (one Ray Data block per
-unit) is mapped one unit per call, ``batch_size=1``: training through a pool of tokenizer
-actors (:class:`PackActor`) that a :class:`DataCounter` actor tells what each epoch read;
-the up-front check and the val split through plain tasks over the sampled units."""
+"""The data on Ray: the up-front check and the val split as Ray Data pipelines over the
+sampled units (one unit per call, ``batch_size=1``), the per-epoch :class:`DataCounter`, and
+:func:`train_stream`, the training stream a Ray Train worker trains on.
+
+The training stream is read inside each worker, not dealt by Ray Data's
+``streaming_split``: the split hands a block to whichever worker its dispatcher picks, so
+what a worker consumed is a set no position can name, and it cannot start a stream in the
+middle of a unit. Each worker instead reads its own part of the global order
+(:mod:`raydrat.core.data.order`) from the checkpointed position, a thread ahead of training,
+so a worker group of any size continues from any position with nothing repeated or skipped."""
 
 from __future__ import annotations
 
 import os
+import queue
+import threading
 from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
 import ray
+import torch
 
 from raydrat.config import DataConfig
-from raydrat.core.data.blocks import unit_blocks
-from raydrat.core.data.check import DataStats, combine_scans, scan_unit
-from raydrat.core.data.pack import cached_tokenizer
+from raydrat.core.data.blocks import VAL_TOKENS_PER_UNIT, scan_unit, unit_runs
+from raydrat.core.data.check import DataStats, combine_scans
 from raydrat.core.data.plan import Unit
+from raydrat.core.data.position import DataPosition
 from raydrat.core.data.spec import PackSpec
-from raydrat.core.data.split import Split
+from raydrat.core.data.stream import MicroBatch, TrainSource, WorkerBlocks
 
 # Ray Data UDFs: a batch is a pyarrow table of unit rows (batch_size=1: one unit per call).
 
@@ -28,67 +37,58 @@ def _scan_batch(batch: pa.Table, spec: PackSpec) -> dict[str, np.ndarray]:
     return {k: np.array([r[k] for r in rows]) for k in rows[0]}
 
 
-def _pack_batch(batch: pa.Table, spec: PackSpec, split: Split) -> Iterator[dict[str, np.ndarray]]:
+def _val_batch(batch: pa.Table, spec: PackSpec) -> Iterator[dict[str, np.ndarray]]:
     for row in batch.to_pylist():
-        for block_ids, blocks in unit_blocks(Unit.from_row(row), spec, split):
-            yield {"tokens": blocks, "block_id": block_ids}
-
-
-class PackActor:
-    """The pack UDF on an actor: the tokenizer is parsed once, when the actor starts. Each
-    actor holds one CPU and encodes on one thread (``RAYON_NUM_THREADS=1`` unless set):
-    the pool, not the tokenizer's own thread pool, spreads work over the cores, so actors
-    do not oversubscribe them."""
-
-    def __init__(self, spec: PackSpec, split: Split, counter=None):
-        os.environ.setdefault("RAYON_NUM_THREADS", "1")  # before the Rust pool starts
-        self.spec, self.split, self.counter = spec, split, counter
-        cached_tokenizer(spec.tokenizer_json)
-
-    def __call__(self, batch: pa.Table) -> Iterator[dict[str, np.ndarray]]:
-        for row in batch.to_pylist():
-            counts: dict = {}
-            unit = Unit.from_row(row)
-            for block_ids, blocks in unit_blocks(unit, self.spec, self.split, counts):
-                yield {"tokens": blocks, "block_id": block_ids}
-            if self.counter is not None:
-                self.counter.add.remote(unit.unit_id, counts)
+        for run in unit_runs(Unit.from_row(row), spec, "val", max_tokens=VAL_TOKENS_PER_UNIT):
+            yield {"tokens": run.blocks, "block_id": run.ids}
 
 
 @ray.remote(num_cpus=0)
 class DataCounter:
-    """Counts what the training stream actually read, unit by unit and pass by pass: an
-    epoch is complete once every unit has been read that many times. The driver turns this
-    into per-epoch metrics (:meth:`raydrat.ray_data.bundle.DatasetBundle.epoch_metrics`)."""
+    """Counts what the training stream read, unit by unit and epoch by epoch: an epoch is
+    complete once every unit of it has been read whole (from its start: a unit a restart
+    entered half-way is not counted again). The driver turns this into per-epoch figures
+    (:meth:`raydrat.ray_data.bundle.DatasetBundle.epoch_metrics`)."""
 
-    def __init__(self, n_units: int):
-        self.n_units = n_units
-        self.passes: dict[int, list[dict]] = {}
+    KEYS = (
+        "docs",
+        "empty_docs",
+        "invalid_utf8_docs",
+        "skipped_files",
+        "corrupt_lines",
+        "corrupt_bytes",
+        "split_docs",
+        "tokens",
+        "blocks",
+        "dropped_tokens",
+    )
 
-    def add(self, unit_id: int, counts: dict) -> None:
-        self.passes.setdefault(unit_id, []).append(counts)
+    def __init__(self, n_units: int, sources: list[int]):
+        self.n_units, self.sources = n_units, sources
+        self.read: dict[int, dict[int, dict]] = {}
 
-    def epochs(self) -> list[dict[str, int]]:
-        if len(self.passes) < self.n_units:
-            done = 0
-        else:
-            done = min(len(v) for v in self.passes.values())
-        keys = (
-            "docs",
-            "empty_docs",
-            "invalid_utf8_docs",
-            "skipped_files",
-            "corrupt_lines",
-            "split_docs",
-            "tokens",
-            "blocks",
-            "dropped_tokens",
-        )
-        return [{k: int(sum(p[e].get(k, 0) for p in self.passes.values())) for k in keys} for e in range(done)]
+    def add(self, epoch: int, unit_id: int, counts: dict) -> None:
+        self.read.setdefault(epoch, {})[unit_id] = counts
+
+    def epochs(self) -> list[dict[str, float]]:
+        """Per complete epoch: the summed counts, and each source's share of the blocks."""
+        out = []
+        for epoch in sorted(self.read):
+            units = self.read[epoch]
+            if len(units) < self.n_units:
+                continue
+            row: dict[str, float] = {"epoch": epoch, **{k: sum(c.get(k, 0) for c in units.values()) for k in self.KEYS}}
+            if len(set(self.sources)) > 1:
+                for s in sorted(set(self.sources)):
+                    mine = sum(c.get("blocks", 0) for u, c in units.items() if self.sources[u] == s)
+                    row[f"source{s}_block_share"] = mine / max(1, row["blocks"])
+            out.append(row)
+        return out
 
 
 def pool_size(data_cfg: DataConfig, reserved_cpus: float = 0) -> int:
-    """Tokenizer actors: ``data.tokenize_actors``, or the cluster's CPUs left over."""
+    """Tokenizer actors of ``raydrat data prepare``: ``data.tokenize_actors``, or the
+    cluster's CPUs left over."""
     if data_cfg.tokenize_actors:
         return data_cfg.tokenize_actors
     cpus = ray.cluster_resources().get("CPU", 1) if ray.is_initialized() else 1
@@ -108,21 +108,6 @@ def map_units(ds: ray.data.Dataset, fn, spec: PackSpec, **kwargs) -> ray.data.Da
     return ds.map_batches(fn, batch_size=1, batch_format="pyarrow", fn_kwargs={"spec": spec, **kwargs})
 
 
-def pack_dataset(units: list[Unit], spec: PackSpec, split: Split, actors: int, counter=None) -> ray.data.Dataset:
-    """Lazy blocks of ``split`` over ``units`` on a pool of ``actors`` tokenizer actors
-    (0: plain tasks), reporting each unit's counts to ``counter`` (a DataCounter) if given."""
-    ds = units_dataset(units)
-    if actors == 0:
-        return map_units(ds, _pack_batch, spec, split=split)
-    return ds.map_batches(
-        PackActor,
-        fn_constructor_kwargs={"spec": spec, "split": split, "counter": counter},
-        batch_size=1,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
-    )
-
-
 def scan_sample(
     sample: ray.data.Dataset, spec: PackSpec, n_units: int, plan_skipped: int
 ) -> tuple[DataStats, list[dict]]:
@@ -133,5 +118,67 @@ def scan_sample(
 
 
 def val_dataset(sample: ray.data.Dataset, spec: PackSpec) -> ray.data.Dataset:
-    """The val blocks of the sampled units, materialized in the object store."""
-    return map_units(sample, _pack_batch, spec, split="val").materialize()
+    """The val blocks of the sampled units (at most
+    :data:`~raydrat.core.data.blocks.VAL_TOKENS_PER_UNIT` tokens each), materialized in the
+    object store."""
+    return map_units(sample, _val_batch, spec).materialize()
+
+
+_END = object()
+
+
+def train_stream(
+    source: TrainSource,
+    position: DataPosition,
+    rank: int,
+    world: int,
+    batch_size: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+    prefetch: int = 2,
+    counter=None,
+) -> Iterator[torch.Tensor]:
+    """Worker ``rank`` of ``world``'s training micro-batches (``(batch_size, seq_len + 1)``
+    long tensors on ``device``) in the global order from ``position``, read
+    ``prefetch`` micro-batches ahead in a thread. ``position`` is kept at the world's place
+    after the last micro-batch handed out (what a checkpoint saves: no block in flight), and
+    gets each block's ``(position, block_id, epoch)`` when ``position.trace`` is a list.
+    ``counter`` (a :class:`DataCounter`) gets each unit's counts once it is read whole."""
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")  # the tokenizer's own pool: one thread beside training
+    on_unit = None if counter is None else (lambda epoch, unit, counts: counter.add.remote(epoch, unit, counts))
+    blocks = WorkerBlocks(source, seed, position, rank, world, batch_size, on_unit)
+    ready: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for batch in blocks:
+                while not stop.is_set():
+                    try:
+                        ready.put(batch, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+        except BaseException as exc:  # handed to the consumer, which raises it
+            ready.put(exc)
+        ready.put(_END)
+
+    thread = threading.Thread(target=produce, name="raydrat-train-stream", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is _END:
+                return
+            mb: MicroBatch = item
+            position.blocks, position.streams = mb.position.blocks, mb.position.streams
+            position.stream_count, position.units = mb.position.stream_count, mb.position.units
+            if position.trace is not None:
+                position.trace.extend(zip(mb.positions.tolist(), mb.ids.tolist(), mb.epochs.tolist(), strict=True))
+            yield torch.from_numpy(mb.tokens).to(device=device, dtype=torch.long)
+    finally:
+        stop.set()

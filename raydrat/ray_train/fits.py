@@ -1,11 +1,10 @@
 """Whether a run fits the Ray cluster, checked before anything starts (instead of waiting
 forever for resources).
 
-The Train workers are not all a run holds while it trains: the training data streams
-through Ray Data at the same time, and its first actor or task needs a CPU of its own
-(:data:`DATA_CPUS`). A run whose workers take every CPU would start and then wait forever
-for that CPU (Ray warns that the dataset "may hang forever"), so it is refused here with what
-the cluster has and the setting that makes it fit."""
+A run holds its Train workers' CPUs and GPUs while it trains, and nothing else: the training
+data is read inside each worker (:func:`raydrat.ray_data.stream.train_stream`), the up-front
+check and the val split run on Ray Data before the workers start. An elastic run
+(``scaling.num_workers: [min, max]``) must fit its ``min`` workers."""
 
 from __future__ import annotations
 
@@ -14,41 +13,32 @@ import math
 from raydrat.config import ConfigError, RaydratConfig
 from raydrat.core.data.plan import DEMO_SOURCE
 
-DATA_CPUS = 1.0
-"""CPUs the training data stream holds while the workers train: one tokenizer actor (the
-pool's minimum, :func:`raydrat.ray_data.stream.pack_dataset`) or one read task of
-``data.prepared`` shards; Ray Data gives each 1 CPU. The pool grows into the CPUs left over
-(:func:`raydrat.ray_data.stream.pool_size`)."""
-
 
 def check_cluster_fits(cfg: RaydratConfig, use_gpu: bool, resources: dict[str, float]) -> None:
-    """Refuse a run that needs more CPUs/GPUs than the Ray cluster has, the data stream's
-    CPU counted (instead of waiting forever for resources), unless
-    ``scaling.wait_for_resources`` (autoscaling clusters)."""
+    """Refuse a run whose (minimum number of) workers need more CPUs/GPUs than the Ray
+    cluster has, unless ``scaling.wait_for_resources`` (autoscaling clusters)."""
     if cfg.scaling.wait_for_resources:
         return
-    n, per = cfg.scaling.num_workers, cfg.scaling.cpus_per_worker
-    workers_cpu = n * per
-    need_cpu = workers_cpu + DATA_CPUS
+    n, per = cfg.scaling.min_workers, cfg.scaling.cpus_per_worker
+    workers = f"scaling.num_workers={n}" if not cfg.scaling.elastic else f"the minimum of scaling.num_workers, {n},"
+    need_cpu = n * per
     have_cpu, have_gpu = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
     has = f"the Ray cluster has {have_cpu:g} CPUs and {have_gpu:g} GPUs"
     if use_gpu and n > have_gpu:
         raise ConfigError(
-            f"scaling.num_workers={n} with GPUs needs {n} GPUs but {has}: lower scaling.num_workers, "
+            f"{workers} with GPUs needs {n} GPUs but {has}: lower scaling.num_workers, "
             "set scaling.use_gpu=false, or scaling.wait_for_resources=true on an autoscaling cluster"
         )
     if need_cpu > have_cpu:
-        fits = math.floor((have_cpu - DATA_CPUS) / n * 100) / 100  # the largest cpus_per_worker that fits
+        fits = math.floor(have_cpu / n * 100) / 100  # the largest cpus_per_worker that fits
         fix = (
             f"set scaling.cpus_per_worker={fits:g} (or lower)"
             if fits > 0
             else f"give Ray at least {need_cpu:g} CPUs (ray start --num-cpus={math.ceil(need_cpu)})"
         )
         raise ConfigError(
-            f"scaling.num_workers={n} x scaling.cpus_per_worker={per:g} = {workers_cpu:g} CPUs for the "
-            f"Train workers, plus {DATA_CPUS:g} for the training data stream (a tokenizer actor, or a "
-            f"read task of data.prepared), needs {need_cpu:g} CPUs but {has}; the run would wait "
-            f"forever for the data's CPU: {fix}, lower scaling.num_workers, or set "
+            f"{workers} x scaling.cpus_per_worker={per:g} needs {need_cpu:g} CPUs for the Train workers but "
+            f"{has}; the run would wait forever: {fix}, lower scaling.num_workers, or set "
             "scaling.wait_for_resources=true on an autoscaling cluster"
         )
     for key, amount in cfg.scaling.worker_resources.items():

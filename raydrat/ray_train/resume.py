@@ -49,7 +49,8 @@ RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 """Ray Train's record of the checkpoints it registered (it refuses to restore if one is gone)."""
 
 # Settings that may differ between an interrupted run and its resumption: they change how
-# the run is hosted, logged or retried, not what it computes.
+# the run is hosted, logged or retried, not what it computes (the worker count changes the
+# global batch, never the order of the training data: docs/data.md).
 RESUMABLE_CHANGES = (
     "tracking.",
     "train.max_failures",
@@ -57,6 +58,7 @@ RESUMABLE_CHANGES = (
     "train.storage_path",
     "data.demo_dir",
     "scaling.cpus_per_worker",
+    "scaling.num_workers",
     "scaling.wait_for_resources",
 )
 

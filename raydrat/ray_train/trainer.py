@@ -80,13 +80,13 @@ class TrainingSummary:
         return out
 
 
-def _data_config(cfg: RaydratConfig) -> ray.train.DataConfig:
-    """``train`` is split across the workers (``val`` is given whole to each), streamed in a
-    fixed order when ``data.preserve_order`` is set."""
+def _data_config() -> ray.train.DataConfig:
+    """Ray Train hands ``val`` whole to each worker; the training stream is not a Ray Train
+    dataset: each worker reads its part of the global order itself
+    (:func:`raydrat.ray_data.stream.train_stream`)."""
     options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = cfg.data.preserve_order
     options.verbose_progress = False
-    return ray.train.DataConfig(datasets_to_split=["train"], execution_options=options)
+    return ray.train.DataConfig(datasets_to_split=[], execution_options=options)
 
 
 def build_trainer(
@@ -99,9 +99,11 @@ def build_trainer(
     worker_resources: dict | None = None,
     resume: bool = False,
     fit_callbacks: Sequence[Callback] = (),
+    train_source=None,
+    data_counter=None,
 ) -> TorchTrainer:
-    """The ``TorchTrainer`` for ``cfg`` over ``datasets`` (``train`` split across workers,
-    ``val`` given whole to each). ``callbacks`` go to the ``RunConfig`` (a Tune trial passes
+    """The ``TorchTrainer`` for ``cfg`` over ``datasets`` (``val``, given whole to each
+    worker) and ``train_source`` (each worker reads its part of the training order). ``callbacks`` go to the ``RunConfig`` (a Tune trial passes
     ``TuneReportCallback``); ``worker_resources`` overrides/extends each worker's request
     (a Tune trial passes its GPU fraction or ``memory`` bytes); ``fit_callbacks`` run inside
     every worker's ``fit`` (a test's fault injection). The workers start from the newest
@@ -123,13 +125,15 @@ def build_trainer(
             "run_dir": str(Path(storage) / (run_name or cfg.name)),
             "checkpoints_since": 0.0 if resume else time.time(),
             "callbacks": list(fit_callbacks),
+            "train_source": train_source,
+            "data_counter": data_counter,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=runtime.use_gpu, resources_per_worker=resources
         ),
         torch_config=torch_config(cfg, runtime.use_gpu),
         datasets=datasets,
-        dataset_config=_data_config(cfg),
+        dataset_config=_data_config(),
         run_config=ray.train.RunConfig(
             name=run_name or cfg.name,
             storage_path=storage,
@@ -203,13 +207,15 @@ def fit_in_run(
     trainer = build_trainer(
         cfg,
         runtime,
-        {"train": bundle.train, "val": bundle.val},
+        {"val": bundle.val},
         run,
         run_name,
         callbacks=callbacks,
         worker_resources=worker_resources,
         resume=resume,
         fit_callbacks=fit_callbacks,
+        train_source=bundle.train,
+        data_counter=bundle.counter,
     )
     result = trainer.fit()
     if run:
@@ -297,12 +303,7 @@ def _train(
     log = M.setup_logging()
     check_cluster_fits(cfg, runtime.use_gpu, ray.cluster_resources())
     check_corpus_reaches_workers(cfg, sum(1 for node in ray.nodes() if node.get("Alive")))
-    bundle = build_datasets(
-        cfg.data,
-        cfg.model.seq_len,
-        cfg.model.vocab_size,
-        reserved_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker,
-    )
+    bundle = build_datasets(cfg.data, cfg.model.seq_len, cfg.model.vocab_size)
 
     run = Run.off()
     backlog = tracking.backlog_in(resume.storage_root(cfg) / run_name)
@@ -341,6 +342,8 @@ def _train(
             if models:
                 log.info("MLflow models: " + ", ".join(f"{k} {v}" for k, v in models.items()))
             log_epochs(run, bundle)
+        for line in bundle.achieved_shares():
+            log.info(line)
     except KeyboardInterrupt:
         status = "KILLED"
         raise

@@ -3,9 +3,10 @@
 ``train_loop_per_worker(loop_config)`` → the resolved :class:`~raydrat.core.runtime.Runtime`
 from the driver → this worker's :class:`~raydrat.core.fit.FitState`, built by the one setup
 (:func:`raydrat.core.setup.build_fit_state`: threads, the runtime checked on this device,
-model, techniques, optimizer) → restore the newest checkpoint → this worker's shard of the
-train stream and the whole val split → ``fit`` with the console, MLflow and
-``ray.train.report`` callbacks (plus any a test registers).
+model, techniques, optimizer) → restore the newest checkpoint → this worker's part of the
+global training order from the restored data position
+(:func:`raydrat.ray_data.stream.train_stream`) and the whole val split → ``fit`` with the
+console, MLflow and ``ray.train.report`` callbacks (plus any a test registers).
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import torch
 
 from raydrat.config.run import RaydratConfig
 from raydrat.core.callbacks import ConsoleLog
-from raydrat.core.checkpoint.state import resumable_batches
 from raydrat.core.fit import fit
 from raydrat.core.runtime import Runtime
 from raydrat.core.setup import build_fit_state
+from raydrat.ray_data.stream import train_stream
 from raydrat.ray_session import quiet_ray_data
 from raydrat.ray_train.callbacks import RunMetrics
 from raydrat.ray_train.checkpoints import RayReport, restore_latest
@@ -34,7 +35,8 @@ def worker_device(runtime: Runtime) -> torch.device:
 def train_loop_per_worker(loop_config: dict) -> None:
     """``loop_config``: ``config`` (the run's config as a dict), ``runtime`` (resolved on the
     driver), ``run`` (a :class:`~raydrat.tracking.Run`), ``run_dir`` and
-    ``checkpoints_since`` (which checkpoints on storage are this run's to start from), and
+    ``checkpoints_since`` (which checkpoints on storage are this run's to start from),
+    ``train_source`` and ``data_counter`` (the training stream's source and counter), and
     ``callbacks`` (extra :class:`~raydrat.core.fit.Callback` objects, e.g. a test's)."""
     cfg = RaydratConfig.model_validate(loop_config["config"])
     runtime: Runtime = loop_config["runtime"]
@@ -51,22 +53,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
         torch.manual_seed(tc.seed + 1000 * rank + state.start_step)
     join_replicas(state, rank, device)  # sync.engine=torchft: a replacement takes a live peer's state
 
-    def torch_batches(shard, local_shuffle: int = 0):
-        return shard.iter_torch_batches(
-            batch_size=tc.batch_size,
-            dtypes=torch.long,
-            device=device,
-            drop_last=True,
-            local_shuffle_buffer_size=local_shuffle or None,
-            # seeded, so a resumed run skips exactly the batches it had already trained on
-            local_shuffle_seed=(tc.seed + rank) if local_shuffle else None,
-            prefetch_batches=cfg.data.prefetch_batches,
-        )
-
-    train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    stream = resumable_batches(
-        lambda: (b["tokens"] for b in torch_batches(train_shard, cfg.data.shuffle_buffer)), state.position
+
+    def val_batches():
+        batches = val_shard.iter_torch_batches(
+            batch_size=tc.batch_size, dtypes=torch.long, device=device, drop_last=True, prefetch_batches=1
+        )
+        return (b["tokens"] for b in batches)
+
+    stream = train_stream(
+        loop_config["train_source"],
+        state.position,
+        rank,
+        world_size,
+        tc.batch_size,
+        tc.seed,
+        device,
+        cfg.data.prefetch_batches,
+        loop_config.get("data_counter"),
     )
     callbacks = [
         ConsoleLog(),
@@ -75,4 +79,4 @@ def train_loop_per_worker(loop_config: dict) -> None:
         ReplicaLog(run),
         *loop_config.get("callbacks", []),
     ]
-    fit(state, stream, lambda: (b["tokens"] for b in torch_batches(val_shard)), callbacks)
+    fit(state, stream, val_batches, callbacks)

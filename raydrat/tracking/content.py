@@ -87,7 +87,7 @@ def run_params(cfg: RaydratConfig, runtime: Any = None) -> dict[str, Any]:
     :class:`~raydrat.core.runtime.Runtime`, what it resolved to (``runtime.*``)."""
     flat = cfg.flat()
     drop = ["tracking."]
-    if cfg.scaling.num_workers == 1:
+    if cfg.scaling.max_workers == 1:
         drop.append("sync.")
     if cfg.slots.mode == "all":
         drop += [k for k in flat if k.startswith("slots.") and k != "slots.mode"]

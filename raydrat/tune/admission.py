@@ -165,7 +165,7 @@ def check_resources(space: Space, trials: list[TrialSpec], cluster: dict) -> tup
     sweep = space.sweep
     cpus = float(cluster.get("CPU", 0))
     need = max(
-        sweep.resources.trial_cpu + t.config.scaling.num_workers * t.config.scaling.cpus_per_worker for t in trials
+        sweep.resources.trial_cpu + t.config.scaling.max_workers * t.config.scaling.cpus_per_worker for t in trials
     )
     room = cpus - sweep.resources.data_cpu_headroom
     if need > room:

@@ -47,12 +47,7 @@ def trial_fn(config: dict, tracking_uri: str | None = None) -> None:
     status, error = "completed", None
     try:
         quiet_ray_data()
-        bundle = build_datasets(
-            cfg.data,
-            cfg.model.seq_len,
-            cfg.model.vocab_size,
-            reserved_cpus=cfg.scaling.num_workers * cfg.scaling.cpus_per_worker,
-        )
+        bundle = build_datasets(cfg.data, cfg.model.seq_len, cfg.model.vocab_size)
         final[DATA_SETUP_S] = time.time() - t0
         run.log_metrics({DATA_SETUP_S: final[DATA_SETUP_S]}, 0)
         log_data(run, bundle)

@@ -6,11 +6,12 @@ A checkpoint is one directory (under Ray Train, Ray merges what every rank repor
   strategy's outer optimizer and anchors, the gates, the slot schedule's RNG, the precision
   policy's GradScaler) and whatever the caller passes as ``extra``;
 * ``rank{r}.pt`` (every rank): that rank's optimizer state (local-update modes keep one
-  per worker), its RNG states (torch, CUDA, numpy, python) and its data position (epoch
-  and micro-batches consumed in that epoch), its techniques' state, and what the caller
-  adds (the Ray adapter: ``node_ip``, the node the rank ran on). On resume the first
-  ``batches`` micro-batches of that epoch are read again and discarded, so training
-  continues with the next unseen batch (given the same data order: ``data.preserve_order``).
+  per worker), its RNG states (torch, CUDA, numpy, python), its techniques' state, and what
+  the caller adds (the Ray adapter: ``node_ip``, the node the rank ran on);
+* ``data-rank{r}.json`` (every rank): the world's data position in the global order
+  (:class:`~raydrat.core.data.position.DataPosition`: blocks consumed, and the cursors of
+  the streams this rank writes). The ranks' files together hold every stream, so a worker
+  group of any size continues from the position exactly (:func:`load_position`).
 
 The scheduler has no state of its own: the learning rate is a function of the step.
 
@@ -27,49 +28,49 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from raydrat.core.data.position import DataPosition, merge
 from raydrat.core.techniques.base import unwrap
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 RANK_FILE = "rank{rank}.pt"
+POSITION_FILE = "data-rank{rank}.json"
+_POSITION_RE = re.compile(r"data-rank(\d+)\.json$")
 MANIFEST_FILE = "manifest-rank{rank}.json"
 MANIFEST_FORMAT = 1
 _MANIFEST_RE = re.compile(r"manifest-rank(\d+)\.json$")
 
 
-@dataclass
-class DataPosition:
-    """Where this worker is in its data: epoch, and micro-batches consumed in it."""
-
-    epoch: int = 0
-    batches: int = 0
-
-
 def resumable_batches(make_iter, pos: DataPosition):
-    """Endless stream of batches from ``make_iter()`` (one call per epoch) that keeps
-    ``pos`` current and, when ``pos.batches > 0`` at the start of an epoch, skips that many
-    batches first (resuming mid-epoch)."""
+    """Endless stream of batches from ``make_iter()`` (one call per pass) for batches held in
+    memory (the benchmarks' data): keeps ``pos.blocks`` current and, when it counts blocks at
+    the start, skips that many in memory first. The training stream proper is
+    :func:`raydrat.ray_data.stream.train_stream`."""
+    skip = pos.blocks
     while True:
-        skip, yielded = pos.batches, False
-        for i, batch in enumerate(make_iter()):
-            if i < skip:
+        yielded = False
+        for batch in make_iter():
+            if skip >= len(batch):
+                skip -= len(batch)
                 continue
-            pos.batches, yielded = i + 1, True
+            pos.blocks += len(batch)
+            yielded = True
             yield batch
         if not yielded and skip == 0:
             raise RuntimeError("the training data yielded no batch: lower train.batch_size")
-        pos.epoch, pos.batches = pos.epoch + 1, 0
 
 
 def rng_state() -> dict:
@@ -87,15 +88,35 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def rank_state(optimizer, position: DataPosition, techniques: dict | None = None) -> dict:
-    """One rank's own state: optimizer (local-update modes keep one per worker), RNG, data
-    position and its techniques' state."""
+def rank_state(optimizer, techniques: dict | None = None) -> dict:
+    """One rank's own state: optimizer (local-update modes keep one per worker), RNG and its
+    techniques' state."""
     return {
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "rng": rng_state(),
-        "data": asdict(position),
         "techniques": techniques or {},
     }
+
+
+def save_position(directory: str | os.PathLike, position: DataPosition, rank: int) -> str:
+    """This rank's ``data-rank{r}.json``; returns its name."""
+    name = POSITION_FILE.format(rank=rank)
+    with open(os.path.join(directory, name), "w") as f:
+        json.dump(position.to_json(), f)
+    return name
+
+
+def load_position(directory: str | os.PathLike) -> DataPosition | None:
+    """The data position of the checkpoint in ``directory``, merged from every rank's file
+    (``None``: a checkpoint from before global positions)."""
+    names = sorted(n for n in os.listdir(directory) if _POSITION_RE.match(n))
+    if not names:
+        return None
+    parts = []
+    for name in names:
+        with open(os.path.join(directory, name)) as f:
+            parts.append(json.load(f))
+    return merge(parts, str(directory))
 
 
 def training_state(
@@ -143,9 +164,10 @@ def save_checkpoint(
         torch.save(state, os.path.join(directory, STATE_FILE))
         files.insert(0, STATE_FILE)
     torch.save(
-        {**rank_state(optimizer, position, tech), **(rank_extra or {})},
+        {**rank_state(optimizer, tech), **(rank_extra or {})},
         os.path.join(directory, RANK_FILE.format(rank=rank)),
     )
+    files.append(save_position(directory, position, rank))
     write_manifest(directory, rank, world_size, step, files)
 
 
@@ -291,8 +313,30 @@ def restore(
         techniques.load_state_dict((rank_state or state).get("techniques") or state.get("techniques", {}))
     if rank_state:
         set_rng_state(rank_state["rng"])
-        if position is not None:
-            position.epoch, position.batches = rank_state["data"]["epoch"], rank_state["data"]["batches"]
     elif "torch_rng" in state:
         torch.set_rng_state(state["torch_rng"])
+    if position is not None and directory is not None:
+        restore_position(position, directory, rank_state)
     return int(state["step"])
+
+
+def restore_position(position: DataPosition, directory: str, rank_state: dict | None) -> None:
+    """Set ``position`` from the checkpoint in ``directory``. A checkpoint from before global
+    positions holds each rank's epoch and micro-batch count in another order: the stream
+    starts that epoch again (said in the log)."""
+    loaded = load_position(directory)
+    if loaded is not None:
+        position.blocks, position.streams = loaded.blocks, loaded.streams
+        position.stream_count, position.units = loaded.stream_count, loaded.units
+        return
+    old = (rank_state or {}).get("data") or {}
+    epoch = int(old.get("epoch", 0))
+    position.blocks, position.streams = 0, {}
+    position.start_epoch(epoch)
+    log.warning(
+        "checkpoint %s predates global data positions: the training data starts epoch %d again (the %d "
+        "micro-batches this rank had trained on in it are not skipped)",
+        directory,
+        epoch,
+        int(old.get("batches", 0)),
+    )

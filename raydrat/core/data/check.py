@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from raydrat.core.data.blocks import SCAN_COUNTS, scan_unit  # noqa: F401 - scan_unit is re-exported
+from raydrat.core.data.blocks import SCAN_COUNTS
 from raydrat.core.data.errors import DataError
 from raydrat.core.data.spec import PackSpec
 
@@ -43,6 +43,10 @@ class DataStats:
     """Whether train packs into at least one block (checked, not counted)."""
     corrupt_lines: int = 0
     """JSON Lines lines that are not JSON, skipped (``data.on_corrupt = skip``)."""
+    corrupt_bytes: int = 0
+    """Bytes after the last member of gzip files, ignored."""
+    val_text_bytes: int = 0
+    """UTF-8 bytes of the val documents tokenized (with ``val_tokens``: tokens per byte)."""
 
     @property
     def train_docs(self) -> int:
@@ -69,7 +73,9 @@ def combine_scans(rows: list[dict], n_units: int, plan_skipped: int) -> DataStat
 def check_stats(stats: DataStats, spec: PackSpec, corpus: str, val_fraction: float) -> None:
     no_blocks = f"corpus {corpus} produced no blocks of seq_len+1 = {spec.block_len} tokens"
     if stats.docs == 0:
-        raise DataError(f"{no_blocks}: all {stats.empty_docs} documents are empty; point data.sources at some text")
+        raise DataError(
+            f"{no_blocks}: all {stats.empty_docs} documents are empty or null; point data.sources at some text"
+        )
     if stats.val_blocks == 0 and not stats.train_has_block:
         raise DataError(f"{no_blocks}: its {stats.docs} documents are too short; add text or lower model.seq_len")
     if stats.val_blocks == 0:

@@ -18,9 +18,9 @@ from raydrat.config.data import DataConfig
 from raydrat.core.data.plan import Plan, rates_for_sizes
 
 
-def estimated_tokens(plan: Plan, scans: list[dict]) -> list[float]:
-    """Per source, its estimated tokens (see the module docstring); ``scans``: the sampled
-    units' :func:`~raydrat.core.data.blocks.scan_unit` rows."""
+def estimated_sizes(plan: Plan, scans: list[dict]) -> list[tuple[float, float]]:
+    """Per source, its estimated ``(text bytes, tokens)`` (see the module docstring);
+    ``scans``: the sampled units' :func:`~raydrat.core.data.blocks.scan_unit` rows."""
     n = len(plan.source_bytes)
     rows, text, tokens, token_bytes = ([0] * n for _ in range(4))
     for r in scans:
@@ -34,12 +34,17 @@ def estimated_tokens(plan: Plan, scans: list[dict]) -> list[float]:
     overall = sum(tokens) / sum(token_bytes) if sum(token_bytes) else 0.25
     out = []
     for s in range(n):
-        if plan.source_formats[s] == "parquet" and rows[s]:
+        if plan.source_formats[s] in ("parquet", "hf") and rows[s]:
             size = plan.source_rows[s] * text[s] / rows[s]
         else:
             size = float(plan.source_bytes[s])
-        out.append(size * (tokens[s] / token_bytes[s] if token_bytes[s] else overall))
+        out.append((size, size * (tokens[s] / token_bytes[s] if token_bytes[s] else overall)))
     return out
+
+
+def estimated_tokens(plan: Plan, scans: list[dict]) -> list[float]:
+    """Per source, its estimated tokens (:func:`estimated_sizes`)."""
+    return [tokens for _, tokens in estimated_sizes(plan, scans)]
 
 
 def with_measured_rates(cfg: DataConfig, plan: Plan, scans: list[dict]) -> Plan:
@@ -49,3 +54,27 @@ def with_measured_rates(cfg: DataConfig, plan: Plan, scans: list[dict]) -> Plan:
         return plan
     rates = rates_for_sizes(cfg, estimated_tokens(plan, scans))
     return replace(plan, units=[replace(u, rate=rates[u.source]) for u in plan.units])
+
+
+def mixing_report(cfg: DataConfig, plan: Plan, scans: list[dict]) -> list[dict]:
+    """Per source, what the run plans from measured sizes: its estimated text bytes and
+    tokens, its rate, and its share of the training tokens, natural (without weights),
+    target (its weight's share) and planned (rate x tokens over the total)."""
+    sizes = estimated_sizes(plan, scans)
+    rates = [next((u.rate for u in plan.units if u.source == s), 1.0) for s in range(len(sizes))]
+    natural = sum(t for _, t in sizes) or 1.0
+    planned = sum(r * t for r, (_, t) in zip(rates, sizes, strict=True)) or 1.0
+    weights = [src.weight for src in cfg.sources]
+    total_w = sum(w for w in weights if w) or 1.0
+    return [
+        {
+            "path": src.path,
+            "text_bytes_estimated": round(b),
+            "tokens_estimated": round(t),
+            "rate": r,
+            "token_share_natural": t / natural,
+            "token_share_target": (w / total_w) if w else t / natural,
+            "token_share_planned": r * t / planned,
+        }
+        for src, (b, t), r, w in zip(cfg.sources, sizes, rates, weights, strict=True)
+    ]

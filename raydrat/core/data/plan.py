@@ -121,9 +121,7 @@ def _parquet_row_groups(loc: Location, path: str, column: str, index: int) -> li
     key = f"data.sources[{index}].text_column"
     if column not in schema.names:
         raise DataError(f"{name} has no column {column!r} (columns: {', '.join(schema.names)}): set {key}")
-    typ = schema.field(column).type
-    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
-        raise DataError(f"column {column!r} of {name} is {typ}, not text: set {key} to a string column")
+    _check_text_type(schema.field(column).type, column, name, key)
     out = []
     for rg in range(meta.num_row_groups):
         g = meta.row_group(rg)
@@ -263,9 +261,29 @@ def _check_arrow_column(loc: Location, path: str, column: str, index: int) -> No
         raise DataError(f"{name} is not a readable Arrow stream ({exc}): save the dataset again") from None
     if column not in schema.names:
         raise DataError(f"{name} has no column {column!r} (columns: {', '.join(schema.names)}): set {key}")
-    typ = schema.field(column).type
-    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
-        raise DataError(f"column {column!r} of {name} is {typ}, not text: set {key} to a string column")
+    _check_text_type(schema.field(column).type, column, name, key)
+
+
+def is_text_type(typ: pa.DataType) -> bool:
+    """A column raydrat reads documents from: strings, or bytes holding UTF-8."""
+    return any(
+        check(typ)
+        for check in (
+            pa.types.is_string,
+            pa.types.is_large_string,
+            pa.types.is_string_view,
+            pa.types.is_binary,
+            pa.types.is_large_binary,
+            pa.types.is_binary_view,
+        )
+    )
+
+
+def _check_text_type(typ: pa.DataType, column: str, name: str, key: str) -> None:
+    if not is_text_type(typ):
+        raise DataError(
+            f"column {column!r} of {name} is {typ}, not text: set {key} to a string (or UTF-8 binary) column"
+        )
 
 
 def rates_for_sizes(cfg: DataConfig, sizes: list[float]) -> list[float]:

@@ -62,7 +62,15 @@ DEFAULT_KEEP = 2
 """Published generations a prepare keeps (the current one and the one before), leases aside."""
 
 MANIFEST_FORMAT = 1
-COUNT_KEYS = ("docs", "empty_docs", "invalid_utf8_docs", "skipped_files", "text_bytes", "corrupt_lines")
+COUNT_KEYS = (
+    "docs",
+    "empty_docs",
+    "invalid_utf8_docs",
+    "skipped_files",
+    "text_bytes",
+    "corrupt_lines",
+    "corrupt_bytes",
+)
 """Counts of a unit's documents, the same for both splits."""
 SPLIT_KEYS = ("split_docs", "tokens", "blocks", "dropped_tokens")
 """Counts of one split of a unit (``train_*``, ``val_*`` in the manifest)."""
@@ -71,6 +79,10 @@ SPLIT_KEYS = ("split_docs", "tokens", "blocks", "dropped_tokens")
 def shard_path(prefix: str, split: str, unit_id: int) -> str:
     """Where the blocks of one split of one unit are stored under ``prefix``."""
     return f"{prefix}/{split}/unit-{unit_id:08d}.parquet"
+
+
+SHARD_ROW_GROUP = 4096
+"""Blocks per row group of a shard: a resumed stream reads from the row group it stopped in."""
 
 
 def block_table(ids: list[np.ndarray], blocks: list[np.ndarray], block_len: int) -> pa.Table:

@@ -10,20 +10,30 @@ from pathlib import Path
 from raydrat.config.data import DataConfig
 from raydrat.core.data.errors import DataError
 from raydrat.core.data.plan import plan_corpus
-from raydrat.core.data.read import read_documents
+from raydrat.core.data.read import ReadSpec, unit_pieces
 from raydrat.core.data.tokenizer import tokenizer_hash, train_tokenizer
+
+SAMPLE_DOC_CHARS = 1 << 20
+"""Of a longer document, the sample keeps this many first characters."""
 
 
 def sample_documents(data_cfg: DataConfig, n_docs: int) -> Iterator[str]:
-    """Up to ``n_docs`` non-empty documents read from units spread evenly over every source
-    (whole units, in order, until enough)."""
+    """Up to ``n_docs`` non-empty documents (at most :data:`SAMPLE_DOC_CHARS` characters of
+    each) read from units spread evenly over every source (whole units, in order, until
+    enough)."""
     plan = plan_corpus(data_cfg)
+    spec = ReadSpec.of(data_cfg)
     seen = 0
     for idx in spread_order(len(plan.units)):
-        texts, _ = read_documents(plan.units[idx])
-        for t in texts:
-            if t:
-                yield t
+        parts: list[str] = []
+        size = 0
+        for piece in unit_pieces(plan.units[idx], spec):
+            if size < SAMPLE_DOC_CHARS:
+                parts.append(piece.text[: SAMPLE_DOC_CHARS - size])
+                size += len(parts[-1])
+            if piece.doc_end:
+                yield "".join(parts)
+                parts, size = [], 0
                 seen += 1
                 if seen >= n_docs:
                     return

@@ -6,18 +6,15 @@ Every path goes through a pyarrow filesystem: :class:`pyarrow.fs.LocalFileSystem
 S3-compatible stores). A :class:`Location` is the picklable description a Ray task turns
 back into a filesystem (:func:`filesystem`, cached per process).
 
-Text files are decoded as UTF-8 with invalid bytes and NUL bytes replaced (U+FFFD); each
-replaced document is counted. ``.gz`` files are decompressed.
+Reading text files (encodings, gzip members) is :mod:`raydrat.core.data.text`.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import glob
-import gzip
 import hashlib
 import uuid
-import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -150,6 +147,23 @@ def check_writable(loc: Location, root: str, where: str) -> None:
         raise describe_os_error(f"{where}: cannot write to {name}", exc, loc) from None
 
 
+def _check_bucket(fs: pafs.FileSystem, loc: Location, path: str, where: str) -> None:
+    """For an S3 path that lists nothing: say so when its bucket is missing (rather than
+    calling the prefix missing)."""
+    if loc.kind != "s3":
+        return
+    bucket = path.split("/", 1)[0]
+    try:
+        missing = fs.get_file_info(bucket).type == pafs.FileType.NotFound
+    except OSError:
+        return  # no answer about the bucket: the caller's message stands
+    if missing:
+        raise DataError(
+            f"{where}: bucket {bucket!r} does not exist (or the credentials used, {describe_aws_credentials()}, "
+            "cannot see it): fix the bucket name in data.sources (and endpoint_url for an S3-compatible store)"
+        )
+
+
 def _hidden(rel: str) -> bool:
     """Dot files and ``_``-files (``_SUCCESS``, ``.crc``) written beside data by Spark & co."""
     return any(part.startswith((".", "_")) for part in rel.split("/") if part)
@@ -181,46 +195,25 @@ def list_files(path: str, loc: Location, suffix: str | tuple[str, ...] | None, w
                     if not _hidden(i.path[len(p) :]) and (suffix is None or i.path.endswith(suffix))
                 ]
             else:
+                _check_bucket(fs, loc, p, where)
                 raise FileNotFoundError(f"{uri(loc, p)} does not exist")
     except FileNotFoundError as exc:
         raise DataError(
             f"{where}: {exc}: fix data.sources, or use `path: demo` (`raydrat data demo` builds the demo corpus)"
         ) from None
     except OSError as exc:
+        _check_bucket(fs, loc, p, where)
         raise describe_os_error(where, exc) from None
     files = sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
     if not files:
+        _check_bucket(fs, loc, p, where)
         ends = " or ".join(suffix) if isinstance(suffix, tuple) else suffix
         raise DataError(f"{where} matches no files{f' ending in {ends}' if suffix else ''}: fix data.sources")
     return files
 
 
-def read_bytes(loc: Location, path: str) -> bytes:
-    """The file's bytes, ``.gz`` decompressed. A broken gzip raises :class:`CorruptFile`."""
-    with filesystem(loc).open_input_stream(path, compression=None) as f:
-        raw = f.read()
-    if path.endswith(".gz"):
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise CorruptFile(f"{uri(loc, path)} is not a valid gzip file ({exc})") from None
-    return raw
-
-
 class CorruptFile(DataError):
     """A file that cannot be read (bad parquet footer, broken gzip)."""
-
-
-def decode(raw: bytes) -> tuple[str, bool]:
-    """``(text, replaced)``: UTF-8 with invalid bytes, and NUL bytes (valid UTF-8, but no
-    text holds them: a binary file, or a broken export), replaced by U+FFFD."""
-    try:
-        text, replaced = raw.decode("utf-8"), False
-    except UnicodeDecodeError:
-        text, replaced = raw.decode("utf-8", errors="replace"), True
-    if "\x00" in text:
-        text, replaced = text.replace("\x00", "\ufffd"), True
-    return text, replaced
 
 
 def text_size(loc: Location, info: pafs.FileInfo) -> int:

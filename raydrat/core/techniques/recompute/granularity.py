@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -32,9 +34,12 @@ from raydrat.core.techniques.recompute.op_apply import PlanRegions
 from raydrat.core.techniques.recompute.op_costs import OpCosts
 from raydrat.core.techniques.recompute.op_measure import measure_op_costs
 from raydrat.core.techniques.recompute.op_plan import OpPlan, op_gates, plan_budget, plan_from_stored
+from raydrat.core.techniques.recompute.plan_cache import ENV as PLAN_CACHE_ENV
+from raydrat.core.techniques.recompute.plan_cache import PlanCache, autocast_dtype, plan_key
 from raydrat.core.techniques.recompute.wrapper import apply_recompute, iter_branches
 
 Autocast = Callable[[], AbstractContextManager]
+log = logging.getLogger("raydrat")
 
 
 class Granularity(Protocol):
@@ -61,6 +66,10 @@ class Granularity(Protocol):
 
     def stored(self, plan: Any) -> list[bool]:
         """Per branch, whether ``plan`` stores it (empty where plans are not per branch)."""
+
+    def recall_plan(self, budget_mb: float, tokens: torch.Tensor | None) -> Any:
+        """A plan kept from an earlier run for this budget and micro-batch (``None``: none;
+        then the costs are measured and :meth:`budget_plan` plans)."""
 
     def budget_plan(self, budget_mb: float) -> Any:
         """The exact optimum within ``budget_mb``; a budget below the minimum is refused."""
@@ -188,6 +197,10 @@ class BranchGranularity:
     def stored(self, plan: list[bool] | None) -> list[bool]:
         return [True] * len(self.branches) if plan is None else plan
 
+    def recall_plan(self, budget_mb: float, tokens: torch.Tensor | None) -> None:
+        """Branch plans are not kept (they are planned from FLOPs, the same every run)."""
+        return None
+
     def budget_plan(self, budget_mb: float) -> list[bool]:
         """The knapsack optimum over the measured branches within ``budget_mb``."""
         if self.costs is None:
@@ -264,20 +277,31 @@ class OpGranularity:
 
     ``costs``: op costs measured beforehand (e.g. by a benchmark, away from the allocator
     profiler, which slows every op down), used instead of measuring on the first step.
-    Costs are not checkpointed: a resumed run measures them again."""
+    Costs are not checkpointed: a resumed run measures them again (or recalls its plan).
+
+    ``plans``: where budget plans are kept between runs (:mod:`.plan_cache`); a plan found
+    there for this model, micro-batch and budget is used before any costs, none are measured."""
 
     name = "op"
     gate_labels = None
     """Op-level gates are too many to report one by one."""
 
     def __init__(
-        self, compiled: bool = False, autocast: Autocast = contextlib.nullcontext, costs: OpCosts | None = None
+        self,
+        compiled: bool = False,
+        autocast: Autocast = contextlib.nullcontext,
+        costs: OpCosts | None = None,
+        plans: PlanCache | None = None,
     ):
         self.compiled = compiled
         self.autocast = autocast
         self.costs = costs
+        self.plans = plans
         self.regions: PlanRegions | None = None
         self.branches: list[tuple[int, str]] = []
+        self.recalled: Path | None = None
+        """The plan cache entry the plan in force came from (``None``: planned here)."""
+        self._batch: torch.Tensor | None = None
         self._verified = False
 
     @property
@@ -293,12 +317,43 @@ class OpGranularity:
         return self.regions.module
 
     def measure_due(self, step: int, tokens: torch.Tensor | None) -> bool:
-        return self.costs is None
+        return self.costs is None and self.recalled is None
 
     def measure(self, step: int, tokens: torch.Tensor | None) -> None:
         if tokens is None:
             raise RuntimeError("recompute.granularity=op: pass a micro-batch to the first plan() to measure costs")
-        self.costs = measure_op_costs(self.regions.model, tokens[:, :-1], tokens[:, 1:], self.autocast())
+        self._batch = tokens
+        self.costs = measure_op_costs(
+            self.regions.model, tokens[:, :-1], tokens[:, 1:], self.autocast(), sac_overheads=not self.compiled
+        )
+
+    def _plan_key(self, budget_mb: float) -> dict:
+        idx = self._batch[:, :-1]
+        return plan_key(
+            self.regions.model.cfg.model_dump(mode="json"),
+            tuple(idx.shape),
+            int(budget_mb * 2**20),
+            self.compiled,
+            autocast_dtype(self.autocast(), idx.device),
+            idx.device,
+        )
+
+    def recall_plan(self, budget_mb: float, tokens: torch.Tensor | None) -> OpPlan | None:
+        """The plan :attr:`plans` keeps for this model, micro-batch and budget, said on the
+        console when there is one."""
+        if tokens is not None:
+            self._batch = tokens
+        if self.plans is None or self._batch is None:
+            return None
+        key = self._plan_key(budget_mb)
+        plan = self.plans.load(key)
+        if plan is not None:
+            self.recalled = self.plans.path(key)
+            log.info(
+                f"recompute: using the cached op-level plan {self.recalled} ({plan.describe()}; "
+                f"{PLAN_CACHE_ENV}=off or recompute.plan_cache=false plans anew)"
+            )
+        return plan
 
     def stored(self, plan: OpPlan | None) -> list[bool]:
         return []
@@ -313,10 +368,15 @@ class OpGranularity:
         )
 
     def budget_plan(self, budget_mb: float) -> OpPlan:
+        """The knapsack optimum over the measured costs, kept in :attr:`plans`."""
         try:
-            return plan_budget(self.costs, int(budget_mb * 2**20), compiled=self.compiled)
+            plan = plan_budget(self.costs, int(budget_mb * 2**20), compiled=self.compiled)
         except BudgetBelowMinimum as err:
             raise self._below(budget_mb, err) from None
+        self.recalled = None
+        if self.plans is not None and self._batch is not None:
+            self.plans.store(self._plan_key(budget_mb), plan)
+        return plan
 
     def from_stored(self, stored: list[bool], budget_bytes: int | None) -> OpPlan:
         return plan_from_stored(self.costs, stored, self.compiled, budget_bytes)
@@ -340,8 +400,7 @@ class OpGranularity:
         return None
 
     def stored_fraction(self, plan: OpPlan) -> float:
-        n = max(1, len(self.costs.items(self.compiled)))
-        return len(set(plan.saved) - set(self.costs.anchors)) / n
+        return plan.stored_fraction
 
     def new_gates(self, cfg: GatesConfig, n_layer: int, budget_mb: float | None) -> None:
         """None yet: the gates are one per op-level choice, known once the costs are."""

@@ -30,14 +30,21 @@ from raydrat.core.techniques.recompute.wrapper import CheckpointWrapper, lifted
 
 
 def measure_op_costs(
-    model: nn.Module, idx: torch.Tensor, targets: torch.Tensor, context: Any = None, repeats: int = 3
+    model: nn.Module,
+    idx: torch.Tensor,
+    targets: torch.Tensor,
+    context: Any = None,
+    repeats: int = 3,
+    sac_overheads: bool = True,
 ) -> OpCosts:
     """Measure every op call of a training forward of ``model`` on this batch: its time
     (median of ``repeats`` timed forwards after one warm-up, by
     :func:`~raydrat.core.techniques.recompute.record.op_clock`; on CUDA each op is
     synchronised), the bytes of the storage it outputs, what a plain forward keeps per block
     and outside the blocks, and which outputs backward needs. Every checkpoint wrapper is
-    off for the measurement, its switch restored afterwards. ``context``: e.g. autocast."""
+    off for the measurement, its switch restored afterwards. ``context``: e.g. autocast.
+    ``sac_overheads``: measure eager SAC's own time per op too (a quarter of the
+    measurement on the demo model; only eager plans use it, compiled SAC has none)."""
     if repeats < 1:
         raise ValueError("repeats must be >= 1")
     was_training = model.training
@@ -49,7 +56,7 @@ def measure_op_costs(
     model.zero_grad(set_to_none=True)
     times = _block_means(first.calls, [statistics.median(ts) for ts in zip(*runs)], len(model.layers))
     costs = _op_costs(first, times, len(model.layers), idx.device)
-    if len(model.layers):
+    if sac_overheads and len(model.layers):
         costs.sac_op_overhead_s, costs.sac_save_overhead_s = _sac_overheads_of(model, idx)
     return costs
 

@@ -55,7 +55,7 @@ from raydrat.core.techniques.recompute.knapsack import (
     solve_groups,
     to_buckets,
 )
-from raydrat.core.techniques.recompute.op_costs import OpCosts, OpSite
+from raydrat.core.techniques.recompute.op_costs import POST, PRE, Key, OpCosts, OpSite
 
 PlanMode = Literal["none", "full", "budget"]
 
@@ -80,6 +80,14 @@ class OpPlan:
     resolution: int | None = None
     """Bytes per knapsack bucket."""
     counts: dict = field(default_factory=dict, compare=False, hash=False)
+    stored_choices: int = 0
+    """Of the op-level choices (:meth:`OpCosts.items`), how many the plan stores."""
+    n_choices: int = 0
+    """How many op-level choices the plan chose among."""
+
+    @property
+    def stored_fraction(self) -> float:
+        return self.stored_choices / max(1, self.n_choices)
 
     def describe(self) -> str:
         if self.mode != "budget":
@@ -90,6 +98,77 @@ class OpPlan:
             f"{len(self.full_blocks)} fully recomputed blocks, "
             f"{(self.predicted_bytes or 0) / 2**20:.2f} MiB predicted, recompute {1e3 * (self.recompute_s or 0):.1f} ms"
         )
+
+
+def plan_to_json(plan: OpPlan) -> dict:
+    """``plan`` as JSON values (keys as ``[region, op, shape, index]``); :func:`plan_from_json`
+    reads it back."""
+    return {
+        "mode": plan.mode,
+        "compiled": plan.compiled,
+        "saved": sorted(([r, op, list(shape), i] for r, op, shape, i in plan.saved), key=str),
+        "plain_blocks": sorted(plan.plain_blocks),
+        "full_blocks": sorted(plan.full_blocks),
+        "predicted_bytes": plan.predicted_bytes,
+        "recompute_s": plan.recompute_s,
+        "budget_bytes": plan.budget_bytes,
+        "resolution": plan.resolution,
+        "counts": sorted(([op, list(shape), list(n)] for (op, shape), n in plan.counts.items()), key=str),
+        "stored_choices": plan.stored_choices,
+        "n_choices": plan.n_choices,
+    }
+
+
+def _ints(value, n: int | None = None) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(type(v) is int for v in value) or n not in (None, len(value)):
+        raise ValueError(f"expected a list of {n or 'some'} integers, got {value!r}")
+    return tuple(value)
+
+
+def _key(value) -> Key:
+    if not isinstance(value, list) or len(value) != 4:
+        raise ValueError(f"an op call's key is [region, op, shape, index], got {value!r}")
+    region, op, shape, index = value
+    if not (type(region) is int or region in (PRE, POST)) or not isinstance(op, str) or type(index) is not int:
+        raise ValueError(f"malformed op call key {value!r}")
+    return (region, op, _ints(shape), index)
+
+
+def _optional(value, *kinds: type):
+    if value is not None and type(value) not in kinds:
+        raise ValueError(f"expected {' or '.join(k.__name__ for k in kinds)} or null, got {value!r}")
+    return value
+
+
+def plan_from_json(data: dict) -> OpPlan:
+    """The plan :func:`plan_to_json` wrote; anything malformed raises ``ValueError``."""
+    if not isinstance(data, dict) or data.get("mode") not in ("none", "full", "budget"):
+        raise ValueError("not an op plan (no mode none, full or budget)")
+    counts = {}
+    for entry in data["counts"]:
+        if not isinstance(entry, list) or len(entry) != 3 or not isinstance(entry[0], str):
+            raise ValueError(f"malformed op count {entry!r}")
+        counts[(entry[0], _ints(entry[1]))] = _ints(entry[2], 3)
+    if (
+        type(data["compiled"]) is not bool
+        or type(data["stored_choices"]) is not int
+        or type(data["n_choices"]) is not int
+    ):
+        raise ValueError("compiled, stored_choices and n_choices must be a bool and two integers")
+    return OpPlan(
+        data["mode"],
+        data["compiled"],
+        frozenset(_key(k) for k in data["saved"]),
+        frozenset(_ints(data["plain_blocks"])),
+        frozenset(_ints(data["full_blocks"])),
+        _optional(data["predicted_bytes"], int),
+        _optional(data["recompute_s"], float, int),
+        _optional(data["budget_bytes"], int),
+        _optional(data["resolution"], int),
+        counts,
+        data["stored_choices"],
+        data["n_choices"],
+    )
 
 
 def plan_none() -> OpPlan:
@@ -251,6 +330,8 @@ def _budget_plan(
         None if budget is None else int(budget),
         res,
         dict(costs.counts),
+        len({s.key for s in stored}),
+        len(costs.items(compiled)),
     )
 
 

@@ -7,7 +7,8 @@ per op call) that measures the costs, makes the plans and applies them:
 * :class:`FullRecompute` (``full``): every transformer block one checkpoint region (it
   keeps only the block's input, like ``torch.utils.checkpoint`` per block).
 * :class:`BudgetRecompute` (``budget``): the exact optimum (a knapsack over the measured
-  costs) that fits ``recompute.budget_mb``, planned once.
+  costs) that fits ``recompute.budget_mb``, planned once (op-level: or recalled from the
+  plan cache, :mod:`.plan_cache`, with no measurement).
 * :class:`GatedRecompute` (``gated``): learnable gates decide each step; after the
   optimizer step they take their own update from the resource loss (:meth:`after_step`),
   which depends on nothing but the gates and the measured costs.
@@ -40,6 +41,7 @@ from raydrat.core.techniques.recompute.granularity import (
     OpGranularity,
     branch_mask,
 )
+from raydrat.core.techniques.recompute.plan_cache import plan_cache
 from raydrat.core.techniques.recompute.wrapper import apply_recompute, wrap_blocks
 
 
@@ -193,6 +195,8 @@ class BudgetRecompute(RecomputePlanner):
 
     def plan(self, step: int, tokens: torch.Tensor | None = None, active_slots: list[int] | None = None) -> list[bool]:
         self.active = active_slots
+        if self.current is None:
+            self.current = self.level.recall_plan(self.budget_mb, tokens)
         if self.level.measure_due(step, tokens):
             self.level.measure(step, tokens)
             self.current = None
@@ -339,7 +343,7 @@ def build_recompute(
     if cfg.mode == "full":
         return FullRecompute(n_layer, autocast)
     if cfg.granularity == "op":
-        level = OpGranularity(compiled, autocast)
+        level = OpGranularity(compiled, autocast, plans=plan_cache(cfg.plan_cache) if cfg.mode == "budget" else None)
     else:
         level = BranchGranularity(autocast, cfg.gates.refresh_every if cfg.mode == "gated" else None)
     if cfg.mode == "budget":
