@@ -19,6 +19,8 @@ from ray.train.v2.torch.torchft_config import TorchftConfig
 
 from raydrat.config import ConfigError, RaydratConfig
 from raydrat.core import metrics as M
+from raydrat.core.data.handover import StreamTable, check_one_reader
+from raydrat.core.data.stream import TrainSource
 from raydrat.core.fit import Callback, FitState
 from raydrat.core.techniques.sync.torchft_local import TORCHFT_MISSING, TorchftStrategy, torchft_available
 from raydrat.tracking import Run
@@ -38,12 +40,25 @@ def torch_config(cfg: RaydratConfig, use_gpu: bool) -> ray.train.torch.TorchConf
     return TorchftConfig(lighthouse_kwargs=dict(LIGHTHOUSE), backend="nccl" if use_gpu else "gloo")
 
 
-def join_replicas(state: FitState, rank: int, device: torch.device) -> None:
+def join_replicas(state: FitState, rank: int, device: torch.device, source: TrainSource) -> None:
     """Connect this worker's replica group and join the others (see the module docstring);
-    a worker that was behind starts from the step it took on. Nothing for other engines."""
+    a worker that was behind starts from the step it took on, and reads the part of the
+    training order (``source``) of the worker it replaces from the cursors the replicas last
+    agreed on (:mod:`raydrat.core.data.handover`). Nothing for other engines."""
     sync = state.techniques.sync
     if not isinstance(sync, TorchftStrategy):
         return
+    world = state.world_size
+    check_one_reader(source.stream_count, world)
+    table = StreamTable(source.stream_count)
+    position = state.position
+
+    def take_over(shared: dict) -> None:
+        table.load(shared["table"])
+        table.hand_over(position, rank, world, int(shared["blocks"]))
+
+    sync.share_state("data", take_over, lambda: {"table": table.state(), "blocks": position.blocks})
+    sync.agree_on(lambda: table.encode(position, rank, world), table.record)
     sync.connect(rank, device=device)
     if sync.join():
         state.start_step = sync.done

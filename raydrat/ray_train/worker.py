@@ -51,7 +51,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         own_state = restore_latest(state, loop_config["run_dir"], loop_config["checkpoints_since"])
     if not own_state:
         torch.manual_seed(tc.seed + 1000 * rank + state.start_step)
-    join_replicas(state, rank, device)  # sync.engine=torchft: a replacement takes a live peer's state
+    # sync.engine=torchft: a replacement takes a live peer's state and the dead worker's data part
+    join_replicas(state, rank, device, loop_config["train_source"])
 
     val_shard = ray.train.get_dataset_shard("val")
 

@@ -29,6 +29,7 @@ from datetime import timedelta
 
 import torch
 from torch import nn
+from torch.distributed import ReduceOp
 
 from raydrat.config.sync import SyncConfig
 from raydrat.core import metrics as M
@@ -105,6 +106,7 @@ class TorchftStrategy(SyncStrategy):
         self._joined = 0
         self._saved: dict | None = None
         self._shared: list[tuple[str, Callable[[object], None], Callable[[], object]]] = []
+        self._agreements: list[tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor], None]]] = []
         self._outer: list[torch.optim.Optimizer] = []
         self._fragments: list[nn.Module] = []
 
@@ -117,6 +119,11 @@ class TorchftStrategy(SyncStrategy):
         """Hand ``save()``'s value to a replica healed from this one (it gets ``load(value)``);
         before :meth:`connect`."""
         self._shared.append((key, load, save))
+
+    def agree_on(self, encode: Callable[[], torch.Tensor], record: Callable[[torch.Tensor], None]) -> None:
+        """After every sync, sum ``encode()`` (an integer tensor) across the quorum and hand
+        the sum to ``record`` (what the replicas agreed on at that sync: the data cursors)."""
+        self._agreements.append((encode, record))
 
     # -- connecting --
 
@@ -205,6 +212,10 @@ class TorchftStrategy(SyncStrategy):
         if not syncing:
             return False
         committed = self.manager.current_step() != step_before
+        for encode, record in self._agreements:
+            summed = encode()
+            self.manager.allreduce(summed, reduce_op=ReduceOp.SUM).wait()
+            record(summed)
         self.commits += committed
         self.failed_commits += not committed
         payload = self._sync_payload_bytes()
