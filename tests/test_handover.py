@@ -72,15 +72,14 @@ def test_a_replacement_reads_the_dead_replicas_streams_from_the_last_agreed_curs
 
     # the replacement starts from a checkpoint's position (here the start), is healed with the
     # survivor's table and world count, and takes part in the sync it joined at
-    replacement = Replica.__new__(Replica)
     position = DataPosition()
     handed = StreamTable(S)
     handed.load(tables[0].state())
     streams = handed.hand_over(position, 1, WORLD, survivor.position.blocks)
     assert sorted(streams) == [c for c in range(S) if c % WORLD == 1]
-    Replica.__init__(replacement, source, 1, position)
+    replacement = Replica(source, 1, position)
     _sync(tables[0], [survivor, replacement])
-    for step in range(REJOINS_AT + 1, END + 1):
+    for _ in range(REJOINS_AT + 1, END + 1):
         survivor.step(S)
         replacement.step(S)
 
