@@ -40,6 +40,7 @@ from raydrat.core.techniques.sync.strategy import SyncStrategy
 try:  # an optional extra: raydrat[torchft]
     import torchft
     from torchft.checkpointing.pg_transport import PGTransport
+    from torchft.coordination import LighthouseServer
     from torchft.local_sgd import DiLoCo, LocalSGD
 except ImportError:  # pragma: no cover - depends on the environment
     torchft = None
@@ -57,6 +58,14 @@ replicas alive reach their next sync (up to ``sync_steps`` steps, plus their che
 
 def torchft_available() -> bool:
     return torchft is not None
+
+
+def start_lighthouse(**kwargs) -> LighthouseServer:
+    """A torchft Lighthouse in this process, on a free port (``kwargs``: its quorum rules,
+    e.g. ``min_replicas``); ``.address()`` is what replicas connect to."""
+    if torchft is None:
+        raise ImportError(TORCHFT_MISSING)
+    return LighthouseServer(bind="[::]:0", **kwargs)
 
 
 def model_fragments(model: nn.Module, n_fragments: int) -> list[nn.Module]:
@@ -127,10 +136,17 @@ class TorchftStrategy(SyncStrategy):
 
     # -- connecting --
 
-    def connect(self, replica: int, lighthouse: str | None = None, device: torch.device | None = None) -> None:
+    def connect(
+        self,
+        replica: int,
+        lighthouse: str | None = None,
+        device: torch.device | None = None,
+        store: tuple[str, int] | None = None,
+    ) -> None:
         """Start this replica group's ``Manager`` (replica ``replica`` of ``world_size``; the
-        Lighthouse at ``lighthouse``, else ``$TORCHFT_LIGHTHOUSE``; the group's own store at
-        ``$MASTER_ADDR:$MASTER_PORT``) and torchft's ``LocalSGD`` or ``DiLoCo`` over it."""
+        Lighthouse at ``lighthouse``, else ``$TORCHFT_LIGHTHOUSE``; the group's own TCP store
+        at ``store``, else ``$MASTER_ADDR:$MASTER_PORT``) and torchft's ``LocalSGD`` or
+        ``DiLoCo`` over it."""
         device = device or torch.device("cpu")
         pg = (
             torchft.ProcessGroupNCCL(timeout=COLLECTIVE_TIMEOUT)
@@ -148,6 +164,8 @@ class TorchftStrategy(SyncStrategy):
             rank=0,
             world_size=1,
             lighthouse_addr=lighthouse,
+            store_addr=store[0] if store else None,
+            store_port=store[1] if store else None,
             replica_id=f"raydrat_{replica}",
             checkpoint_transport=PGTransport(pg, timeout=COLLECTIVE_TIMEOUT, device=device),
         )
