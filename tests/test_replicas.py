@@ -6,9 +6,12 @@ shows the death and the rejoin. Plus the one-line refusals."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from conftest import cli_env
 from faults import KillAt, StepTrace
 
 from raydrat.config import load_config
@@ -104,3 +107,19 @@ def test_torchft_refusals_name_the_keys():
                 "sync.fragments=2",
             ],
         )
+
+
+def test_torchft_missing_is_one_line_naming_the_extra(tmp_path):
+    """torchft made unimportable in a fresh interpreter: the run is refused before Ray starts."""
+    code = (
+        "import sys; sys.modules['torchft'] = None\n"
+        "from raydrat.cli import main\n"
+        "sys.exit(main(['train', 'debug', '--set', 'scaling.num_workers=2', '--set', 'sync.mode=local',"
+        f" '--set', 'sync.engine=torchft', '--set', 'train.storage_path={tmp_path}']))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=cli_env())
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1] == (
+        "raydrat: error: sync.engine=torchft needs the torchft package: pip install 'raydrat[torchft]'"
+    )
+    assert not any(tmp_path.iterdir())  # nothing started, nothing written

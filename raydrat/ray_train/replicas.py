@@ -31,12 +31,18 @@ on); a replica that is heartbeating but not yet in the quorum is waited for up t
 silent for 5 s is dead."""
 
 
+def check_engine(cfg: RaydratConfig) -> None:
+    """Refuse ``sync.engine: torchft`` without torchft installed, in one line naming the extra
+    (before Ray starts)."""
+    if cfg.sync.engine == "torchft" and not torchft_available():
+        raise ConfigError(TORCHFT_MISSING)
+
+
 def torch_config(cfg: RaydratConfig, use_gpu: bool) -> ray.train.torch.TorchConfig | None:
     """``TorchftConfig`` for ``sync.engine: torchft``, else ``None`` (Ray Train's default)."""
     if cfg.sync.engine != "torchft":
         return None
-    if not torchft_available():
-        raise ConfigError(TORCHFT_MISSING)
+    check_engine(cfg)
     return TorchftConfig(lighthouse_kwargs=dict(LIGHTHOUSE), backend="nccl" if use_gpu else "gloo")
 
 

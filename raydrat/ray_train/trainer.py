@@ -30,7 +30,7 @@ from raydrat.ray_train import resume
 from raydrat.ray_train.fits import check_cluster_fits, check_corpus_reaches_workers
 from raydrat.ray_train.models import log_run_models
 from raydrat.ray_train.preflight import check_data
-from raydrat.ray_train.replicas import torch_config
+from raydrat.ray_train.replicas import check_engine, torch_config
 from raydrat.ray_train.worker import train_loop_per_worker
 from raydrat.redact import redact_obj, redact_uri
 from raydrat.tracking import Run
@@ -234,6 +234,7 @@ def run_training(
     this driver's while it runs. A crash while training is :class:`raydrat.crash.RunCrashed`
     (one line of cause, the newest complete checkpoint; incomplete ones removed)."""
     t0 = time.perf_counter()
+    check_engine(cfg)
     record = resume.prepare_resume(cfg, resume_run) if resume_run else None
     if record is not None:  # the recorded URI has no password: the one to use, checked before any work
         record["tracking_uri"] = resume.tracking_uri_for(record, tracking.resolve_tracking_uri(cfg.tracking))
