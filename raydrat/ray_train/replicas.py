@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import ray.train
 import torch
 from ray.train.v2.torch.torchft_config import TorchftConfig
@@ -46,13 +48,34 @@ def torch_config(cfg: RaydratConfig, use_gpu: bool) -> ray.train.torch.TorchConf
     return TorchftConfig(lighthouse_kwargs=dict(LIGHTHOUSE), backend="nccl" if use_gpu else "gloo")
 
 
-def join_replicas(state: FitState, rank: int, device: torch.device, source: TrainSource) -> None:
+def replica_datasets(cfg: RaydratConfig, datasets: dict) -> dict:
+    """``{"val_dataset": ...}`` for the worker's loop config under ``sync.engine: torchft``
+    (empty otherwise): Ray Train 2.60 cannot hand a replaced replica group its share of the
+    trainer's datasets (``get_dataset_shard`` fails with an ``IndexError`` in the replacement),
+    so every worker iterates the val dataset itself."""
+    return {"val_dataset": datasets["val"]} if cfg.sync.engine == "torchft" and "val" in datasets else {}
+
+
+FINISHED_FILE = "replicas-finished"
+"""Written into the run's directory by a replica whose loop ended: a replacement that starts
+after that has no one to join and nothing left to train."""
+
+
+def finished(run_dir: str) -> bool:
+    return (Path(run_dir) / FINISHED_FILE).exists()
+
+
+def join_replicas(state: FitState, rank: int, device: torch.device, source: TrainSource, run_dir: str) -> None:
     """Connect this worker's replica group and join the others (see the module docstring);
     a worker that was behind starts from the step it took on, and reads the part of the
     training order (``source``) of the worker it replaces from the cursors the replicas last
-    agreed on (:mod:`raydrat.core.data.handover`). Nothing for other engines."""
+    agreed on (:mod:`raydrat.core.data.handover`). A replacement that arrives once the
+    others have finished (``run_dir`` says so) trains nothing. Nothing for other engines."""
     sync = state.techniques.sync
     if not isinstance(sync, TorchftStrategy):
+        return
+    if finished(run_dir):
+        state.start_step = state.train.steps
         return
     world = state.world_size
     check_one_reader(source.stream_count, world)
@@ -69,15 +92,18 @@ def join_replicas(state: FitState, rank: int, device: torch.device, source: Trai
     if sync.join():
         state.start_step = sync.done
         M.setup_logging().info(f"replica {rank} joined the others at step {sync.done} (healed from a live peer)")
+    if finished(run_dir):  # the others ended while this one waited in its first quorum
+        state.start_step = state.train.steps
 
 
 class ReplicaLog(Callback):
     """A replica that healed from a peer logs the step it took on (``replicas/healed_at_step``,
     the rejoin event; the others log the quorum's size and who left or joined it with their
-    sync metrics); every replica leaves the quorum when its loop ends."""
+    sync metrics); every replica leaves the quorum when its loop ends, and says so in
+    ``run_dir`` (:data:`FINISHED_FILE`)."""
 
-    def __init__(self, run: Run):
-        self.run = run
+    def __init__(self, run: Run, run_dir: str):
+        self.run, self.run_dir = run, run_dir
 
     def on_fit_start(self, state: FitState) -> None:
         sync = state.techniques.sync
@@ -87,4 +113,8 @@ class ReplicaLog(Callback):
     def on_fit_end(self, state: FitState) -> None:
         sync = state.techniques.sync
         if isinstance(sync, TorchftStrategy):
+            if state.step >= state.train.steps:
+                path = Path(self.run_dir)
+                path.mkdir(parents=True, exist_ok=True)
+                (path / FINISHED_FILE).write_text(f"{state.step}\n")
             sync.close()
