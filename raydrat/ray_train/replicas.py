@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import ray.train
@@ -61,6 +63,15 @@ FINISHED_FILE = "replicas-finished"
 after that has no one to join and nothing left to train."""
 
 
+def quiet_torchft() -> None:
+    """torchft's own logs at warnings only in this worker: its Python loggers, and its Rust
+    core's (``RUST_LOG``, read when the ``Manager`` starts), which otherwise print every
+    quorum and commit."""
+    os.environ.setdefault("RUST_LOG", "warn")
+    for name in ("torchft", "torchft_quorums", "torchft_commits"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def finished(run_dir: str) -> bool:
     return (Path(run_dir) / FINISHED_FILE).exists()
 
@@ -77,6 +88,7 @@ def join_replicas(state: FitState, rank: int, device: torch.device, source: Trai
     if finished(run_dir):
         state.start_step = state.train.steps
         return
+    quiet_torchft()
     world = state.world_size
     check_one_reader(source.stream_count, world)
     table = StreamTable(source.stream_count)
