@@ -237,7 +237,8 @@ class TorchftStrategy(SyncStrategy):
         self.commits += committed
         self.failed_commits += not committed
         payload = self._sync_payload_bytes()
-        self.comm.add_sent(ring_allreduce_bytes(payload, max(1, self.quorum_size)), start, time.perf_counter())
+        sent = ring_allreduce_bytes(payload, max(1, self.quorum_size))
+        self.comm.add_sent(sent, start, time.perf_counter(), step=self.done)
         return committed
 
     def _sync_payload_bytes(self) -> int:
