@@ -100,6 +100,8 @@ def test_torchft_refusals_name_the_keys():
         load_config(
             "debug", ["scaling.num_workers=2", "sync.mode=local", "sync.engine=torchft", "sync.quantization=int8"]
         )
+    with pytest.raises(ValueError, match=r"train.eval_every=10 with sync.engine=torchft must be a multiple of .* = 4"):
+        load_config("debug", ["scaling.num_workers=2", "sync.mode=local", "sync.engine=torchft", "sync.sync_steps=4"])
     with pytest.raises(ValueError, match=r"sync.fragments with sync.engine=torchft needs sync.outer_optimizer"):
         load_config(
             "debug",

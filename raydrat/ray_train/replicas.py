@@ -108,6 +108,21 @@ def join_replicas(state: FitState, rank: int, device: torch.device, source: Trai
         state.start_step = state.train.steps
 
 
+def may_report(state: FitState) -> bool:
+    """Whether this worker may call ``ray.train.report`` (a barrier over every worker) at this
+    step: always, but under ``sync.engine: torchft`` only when every replica took part in the
+    step's sync (the save steps are sync steps). A missing replica, or one that joined at this
+    step, would never reach the barrier: the others would wait there for it while it waits
+    for them in its first quorum. That save is skipped (the next one is taken)."""
+    sync = state.techniques.sync
+    if not isinstance(sync, TorchftStrategy) or sync.all_present():
+        return True
+    M.setup_logging().info(
+        f"step {state.step}: {sync.quorum_size} of {sync.world_size} replicas in the last sync: no checkpoint this time"
+    )
+    return False
+
+
 class ReplicaLog(Callback):
     """A replica that healed from a peer logs the step it took on (``replicas/healed_at_step``,
     the rejoin event; the others log the quorum's size and who left or joined it with their

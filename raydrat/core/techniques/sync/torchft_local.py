@@ -113,6 +113,8 @@ class TorchftStrategy(SyncStrategy):
         self.failed_commits = 0
         self._left = 0
         self._joined = 0
+        self.changed_at: int | None = None
+        """The step of the last sync whose quorum differed from the one before."""
         self._saved: dict | None = None
         self._shared: list[tuple[str, Callable[[object], None], Callable[[], object]]] = []
         self._agreements: list[tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor], None]]] = []
@@ -256,7 +258,15 @@ class TorchftStrategy(SyncStrategy):
         if self.quorum_size:
             self._left += max(0, self.quorum_size - size)
             self._joined += max(0, size - self.quorum_size)
+        if size != self.quorum_size:
+            self.changed_at = self.done
         self.quorum_size = size
+
+    def all_present(self) -> bool:
+        """Whether every replica took part in the last sync, and the same ones as in the sync
+        before (a replica that joined at the last sync starts after it: it does not take
+        part in what the others do at that step)."""
+        return self.quorum_size == self.world_size and self.changed_at != self.done
 
     def metrics(self) -> dict[str, float]:
         out = super().metrics()
