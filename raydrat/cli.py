@@ -367,6 +367,11 @@ def cmd_bench_sync(args: argparse.Namespace) -> int:
         sync_steps = ()
     if not sync_steps or min(sync_steps) < 1:
         raise UserError(f"--sync-steps {args.sync_steps!r}: give positive step counts like 4,16")
+    if args.faults is not None:
+        from raydrat.bench.sync_faults import run_fault_bench
+
+        run_fault_bench(cfg, args.faults, sync_steps, json_path=args.json)
+        return 0
     if args.link:
         run_sync_bench_over_link(
             cfg,
@@ -379,7 +384,9 @@ def cmd_bench_sync(args: argparse.Namespace) -> int:
             sync_steps=sync_steps,
         )
         return 0
-    run_sync_bench(cfg, latencies, json_path=args.json, workers=args.workers, sync_steps=sync_steps)
+    run_sync_bench(
+        cfg, latencies, json_path=args.json, workers=args.workers, sync_steps=sync_steps, torchft=args.torchft
+    )
     return 0
 
 
@@ -790,6 +797,20 @@ def _add_bench_sync_and_tracking(bench: argparse._SubParsersAction) -> None:
         metavar="RATE[,RATE...]",
         help="run on two Ray nodes in network namespaces joined by a link limited to each rate "
         "(Mbit/s) in turn, e.g. 1000,100,20 (needs root; else the one-node benchmark)",
+    )
+    p.add_argument(
+        "--faults",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="kill one replica's worker after STEP: ddp's whole-group restart against torchft local/H and "
+        "diloco/H (steps lost, seconds until the replacement trains, tokens/s alone, val loss)",
+    )
+    p.add_argument(
+        "--torchft",
+        action="store_true",
+        help="compare raydrat's own local/H, diloco/H and fp32 stream/H with torchft's (sync.engine=torchft), "
+        "row beside row, instead of the default rows",
     )
     p.add_argument("--json", help="write one record per row to this JSON file")
     p.set_defaults(func=cmd_bench_sync)

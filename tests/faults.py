@@ -17,6 +17,7 @@ import torch
 
 from raydrat.core.fit import Callback, FitState
 from raydrat.core.techniques.base import unwrap
+from raydrat.core.techniques.sync.strategy import model_checksum
 
 
 def oom_above(model: torch.nn.Module, limit: int):
@@ -53,6 +54,30 @@ class KillAt(Callback):
         if state.step == self.step and state.rank == self.rank and not state.restored:
             time.sleep(1.0)
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class StepTrace(Callback):
+    """Every rank appends one JSON line per optimizer step to ``directory/rank{r}.jsonl``:
+    its process id, the step, and a checksum of its parameters (and one line, ``"start"``,
+    with the step it starts from), so a test sees which process trained which step and
+    whether replicas agree. ``pace_s``: sleep that long after each step (a slower run, so a
+    replacement has time to start while the others train)."""
+
+    def __init__(self, directory: str, pace_s: float = 0.0):
+        self.directory, self.pace_s = directory, pace_s
+
+    def _write(self, state: FitState, **entry) -> None:
+        entry.update(pid=os.getpid(), checksum=model_checksum(state.model))
+        with open(Path(self.directory) / f"rank{state.rank}.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def on_fit_start(self, state: FitState) -> None:
+        self._write(state, start=state.start_step)
+
+    def on_step_end(self, state: FitState) -> None:
+        self._write(state, step=state.step)
+        if self.pace_s:
+            time.sleep(self.pace_s)
 
 
 class StopAt(Callback):

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import ray.train
+import ray.util
 import torch
 import torch.distributed as dist
 from ray.train.torch import TorchTrainer
@@ -47,6 +48,12 @@ from raydrat.core import metrics as M
 from raydrat.core.fit import Callback, FitState
 from raydrat.core.techniques.base import unwrap
 from raydrat.core.techniques.sync.strategy import model_checksum
+from raydrat.core.techniques.sync.torchft_local import (
+    TORCHFT_MISSING,
+    TorchftStrategy,
+    start_lighthouse,
+    torchft_available,
+)
 from raydrat.ray_session import ensure_ray
 from raydrat.tables import write_json
 
@@ -70,9 +77,32 @@ def streaming_variant(sync_steps: int, n_layer: int, quantization: str = "int8")
     }
 
 
-def default_variants(n_layer: int, sync_steps: tuple[int, ...] = DEFAULT_SYNC_STEPS) -> list[dict]:
+def torchft_variants(sync_steps: int, n_layer: int) -> list[dict]:
+    """The rows that compare torchft's LocalSGD / DiLoCo with raydrat's own at ``H``: both
+    engines for local/H, diloco/H and fp32 Streaming DiLoCo (the fragments and delay of
+    :func:`streaming_variant`, ``overlap_keep: 0``, which is what torchft's delayed exchange
+    does)."""
+    stream = {**streaming_variant(sync_steps, n_layer, "none"), "overlap_keep": 0.0}
+    out = []
+    for base in (
+        {"mode": "local", "sync_steps": sync_steps},
+        {"mode": "local", "sync_steps": sync_steps, "outer_optimizer": "nesterov"},
+        stream,
+    ):
+        out += [{**base, "engine": "raydrat"}, {**base, "engine": "torchft"}]
+    return out
+
+
+def default_variants(
+    n_layer: int, sync_steps: tuple[int, ...] = DEFAULT_SYNC_STEPS, torchft: bool = False
+) -> list[dict]:
+    """ddp, then per ``H``: local/H, diloco/H and stream-int8/H; with ``torchft``, instead the
+    rows of :func:`torchft_variants` (each of raydrat's beside torchft's)."""
     out = [{"mode": "ddp", "sync_steps": 1}]
     for h in sync_steps:
+        if torchft:
+            out += torchft_variants(h, n_layer)
+            continue
         out += [
             {"mode": "local", "sync_steps": h},
             {"mode": "local", "sync_steps": h, "outer_optimizer": "nesterov"},
@@ -85,10 +115,11 @@ def variant_label(v: dict) -> str:
     if v["mode"] == "ddp":
         return "ddp"
     h, quant = v["sync_steps"], v.get("quantization", "none")
+    ft = "torchft " if v.get("engine") == "torchft" else ""
     if v.get("fragments", 1) > 1 or v.get("delay", 0) or quant != "none":
         name = "stream" if v.get("outer_optimizer", "none") != "none" else "stream-avg"
-        return f"{name}{'-' + quant if quant != 'none' else ''}/{h}"
-    return f"{'diloco' if v.get('outer_optimizer', 'none') != 'none' else 'local'}/{h}"
+        return f"{ft}{name}{'-' + quant if quant != 'none' else ''}/{h}"
+    return f"{ft}{'diloco' if v.get('outer_optimizer', 'none') != 'none' else 'local'}/{h}"
 
 
 def wire_tx_bytes() -> int | None:
@@ -120,9 +151,12 @@ class SteadyComm(Callback):
         self.window = values
 
 
-def run_variant(cfg: RaydratConfig, variant: dict, data: LocalData, rank: int, world: int) -> dict:
+def run_variant(
+    cfg: RaydratConfig, variant: dict, data: LocalData, rank: int, world: int, lighthouse: str | None = None
+) -> dict:
     """Train one variant through ``fit`` in this worker (inside a Ray Train worker group) and
-    return its figures, identical on every rank (reduced across workers)."""
+    return its figures, identical on every rank (reduced across workers). A torchft variant's
+    replicas meet at the Lighthouse ``lighthouse``, each with a TCP store of its own."""
     sync = cfg.sync.model_validate({**cfg.sync.model_dump(), **{k: v for k, v in variant.items() if k != "latency_ms"}})
     tc = cfg.train.model_copy(update={"log_every": cfg.train.steps, "eval_every": cfg.train.steps})
     c = cfg.model_copy(update={"sync": sync, "train": tc})
@@ -130,16 +164,23 @@ def run_variant(cfg: RaydratConfig, variant: dict, data: LocalData, rank: int, w
     run = LocalRun.start(c, data.shard(rank, world), [comm], rank=rank, world_size=world)
     run.techniques.sync.comm.latency_s = variant.get("latency_ms", 0) / 1000.0  # the simulated slow link
     param_bytes = sum(p.numel() * p.element_size() for p in run.model.parameters())
+    strategy = run.techniques.sync
+    store = None
+    if isinstance(strategy, TorchftStrategy):
+        store = dist.TCPStore(ray.util.get_node_ip_address(), 0, is_master=True, wait_for_workers=False)
+        strategy.connect(rank, lighthouse, store=(ray.util.get_node_ip_address(), store.port))
+        strategy.join()
     dist.barrier()
     wire_start = wire_tx_bytes()
     run.run()
+    if isinstance(strategy, TorchftStrategy):
+        strategy.close()
     wire = None if wire_start is None else wire_tx_bytes() - wire_start
     steady_s = torch.tensor([run.steady_s()], dtype=torch.float64)
     dist.all_reduce(steady_s, op=dist.ReduceOp.MAX)  # the slower worker sets the pace
     checksums, wires = [None] * world, [None] * world
     dist.all_gather_object(checksums, model_checksum(unwrap(run.model)))
     dist.all_gather_object(wires, wire)
-    strategy = run.techniques.sync
     stats = strategy.comm
     tokens = len(run.timed_steps()) * run.state.tokens_per_step  # the steps steady_s times
     bytes_per_step = stats.total_bytes / tc.steps  # every step, the first too
@@ -150,6 +191,7 @@ def run_variant(cfg: RaydratConfig, variant: dict, data: LocalData, rank: int, w
         "outer_lr": sync.outer_lr if sync.outer_optimizer != "none" else None,
         "outer_momentum": sync.outer_momentum if sync.outer_optimizer != "none" else None,
         "quantization": sync.quantization,
+        "engine": sync.engine,
         "fragments": sync.fragments,
         "delay": sync.delay,
         "latency_ms": variant.get("latency_ms", 0),
@@ -174,7 +216,8 @@ def _bench_worker(loop_config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     world = ray.train.get_context().get_world_size()
     data: LocalData = loop_config["data"]
-    rows = [run_variant(cfg, v, data, rank, world) for v in loop_config["variants"]]
+    lighthouse = loop_config.get("lighthouse")
+    rows = [run_variant(cfg, v, data, rank, world, lighthouse) for v in loop_config["variants"]]
     # Train V2 returns the metrics of the latest checkpoint only: the rows travel in one.
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
@@ -191,9 +234,20 @@ def run_sync_workers(cfg: RaydratConfig, variants: list[dict], workers: int = 2)
     data = LocalData.load(cfg, workers=workers)
     if len(data.train) < workers:
         raise RuntimeError("corpus too small for the sync benchmark: lower train.batch_size")
+    lighthouse = None
+    if any(v.get("engine") == "torchft" for v in variants):
+        if not torchft_available():
+            raise ConfigError(TORCHFT_MISSING)
+        # every replica is in every quorum: a variant's replicas start together
+        lighthouse = start_lighthouse(min_replicas=workers, join_timeout_ms=1000)
     trainer = TorchTrainer(
         _bench_worker,
-        train_loop_config={"config": cfg.to_dict(), "variants": variants, "data": data},
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "variants": variants,
+            "data": data,
+            "lighthouse": lighthouse.address() if lighthouse else None,
+        },
         torch_config=ray.train.torch.TorchConfig(backend="gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers,
@@ -205,7 +259,11 @@ def run_sync_workers(cfg: RaydratConfig, variants: list[dict], workers: int = 2)
             storage_path=str(Path(tc.storage_path).resolve()),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        if lighthouse is not None:
+            lighthouse.shutdown()
     with result.checkpoint.as_directory() as d:
         return json.loads(Path(d, ROWS_FILE).read_text())
 
@@ -216,10 +274,13 @@ def run_sync_bench(
     json_path: str | None = None,
     workers: int = 2,
     sync_steps: tuple[int, ...] = DEFAULT_SYNC_STEPS,
+    torchft: bool = False,
 ) -> list[dict]:
     latencies_ms = latencies_ms or [0]
     variants = [
-        {**v, "latency_ms": lat} for lat in latencies_ms for v in default_variants(cfg.model.n_layer, sync_steps)
+        {**v, "latency_ms": lat}
+        for lat in latencies_ms
+        for v in default_variants(cfg.model.n_layer, sync_steps, torchft)
     ]
     rows = [{**r, "link_mbit": None} for r in run_sync_workers(cfg, variants, workers)]
     print_sync_tables(cfg, rows, workers)

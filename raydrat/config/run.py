@@ -58,6 +58,14 @@ class RaydratConfig(Section):
             )
         if self.sync.mode == "fsdp":
             _check_fsdp(self)
+        if self.sync.engine == "torchft" and self.scaling.num_workers < 2:
+            raise ValueError(
+                f"sync.engine=torchft with scaling.num_workers={self.scaling.num_workers}: a replica "
+                "alone has no peer to sync with or to recover from; set scaling.num_workers to 2 or "
+                "more, or remove sync.engine"
+            )
+        if self.sync.engine == "torchft":
+            _check_torchft_saves(self)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -69,6 +77,19 @@ class RaydratConfig(Section):
     def flat(self) -> dict[str, Any]:
         """Flattened ``{"section.key": value}`` view (MLflow params, Tune spaces)."""
         return flatten(self.to_dict())
+
+
+def _check_torchft_saves(cfg: RaydratConfig) -> None:
+    """Under ``sync.engine: torchft`` the replicas report checkpoints right after a sync that
+    every replica took part in: the save steps must be sync steps."""
+    every = cfg.sync.sync_steps // cfg.sync.fragments
+    for key, value in (("eval_every", cfg.train.eval_every), ("checkpoint_every", cfg.train.checkpoint_every)):
+        if value and value % every:
+            raise ValueError(
+                f"train.{key}={value} with sync.engine=torchft must be a multiple of the steps between two "
+                f"syncs (sync.sync_steps / sync.fragments = {every}): checkpoints are taken right after a sync "
+                f"every replica took part in; set train.{key} to a multiple of {every}"
+            )
 
 
 def _check_fsdp(cfg: RaydratConfig) -> None:

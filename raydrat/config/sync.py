@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 from raydrat.config.base import Section, changed_fields
 
 LOCAL_ONLY = (
+    "engine",
     "sync_steps",
     "average_optimizer_state",
     "outer_optimizer",
@@ -25,6 +26,13 @@ LOCAL_ONLY = (
 DDP_ONLY = ("bucket_cap_mb", "find_unused_parameters")
 ONLY_FOR = {"ddp": DDP_ONLY, "local": LOCAL_ONLY}
 """The settings that mean something in one mode only (the others refuse them)."""
+TORCHFT_LACKS = {
+    "average_optimizer_state": "torchft averages the parameters or pseudo-gradients only",
+    "outer_warmup": "torchft's outer optimizer has no warm-up",
+    "quantization": "torchft's quantized all-reduce needs Triton on a CUDA GPU",
+    "quant_block": "torchft's quantized all-reduce needs Triton on a CUDA GPU",
+}
+"""The ``local`` settings torchft's LocalSGD / DiLoCo have no counterpart for, and why."""
 
 
 class SyncConfig(Section):
@@ -40,6 +48,16 @@ class SyncConfig(Section):
     state, gathers a block's parameters for its forward and backward, and reduce-scatters
     its gradients every step; for models whose training state does not fit one worker (see
     docs/distributed.md). With one worker every mode is plain training."""
+    engine: Literal["raydrat", "torchft"] = "raydrat"
+    """``local`` only: who runs the local updates. ``raydrat``: raydrat's own exchange over
+    the worker group's process group; any failure restarts every worker from the last
+    checkpoint. ``torchft``: each Ray Train worker is a torchft replica group with its own
+    ``Manager`` (Ray Train's ``TorchftConfig`` runs the Lighthouse): torchft's ``LocalSGD``
+    (no outer optimizer) or ``DiLoCo`` (``outer_optimizer: nesterov``, streaming with
+    ``fragments``) sync the replicas that are alive, a dead replica is replaced alone, and
+    its replacement takes the parameters and outer-optimizer state from a live peer at the
+    next sync (see docs/distributed.md). Needs ``pip install 'raydrat[torchft]'`` and at
+    least two workers."""
     sync_steps: int = Field(1, ge=1)
     """``local`` only: optimizer steps between two syncs of the same parameters (H)."""
     average_optimizer_state: bool = False
@@ -96,7 +114,33 @@ class SyncConfig(Section):
                 )
         if self.mode == "local":
             self._check_streaming()
+        if self.engine == "torchft":
+            self._check_torchft()
         return self
+
+    def _check_torchft(self) -> None:
+        for key, why in TORCHFT_LACKS.items():
+            if key in self.model_fields_set and getattr(self, key) != type(self).model_fields[key].default:
+                raise ValueError(
+                    f"sync.{key} cannot be combined with sync.engine=torchft: {why}; "
+                    f"remove sync.{key} or set sync.engine=raydrat"
+                )
+        if self.delay and self.overlap_keep != 0:
+            raise ValueError(
+                f"sync.delay with sync.engine=torchft needs sync.overlap_keep=0 (got {self.overlap_keep:g}): "
+                "torchft's DiLoCo sets a fragment to the new global weights when its delayed exchange "
+                "lands; set sync.overlap_keep=0 or sync.engine=raydrat"
+            )
+        if self.delay and self.outer_optimizer == "none":
+            raise ValueError(
+                "sync.delay with sync.engine=torchft needs sync.outer_optimizer=nesterov: torchft's "
+                "delayed exchange is DiLoCo's; set sync.outer_optimizer=nesterov or remove sync.delay"
+            )
+        if self.fragments > 1 and self.outer_optimizer == "none":
+            raise ValueError(
+                "sync.fragments with sync.engine=torchft needs sync.outer_optimizer=nesterov: torchft "
+                "streams fragments in DiLoCo only; set sync.outer_optimizer=nesterov or sync.fragments=1"
+            )
 
     def _check_streaming(self) -> None:
         H, F = self.sync_steps, self.fragments

@@ -38,6 +38,15 @@ COMM_MIB_PER_STEP = "system/comm_mib_per_step"
 COMM_S_PER_STEP = "system/comm_s_per_step"
 COMM_FRACTION = "system/comm_fraction"
 COMM_MIB_TOTAL = "system/comm_mib_total"
+# Local updates on torchft replica groups (raydrat.core.techniques.sync.torchft_local), per
+# logging window: the replicas in the last sync's quorum, the replicas that left it and that
+# joined it (deaths and rejoins), and the syncs that did not commit.
+QUORUM_SIZE = "replicas/quorum_size"
+REPLICAS_LEFT = "replicas/left"
+REPLICAS_JOINED = "replicas/joined"
+SYNC_COMMITS_FAILED = "replicas/failed_commits"
+# Logged once by a replica that joined the others by healing from a live peer: the step it took on.
+HEALED_AT_STEP = "replicas/healed_at_step"
 # Logged once when a worker group starts from a checkpoint (after a failure or --resume).
 RESUMED_FROM_STEP = "resumed_from_step"
 

@@ -23,6 +23,7 @@ import ray.util
 from raydrat.core import metrics as M
 from raydrat.core.checkpoint import state as S
 from raydrat.core.fit import Callback, FitState
+from raydrat.ray_train.replicas import may_report
 from raydrat.ray_train.resume import choose_checkpoint, describe_choice
 
 
@@ -37,6 +38,8 @@ class RayReport(Callback):
         self.config = config
 
     def on_save(self, state: FitState, report: dict[str, float]) -> None:
+        if not may_report(state):
+            return
         where = {"node_ip": ray.util.get_node_ip_address()}  # the node this rank ran on
         with S.temporary_checkpoint(
             state.model,

@@ -30,6 +30,7 @@ from raydrat.ray_train import resume
 from raydrat.ray_train.fits import check_cluster_fits, check_corpus_reaches_workers
 from raydrat.ray_train.models import log_run_models
 from raydrat.ray_train.preflight import check_data
+from raydrat.ray_train.replicas import check_engine, replica_datasets, torch_config
 from raydrat.ray_train.worker import train_loop_per_worker
 from raydrat.redact import redact_obj, redact_uri
 from raydrat.tracking import Run
@@ -127,11 +128,13 @@ def build_trainer(
             "callbacks": list(fit_callbacks),
             "train_source": train_source,
             "data_counter": data_counter,
+            **replica_datasets(cfg, datasets),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers, use_gpu=runtime.use_gpu, resources_per_worker=resources
         ),
-        datasets=datasets,
+        torch_config=torch_config(cfg, runtime.use_gpu),
+        datasets={} if replica_datasets(cfg, datasets) else datasets,
         dataset_config=_data_config(),
         run_config=ray.train.RunConfig(
             name=run_name or cfg.name,
@@ -232,6 +235,7 @@ def run_training(
     this driver's while it runs. A crash while training is :class:`raydrat.crash.RunCrashed`
     (one line of cause, the newest complete checkpoint; incomplete ones removed)."""
     t0 = time.perf_counter()
+    check_engine(cfg)
     record = resume.prepare_resume(cfg, resume_run) if resume_run else None
     if record is not None:  # the recorded URI has no password: the one to use, checked before any work
         record["tracking_uri"] = resume.tracking_uri_for(record, tracking.resolve_tracking_uri(cfg.tracking))

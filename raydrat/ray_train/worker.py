@@ -24,6 +24,7 @@ from raydrat.ray_data.stream import train_stream
 from raydrat.ray_session import quiet_ray_data
 from raydrat.ray_train.callbacks import RunMetrics
 from raydrat.ray_train.checkpoints import RayReport, restore_latest
+from raydrat.ray_train.replicas import ReplicaLog, join_replicas
 from raydrat.tracking import Run
 
 
@@ -50,8 +51,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         own_state = restore_latest(state, loop_config["run_dir"], loop_config["checkpoints_since"])
     if not own_state:
         torch.manual_seed(tc.seed + 1000 * rank + state.start_step)
+    # sync.engine=torchft: a replacement takes a live peer's state and the dead worker's data part
+    join_replicas(state, rank, device, loop_config["train_source"], loop_config["run_dir"])
 
-    val_shard = ray.train.get_dataset_shard("val")
+    val_shard = loop_config["val_dataset"] if "val_dataset" in loop_config else ray.train.get_dataset_shard("val")
 
     def val_batches():
         batches = val_shard.iter_torch_batches(
@@ -70,5 +73,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         cfg.data.prefetch_batches,
         loop_config.get("data_counter"),
     )
-    callbacks = [ConsoleLog(), RunMetrics(run), RayReport(cfg.to_dict()), *loop_config.get("callbacks", [])]
+    callbacks = [
+        ConsoleLog(),
+        RunMetrics(run),
+        RayReport(cfg.to_dict()),
+        ReplicaLog(run, loop_config["run_dir"]),
+        *loop_config.get("callbacks", []),
+    ]
     fit(state, stream, val_batches, callbacks)

@@ -1,0 +1,131 @@
+"""Local updates on torchft replica groups (sync.engine: torchft) under Ray Train: a replica
+killed mid-run is replaced alone; the survivor never restarts or repeats a step, the
+replacement joins with the survivor's exact weights at its first sync, and the MLflow run
+shows the death and the rejoin. Plus the one-line refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import cli_env
+from faults import KillAt, StepTrace
+
+from raydrat.config import load_config
+from raydrat.core import metrics as M
+from raydrat.ray_train.trainer import run_training
+
+STEPS, H, KILL = 40, 4, 10
+
+
+def _cfg(demo_dir: Path, tmp: Path, *extra: str):
+    return load_config(
+        "debug",
+        [
+            f"data.demo_dir={demo_dir}",
+            f"train.storage_path={tmp / 'runs'}",
+            f"train.steps={STEPS}",
+            f"train.eval_every={STEPS}",
+            "train.log_every=1",
+            "train.max_failures=3",
+            f"tracking.tracking_uri=sqlite:///{tmp / 'mlruns.db'}",
+            "scaling.num_workers=2",
+            "scaling.cpus_per_worker=0.5",
+            "sync.mode=local",
+            "sync.engine=torchft",
+            f"sync.sync_steps={H}",
+            *extra,
+        ],
+    )
+
+
+def _trace(directory: Path, rank: int) -> list[dict]:
+    return [json.loads(line) for line in (directory / f"rank{rank}.jsonl").read_text().splitlines()]
+
+
+def _history(db: Path, run_id: str, key: str) -> dict[int, float]:
+    from mlflow.tracking import MlflowClient
+
+    return {m.step: m.value for m in MlflowClient(f"sqlite:///{db}").get_metric_history(run_id, key)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outer", ["none", "nesterov"])
+def test_killed_replica_is_replaced_alone_and_rejoins_with_the_survivors_weights(ray_local, demo_dir, tmp_path, outer):
+    traces = tmp_path / "trace"
+    traces.mkdir()
+    cfg = _cfg(demo_dir, tmp_path, f"sync.outer_optimizer={outer}")
+    summary = run_training(cfg, fit_callbacks=[StepTrace(str(traces), pace_s=0.4), KillAt(KILL, rank=1)])
+    assert summary.steps == STEPS
+
+    # rank 0 never restarted, never went back, never repeated a step (it may start after step
+    # 0: a replica that starts late joins the first ones, healed, at their sync)
+    survivor = _trace(traces, 0)
+    assert len({e["pid"] for e in survivor}) == 1
+    first = survivor[0]["start"]
+    assert first < KILL
+    steps = [e["step"] for e in survivor if "step" in e]
+    assert steps == list(range(first + 1, STEPS + 1))
+
+    lines = _trace(traces, 1)
+    pids = list(dict.fromkeys(e["pid"] for e in lines))
+    assert len(pids) == 2, pids  # the killed process and its replacement
+    dead = [e["step"] for e in lines if e["pid"] == pids[0] and "step" in e]
+    assert max(dead) == KILL
+    joined = [e for e in lines if e["pid"] == pids[1]]
+    start = joined[0]["start"]
+    assert KILL < start < STEPS and start % H == 0  # it rejoined at a sync of the survivor's
+    at_sync = {e["step"]: e["checksum"] for e in survivor if "step" in e}
+    assert joined[0]["checksum"] == at_sync[start]  # exactly the survivor's weights after that sync
+
+    db = tmp_path / "mlruns.db"
+    left = _history(db, summary.mlflow_run_id, M.REPLICAS_LEFT)
+    assert sum(left.values()) >= 1 and min(s for s, v in left.items() if v) > KILL
+    quorum = _history(db, summary.mlflow_run_id, M.QUORUM_SIZE)
+    assert 1.0 in quorum.values() and quorum[STEPS] == 2.0
+    rejoined = _history(db, summary.mlflow_run_id, M.REPLICAS_JOINED)
+    healed = _history(db, summary.mlflow_run_id, M.HEALED_AT_STEP)
+    assert healed[start] == float(start) and sum(rejoined.values()) >= 1
+
+
+def test_torchft_refusals_name_the_keys():
+    with pytest.raises(ValueError, match=r"sync.engine=torchft with scaling.num_workers=1.*set scaling.num_workers"):
+        load_config("debug", ["sync.mode=local", "sync.engine=torchft"])
+    with pytest.raises(ValueError, match=r"sync.engine only apply to sync.mode=local, not sync.mode=fsdp"):
+        load_config("debug", ["scaling.num_workers=2", "sync.mode=fsdp", "sync.engine=torchft"])
+    with pytest.raises(ValueError, match=r"sync.quantization cannot be combined with sync.engine=torchft.*Triton"):
+        load_config(
+            "debug", ["scaling.num_workers=2", "sync.mode=local", "sync.engine=torchft", "sync.quantization=int8"]
+        )
+    with pytest.raises(ValueError, match=r"train.eval_every=10 with sync.engine=torchft must be a multiple of .* = 4"):
+        load_config("debug", ["scaling.num_workers=2", "sync.mode=local", "sync.engine=torchft", "sync.sync_steps=4"])
+    with pytest.raises(ValueError, match=r"sync.fragments with sync.engine=torchft needs sync.outer_optimizer"):
+        load_config(
+            "debug",
+            [
+                "scaling.num_workers=2",
+                "sync.mode=local",
+                "sync.engine=torchft",
+                "sync.sync_steps=4",
+                "sync.fragments=2",
+            ],
+        )
+
+
+def test_torchft_missing_is_one_line_naming_the_extra(tmp_path):
+    """torchft made unimportable in a fresh interpreter: the run is refused before Ray starts."""
+    code = (
+        "import sys; sys.modules['torchft'] = None\n"
+        "from raydrat.cli import main\n"
+        "sys.exit(main(['train', 'debug', '--set', 'scaling.num_workers=2', '--set', 'sync.mode=local',"
+        f" '--set', 'sync.engine=torchft', '--set', 'train.storage_path={tmp_path}']))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=cli_env())
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1] == (
+        "raydrat: error: sync.engine=torchft needs the torchft package: pip install 'raydrat[torchft]'"
+    )
+    assert not any(tmp_path.iterdir())  # nothing started, nothing written

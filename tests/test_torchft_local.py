@@ -1,0 +1,113 @@
+"""torchft's LocalSGD / DiLoCo behind raydrat's sync strategy (sync.engine: torchft), without
+Ray: replica processes meet at a Lighthouse in the test process; one is killed between two
+syncs and a new process takes its place. The survivor keeps stepping (its quorum shrinks to
+itself), never repeats a step, and the replacement, healed from it, holds exactly the
+survivor's weights after the sync it joins at, and its step."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from raydrat.config.sync import SyncConfig
+from raydrat.core.techniques.sync.strategy import model_checksum
+from raydrat.core.techniques.sync.torchft_local import TorchftStrategy, model_fragments, start_lighthouse
+
+pytestmark = pytest.mark.slow
+
+STEPS, H, DIES_AFTER, PACE_S = 48, 4, 9, 0.5
+"""The survivor sleeps PACE_S after each step: a new process takes seconds to start here."""
+
+
+class Tiny(nn.Module):
+    """Blocks in a ``layers`` ModuleDict, as the GPT has (for fragments)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(4, 8)
+        self.layers = nn.ModuleDict({str(i): nn.Linear(8, 8) for i in range(2)})
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        x = self.emb(x)
+        for block in self.layers.values():
+            x = torch.tanh(block(x))
+        return self.head(x)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _replica(index: int, lighthouse: str, sync: dict, dies_after: int | None, out) -> None:
+    port = _free_port()
+    store = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    torch.manual_seed(index)  # different initial weights: the first quorum makes them one
+    model = Tiny()
+    strategy = TorchftStrategy(SyncConfig(mode="local", engine="torchft", sync_steps=H, **sync), 2)
+    strategy.apply(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    strategy.attach_optimizer(optimizer)
+    strategy.connect(index, lighthouse, store=("127.0.0.1", port))
+    healed = strategy.join()
+    out.put((index, os.getpid(), "start", strategy.done, model_checksum(model), healed))
+    g = torch.Generator().manual_seed(100 + index)
+    for step in range(strategy.done, STEPS):
+        loss = model(torch.randn(16, 4, generator=g)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        synced = strategy.after_optimizer_step(step + 1)
+        out.put((index, os.getpid(), "step", step + 1, model_checksum(model), synced))
+        if step + 1 == dies_after:
+            os._exit(1)
+        time.sleep(PACE_S)
+    strategy.close()
+    del store
+
+
+def test_model_fragments_cover_every_parameter_once():
+    model = Tiny()
+    frags = model_fragments(model, 2)
+    ids = [id(p) for f in frags for p in f.parameters()]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    assert {id(p) for p in frags[1].parameters()} == {id(p) for p in model.layers["1"].parameters()}
+
+
+@pytest.mark.parametrize(
+    "sync", [{}, {"outer_optimizer": "nesterov"}, {"outer_optimizer": "nesterov", "fragments": 2}], ids=str
+)
+def test_a_killed_replica_is_replaced_and_rejoins_with_the_survivors_weights(sync):
+    lighthouse = start_lighthouse(min_replicas=1, join_timeout_ms=5000, heartbeat_timeout_ms=2000)
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    survivor = ctx.Process(target=_replica, args=(0, lighthouse.address(), sync, None, out))
+    dying = ctx.Process(target=_replica, args=(1, lighthouse.address(), sync, DIES_AFTER, out))
+    survivor.start()
+    dying.start()
+    dying.join(timeout=300)
+    replacement = ctx.Process(target=_replica, args=(1, lighthouse.address(), sync, None, out))
+    replacement.start()
+    survivor.join(timeout=300)
+    replacement.join(timeout=300)
+    lighthouse.shutdown()
+    events = []
+    while not out.empty():
+        events.append(out.get())
+    assert survivor.exitcode == 0 and replacement.exitcode == 0
+
+    mine = [e for e in events if e[0] == 0 and e[2] == "step"]
+    assert [e[3] for e in mine] == list(range(1, STEPS + 1))  # never back, never twice
+    joined = next(e for e in events if e[1] == replacement.pid and e[2] == "start")
+    at = joined[3]
+    assert joined[5] and DIES_AFTER < at <= STEPS  # healed from the survivor, at a later step
+    survivor_at = next(e for e in mine if e[3] == at)
+    assert joined[4] == survivor_at[4]  # exactly the survivor's weights after that sync
