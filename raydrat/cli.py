@@ -511,6 +511,13 @@ def _add_model_commands(sub: argparse._SubParsersAction) -> None:
         help="at most this many batches (default: train.eval_batches on the validation split, all of --data)",
     )
     p.add_argument("--batch-size", type=int, default=None, help="default: train.batch_size")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        metavar="URI",
+        help="log into a new run (eval-RUN) in this MLflow store; default: the training run itself, "
+        "or the current store when the run's own cannot be reached",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export", help="write a trained model for transformers (hf) or as raydrat safetensors")

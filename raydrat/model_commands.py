@@ -131,19 +131,56 @@ def _eval_batches(cfg, data: str | None, batch_size: int):
         yield torch.from_numpy(np.stack(chunk)).long()
 
 
-def _tracked_run(loaded) -> tracking.Run:
-    """The MLflow run that trained the checkpoint (what it left undelivered is delivered
-    first), or ``Run.off()`` when no tracked run wrote it."""
+def _tracked_run(loaded, store: str | None = None) -> tracking.Run:
+    """Where ``eval`` logs: the MLflow run that trained the checkpoint (what it left
+    undelivered is delivered first); a new run beside it in ``store`` (``--tracking-uri``),
+    or in the current store (``tracking.tracking_uri`` / ``$MLFLOW_TRACKING_URI``) when the
+    run's own store cannot be reached; ``Run.off()`` when no tracked run wrote it."""
     run_dir = Path(loaded.source).parent
     if loaded.cfg is None or not (run_dir / resume.RUN_FILE).is_file():
-        return tracking.Run.off()
+        return tracking.Run.off() if store is None else _eval_run(loaded, store, None)
     record = resume.read_run_record(run_dir)
+    if store is not None:
+        return _eval_run(loaded, store, record)
     if not record.get("mlflow_run_id"):
         return tracking.Run.off()
-    uri = resume.tracking_uri_for(record, tracking.resolve_tracking_uri(loaded.cfg.tracking))
+    current = tracking.resolve_tracking_uri(loaded.cfg.tracking)
+    try:
+        uri = resume.tracking_uri_for(record, current)
+    except resume.ResumeError:  # its password is not recorded and the current store is another one
+        print(
+            f"raydrat: the run's store {record['tracking_uri']} needs its password, which is not recorded: "
+            "logging to the current store instead",
+            file=sys.stderr,
+        )
+        return _eval_run(loaded, current, record)
     run = tracking.Run.attach(uri, record["mlflow_run_id"], tracking.backlog_in(run_dir))
-    run.settle(quiet=True)
+    try:
+        run.settle()
+        away = run.status() is None  # None: the store did not answer
+    except tracking.TrackingUnavailable:
+        away = True
+    if away and current and redact_uri(current) != redact_uri(uri):  # the current store is another one
+        print(
+            f"raydrat: the run's store {redact_uri(uri)} is unreachable: logging to the current store instead",
+            file=sys.stderr,
+        )
+        return _eval_run(loaded, current, record)
     return run
+
+
+def _eval_run(loaded, store: str, record: dict | None) -> tracking.Run:
+    """A run of its own for an evaluation in ``store``: ``eval-<the training run>``, tagged
+    with the run it evaluates (its store's URI redacted) and the checkpoint."""
+    name = (record or {}).get("run_name") or Path(loaded.source).name
+    tags = {"raydrat.evaluates.checkpoint": str(loaded.source)}
+    if record and record.get("mlflow_run_id"):
+        tags["raydrat.evaluates.run"] = f"{redact_uri(record.get('tracking_uri') or '')} {record['mlflow_run_id']}"
+    experiment = loaded.cfg.tracking.experiment if loaded.cfg is not None else "raydrat"
+    try:
+        return tracking.Run.start(store, experiment, f"eval-{name}", tags=tags)
+    except tracking.TrackingUnavailable as exc:
+        raise ConfigError(f"--tracking-uri {redact_uri(store)}: {exc}") from None
 
 
 def _log_to_run(run: tracking.Run, metrics: dict[str, float], step: int) -> str:
@@ -167,7 +204,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     cfg = loaded.cfg
     tok, _ = _tokenizer(loaded)
-    run = _tracked_run(loaded)  # before the work: a store it cannot name is refused now
+    run = _tracked_run(loaded, args.tracking_uri)  # before the work: a store it cannot name is refused now
     max_batches = args.batches or (cfg.train.eval_batches if args.data is None else None)
     batch_size = args.batch_size or cfg.train.batch_size
     progress = Progress("eval", "batches", max_batches, tokens_per_unit=batch_size * cfg.model.seq_len)

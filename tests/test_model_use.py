@@ -209,6 +209,36 @@ def test_eval_names_the_store_with_its_password_masked_or_says_the_run_was_not_t
     assert "s3cret" not in out + err
 
 
+def test_eval_logs_to_the_current_store_when_the_runs_own_is_away_or_to_the_one_named(
+    demo_dir, tmp_path, capsys, monkeypatch
+):
+    """The run's store unreachable and the current store another one: a run of its own,
+    eval-RUN, in the current store, tagged with the run it evaluates (password masked);
+    --tracking-uri: such a run in the store named, the training run's store untouched."""
+    cfg = debug_cfg(demo_dir, tmp_path / "runs")
+    ckpt = save_run(cfg, "away")
+    current = f"sqlite:///{tmp_path / 'current.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", current)
+    client = MlflowClient(current)
+    # the run's store is a server that does not answer; then one whose password was not recorded
+    for recorded, shown in (("http://127.0.0.1:9", "http://127.0.0.1:9"), ("http://al:s3cret@127.0.0.1:9", None)):
+        resume.write_run_record(cfg, "away", recorded, "0" * 32)
+        code, out, err = cli(capsys, "eval", str(ckpt), "--batches", "1")
+        assert code == 0, err
+        assert "logging to the current store instead" in err and "s3cret" not in out + err
+        run = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1)[0]
+        assert run.info.run_name == "eval-away" and "eval/loss" in run.data.metrics
+        assert run.data.tags["raydrat.evaluates.run"] == f"{shown or 'http://al:***@127.0.0.1:9'} {'0' * 32}"
+        assert out.splitlines()[-1] == f"  logged to MLflow run {run.info.run_id} in {current}"
+
+    named = f"sqlite:///{tmp_path / 'named.db'}"
+    code, out, err = cli(capsys, "eval", str(ckpt), "--batches", "1", "--tracking-uri", named)
+    assert code == 0, err
+    client = MlflowClient(named)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.run_name == "eval-away" and out.splitlines()[-1].endswith(f"in {named}")
+
+
 def test_generate_into_a_pipe_prints_its_progress_on_stderr_and_the_text_alone_on_stdout(run, capsys, monkeypatch):
     from raydrat import progress
 
