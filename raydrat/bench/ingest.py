@@ -287,33 +287,7 @@ def run_ingest(
             if not tok_path.exists():
                 c.data.tokenizer_sample_docs = 4000
                 train_tokenizer_on_sources(c.data, c.model.vocab_size, str(tok_path))
-            source = _source(c)
-            base, many, one = best_of(
-                2,
-                lambda c=c: baseline_ingest(c),
-                lambda source=source, c=c: stream_ingest(source, c.train.seed, cpus),
-                lambda source=source, c=c: stream_ingest(source, c.train.seed, 1),
-            )
-            results.append(
-                {
-                    "corpus_mb": mb,
-                    "stream_tokens_per_s": many["tokens_per_s"],
-                    "stream_one_reader_tokens_per_s": one["tokens_per_s"],
-                    "baseline_tokens_per_s": base["tokens_per_s"],
-                    "ratio": many["tokens_per_s"] / base["tokens_per_s"],
-                    "train_tokens_per_s": train_tps,
-                    "ingest_over_train": many["tokens_per_s"] / train_tps,
-                    "tokens": many["tokens"],
-                    "tokens_match": many["tokens"] == base["tokens"] == one["tokens"],
-                    "peak_rss_mb": {
-                        "driver": many["peak_rss_driver_mb"],
-                        "reader": many["peak_rss_reader_mb"],
-                        "one_reader": one["peak_rss_reader_mb"],
-                        "baseline": base["peak_rss_driver_mb"],
-                    },
-                    "wall_s": {"stream": many["wall_s"], "one_reader": one["wall_s"], "baseline": base["wall_s"]},
-                }
-            )
+            results.append(_sized_row(c, mb, cpus, train_tps))
         for mb in huge_mb:
             path = generate_huge_document(root / f"huge-{mb:g}mb" / "doc.txt", mb)
             c = cfg.model_copy(deep=True)
@@ -322,6 +296,54 @@ def run_ingest(
             one = stream_ingest(_source(c), c.train.seed, 1)
             huge.append({"document_mb": mb, **one})
     load_end = load_average()
+    _print(cfg, results, huge, cpus, train_tps, load_start, load_end)
+    figures = {
+        "config": cfg.name,
+        "cpus": cpus,
+        "train_tokens_per_s": train_tps,
+        "sizes": results,
+        "huge_documents": huge,
+        "load_average": [load_start, load_end],
+    }
+    if json_path:
+        write_json(json_path, figures)
+    return figures
+
+
+def _sized_row(c: RaydratConfig, mb: float, cpus: int, train_tps: float) -> dict:
+    """One generated corpus: the stream with every CPU a reader and with one, against the
+    baseline, each the best of 2 interleaved runs."""
+    source = _source(c)
+    base, many, one = best_of(
+        2,
+        lambda c=c: baseline_ingest(c),
+        lambda source=source, c=c: stream_ingest(source, c.train.seed, cpus),
+        lambda source=source, c=c: stream_ingest(source, c.train.seed, 1),
+    )
+    return {
+        "corpus_mb": mb,
+        "stream_tokens_per_s": many["tokens_per_s"],
+        "stream_one_reader_tokens_per_s": one["tokens_per_s"],
+        "baseline_tokens_per_s": base["tokens_per_s"],
+        "ratio": many["tokens_per_s"] / base["tokens_per_s"],
+        "train_tokens_per_s": train_tps,
+        "ingest_over_train": many["tokens_per_s"] / train_tps,
+        "tokens": many["tokens"],
+        "tokens_match": many["tokens"] == base["tokens"] == one["tokens"],
+        "peak_rss_mb": {
+            "driver": many["peak_rss_driver_mb"],
+            "reader": many["peak_rss_reader_mb"],
+            "one_reader": one["peak_rss_reader_mb"],
+            "baseline": base["peak_rss_driver_mb"],
+        },
+        "wall_s": {"stream": many["wall_s"], "one_reader": one["wall_s"], "baseline": base["wall_s"]},
+    }
+
+
+def _print(
+    cfg: RaydratConfig, results: list[dict], huge: list[dict], cpus: int, train_tps: float, load_start, load_end
+) -> None:
+    """The table: one row per corpus size, then one per huge document."""
     rows = [
         [
             f"{r['corpus_mb']:g} MB parquet",
@@ -369,14 +391,3 @@ def run_ingest(
         footer="goals on 2 cores: (a)/(b) >= 0.8, ingest/train >= 10x, a reader's peak RSS flat in corpus "
         "and document size",
     )
-    figures = {
-        "config": cfg.name,
-        "cpus": cpus,
-        "train_tokens_per_s": train_tps,
-        "sizes": results,
-        "huge_documents": huge,
-        "load_average": [load_start, load_end],
-    }
-    if json_path:
-        write_json(json_path, figures)
-    return figures
