@@ -93,22 +93,28 @@ def test_bench_overhead_prints_and_writes_both_loops(ray_local, demo_dir: Path, 
 
 def test_bench_ingest_prints_and_writes_every_pipeline(ray_local, tmp_path: Path, capsys):
     path = tmp_path / "ingest.json"
-    rc = main(["bench", "ingest", "debug", "--mb", "0.3", "--workdir", str(tmp_path), "--json", str(path)])
+    rc = main(
+        ["bench", "ingest", "debug", "--mb", "0.3", "--huge-mb", "0.5", "--workdir", str(tmp_path), "--json", str(path)]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     figures = json.loads(path.read_text())
     assert figures["config"] == "debug" and figures["cpus"] >= 1 and figures["train_tokens_per_s"] > 0
     (size,) = figures["sizes"]
     assert size["corpus_mb"] == 0.3
-    # the Ray pipeline (actors and tasks) and the baseline packed the very same tokens
+    # the training stream (every CPU a reader, and one reader) and the baseline packed the very same tokens
     assert size["tokens_match"] is True and size["tokens"] > 0 and size["tokens"] % 65 == 0  # seq_len 64 + 1
-    for key in ("ray_tokens_per_s", "ray_tasks_tokens_per_s", "baseline_tokens_per_s"):
+    for key in ("stream_tokens_per_s", "stream_one_reader_tokens_per_s", "baseline_tokens_per_s"):
         assert size[key] > 0, key
-    assert size["ratio"] == pytest.approx(size["ray_tokens_per_s"] / size["baseline_tokens_per_s"])
-    assert size["ingest_over_train"] == pytest.approx(size["ray_tokens_per_s"] / figures["train_tokens_per_s"])
-    assert size["peak_rss_mb"]["driver"] > 0 and size["peak_rss_mb"]["baseline"] > 0
-    row = _table_row(out, "0.3")
-    assert _number(row[1]) == pytest.approx(size["ray_tokens_per_s"], abs=1)
+    assert size["ratio"] == pytest.approx(size["stream_tokens_per_s"] / size["baseline_tokens_per_s"])
+    assert size["ingest_over_train"] == pytest.approx(size["stream_tokens_per_s"] / figures["train_tokens_per_s"])
+    assert size["peak_rss_mb"]["one_reader"] > 0 and size["peak_rss_mb"]["baseline"] > 0
+    row = _table_row(out, "0.3 MB parquet")
+    assert _number(row[1]) == pytest.approx(size["stream_tokens_per_s"], abs=1)
     assert row[-1] == "yes"
-    assert "(a) Ray actors tok/s" in out and "(b) baseline tok/s" in out
+    assert "(a1) stream, 1 reader tok/s" in out and "(b) baseline tok/s" in out
+    # one document of 0.5 MB on one line: read in bounded pieces, its tokens counted
+    (huge,) = figures["huge_documents"]
+    assert huge["document_mb"] == 0.5 and huge["tokens"] > 0 and huge["peak_rss_reader_mb"] > 0
+    assert _table_row(out, "1 document of 0.5 MB, one line")[-1] == f"{huge['tokens']:,} tokens"
     assert not list(tmp_path.glob("tmp*"))  # the generated corpora are removed
