@@ -175,6 +175,7 @@ class Checkpoints:
                     self.loaded[d] = {
                         "step": torch.load(d / "state.pt", weights_only=False)["step"],
                         "ranks": [torch.load(d / f"rank{r}.pt", weights_only=False) for r in (0, 1)],
+                        "positions": [json.loads((d / f"data-rank{r}.json").read_text()) for r in (0, 1)],
                     }
                 except Exception:
                     continue
@@ -271,12 +272,15 @@ def test_two_nodes_train_recover_from_a_killed_remote_worker_and_resume(namespac
     assert sorted(_history(db, run_id, "train_loss")) == list(range(1, STEPS + 1))
     final = ckpts.complete()
     assert sorted(final) == list(range(EVERY, STEPS + 1, EVERY))  # every save is complete
-    # every checkpoint in the shared storage holds one rank file written on each node, the
-    # remote rank's data position moves on with every save (through both restarts), and
-    # (one micro-batch per step, no epoch wrap in 24 steps) equals the step
+    # every checkpoint in the shared storage holds one rank file written on each node, and the
+    # remote rank's copy of the world's data position (blocks of the global order consumed)
+    # moves on with every save, through both restarts, by the same number of blocks a step
     for c in final.values():
         nodes = [r["node_ip"] for r in c["ranks"]]
         assert sorted(nodes) == sorted([ip_a, ip_b]), nodes
-    remote = [c["ranks"][[r["node_ip"] for r in c["ranks"]].index(ip_b)]["data"] for _, c in sorted(final.items())]
-    assert [(d["epoch"], d["batches"]) for d in remote] == [(0, s) for s in sorted(final)], remote
+    remote = [
+        c["positions"][[r["node_ip"] for r in c["ranks"]].index(ip_b)]["blocks"] for _, c in sorted(final.items())
+    ]
+    per_step = remote[0] // min(final)
+    assert per_step > 0 and remote == [per_step * s for s in sorted(final)], remote
     print(f"two-node test: {wall_s:.0f}s, load average {Path('/proc/loadavg').read_text().split()[:3]}")
