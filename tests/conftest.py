@@ -72,6 +72,15 @@ def _no_allocator_profiler_left_running():
     assert not SESSION.running, "the allocator profiler session is still running after the test"
 
 
+@pytest.fixture(scope="module")
+def op_setup():
+    """The op-level recomputation tests' model config, tokens and measured op costs
+    (:func:`oplevel.measured_setup`), measured once per module."""
+    from oplevel import measured_setup
+
+    return measured_setup()
+
+
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory) -> Path:
     """The embedded demo corpus, built once per session (vocab of the debug recipe)."""

@@ -21,7 +21,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from raydrat.bench.pgserver import SERVICE_USER, find_bin_dir, free_port
+from raydrat.bench.loopback import free_port
+from raydrat.bench.pgserver import SERVICE_USER, find_bin_dir
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"

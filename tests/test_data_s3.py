@@ -20,6 +20,7 @@ import pytest
 import ray
 from test_data import SEQ_LEN, VOCAB, as_multiset, make_docs, train_rows, write_parquet
 
+from raydrat.bench.loopback import free_port
 from raydrat.config import DataConfig, load_config
 from raydrat.core.data.blocks import iter_blocks_local
 from raydrat.core.data.errors import DataError
@@ -38,14 +39,8 @@ CREDS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_moto(env: dict | None = None) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ import torch.multiprocessing as mp
 from faults import KillAt
 from mlflow.tracking import MlflowClient
 
+from raydrat.bench.loopback import free_port
 from raydrat.bench.memory import measurable
 from raydrat.cli import main
 from raydrat.config import ConfigError, RaydratConfig, load_config
@@ -156,16 +156,10 @@ def _listed(directory: str, rank: int) -> list[str]:
         return sorted(json.load(f)["files"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD)
     runs = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     for rank, r in enumerate(runs):  # shown with pytest -rP: the FSDP memory rows
         for part in ("params", "grads", "optimizer"):

@@ -28,7 +28,7 @@ import yaml
 from envs import bare_python
 
 from raydrat import __version__
-from raydrat.bench.pgserver import free_port
+from raydrat.bench.loopback import free_port
 from raydrat.config import ConfigError
 from raydrat.job_submit import BUILD_COMMAND, check_wheel, main, pinned_runtime_env, wheel_name
 

@@ -4,7 +4,6 @@ the techniques (``recompute.granularity: op``) run through the fit loop."""
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import io
 import itertools
@@ -13,6 +12,7 @@ import random
 import pytest
 import torch
 import torch._dynamo
+from oplevel import fresh
 from torch.testing import assert_close
 
 from raydrat.bench.local import LocalData, LocalRun
@@ -28,7 +28,6 @@ from raydrat.core.techniques.recompute.branch_costs import measure_branch_costs
 from raydrat.core.techniques.recompute.granularity import OpGranularity
 from raydrat.core.techniques.recompute.knapsack import BudgetBelowMinimum, solve_groups
 from raydrat.core.techniques.recompute.op_apply import PlanRegions
-from raydrat.core.techniques.recompute.op_measure import measure_op_costs
 from raydrat.core.techniques.recompute.planners import BudgetRecompute, GatedRecompute
 from raydrat.core.techniques.recompute.wrapper import CheckpointWrapper, apply_recompute, iter_branches, wrap_blocks
 
@@ -38,22 +37,6 @@ CPU = torch.device("cpu")
 @pytest.fixture(autouse=True)
 def _one_thread():
     torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def setup():
-    torch.set_num_threads(1)
-    mcfg = load_config("debug", ["model.n_layer=2"]).model
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, mcfg.vocab_size, (4, mcfg.seq_len + 1), generator=g)
-    costs = measure_op_costs(fresh(mcfg), tokens[:, :-1], tokens[:, 1:], repeats=1)
-    # no SAC overhead: the eager planner then uses op-level regions even on this tiny model
-    return mcfg, tokens, dataclasses.replace(costs, sac_op_overhead_s=0.0, sac_save_overhead_s=0.0)
-
-
-def fresh(mcfg):
-    torch.manual_seed(0)
-    return GPT(mcfg).train()
 
 
 def planned(model, plan):
@@ -102,8 +85,8 @@ def plans(costs):
 
 
 @pytest.mark.parametrize("kind", ["full", "eager_budget", "compiled_budget", "compiled_every_other", "eager_gated"])
-def test_op_plan_gives_the_loss_and_gradients_of_no_recompute(setup, kind):
-    mcfg, tokens, costs = setup
+def test_op_plan_gives_the_loss_and_gradients_of_no_recompute(op_setup, kind):
+    mcfg, tokens, costs = op_setup
     plain = fresh(mcfg)
     plan = plans(costs)[kind]
     model = planned(fresh(mcfg), plan)
@@ -118,11 +101,11 @@ def test_op_plan_gives_the_loss_and_gradients_of_no_recompute(setup, kind):
         assert_close(grads_p[name], grads[name], msg=name)
 
 
-def test_costs_and_plans_predict_what_the_allocator_measures(setup):
+def test_costs_and_plans_predict_what_the_allocator_measures(op_setup):
     """Saved bytes from PyTorch's allocator: a plain forward equals the measured costs'
     total; each budget plan stays within its budget and leaves exactly the predicted bytes
     (a compiled plan run eagerly also keeps its one region's RNG state)."""
-    mcfg, tokens, costs = setup
+    mcfg, tokens, costs = op_setup
     none = saved_bytes(fresh(mcfg), tokens)
     assert costs.none_bytes == costs.outside_bytes + sum(costs.block_bytes)
     # the step's forward phase holds a few bytes the op recorder does not see (a 0-d
@@ -142,14 +125,14 @@ def test_costs_and_plans_predict_what_the_allocator_measures(setup):
             assert measured < none
 
 
-def test_both_granularities_measure_through_one_recorder_and_agree_with_the_allocator(setup):
+def test_both_granularities_measure_through_one_recorder_and_agree_with_the_allocator(op_setup):
     """The branch costs and the op costs come from the same recorder, so they count the
     same storages: in total, and per block (the block's op-level bytes are its two
     branches' stored bytes plus the two residual streams it writes: the MLP branch's input
     and the block's output). Both agree with PyTorch's allocator: recomputing one branch
     frees exactly its stored bytes, recomputing one block exactly its op-level bytes beyond
     what a region keeps (each region also keeps the CPU RNG state it replays)."""
-    mcfg, tokens, costs = setup
+    mcfg, tokens, costs = op_setup
     idx, targets = tokens[:, :-1], tokens[:, 1:]
     branches, outside = measure_branch_costs(fresh(mcfg), idx, targets)
     assert outside + sum(b.stored_bytes for b in branches) == costs.none_bytes
@@ -181,10 +164,10 @@ class _Checkpointed(torch.nn.Module):
         return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
 
 
-def test_full_is_one_region_per_block(setup):
+def test_full_is_one_region_per_block(op_setup):
     """``full`` keeps what torch.utils.checkpoint per block keeps, less than per-branch
     checkpointing (which keeps both branch inputs)."""
-    mcfg, tokens, costs = setup
+    mcfg, tokens, costs = op_setup
     per_block = fresh(mcfg)
     for key, block in list(per_block.layers.items()):
         per_block.layers[key] = _Checkpointed(block)
@@ -194,10 +177,10 @@ def test_full_is_one_region_per_block(setup):
     assert full < saved_bytes(apply_recompute(fresh(mcfg), "full"), tokens)
 
 
-def test_plans_are_applied_from_outside_and_removable(setup):
+def test_plans_are_applied_from_outside_and_removable(op_setup):
     """Plans switch wrappers put around the blocks (and, compiled, around the model) once:
     names, ``state_dict`` keys and attributes read through, nothing of the model replaced."""
-    mcfg, tokens, costs = setup
+    mcfg, tokens, costs = op_setup
     model = fresh(mcfg)
     blocks = list(model.layers.values())
     keys = list(model.state_dict())
@@ -220,17 +203,17 @@ def test_plans_are_applied_from_outside_and_removable(setup):
         PlanRegions(model)
 
 
-def test_a_plan_refuses_a_forward_it_was_not_measured_for(setup):
-    mcfg, tokens, costs = setup
+def test_a_plan_refuses_a_forward_it_was_not_measured_for(op_setup):
+    mcfg, tokens, costs = op_setup
     plan = P.plan_budget(costs, costs.none_bytes // 2, compiled=True)
     model = planned(fresh(mcfg), plan)
     with pytest.raises(RuntimeError, match="measure the costs again"):
         model(tokens[:2, :-1], tokens[:2, 1:])
 
 
-def test_a_compiled_plans_measurement_leaves_out_eager_sacs_own_time(setup):
+def test_a_compiled_plans_measurement_leaves_out_eager_sacs_own_time(op_setup):
     """Only eager plans weigh SAC's per-op time: a compiled granularity does not measure it."""
-    mcfg, tokens, _ = setup
+    mcfg, tokens, _ = op_setup
     for compiled in (False, True):
         level = OpGranularity(compiled)
         level.wrap(fresh(mcfg))
@@ -239,8 +222,8 @@ def test_a_compiled_plans_measurement_leaves_out_eager_sacs_own_time(setup):
         assert (overheads > 0) is not compiled
 
 
-def test_a_budget_below_the_minimum_names_the_minimum(setup):
-    _, _, costs = setup
+def test_a_budget_below_the_minimum_names_the_minimum(op_setup):
+    _, _, costs = op_setup
     for compiled in (False, True):
         minimum = P.minimum_bytes(costs, compiled)
         with pytest.raises(BudgetBelowMinimum, match=f"{minimum / 2**20:.3f} MiB") as err:
@@ -336,11 +319,11 @@ def test_op_technique_trains_like_none_within_its_budget(mode):
         assert run.peak.steps[step].saved_bytes <= budget_mb * 2**20 < none_saved
 
 
-def test_op_budget_below_the_minimum_names_it(setup):
+def test_op_budget_below_the_minimum_names_it(op_setup):
     """Refused twice over: before the run by the analytic floor (every block recomputed),
     and by the planner against the measured minimum; each names the minimum, and a budget
     at the measured minimum plans."""
-    mcfg, tokens, costs = setup
+    mcfg, tokens, costs = op_setup
     cfg = op_cfg("recompute.mode=budget", "recompute.granularity=op", "recompute.budget_mb=0.2")
     with pytest.raises(
         ConfigError, match=r"recompute\.budget_mb=0\.2 is below the minimum achievable (\d+\.\d+) MB"
@@ -382,11 +365,11 @@ def test_budget_settings_without_a_budgeted_mode_are_refused(overrides, message)
 
 
 @pytest.mark.slow
-def test_compiled_plan_is_honoured_by_torch_compile(setup):
+def test_compiled_plan_is_honoured_by_torch_compile(op_setup):
     """The compiled plan under ``model.compile()``: the loss and gradients of no recompute
     (to compiled numerics), every stored op call met while tracing, and the compiled graph
     keeps exactly the predicted bytes (the allocator's), within the budget."""
-    mcfg, tokens, costs = setup
+    mcfg, tokens, costs = op_setup
     budget = costs.none_bytes // 2
     plan = P.plan_budget(costs, budget, compiled=True)
     model = fresh(mcfg)
@@ -408,10 +391,10 @@ def test_compiled_plan_is_honoured_by_torch_compile(setup):
         torch._dynamo.reset()
 
 
-def test_op_gates_resume_where_they_were(setup):
+def test_op_gates_resume_where_they_were(op_setup):
     """The op-level gates' state (logits, multiplier, their Adam) survives a checkpoint: a
     fresh planner loaded with it makes the same plan and the same next update."""
-    mcfg, tokens, costs = setup
+    mcfg, tokens, costs = op_setup
     cfg = op_cfg(
         "recompute.mode=gated",
         "recompute.granularity=op",

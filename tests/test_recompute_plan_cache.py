@@ -6,23 +6,21 @@ the cache can be turned off."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 
 import pytest
 import torch
+from oplevel import fresh
 from torch.testing import assert_close
 
 from raydrat.bench.local import LocalData, LocalRun
 from raydrat.config import ConfigError, load_config
 from raydrat.core import metrics as M
 from raydrat.core.fit import Callback
-from raydrat.core.model.transformer import GPT
 from raydrat.core.techniques.recompute import op_plan as P
 from raydrat.core.techniques.recompute import plan_cache as C
 from raydrat.core.techniques.recompute.granularity import OpGranularity
-from raydrat.core.techniques.recompute.op_measure import measure_op_costs
 from raydrat.core.techniques.recompute.planners import BudgetRecompute
 
 CPU = torch.device("cpu")
@@ -31,21 +29,6 @@ CPU = torch.device("cpu")
 @pytest.fixture(autouse=True)
 def _one_thread():
     torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def setup():
-    torch.set_num_threads(1)
-    mcfg = load_config("debug", ["model.n_layer=2"]).model
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, mcfg.vocab_size, (4, mcfg.seq_len + 1), generator=g)
-    costs = measure_op_costs(fresh(mcfg), tokens[:, :-1], tokens[:, 1:], repeats=1)
-    return mcfg, tokens, dataclasses.replace(costs, sac_op_overhead_s=0.0, sac_save_overhead_s=0.0)
-
-
-def fresh(mcfg):
-    torch.manual_seed(0)
-    return GPT(mcfg).train()
 
 
 def planner(mcfg, cache, budget, compiled=False, costs=None):
@@ -63,8 +46,8 @@ def cache_lines(caplog):
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_a_second_run_uses_the_first_runs_plan_without_measuring(setup, tmp_path, caplog, compiled):
-    mcfg, tokens, costs = setup
+def test_a_second_run_uses_the_first_runs_plan_without_measuring(op_setup, tmp_path, caplog, compiled):
+    mcfg, tokens, costs = op_setup
     cache = C.PlanCache(tmp_path)
     budget = costs.none_bytes // 2
     first = planner(mcfg, cache, budget, compiled, costs)
@@ -84,16 +67,16 @@ def test_a_second_run_uses_the_first_runs_plan_without_measuring(setup, tmp_path
     assert str(entry) in line and "RAYDRAT_PLAN_CACHE=off" in line
 
 
-def test_the_plan_reads_back_as_it_was_written(setup):
-    _, _, costs = setup
+def test_the_plan_reads_back_as_it_was_written(op_setup):
+    _, _, costs = op_setup
     half = costs.none_bytes // 2
     for plan in (P.plan_budget(costs, half), P.plan_budget(costs, half, compiled=True)):
         back = P.plan_from_json(json.loads(json.dumps(P.plan_to_json(plan))))
         assert back == plan and back.counts == plan.counts and back.stored_fraction == plan.stored_fraction
 
 
-def test_whatever_changes_the_graph_or_the_costs_is_another_entry(setup, tmp_path, monkeypatch):
-    mcfg, tokens, costs = setup
+def test_whatever_changes_the_graph_or_the_costs_is_another_entry(op_setup, tmp_path, monkeypatch):
+    mcfg, tokens, costs = op_setup
     cache = C.PlanCache(tmp_path)
     budget = costs.none_bytes // 2
     base = cache.path(key_for(mcfg, tokens, budget))
@@ -134,8 +117,8 @@ def test_the_key_reads_the_runs_autocast_dtype():
     ],
     ids=["truncated", "not-json", "malformed-plan", "another-key", "over-budget"],
 )
-def test_a_corrupt_or_foreign_entry_is_ignored_with_one_line_and_replaced(setup, tmp_path, caplog, damage):
-    mcfg, tokens, costs = setup
+def test_a_corrupt_or_foreign_entry_is_ignored_with_one_line_and_replaced(op_setup, tmp_path, caplog, damage):
+    mcfg, tokens, costs = op_setup
     cache = C.PlanCache(tmp_path)
     budget = costs.none_bytes // 2
     good = planner(mcfg, cache, budget, costs=costs)
@@ -152,11 +135,11 @@ def test_a_corrupt_or_foreign_entry_is_ignored_with_one_line_and_replaced(setup,
     assert json.loads(entry.read_text())["plan"] == P.plan_to_json(good.current)  # replaced
 
 
-def test_an_entry_naming_ops_this_forward_does_not_run_is_refused_by_the_first_step(setup, tmp_path):
+def test_an_entry_naming_ops_this_forward_does_not_run_is_refused_by_the_first_step(op_setup, tmp_path):
     """A well-formed entry for this key that names other ops (only a hand-edited file can:
     the key holds the model and planner code's digest) is recalled, and its first forward
     refuses it, as it refuses any plan measured for another forward."""
-    mcfg, tokens, costs = setup
+    mcfg, tokens, costs = op_setup
     cache = C.PlanCache(tmp_path)
     budget = costs.none_bytes // 2
     planner(mcfg, cache, budget, costs=costs).plan(0, tokens)
@@ -170,8 +153,8 @@ def test_an_entry_naming_ops_this_forward_does_not_run_is_refused_by_the_first_s
         model(tokens[:, :-1], tokens[:, 1:])[1].backward()
 
 
-def test_a_folder_that_cannot_be_written_is_one_line_not_an_error(setup, tmp_path, caplog):
-    mcfg, tokens, costs = setup
+def test_a_folder_that_cannot_be_written_is_one_line_not_an_error(op_setup, tmp_path, caplog):
+    mcfg, tokens, costs = op_setup
     blocked = tmp_path / "a-file"
     blocked.write_text("")
     p = planner(mcfg, C.PlanCache(blocked / "plans"), costs.none_bytes // 2, costs=costs)

@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from mlflow_server import MlflowServer
 
 from raydrat import redact as R
+from raydrat.bench.loopback import MlflowServer
 
 SECRET = f"pw{secrets.token_hex(8)}"
 AWS_SECRET = f"aws{secrets.token_hex(10)}"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from raydrat.bench.loopback import free_port
 from raydrat.config import ConfigError, load_config
 from raydrat.config.sync import SyncConfig
 from raydrat.core.data.demo import build_demo_corpus
@@ -181,14 +181,8 @@ def _exchange_worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_quantized_exchange_matches_the_fp32_mean_and_agrees_across_ranks(tmp_path):
-    mp.spawn(_exchange_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_exchange_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"x{r}.pt") for r in (0, 1))
     true = (r0["x"].double() + r1["x"].double()) / 2
     n = true.numel()
@@ -256,7 +250,7 @@ def _overlap_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_delayed_exchange_overlaps_the_next_steps_compute(tmp_path):
-    mp.spawn(_overlap_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_overlap_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     for rank in (0, 1):
         r = torch.load(tmp_path / f"o{rank}.pt")
         now, later = r[0]["blocked"], r[1]["blocked"]

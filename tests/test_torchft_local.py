@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import time
 
 import pytest
 import torch
 from torch import nn
 
+from raydrat.bench.loopback import free_port
 from raydrat.config.sync import SyncConfig
 from raydrat.core.techniques.sync.strategy import model_checksum
 from raydrat.core.techniques.sync.torchft_local import TorchftStrategy, model_fragments, start_lighthouse
@@ -41,14 +41,8 @@ class Tiny(nn.Module):
         return self.head(x)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _replica(index: int, lighthouse: str, sync: dict, dies_after: int | None, out) -> None:
-    port = _free_port()
+    port = free_port()
     store = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     torch.manual_seed(index)  # different initial weights: the first quorum makes them one
     model = Tiny()

@@ -107,7 +107,7 @@ def test_every_run_carries_source_git_and_user_tags(store: Path):
 def test_a_runs_deliveries_count_requests_refusals_and_failed_tries(store: Path, tmp_path):
     """What `raydrat bench tracking` reports of each writer: the requests the store took
     (consecutive steps of metrics as one), the records it refused, the tries that failed."""
-    from raydrat.bench.pgserver import free_port
+    from raydrat.bench.loopback import free_port
 
     uri = f"sqlite:///{store / 'mlruns.db'}"
     run = Run.start(uri, "raydrat", "deliveries")

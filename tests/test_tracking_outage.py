@@ -5,7 +5,7 @@ last, whoever delivers it (the writer itself, the next command, `raydrat trackin
 a run whose driver died is ended KILLED by the next command that touches it.
 
 Real stores only: embedded SQLite, MLflow's file store (it keeps a metric row sent twice,
-so a delivery that sent one twice would show) and `mlflow server` (tests/mlflow_server.py)."""
+so a delivery that sent one twice would show) and `mlflow server` (raydrat/bench/mlflowserver.py)."""
 
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 import ray.cloudpickle
 from mlflow.tracking import MlflowClient
-from mlflow_server import MlflowServer, free_port
 
 import raydrat.tracking.delivery as D
 import raydrat.tracking.journal as J
+from raydrat.bench.loopback import MlflowServer, free_port
 from raydrat.core import metrics as M
 from raydrat.core.fit import Callback, FitState
 from raydrat.tracking import Run

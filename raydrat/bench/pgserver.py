@@ -15,10 +15,11 @@ import os
 import pwd
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
+
+from raydrat.bench.loopback import free_port
 
 SERVICE_USER = "postgres"
 """The account the server runs as when raydrat runs as root."""
@@ -48,12 +49,6 @@ def find_bin_dir() -> Path:
 def _version(folder: Path) -> tuple[int, ...]:
     parts = [p for p in folder.parts if p.replace(".", "").isdigit()]
     return tuple(int(x) for x in parts[-1].split(".")) if parts else (0,)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LocalPostgres:

@@ -38,18 +38,14 @@ The load average is printed beside the table (a shared machine).
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
-from raydrat.bench.pgserver import LocalPostgres, free_port
+from raydrat.bench.loopback import MlflowServer
+from raydrat.bench.pgserver import LocalPostgres
 from raydrat.bench.report import load_average, print_table
 from raydrat.tables import write_json
 from raydrat.tracking import Run
@@ -57,55 +53,6 @@ from raydrat.tracking import Run
 BACKENDS = ("sqlite", "postgresql")
 DELIVERY_TIMEOUT_S = 900.0
 """How long a writer waits for its run's records to be delivered once it has logged them all."""
-
-
-class MlflowServer:
-    """``mlflow server`` on loopback: ``backend_uri`` as its store, artifacts proxied to a
-    folder under ``root``; ``env`` adds to its environment (a database password)."""
-
-    def __init__(self, backend_uri: str, root: Path, workers: int = 4, env: dict[str, str] | None = None):
-        self.backend_uri, self.root, self.workers, self.env = backend_uri, Path(root), workers, env or {}
-        self.port = 0
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> MlflowServer:
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        exe = str(Path(sys.executable).with_name("mlflow"))
-        cmd = [exe, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers),
-               "--backend-store-uri", self.backend_uri, "--artifacts-destination", str(self.root / "artifacts")]  # fmt: skip
-        self.log = self.root / "server.log"
-        self.proc = subprocess.Popen(
-            cmd,
-            cwd=self.root,
-            env={**os.environ, **self.env},
-            stdout=self.log.open("w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its uvicorn workers go with it
-        )
-        deadline = time.monotonic() + 300  # four workers importing MLflow on a loaded machine
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.url}/health", timeout=2).read()
-                return self
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.__exit__()
-                    raise RuntimeError(f"mlflow server did not start: {self.log.read_text()[-2000:]}") from None
-                time.sleep(1)
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
 
 
 def _writer(url: str, experiment: str, parent_id: str, backlog: str, index: int, steps: int, keys: int,
@@ -203,13 +150,13 @@ def run_tracking_bench(
         pg = stack.enter_context(LocalPostgres())
         servers = {
             "sqlite": stack.enter_context(
-                MlflowServer(f"sqlite:///{tmp}/sqlite/mlruns.db", Path(tmp, "sqlite"), server_workers)
+                MlflowServer(Path(tmp, "sqlite"), f"sqlite:///{tmp}/sqlite/mlruns.db", server_workers)
             ),
             # the password reaches the server as PGPASSWORD, never on its command line
             "postgresql": stack.enter_context(
                 MlflowServer(
-                    pg.uri().replace(f":{pg.password}@", "@"),
                     Path(tmp, "postgresql"),
+                    pg.uri().replace(f":{pg.password}@", "@"),
                     server_workers,
                     env={"PGPASSWORD": pg.password},
                 )
