@@ -26,7 +26,7 @@ from envs import bare_python
 from mlflow.tracking import MlflowClient
 
 from raydrat import tracking
-from raydrat.bench.pgserver import free_port
+from raydrat.bench.loopback import free_port
 from raydrat.config import load_config
 
 FIX = "check that the server is up and reachable from here"
@@ -236,6 +236,7 @@ def test_a_sweep_logs_its_concurrent_trials_into_mlflow_on_postgresql(postgres, 
         "metric": "val_loss",
         "mode": "min",
         "max_concurrent": 2,
+        "scheduler": {"type": "none"},  # both train to the end: each writes its whole lineage
         "resources": {"trial_cpu": 0.1},
     }
     (tmp_path / "pgsweep.yaml").write_text(yaml.safe_dump(space))
@@ -274,7 +275,8 @@ def test_a_sweep_logs_its_concurrent_trials_into_mlflow_on_postgresql(postgres, 
         "SELECT json_agg(json_build_object('run', r.name, 'context', t.value, 'source', d.dataset_source, "
         "'profile', d.dataset_profile)) FROM runs r JOIN inputs i ON i.destination_id = r.run_uuid "
         "JOIN datasets d ON d.dataset_uuid = i.source_id "
-        "JOIN input_tags t ON t.input_uuid = i.input_uuid AND t.name = 'mlflow.data.context'",
+        "JOIN input_tags t ON t.input_uuid = i.input_uuid AND t.name = 'mlflow.data.context' "
+        f"WHERE r.experiment_id = {int(exp.experiment_id)}",  # the store is shared with other tests
     )
     names = {c.info.run_name for c in children}
     assert {(x["run"], x["context"]) for x in inputs} == {(n, c) for n in names for c in ("training", "validation")}
@@ -284,13 +286,10 @@ def test_a_sweep_logs_its_concurrent_trials_into_mlflow_on_postgresql(postgres, 
     epochs = _sql_json(
         postgres,
         "SELECT json_agg(json_build_object('run', r.name, 'epochs', t.value)) FROM runs r "
-        "JOIN tags t ON t.run_uuid = r.run_uuid WHERE t.key = 'raydrat.data.epochs'",
+        "JOIN tags t ON t.run_uuid = r.run_uuid WHERE t.key = 'raydrat.data.epochs' "
+        f"AND r.experiment_id = {int(exp.experiment_id)}",
     )
-    # Known open problem: in about one run in three, one of the two concurrent trials ends
-    # without its post-training records (its loss-curve plot and these counts) in the store
-    # while its metrics and status are there; the cause is not found yet. The lineage must be
-    # queryable for the trials that wrote it, and at least one does.
-    assert epochs and {x["run"] for x in epochs} <= names, (epochs, names, console[-3000:])
+    assert epochs and {x["run"] for x in epochs} == names, (epochs, names, console[-3000:])
     for x in epochs:  # each epoch read every document of the file once
         counts = json.loads(x["epochs"])
         assert counts and all(e["data_epoch_docs"] == len(docs) and e["data_epoch_blocks"] > 0 for e in counts), counts

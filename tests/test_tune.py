@@ -454,6 +454,9 @@ def test_optuna_sweep_statuses_figures_and_mlflow_runs_agree(
         assert r["val_loss"] == m["val_loss"] and r["tokens_per_s"] == m["system/tokens_per_s_avg"]
         assert r["peak_bytes"] == round(m["system/peak_mib"] * 2**20) > 0 and r["metric_value"] == m["val_loss"]
         assert r["steps"] == client.get_metric_history(child.info.run_id, "val_loss")[-1].step
+        # its loss curves, plotted by the trial, or by the driver when the scheduler killed it first
+        plots = [a.path for a in client.list_artifacts(child.info.run_id, "plots")]
+        assert plots == ["plots/loss_curve.png"], (t, r["status"], plots)
     # Tune's own clock: each launched trial's time in Tune is close to its child run's duration
     for result in summary_grid(sweep_dir):
         r = records[Path(result.path).name]
@@ -679,7 +682,7 @@ def test_best_trial_follows_the_sweep_metric_and_mode():
 def test_a_store_that_cannot_open_a_trials_run_leaves_the_trial_untracked_not_failed(capsys):
     """Tracking never fails a trial: a store that is away when the trial opens its child run
     is one warning line (no password), and the trial trains with ``Run.off()``."""
-    from raydrat.bench.pgserver import free_port
+    from raydrat.bench.loopback import free_port
     from raydrat.core.metrics import setup_logging
     from raydrat.tune.trial import _open_run
 

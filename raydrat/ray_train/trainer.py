@@ -182,7 +182,9 @@ def log_epochs(run: Run, bundle) -> None:
             run.set_tag(EPOCHS_TAG, compact)
 
 
-def _log_loss_curve(run: Run, title: str, out_dir: Path) -> None:
+def log_loss_curve(run: Run, title: str, out_dir: Path) -> None:
+    """The train and val loss curves, read back from the store, plotted into
+    ``out_dir/loss_curve.png`` and logged to ``run`` under ``plots/``."""
     try:
         curves = {"train": run.metric_history(M.TRAIN_LOSS), "val": run.metric_history(M.VAL_LOSS)}
     except tracking.TrackingUnavailable:
@@ -221,7 +223,7 @@ def fit_in_run(
     result = trainer.fit()
     if run:
         with crash.secondary("logging the loss curve to MLflow"):
-            _log_loss_curve(run, run_name, Path(cfg.train.storage_path) / run_name)
+            log_loss_curve(run, run_name, Path(cfg.train.storage_path) / run_name)
     return result
 
 

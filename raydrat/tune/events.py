@@ -12,12 +12,15 @@ import math
 import os
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 from ray import cloudpickle
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
 from raydrat.core import metrics as M
+from raydrat.crash import secondary
+from raydrat.ray_train.trainer import log_loss_curve
 from raydrat.redact import reveal_uri
 from raydrat.tune import report as R
 from raydrat.tune.mlflow_runs import end_trial_run, find_trial_run, last_logged_step
@@ -106,6 +109,10 @@ class TrialEvents(Callback):
         step = self.last_step.get(p["name"])
         run = find_trial_run(reveal_uri(self.uri), self.parent_run_id, p["name"])
         if run and run.status() == "RUNNING":
+            # killed before its function returned: its loss curves are plotted here, from the
+            # store (its per-epoch data counts were in its process, and are gone with it)
+            with secondary(f"logging the loss curve of {p['name']} to MLflow run {run.run_id}"):
+                log_loss_curve(run, p["run_name"], Path(p["config"]["train"]["storage_path"]) / p["run_name"])
             end_trial_run(run, "stopped_early")
         logged = last_logged_step(run) if run else None
         trained = f"; it had logged step {logged}/{p['steps']}" if logged is not None and logged != step else ""
