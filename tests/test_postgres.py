@@ -67,6 +67,17 @@ def test_a_sweep_with_the_store_in_the_environment_is_refused_the_same_way(postg
     assert "not-the-password-42" not in proc.stdout + proc.stderr and list(tmp_path.iterdir()) == []
 
 
+def test_a_store_that_went_away_is_unreachable_at_once_not_after_mlflows_retries():
+    """MLflow tries ten times to open a database store, its back-off sleeps adding up to about
+    100 s: a run (a sweep's trial, a resume) whose PostgreSQL server went away since it was
+    checked says so at once (its writer retries on its own thread)."""
+    uri = f"postgresql+psycopg://raydrat:pw@127.0.0.1:{free_port()}/mlflow"
+    t0 = time.monotonic()
+    with pytest.raises(tracking.TrackingUnavailable, match="unreachable.*Connection refused"):
+        tracking.Run.start(uri, "gone", "trial")
+    assert time.monotonic() - t0 < 10
+
+
 def test_without_a_driver_the_store_is_refused_naming_the_package(tmp_path, postgres):
     """An environment without psycopg (and psycopg2): one line naming what to install."""
     py = bare_python(tmp_path / "env", without=("raydrat", "psycopg"))

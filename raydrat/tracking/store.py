@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
+import mlflow.store.db.utils as mlflow_db
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
@@ -110,9 +111,18 @@ fail at once), and 10 s without an answer is a failure. Set for the whole proces
 reads them from the environment at every request); a timeout the user set is kept."""
 
 
+DB_ENGINE_TRIES = 1
+"""MLflow's tries at opening a database store: its own are 10, with back-off sleeps that add
+up to about 100 s before an unreachable PostgreSQL server is an error. raydrat's writer
+retries on its own thread, and a read must fail at once (the server was checked when the
+run started: :func:`raydrat.tracking_store.ready`)."""
+
+
 @functools.cache
 def client(uri: str) -> MlflowClient:
     """The one client of store ``uri`` in this process (made on first use)."""
+    if tracking_store.is_postgres(uri):
+        mlflow_db.MAX_RETRY_COUNT = DB_ENGINE_TRIES  # read by MLflow when it opens the store
     if not is_embedded(uri):
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = HTTP_SETTINGS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_SETTINGS["MLFLOW_HTTP_REQUEST_TIMEOUT"])
