@@ -1,7 +1,9 @@
 """Local updates on torchft replica groups (sync.engine: torchft) under Ray Train: a replica
 killed mid-run is replaced alone; the survivor never restarts or repeats a step, the
 replacement joins with the survivor's exact weights at its first sync, and the MLflow run
-shows the death and the rejoin. Plus the one-line refusals."""
+shows the death and the rejoin. The Lighthouse killed mid-run: every replica ends and Ray
+Train brings them back from the newest complete checkpoint with a new Lighthouse. Plus the
+one-line refusals."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import cli_env
-from faults import KillAt, StepTrace
+from faults import KillAt, KillLighthouseAt, StepTrace
 
 from raydrat.config import load_config
 from raydrat.core import metrics as M
@@ -91,6 +93,50 @@ def test_killed_replica_is_replaced_alone_and_rejoins_with_the_survivors_weights
     rejoined = _history(db, summary.mlflow_run_id, M.REPLICAS_JOINED)
     healed = _history(db, summary.mlflow_run_id, M.HEALED_AT_STEP)
     assert healed[start] == float(start) and sum(rejoined.values()) >= 1
+
+
+LH_STEPS, LH_SAVE, LH_KILL = 24, 8, 10
+
+
+@pytest.mark.slow
+def test_killed_lighthouse_restarts_every_replica_from_the_newest_checkpoint(ray_local, demo_dir, tmp_path):
+    """The Lighthouse actor SIGKILLed after step 10 (checkpoints every 8 steps): each replica
+    notices within seconds and ends; Ray Train replaces them, a new Lighthouse starts, the
+    first replacement restores step 8's checkpoint and the steps after it are trained again;
+    the run reaches its last step with both replicas in the quorum, its MLflow run FINISHED."""
+    from mlflow.tracking import MlflowClient
+
+    traces = tmp_path / "trace"
+    traces.mkdir()
+    cfg = _cfg(
+        demo_dir,
+        tmp_path,
+        f"train.steps={LH_STEPS}",
+        f"train.eval_every={LH_SAVE}",
+        f"train.checkpoint_every={LH_SAVE}",
+    )
+    summary = run_training(cfg, fit_callbacks=[StepTrace(str(traces), pace_s=0.2), KillLighthouseAt(LH_KILL)])
+    assert summary.steps == LH_STEPS
+
+    starts, retrained = [], set()
+    for rank in (0, 1):
+        lines = _trace(traces, rank)
+        pids = list(dict.fromkeys(e["pid"] for e in lines))
+        assert len(pids) == 2, (rank, pids)  # every replica ended once and was replaced once
+        before = [e["step"] for e in lines if e["pid"] == pids[0] and "step" in e]
+        assert LH_SAVE <= max(before) <= LH_SAVE + H  # it went on until its next quorum, no further
+        assert rank != 0 or LH_KILL in before  # the rank that killed the Lighthouse
+        after = [e for e in lines if e["pid"] == pids[1]]
+        starts.append(after[0]["start"])
+        steps = [e["step"] for e in after if "step" in e]
+        assert steps == list(range(starts[-1] + 1, LH_STEPS + 1))
+        retrained |= set(before) & set(steps)
+    assert min(starts) == LH_SAVE  # the newest complete checkpoint when the Lighthouse died
+    assert set(range(LH_SAVE + 1, LH_KILL + 1)) <= retrained  # the steps after it, trained again
+
+    db = tmp_path / "mlruns.db"
+    assert _history(db, summary.mlflow_run_id, M.QUORUM_SIZE)[LH_STEPS] == 2.0  # a Lighthouse again
+    assert MlflowClient(f"sqlite:///{db}").get_run(summary.mlflow_run_id).info.status == "FINISHED"
 
 
 def test_torchft_refusals_name_the_keys():
