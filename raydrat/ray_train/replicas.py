@@ -95,7 +95,7 @@ def join_replicas(
     if finished(run_dir):
         state.start_step = state.train.steps
         return None
-    watch = LighthouseWatch().start()
+    watch = LighthouseWatch(run_dir).start()
     quiet_torchft()
     world = state.world_size
     check_one_reader(source.stream_count, world)
