@@ -80,6 +80,29 @@ class StepTrace(Callback):
             time.sleep(self.pace_s)
 
 
+class KillLighthouseAt(Callback):
+    """After optimizer step ``step``, rank ``rank`` of a worker group that did not start from
+    a checkpoint SIGKILLs the process of this Ray cluster's torchft Lighthouse actor (Ray
+    Train's ``LighthouseServerActor``), as a crash of the head node's process would."""
+
+    def __init__(self, step: int, rank: int = 0):
+        self.step, self.rank = step, rank
+
+    def on_step_end(self, state: FitState) -> None:
+        if state.step != self.step or state.rank != self.rank or state.restored:
+            return
+        import ray
+        from ray.util.state import list_actors
+
+        actors = list_actors(
+            address=ray.get_runtime_context().gcs_address,  # this cluster's (others may run on the machine)
+            filters=[("class_name", "=", "LighthouseServerActor"), ("state", "=", "ALIVE")],
+            detail=True,
+        )
+        assert len(actors) == 1, actors
+        os.kill(actors[0].pid, signal.SIGKILL)
+
+
 class StopAt(Callback):
     """After optimizer step ``step``, rank ``rank`` kills its own process (SIGKILL), whether
     or not its worker group started from a checkpoint: each leg of a chain of resumes stops
@@ -214,7 +237,7 @@ class FillDiskAt(Callback):
             f.write(b"\0" * max(0, free - self.leave))
 
 
-FAULTS = {c.__name__: c for c in (KillTrial, RaiseAt, FillDiskAt, KillAt)}
+FAULTS = {c.__name__: c for c in (KillTrial, RaiseAt, FillDiskAt, KillAt, KillLighthouseAt)}
 
 
 def main() -> int:

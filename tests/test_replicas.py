@@ -1,7 +1,9 @@
 """Local updates on torchft replica groups (sync.engine: torchft) under Ray Train: a replica
 killed mid-run is replaced alone; the survivor never restarts or repeats a step, the
 replacement joins with the survivor's exact weights at its first sync, and the MLflow run
-shows the death and the rejoin. Plus the one-line refusals."""
+shows the death and the rejoin. The Lighthouse killed mid-run: every replica ends and Ray
+Train brings them back from the newest complete checkpoint with a new Lighthouse. Plus the
+one-line refusals."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import cli_env
-from faults import KillAt, StepTrace
+from conftest import cli_env, run_cli
+from faults import KillAt, KillLighthouseAt, StepTrace
 
 from raydrat.config import load_config
 from raydrat.core import metrics as M
@@ -23,25 +25,26 @@ STEPS, H, KILL = 64, 4, 10
 arrive before the survivor ends, on a loaded 2-core machine."""
 
 
+def _overrides(demo_dir: Path, tmp: Path, *extra: str) -> list[str]:
+    return [
+        f"data.demo_dir={demo_dir}",
+        f"train.storage_path={tmp / 'runs'}",
+        f"train.steps={STEPS}",
+        f"train.eval_every={STEPS}",
+        "train.log_every=1",
+        "train.max_failures=3",
+        f"tracking.tracking_uri=sqlite:///{tmp / 'mlruns.db'}",
+        "scaling.num_workers=2",
+        "scaling.cpus_per_worker=0.5",
+        "sync.mode=local",
+        "sync.engine=torchft",
+        f"sync.sync_steps={H}",
+        *extra,
+    ]
+
+
 def _cfg(demo_dir: Path, tmp: Path, *extra: str):
-    return load_config(
-        "debug",
-        [
-            f"data.demo_dir={demo_dir}",
-            f"train.storage_path={tmp / 'runs'}",
-            f"train.steps={STEPS}",
-            f"train.eval_every={STEPS}",
-            "train.log_every=1",
-            "train.max_failures=3",
-            f"tracking.tracking_uri=sqlite:///{tmp / 'mlruns.db'}",
-            "scaling.num_workers=2",
-            "scaling.cpus_per_worker=0.5",
-            "sync.mode=local",
-            "sync.engine=torchft",
-            f"sync.sync_steps={H}",
-            *extra,
-        ],
-    )
+    return load_config("debug", _overrides(demo_dir, tmp, *extra))
 
 
 def _trace(directory: Path, rank: int) -> list[dict]:
@@ -91,6 +94,65 @@ def test_killed_replica_is_replaced_alone_and_rejoins_with_the_survivors_weights
     rejoined = _history(db, summary.mlflow_run_id, M.REPLICAS_JOINED)
     healed = _history(db, summary.mlflow_run_id, M.HEALED_AT_STEP)
     assert healed[start] == float(start) and sum(rejoined.values()) >= 1
+
+
+LH_STEPS, LH_SAVE, LH_KILL = 24, 8, 10
+LH_RUN = (f"train.steps={LH_STEPS}", f"train.eval_every={LH_SAVE}", f"train.checkpoint_every={LH_SAVE}")
+
+
+@pytest.mark.slow
+def test_killed_lighthouse_restarts_every_replica_from_the_newest_checkpoint(ray_local, demo_dir, tmp_path):
+    """The Lighthouse actor SIGKILLed after step 10 (checkpoints every 8 steps): each replica
+    notices within seconds and ends; Ray Train replaces them one by one, a new Lighthouse
+    starts, the first replacement restores step 8's checkpoint and trains the steps after it
+    again to the last (its syncs need a live Lighthouse); the other joins it at a sync, or
+    finds the run finished if it arrives after the end. The MLflow run is FINISHED."""
+    from mlflow.tracking import MlflowClient
+
+    traces = tmp_path / "trace"
+    traces.mkdir()
+    cfg = _cfg(demo_dir, tmp_path, *LH_RUN)
+    summary = run_training(cfg, fit_callbacks=[StepTrace(str(traces), pace_s=0.2), KillLighthouseAt(LH_KILL)])
+    assert summary.steps == LH_STEPS
+
+    starts, retrained = [], set()
+    for rank in (0, 1):
+        lines = _trace(traces, rank)
+        pids = list(dict.fromkeys(e["pid"] for e in lines))
+        assert len(pids) == 2, (rank, pids)  # every replica ended once and was replaced once
+        before = [e["step"] for e in lines if e["pid"] == pids[0] and "step" in e]
+        assert LH_SAVE <= max(before) <= LH_SAVE + H  # it went on until its next quorum, no further
+        assert rank != 0 or LH_KILL in before  # the rank that killed the Lighthouse
+        after = [e for e in lines if e["pid"] == pids[1]]
+        starts.append(after[0]["start"])
+        steps = [e["step"] for e in after if "step" in e]
+        assert steps == list(range(starts[-1] + 1, LH_STEPS + 1))
+        assert starts[-1] == LH_SAVE or starts[-1] % H == 0  # restored, or healed at a sync
+        retrained |= set(before) & set(steps)
+    assert min(starts) == LH_SAVE  # the newest complete checkpoint when the Lighthouse died
+    assert set(range(LH_SAVE + 1, LH_KILL + 1)) <= retrained  # the steps after it, trained again
+
+    db = tmp_path / "mlruns.db"
+    assert MlflowClient(f"sqlite:///{db}").get_run(summary.mlflow_run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_killed_lighthouse_without_restarts_left_is_one_line_naming_it_and_the_resume(demo_dir, tmp_path):
+    """``train.max_failures: 0``: the first replica that finds the Lighthouse gone ends the
+    run; ``raydrat train`` says so in one ``raydrat: error:`` line and names the newest
+    complete checkpoint (step 8) and the ``--resume`` command."""
+    sets = [a for o in _overrides(demo_dir, tmp_path, *LH_RUN, "train.max_failures=0") for a in ("--set", o)]
+    r = run_cli(
+        ["train", "debug", *sets], cwd=tmp_path, timeout=300, faults_spec=[["KillLighthouseAt", {"step": LH_KILL}]]
+    )
+    assert r.returncode == 1, r.stderr[-3000:]
+    err = r.stderr.strip().splitlines()
+    errors = [line for line in err if line.startswith("raydrat: error:")]
+    assert len(errors) == 1, err[-20:]
+    assert "the torchft Lighthouse actor died and no restart was left (train.max_failures)" in errors[0]
+    tail = err[err.index(errors[0]) :]
+    assert any("newest complete checkpoint:" in line and "(step 8)" in line for line in tail), tail
+    assert any("--resume" in line for line in tail), tail
 
 
 def test_torchft_refusals_name_the_keys():

@@ -8,7 +8,9 @@
   (:meth:`~raydrat.core.techniques.sync.torchft_local.TorchftStrategy.join`); a replacement
   comes out of it with a live peer's weights, optimizer states, step and data position;
 * :class:`ReplicaLog`: a replacement's rejoin into the MLflow run, and the ``Manager``
-  closed at the end.
+  closed at the end;
+* the Lighthouse's death (:mod:`raydrat.ray_train.lighthouse`): each replica watches it from
+  its join to its end; a dead one is replaced when Ray Train restarts the groups.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from pathlib import Path
 
 import ray.train
 import torch
-from ray.train.v2.torch.torchft_config import TorchftConfig
 
 from raydrat.config import ConfigError, RaydratConfig
 from raydrat.core import metrics as M
@@ -27,6 +28,8 @@ from raydrat.core.data.handover import StreamTable, check_one_reader
 from raydrat.core.data.stream import TrainSource
 from raydrat.core.fit import Callback, FitState
 from raydrat.core.techniques.sync.torchft_local import TORCHFT_MISSING, TorchftStrategy, torchft_available
+from raydrat.ray_train import lighthouse
+from raydrat.ray_train.lighthouse import LighthouseWatch
 from raydrat.tracking import Run
 
 LIGHTHOUSE = {"min_replicas": 1, "join_timeout_ms": 5000, "heartbeat_timeout_ms": 5000}
@@ -47,7 +50,7 @@ def torch_config(cfg: RaydratConfig, use_gpu: bool) -> ray.train.torch.TorchConf
     if cfg.sync.engine != "torchft":
         return None
     check_engine(cfg)
-    return TorchftConfig(lighthouse_kwargs=dict(LIGHTHOUSE), backend="nccl" if use_gpu else "gloo")
+    return lighthouse.torch_config(LIGHTHOUSE, backend="nccl" if use_gpu else "gloo")
 
 
 def replica_datasets(cfg: RaydratConfig, datasets: dict) -> dict:
@@ -76,18 +79,23 @@ def finished(run_dir: str) -> bool:
     return (Path(run_dir) / FINISHED_FILE).exists()
 
 
-def join_replicas(state: FitState, rank: int, device: torch.device, source: TrainSource, run_dir: str) -> None:
+def join_replicas(
+    state: FitState, rank: int, device: torch.device, source: TrainSource, run_dir: str
+) -> LighthouseWatch | None:
     """Connect this worker's replica group and join the others (see the module docstring);
     a worker that was behind starts from the step it took on, and reads the part of the
     training order (``source``) of the worker it replaces from the cursors the replicas last
     agreed on (:mod:`raydrat.core.data.handover`). A replacement that arrives once the
-    others have finished (``run_dir`` says so) trains nothing. Nothing for other engines."""
+    others have finished (``run_dir`` says so) trains nothing. Nothing for other engines.
+    Returns the :class:`~raydrat.ray_train.lighthouse.LighthouseWatch` started before the
+    join (for :class:`ReplicaLog` to stop), or ``None``."""
     sync = state.techniques.sync
     if not isinstance(sync, TorchftStrategy):
-        return
+        return None
     if finished(run_dir):
         state.start_step = state.train.steps
-        return
+        return None
+    watch = LighthouseWatch(run_dir).start()
     quiet_torchft()
     world = state.world_size
     check_one_reader(source.stream_count, world)
@@ -106,6 +114,7 @@ def join_replicas(state: FitState, rank: int, device: torch.device, source: Trai
         M.setup_logging().info(f"replica {rank} joined the others at step {sync.done} (healed from a live peer)")
     if finished(run_dir):  # the others ended while this one waited in its first quorum
         state.start_step = state.train.steps
+    return watch
 
 
 def may_report(state: FitState) -> bool:
@@ -127,10 +136,10 @@ class ReplicaLog(Callback):
     """A replica that healed from a peer logs the step it took on (``replicas/healed_at_step``,
     the rejoin event; the others log the quorum's size and who left or joined it with their
     sync metrics); every replica leaves the quorum when its loop ends, and says so in
-    ``run_dir`` (:data:`FINISHED_FILE`)."""
+    ``run_dir`` (:data:`FINISHED_FILE`), and stops watching the Lighthouse (``watch``)."""
 
-    def __init__(self, run: Run, run_dir: str):
-        self.run, self.run_dir = run, run_dir
+    def __init__(self, run: Run, run_dir: str, watch: LighthouseWatch | None = None):
+        self.run, self.run_dir, self.watch = run, run_dir, watch
 
     def on_fit_start(self, state: FitState) -> None:
         sync = state.techniques.sync
@@ -138,6 +147,8 @@ class ReplicaLog(Callback):
             self.run.log_metrics({M.HEALED_AT_STEP: float(sync.healed_at)}, sync.healed_at)
 
     def on_fit_end(self, state: FitState) -> None:
+        if self.watch is not None:
+            self.watch.stop()
         sync = state.techniques.sync
         if isinstance(sync, TorchftStrategy):
             if state.step >= state.train.steps:

@@ -26,7 +26,7 @@ from raydrat.core.runtime import Runtime, resolve
 from raydrat.plots import plot_curves
 from raydrat.ray_data.datasets import build_datasets
 from raydrat.ray_session import ensure_ray, expected_gpus
-from raydrat.ray_train import resume
+from raydrat.ray_train import lighthouse, resume
 from raydrat.ray_train.fits import check_cluster_fits, check_corpus_reaches_workers
 from raydrat.ray_train.models import log_run_models
 from raydrat.ray_train.preflight import check_data
@@ -277,7 +277,7 @@ def _crashed(cfg: RaydratConfig, run_name: str, exc: BaseException) -> crash.Run
     so the incomplete checkpoints the crash left (a save cut off by a full disk or a killed
     worker) are removed, and the newest complete one is named."""
     run_dir = resume.storage_root(cfg) / run_name
-    cause = crash.describe(exc, run_dir)  # before the clean-up: the free space the crash met
+    cause = lighthouse.crash_cause(run_dir, exc) or crash.describe(exc, run_dir)  # before the clean-up
     removed: list[str] = []
     with crash.secondary(f"removing incomplete checkpoints in {run_dir}"):
         removed = resume.prune_incomplete(run_dir)

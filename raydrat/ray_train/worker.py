@@ -52,7 +52,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if not own_state:
         torch.manual_seed(tc.seed + 1000 * rank + state.start_step)
     # sync.engine=torchft: a replacement takes a live peer's state and the dead worker's data part
-    join_replicas(state, rank, device, loop_config["train_source"], loop_config["run_dir"])
+    watch = join_replicas(state, rank, device, loop_config["train_source"], loop_config["run_dir"])
 
     val_shard = loop_config["val_dataset"] if "val_dataset" in loop_config else ray.train.get_dataset_shard("val")
 
@@ -77,7 +77,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         ConsoleLog(),
         RunMetrics(run),
         RayReport(cfg.to_dict()),
-        ReplicaLog(run, loop_config["run_dir"]),
+        ReplicaLog(run, loop_config["run_dir"], watch),
         *loop_config.get("callbacks", []),
     ]
     fit(state, stream, val_batches, callbacks)
