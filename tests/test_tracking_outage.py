@@ -312,6 +312,8 @@ def test_a_server_killed_and_restarted_mid_run_costs_training_nothing_and_loses_
     assert times["killed"] < at[kill_at + 1] and at[back_at] < times["restarting"]
     during = statistics.median(took[s] for s in took if kill_at < s <= back_at)
     others = statistics.median(took[s] for s in took if s > 2 and not kill_at < s <= back_at)
+    console = capfd.readouterr()
+    text = console.out + console.err
     tokens = cfg.train.batch_size * cfg.train.grad_accum * cfg.model.seq_len  # a step, one worker
     parts = {"before": (2, kill_at), "during": (kill_at, back_at), "after": (back_at, steps)}
     for name, (lo, hi) in parts.items():  # shown with pytest -rP: the table of the closing note
@@ -319,8 +321,6 @@ def test_a_server_killed_and_restarted_mid_run_costs_training_nothing_and_loses_
         print(f"{name} the outage (steps {lo + 1}-{hi}): {median:.3f} s/step, {tokens / median:,.0f} tokens/s")
     print(f"during/others: {during / others:.2f} (load average {os.getloadavg()})")
     assert during < 3 * others + 0.05, f"a step took {during:.3f}s during the outage, {others:.3f}s otherwise"
-    console = capfd.readouterr()
-    text = console.out + console.err
     assert len(re.findall(r"unreachable \([^)]+\): the records of run", text)) == 1, text  # refused, reset...
     assert text.count("reachable again after") == 1, text
     assert SECRET not in text and _files_holding(tmp_path / "ray_results", SECRET) == []
