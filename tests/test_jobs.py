@@ -180,13 +180,31 @@ def private_cluster(py: Path, cwd: Path, extra_nodes: int = 0):
     temp_dir = tempfile.mkdtemp(prefix="rdj", dir="/tmp")  # short: Ray's socket paths are limited
     ray_start = [str(py), "-m", "ray.scripts.scripts", "start", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
 
+    taken: set[int] = set()  # every port given out, each node's worker range whole: Ray refuses overlaps
+
+    def port() -> int:
+        while (p := free_port()) in taken:
+            pass
+        taken.add(p)
+        return p
+
+    def worker_ports() -> int:
+        """The first of 101 ports for the node's workers, none of them given out before."""
+        while True:
+            first = free_port()
+            workers = set(range(first, first + 101))
+            if not taken & workers:
+                taken.update(workers)
+                return first
+
     def node_ports() -> list[str]:
-        nm, om, agent, agent_grpc, metrics, min_w = (free_port() for _ in range(6))
+        min_w = worker_ports()
+        nm, om, agent, agent_grpc, metrics = (port() for _ in range(5))
         return [f"--node-manager-port={nm}", f"--object-manager-port={om}", f"--dashboard-agent-listen-port={agent}",
                 f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
                 f"--min-worker-port={min_w}", f"--max-worker-port={min_w + 100}"]  # fmt: skip
 
-    gcs, dash = free_port(), free_port()
+    gcs, dash = port(), port()
     head = [*ray_start, "--head", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
             "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp_dir}", *node_ports()]  # fmt: skip
     try:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import ray.cloudpickle
+from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 import raydrat.tracking.delivery as D
@@ -30,6 +31,7 @@ from raydrat.bench.loopback import MlflowServer, free_port
 from raydrat.core import metrics as M
 from raydrat.core.fit import Callback, FitState
 from raydrat.tracking import Run
+from raydrat.tracking.writer import writer
 
 SECRET = f"pw{secrets.token_hex(8)}"
 
@@ -118,6 +120,31 @@ def test_a_backlog_is_delivered_in_order_exactly_once_even_the_record_that_may_h
     assert back.info.status == "FINISHED" and back.info.end_time == 1_700_000_000_000  # when it ended
     assert not folder.exists()
     assert run.settle() == []  # nothing twice
+
+
+def test_a_file_staged_before_the_store_went_away_waits_in_the_backlog(tmp_path, file_store):
+    """A file is copied for upload while the records still wait in memory (its copy in the
+    writer's own temporary folder); the store is found away before its record is handed
+    over, so the record goes straight to the journal: the copy goes with it into the backlog
+    (the temporary folder is removed when the writer closes), and it is delivered later."""
+    run_id = Run.start(file_store, "raydrat", "r").run_id
+    folder = tmp_path / "backlog"
+    note = tmp_path / "note.txt"
+    note.write_text("kept\n")
+    w = writer(_closed_store(), run_id, folder)
+    staged = w.stage(note)
+    assert Path(staged).is_absolute() and not folder.exists()  # in memory's staging: no backlog yet
+    w.put(D.batch_record([Metric(M.TRAIN_LOSS, 1.0, 0, 1)]))
+    w.flush(5)  # the first send fails: the records wait in the journal from now on
+    assert w.down and J.journals(folder)
+    w.put({"op": "upload", "file": staged, "artifact_path": "notes"})
+    assert w.close(timeout=0.1) == 2
+    [kept] = (folder / J.FILES).glob("*/note.txt")
+    assert kept.read_text() == "kept\n"
+
+    run = Run.attach(file_store, run_id, folder)
+    assert run.settle() == [f"delivered the 2 record(s) of MLflow run {run_id} kept in {folder}"]
+    assert [a.path for a in MlflowClient(file_store).list_artifacts(run_id, "notes")] == ["notes/note.txt"]
 
 
 def test_a_backlog_goes_at_the_pace_of_requests_not_of_steps(tmp_path, monkeypatch):

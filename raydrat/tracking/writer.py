@@ -106,7 +106,7 @@ class Writer:
                 if self._journal is None and len(self._memory) >= MEMORY_RECORDS:
                     self._spill("is slower than training")
                 if self._journal is not None:
-                    self._journal.append(record)
+                    self._journal.append(self._kept(record))
                 else:
                     self._memory.append(record)
                 self._end_pending = self._end_pending or is_end(record)
@@ -240,15 +240,21 @@ class Writer:
         J.prepare(self.folder, redact_uri(self.uri), self.run_id)
         self._journal = J.Journal.create(self.folder)
         for record in self._memory:
-            if record.get("file") and Path(record["file"]).is_absolute():
-                record["file"] = J.keep(self.folder, Path(record["file"]))
-            self._journal.append(record)
+            self._journal.append(self._kept(record))
         self._memory.clear()
         if why:
             self._notes.append(
                 f"MLflow at {redact_uri(self.uri)} {why}: {self._journal.appended} record(s) of run {self.run_id} "
                 f"wait in {self._journal.path} until it takes them (nothing waits for it)"
             )
+
+    def _kept(self, record: dict[str, Any]) -> dict[str, Any]:
+        """``record``, the file it names moved into the backlog folder if it was staged in this
+        writer's temporary folder (staged before the records came to wait in the journal:
+        that folder goes when the writer closes)."""
+        if record.get("file") and Path(record["file"]).is_absolute():
+            record["file"] = J.keep(self.folder, Path(record["file"]))
+        return record
 
     def _head(self) -> list[dict[str, Any]]:
         """The next records to send (the same until they are delivered): one, or consecutive
