@@ -152,6 +152,7 @@ def test_killed_lighthouse_without_restarts_left_is_one_line_naming_it_and_the_r
     assert len(errors) == 1, err[-20:]
     assert "the torchft Lighthouse actor died and no restart was left (train.max_failures)" in errors[0]
     tail = err[err.index(errors[0]) :]
+    print("\n".join(tail))  # the console's end, shown with pytest -rP (docs/distributed.md quotes it)
     assert any("newest complete checkpoint:" in line and "(step 8)" in line for line in tail), tail
     assert any("--resume" in line for line in tail), tail
 
