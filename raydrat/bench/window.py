@@ -47,7 +47,8 @@ class Window(Callback):
                 tokens=(state.step - self.start) * state.tokens_per_step,
                 wall_s=now - t0,
                 cpu_s=cpu - c0,
-                other_threads_cpu_s=(cpu - c0) - (loop_cpu - l0),
+                # the two clocks are read a moment apart: a difference below zero is their jitter
+                other_threads_cpu_s=max(0.0, (cpu - c0) - (loop_cpu - l0)),
                 data_wait_s=wait - w0,
             )
             if self.sink is not None:
