@@ -85,6 +85,7 @@ def test_gated_at_budget_row_reports_the_optimum_and_the_layer_throughput():
     assert rec["peak_bytes"] <= 1.01 * rec["estimated_worst_case_bytes"]
 
 
+@pytest.mark.slow
 def test_combinations_train_in_turn_and_each_estimate_predicts_its_worst_step():
     """Interleaved: every combination's steps alternate with the others' (each step's
     order is recorded by the training loop's clock), and the estimate for the worst sampled
@@ -111,6 +112,7 @@ def test_combinations_train_in_turn_and_each_estimate_predicts_its_worst_step():
         assert rec["peak_bytes"] <= 1.01 * rec["estimated_worst_case_bytes"], name  # a few scalars are not modelled
 
 
+@pytest.mark.slow
 def test_speed_against_the_baseline_is_paired_by_round_with_a_verdict():
     """Timed steps grouped into rounds of consecutive steps: each combination's round i
     against the baseline's round i, median and min-max by CPU and wall time."""

@@ -45,6 +45,7 @@ def bench_without(absent: tuple[str, ...], *args: str, timeout: int = 300) -> su
     )
 
 
+@pytest.mark.slow
 def test_dry_run_plans_gpt2_small_and_the_largest_model_without_ray_mlflow_or_bitsandbytes(tmp_path):
     proc = bench_without((*ABSENT_ON_GPU_MACHINE, "bitsandbytes"), "--dry-run", "--json", str(tmp_path / "plan.json"))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -76,6 +77,7 @@ def test_flops_per_token_agree_with_torch_flop_counter(shape):
     assert counter.get_total_flops() / T == pytest.approx(planned, rel=0.015)
 
 
+@pytest.mark.slow
 def test_every_case_runs_at_toy_shapes_on_cpu_and_its_figures_hold(tmp_path):
     """The code that runs on the GPU, here on CPU at toy shapes (bitsandbytes' CPU 8-bit path)."""
     out = tmp_path / "out"

@@ -266,6 +266,7 @@ def test_quiet_console_on_real_ray(tmp_path):
     assert "\x1b[" not in out["quiet"] and "\x1b[" not in out["verbose"]
 
 
+@pytest.mark.slow
 def test_ray_failing_to_start_is_one_line_after_one_retry(demo_dir, tmp_path):
     """Ray's start made to fail (its temporary folder is a file): it is tried twice, then one
     line names the load average and how to join a running cluster instead; the run's folder

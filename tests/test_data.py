@@ -192,6 +192,7 @@ def test_local_blocks_follow_the_documented_rule(corpus):
     assert n_val > 0 and 0.03 < n_val / (n_train + n_val) < 0.25
 
 
+@pytest.mark.slow
 def test_ray_pipeline_equals_local_and_is_deterministic(corpus):
     cfg = data_cfg(corpus)
     bundle = build_datasets(cfg, SEQ_LEN, VOCAB)
@@ -426,6 +427,7 @@ def test_corrupt_parquet_is_named_or_skipped_and_counted(corpus, tmp_path):
     assert "bad.parquet" in bundle.lineage["skipped_files"][0]
 
 
+@pytest.mark.slow
 def test_prepare_conserves_tokens_and_publishes_last(corpus, tmp_path, monkeypatch):
     cfg = data_cfg(corpus)
     out = tmp_path / "prepared"
@@ -515,6 +517,7 @@ def write_checked_parquet(path: Path, docs: list, row_group_size: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_corrupt_data_page_is_named_with_its_row_group_and_honours_on_corrupt(corpus, tmp_path):
     from faults import corrupt_data_page
 
@@ -635,6 +638,7 @@ def test_weighted_mixing_is_met_in_tokens_whatever_the_parquet_encoding(corpus, 
     assert line.startswith("data: epoch 0: sources[0] target 50.0%") and abs(shares[0] - 50) < 5, line
 
 
+@pytest.mark.slow
 def test_prepare_keeps_generations_a_reader_holds_and_cleans_crashed_prefixes(corpus, tmp_path):
     """A run that opened a prepared directory reads it to the end while later prepares
     publish new generations; old ones go once no reader holds them; what a killed prepare

@@ -125,6 +125,7 @@ def cfg_for(s3: dict, where: str, **kw) -> DataConfig:
     return DataConfig(**settings)
 
 
+@pytest.mark.slow
 def test_s3_token_stream_equals_local(s3):
     remote, local = cfg_for(s3, "s3"), cfg_for(s3, "local")
     for split in ("train", "val"):
@@ -175,6 +176,7 @@ def test_s3_wrong_credentials(s3):
         proc.wait(timeout=10)
 
 
+@pytest.mark.slow
 def test_prepare_to_s3_round_trip_and_train(s3, tmp_path):
     local = cfg_for(s3, "local")
     out = f"s3://{BUCKET}/prepared/run1"

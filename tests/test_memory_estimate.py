@@ -86,6 +86,7 @@ def test_estimated_param_and_optimizer_bytes_match_real_tensors(name):
     assert est.components["optimizer"] == optimizer_state_bytes(optimizer)
 
 
+@pytest.mark.slow
 def test_cli_estimate_prints_breakdown(tmp_path):
     res = run_cli(["estimate", "debug", "--set", "train.batch_size=4", "--measure"], cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr

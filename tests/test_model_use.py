@@ -173,6 +173,7 @@ def test_eval_cli_prints_and_logs_to_the_runs_mlflow_record(demo_dir, tmp_path, 
     assert code == 0 and "3 batches" in out and len(mlrun.metric_history("eval/data/loss")) == 1
 
 
+@pytest.mark.slow
 def test_eval_names_the_store_with_its_password_masked_or_says_the_run_was_not_tracked(
     demo_dir, tmp_path, capsys, monkeypatch
 ):

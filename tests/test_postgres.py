@@ -59,6 +59,7 @@ def test_a_store_that_cannot_be_logged_in_to_is_one_line_naming_the_host_before_
     print(f"{case}: refused in {time.monotonic() - t0:.1f}s: {line}")
 
 
+@pytest.mark.slow
 def test_a_sweep_with_the_store_in_the_environment_is_refused_the_same_way(postgres, tmp_path):
     uri = postgres.uri(password="not-the-password-42", driver="postgresql")
     proc = run_cli(["tune", "smoke"], cwd=tmp_path, timeout=300, env={"MLFLOW_TRACKING_URI": uri})

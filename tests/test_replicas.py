@@ -181,6 +181,7 @@ def test_torchft_refusals_name_the_keys():
         )
 
 
+@pytest.mark.slow
 def test_torchft_missing_is_one_line_naming_the_extra(tmp_path):
     """torchft made unimportable in a fresh interpreter: the run is refused before Ray starts."""
     code = (

@@ -249,6 +249,7 @@ def _overlap_worker(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_delayed_exchange_overlaps_the_next_steps_compute(tmp_path):
     mp.spawn(_overlap_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     for rank in (0, 1):

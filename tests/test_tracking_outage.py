@@ -48,6 +48,7 @@ def _files_holding(root: Path, needle: str) -> list[str]:
     return [str(p) for p in root.rglob("*") if p.is_file() and needle.encode() in p.read_bytes()]
 
 
+@pytest.mark.slow
 def test_writes_to_an_unreachable_store_never_wait_and_wait_on_disk_in_order(tmp_path, capfd):
     store = f"sqlite:///{tmp_path / 'mlruns.db'}"
     run_id = Run.start(store, "raydrat", "r").run_id
@@ -147,6 +148,7 @@ def test_a_file_staged_before_the_store_went_away_waits_in_the_backlog(tmp_path,
     assert [a.path for a in MlflowClient(file_store).list_artifacts(run_id, "notes")] == ["notes/note.txt"]
 
 
+@pytest.mark.slow
 def test_a_backlog_goes_at_the_pace_of_requests_not_of_steps(tmp_path, monkeypatch):
     """300 steps kept while the store was away reach it in one request (MLflow takes 1000
     metrics per request), counted at the real client."""
@@ -170,6 +172,7 @@ def test_a_backlog_goes_at_the_pace_of_requests_not_of_steps(tmp_path, monkeypat
     assert [s for s, _ in run.metric_history(M.TRAIN_LOSS)] == list(range(1, 301))
 
 
+@pytest.mark.slow
 def test_tracking_sync_says_in_one_line_what_it_needs(tmp_path, capsys, monkeypatch):
     from raydrat.cli import main
 
@@ -206,6 +209,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow
 def test_a_run_whose_driver_died_is_ended_killed_by_the_next_command(tmp_path):
     store = f"sqlite:///{tmp_path / 'mlruns.db'}"
     folder = tmp_path / "run" / "tracking-backlog"
