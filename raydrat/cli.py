@@ -15,6 +15,7 @@
     raydrat bench overhead [CONFIG] [--rounds N] [--steps N] [--from-step N] [--json PATH] [--verbose]
     raydrat bench ingest [CONFIG] [--mb N ...] [--huge-mb N ...] [--json PATH]
     raydrat bench sync [CONFIG] [--latency-ms MS,...] [--sync-steps H,...] [--link MBIT,...] [--json PATH]
+    raydrat bench sync [CONFIG] --faults STEP [--kill process,node] [--link MBIT] [--json PATH]
     raydrat bench combos [CONFIG] [--json PATH] [--only NAME ...]
     raydrat bench memory [--json PATH] [--only NAME ...]
     raydrat bench recompute [--models NAME ...] [--fractions F ...] [--steps N] [--no-compile | --no-eager] [--json PATH]
@@ -368,9 +369,15 @@ def cmd_bench_sync(args: argparse.Namespace) -> int:
     if not sync_steps or min(sync_steps) < 1:
         raise UserError(f"--sync-steps {args.sync_steps!r}: give positive step counts like 4,16")
     if args.faults is not None:
-        from raydrat.bench.sync_faults import run_fault_bench
+        from raydrat.bench.sync_faults import run_fault_bench, run_fault_bench_over_link
 
-        run_fault_bench(cfg, args.faults, sync_steps, json_path=args.json)
+        kills = tuple(k.strip() for k in (args.kill or ("process,node" if args.link else "process")).split(","))
+        if args.link:
+            run_fault_bench_over_link(
+                cfg, args.config, args.overrides, parse_rates(args.link), args.faults, sync_steps, kills, args.json
+            )
+        else:
+            run_fault_bench(cfg, args.faults, sync_steps, json_path=args.json, kills=kills)
         return 0
     if args.link:
         run_sync_bench_over_link(
@@ -382,6 +389,7 @@ def cmd_bench_sync(args: argparse.Namespace) -> int:
             json_path=args.json,
             workers=args.workers,
             sync_steps=sync_steps,
+            torchft=args.torchft,
         )
         return 0
     run_sync_bench(
@@ -812,6 +820,13 @@ def _add_bench_sync_and_tracking(bench: argparse._SubParsersAction) -> None:
         metavar="STEP",
         help="kill one replica's worker after STEP: ddp's whole-group restart against torchft local/H and "
         "diloco/H (steps lost, seconds until the replacement trains, tokens/s alone, val loss)",
+    )
+    p.add_argument(
+        "--kill",
+        default=None,
+        metavar="process|node|process,node",
+        help="with --faults: what dies, the remote worker's process, its whole node (raylet and workers; needs "
+        "--link), or each in turn (default: process on one node, process,node with --link)",
     )
     p.add_argument(
         "--torchft",

@@ -237,7 +237,7 @@ class FillDiskAt(Callback):
             f.write(b"\0" * max(0, free - self.leave))
 
 
-FAULTS = {c.__name__: c for c in (KillTrial, RaiseAt, FillDiskAt, KillAt, KillLighthouseAt)}
+FAULTS = {c.__name__: c for c in (KillTrial, RaiseAt, FillDiskAt, KillAt, KillLighthouseAt, StepTrace)}
 
 
 def main() -> int:

@@ -1,21 +1,25 @@
-"""Local updates on torchft replica groups (sync.engine: torchft) under Ray Train: a replica
-killed mid-run is replaced alone; the survivor never restarts or repeats a step, the
-replacement joins with the survivor's exact weights at its first sync, and the MLflow run
-shows the death and the rejoin. The Lighthouse killed mid-run: every replica ends and Ray
+"""Local updates on torchft replica groups (sync.engine: torchft) under Ray Train: on two Ray
+nodes joined by the rate-limited link (raydrat.bench.link), one replica each, a node killed
+mid-run is replaced alone; the survivor never restarts or repeats a step, the replacement
+joins with the survivor's exact weights at its first sync, and the MLflow run shows the death
+and the rejoin. The Lighthouse killed mid-run: every replica ends and Ray
 Train brings them back from the newest complete checkpoint with a new Lighthouse. Plus the
 one-line refusals."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from conftest import cli_env, run_cli
-from faults import KillAt, KillLighthouseAt, StepTrace
+from conftest import cli_env, faulty_raydrat_cmd, run_cli
+from faults import KillLighthouseAt, StepTrace
 
+from raydrat.bench.link import NODE_RESOURCE, TwoNodeLink, unavailable_reason
 from raydrat.config import load_config
 from raydrat.core import metrics as M
 from raydrat.ray_train.trainer import run_training
@@ -43,6 +47,13 @@ def _overrides(demo_dir: Path, tmp: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.fixture(scope="module")
+def namespaces_ok():
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+
+
 def _cfg(demo_dir: Path, tmp: Path, *extra: str):
     return load_config("debug", _overrides(demo_dir, tmp, *extra))
 
@@ -57,43 +68,94 @@ def _history(db: Path, run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in MlflowClient(f"sqlite:///{db}").get_metric_history(run_id, key)}
 
 
+NODE_STEPS = 120
+"""The node test's steps, paced at 0.4 s: after the kill the survivor trains about 40 s more,
+time for Ray to see the node gone, the node to start again and the replacement to join."""
+
+
+def _wait_for(what: str, probe, driver: subprocess.Popen, log: Path, timeout_s: float = 180):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and driver.poll() is None:
+        got = probe()
+        if got is not None:
+            return got
+        time.sleep(0.05)
+    pytest.fail(f"waiting for {what}: driver exit {driver.poll()}; its log ends:\n{log.read_text()[-4000:]}")
+
+
+def _victim_at(traces: Path, net: TwoNodeLink, step: int) -> int | None:
+    """The rank whose worker runs on node b, once it has trained ``step``."""
+    on_b = set(net.worker_pids("b"))
+    for rank in (0, 1):
+        path = traces / f"rank{rank}.jsonl"
+        lines = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+        if any(e.get("step", -1) >= step and e["pid"] in on_b for e in lines):
+            return rank
+    return None
+
+
 @pytest.mark.slow
-def test_killed_replica_is_replaced_alone_and_rejoins_with_the_survivors_weights(ray_local, demo_dir, tmp_path):
-    # DiLoCo: the heal carries the outer optimizer's state too; local SGD (no outer optimizer)
-    # is the same path with less state, and tests/test_torchft_local.py runs both without Ray
+def test_a_killed_node_is_replaced_alone_and_its_replica_rejoins_with_the_survivors_weights(
+    namespaces_ok, demo_dir, tmp_path
+):
+    """Two Ray nodes on the rate-limited link, one replica each (DiLoCo: the heal carries the
+    outer optimizer's state too). Node b dies whole (its raylet, agents and worker, SIGKILL)
+    and starts again; the replica on node a keeps training alone, and Ray Train places a
+    replacement on the new node b, healed from the survivor over the link."""
     traces = tmp_path / "trace"
     traces.mkdir()
-    cfg = _cfg(demo_dir, tmp_path, "sync.outer_optimizer=nesterov")
-    summary = run_training(cfg, fit_callbacks=[StepTrace(str(traces), pace_s=0.4), KillAt(KILL, rank=1)])
-    assert summary.steps == STEPS
+    sets = [
+        *_overrides(demo_dir, tmp_path, "sync.outer_optimizer=nesterov"),
+        f"data.sources=[{{path: {demo_dir / 'corpus'}}}]",  # one machine's disk: both nodes read it
+        f"data.tokenizer_path={demo_dir / 'tokenizer-512.json'}",
+        f"train.steps={NODE_STEPS}",
+        f"train.eval_every={NODE_STEPS}",
+        f"scaling.worker_resources={{{NODE_RESOURCE}: 1}}",
+    ]
+    spec = [["StepTrace", {"directory": str(traces), "pace_s": 0.4}]]
+    log = tmp_path / "run.log"
+    with TwoNodeLink(rate_mbit=100) as net, open(log, "w") as out:
+        driver = net.popen(
+            faulty_raydrat_cmd(spec, "train", "debug", *(a for s in sets for a in ("--set", s))),
+            env={k: v for k, v in cli_env().items() if k in ("PYTHONPATH", "PYTHONUNBUFFERED")},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        victim = _wait_for(f"node b's replica at step {KILL}", lambda: _victim_at(traces, net, KILL), driver, log)
+        killed = net.kill_node("b")
+        net.start_node("b")
+        assert driver.wait(timeout=300) == 0, log.read_text()[-4000:]
+    assert killed
+    run_id = re.search(r"MLflow run (\w+)", log.read_text()).group(1)
 
-    # rank 0 never restarted, never went back, never repeated a step (it may start after step
-    # 0: a replica that starts late joins the first ones, healed, at their sync)
-    survivor = _trace(traces, 0)
+    # the survivor never restarted, never went back, never repeated a step (it may start after
+    # step 0: a replica that starts late joins the first ones, healed, at their sync)
+    survivor = _trace(traces, 1 - victim)
     assert len({e["pid"] for e in survivor}) == 1
     first = survivor[0]["start"]
     assert first < KILL
     steps = [e["step"] for e in survivor if "step" in e]
-    assert steps == list(range(first + 1, STEPS + 1))
+    assert steps == list(range(first + 1, NODE_STEPS + 1))
 
-    lines = _trace(traces, 1)
+    lines = _trace(traces, victim)
     pids = list(dict.fromkeys(e["pid"] for e in lines))
-    assert len(pids) == 2, pids  # the killed process and its replacement
+    assert len(pids) == 2, pids  # the killed process and its replacement on the new node
+    assert pids[0] in killed
     dead = [e["step"] for e in lines if e["pid"] == pids[0] and "step" in e]
-    assert max(dead) == KILL
+    assert KILL <= max(dead) < KILL + H  # the node died within a sync interval of step KILL
     joined = [e for e in lines if e["pid"] == pids[1]]
     start = joined[0]["start"]
-    assert KILL < start < STEPS and start % H == 0  # it rejoined at a sync of the survivor's
+    assert max(dead) < start < NODE_STEPS and start % H == 0  # it rejoined at a sync of the survivor's
     at_sync = {e["step"]: e["checksum"] for e in survivor if "step" in e}
     assert joined[0]["checksum"] == at_sync[start]  # exactly the survivor's weights after that sync
 
     db = tmp_path / "mlruns.db"
-    left = _history(db, summary.mlflow_run_id, M.REPLICAS_LEFT)
+    left = _history(db, run_id, M.REPLICAS_LEFT)
     assert sum(left.values()) >= 1 and min(s for s, v in left.items() if v) > KILL
-    quorum = _history(db, summary.mlflow_run_id, M.QUORUM_SIZE)
-    assert 1.0 in quorum.values() and quorum[STEPS] == 2.0
-    rejoined = _history(db, summary.mlflow_run_id, M.REPLICAS_JOINED)
-    healed = _history(db, summary.mlflow_run_id, M.HEALED_AT_STEP)
+    quorum = _history(db, run_id, M.QUORUM_SIZE)
+    assert 1.0 in quorum.values() and quorum[NODE_STEPS] == 2.0
+    rejoined = _history(db, run_id, M.REPLICAS_JOINED)
+    healed = _history(db, run_id, M.HEALED_AT_STEP)
     assert healed[start] == float(start) and sum(rejoined.values()) >= 1
 
 

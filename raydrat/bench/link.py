@@ -50,12 +50,20 @@ from pathlib import Path
 
 from raydrat.config import ConfigError
 
+HEALTH_CHECK_ENV = {
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+}
+"""The GCS's node health check on the link's cluster: what makes a killed node dead to Ray."""
 NODE_RESOURCE = "raydrat_link_node"
 """The custom resource each node advertises (1 per node)."""
 IFNAME = "raydrat0"
 """The veth interface's name, the same in both namespaces (so one ``GLOO_SOCKET_IFNAME``)."""
 GCS_PORT = 6379
 NS_PREFIX = "raydrat-link-"
+ENV_VAR = "RAYDRAT_LINK"
+"""Set in the commands a link runs: what :func:`attached` needs to reach its nodes."""
 TEMP_PREFIX = "rdl-"
 NODES = ("a", "b")
 _instances = itertools.count()
@@ -298,13 +306,21 @@ class TwoNodeLink:
                 "RAY_USAGE_STATS_ENABLED": "0",
                 # two nodes on one machine are never preempted: no watcher actor
                 "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                # the head declares a silent node dead after about 3 s (Ray's default, 3 s x 5
+                # missed health checks, leaves a killed node "alive" for 15-30 s, and Ray Train
+                # would place a replacement on it)
+                **HEALTH_CHECK_ENV,
                 **self._extra_env,
             }
         )
         self._env = env
 
     def _start_ray(self) -> None:
-        common = [
+        self._ray_start("a", ["--head", "--port", str(GCS_PORT), *self._node_args()])
+        self.start_node("b")
+
+    def _node_args(self) -> list[str]:
+        return [
             "--num-cpus",
             f"{self.cpus_per_node:g}",
             "--num-gpus",
@@ -315,19 +331,43 @@ class TwoNodeLink:
             str(int(self.object_store_mb * 2**20)),
             "--disable-usage-stats",
         ]
-        self._ray_start("a", ["--head", "--port", str(GCS_PORT), *common])
-        self._ray_start("b", ["--address", self.address, *common])
+
+    def start_node(self, node: str = "b") -> None:
+        """Start the worker node's Ray (again, after :meth:`kill_node`) and wait until the
+        cluster shows both nodes' ``raydrat_link_node``."""
+        self._ray_start(node, ["--address", self.address, *self._node_args()])
         self._wait_for_cluster()
 
+    def kill_node(self, node: str = "b") -> list[int]:
+        """A node lost at once, as a crashed or preempted machine: SIGKILL every process in
+        ``node``'s namespace (its raylet, its agents and its Ray workers), with no time to
+        clean up; the namespace and the link stay, so :meth:`start_node` can bring it back.
+        Returns the pids killed."""
+        if node == "a":
+            raise ValueError("node a holds the head (the GCS): killing it ends the cluster, not a node")
+        pids = list(self.processes(node))
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.05)
+        return pids
+
     def _ray_start(self, node: str, args: list[str]) -> None:
-        log = self.temp_dir / f"ray-start-{node}.log"
+        # a restarted node gets a fresh temp dir: the dead one's socket files stay behind
+        names = itertools.chain([node], (f"{node}{k}" for k in itertools.count(2)))
+        name = next(n for n in names if not (self.temp_dir / n).exists())
+        log = self.temp_dir / f"ray-start-{name}.log"
         cmd = [
             ray_executable(),
             "start",
             "--node-ip-address",
             self.ip[node],
             "--temp-dir",
-            str(self.temp_dir / node),
+            str(self.temp_dir / name),
             *args,
         ]
         with open(log, "w") as out:  # not a pipe: the daemons it forks keep their stdout open
@@ -395,8 +435,19 @@ class TwoNodeLink:
     # -- running things -------------------------------------------------------------
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        """The environment for a driver in ``a``: ``RAY_ADDRESS`` and the cluster's token."""
-        return {**self._env, "RAY_ADDRESS": self.address, **(extra or {})}
+        """The environment for a driver in ``a``: ``RAY_ADDRESS``, the cluster's token, and
+        ``RAYDRAT_LINK``, which :func:`attached` reads to kill and restart node ``b``."""
+        described = json.dumps(
+            {
+                "namespace": self.namespace,
+                "ip": self.ip,
+                "temp_dir": str(self.temp_dir),
+                "cpus_per_node": self.cpus_per_node,
+                "object_store_mb": self.object_store_mb,
+                "resources": self.resources,
+            }
+        )
+        return {**self._env, "RAY_ADDRESS": self.address, ENV_VAR: described, **(extra or {})}
 
     def command(self, cmd: Sequence[str], node: str = "a") -> list[str]:
         return ["ip", "netns", "exec", self.namespace[node], *cmd]
@@ -453,6 +504,21 @@ class TwoNodeLink:
     def worker_pids(self, node: str, actor: str = "RayTrainWorker") -> list[int]:
         """Pids of the Ray actors of class ``actor`` running on ``node``."""
         return sorted(pid for pid, cmd in self.processes(node).items() if cmd.startswith(f"ray::{actor}"))
+
+
+def attached() -> TwoNodeLink | None:
+    """In a command a :class:`TwoNodeLink` runs (``run`` / ``popen``): a handle on that link,
+    which can :meth:`~TwoNodeLink.kill_node` and :meth:`~TwoNodeLink.start_node` its node
+    ``b`` but never closes it (the harness that made it does). ``None`` elsewhere."""
+    described = os.environ.get(ENV_VAR)
+    if not described:
+        return None
+    d = json.loads(described)
+    net = TwoNodeLink(cpus_per_node=d["cpus_per_node"], object_store_mb=d["object_store_mb"], resources=d["resources"])
+    net.namespace, net.ip, net.temp_dir = d["namespace"], d["ip"], Path(d["temp_dir"])
+    net.address = f"{net.ip['a']}:{GCS_PORT}"
+    net._env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", ENV_VAR)}
+    return net
 
 
 def ray_executable() -> str:

@@ -45,6 +45,8 @@ from raydrat.bench.local import LocalData, LocalRun
 from raydrat.bench.report import print_table
 from raydrat.config import ConfigError, RaydratConfig
 from raydrat.core import metrics as M
+from raydrat.core.data.demo import CORPUS_DIR, build_demo_corpus, tokenizer_file
+from raydrat.core.data.plan import DEMO_SOURCE
 from raydrat.core.fit import Callback, FitState
 from raydrat.core.techniques.base import unwrap
 from raydrat.core.techniques.sync.strategy import model_checksum
@@ -351,6 +353,7 @@ def run_sync_bench_over_link(
     json_path: str | None = None,
     workers: int = 2,
     sync_steps: tuple[int, ...] = DEFAULT_SYNC_STEPS,
+    torchft: bool = False,
 ) -> list[dict]:
     """``raydrat bench sync --link RATE[,RATE...]``: the same variants with one worker on
     each of two Ray nodes joined by a ``tc``-limited veth pair, once per rate (Mbit/s;
@@ -361,13 +364,50 @@ def run_sync_bench_over_link(
     reason = link.unavailable_reason()
     if reason:
         print(f"raydrat: {reason}: running the one-node benchmark instead", file=sys.stderr)
-        return run_sync_bench(cfg, latencies_ms, json_path, workers, sync_steps)
+        return run_sync_bench(cfg, latencies_ms, json_path, workers, sync_steps, torchft)
     if workers != 2:
         raise ConfigError(
             f"--link with --workers {workers}: the link joins two nodes, one worker each: use --workers 2"
         )
-    rates = [link.check_rate(r) for r in rates_mbit]
     lat = ",".join(f"{x:g}" for x in (latencies_ms or [0]))
+    args = ["--latency-ms", lat, "--workers", "2", "--sync-steps", ",".join(map(str, sync_steps))]
+    rows = run_over_link(cfg, config, overrides, rates_mbit, args + (["--torchft"] if torchft else []), quiet=True)
+    print_sync_tables(cfg, rows, workers)
+    for label in dict.fromkeys(r["label"] for r in rows if r["mode"] != "ddp"):
+        won = [f"{r['link_mbit']:g}" for r in rows if r["label"] == label and r["tokens_per_s_vs_ddp"] > 1]
+        print(f"{label}: faster than ddp at {', '.join(won) + ' Mbit/s' if won else 'no link rate tried'}")
+    if json_path:
+        write_json(json_path, rows)
+    return rows
+
+
+def link_overrides(cfg: RaydratConfig, overrides: list[str]) -> list[str]:
+    """``overrides`` for a run on the two-node link: one worker per node
+    (``scaling.worker_resources``), and the demo corpus by its path on this machine's disk,
+    which both nodes share (a run refuses the corpus by name on two nodes)."""
+    sets = [*overrides, f"scaling.worker_resources={{{link.NODE_RESOURCE}: 1}}"]
+    if any(src.path == DEMO_SOURCE for src in cfg.data.sources):
+        demo = build_demo_corpus(cfg.data.demo_dir, cfg.model.vocab_size)
+        sources = [
+            {**src.model_dump(exclude_none=True), "path": str(demo / CORPUS_DIR)}
+            if src.path == DEMO_SOURCE
+            else src.model_dump(exclude_none=True)
+            for src in cfg.data.sources
+        ]
+        sets.append(f"data.sources={json.dumps(sources)}")
+        if not cfg.data.tokenizer_path:
+            sets.append(f"data.tokenizer_path={demo / tokenizer_file(cfg.model.vocab_size)}")
+    return sets
+
+
+def run_over_link(
+    cfg: RaydratConfig, config: str, overrides: list[str], rates_mbit: list[float], args: list[str], quiet: bool
+) -> list[dict]:
+    """``raydrat bench sync CONFIG ARGS --json F`` as the driver inside the head node's
+    namespace of a :class:`~raydrat.bench.link.TwoNodeLink`, once per rate; its rows with
+    ``link_mbit``. ``quiet``: keep the command's console unless it fails (else it streams)."""
+    rates = [link.check_rate(r) for r in rates_mbit]
+    sets = link_overrides(cfg, overrides)
     rows: list[dict] = []
     with (
         link.TwoNodeLink(rate_mbit=rates[0], cpus_per_node=max(2.0, cfg.scaling.cpus_per_worker)) as net,
@@ -378,36 +418,12 @@ def run_sync_bench_over_link(
         for rate in rates:
             net.set_rate(rate)
             out = Path(tmp) / f"rows-{rate:g}.json"
-            sets = [*overrides, f"scaling.worker_resources={{{link.NODE_RESOURCE}: 1}}"]
-            cmd = [
-                sys.executable,
-                "-m",
-                "raydrat.cli",
-                "bench",
-                "sync",
-                config,
-                *(a for o in sets for a in ("--set", o)),
-                "--latency-ms",
-                lat,
-                "--workers",
-                "2",
-                "--sync-steps",
-                ",".join(map(str, sync_steps)),
-                "--json",
-                str(out),
-            ]
+            cmd = [sys.executable, "-m", "raydrat.cli", "bench", "sync", config]
+            cmd += [*(a for o in sets for a in ("--set", o)), *args, "--json", str(out)]
             print(f"link {rate:g} Mbit/s: running the benchmark on two nodes ...", flush=True)
-            r = net.run(cmd, capture_output=True, text=True, cwd=os.getcwd())
+            r = net.run(cmd, capture_output=quiet, text=True, cwd=os.getcwd())
             if r.returncode != 0:
-                raise RuntimeError(
-                    f"bench sync over the {rate:g} Mbit/s link failed (exit {r.returncode}):\n"
-                    + (r.stderr or r.stdout)[-3000:]
-                )
+                said = (r.stderr or r.stdout)[-3000:] if quiet else "its console is above"
+                raise RuntimeError(f"bench sync over the {rate:g} Mbit/s link failed (exit {r.returncode}):\n{said}")
             rows += [{**row, "link_mbit": rate} for row in json.loads(out.read_text())]
-    print_sync_tables(cfg, rows, workers)
-    for label in dict.fromkeys(r["label"] for r in rows if r["mode"] != "ddp"):
-        won = [f"{r['link_mbit']:g}" for r in rows if r["label"] == label and r["tokens_per_s_vs_ddp"] > 1]
-        print(f"{label}: faster than ddp at {', '.join(won) + ' Mbit/s' if won else 'no link rate tried'}")
-    if json_path:
-        write_json(json_path, rows)
     return rows

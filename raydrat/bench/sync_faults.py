@@ -19,40 +19,109 @@ On one node (loopback): killing a whole node needs the two-node harness of ``--l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import ray.util
+
+from raydrat.bench import link
 from raydrat.bench.report import print_table
-from raydrat.config import RaydratConfig
+from raydrat.bench.sync import run_over_link
+from raydrat.config import ConfigError, RaydratConfig
 from raydrat.core.fit import Callback, FitState
 from raydrat.ray_train.trainer import run_training
 from raydrat.tables import write_json
 
+KILLS = ("process", "node")
+"""What dies: the victim's worker ``process`` (SIGKILL), or its whole ``node`` (its raylet,
+agents and workers, SIGKILLed together; only over the two-node link)."""
+
 
 class StepClock(Callback):
     """Every rank appends ``[pid, step, unix time]`` after each step to
-    ``directory/rank{r}.jsonl``; rank ``kill_rank`` of a group that did not start from a
-    checkpoint, and did not join later, SIGKILLs its own process after step ``kill_step``."""
+    ``directory/rank{r}.jsonl``. The victim (the rank on the node at ``victim_ip``, or rank
+    ``kill_rank`` when none is given) of a group that did not start from a checkpoint, and
+    did not join later, dies right after step ``kill_step``: with ``kill="process"`` it
+    SIGKILLs its own process; with ``kill="node"`` it asks the driver's :class:`NodeKiller`
+    to kill its node (the file ``kill-node``) and waits for it."""
 
-    def __init__(self, directory: str, kill_step: int | None, kill_rank: int = 1):
+    def __init__(
+        self,
+        directory: str,
+        kill_step: int | None,
+        kill_rank: int = 1,
+        victim_ip: str | None = None,
+        kill: str = "process",
+    ):
         self.directory, self.kill_step, self.kill_rank = directory, kill_step, kill_rank
+        self.victim_ip, self.kill = victim_ip, kill
+
+    def _victim(self, state: FitState) -> bool:
+        if self.victim_ip is None:
+            return state.rank == self.kill_rank
+        return ray.util.get_node_ip_address() == self.victim_ip
 
     def on_step_end(self, state: FitState) -> None:
         with open(Path(self.directory) / f"rank{state.rank}.jsonl", "a") as f:
             f.write(json.dumps([os.getpid(), state.step, time.time()]) + "\n")
         if (
             state.step == self.kill_step
-            and state.rank == self.kill_rank
             and not state.restored
             and state.start_step < self.kill_step
+            and self._victim(state)
         ):
-            with open(Path(self.directory) / "killed", "w") as f:
-                f.write(str(time.time()))
-            os.kill(os.getpid(), signal.SIGKILL)
+            write_atomic(Path(self.directory) / "killed", json.dumps({"time": time.time(), "rank": state.rank}))
+            if self.kill == "process":
+                os.kill(os.getpid(), signal.SIGKILL)
+            write_atomic(Path(self.directory) / "kill-node", "")
+            time.sleep(600)  # the node dies under it
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+class NodeKiller:
+    """In the driver, a thread that watches ``directory`` for the victim's ``kill-node`` file,
+    then kills node ``b`` of the attached two-node link (:func:`raydrat.bench.link.attached`)
+    and starts it again, as a replaced machine: Ray Train needs a node with the link's
+    resource to place the replacement. ``down_s``: how long the node was gone."""
+
+    def __init__(self, net, directory: str):
+        self.net, self.directory = net, Path(directory)
+        self.down_s: float | None = None
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="raydrat-node-killer", daemon=True)
+
+    def __enter__(self) -> NodeKiller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            if (self.directory / "kill-node").exists():
+                t0 = time.time()
+                try:
+                    self.net.kill_node("b")
+                    self.net.start_node("b")
+                except BaseException as e:  # the bench reports it after the run
+                    self.error = e
+                self.down_s = time.time() - t0
+                return
+            self._stop.wait(0.05)
 
 
 def _trace(directory: Path, rank: int) -> list[tuple[int, int, float]]:
@@ -62,8 +131,9 @@ def _trace(directory: Path, rank: int) -> list[tuple[int, int, float]]:
 
 def fault_figures(directory: Path, kill_step: int, tokens_per_replica_step: int) -> dict:
     """The figures of a killed run from its step clocks (see the module docstring)."""
-    survivor, victim = _trace(directory, 0), _trace(directory, 1)
-    killed_at = float((directory / "killed").read_text())
+    killed = json.loads((directory / "killed").read_text())
+    killed_at, victim_rank = killed["time"], killed["rank"]
+    survivor, victim = _trace(directory, 1 - victim_rank), _trace(directory, victim_rank)
     steps = [s for _, s, _ in survivor]
     lost = len(steps) - len(set(steps))
     first_pid = victim[0][0]
@@ -72,6 +142,7 @@ def fault_figures(directory: Path, kill_step: int, tokens_per_replica_step: int)
     alone_end = back if back is not None else survivor[-1][2]
     alone = [t for _, _, t in survivor if killed_at <= t <= alone_end]
     return {
+        "victim_rank": victim_rank,
         "lost_steps": lost,
         "back_after_s": None if back is None else back - killed_at,
         "before_tokens_per_s": (len(before) - 1) * tokens_per_replica_step / (before[-1] - before[0]),
@@ -91,9 +162,21 @@ def fault_variants(sync_steps: tuple[int, ...]) -> list[tuple[str, dict]]:
 
 
 def run_fault_bench(
-    cfg: RaydratConfig, kill_step: int, sync_steps: tuple[int, ...], json_path: str | None = None
+    cfg: RaydratConfig,
+    kill_step: int,
+    sync_steps: tuple[int, ...],
+    json_path: str | None = None,
+    kills: tuple[str, ...] = ("process",),
 ) -> list[dict]:
-    """Each variant uninterrupted, then killed (see the module docstring); one table."""
+    """Each variant uninterrupted, then once per kind in ``kills`` killed (see the module
+    docstring); one table. Inside a two-node link's command (:func:`link.attached`), the
+    victim is the worker on node ``b``, and ``node`` kills that node."""
+    net = link.attached()
+    bad = [k for k in kills if k not in KILLS]
+    if bad or not kills:
+        raise ConfigError(f"--kill {','.join(kills)!r}: give process, node or both, e.g. --kill process,node")
+    if "node" in kills and net is None:
+        raise ConfigError("--kill node kills the remote node of the two-node link: add --link RATE (needs root)")
     rows = []
     tc = cfg.train
     per_replica = tc.batch_size * tc.grad_accum * cfg.model.seq_len
@@ -105,26 +188,51 @@ def run_fault_bench(
         d["tracking"]["enabled"] = False
         d["sync"] = {k.removeprefix("sync."): v for k, v in sets.items()}
         variant = RaydratConfig.model_validate(d)
-        figures: dict = {"label": label, "load_avg": os.getloadavg()[0]}
-        for killed in (False, True):
+        clean: dict = {}
+        for kill in (None, *kills):
+            figures: dict = {"label": label, "kill": kill, "load_avg": os.getloadavg()[0]}
             with tempfile.TemporaryDirectory(prefix="raydrat-faults-") as tmp:
+                clock = StepClock(
+                    tmp, kill_step if kill else None, victim_ip=None if net is None else net.ip["b"], kill=kill or ""
+                )
+                killer = NodeKiller(net, tmp) if kill == "node" else contextlib.nullcontext()
                 t0 = time.perf_counter()
-                summary = run_training(variant, fit_callbacks=[StepClock(tmp, kill_step if killed else None)])
+                with killer:
+                    summary = run_training(variant, fit_callbacks=[clock])
                 wall = time.perf_counter() - t0
-                if killed:
-                    figures.update(fault_figures(Path(tmp), kill_step, per_replica))
-                    figures.update(val_loss=summary.final_val_loss, wall_s=wall)
-                else:
-                    figures.update(clean_val_loss=summary.final_val_loss, clean_wall_s=wall)
-        figures["val_loss_vs_clean"] = figures["val_loss"] / figures["clean_val_loss"] - 1.0
-        figures["load_avg_end"] = os.getloadavg()[0]
-        rows.append(figures)
+                if kill is None:
+                    clean = {"clean_val_loss": summary.final_val_loss, "clean_wall_s": wall}
+                    continue
+                if isinstance(killer, NodeKiller):
+                    if killer.error is not None:
+                        raise killer.error
+                    figures["node_down_s"] = killer.down_s
+                figures.update(fault_figures(Path(tmp), kill_step, per_replica))
+                figures.update(val_loss=summary.final_val_loss, wall_s=wall, **clean)
+            figures["val_loss_vs_clean"] = figures["val_loss"] / figures["clean_val_loss"] - 1.0
+            figures["load_avg_end"] = os.getloadavg()[0]
+            rows.append(figures)
+    where = "2 CPU workers on one node" if net is None else f"one worker on each of two nodes, link {_rate(net)}"
+    print_fault_table(f"one replica killed after step {kill_step}: {cfg.name}, {where}, {tc.steps} steps", rows)
+    if json_path:
+        write_json(json_path, rows)
+    return rows
+
+
+def _rate(net) -> str:
+    rate = net.applied_rate_mbit(net.namespace["a"])
+    return "unlimited" if rate is None else f"{rate:g} Mbit/s"
+
+
+def print_fault_table(title: str, rows: list[dict]) -> None:
     print_table(
-        f"one replica killed after step {kill_step}: {cfg.name}, 2 CPU workers on one node, {tc.steps} steps",
+        title,
         [
             "variant",
+            "kill",
             "lost steps",
             "back after s",
+            "node down s",
             "before tok/s",
             "alone tok/s",
             "val loss",
@@ -137,8 +245,10 @@ def run_fault_bench(
         [
             [
                 r["label"],
+                r["kill"],
                 str(r["lost_steps"]),
                 "-" if r["back_after_s"] is None else f"{r['back_after_s']:.1f}",
+                "-" if r.get("node_down_s") is None else f"{r['node_down_s']:.1f}",
                 f"{r['before_tokens_per_s']:,.0f}",
                 "-" if r["alone_tokens_per_s"] is None else f"{r['alone_tokens_per_s']:,.0f}",
                 f"{r['val_loss']:.4f}",
@@ -151,6 +261,26 @@ def run_fault_bench(
             for r in rows
         ],
     )
+
+
+def run_fault_bench_over_link(
+    cfg: RaydratConfig,
+    config: str,
+    overrides: list[str],
+    rates_mbit: list[float],
+    kill_step: int,
+    sync_steps: tuple[int, ...],
+    kills: tuple[str, ...] = KILLS,
+    json_path: str | None = None,
+) -> list[dict]:
+    """``raydrat bench sync --faults STEP --link RATE``: :func:`run_fault_bench` as the
+    driver inside the head node's namespace of a two-node link, one worker per node, the
+    victim the worker on the other node (its process, then the whole node); once per rate."""
+    reason = link.unavailable_reason()
+    if reason:
+        raise ConfigError(f"--faults with --link: {reason}: drop --link to kill a worker process on one node")
+    args = ["--faults", str(kill_step), "--kill", ",".join(kills), "--sync-steps", ",".join(map(str, sync_steps))]
+    rows = run_over_link(cfg, config, overrides, rates_mbit, args, quiet=False)
     if json_path:
         write_json(json_path, rows)
     return rows

@@ -21,6 +21,7 @@ import socket
 from dataclasses import asdict
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raydrat.config import DataConfig
 from raydrat.core.data.check import check_stats
@@ -115,7 +116,9 @@ def _from_sources(data_cfg: DataConfig, spec: PackSpec, tokenizer_sha256: str, s
         "order": {"units": len(plan.units), "streams": source.stream_count, "shuffle_window": source.window},
         "checked_sample": asdict(stats),
     }
-    counter = DataCounter.remote(len(plan.units), [u.source for u in plan.units])
+    # on the driver's node: a worker node that dies (or is preempted) must not take the counts with it
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    counter = DataCounter.options(scheduling_strategy=here).remote(len(plan.units), [u.source for u in plan.units])
     return {
         "train": source,
         "val": val_dataset(sample, spec),

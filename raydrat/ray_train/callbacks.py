@@ -1,4 +1,4 @@
-"""The worker's MLflow callback: rank 0 records the run's metrics (and, for gated runs, the
+"""The worker's MLflow callback: rank 0 (under torchft, the first live replica) records the run's metrics (and, for gated runs, the
 gates' heat-map) through a :class:`~raydrat.tracking.Run`, which does nothing when tracking
 is off.
 
@@ -26,7 +26,8 @@ REPORT_FIGURES = (M.PEAK_MIB, M.TOKENS_PER_S_AVG, M.TRAIN_TIME_S, M.LOOP_S, *M.P
 
 
 class RunMetrics(Callback):
-    """Rank 0's metrics into ``run``, while the run is open: a sweep's driver closes the run
+    """The worker group's metrics into ``run`` from the worker that logs for the group (rank 0;
+    under torchft the first replica of the last quorum), while the run is open: a sweep's driver closes the run
     of a trial its scheduler stopped, and the trial's workers, killed a moment later, log
     nothing into it after their next checkpoint (the trial's figures are what it logged
     while it lived).
@@ -48,12 +49,15 @@ class RunMetrics(Callback):
         self.run = run
         self._given = run
         self._checked_at: int | None = None
+        self._logged = False
+        """Whether this worker recorded anything (its writer has records to deliver at the end)."""
         self._held: list[tuple[dict[str, float], int]] | None = None
         """A new run's figures that wait for its first ``val_loss``; ``None``: none wait."""
 
     def _open(self, state: FitState, check: bool = True) -> bool:
-        if state.rank != 0 or not self.run:
+        if not self.run or not state.techniques.sync.logs_for_the_group(state.rank):
             return False
+        self._logged = True
         if check and self._checked_at != state.step:
             self._checked_at = state.step
             if self.run.status() not in ("RUNNING", None):
@@ -112,5 +116,5 @@ class RunMetrics(Callback):
                 png = gate_heatmap(planner.history, planner.branches, Path(tmp) / Path(M.GATE_HEATMAP_ARTIFACT).name)
                 if png is not None:
                     self.run.log_artifact(png, str(Path(M.GATE_HEATMAP_ARTIFACT).parent))
-        if state.rank == 0:
+        if self._logged:
             self._given.close()

@@ -26,9 +26,10 @@ import socket
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlsplit, urlunsplit
 
 import ray
+import ray.util
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.train.v2._internal.constants import TORCHFT_LIGHTHOUSE_ADDR_ENV_VAR
 from ray.train.v2.torch.torchft_config import TorchftConfig, _TorchftBackend
@@ -119,6 +120,15 @@ def crash_cause(run_dir: str | os.PathLike, exc: BaseException) -> str | None:
     return None
 
 
+def by_ip(address: str, ip: str) -> str:
+    """``address`` (``http://HOST:PORT``) with ``ip`` for its host. torchft advertises its
+    servers by ``socket.gethostname()``, which other nodes may not resolve, or resolve to
+    themselves (a container's or a namespace's ``/etc/hosts``); Ray's node IP reaches them."""
+    url = urlsplit(address)
+    host = f"[{ip}]" if ":" in ip else ip
+    return urlunsplit(url._replace(netloc=f"{host}:{url.port}"))
+
+
 def alive(actor) -> bool:
     """Whether the Lighthouse actor answers (a dead one raises ``RayActorError``)."""
     try:
@@ -136,7 +146,8 @@ class _Backend(_TorchftBackend):
         if self.lighthouse_actor is not None and not alive(self.lighthouse_actor):
             logger.warning("the torchft Lighthouse actor is dead: starting a new one")
             self.lighthouse_actor = None
-        return super()._maybe_create_lighthouse_actor(backend_config)
+        # the actor runs on this (the controller's) node: its address by the node's Ray IP
+        return by_ip(super()._maybe_create_lighthouse_actor(backend_config), ray.util.get_node_ip_address())
 
 
 class RestartingTorchftConfig(TorchftConfig):

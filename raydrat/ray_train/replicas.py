@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 import ray.train
+import ray.util
 import torch
 
 from raydrat.config import ConfigError, RaydratConfig
@@ -108,7 +109,7 @@ def join_replicas(
 
     sync.share_state("data", take_over, lambda: {"table": table.state(), "blocks": position.blocks})
     sync.agree_on(lambda: table.encode(position, rank, world), table.record)
-    sync.connect(rank, device=device)
+    sync.connect(rank, device=device, host=ray.util.get_node_ip_address())  # other nodes may not resolve our name
     if sync.join():
         state.start_step = sync.done
         M.setup_logging().info(f"replica {rank} joined the others at step {sync.done} (healed from a live peer)")

@@ -71,6 +71,10 @@ class SyncStrategy(Technique):
         """Communication per step over the window since the last call (with several workers)."""
         return self.meter.window() if self.world_size > 1 else {}
 
+    def logs_for_the_group(self, rank: int) -> bool:
+        """Whether worker ``rank`` records the worker group's metrics: rank 0."""
+        return rank == 0
+
     def state_dict(self) -> dict:
         return {}
 

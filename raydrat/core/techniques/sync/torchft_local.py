@@ -23,6 +23,7 @@ as of its last sync plus its own steps since.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -144,10 +145,12 @@ class TorchftStrategy(SyncStrategy):
         lighthouse: str | None = None,
         device: torch.device | None = None,
         store: tuple[str, int] | None = None,
+        host: str | None = None,
     ) -> None:
         """Start this replica group's ``Manager`` (replica ``replica`` of ``world_size``; the
         Lighthouse at ``lighthouse``, else ``$TORCHFT_LIGHTHOUSE``; the group's own TCP store
-        at ``store``, else ``$MASTER_ADDR:$MASTER_PORT``) and torchft's ``LocalSGD`` or
+        at ``store``, else ``$MASTER_ADDR:$MASTER_PORT``; the others reach this replica's
+        manager at ``host``, else at this machine's host name) and torchft's ``LocalSGD`` or
         ``DiLoCo`` over it."""
         device = device or torch.device("cpu")
         pg = (
@@ -169,6 +172,7 @@ class TorchftStrategy(SyncStrategy):
             store_addr=store[0] if store else None,
             store_port=store[1] if store else None,
             replica_id=f"raydrat_{replica}",
+            hostname=host or socket.gethostname(),
             checkpoint_transport=PGTransport(pg, timeout=COLLECTIVE_TIMEOUT, device=device),
         )
         self.manager.register_state_dict_fn(PROGRESS_KEY, self._load_progress, self._progress)
@@ -261,6 +265,14 @@ class TorchftStrategy(SyncStrategy):
         if size != self.quorum_size:
             self.changed_at = self.done
         self.quorum_size = size
+
+    def logs_for_the_group(self, rank: int) -> bool:
+        """The first replica of the last quorum: while rank 0 is away (dead, or its
+        replacement not healed yet) the lowest live replica records the metrics, from its
+        next sync on, so the run's history has no gap longer than a sync interval."""
+        if self.manager is None or not self.quorum_size:
+            return rank == 0
+        return self.manager.participating_rank() == 0
 
     def all_present(self) -> bool:
         """Whether every replica took part in the last sync, and the same ones as in the sync
