@@ -57,14 +57,15 @@ class MlflowServer:
         cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
                "--port", str(self.port), "--workers", str(self.workers), "--backend-store-uri", self.backend_uri,
                "--artifacts-destination", str(self.root / "artifacts")]  # fmt: skip
-        self.proc = subprocess.Popen(
-            cmd,
-            cwd=self.root,
-            env={**os.environ, **self.env},
-            stdout=self.log.open("a"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its uvicorn workers go with it
-        )
+        with self.log.open("a") as log:  # the server keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                cmd,
+                cwd=self.root,
+                env={**os.environ, **self.env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its uvicorn workers go with it
+            )
         deadline = time.monotonic() + timeout_s
         while True:
             try:

@@ -57,6 +57,7 @@ from raydrat.core.techniques.sync.torchft_local import (
     torchft_available,
 )
 from raydrat.ray_session import ensure_ray
+from raydrat.ray_train.lighthouse import by_ip
 from raydrat.tables import write_json
 
 ROWS_FILE = "rows.json"
@@ -169,8 +170,9 @@ def run_variant(
     strategy = run.techniques.sync
     store = None
     if isinstance(strategy, TorchftStrategy):
-        store = dist.TCPStore(ray.util.get_node_ip_address(), 0, is_master=True, wait_for_workers=False)
-        strategy.connect(rank, lighthouse, store=(ray.util.get_node_ip_address(), store.port))
+        here = ray.util.get_node_ip_address()
+        store = dist.TCPStore(here, 0, is_master=True, wait_for_workers=False)
+        strategy.connect(rank, lighthouse, store=(here, store.port), host=here)
         strategy.join()
     dist.barrier()
     wire_start = wire_tx_bytes()
@@ -248,7 +250,8 @@ def run_sync_workers(cfg: RaydratConfig, variants: list[dict], workers: int = 2)
             "config": cfg.to_dict(),
             "variants": variants,
             "data": data,
-            "lighthouse": lighthouse.address() if lighthouse else None,
+            # by this node's Ray IP: a worker on another node may not resolve this host's name
+            "lighthouse": by_ip(lighthouse.address(), ray.util.get_node_ip_address()) if lighthouse else None,
         },
         torch_config=ray.train.torch.TorchConfig(backend="gloo"),
         scaling_config=ray.train.ScalingConfig(
