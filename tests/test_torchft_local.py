@@ -2,7 +2,8 @@
 Ray: replica processes meet at a Lighthouse in the test process; one is killed between two
 syncs and a new process takes its place. The survivor keeps stepping (its quorum shrinks to
 itself), never repeats a step, and the replacement, healed from it, holds exactly the
-survivor's weights after the sync it joins at, and its step."""
+survivor's weights after the sync it joins at, and its step. The survivor logs the group's
+metrics while the logging replica (replica 0) is away, and only then."""
 
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ def _replica(index: int, lighthouse: str, sync: dict, dies_after: int | None, ou
         loss.backward()
         optimizer.step()
         synced = strategy.after_optimizer_step(step + 1)
-        out.put((index, os.getpid(), "step", step + 1, model_checksum(model), synced))
+        logs = strategy.logs_for_the_group(index)
+        out.put((index, os.getpid(), "step", step + 1, model_checksum(model), synced, logs))
         if step + 1 == dies_after:
             os._exit(1)
         time.sleep(PACE_S)
@@ -83,12 +85,13 @@ def test_a_killed_replica_is_replaced_and_rejoins_with_the_survivors_weights(syn
     lighthouse = start_lighthouse(min_replicas=1, join_timeout_ms=5000, heartbeat_timeout_ms=2000)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    survivor = ctx.Process(target=_replica, args=(0, lighthouse.address(), sync, None, out))
-    dying = ctx.Process(target=_replica, args=(1, lighthouse.address(), sync, DIES_AFTER, out))
+    # replica 0 dies (the one that logs the group's metrics while it is there), replica 1 survives
+    survivor = ctx.Process(target=_replica, args=(1, lighthouse.address(), sync, None, out))
+    dying = ctx.Process(target=_replica, args=(0, lighthouse.address(), sync, DIES_AFTER, out))
     survivor.start()
     dying.start()
     dying.join(timeout=300)
-    replacement = ctx.Process(target=_replica, args=(1, lighthouse.address(), sync, None, out))
+    replacement = ctx.Process(target=_replica, args=(0, lighthouse.address(), sync, None, out))
     replacement.start()
     survivor.join(timeout=300)
     replacement.join(timeout=300)
@@ -98,7 +101,7 @@ def test_a_killed_replica_is_replaced_and_rejoins_with_the_survivors_weights(syn
         events.append(out.get())
     assert survivor.exitcode == 0 and replacement.exitcode == 0
 
-    mine = [e for e in events if e[0] == 0 and e[2] == "step"]
+    mine = [e for e in events if e[0] == 1 and e[2] == "step"]
     # a survivor that reached the first quorum after the other replica stepped is healed to its
     # step and starts there (the processes start seconds apart here); from then on, every step
     # once, in order, to the end
@@ -109,3 +112,10 @@ def test_a_killed_replica_is_replaced_and_rejoins_with_the_survivors_weights(syn
     assert joined[5] and DIES_AFTER < at <= STEPS  # healed from the survivor, at a later step
     survivor_at = next(e for e in mine if e[3] == at)
     assert joined[4] == survivor_at[4]  # exactly the survivor's weights after that sync
+
+    # who logs the group's metrics: replica 0 while it is in the quorum; the survivor from a
+    # sync after replica 0 died until the replacement joined; the replacement after that
+    logged_alone = [e[3] for e in mine if e[6]]
+    assert logged_alone and all(DIES_AFTER < s < at for s in logged_alone), (logged_alone, at)
+    theirs = [e for e in events if e[1] == replacement.pid and e[2] == "step"]
+    assert not mine[-1][6] and theirs[-1][6] and theirs[-1][3] == STEPS

@@ -29,14 +29,18 @@ import torch
 from conftest import REPO, raydrat_cmd
 
 from raydrat.bench.link import (
+    ENV_VAR,
     NODE_RESOURCE,
     TwoNodeLink,
+    attached,
     parse_rates,
     unavailable_reason,
 )
+from raydrat.bench.sync_faults import fault_figures, run_fault_bench
 from raydrat.config import ConfigError, load_config
 from raydrat.core.checkpoint.state import verify_checkpoint
 from raydrat.ray_train.fits import check_cluster_fits
+from raydrat.ray_train.lighthouse import by_ip
 
 STEPS, EVERY, RATE_MBIT = 24, 6, 100
 
@@ -284,3 +288,47 @@ def test_two_nodes_train_recover_from_a_killed_remote_worker_and_resume(namespac
     per_step = remote[0] // min(final)
     assert per_step > 0 and remote == [per_step * s for s in sorted(final)], remote
     print(f"two-node test: {wall_s:.0f}s, load average {Path('/proc/loadavg').read_text().split()[:3]}")
+
+
+# -- what a death costs (raydrat bench sync --faults) ------------------------------------
+
+
+def test_a_command_the_link_runs_reaches_its_nodes_but_never_closes_them(monkeypatch):
+    net = TwoNodeLink(rate_mbit=10, cpus_per_node=3, start_ray=False)  # not started: nothing made
+    net.temp_dir = Path("/tmp/rdl-test")
+    monkeypatch.setenv(ENV_VAR, net.env()[ENV_VAR])
+    got = attached()
+    assert (got.namespace, got.ip, got.address, got.temp_dir) == (net.namespace, net.ip, net.address, net.temp_dir)
+    assert got.cpus_per_node == 3 and got.resources == {NODE_RESOURCE: 1}
+    with pytest.raises(ValueError, match="node a holds the head"):
+        got.kill_node("a")
+    monkeypatch.delenv(ENV_VAR)
+    assert attached() is None
+
+
+def test_torchft_addresses_carry_the_node_ip_not_the_host_name():
+    assert by_ip("http://vm:4242", "10.213.7.2") == "http://10.213.7.2:4242"
+    assert by_ip("http://vm:4242", "fd00::2") == "http://[fd00::2]:4242"
+
+
+def test_fault_bench_refuses_bad_kill_kinds_before_any_run(monkeypatch, tmp_path):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    cfg = load_config("debug")
+    with pytest.raises(ConfigError, match=r"--kill 'bogus': give process, node or both"):
+        run_fault_bench(cfg, 5, (4,), kills=("bogus",))
+    with pytest.raises(ConfigError, match=r"--kill node kills the remote node of the two-node link: add --link"):
+        run_fault_bench(cfg, 5, (4,), kills=("node",))
+
+
+def test_fault_figures_count_repeated_steps_and_the_time_to_the_replacement(tmp_path):
+    # the victim (rank 0) dies after step 4 at t=4.5; its replacement's first step is at t=9;
+    # the survivor (rank 1) restarted from step 2: steps 3 and 4 trained twice
+    (tmp_path / "killed").write_text(json.dumps({"time": 4.5, "rank": 0}))
+    victim = [[10, s, float(s)] for s in (1, 2, 3, 4)] + [[11, s, 6.0 + s] for s in (3, 4, 5)]
+    survivor = [[20, s, float(s)] for s in (1, 2, 3, 4)] + [[21, s, 6.0 + s] for s in (3, 4, 5)]
+    for rank, lines in ((0, victim), (1, survivor)):
+        (tmp_path / f"rank{rank}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    got = fault_figures(tmp_path, kill_step=4, tokens_per_replica_step=100)
+    assert got["victim_rank"] == 0 and got["lost_steps"] == 2 and got["rejoined_at_step"] == 3
+    assert got["back_after_s"] == pytest.approx(4.5)
+    assert got["before_tokens_per_s"] == pytest.approx(300 / 3)  # steps 1-4: 3 intervals of 1 s

@@ -12,9 +12,13 @@ appends ``(pid, step, time)`` after each step (:class:`StepClock`), and from tha
 * ``back after s``: seconds from the kill to the replacement's first step;
 * ``alone tok/s`` against ``before tok/s``: the survivor's training rate between the kill and
   the replacement's first step, and before the kill (one replica's tokens per step);
-* ``val loss`` at the end against the uninterrupted run's (equal steps, so equal tokens).
+* ``val loss`` at the end against the uninterrupted run's (equal steps; a torchft run
+  trains fewer tokens: one replica's while the other is away).
 
-On one node (loopback): killing a whole node needs the two-node harness of ``--link``.
+``--kill node`` kills the victim's whole node instead (every process of it: raylet, agents,
+workers) and starts it again (:class:`NodeKiller`); that needs two nodes, so it runs over the
+two-node link of ``--link`` (:func:`run_fault_bench_over_link`), where the victim is the
+worker on the other node. Without ``--link``, rank 1's process on one node (loopback).
 """
 
 from __future__ import annotations
@@ -138,7 +142,7 @@ def fault_figures(directory: Path, kill_step: int, tokens_per_replica_step: int)
     lost = len(steps) - len(set(steps))
     first_pid = victim[0][0]
     back = next((t for pid, _, t in victim if pid != first_pid), None)
-    before = [t for _, s, t in survivor if s <= kill_step]
+    before = [t for _, s, t in survivor if s <= kill_step and t <= killed_at]  # not a restart's repeats
     alone_end = back if back is not None else survivor[-1][2]
     alone = [t for _, _, t in survivor if killed_at <= t <= alone_end]
     return {
