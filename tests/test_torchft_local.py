@@ -113,9 +113,13 @@ def test_a_killed_replica_is_replaced_and_rejoins_with_the_survivors_weights(syn
     survivor_at = next(e for e in mine if e[3] == at)
     assert joined[4] == survivor_at[4]  # exactly the survivor's weights after that sync
 
-    # who logs the group's metrics: replica 0 while it is in the quorum; the survivor from a
-    # sync after replica 0 died until the replacement joined; the replacement after that
-    logged_alone = [e[3] for e in mine if e[6]]
-    assert logged_alone and all(DIES_AFTER < s < at for s in logged_alone), (logged_alone, at)
+    # who logs the group's metrics: replica 0 while it is in the quorum; the survivor (replica
+    # 1) while it is alone: from a sync after replica 0 died until the replacement takes part
+    # in a sync (it heals at `at`, and is a participant from the next quorum on), and before
+    # replica 0 first joined it (they start seconds apart)
+    logged = [e[3] for e in mine if e[6]]
+    assert not {DIES_AFTER - 1, DIES_AFTER} & set(logged), logged  # both in the quorum of step 8
+    alone = [s for s in logged if s > DIES_AFTER]
+    assert alone and all(s <= at + H for s in alone), (logged, at)
     theirs = [e for e in events if e[1] == replacement.pid and e[2] == "step"]
     assert not mine[-1][6] and theirs[-1][6] and theirs[-1][3] == STEPS
