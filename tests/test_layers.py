@@ -19,8 +19,9 @@ CORE = "raydrat.core"
 # edge to one can close no circle and drag in no layer. They are the shared words of the
 # package: the version, the metric names with the logger and throughput counters every layer
 # reports through (techniques report their metrics under these names), walking an exception
-# chain, and masking secrets (data sources name credentials; tracking and tune redact).
-VOCABULARY = ("raydrat", "raydrat.core.metrics", "raydrat.core.exceptions", "raydrat.redact")
+# chain, masking secrets (data sources name credentials; tracking and tune redact), and
+# replacing a file whole (checkpoints, manifests, run records, sweep state).
+VOCABULARY = ("raydrat", "raydrat.core.metrics", "raydrat.core.exceptions", "raydrat.redact", "raydrat.atomic")
 
 # Bottom to top: a module may import modules of its own layer or of a lower one. A module
 # belongs to the layer of the longest package prefix listed here; anything else is an adapter.

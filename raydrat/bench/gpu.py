@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import sys
 import time
@@ -61,6 +60,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from raydrat.atomic import write_text
 from raydrat.bench.local import LocalData, LocalRun, interleave
 from raydrat.bench.memory import _measured_components, measure
 from raydrat.bench.peers import NANOGPT_DIFFERENCES, NanoGPT, nanogpt_settings
@@ -165,9 +165,7 @@ class Bench:
         doc = {"environment": environment(self), "rows": self.rows}
         for path in filter(None, [self.json_path, self.out and self.out / "bench-gpu.json"]):
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(doc, indent=2, default=str))
-            os.replace(tmp, path)  # a reader never sees half a file
+            write_text(path, json.dumps(doc, indent=2, default=str))  # a reader never sees half a file
 
 
 def environment(b: Bench) -> dict:

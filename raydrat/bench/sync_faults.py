@@ -34,6 +34,7 @@ from pathlib import Path
 
 import ray.util
 
+from raydrat.atomic import write_text
 from raydrat.bench import link
 from raydrat.bench.report import print_table
 from raydrat.bench.sync import run_over_link
@@ -80,17 +81,11 @@ class StepClock(Callback):
             and state.start_step < self.kill_step
             and self._victim(state)
         ):
-            write_atomic(Path(self.directory) / "killed", json.dumps({"time": time.time(), "rank": state.rank}))
+            write_text(Path(self.directory) / "killed", json.dumps({"time": time.time(), "rank": state.rank}))
             if self.kill == "process":
                 os.kill(os.getpid(), signal.SIGKILL)
-            write_atomic(Path(self.directory) / "kill-node", "")
+            write_text(Path(self.directory) / "kill-node", "")
             time.sleep(600)  # the node dies under it
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 class NodeKiller:

@@ -43,7 +43,8 @@ class RunMetrics(Callback):
     starts from scratch, the model figures other than the losses wait (with their steps)
     until the first ``val_loss`` is logged, so the list begins with ``train_loss`` and
     ``val_loss``. ``train_loss`` and the system figures (listed apart, drawn over time) are
-    logged at once."""
+    logged at once. Under torchft nothing waits: the worker that logs may die, and what
+    waited in it would be a gap in the run's history."""
 
     def __init__(self, run: Run):
         self.run = run
@@ -72,7 +73,7 @@ class RunMetrics(Callback):
         threading.Thread(target=self.run.connect, name="raydrat-tracking-client", daemon=True).start()
         if state.restored and self._open(state):
             self.run.log_metrics({M.RESUMED_FROM_STEP: state.start_step}, state.start_step)
-        elif not state.restored:
+        elif not state.restored and not state.techniques.sync.hands_over_logging:
             self._held = []
 
     def _log(self, values: dict[str, float], step: int) -> None:

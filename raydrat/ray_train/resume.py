@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import secrets
 import shutil
@@ -38,6 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from raydrat.atomic import write_text
 from raydrat.config import ConfigError, RaydratConfig, flatten, upgrade_flat
 from raydrat.core.checkpoint.state import checkpoint_step, newest_complete, verify_checkpoint
 from raydrat.ray_train.run_lock import RunFolderBusy, RunLock, acquire, driver
@@ -132,9 +132,7 @@ def write_run_record(cfg: RaydratConfig, run_name: str, tracking_uri: str | None
 def _write_record(run_dir: Path, record: dict[str, Any]) -> Path:
     """The record, replaced whole (a temporary file, then a rename)."""
     path = run_dir / RUN_FILE
-    tmp = run_dir / f".{RUN_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)
+    write_text(path, json.dumps(record, indent=2) + "\n")
     return path
 
 

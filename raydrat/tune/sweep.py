@@ -27,6 +27,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from raydrat import tracking
+from raydrat.atomic import write_text
 from raydrat.config import RaydratConfig
 from raydrat.core import metrics as M
 from raydrat.core.data.demo import build_demo_corpus
@@ -105,9 +106,7 @@ def _load_state(path: Path) -> dict:
 
 
 def _save_state(path: Path, state: dict) -> None:
-    tmp = path / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(path / STATE_FILE)
+    write_text(path / STATE_FILE, json.dumps(state, indent=2))
 
 
 # --------------------------------------------------------------------------------------

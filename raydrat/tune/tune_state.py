@@ -12,8 +12,9 @@ it: a trial that ended is never run again.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from raydrat.atomic import write_text
 
 STATE_GLOB = "experiment_state-*.json"
 ENDED = ("TERMINATED", "ERROR")
@@ -56,7 +57,5 @@ def mark_ended(sweep_dir: Path, ended: dict[str, str]) -> list[str]:
         entry[0], entry[1] = json.dumps(trial, indent=2), json.dumps(meta)
         changed.append(name)
     if changed:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(doc))
-        tmp.replace(path)
+        write_text(path, json.dumps(doc))
     return changed

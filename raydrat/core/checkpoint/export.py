@@ -37,7 +37,6 @@ Torch, safetensors and the standard library only: transformers is not needed to 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from raydrat.atomic import replacing
 from raydrat.config.model import ModelConfig
 from raydrat.core.checkpoint.hf import (
     check_hf_options,
@@ -72,9 +72,8 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
 
 
 def export_tokenizer(

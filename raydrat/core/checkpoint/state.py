@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from raydrat.atomic import write_text
 from raydrat.core.data.position import DataPosition, merge
 from raydrat.core.techniques.base import unwrap
 
@@ -198,10 +199,7 @@ def write_manifest(directory: str | os.PathLike, rank: int, world_size: int, ste
         entries[name] = {"size": os.path.getsize(path), "sha256": file_sha256(path)}
     manifest = {"format": MANIFEST_FORMAT, "rank": rank, "world_size": world_size, "step": step, "files": entries}
     final = os.path.join(directory, MANIFEST_FILE.format(rank=rank))
-    tmp = f"{final}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, final)
+    write_text(final, json.dumps(manifest, indent=1))
     return final
 
 

@@ -37,6 +37,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raydrat.atomic import write_text
 from raydrat.core.data.tokenizer import train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -184,9 +185,7 @@ def _write_shards(corpus_dir: Path, docs: list[tuple[str, str]]) -> list[dict[st
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _swap_in(tmp: Path, out_dir: Path) -> dict[str, Any]:

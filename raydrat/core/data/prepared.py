@@ -40,6 +40,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raydrat.atomic import replacing
 from raydrat.core.data.errors import DataError
 from raydrat.core.data.sources import (
     Location,
@@ -105,10 +106,8 @@ def publish_manifest(loc: Location, root: str, manifest: dict) -> None:
     data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
     fs = filesystem(loc)
     if loc.kind == "local":
-        tmp = f"{root}/.{MANIFEST}.tmp-{os.getpid()}"
-        with fs.open_output_stream(tmp) as f:
-            f.write(data)
-        os.replace(tmp, f"{root}/{MANIFEST}")
+        with replacing(f"{root}/{MANIFEST}") as tmp:
+            tmp.write_bytes(data)
     else:
         with fs.open_output_stream(f"{root}/{MANIFEST}") as f:
             f.write(data)

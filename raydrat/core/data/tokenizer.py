@@ -17,12 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from raydrat.atomic import replacing
 from raydrat.core.data.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -58,9 +58,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | Path)
     tok.train_from_iterator(texts, trainer)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    tok.save(str(tmp))
-    os.replace(tmp, out_path)
+    with replacing(out_path) as tmp:
+        tok.save(str(tmp))
     return tokenizer_from_str(tok.to_str())
 
 

@@ -33,13 +33,13 @@ import json
 import logging
 import os
 import platform
-import tempfile
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from raydrat.atomic import write_text
 from raydrat.core import model as model_package
 from raydrat.core.techniques import recompute as recompute_package
 from raydrat.core.techniques.recompute.op_costs import POST, PRE
@@ -157,19 +157,11 @@ class PlanCache:
         never a part); a folder that cannot be written is one log line, not an error."""
         path = self.path(key)
         text = json.dumps({"key": key, "plan": plan_to_json(plan)}, sort_keys=True)
-        tmp = None
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=self.folder, prefix=".", suffix=".tmp", delete=False) as f:
-                tmp = f.name
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            write_text(path, text, durable=True)
         except OSError as err:
             log.warning(f"recompute: could not cache the op-level plan in {self.folder} ({err})")
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
             return None
         return path
 

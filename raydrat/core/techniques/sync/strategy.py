@@ -71,6 +71,10 @@ class SyncStrategy(Technique):
         """Communication per step over the window since the last call (with several workers)."""
         return self.meter.window() if self.world_size > 1 else {}
 
+    hands_over_logging = False
+    """Whether the worker that records the group's metrics may change during a run (then each
+    one records at once what it has: none of it may wait in a worker that dies)."""
+
     def logs_for_the_group(self, rank: int) -> bool:
         """Whether worker ``rank`` records the worker group's metrics: rank 0."""
         return rank == 0

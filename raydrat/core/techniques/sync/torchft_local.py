@@ -57,6 +57,28 @@ QUORUM_TIMEOUT = timedelta(seconds=600)
 replicas alive reach their next sync (up to ``sync_steps`` steps, plus their checkpoint)."""
 
 
+class QuorumMembers:
+    """torchft's manager client, passed through, noting each quorum's members: the replica
+    processes' ids (torchft's ``replica_id:uuid``, new for every process, so a replacement
+    is a new member even under its predecessor's name) in rank order, and this replica's.
+    torchft's ``Manager`` keeps the quorum's sizes, not its members, and a dead replica
+    replaced within one sync interval leaves the size as it was."""
+
+    def __init__(self, client):
+        self._client = client
+        self.members: list[str] = []
+        self.me: str | None = None
+
+    def _quorum(self, *args, **kwargs):
+        quorum = self._client._quorum(*args, **kwargs)
+        self.members = list(quorum.replica_ids)
+        self.me = self.members[quorum.replica_rank]
+        return quorum
+
+    def __getattr__(self, name: str):
+        return getattr(self._client, name)
+
+
 def torchft_available() -> bool:
     return torchft is not None
 
@@ -116,6 +138,12 @@ class TorchftStrategy(SyncStrategy):
         self._joined = 0
         self.changed_at: int | None = None
         """The step of the last sync whose quorum differed from the one before."""
+        self._members: list[str] | None = None
+        """The last quorum's members (:class:`QuorumMembers`), ``None`` before the first."""
+        self._first = False
+        """Whether this replica is the first of the last quorum."""
+        self._first_staying = False
+        """Whether it is the first of the last quorum's members that were in the one before."""
         self._saved: dict | None = None
         self._shared: list[tuple[str, Callable[[object], None], Callable[[], object]]] = []
         self._agreements: list[tuple[Callable[[], torch.Tensor], Callable[[torch.Tensor], None]]] = []
@@ -175,6 +203,7 @@ class TorchftStrategy(SyncStrategy):
             hostname=host or socket.gethostname(),
             checkpoint_transport=PGTransport(pg, timeout=COLLECTIVE_TIMEOUT, device=device),
         )
+        self._quorums = self.manager._client = QuorumMembers(self.manager._client)
         self.manager.register_state_dict_fn(PROGRESS_KEY, self._load_progress, self._progress)
         for key, load, save in self._shared:
             self.manager.register_state_dict_fn(key, load, save)
@@ -258,21 +287,30 @@ class TorchftStrategy(SyncStrategy):
         return sum(p.numel() * p.element_size() for p in params)
 
     def _observe_quorum(self) -> None:
-        size = self.manager.num_participants()
-        if self.quorum_size:
-            self._left += max(0, self.quorum_size - size)
-            self._joined += max(0, size - self.quorum_size)
-        if size != self.quorum_size:
+        members, before = self._quorums.members, self._members
+        if before is not None:
+            self._left += len(set(before) - set(members))
+            self._joined += len(set(members) - set(before))
+        if members != before:
             self.changed_at = self.done
-        self.quorum_size = size
+        staying = [m for m in members if before is None or m in before]
+        self._first = bool(members) and members[0] == self._quorums.me
+        self._first_staying = bool(staying) and staying[0] == self._quorums.me
+        self._members = members
+        self.quorum_size = self.manager.num_participants()
+
+    hands_over_logging = True
 
     def logs_for_the_group(self, rank: int) -> bool:
         """The first replica of the last quorum: while rank 0 is away (dead, or its
-        replacement not healed yet) the lowest live replica records the metrics, from its
-        next sync on, so the run's history has no gap longer than a sync interval."""
-        if self.manager is None or not self.quorum_size:
+        replacement not healed yet) the lowest live replica records the metrics, from the
+        sync that found it gone. The step of a sync whose quorum changed is recorded by the
+        first of the members that stay: a replica that joins there (and may be the new
+        first) trains only the steps after it, so that step (with ``replicas/left`` and
+        ``replicas/joined``) would otherwise go unrecorded."""
+        if self.manager is None or self._members is None:
             return rank == 0
-        return self.manager.participating_rank() == 0
+        return self._first_staying if self.changed_at == self.done else self._first
 
     def all_present(self) -> bool:
         """Whether every replica took part in the last sync, and the same ones as in the sync
