@@ -15,7 +15,7 @@
     raydrat bench overhead [CONFIG] [--rounds N] [--steps N] [--from-step N] [--json PATH] [--verbose]
     raydrat bench ingest [CONFIG] [--mb N ...] [--huge-mb N ...] [--json PATH]
     raydrat bench sync [CONFIG] [--latency-ms MS,...] [--sync-steps H,...] [--link MBIT,...] [--json PATH]
-    raydrat bench sync [CONFIG] --faults STEP [--kill process,node] [--link MBIT] [--json PATH]
+    raydrat bench sync [CONFIG] --faults STEP [--kill process,node] [--link MBIT] [--json PATH] [--verbose]
     raydrat bench combos [CONFIG] [--json PATH] [--only NAME ...]
     raydrat bench memory [--json PATH] [--only NAME ...]
     raydrat bench recompute [--models NAME ...] [--fractions F ...] [--steps N] [--no-compile | --no-eager] [--json PATH]
@@ -355,8 +355,7 @@ def cmd_bench_memory(args: argparse.Namespace) -> int:
 
 def cmd_bench_sync(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    from raydrat.bench.link import parse_rates
-    from raydrat.bench.sync import run_sync_bench, run_sync_bench_over_link
+    from raydrat.console import quiet_console
 
     try:
         latencies = [float(x) for x in args.latency_ms.split(",") if x.strip()]
@@ -368,6 +367,15 @@ def cmd_bench_sync(args: argparse.Namespace) -> int:
         sync_steps = ()
     if not sync_steps or min(sync_steps) < 1:
         raise UserError(f"--sync-steps {args.sync_steps!r}: give positive step counts like 4,16")
+    with quiet_console(args.verbose):
+        _run_bench_sync(args, cfg, latencies, sync_steps)
+    return 0
+
+
+def _run_bench_sync(args: argparse.Namespace, cfg, latencies: list[float], sync_steps: tuple[int, ...]) -> None:
+    from raydrat.bench.link import parse_rates
+    from raydrat.bench.sync import run_sync_bench, run_sync_bench_over_link
+
     if args.faults is not None:
         from raydrat.bench.sync_faults import run_fault_bench, run_fault_bench_over_link
 
@@ -378,7 +386,7 @@ def cmd_bench_sync(args: argparse.Namespace) -> int:
             )
         else:
             run_fault_bench(cfg, args.faults, sync_steps, json_path=args.json, kills=kills)
-        return 0
+        return
     if args.link:
         run_sync_bench_over_link(
             cfg,
@@ -391,11 +399,10 @@ def cmd_bench_sync(args: argparse.Namespace) -> int:
             sync_steps=sync_steps,
             torchft=args.torchft,
         )
-        return 0
+        return
     run_sync_bench(
         cfg, latencies, json_path=args.json, workers=args.workers, sync_steps=sync_steps, torchft=args.torchft
     )
-    return 0
 
 
 def _counts(text: str, flag: str) -> list[int]:
@@ -598,9 +605,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="validate, resolve the runtime, estimate memory, plan the data, print it; train nothing",
     )
-    p.add_argument(
-        "--verbose", action="store_true", help="show Ray's own console output (default: raydrat's lines only)"
-    )
+    _add_verbose(p)
     p.set_defaults(func=cmd_train)
 
 
@@ -629,9 +634,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="published generations to keep (default 2); older ones go once no running reader holds them",
     )
-    p.add_argument(
-        "--verbose", action="store_true", help="show Ray's own console output (default: raydrat's lines only)"
-    )
+    _add_verbose(p)
     p.set_defaults(func=cmd_data_prepare)
     p = data.add_parser("gc", help="remove prepared generations no reader can be using, and crashed prepares' shards")
     p.add_argument("out", help="a `data prepare` output directory or s3://bucket/prefix")
@@ -698,9 +701,7 @@ def _add_bench_data(bench: argparse._SubParsersAction) -> None:
         "--from-step", type=int, help="the step whose end starts the measuring window, past data start-up (default 10)"
     )
     p.add_argument("--json", help="write the figures to this JSON file")
-    p.add_argument(
-        "--verbose", action="store_true", help="show Ray's own console output (default: raydrat's lines only)"
-    )
+    _add_verbose(p)
     p.set_defaults(func=cmd_bench_overhead)
     p = bench.add_parser("ingest", help="Ray Data ingest vs a single-process tokenizer baseline")
     _add_config_args(p, required=False)
@@ -792,6 +793,12 @@ def _add_bench_techniques(bench: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench_memory)
 
 
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--verbose", action="store_true", help="show Ray's own console output (default: raydrat's lines only)"
+    )
+
+
 def _add_bench_sync_and_tracking(bench: argparse._SubParsersAction) -> None:
     """``bench sync`` and ``bench tracking``."""
     p = bench.add_parser("sync", help="ddp vs local-update sync on 2 CPU workers, same token budget")
@@ -835,6 +842,7 @@ def _add_bench_sync_and_tracking(bench: argparse._SubParsersAction) -> None:
         "row beside row, instead of the default rows",
     )
     p.add_argument("--json", help="write one record per row to this JSON file")
+    _add_verbose(p)
     p.set_defaults(func=cmd_bench_sync)
 
     p = bench.add_parser(

@@ -293,3 +293,15 @@ def test_data_prepare_checks_its_output_before_ray_starts(tmp_path, capsys):
     assert main(["data", "prepare", "debug", "--out", str(tmp_path / "file" / "out")]) == 2
     assert f"--out {tmp_path / 'file' / 'out'}: cannot write" in _error_line(capsys)
     assert not ray.is_initialized()
+
+
+def test_bench_sync_keeps_the_quiet_console_of_train_unless_verbose(monkeypatch):
+    """`bench sync` (its fault runs call Ray Train directly) prints raydrat's lines only, as
+    `raydrat train` does, and Ray's own output with --verbose."""
+    import raydrat.cli as cli
+
+    quiet = []
+    monkeypatch.setattr(cli, "_run_bench_sync", lambda *args: quiet.append(console._quiet))
+    assert main(["bench", "sync", "debug", "--faults", "5"]) == 0
+    assert main(["bench", "sync", "debug", "--verbose"]) == 0
+    assert quiet == [True, False] and console._quiet is False
