@@ -35,6 +35,9 @@ class SyncStrategy(Technique):
     mode = "none"
     sharded = False
     """Whether checkpoints hold sharded model/optimizer state (FSDP: ``save_sharded``)."""
+    hands_over_logging = False
+    """Whether the worker that records the group's metrics may change during a run (then each
+    one records at once what it has: none of it may wait in a worker that dies)."""
 
     def __init__(self, cfg: SyncConfig, world_size: int):
         self.cfg = cfg
@@ -70,10 +73,6 @@ class SyncStrategy(Technique):
     def metrics(self) -> dict[str, float]:
         """Communication per step over the window since the last call (with several workers)."""
         return self.meter.window() if self.world_size > 1 else {}
-
-    hands_over_logging = False
-    """Whether the worker that records the group's metrics may change during a run (then each
-    one records at once what it has: none of it may wait in a worker that dies)."""
 
     def logs_for_the_group(self, rank: int) -> bool:
         """Whether worker ``rank`` records the worker group's metrics: rank 0."""

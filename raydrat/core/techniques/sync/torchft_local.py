@@ -120,6 +120,7 @@ class TorchftStrategy(SyncStrategy):
     replica's index and the Lighthouse calls :meth:`connect` and then :meth:`join`."""
 
     mode = "local"
+    hands_over_logging = True
 
     def __init__(self, cfg: SyncConfig, world_size: int):
         if torchft is None:
@@ -298,8 +299,6 @@ class TorchftStrategy(SyncStrategy):
         self._first_staying = bool(staying) and staying[0] == self._quorums.me
         self._members = members
         self.quorum_size = self.manager.num_participants()
-
-    hands_over_logging = True
 
     def logs_for_the_group(self, rank: int) -> bool:
         """The first replica of the last quorum: while rank 0 is away (dead, or its
