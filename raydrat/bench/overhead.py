@@ -28,7 +28,7 @@ includes its data thread, which the bare loop does not have). Wall time from the
 each run (Ray's start-up included) is printed beside them.
 
 Cost: ``rounds`` x (a Ray Train run + a bare run) of ``--steps`` steps; the default (5
-rounds of 100 demo steps) takes about 12 minutes on 2 quiet cores.
+rounds of 100 demo steps) takes about 6 minutes on 2 idle cores, 12 on loaded ones.
 """
 
 from __future__ import annotations
