@@ -14,18 +14,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def temporary_beside(path: str | os.PathLike) -> Path:
-    """A hidden name in ``path``'s folder, unique to this process and thread."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-
-
 @contextmanager
 def replacing(path: str | os.PathLike, durable: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write the new content to; when the block
     ends without an error it replaces ``path`` (flushed to disk first if ``durable``). On an
     error the temporary file is removed and ``path`` is untouched."""
-    tmp = temporary_beside(path)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")  # unique to this thread
     try:
         yield tmp
         if durable:

@@ -141,8 +141,6 @@ class TorchftStrategy(SyncStrategy):
         """The step of the last sync whose quorum differed from the one before."""
         self._members: list[str] | None = None
         """The last quorum's members (:class:`QuorumMembers`), ``None`` before the first."""
-        self._first = False
-        """Whether this replica is the first of the last quorum."""
         self._first_staying = False
         """Whether it is the first of the last quorum's members that were in the one before."""
         self._saved: dict | None = None
@@ -295,7 +293,6 @@ class TorchftStrategy(SyncStrategy):
         if members != before:
             self.changed_at = self.done
         staying = [m for m in members if before is None or m in before]
-        self._first = bool(members) and members[0] == self._quorums.me
         self._first_staying = bool(staying) and staying[0] == self._quorums.me
         self._members = members
         self.quorum_size = self.manager.num_participants()
@@ -309,7 +306,9 @@ class TorchftStrategy(SyncStrategy):
         ``replicas/joined``) would otherwise go unrecorded."""
         if self.manager is None or self._members is None:
             return rank == 0
-        return self._first_staying if self.changed_at == self.done else self._first
+        if self.changed_at == self.done:
+            return self._first_staying
+        return bool(self._members) and self._members[0] == self._quorums.me
 
     def all_present(self) -> bool:
         """Whether every replica took part in the last sync, and the same ones as in the sync
