@@ -149,7 +149,7 @@ def test_a_killed_node_is_replaced_alone_and_its_replica_rejoins_with_the_surviv
     at_sync = {e["step"]: e["checksum"] for e in survivor if "step" in e}
     assert joined[0]["checksum"] == at_sync[start]  # exactly the survivor's weights after that sync
 
-    # the group's history has every step, whoever logged it: the death, the quorum of one, the rejoin
+    # the group's history, whoever logged each step: the death, the quorum of one, the rejoin
     db = tmp_path / "mlruns.db"
     left, quorum, rejoined, healed = (
         _history(db, run_id, key) for key in (M.REPLICAS_LEFT, M.QUORUM_SIZE, M.REPLICAS_JOINED, M.HEALED_AT_STEP)
